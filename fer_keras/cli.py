@@ -1,0 +1,37 @@
+"""Shared plumbing for the ``python -m fer_keras.<tool>`` entrypoints.
+
+Entrypoints define their flags in ``define_flags()`` (called only when run as a program, so that
+tests may import every module without flag clashes) and hand a plain function to :func:`run`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+from absl import app, logging
+
+from fer_keras.errors import FerError
+
+
+def quiet_tensorflow() -> None:
+    """Hide TensorFlow's C++ start-up chatter unless the user asked for it."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def run(main: Callable[[Sequence[str]], None]) -> None:
+    """Run ``main`` under absl, turning :class:`FerError` into one line on stderr and exit 2."""
+
+    def guarded(argv: Sequence[str]) -> None:
+        try:
+            main(argv)
+        except FerError as e:
+            logging.flush()
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    app.run(guarded)

@@ -1,0 +1,134 @@
+"""One factory from a strategy name to a ``tf.distribute`` strategy.
+
+On a machine without GPUs, ``mirrored`` splits the CPU into logical devices so that several
+replicas really run (this exercises the multi-GPU code path; it is not a speed-up). Logical
+devices must be configured before TensorFlow initialises its devices, hence
+:func:`configure_cpu_devices` runs first thing in an entrypoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+from absl import logging
+
+from fer_keras.errors import ConfigError
+
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+
+
+def configure_cpu_devices(count: int) -> int:
+    """Splits the first CPU into ``count`` logical devices (no-op for ``count <= 1``); returns
+    the number of logical CPUs. Must run before any TensorFlow op."""
+    cpus = tf.config.list_physical_devices("CPU")
+    if count > 1 and cpus:
+        try:
+            tf.config.set_logical_device_configuration(
+                cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
+            )
+        except RuntimeError as e:
+            existing = len(tf.config.list_logical_devices("CPU"))
+            if existing != count:
+                raise ConfigError(
+                    f"cannot split the CPU into {count} logical devices: TensorFlow is already "
+                    f"initialised with {existing} ({e})"
+                ) from None
+    return len(tf.config.list_logical_devices("CPU"))
+
+
+def _patch_collective_reduce(strategy: tf.distribute.Strategy) -> tf.distribute.Strategy:
+    """Works around keras-team/keras#20585: Keras 3 ``fit`` calls ``strategy.reduce`` on nested
+    values and passes ``axis`` for scalars, which CollectiveAllReduceStrategy rejects. Remove
+    when Keras handles MultiWorkerMirroredStrategy itself (tests/test_distribute.py covers it)."""
+    original = strategy.reduce
+
+    def reduce(reduce_op, value, axis=None):
+        def one(v):
+            rank = getattr(v, "shape", None)
+            if axis is not None and rank is not None and rank.rank == 0:
+                return original(reduce_op, v, axis=None)
+            return original(reduce_op, v, axis=axis)
+
+        return tf.nest.map_structure(one, value)
+
+    strategy.reduce = reduce
+    return strategy
+
+
+def create_strategy(
+    name: str = "default",
+    num_gpus: int | None = None,
+    tpu_address: str = "",
+    all_reduce: str = "auto",
+) -> tf.distribute.Strategy:
+    """Returns the strategy called ``name``; everything creating variables must run in its scope.
+
+    * ``default``: no distribution (one device).
+    * ``one_device``: OneDeviceStrategy on the first GPU, else the CPU.
+    * ``mirrored``: MirroredStrategy over all GPUs, else over all logical CPUs.
+    * ``multi_worker``: MultiWorkerMirroredStrategy configured from ``TF_CONFIG``.
+    * ``tpu``: TPUStrategy on ``tpu_address`` (written to the TF docs; untested here).
+    """
+    if name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    gpus = tf.config.list_logical_devices("GPU")
+    if num_gpus is not None:
+        gpus = gpus[:num_gpus]
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if name == "mirrored":
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        cross = None
+        if gpus and all_reduce == "hierarchical_copy":
+            cross = tf.distribute.HierarchicalCopyAllReduce()
+        elif gpus and all_reduce == "nccl":
+            cross = tf.distribute.NcclAllReduce()
+        elif not gpus:
+            # NCCL is GPU-only; reduce through the host instead.
+            cross = tf.distribute.ReductionToOneDevice()
+        return tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=cross)
+    if name == "multi_worker":
+        tf_config = os.environ.get("TF_CONFIG", "")
+        if not tf_config:
+            raise ConfigError("--strategy=multi_worker needs TF_CONFIG (cluster and task) in the environment")
+        try:
+            json.loads(tf_config)
+        except ValueError as e:
+            raise ConfigError(f"TF_CONFIG is not valid JSON: {e}") from None
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=tf.distribute.experimental.CommunicationImplementation.NCCL
+            if gpus and all_reduce in ("auto", "nccl")
+            else tf.distribute.experimental.CommunicationImplementation.RING
+        )
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        return _patch_collective_reduce(strategy)
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True on the worker that writes shared outputs (always true outside multi-worker)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type is None or task_type == "chief" or (task_type == "worker" and task_id == 0)
+
+
+def worker_id(strategy: tf.distribute.Strategy) -> str:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type is None:
+        return "chief"
+    return f"{resolver.task_type}_{resolver.task_id}"
+
+
+def describe(strategy: tf.distribute.Strategy) -> str:
+    kind = type(strategy).__name__
+    logging.debug("strategy %s", kind)
+    return f"{kind} with {strategy.num_replicas_in_sync} replica(s)"

@@ -1,0 +1,17 @@
+"""Errors that fer_keras reports to users as one line instead of a traceback."""
+
+
+class FerError(Exception):
+    """Base class: an error whose message is complete enough to show on its own."""
+
+
+class DataError(FerError):
+    """Bad input data; the message names the file and the row or image."""
+
+
+class ConfigError(FerError):
+    """A flag or argument combination that cannot work."""
+
+
+class ModelError(FerError):
+    """A model file that cannot be loaded or used."""

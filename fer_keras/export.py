@@ -1,0 +1,184 @@
+"""Export for TF Serving: ``BASE/NAME/VERSION/`` SavedModels that take raw pixels.
+
+Signatures (both return ``probabilities`` [N,7] float32, ``class_id`` [N] int64, ``class_name`` [N]
+string and ``logits`` [N,7] float32):
+
+* ``serving_default``: float32 pixels ``[N, 48, 48, 1]`` in 0-255 (what TF Serving's REST JSON gives);
+* ``serving_uint8``: the same as uint8 (compact gRPC tensors, decoded PNGs).
+
+With ``tta="flip"`` the export averages the probabilities of the image and its mirror image.
+Versions are written to a hidden temporary folder and renamed into place, so TF Serving never sees a
+half-written version, and an existing version is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import keras
+import tensorflow as tf
+from absl import flags
+
+from fer_keras import CLASS_NAMES, IMAGE_SIZE, __version__, cli
+from fer_keras.errors import ConfigError, FerError
+from fer_keras.model import load_keras_model
+
+TTA_MODES = ("none", "flip")
+METADATA_FILE = "assets.extra/fer_keras.json"
+
+
+def existing_versions(base: Path) -> list[int]:
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def next_version(base: Path) -> int:
+    versions = existing_versions(base)
+    return versions[-1] + 1 if versions else 1
+
+
+def to_float32(model: keras.Model) -> keras.Model:
+    """A float32 copy of a (possibly mixed-precision) functional model, for portable serving."""
+    config = model.get_config()
+    if not any(layer.get("config", {}).get("dtype") not in (None, "float32") for layer in config["layers"]):
+        return model
+
+    def patch(layer_config: dict) -> None:
+        if isinstance(layer_config, dict) and "dtype" in layer_config:
+            layer_config["dtype"] = "float32"
+
+    for layer in config["layers"]:
+        patch(layer.get("config", {}))
+    clone = model.__class__.from_config(config)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def serving_function(model: keras.Model, tta: str = "none"):
+    """Raw pixels -> dict of outputs; the body of both serving signatures."""
+    if tta not in TTA_MODES:
+        raise ConfigError(f"unknown tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
+    names = tf.constant(list(CLASS_NAMES))
+
+    def serve(pixels):
+        x = tf.cast(pixels, tf.float32)
+        logits = tf.cast(model(x, training=False), tf.float32)
+        probabilities = tf.nn.softmax(logits)
+        if tta == "flip":
+            flipped = tf.cast(model(tf.reverse(x, axis=[2]), training=False), tf.float32)
+            probabilities = (probabilities + tf.nn.softmax(flipped)) / 2.0
+            logits = (logits + flipped) / 2.0
+        class_id = tf.argmax(probabilities, axis=-1)
+        return {
+            "probabilities": probabilities,
+            "class_id": class_id,
+            "class_name": tf.gather(names, class_id),
+            "logits": logits,
+        }
+
+    return serve
+
+
+def export_model(
+    model: keras.Model,
+    base_dir: str | os.PathLike = "saved_models",
+    name: str = "fer_resnet18",
+    version: int | None = None,
+    tta: str = "none",
+    metadata: dict | None = None,
+) -> Path:
+    """Writes ``base_dir/name/version`` atomically and returns its path.
+
+    ``version=None`` takes the next free integer; an explicit version that exists is an error.
+    """
+    base = Path(base_dir) / name
+    if version is None:
+        version = next_version(base)
+    if version < 1:
+        raise ConfigError(f"export version must be a positive integer, got {version}")
+    target = base / str(version)
+    if target.exists():
+        raise ConfigError(f"{target}: export version {version} exists; it is never overwritten")
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = base / f".tmp-{version}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model = to_float32(model)
+    serve = serving_function(model, tta)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    shape = [None, IMAGE_SIZE, IMAGE_SIZE, 1]
+    archive.add_endpoint(
+        "serving_default", tf.function(serve), input_signature=[tf.TensorSpec(shape, tf.float32, name="pixels")]
+    )
+    archive.add_endpoint(
+        "serving_uint8", tf.function(serve), input_signature=[tf.TensorSpec(shape, tf.uint8, name="pixels")]
+    )
+    tf_logger = tf.get_logger()
+    level = tf_logger.level
+    tf_logger.setLevel("WARNING")  # SavedModel writing logs one INFO line per captured variable
+    try:
+        archive.write_out(str(tmp), verbose=False)
+        info = {
+            "fer_keras_version": __version__,
+            "class_names": list(CLASS_NAMES),
+            "input": "pixels: [N, 48, 48, 1] raw grayscale 0-255 (float32 in serving_default, uint8 in serving_uint8)",
+            "outputs": ["probabilities", "class_id", "class_name", "logits"],
+            "tta": tta,
+            **(metadata or {}),
+        }
+        (tmp / "assets.extra").mkdir(exist_ok=True)
+        (tmp / METADATA_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        tf_logger.setLevel(level)
+    return target
+
+
+def load_for_export(path: str | os.PathLike) -> keras.Model:
+    """A ``.keras`` file, or a training run directory (its ``best.keras``)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "best.keras").is_file():
+            path = path / "best.keras"
+        else:
+            raise FerError(f"{path}: no best.keras in this directory (is it a training run's --model_dir?)")
+    return load_keras_model(str(path))
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("model", None, "A .keras file or a training --model_dir (uses its best.keras).")
+    flags.DEFINE_string("export_dir", "saved_models", "Base folder of TF Serving exports.")
+    flags.DEFINE_string("name", "fer_resnet18", "Model name: exports go to EXPORT_DIR/NAME/VERSION.")
+    flags.DEFINE_integer("version", 0, "Version to write; 0 takes the next free integer. Never overwrites.")
+    flags.DEFINE_enum("tta", "none", TTA_MODES, "Test-time augmentation built into the export.")
+    flags.mark_flag_as_required("model")
+    flags.register_validator("version", lambda v: v >= 0, "--version must be >= 0")
+    flags.register_validator("name", lambda v: bool(v) and "/" not in v and not v.startswith("."),
+                             "--name must be a plain folder name")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
+    model = load_for_export(f.model)
+    path = export_model(model, f.export_dir, f.name, f.version or None, f.tta,
+                        metadata={"source": str(Path(f.model).resolve())})
+    print(f"exported {f.model} to {path} (serving_default: float32 pixels, serving_uint8: uint8 pixels)")
+
+
+if __name__ == "__main__":
+    cli.quiet_tensorflow()
+    define_flags()
+    cli.run(main)
+    sys.exit(0)

@@ -1,0 +1,235 @@
+"""ResNet-18 for 48x48 grayscale faces: a Keras functional model built from BasicBlock layers.
+
+The model takes raw 0-255 pixels (uint8 or float) of shape ``(48, 48, 1)``; rescaling and
+normalisation live inside it so that exports and users never pre-process. Stems:
+
+* ``imagenet``: 7x7/2 conv + 3x3/2 max-pool, the torchvision structure the original PyTorch work
+  used (48 -> 12 pixels before stage 1; ~94 MMAC per image);
+* ``cifar_pool``: 3x3/1 conv + 2x2/2 max-pool (48 -> 24; ~313 MMAC), the best accuracy per cost;
+* ``cifar``: 3x3/1 conv, no pool (48 -> 48; ~1,247 MMAC).
+
+With ``input_channels=3`` the grey image is repeated to three channels by a parameter-free layer, so
+the parameter count equals torchvision's ``resnet18(num_classes=7)``: 11,180,103.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import layers, ops
+
+from fer_keras import IMAGE_SIZE, NUM_CLASSES
+
+STEMS = ("imagenet", "cifar_pool", "cifar")
+STAGE_WIDTHS = (64, 128, 256, 512)
+BLOCKS_PER_STAGE = 2
+# Mean and standard deviation of FER2013 Training pixels scaled to [0, 1].
+FER2013_MEAN = 0.5136
+FER2013_STD = 0.3067
+BN_MOMENTUM = 0.9  # PyTorch's momentum=0.1 in Keras' convention.
+BN_EPSILON = 1e-5
+
+
+@keras.saving.register_keras_serializable(package="fer_keras")
+class BasicBlock(layers.Layer):
+    """ResNet BasicBlock: conv3x3-BN-ReLU-conv3x3-BN plus shortcut, add, ReLU.
+
+    The shortcut is a 1x1 conv + BN when the stride or width changes, else the identity. Strided
+    convolutions pad one pixel on each side (as PyTorch does) rather than Keras' asymmetric
+    ``"same"``, so the 3x3 and 1x1 paths sample the same grid.
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        strides: int = 1,
+        bn_momentum: float = BN_MOMENTUM,
+        bn_epsilon: float = BN_EPSILON,
+        kernel_initializer: Any = "he_normal",
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if filters <= 0 or strides not in (1, 2):
+            raise ValueError(f"BasicBlock needs filters > 0 and strides 1 or 2, got {filters}, {strides}")
+        self.filters = filters
+        self.strides = strides
+        self.bn_momentum = bn_momentum
+        self.bn_epsilon = bn_epsilon
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+        def conv(k: int, s: int, name: str, padding: str) -> layers.Conv2D:
+            return layers.Conv2D(
+                filters, k, strides=s, padding=padding, use_bias=False,
+                kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy, name=name,
+            )
+
+        def bn(name: str, gamma: str = "ones") -> layers.BatchNormalization:
+            return layers.BatchNormalization(
+                momentum=bn_momentum, epsilon=bn_epsilon, gamma_initializer=gamma,
+                dtype=self.dtype_policy, name=name,
+            )
+
+        self.pad = layers.ZeroPadding2D(1, dtype=self.dtype_policy, name="pad") if strides > 1 else None
+        self.conv1 = conv(3, strides, "conv1", "valid" if strides > 1 else "same")
+        self.bn1 = bn("bn1")
+        self.conv2 = conv(3, 1, "conv2", "same")
+        self.bn2 = bn("bn2")
+        self.shortcut_conv = None
+        self.shortcut_bn = None
+        self._needs_projection: bool | None = None
+
+    def build(self, input_shape: tuple) -> None:
+        channels = input_shape[-1]
+        self._needs_projection = self.strides != 1 or channels != self.filters
+        shape = tuple(input_shape)
+        if self.pad is not None:
+            self.pad.build(shape)
+            padded = self.pad.compute_output_shape(shape)
+        else:
+            padded = shape
+        self.conv1.build(padded)
+        mid = self.conv1.compute_output_shape(padded)
+        self.bn1.build(mid)
+        self.conv2.build(mid)
+        self.bn2.build(mid)
+        if self._needs_projection:
+            self.shortcut_conv = layers.Conv2D(
+                self.filters, 1, strides=self.strides, use_bias=False,
+                kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy,
+                name="shortcut_conv",
+            )
+            self.shortcut_bn = layers.BatchNormalization(
+                momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype_policy,
+                name="shortcut_bn",
+            )
+            self.shortcut_conv.build(shape)
+            self.shortcut_bn.build(self.shortcut_conv.compute_output_shape(shape))
+        self.built = True
+
+    def call(self, inputs, training=None):
+        x = self.pad(inputs) if self.pad is not None else inputs
+        x = self.conv1(x)
+        x = self.bn1(x, training=training)
+        x = ops.relu(x)
+        x = self.conv2(x)
+        x = self.bn2(x, training=training)
+        if self._needs_projection:
+            shortcut = self.shortcut_bn(self.shortcut_conv(inputs), training=training)
+        else:
+            shortcut = inputs
+        return ops.relu(x + shortcut)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        def down(n):
+            return None if n is None else (n - 1) // self.strides + 1
+
+        return (input_shape[0], down(input_shape[1]), down(input_shape[2]), self.filters)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            filters=self.filters,
+            strides=self.strides,
+            bn_momentum=self.bn_momentum,
+            bn_epsilon=self.bn_epsilon,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="fer_keras")
+class GrayscaleToRGB(layers.Layer):
+    """Repeats a one-channel image to three channels (no parameters)."""
+
+    def call(self, inputs):
+        return ops.repeat(inputs, 3, axis=-1)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return tuple(input_shape[:-1]) + (3,)
+
+
+def resnet18(
+    stem: str = "cifar_pool",
+    input_channels: int = 1,
+    num_classes: int = NUM_CLASSES,
+    dropout: float = 0.0,
+    image_size: int = IMAGE_SIZE,
+    mean: float = FER2013_MEAN,
+    std: float = FER2013_STD,
+    name: str = "resnet18",
+) -> keras.Model:
+    """Builds ResNet-18 whose input is raw pixels ``(image_size, image_size, 1)`` in 0-255.
+
+    Returns float32 logits of shape ``(N, num_classes)`` whatever the dtype policy, so that the
+    loss and softmax stay exact under mixed precision.
+    """
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
+    if input_channels not in (1, 3):
+        raise ValueError(f"input_channels must be 1 or 3, got {input_channels}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if std <= 0:
+        raise ValueError(f"std must be positive, got {std}")
+
+    inputs = keras.Input((image_size, image_size, 1), name="pixels")
+    # x/255 normalised: (x/255 - mean)/std = x * 1/(255 std) - mean/std.
+    x = layers.Rescaling(1.0 / (255.0 * std), offset=-mean / std, name="normalize")(inputs)
+    if input_channels == 3:
+        x = GrayscaleToRGB(name="to_rgb")(x)
+
+    conv_kw = dict(use_bias=False, kernel_initializer="he_normal")
+    if stem == "imagenet":
+        x = layers.ZeroPadding2D(3, name="stem_pad")(x)
+        x = layers.Conv2D(64, 7, strides=2, name="stem_conv", **conv_kw)(x)
+    else:
+        x = layers.Conv2D(64, 3, padding="same", name="stem_conv", **conv_kw)(x)
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="stem_bn")(x)
+    x = layers.ReLU(name="stem_relu")(x)
+    if stem == "imagenet":
+        # Zero padding equals PyTorch's -inf padding here because inputs are >= 0 after ReLU.
+        x = layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
+        x = layers.MaxPooling2D(3, strides=2, name="stem_pool")(x)
+    elif stem == "cifar_pool":
+        x = layers.MaxPooling2D(2, strides=2, name="stem_pool")(x)
+
+    for stage, width in enumerate(STAGE_WIDTHS, start=1):
+        for block in range(1, BLOCKS_PER_STAGE + 1):
+            strides = 2 if stage > 1 and block == 1 else 1
+            x = BasicBlock(width, strides=strides, name=f"stage{stage}_block{block}")(x)
+
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if dropout > 0:
+        x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(num_classes, dtype="float32", name="logits")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+LAST_CONV_LAYER = "stage4_block2"
+FIRST_CONV_LAYER = "stem_conv"
+
+
+def count_params(model: keras.Model, trainable_only: bool = True) -> int:
+    weights = model.trainable_weights if trainable_only else model.weights
+    return int(sum(int(ops.size(w)) for w in weights))
+
+
+def load_keras_model(path: str, safe_mode: bool = True) -> keras.Model:
+    """Loads a ``.keras`` file with Keras safe mode on: a file with a code-carrying Lambda is refused."""
+    from fer_keras.errors import ModelError
+
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=safe_mode)
+    except ValueError as e:
+        msg = str(e)
+        if "safe_mode" in msg or "Lambda" in msg or "unsafe" in msg.lower():
+            raise ModelError(
+                f"{path}: refused: the file contains arbitrary code (a Lambda layer); "
+                "load it only if you trust its source"
+            ) from None
+        raise ModelError(f"{path}: cannot load model: {msg.splitlines()[0][:200]}") from None
+    except (OSError, KeyError, TypeError, AttributeError) as e:
+        raise ModelError(f"{path}: cannot load model: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None

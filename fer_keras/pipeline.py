@@ -1,0 +1,186 @@
+"""tf.data input pipelines with batched, stateless augmentation for 48x48 faces.
+
+The training stream is a pure function of ``(seed, epoch)``: epoch ``e`` is a permutation drawn
+from ``fold_in(seed, e)`` and batch ``s`` of it is augmented with ``fold_in(seed, e, s)``. A run
+resumed at epoch ``e`` therefore sees exactly the batches an uninterrupted run would have seen.
+
+Pixels stay uint8 through the pipeline (the model rescales): one affine warp per image covers
+shift, rotation, zoom and horizontal flip in a single resampling, followed by random erasing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from fer_keras import NUM_CLASSES
+from fer_keras.data import Split
+from fer_keras.errors import ConfigError
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentation switches; each is off at 0/False."""
+
+    flip: bool = True
+    shift: float = 0.1  # max translation as a fraction of the image side
+    rotation: float = 10.0  # max rotation in degrees
+    zoom: float = 0.1  # scale drawn from [1 - zoom, 1 + zoom]
+    erasing: float = 0.0  # probability of erasing one random rectangle
+
+    def __post_init__(self):
+        if not 0.0 <= self.shift <= 0.5:
+            raise ConfigError(f"augment shift must be in [0, 0.5], got {self.shift}")
+        if not 0.0 <= self.rotation <= 180.0:
+            raise ConfigError(f"augment rotation must be in [0, 180] degrees, got {self.rotation}")
+        if not 0.0 <= self.zoom < 1.0:
+            raise ConfigError(f"augment zoom must be in [0, 1), got {self.zoom}")
+        if not 0.0 <= self.erasing <= 1.0:
+            raise ConfigError(f"augment erasing must be a probability in [0, 1], got {self.erasing}")
+
+    @property
+    def geometric(self) -> bool:
+        return self.flip or self.shift > 0 or self.rotation > 0 or self.zoom > 0
+
+
+NO_AUGMENT = AugmentConfig(flip=False, shift=0.0, rotation=0.0, zoom=0.0, erasing=0.0)
+
+
+def batch_seed(seed: int, epoch, step) -> tf.Tensor:
+    base = tf.constant([seed & 0x7FFFFFFF, 0x5EED], tf.int64)
+    s = tf.random.experimental.stateless_fold_in(base, tf.cast(epoch, tf.int64))
+    return tf.random.experimental.stateless_fold_in(s, tf.cast(step, tf.int64))
+
+
+def affine_transforms(batch: int, size: int, config: AugmentConfig, seed: tf.Tensor) -> tf.Tensor:
+    """Per-image output-to-input affine maps ``[batch, 8]`` for ImageProjectiveTransformV3."""
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    u = lambda i, lo, hi: tf.random.stateless_uniform([batch], seeds[i], lo, hi)  # noqa: E731
+    theta = u(0, -1.0, 1.0) * (config.rotation * math.pi / 180.0)
+    scale = u(1, 1.0 - config.zoom, 1.0 + config.zoom)
+    shift = tf.reshape(tf.random.stateless_uniform([batch * 2], seeds[2], -1.0, 1.0), [batch, 2])
+    shift = shift * (config.shift * size)
+    if config.flip:
+        flip = tf.where(tf.random.stateless_uniform([batch], seeds[3]) < 0.5, -1.0, 1.0)
+    else:
+        flip = tf.ones([batch])
+    cos, sin = tf.cos(theta) / scale, tf.sin(theta) / scale
+    m00, m01 = cos * flip, -sin
+    m10, m11 = sin * flip, cos
+    c = (size - 1) / 2.0
+    a2 = c + shift[:, 0] - m00 * c - m01 * c
+    b2 = c + shift[:, 1] - m10 * c - m11 * c
+    zeros = tf.zeros([batch])
+    return tf.stack([m00, m01, a2, m10, m11, b2, zeros, zeros], axis=1)
+
+
+def random_erasing(images: tf.Tensor, probability: float, seed: tf.Tensor) -> tf.Tensor:
+    """Erases one rectangle (2-25% of the area, aspect 0.3-3.3) with noise, per image with p."""
+    shape = tf.shape(images)
+    batch, h, w = shape[0], shape[1], shape[2]
+    seeds = tf.random.experimental.stateless_split(seed, 6)
+    area = tf.random.stateless_uniform([batch], seeds[0], 0.02, 0.25) * tf.cast(h * w, tf.float32)
+    log_ratio = tf.random.stateless_uniform([batch], seeds[1], math.log(0.3), math.log(3.3))
+    ratio = tf.exp(log_ratio)
+    eh = tf.minimum(tf.sqrt(area * ratio), tf.cast(h, tf.float32))
+    ew = tf.minimum(tf.sqrt(area / ratio), tf.cast(w, tf.float32))
+    top = tf.random.stateless_uniform([batch], seeds[2]) * (tf.cast(h, tf.float32) - eh)
+    left = tf.random.stateless_uniform([batch], seeds[3]) * (tf.cast(w, tf.float32) - ew)
+    apply = tf.random.stateless_uniform([batch], seeds[4]) < probability
+    rows = tf.cast(tf.range(h), tf.float32)[None, :, None]
+    cols = tf.cast(tf.range(w), tf.float32)[None, None, :]
+    inside = (
+        (rows >= top[:, None, None]) & (rows < (top + eh)[:, None, None])
+        & (cols >= left[:, None, None]) & (cols < (left + ew)[:, None, None])
+        & apply[:, None, None]
+    )
+    noise = tf.random.stateless_uniform(tf.shape(images), seeds[5], 0, 256, dtype=tf.int32)
+    return tf.where(inside[..., None], tf.cast(noise, images.dtype), images)
+
+
+def augment_batch(images: tf.Tensor, config: AugmentConfig, seed: tf.Tensor) -> tf.Tensor:
+    """Augments a uint8 batch ``[B, H, W, C]``; deterministic given ``seed``."""
+    if config.geometric:
+        batch = tf.shape(images)[0]
+        size = images.shape[1]
+        seeds = tf.random.experimental.stateless_split(seed, 2)
+        transforms = affine_transforms(batch, size, config, seeds[0])
+        images = tf.raw_ops.ImageProjectiveTransformV3(
+            images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
+            fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT",
+        )
+        seed = seeds[1]
+    if config.erasing > 0:
+        images = random_erasing(images, config.erasing, seed)
+    return images
+
+
+def _options(deterministic: bool) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    # Each global batch is split across replicas and workers (no file-based sharding exists).
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return options
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+    return num_examples // global_batch_size
+
+
+def train_dataset(
+    split: Split,
+    global_batch_size: int,
+    seed: int,
+    epochs: int,
+    initial_epoch: int = 0,
+    augment: AugmentConfig = AugmentConfig(),
+    deterministic: bool = True,
+) -> tf.data.Dataset:
+    """Yields ``(uint8 images, one-hot float32 labels)`` for epochs ``initial_epoch..epochs-1``,
+    ``len(split) // global_batch_size`` full batches per epoch, in an order fixed by seed and epoch."""
+    n = len(split)
+    steps = steps_per_epoch(n, global_batch_size)
+    if steps == 0:
+        raise ConfigError(
+            f"the training split has {n} images, fewer than one batch of {global_batch_size}; "
+            "lower --batch_size"
+        )
+    images = tf.constant(split.images)
+    labels = tf.one_hot(tf.constant(split.labels), NUM_CLASSES, dtype=tf.float32)
+    perm_base = tf.constant([seed & 0x7FFFFFFF, 0x0DE5], tf.int64)
+
+    def epoch_batches(epoch):
+        key = tf.random.experimental.stateless_fold_in(perm_base, epoch)
+        perm = tf.argsort(tf.random.stateless_uniform([n], key))
+        index = tf.reshape(perm[: steps * global_batch_size], [steps, global_batch_size])
+        steps_ds = tf.data.Dataset.range(steps)
+        return tf.data.Dataset.zip(
+            tf.data.Dataset.from_tensors(epoch).repeat(steps), steps_ds,
+            tf.data.Dataset.from_tensor_slices(index),
+        )
+
+    def make_batch(epoch, step, index):
+        x = tf.gather(images, index)
+        y = tf.gather(labels, index)
+        x = augment_batch(x, augment, batch_seed(seed, epoch, step))
+        return x, y
+
+    ds = tf.data.Dataset.range(initial_epoch, epochs).flat_map(epoch_batches)
+    ds = ds.map(make_batch, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    return ds.with_options(_options(deterministic)).prefetch(AUTOTUNE)
+
+
+def eval_dataset(split: Split, global_batch_size: int, with_labels: bool = True) -> tf.data.Dataset:
+    """Batches a split in order, last batch partial; labels one-hot as in training."""
+    if with_labels:
+        ds = tf.data.Dataset.from_tensor_slices(
+            (split.images, np.eye(NUM_CLASSES, dtype=np.float32)[split.labels])
+        )
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(split.images)
+    return ds.batch(global_batch_size).with_options(_options(True)).prefetch(AUTOTUNE)

@@ -1,0 +1,684 @@
+"""Train ResNet-18 on FER2013: ``python -m fer_keras.train [--flagfile=flags/RECIPE.cfg]``.
+
+:func:`run` takes a :class:`TrainConfig` (tests call it directly); the entrypoint only turns flags
+into that config. Outputs in ``model_dir``:
+
+* ``logs/`` TensorBoard (train/validation loss and accuracy per epoch, learning rate);
+* ``history.csv`` and ``history.png`` (accuracy left axis, loss right axis);
+* ``best.keras``: the model of the epoch with the best validation accuracy;
+* ``checkpoints/epoch_NNNN/``: weights with optimizer state and the run state, written atomically;
+  rerunning the same command resumes after the last completed epoch, even after SIGKILL;
+* ``flags.txt`` and ``config.json``: how the run was made.
+
+At the end the best model is exported for TF Serving (``saved_models/fer_resnet18/<next version>``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from absl import flags, logging
+
+from fer_keras import CLASS_NAMES, __version__, cli
+from fer_keras.errors import ConfigError, FerError
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+CHECKPOINTS_KEPT = 2
+# Fields that may change between an interrupted run and its resumption.
+RESUMABLE_FIELDS = {
+    "strategy", "cpu_devices", "num_gpus", "tpu_address", "verbose", "export", "export_dir",
+    "export_name", "export_version", "export_tta", "use_cache", "data",
+}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run depends on; written to ``model_dir/config.json``."""
+
+    data: str = ""
+    model_dir: str = "runs/fer_resnet18"
+    val_fraction: float = 0.1
+    skip_bad_rows: bool = False
+    use_cache: bool = True
+    max_train_examples: int = 0
+    max_val_examples: int = 0
+    # Model.
+    stem: str = "cifar_pool"
+    input_channels: int = 1
+    dropout: float = 0.2
+    # Optimisation.
+    epochs: int = 60
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 2.0
+    step_epochs: tuple[int, ...] = ()
+    step_gamma: float = 0.1
+    label_smoothing: float = 0.1
+    precision: str = "float32"
+    steps_per_execution: int = 1
+    seed: int = 0
+    deterministic: bool = False
+    # Augmentation.
+    flip: bool = True
+    shift: float = 0.1
+    rotation: float = 10.0
+    zoom: float = 0.1
+    erasing: float = 0.25
+    # Distribution.
+    strategy: str = "default"
+    cpu_devices: int = 0
+    num_gpus: int = -1
+    tpu_address: str = ""
+    # Export.
+    export: bool = True
+    export_dir: str = "saved_models"
+    export_name: str = "fer_resnet18"
+    export_version: int = 0
+    export_tta: str = "flip"
+    verbose: int = 1
+
+    def validate(self) -> None:
+        from fer_keras.distribute import STRATEGIES
+        from fer_keras.export import TTA_MODES
+        from fer_keras.model import STEMS
+
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+            (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
+            (self.steps_per_execution >= 1, f"steps_per_execution must be >= 1, got {self.steps_per_execution}"),
+            (self.stem in STEMS, f"unknown stem {self.stem!r}; choose one of {', '.join(STEMS)}"),
+            (self.input_channels in (1, 3), f"input_channels must be 1 or 3, got {self.input_channels}"),
+            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}"),
+            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose {', '.join(SCHEDULES)}"),
+            (self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose {', '.join(PRECISIONS)}"),
+            (self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r}; choose {', '.join(STRATEGIES)}"),
+            (self.export_tta in TTA_MODES, f"unknown export_tta {self.export_tta!r}; choose {', '.join(TTA_MODES)}"),
+            (self.cpu_devices >= 0, f"cpu_devices must be >= 0, got {self.cpu_devices}"),
+            (self.max_train_examples >= 0 and self.max_val_examples >= 0, "max_*_examples must be >= 0"),
+            (self.export_version >= 0, f"export_version must be >= 0, got {self.export_version}"),
+            (all(e > 0 for e in self.step_epochs), f"step_epochs must be positive, got {self.step_epochs}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.schedule == "step" and not self.step_epochs:
+            raise ConfigError("schedule=step needs --step_epochs (e.g. 30,45)")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["step_epochs"] = list(self.step_epochs)
+        return d
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model_dir: Path
+    history: list[dict]
+    best_epoch: int
+    best_val_accuracy: float
+    export_path: Path | None
+    resumed_from: int
+    num_replicas: int
+
+
+# --------------------------------------------------------------------------------------------
+# Small file helpers: every file a run owns is replaced atomically.
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
+
+
+def write_history_csv(path: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, HISTORY_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    _atomic_write_text(path, buf.getvalue())
+
+
+def read_history_csv(path: str | os.PathLike) -> list[dict]:
+    with open(path, newline="") as f:
+        return [
+            {k: (int(v) if k == "epoch" else float(v)) for k, v in row.items() if v not in (None, "")}
+            for row in csv.DictReader(f)
+        ]
+
+
+def plot_history(history: list[dict], path: Path, title: str = "ResNet-18 on FER2013") -> None:
+    """Accuracy on the left axis, loss on the right, train and validation per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, ax_acc = plt.subplots(figsize=(8, 5), dpi=100)
+    ax_loss = ax_acc.twinx()
+    lines = []
+    lines += ax_acc.plot(epochs, [100 * r["accuracy"] for r in history], "C0-", label="train accuracy")
+    lines += ax_acc.plot(epochs, [100 * r["val_accuracy"] for r in history], "C1-", label="validation accuracy")
+    lines += ax_loss.plot(epochs, [r["loss"] for r in history], "C0--", label="train loss")
+    lines += ax_loss.plot(epochs, [r["val_loss"] for r in history], "C1--", label="validation loss")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_loss.set_ylabel("loss")
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend(lines, [line.get_label() for line in lines], loc="center right")
+    ax_acc.set_title(title)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint (a folder whose state.json parses), or None."""
+    if not ckpt_dir.is_dir():
+        return None
+    for folder in sorted(ckpt_dir.glob("epoch_*"), reverse=True):
+        try:
+            state = json.loads((folder / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if (folder / "model.weights.h5").is_file():
+            return folder, state
+    return None
+
+
+def _write_checkpoint(model, ckpt_dir: Path, state: dict) -> Path:
+    """Weights (with optimizer state) + run state, renamed into place only when complete."""
+    epoch = state["epoch"]
+    final = ckpt_dir / f"epoch_{epoch:04d}"
+    tmp = ckpt_dir / f".tmp-epoch_{epoch:04d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_weights(str(tmp / "model.weights.h5"))
+    _atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_dir)
+    for old in sorted(ckpt_dir.glob("epoch_*"))[:-CHECKPOINTS_KEPT]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_dir.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _callbacks_module():
+    import keras
+
+    class NonFiniteLoss(keras.callbacks.Callback):
+        """Stops training when the loss becomes NaN or infinite (the run then fails clearly)."""
+
+        def __init__(self):
+            super().__init__()
+            self.failed_at: tuple[int, int, float] | None = None
+            self.epoch = 0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(float(loss)):
+                self.failed_at = (self.epoch + 1, batch + 1, float(loss))
+                self.model.stop_training = True
+
+    class RunRecorder(keras.callbacks.Callback):
+        """Per epoch: history row, best model, checkpoint, history.csv/png - each atomic.
+
+        The checkpoint's state holds the full history, so after a crash between two of these
+        writes the rerun rebuilds history.csv from the checkpoint it resumes from.
+        """
+
+        def __init__(self, out_dir: Path, ckpt_dir: Path, chief: bool, guard: NonFiniteLoss,
+                     history: list[dict], best: tuple[int, float], config_json: dict):
+            super().__init__()
+            self.out_dir = out_dir
+            self.ckpt_dir = ckpt_dir
+            self.chief = chief
+            self.guard = guard
+            self.history = history
+            self.best_epoch, self.best_val = best
+            self.config_json = config_json
+            self.started = time.monotonic()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.monotonic()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.guard.failed_at is not None:
+                return
+            logs = logs or {}
+            lr = self.model.optimizer.learning_rate
+            row = {
+                "epoch": epoch + 1,
+                "loss": float(logs.get("loss", float("nan"))),
+                "accuracy": float(logs.get("accuracy", float("nan"))),
+                "val_loss": float(logs.get("val_loss", float("nan"))),
+                "val_accuracy": float(logs.get("val_accuracy", float("nan"))),
+                "learning_rate": float(np.asarray(keras.ops.convert_to_numpy(lr))),
+                "seconds": round(time.monotonic() - self.started, 2),
+            }
+            if not all(math.isfinite(row[k]) for k in ("loss", "val_loss")):
+                self.guard.failed_at = (epoch + 1, 0, row["loss"])
+                self.model.stop_training = True
+                return
+            self.history[:] = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
+            if row["val_accuracy"] > self.best_val:
+                self.best_epoch, self.best_val = row["epoch"], row["val_accuracy"]
+                if self.chief:
+                    tmp = self.out_dir / f".best.tmp-{os.getpid()}.keras"
+                    self.model.save(str(tmp))
+                    os.replace(tmp, self.out_dir / "best.keras")
+            state = {
+                "epoch": row["epoch"],
+                "best_epoch": self.best_epoch,
+                "best_val_accuracy": self.best_val,
+                "history": self.history,
+                "config": self.config_json,
+                "fer_keras_version": __version__,
+            }
+            _write_checkpoint(self.model, self.ckpt_dir, state)
+            if self.chief:
+                write_history_csv(self.out_dir / "history.csv", self.history)
+                plot_history(self.history, self.out_dir / "history.png")
+
+    return NonFiniteLoss, RunRecorder
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def _preflight(model_dir: Path, export_base: Path | None) -> None:
+    """Fails before training when outputs cannot be written, instead of after an epoch."""
+    for folder in [model_dir] + ([export_base] if export_base else []):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-probe-{os.getpid()}"
+            probe.write_bytes(b"x" * 4096)
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"{folder}: not writable ({e.strerror or e})") from None
+    free = shutil.disk_usage(model_dir).free
+    need = 400 << 20  # two checkpoints with optimizer state + best.keras + logs
+    if free < need:
+        raise ConfigError(f"{model_dir}: only {free >> 20} MB free, a run needs about {need >> 20} MB")
+
+
+def _check_resumable(model_dir: Path, config: TrainConfig) -> None:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        return
+    new = config.to_json()
+    changed = sorted(k for k in new if k not in RESUMABLE_FIELDS and k in old and old[k] != new[k])
+    if changed:
+        diffs = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
+        raise ConfigError(
+            f"{model_dir} holds a run made with other settings ({diffs}); "
+            "use a new --model_dir or the original flags"
+        )
+
+
+def _subset(split, limit: int, seed: int):
+    if not limit or limit >= len(split):
+        return split
+    from fer_keras.data import stratified_split
+
+    _, kept = stratified_split(split, limit / len(split), seed)
+    return kept
+
+
+def build_optimizer(config: TrainConfig, steps_per_epoch: int, model):
+    import keras
+
+    total = config.epochs * steps_per_epoch
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    lr = config.learning_rate
+    if config.schedule == "cosine":
+        warmup = min(warmup, total - 1)
+        schedule = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=lr / 10 if warmup else lr,
+            decay_steps=max(total - warmup, 1),
+            alpha=0.0,
+            warmup_target=lr if warmup else None,
+            warmup_steps=warmup,
+        )
+    elif config.schedule == "step":
+        boundaries = [e * steps_per_epoch for e in sorted(config.step_epochs)]
+        values = [lr * config.step_gamma**i for i in range(len(boundaries) + 1)]
+        schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    else:
+        schedule = lr
+    wd = config.weight_decay or None
+    if config.optimizer == "sgd":
+        opt = keras.optimizers.SGD(schedule, momentum=config.momentum, nesterov=True, weight_decay=wd)
+    else:
+        opt = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+    # Decay conv and dense kernels only: BatchNorm scales/offsets and biases are 1-D.
+    opt.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
+    return opt
+
+
+def run(config: TrainConfig, strategy=None) -> TrainResult:
+    """Trains (or resumes) per ``config`` under ``strategy`` (built from the config if None)."""
+    config.validate()
+    import keras
+    import tensorflow as tf
+
+    from fer_keras import data as data_lib
+    from fer_keras import distribute, export, pipeline
+    from fer_keras.model import resnet18
+
+    if strategy is None:
+        cpu = config.cpu_devices or (2 if config.strategy == "mirrored" and not tf.config.list_physical_devices("GPU") else 1)
+        distribute.configure_cpu_devices(cpu)
+        strategy = distribute.create_strategy(
+            config.strategy, None if config.num_gpus < 0 else config.num_gpus, config.tpu_address
+        )
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise ConfigError(
+            f"batch_size {config.batch_size} is not divisible by the {replicas} replicas; "
+            f"use a multiple of {replicas}"
+        )
+    chief = distribute.is_chief(strategy)
+    model_dir = Path(config.model_dir)
+    out_dir = model_dir if chief else model_dir / "workers" / distribute.worker_id(strategy)
+    export_base = Path(config.export_dir) if (config.export and chief) else None
+    _preflight(out_dir, export_base)
+    _check_resumable(model_dir, config)
+    ckpt_dir = out_dir / "checkpoints"
+
+    dataset = data_lib.load(config.data or None, skip_bad_rows=config.skip_bad_rows, use_cache=config.use_cache)
+    train_split, val_split = data_lib.train_val(dataset, config.val_fraction, config.seed)
+    train_split = _subset(train_split, config.max_train_examples, config.seed)
+    val_split = _subset(val_split, config.max_val_examples, config.seed)
+    val_name = "PublicTest" if "val" in dataset.splits else f"{config.val_fraction:.0%} stratified hold-out"
+    steps = pipeline.steps_per_epoch(len(train_split), config.batch_size)
+    if steps == 0:
+        raise ConfigError(
+            f"{len(train_split)} training images is fewer than one batch of {config.batch_size}"
+        )
+
+    latest = _latest_checkpoint(ckpt_dir)
+    initial_epoch = latest[1]["epoch"] if latest else 0
+    history: list[dict] = list(latest[1]["history"]) if latest else []
+    best = (latest[1]["best_epoch"], latest[1]["best_val_accuracy"]) if latest else (0, -1.0)
+    config_json = config.to_json()
+    if chief:
+        _atomic_write_text(model_dir / "config.json", json.dumps(config_json, indent=2) + "\n")
+        _atomic_write_text(model_dir / "flags.txt", "".join(
+            f"--{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}\n"
+            for k, v in config_json.items()
+        ))
+        if history:
+            write_history_csv(model_dir / "history.csv", history)
+
+    print(
+        f"fer_keras {__version__}: {distribute.describe(strategy)}, global batch {config.batch_size} "
+        f"({config.batch_size // replicas} per replica), {len(train_split):,} training images "
+        f"({steps} steps/epoch), validation on {len(val_split):,} images ({val_name}), "
+        f"stem={config.stem}, precision={config.precision}"
+    )
+
+    previous_policy = keras.config.dtype_policy()
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    try:
+        keras.config.set_dtype_policy(config.precision)
+        with strategy.scope():
+            model = resnet18(config.stem, config.input_channels, dropout=config.dropout)
+            optimizer = build_optimizer(config, steps, model)
+            model.compile(
+                optimizer=optimizer,
+                loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing),
+                metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+                steps_per_execution=config.steps_per_execution,
+                jit_compile=False,
+            )
+            if latest:
+                # Optimizer slots must exist before their saved values can be loaded.
+                model.optimizer.build(model.trainable_variables)
+                model.load_weights(str(latest[0] / "model.weights.h5"))
+                print(f"resuming after epoch {initial_epoch} from {latest[0]}")
+
+        guard_cls, recorder_cls = _callbacks_module()
+        guard = guard_cls()
+        recorder = recorder_cls(out_dir, ckpt_dir, chief, guard, history, best, config_json)
+        callbacks = [
+            guard,
+            keras.callbacks.TensorBoard(str(out_dir / "logs"), update_freq="epoch", write_graph=False, profile_batch=0),
+            recorder,
+        ]
+        if initial_epoch < config.epochs:
+            train_ds = pipeline.train_dataset(
+                train_split, config.batch_size, config.seed, config.epochs, initial_epoch,
+                pipeline.AugmentConfig(config.flip, config.shift, config.rotation, config.zoom, config.erasing),
+                deterministic=True,
+            )
+            val_ds = pipeline.eval_dataset(val_split, config.batch_size)
+            model.fit(
+                train_ds,
+                validation_data=val_ds,
+                epochs=config.epochs,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=steps,
+                callbacks=callbacks,
+                verbose=config.verbose,
+                shuffle=False,  # the dataset is already shuffled per (seed, epoch)
+            )
+        if guard.failed_at is not None:
+            epoch, batch, value = guard.failed_at
+            kept = _latest_checkpoint(ckpt_dir)
+            where = f"the last good checkpoint is {kept[0]}" if kept else "no checkpoint was written"
+            raise FerError(
+                f"training stopped: the loss became {value} at epoch {epoch}"
+                + (f", batch {batch}" if batch else "")
+                + f"; {where}. Lower --learning_rate or use --precision=float32"
+            )
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+    export_path = None
+    best_epoch, best_val = recorder.best_epoch, recorder.best_val
+    if chief and export_base is not None and (model_dir / "best.keras").is_file():
+        export_path = _export_once(model_dir, config, best_epoch, best_val, val_name, export)
+    if chief:
+        print(
+            f"best validation accuracy {best_val:.2%} ({val_name}) at epoch {best_epoch}; "
+            f"model: {model_dir / 'best.keras'}" + (f"; export: {export_path}" if export_path else "")
+        )
+    return TrainResult(model_dir, history, best_epoch, best_val, export_path, initial_epoch, replicas)
+
+
+def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val: float, val_name: str, export_mod) -> Path:
+    """Exports best.keras once per run: a rerun of a finished run does not add a version."""
+    marker = model_dir / "export.json"
+    if marker.is_file():
+        try:
+            done = json.loads(marker.read_text())
+            if Path(done["path"]).is_dir() and done.get("best_epoch") == best_epoch:
+                return Path(done["path"])
+        except (ValueError, KeyError):
+            pass
+    from fer_keras.model import load_keras_model
+
+    model = load_keras_model(str(model_dir / "best.keras"))
+    path = export_mod.export_model(
+        model, config.export_dir, config.export_name, config.export_version or None, config.export_tta,
+        metadata={
+            "model_dir": str(model_dir.resolve()),
+            "best_epoch": best_epoch,
+            "val_accuracy": best_val,
+            "val_split": val_name,
+            "train_config": config.to_json(),
+        },
+    )
+    _atomic_write_text(marker, json.dumps({"path": str(path), "best_epoch": best_epoch}) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Entrypoint
+
+
+def define_flags() -> None:
+    d = TrainConfig()
+    f = flags
+    f.DEFINE_string("data", d.data, "FER2013 source: fer2013.csv[.gz], train.csv/test.csv (or their folder), "
+                    "or an image folder. Empty: the sample bundled in the package.")
+    f.DEFINE_string("model_dir", d.model_dir, "Run directory: logs, checkpoints, history, best.keras. "
+                    "Rerunning with the same directory resumes.")
+    f.DEFINE_float("val_fraction", d.val_fraction, "Stratified validation fraction when the data has no PublicTest.")
+    f.DEFINE_boolean("skip_bad_rows", d.skip_bad_rows, "Skip malformed rows/images (reported) instead of failing.")
+    f.DEFINE_boolean("use_cache", d.use_cache, "Cache parsed data in $FER_KERAS_CACHE (~/.cache/fer_keras).")
+    f.DEFINE_integer("max_train_examples", d.max_train_examples, "Use a stratified subset of this size (0: all).")
+    f.DEFINE_integer("max_val_examples", d.max_val_examples, "Use a stratified validation subset (0: all).")
+    f.DEFINE_enum("stem", d.stem, ["imagenet", "cifar_pool", "cifar"],
+                  "imagenet: 7x7/2 conv + 3x3/2 pool (torchvision); cifar_pool: 3x3 conv + 2x2 pool; cifar: 3x3 conv.")
+    f.DEFINE_enum("input_channels", str(d.input_channels), ["1", "3"], "1, or 3 (grey repeated; torchvision's parameter count).")
+    f.DEFINE_float("dropout", d.dropout, "Dropout before the classifier.")
+    f.DEFINE_integer("epochs", d.epochs, "Number of epochs.")
+    f.DEFINE_integer("batch_size", d.batch_size, "Global batch size (split over replicas; must divide evenly).")
+    f.DEFINE_enum("optimizer", d.optimizer, OPTIMIZERS, "sgd (Nesterov momentum) or adamw.")
+    f.DEFINE_float("learning_rate", d.learning_rate, "Peak learning rate.")
+    f.DEFINE_float("momentum", d.momentum, "SGD momentum.")
+    f.DEFINE_float("weight_decay", d.weight_decay, "Decoupled weight decay on conv/dense kernels (not BN, not biases).")
+    f.DEFINE_enum("schedule", d.schedule, SCHEDULES, "Learning-rate schedule.")
+    f.DEFINE_float("warmup_epochs", d.warmup_epochs, "Linear warm-up epochs (cosine schedule).")
+    f.DEFINE_list("step_epochs", [], "Epochs at which the step schedule multiplies the rate by step_gamma.")
+    f.DEFINE_float("step_gamma", d.step_gamma, "Step-schedule factor.")
+    f.DEFINE_float("label_smoothing", d.label_smoothing, "Label smoothing of the cross-entropy.")
+    f.DEFINE_enum("precision", d.precision, PRECISIONS, "Keras dtype policy; logits stay float32.")
+    f.DEFINE_integer("steps_per_execution", d.steps_per_execution, "Training steps per tf.function call.")
+    f.DEFINE_integer("seed", d.seed, "Seed of weights, data order and augmentation.")
+    f.DEFINE_boolean("deterministic", d.deterministic, "Enable TF op determinism (bit-identical reruns).")
+    f.DEFINE_boolean("flip", d.flip, "Augment: random horizontal flip.")
+    f.DEFINE_float("shift", d.shift, "Augment: max shift as a fraction of the side (0 = off).")
+    f.DEFINE_float("rotation", d.rotation, "Augment: max rotation in degrees (0 = off).")
+    f.DEFINE_float("zoom", d.zoom, "Augment: max zoom in/out fraction (0 = off).")
+    f.DEFINE_float("erasing", d.erasing, "Augment: random-erasing probability (0 = off).")
+    f.DEFINE_enum("strategy", d.strategy, ["default", "one_device", "mirrored", "multi_worker", "tpu"],
+                  "tf.distribute strategy; multi_worker reads TF_CONFIG; tpu is untested.")
+    f.DEFINE_integer("cpu_devices", d.cpu_devices, "Logical CPU devices (0: 2 for mirrored on a CPU-only machine, else 1).")
+    f.DEFINE_integer("num_gpus", d.num_gpus, "GPUs to use with mirrored (-1: all).")
+    f.DEFINE_string("tpu_address", d.tpu_address, "TPU name or grpc:// address for --strategy=tpu.")
+    f.DEFINE_boolean("export", d.export, "Export the best model for TF Serving at the end.")
+    f.DEFINE_string("export_dir", d.export_dir, "Base folder of exports: EXPORT_DIR/EXPORT_NAME/VERSION.")
+    f.DEFINE_string("export_name", d.export_name, "Model name of the export.")
+    f.DEFINE_integer("export_version", d.export_version, "Export version (0: next free; never overwrites).")
+    f.DEFINE_enum("export_tta", d.export_tta, ["none", "flip"], "Test-time augmentation built into the export.")
+    f.DEFINE_integer("verbose", d.verbose, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.")
+
+    positive = {"epochs": 1, "batch_size": 1, "steps_per_execution": 1}
+    for name, low in positive.items():
+        f.register_validator(name, lambda v, low=low: v >= low, f"--{name} must be >= {low}")
+    f.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must be > 0")
+    f.register_validator("weight_decay", lambda v: v >= 0, "--weight_decay must be >= 0")
+    f.register_validator("momentum", lambda v: 0 <= v < 1, "--momentum must be in [0, 1)")
+    f.register_validator("label_smoothing", lambda v: 0 <= v < 1, "--label_smoothing must be in [0, 1)")
+    f.register_validator("dropout", lambda v: 0 <= v < 1, "--dropout must be in [0, 1)")
+    f.register_validator("val_fraction", lambda v: 0 < v < 1, "--val_fraction must be in (0, 1)")
+    f.register_validator("warmup_epochs", lambda v: v >= 0, "--warmup_epochs must be >= 0")
+    f.register_validator("cpu_devices", lambda v: v >= 0, "--cpu_devices must be >= 0")
+    f.register_validator("export_version", lambda v: v >= 0, "--export_version must be >= 0")
+    f.register_validator("shift", lambda v: 0 <= v <= 0.5, "--shift must be in [0, 0.5]")
+    f.register_validator("rotation", lambda v: 0 <= v <= 180, "--rotation must be in [0, 180]")
+    f.register_validator("zoom", lambda v: 0 <= v < 1, "--zoom must be in [0, 1)")
+    f.register_validator("erasing", lambda v: 0 <= v <= 1, "--erasing must be in [0, 1]")
+    f.register_validator("step_epochs", lambda v: all(s.strip().isdigit() and int(s) > 0 for s in v),
+                         "--step_epochs must be positive integers, e.g. 30,45")
+    f.register_validator("verbose", lambda v: v in (0, 1, 2), "--verbose must be 0, 1 or 2")
+
+
+def config_from_flags(values: Any) -> TrainConfig:
+    kwargs = {}
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(values, field.name)
+        if field.name == "input_channels":
+            value = int(value)
+        elif field.name == "step_epochs":
+            value = tuple(int(s) for s in value)
+        kwargs[field.name] = value
+    return TrainConfig(**kwargs)
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+    result = run(config_from_flags(flags.FLAGS))
+    del result
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)
+    sys.exit(0)
