@@ -1,0 +1,151 @@
+"""Finding and loading a trained model for the analysis tools, whatever form the user has.
+
+Accepted ``--model`` values:
+
+* a ``.keras`` file (loaded in Keras safe mode);
+* a training run directory (its ``best.keras``);
+* a TF Serving export: ``saved_models/NAME`` (highest version) or ``saved_models/NAME/VERSION``;
+* nothing: the model shipped in this repository, ``saved_models/fer_resnet18`` (highest version).
+
+:func:`load_predictor` gives a :class:`Predictor` that returns logits for uint8 or float pixel
+batches (exports are run exactly as TF Serving runs them). :func:`load_keras` gives a Keras model
+for tools that need layers and gradients (saliency, filters); for an export it rebuilds the
+ResNet-18 from the training config stored in the export and copies the exported weights into it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fer_keras.errors import ModelError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_MODEL = REPO_ROOT / "saved_models" / "fer_resnet18"
+METADATA_FILE = "assets.extra/fer_keras.json"
+
+
+def resolve(path: str | os.PathLike | None) -> tuple[str, Path]:
+    """Returns (kind, path) with kind ``keras`` or ``saved_model``."""
+    if path is None or str(path) == "":
+        if not SHIPPED_MODEL.is_dir():
+            raise ModelError(
+                f"no --model given and no shipped model at {SHIPPED_MODEL}; train one with "
+                "python -m fer_keras.train or pass --model"
+            )
+        path = SHIPPED_MODEL
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelError(f"{p}: no such model file or directory")
+    if p.is_file():
+        if p.suffix != ".keras":
+            raise ModelError(f"{p}: not a .keras file, a run directory or a SavedModel directory")
+        return "keras", p
+    if (p / "saved_model.pb").is_file():
+        return "saved_model", p
+    if (p / "best.keras").is_file():
+        return "keras", p / "best.keras"
+    versions = sorted((int(c.name), c) for c in p.iterdir() if c.is_dir() and c.name.isdigit()
+                      and (c / "saved_model.pb").is_file())
+    if versions:
+        return "saved_model", versions[-1][1]
+    raise ModelError(
+        f"{p}: neither a run directory (best.keras), a SavedModel, nor a folder of numbered SavedModel versions"
+    )
+
+
+def export_metadata(saved_model_dir: Path) -> dict:
+    meta = saved_model_dir / METADATA_FILE
+    if not meta.is_file():
+        return {}
+    try:
+        return json.loads(meta.read_text())
+    except ValueError:
+        return {}
+
+
+class Predictor:
+    """Logits for pixel batches ``[N, 48, 48, 1]`` (0-255), from a Keras model or an export."""
+
+    def __init__(self, kind: str, path: Path, keras_model=None, signature=None, metadata: dict | None = None):
+        self.kind = kind
+        self.path = path
+        self.keras_model = keras_model
+        self.signature = signature
+        self.metadata = metadata or {}
+
+    @property
+    def description(self) -> str:
+        return f"{self.kind} model {self.path}"
+
+    def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        import tensorflow as tf
+
+        out = []
+        for start in range(0, len(images), batch_size):
+            x = tf.convert_to_tensor(np.asarray(images[start:start + batch_size], np.float32))
+            if self.keras_model is not None:
+                out.append(np.asarray(self.keras_model(x, training=False), np.float32))
+            else:
+                out.append(self.signature(pixels=x)["logits"].numpy())
+        if not out:
+            return np.zeros((0, 7), np.float32)
+        return np.concatenate(out)
+
+    def probabilities(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        logits = self.logits(images, batch_size)
+        if self.signature is not None:
+            # The export's own probabilities include any TTA it was built with.
+            import tensorflow as tf
+
+            out = [self.signature(pixels=tf.convert_to_tensor(np.asarray(images[s:s + batch_size], np.float32)))
+                   ["probabilities"].numpy() for s in range(0, len(images), batch_size)]
+            return np.concatenate(out) if out else logits
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+
+def load_predictor(path: str | os.PathLike | None = None) -> Predictor:
+    kind, p = resolve(path)
+    if kind == "keras":
+        from fer_keras.model import load_keras_model
+
+        return Predictor(kind, p, keras_model=load_keras_model(str(p)))
+    import tensorflow as tf
+
+    try:
+        loaded = tf.saved_model.load(str(p))
+        signature = loaded.signatures["serving_default"]
+    except (OSError, KeyError, ValueError) as e:
+        raise ModelError(f"{p}: cannot load SavedModel ({str(e).splitlines()[0][:200]})") from None
+    predictor = Predictor(kind, p, signature=signature, metadata=export_metadata(p))
+    predictor._loaded = loaded  # keep the object (and its variables) alive
+    return predictor
+
+
+def load_keras(path: str | os.PathLike | None = None):
+    """A Keras model for gradient-based tools; exports are rebuilt from their stored config."""
+    kind, p = resolve(path)
+    from fer_keras.model import load_keras_model, resnet18
+
+    if kind == "keras":
+        return load_keras_model(str(p))
+    meta = export_metadata(p)
+    config = meta.get("train_config")
+    if not config:
+        raise ModelError(f"{p}: this export has no fer_keras training config; pass a .keras model instead")
+    import tensorflow as tf
+
+    model = resnet18(config["stem"], int(config["input_channels"]), dropout=float(config.get("dropout", 0.0)))
+    loaded = tf.saved_model.load(str(p))
+    exported = list(getattr(loaded, "variables", []))
+    if len(exported) != len(model.variables):
+        raise ModelError(f"{p}: holds {len(exported)} variables, the rebuilt model {len(model.variables)}")
+    for target, source in zip(model.variables, exported):
+        if tuple(target.shape) != tuple(source.shape):
+            raise ModelError(f"{p}: variable {source.name} has shape {source.shape}, expected {target.shape}")
+        target.assign(source.numpy())
+    return model
