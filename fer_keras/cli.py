@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from absl import app, logging
+from absl import app, flags, logging
 
 from fer_keras.errors import FerError
 
@@ -34,4 +34,6 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
 
+    # absl logs at INFO by default; keep stderr for warnings and errors unless -v/--verbosity asks.
+    flags.FLAGS.set_default("verbosity", logging.WARNING)
     app.run(guarded)

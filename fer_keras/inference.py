@@ -81,31 +81,32 @@ class Predictor:
     def description(self) -> str:
         return f"{self.kind} model {self.path}"
 
-    def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    def outputs(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, probabilities); an export's probabilities include the TTA it was built with."""
         import tensorflow as tf
 
-        out = []
+        logits, probs = [], []
         for start in range(0, len(images), batch_size):
             x = tf.convert_to_tensor(np.asarray(images[start:start + batch_size], np.float32))
             if self.keras_model is not None:
-                out.append(np.asarray(self.keras_model(x, training=False), np.float32))
+                z = np.asarray(self.keras_model(x, training=False), np.float32)
+                e = np.exp(z - z.max(axis=1, keepdims=True))
+                logits.append(z)
+                probs.append(e / e.sum(axis=1, keepdims=True))
             else:
-                out.append(self.signature(pixels=x)["logits"].numpy())
-        if not out:
-            return np.zeros((0, 7), np.float32)
-        return np.concatenate(out)
+                out = self.signature(pixels=x)
+                logits.append(out["logits"].numpy())
+                probs.append(out["probabilities"].numpy())
+        if not logits:
+            empty = np.zeros((0, 7), np.float32)
+            return empty, empty
+        return np.concatenate(logits), np.concatenate(probs)
+
+    def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        return self.outputs(images, batch_size)[0]
 
     def probabilities(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        logits = self.logits(images, batch_size)
-        if self.signature is not None:
-            # The export's own probabilities include any TTA it was built with.
-            import tensorflow as tf
-
-            out = [self.signature(pixels=tf.convert_to_tensor(np.asarray(images[s:s + batch_size], np.float32)))
-                   ["probabilities"].numpy() for s in range(0, len(images), batch_size)]
-            return np.concatenate(out) if out else logits
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
+        return self.outputs(images, batch_size)[1]
 
 
 def load_predictor(path: str | os.PathLike | None = None) -> Predictor:

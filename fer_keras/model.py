@@ -47,6 +47,7 @@ class BasicBlock(layers.Layer):
         bn_momentum: float = BN_MOMENTUM,
         bn_epsilon: float = BN_EPSILON,
         kernel_initializer: Any = "he_normal",
+        synchronized: bool = False,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -57,6 +58,7 @@ class BasicBlock(layers.Layer):
         self.bn_momentum = bn_momentum
         self.bn_epsilon = bn_epsilon
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.synchronized = synchronized
 
         def conv(k: int, s: int, name: str, padding: str) -> layers.Conv2D:
             return layers.Conv2D(
@@ -67,7 +69,7 @@ class BasicBlock(layers.Layer):
         def bn(name: str, gamma: str = "ones") -> layers.BatchNormalization:
             return layers.BatchNormalization(
                 momentum=bn_momentum, epsilon=bn_epsilon, gamma_initializer=gamma,
-                dtype=self.dtype_policy, name=name,
+                synchronized=synchronized, dtype=self.dtype_policy, name=name,
             )
 
         self.pad = layers.ZeroPadding2D(1, dtype=self.dtype_policy, name="pad") if strides > 1 else None
@@ -100,8 +102,8 @@ class BasicBlock(layers.Layer):
                 name="shortcut_conv",
             )
             self.shortcut_bn = layers.BatchNormalization(
-                momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype_policy,
-                name="shortcut_bn",
+                momentum=self.bn_momentum, epsilon=self.bn_epsilon, synchronized=self.synchronized,
+                dtype=self.dtype_policy, name="shortcut_bn",
             )
             self.shortcut_conv.build(shape)
             self.shortcut_bn.build(self.shortcut_conv.compute_output_shape(shape))
@@ -134,6 +136,7 @@ class BasicBlock(layers.Layer):
             bn_momentum=self.bn_momentum,
             bn_epsilon=self.bn_epsilon,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            synchronized=self.synchronized,
         )
         return config
 
@@ -157,9 +160,13 @@ def resnet18(
     image_size: int = IMAGE_SIZE,
     mean: float = FER2013_MEAN,
     std: float = FER2013_STD,
+    sync_batchnorm: bool = False,
     name: str = "resnet18",
 ) -> keras.Model:
     """Builds ResNet-18 whose input is raw pixels ``(image_size, image_size, 1)`` in 0-255.
+
+    ``sync_batchnorm`` computes BatchNorm statistics over the global batch across replicas, so a
+    distributed run computes what a single device with the same global batch would.
 
     Returns float32 logits of shape ``(N, num_classes)`` whatever the dtype policy, so that the
     loss and softmax stay exact under mixed precision.
@@ -187,7 +194,9 @@ def resnet18(
         x = layers.Conv2D(64, 7, strides=2, name="stem_conv", **conv_kw)(x)
     else:
         x = layers.Conv2D(64, 3, padding="same", name="stem_conv", **conv_kw)(x)
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="stem_bn")(x)
+    x = layers.BatchNormalization(
+        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=sync_batchnorm, name="stem_bn"
+    )(x)
     x = layers.ReLU(name="stem_relu")(x)
     if stem == "imagenet":
         # Zero padding equals PyTorch's -inf padding here because inputs are >= 0 after ReLU.
@@ -199,7 +208,9 @@ def resnet18(
     for stage, width in enumerate(STAGE_WIDTHS, start=1):
         for block in range(1, BLOCKS_PER_STAGE + 1):
             strides = 2 if stage > 1 and block == 1 else 1
-            x = BasicBlock(width, strides=strides, name=f"stage{stage}_block{block}")(x)
+            x = BasicBlock(
+                width, strides=strides, synchronized=sync_batchnorm, name=f"stage{stage}_block{block}"
+            )(x)
 
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     if dropout > 0:

@@ -1,0 +1,409 @@
+"""Evaluate a model on one labeled split: ``python -m fer_keras.evaluate [--split=val] [--tta=flip]``.
+
+Reports accuracy (always named with its split, e.g. ``val (PublicTest)``, because FER2013 accuracies
+are only comparable on the same split), per-class precision/recall/F1 and the confusion matrix, which
+shows the classes the model mixes up (fear/sad, angry/disgust in FER2013). Files in ``--output_dir``,
+prefixed with the split (and the TTA mode when one is used) so that several runs can share a folder:
+
+* ``SPLIT_metrics.json``: accuracy, per-class metrics, confusion counts and row-normalised rates,
+  split, number of images, model path, TTA (requested, and any built into an export);
+* ``SPLIT_predictions.csv``: one row per image with its true and predicted class and probabilities;
+* ``SPLIT_confusion_counts.png`` and ``SPLIT_confusion_normalized.png``: the confusion matrix;
+* ``SPLIT_report.txt``: scikit-learn's classification report.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from absl import flags, logging
+
+from fer_keras import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, __version__, cli
+from fer_keras import data as fer_data
+from fer_keras.errors import ConfigError, DataError
+from fer_keras.predict import PROBABILITY_COLUMNS, atomic_write
+from fer_keras.tta import DEFAULT_CROP_SIZE, TTA_MODES, ProbabilityModel, check_tta, tta_probabilities
+
+DEFAULT_OUTPUT_DIR = "reports/evaluate"
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Counts ``[true, predicted]`` as int64 ``[num_classes, num_classes]``; rows are true classes."""
+    labels = np.asarray(labels, np.int64).ravel()
+    predictions = np.asarray(predictions, np.int64).ravel()
+    if labels.shape != predictions.shape:
+        raise ValueError(f"{labels.size} labels but {predictions.size} predictions")
+    for name, values in (("label", labels), ("prediction", predictions)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"{name}s must be class indices 0-{num_classes - 1}")
+    flat = np.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def normalize_rows(counts: np.ndarray) -> np.ndarray:
+    """Each row divided by its sum (recall on the diagonal); rows of absent classes stay zero."""
+    counts = np.asarray(counts, np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+
+
+def most_confused(counts: np.ndarray) -> tuple[int, int, int] | None:
+    """(true class, predicted class, count) of the most frequent error, or None without errors.
+
+    Ranked by count rather than rate, so a class with one image cannot top the list by chance;
+    ties go to the higher rate.
+    """
+    counts = np.asarray(counts)
+    off = counts.astype(np.float64)
+    np.fill_diagonal(off, 0)
+    if off.max(initial=0) <= 0:
+        return None
+    rates = normalize_rows(counts)
+    order = np.lexsort((-rates.ravel(), -off.ravel()))
+    true, pred = divmod(int(order[0]), counts.shape[1])
+    return true, pred, int(counts[true, pred])
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Predictions of a model on a split and the metrics derived from them."""
+
+    model: str
+    model_kind: str
+    export_tta: str | None
+    split: str
+    tta: str
+    crop_size: int | None
+    ids: np.ndarray
+    labels: np.ndarray
+    probabilities: np.ndarray
+    predictions: np.ndarray
+    confusion: np.ndarray
+    precision: np.ndarray
+    recall: np.ndarray
+    f1: np.ndarray
+    support: np.ndarray
+    report: str
+
+    @property
+    def split_label(self) -> str:
+        return fer_data.split_label(self.split)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.labels.size)
+
+    @property
+    def num_correct(self) -> int:
+        return int(np.trace(self.confusion))
+
+    @property
+    def accuracy(self) -> float:
+        return self.num_correct / self.num_images if self.num_images else 0.0
+
+    @property
+    def normalized_confusion(self) -> np.ndarray:
+        return normalize_rows(self.confusion)
+
+    @property
+    def present_classes(self) -> np.ndarray:
+        """Classes that occur as label or prediction: the ones macro averages are taken over."""
+        return np.flatnonzero(self.confusion.sum(axis=0) + self.confusion.sum(axis=1))
+
+    @property
+    def macro_f1(self) -> float:
+        present = self.present_classes
+        return float(self.f1[present].mean()) if present.size else 0.0
+
+    @property
+    def weighted_f1(self) -> float:
+        total = self.support.sum()
+        return float((self.f1 * self.support).sum() / total) if total else 0.0
+
+    def to_json(self) -> dict:
+        pair = most_confused(self.confusion)
+        rates = self.normalized_confusion
+        return {
+            "model": self.model,
+            "model_kind": self.model_kind,
+            "split": self.split,
+            "split_label": self.split_label,
+            "num_images": self.num_images,
+            "tta": self.tta,
+            "crop_size": self.crop_size,
+            "export_tta": self.export_tta,
+            "accuracy": self.accuracy,
+            "num_correct": self.num_correct,
+            "macro_f1": self.macro_f1,
+            "weighted_f1": self.weighted_f1,
+            "class_names": list(CLASS_NAMES),
+            "per_class": {
+                name: {
+                    "precision": float(self.precision[i]),
+                    "recall": float(self.recall[i]),
+                    "f1": float(self.f1[i]),
+                    "support": int(self.support[i]),
+                }
+                for i, name in enumerate(CLASS_NAMES)
+            },
+            "confusion_counts": self.confusion.tolist(),
+            "confusion_normalized": np.round(rates, 6).tolist(),
+            "most_confused": None if pair is None else {
+                "true": CLASS_NAMES[pair[0]],
+                "predicted": CLASS_NAMES[pair[1]],
+                "count": pair[2],
+                "rate": float(rates[pair[0], pair[1]]),
+            },
+            "fer_keras_version": __version__,
+        }
+
+
+def _check_labeled(split: fer_data.Split, where: str) -> None:
+    if not len(split):
+        raise DataError(f"{where}: no images")
+    unlabeled = int((split.labels < 0).sum())
+    if unlabeled:
+        raise DataError(
+            f"{where}: {unlabeled} of {len(split)} images have no label; evaluation needs labels "
+            "(use python -m fer_keras.predict for unlabeled data)"
+        )
+
+
+def evaluate(
+    predictor: ProbabilityModel,
+    split: fer_data.Split,
+    tta: str = "none",
+    batch_size: int = 256,
+    *,
+    split_name: str,
+    crop_size: int = DEFAULT_CROP_SIZE,
+) -> EvalResult:
+    """Runs ``predictor`` on a labeled split and computes the metrics.
+
+    ``split_name`` is required so that no accuracy is ever reported without its split.
+    """
+    from sklearn.metrics import classification_report, precision_recall_fscore_support
+
+    key = fer_data.canonical_split(split_name)
+    check_tta(tta, crop_size)
+    _check_labeled(split, fer_data.split_label(key))
+    probabilities = tta_probabilities(predictor, split.images, tta, crop_size, batch_size)
+    predictions = np.argmax(probabilities, axis=1).astype(np.int64)
+    labels = np.asarray(split.labels, np.int64)
+    classes = list(range(NUM_CLASSES))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predictions, labels=classes, zero_division=0
+    )
+    present = sorted(set(labels.tolist()) | set(predictions.tolist()))
+    report = classification_report(
+        labels, predictions, labels=present, target_names=[CLASS_NAMES[c] for c in present],
+        digits=3, zero_division=0,
+    )
+    kind = getattr(predictor, "kind", "model")
+    export_tta = None
+    if kind == "saved_model":
+        export_tta = getattr(predictor, "metadata", {}).get("tta", "unknown")
+    return EvalResult(
+        model=str(getattr(predictor, "path", predictor)),
+        model_kind=kind,
+        export_tta=export_tta,
+        split=key,
+        tta=tta,
+        crop_size=crop_size if tta == "tencrop" else None,
+        ids=np.asarray(split.ids),
+        labels=labels,
+        probabilities=probabilities,
+        predictions=predictions,
+        confusion=confusion_matrix(labels, predictions),
+        precision=np.asarray(precision, np.float64),
+        recall=np.asarray(recall, np.float64),
+        f1=np.asarray(f1, np.float64),
+        support=np.asarray(support, np.int64),
+        report=report,
+    )
+
+
+def model_name(path: str, kind: str) -> str:
+    """A short name for titles: ``NAME/VERSION`` for exports, ``RUN/best.keras`` for runs."""
+    p = Path(path)
+    if kind == "saved_model" or p.name == "best.keras":
+        return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+    return p.name
+
+
+def plot_confusion(
+    matrix: np.ndarray,
+    path: str | Path,
+    title: str,
+    normalized: bool = False,
+    class_names: Sequence[str] = CLASS_NAMES,
+) -> Path:
+    """Draws a confusion matrix (true classes down, predicted across) as an annotated PNG.
+
+    Uses matplotlib's object API with the Agg canvas, so no display or pyplot state is involved.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    matrix = np.asarray(matrix)
+    n = len(class_names)
+    if matrix.shape != (n, n):
+        raise ValueError(f"matrix has shape {matrix.shape}, expected ({n}, {n})")
+    fig = Figure(figsize=(7.5, 6.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    vmax = 1.0 if normalized else max(float(matrix.max()), 1.0)
+    image = ax.imshow(matrix, cmap="Blues", vmin=0.0, vmax=vmax)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("fraction of the true class" if normalized else "images")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    for i in range(n):
+        for j in range(n):
+            value = matrix[i, j]
+            text = f"{value:.2f}" if normalized else f"{int(value)}"
+            colour = "white" if value > 0.5 * vmax else "black"
+            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=9)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return atomic_write(path, buffer.getvalue())
+
+
+def _title(result: EvalResult, normalized: bool) -> str:
+    tta = "" if result.tta == "none" else f", tta {result.tta}"
+    if result.export_tta not in (None, "none"):
+        tta += f", export tta {result.export_tta}"
+    kind = "row-normalised" if normalized else "counts"
+    return (
+        f"{model_name(result.model, result.model_kind)} on {result.split_label}\n"
+        f"accuracy {result.accuracy:.2%} of {result.num_images} images{tta} ({kind})"
+    )
+
+
+def _predictions_csv(result: EvalResult) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", "label", "label_name", "predicted", "predicted_name", "correct", *PROBABILITY_COLUMNS])
+    for row_id, label, pred, probs in zip(result.ids, result.labels, result.predictions, result.probabilities):
+        writer.writerow([
+            str(row_id), int(label), CLASS_NAMES[label], int(pred), CLASS_NAMES[pred], int(label == pred),
+            *(f"{p:.6f}" for p in probs),
+        ])
+    return buffer.getvalue()
+
+
+def write_report(result: EvalResult, output_dir: str | Path, source: str | None = None) -> dict[str, Path]:
+    """Writes the JSON, CSV, PNGs and text report; returns their paths by kind."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a directory")
+    stem = result.split if result.tta == "none" else f"{result.split}_tta-{result.tta}"
+    files = {
+        "json": out / f"{stem}_metrics.json",
+        "csv": out / f"{stem}_predictions.csv",
+        "png_counts": out / f"{stem}_confusion_counts.png",
+        "png_normalized": out / f"{stem}_confusion_normalized.png",
+        "report": out / f"{stem}_report.txt",
+    }
+    plot_confusion(result.confusion, files["png_counts"], _title(result, False), normalized=False)
+    plot_confusion(result.normalized_confusion, files["png_normalized"], _title(result, True), normalized=True)
+    atomic_write(files["csv"], _predictions_csv(result))
+    header = f"{result.model} on {result.split_label}, tta {result.tta}\naccuracy {result.accuracy:.4f}\n\n"
+    atomic_write(files["report"], header + result.report)
+    payload = result.to_json()
+    payload["data"] = source
+    payload["files"] = {kind: path.name for kind, path in files.items() if kind != "json"}
+    atomic_write(files["json"], _dump_json(payload))
+    return files
+
+
+def _dump_json(payload: dict) -> str:
+    """Indented JSON with each matrix row on one line, so the confusion matrix reads as a table."""
+    matrices = {key: payload[key] for key in ("confusion_counts", "confusion_normalized")}
+    text = json.dumps({**payload, **{key: f"@{key}@" for key in matrices}}, indent=2)
+    for key, rows in matrices.items():
+        body = ",\n    ".join(json.dumps(row) for row in rows)
+        text = text.replace(f'"@{key}@"', f"[\n    {body}\n  ]")
+    return text + "\n"
+
+
+def summary(result: EvalResult) -> str:
+    """Three lines: the model, accuracy with its split, and the most confused pair."""
+    built_in = ""
+    if result.export_tta not in (None, "none"):
+        built_in = f"; the export averages {result.export_tta} views itself"
+    lines = [
+        f"model: {result.model_kind} {result.model}{built_in}",
+        f"{result.split_label}: accuracy {result.accuracy:.2%} ({result.num_correct}/{result.num_images} images), "
+        f"macro F1 {result.macro_f1:.3f}, tta {result.tta}",
+    ]
+    pair = most_confused(result.confusion)
+    if pair is None:
+        lines.append("most confused: none (no errors)")
+    else:
+        true, pred, count = pair
+        rate = result.normalized_confusion[true, pred]
+        lines.append(
+            f"most confused: {CLASS_NAMES[true]} -> {CLASS_NAMES[pred]} "
+            f"({count} images, {rate:.1%} of {CLASS_NAMES[true]})"
+        )
+    return "\n".join(lines)
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("model", None, "A .keras file, a training run directory or a SavedModel export "
+                        "(default: the shipped saved_models/fer_resnet18).")
+    flags.DEFINE_string("data", None, "FER2013 source: fer2013.csv[.gz], train.csv, an image folder "
+                        "(default: the bundled sample).")
+    flags.DEFINE_string("split", "val", "Labeled split to evaluate: train, val (PublicTest) or test (PrivateTest).")
+    flags.DEFINE_enum("tta", "none", TTA_MODES, "Test-time augmentation: none, flip (image + mirror image) or "
+                      "tencrop (4 corner + centre crops and their mirror images, averaged).")
+    flags.DEFINE_integer("crop_size", DEFAULT_CROP_SIZE, "Crop side in pixels for --tta=tencrop.")
+    flags.DEFINE_string("output_dir", DEFAULT_OUTPUT_DIR, "Folder for the metrics JSON, predictions CSV, "
+                        "confusion-matrix PNGs and text report.")
+    flags.DEFINE_integer("batch_size", 256, "Images per model call.")
+    flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1")
+    flags.register_validator("crop_size", lambda v: 0 < v <= IMAGE_SIZE, f"--crop_size must be in 1-{IMAGE_SIZE}")
+    flags.register_validator("output_dir", lambda v: bool(v), "--output_dir must not be empty")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
+    split_name = fer_data.canonical_split(f.split)
+    check_tta(f.tta, f.crop_size)
+    out = Path(f.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a directory")
+    from fer_keras import inference
+
+    inference.resolve(f.model)  # a missing model fails before the data is read
+    data = fer_data.load(f.data or None)
+    split = data.split(split_name)
+    _check_labeled(split, f"{data.source}: {fer_data.split_label(split_name)}")
+    predictor = inference.load_predictor(f.model)
+    if f.tta == "flip" and predictor.metadata.get("tta") == "flip":
+        logging.warning("%s already averages flipped images; --tta=flip changes nothing", predictor.path)
+    result = evaluate(predictor, split, f.tta, f.batch_size, split_name=split_name, crop_size=f.crop_size)
+    files = write_report(result, out, source=data.source)
+    print(summary(result))
+    print(f"wrote {files['json']} and {', '.join(p.name for k, p in files.items() if k != 'json')}")
+
+
+if __name__ == "__main__":
+    cli.quiet_tensorflow()
+    define_flags()
+    cli.run(main)
+    sys.exit(0)

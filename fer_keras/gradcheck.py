@@ -1,0 +1,600 @@
+"""Check the course report's derivations against Keras: ``python -m fer_keras.gradcheck``.
+
+The report derives three things by hand; this module verifies each against what Keras/TensorFlow
+actually compute, so that a wrong formula in the report shows up as a failed check:
+
+* the output size of a convolution or pooling, ``floor((W + 2p - k) / s) + 1`` per spatial axis,
+  against the shapes that ``keras.layers.Conv2D`` and ``MaxPool2D`` produce ('valid' and 'same'
+  padding; 'same' pads asymmetrically, so the total padding ``P`` stands in for ``2p``). The
+  alternative form ``(W + p - k + 1) / s`` is recorded with the cases where it disagrees;
+* the BatchNorm backward pass of Ioffe & Szegedy (2015) in plain tensor ops, against GradientTape
+  through ``keras.layers.BatchNormalization(training=True)`` (and, for the intermediate
+  ``dL/dvar`` and ``dL/dmean``, through the same forward pass written out in tf ops);
+* ``dL/dz = (softmax(z) - y) / N`` for the mean softmax cross-entropy, against GradientTape through
+  ``keras.losses.CategoricalCrossentropy(from_logits=True)``, with one-hot, label-smoothed and soft
+  targets.
+
+The formulas are parameters of the ``check_*`` functions, so a test can pass a deliberately wrong one
+and see its check fail. Gradient checks run in float64 so that the tolerances can be tight.
+
+Outputs in ``--output_dir``: ``gradcheck.json`` (every check with its errors and details) and
+``gradcheck.md`` (the table). The exit status is 1 when any check fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+from absl import flags
+
+from fer_keras import __version__, cli
+from fer_keras.errors import ConfigError
+
+DTYPE = "float64"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """A check passes when both its max absolute and max relative error are within these bounds."""
+
+    abs: float
+    rel: float
+
+
+# float64 round-off in these small graphs is ~1e-15; a wrong term is off by >= ~1e-3.
+GRADIENT_TOLERANCE = Tolerance(abs=1e-10, rel=1e-8)
+# Shapes are integers: any difference is a failure.
+SHAPE_TOLERANCE = Tolerance(abs=0.0, rel=0.0)
+
+
+@dataclasses.dataclass
+class CheckResult:
+    """One verified quantity: the worst errors over all its cases, and what was compared.
+
+    ``max_rel_err`` is the max absolute error divided by the largest magnitude of the reference, so
+    that entries which happen to be near zero do not inflate it.
+    """
+
+    name: str
+    max_abs_err: float
+    max_rel_err: float
+    tolerance: Tolerance
+    passed: bool
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Report:
+    """All results of :func:`run_all` and the files it wrote."""
+
+    results: list[CheckResult]
+    json_path: Path | None = None
+    markdown_path: Path | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        return [r for r in self.results if not r.passed]
+
+
+def _within(max_abs: float, max_rel: float, tol: Tolerance) -> bool:
+    return bool(max_abs <= tol.abs and max_rel <= tol.rel)  # False for NaN
+
+
+def _errors(actual: Any, expected: Any) -> tuple[float, float]:
+    """(max |a - e|, max |a - e| / max |e|); infinite when the shapes differ."""
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    if a.shape != e.shape:
+        return math.inf, math.inf
+    if a.size == 0:
+        return 0.0, 0.0
+    max_abs = float(np.max(np.abs(a - e)))
+    scale = float(np.max(np.abs(e)))
+    if scale == 0.0:
+        return max_abs, 0.0 if max_abs == 0.0 else math.inf
+    return max_abs, max_abs / scale
+
+
+# --------------------------------------------------------------------------------------------------
+# Output size of convolution and pooling
+
+ShapeFormula = Callable[[int, int, int, int], float]
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad: int) -> float:
+    """The report's formula ``floor((W + 2p - k) / s) + 1``, with ``pad`` the total padding 2p."""
+    return (size + pad - kernel) // stride + 1
+
+
+def alternative_output_size(size: int, kernel: int, stride: int, pad: int) -> float:
+    """The form ``(W + p - k + 1) / s`` (``p`` = total padding), as written: exact division."""
+    return (size + pad - kernel + 1) / stride
+
+
+def keras_total_padding(size: int, kernel: int, stride: int, padding: str) -> int:
+    """Total padding on one axis as TF/Keras apply it: 0 for 'valid'; for 'same' the amount that
+    makes the output ``ceil(W / s)``, i.e. ``max((ceil(W/s) - 1) * s + k - W, 0)`` (the extra pixel
+    of an odd total goes to the bottom/right)."""
+    if padding == "valid":
+        return 0
+    if padding == "same":
+        return max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    raise ConfigError(f"unknown padding {padding!r}; choose 'valid' or 'same'")
+
+
+class ShapeCase(NamedTuple):
+    """One Keras layer run: input (H, W), kernel, stride, padding and the output (H, W) it gave."""
+
+    op: str
+    padding: str
+    input_hw: tuple[int, int]
+    kernel: int
+    stride: int
+    output_hw: tuple[int, int]
+
+
+SHAPE_SIZES = (1, 2, 3, 4, 5, 7, 8, 13, 48)
+SHAPE_KERNELS = (1, 2, 3, 5, 7)
+SHAPE_STRIDES = (1, 2, 3, 4)
+SHAPE_OPS = ("conv2d", "max_pool2d")
+PADDINGS = ("valid", "same")
+
+
+@functools.lru_cache(maxsize=8)
+def keras_shape_cases(
+    sizes: tuple[int, ...] = SHAPE_SIZES,
+    kernels: tuple[int, ...] = SHAPE_KERNELS,
+    strides: tuple[int, ...] = SHAPE_STRIDES,
+) -> tuple[ShapeCase, ...]:
+    """Runs Conv2D and MaxPool2D on ``[1, W, W + 1, 1]`` inputs (two sizes per case, so both spatial
+    axes are covered) for every combination; cached because the layers are the slow part.
+
+    'valid' cases whose kernel exceeds the input have no output and are left out.
+    """
+    import keras
+    import tensorflow as tf
+
+    inputs = {size: tf.zeros((1, size, size + 1, 1), tf.float32) for size in sizes}
+    cases = []
+    for op in SHAPE_OPS:
+        for padding in PADDINGS:
+            for kernel in kernels:
+                for stride in strides:
+                    # One layer per configuration: its weights do not depend on the spatial size.
+                    if op == "conv2d":
+                        layer = keras.layers.Conv2D(1, kernel, strides=stride, padding=padding)
+                    else:
+                        layer = keras.layers.MaxPool2D(kernel, strides=stride, padding=padding)
+                    for size, x in inputs.items():
+                        hw = (size, size + 1)
+                        if padding == "valid" and kernel > min(hw):
+                            continue
+                        out = tuple(int(d) for d in layer(x).shape[1:3])
+                        cases.append(ShapeCase(op, padding, hw, kernel, stride, out))
+    return tuple(cases)
+
+
+def _shape_comparisons(formula: ShapeFormula, cases: Sequence[ShapeCase]) -> list[dict[str, Any]]:
+    """One row per case and spatial axis: the formula's value next to Keras's."""
+    rows = []
+    for case in cases:
+        for axis, (size, out) in enumerate(zip(case.input_hw, case.output_hw)):
+            pad = keras_total_padding(size, case.kernel, case.stride, case.padding)
+            rows.append({
+                "op": case.op, "padding": case.padding, "axis": axis, "W": size, "k": case.kernel,
+                "s": case.stride, "P": pad, "keras": out, "formula": float(formula(size, case.kernel, case.stride, pad)),
+            })
+    return rows
+
+
+def _examples(wrong: list[dict[str, Any]], count: int = 3) -> list[str]:
+    """Disagreeing cases, the most typical first (small stride, size near 7, 3x3 kernel)."""
+    ranked = sorted(wrong, key=lambda r: (r["s"], abs(r["W"] - 7), r["k"] != 3, r["padding"], r["op"]))
+    return [_describe(r) for r in ranked[:count]]
+
+
+def _describe(row: dict[str, Any]) -> str:
+    return (f"{row['op']} padding={row['padding']} W={row['W']} k={row['k']} s={row['s']} P={row['P']}: "
+            f"formula {row['formula']:g}, Keras {row['keras']}")
+
+
+def check_conv_shapes(
+    sizes: Sequence[int] = SHAPE_SIZES,
+    kernels: Sequence[int] = SHAPE_KERNELS,
+    strides: Sequence[int] = SHAPE_STRIDES,
+    formula: ShapeFormula = conv_output_size,
+) -> list[CheckResult]:
+    """One result per op (Conv2D, MaxPool2D): does ``formula(W, k, s, P)`` give Keras's output size
+    on every case of the grid, both paddings and both axes?"""
+    cases = keras_shape_cases(tuple(sizes), tuple(kernels), tuple(strides))
+    results = []
+    for op in SHAPE_OPS:
+        rows = _shape_comparisons(formula, [c for c in cases if c.op == op])
+        wrong = [r for r in rows if r["formula"] != r["keras"]]
+        max_abs = max((abs(r["formula"] - r["keras"]) for r in rows), default=0.0)
+        max_rel = max((abs(r["formula"] - r["keras"]) / r["keras"] for r in rows), default=0.0)
+        results.append(CheckResult(
+            name=f"{op} output size",
+            max_abs_err=max_abs,
+            max_rel_err=max_rel,
+            tolerance=SHAPE_TOLERANCE,
+            passed=not wrong and _within(max_abs, max_rel, SHAPE_TOLERANCE),
+            details={
+                "formula": getattr(formula, "__name__", repr(formula)),
+                "padding": "valid: P = 0; same: P = max((ceil(W/s) - 1) * s + k - W, 0), output ceil(W/s)",
+                "layer_runs": len(rows) // 2,
+                "axis_comparisons": len(rows),
+                "disagreements": len(wrong),
+                "examples": _examples(wrong),
+            },
+        ))
+    return results
+
+
+def shape_formula_disagreements(
+    formula: ShapeFormula = alternative_output_size,
+    label: str = "(W + p - k + 1) / s",
+    sizes: Sequence[int] = SHAPE_SIZES,
+    kernels: Sequence[int] = SHAPE_KERNELS,
+    strides: Sequence[int] = SHAPE_STRIDES,
+) -> CheckResult:
+    """Records where ``formula`` disagrees with Keras; passes when it disagrees somewhere, so the
+    report keeps the evidence that this form is wrong (and a run fails if it ever stopped being so).
+
+    Also tallies the disagreements by stride and for the formula rounded down and up:
+    ``ceil((W + P - k + 1) / s)`` equals ``floor((W + P - k) / s) + 1`` for integers, so only the
+    unrounded and floored forms are wrong, and only for s > 1.
+    """
+    cases = keras_shape_cases(tuple(sizes), tuple(kernels), tuple(strides))
+    rows = _shape_comparisons(formula, cases)
+    wrong = [r for r in rows if r["formula"] != r["keras"]]
+    by_stride = {str(s): sum(1 for r in wrong if r["s"] == s) for s in strides}
+    floored = [r for r in _shape_comparisons(lambda *a: math.floor(formula(*a)), cases) if r["formula"] != r["keras"]]
+    ceiled = [r for r in _shape_comparisons(lambda *a: math.ceil(formula(*a)), cases) if r["formula"] != r["keras"]]
+    max_abs = max((abs(r["formula"] - r["keras"]) for r in rows), default=0.0)
+    max_rel = max((abs(r["formula"] - r["keras"]) / r["keras"] for r in rows), default=0.0)
+    name = getattr(formula, "__name__", repr(formula))
+    return CheckResult(
+        name=f"output size {label} disagrees (expected)",
+        max_abs_err=max_abs,
+        max_rel_err=max_rel,
+        tolerance=SHAPE_TOLERANCE,
+        passed=bool(wrong),
+        details={
+            "formula": name,
+            "expectation": "the formula is wrong: passes when it disagrees with Keras in at least one case",
+            "axis_comparisons": len(rows),
+            "disagreements": len(wrong),
+            "disagreements_by_stride": by_stride,
+            "disagreements_if_floored": len(floored),
+            "disagreements_if_ceiled": len(ceiled),
+            "examples": _examples(wrong),
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# BatchNorm backward
+
+
+class BatchNormGrads(NamedTuple):
+    """Gradients of a scalar loss through y = gamma * x_hat + beta, x_hat = (x - mean) / sqrt(var + eps)."""
+
+    dx_hat: Any
+    dvar: Any
+    dmean: Any
+    dx: Any
+    dgamma: Any
+    dbeta: Any
+
+
+BatchNormBackward = Callable[[Any, Any, Any, float], BatchNormGrads]
+BATCHNORM_QUANTITIES = ("dx_hat", "dvar", "dmean", "dx", "dgamma", "dbeta")
+# Checked against the forward pass in tf ops (intermediates) or against the Keras layer.
+BATCHNORM_REFERENCE = {"dx_hat": "manual forward", "dvar": "manual forward", "dmean": "manual forward",
+                       "dx": "keras layer", "dgamma": "keras layer", "dbeta": "keras layer"}
+
+
+def hand_batchnorm_backward(x: Any, gamma: Any, dy: Any, epsilon: float) -> BatchNormGrads:
+    """Ioffe & Szegedy's backward pass over all axes but the last (channels), biased variance."""
+    import tensorflow as tf
+
+    axes = list(range(len(x.shape) - 1))
+    m = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), x.dtype)
+    mean = tf.reduce_mean(x, axes)
+    centered = x - mean
+    var = tf.reduce_mean(tf.square(centered), axes)
+    inv_std = tf.math.rsqrt(var + epsilon)
+    x_hat = centered * inv_std
+    dx_hat = dy * gamma
+    dvar = tf.reduce_sum(dx_hat * centered, axes) * -0.5 * inv_std**3
+    dmean = tf.reduce_sum(-dx_hat * inv_std, axes) + dvar * tf.reduce_sum(-2.0 * centered, axes) / m
+    dx = dx_hat * inv_std + dvar * 2.0 * centered / m + dmean / m
+    dgamma = tf.reduce_sum(dy * x_hat, axes)
+    dbeta = tf.reduce_sum(dy, axes)
+    return BatchNormGrads(dx_hat, dvar, dmean, dx, dgamma, dbeta)
+
+
+BATCHNORM_SHAPES = ((16, 5), (4, 6, 6, 3), (2, 3, 5, 4))
+
+
+def batchnorm_reference(shape: Sequence[int], epsilon: float, seed: int) -> dict[str, Any]:
+    """Random x, gamma, beta and upstream G for ``loss = sum(G * y)``, and GradientTape's answers.
+
+    dx, dgamma, dbeta come from the Keras layer in training mode. dx_hat, dvar and dmean are
+    intermediates the layer does not expose, so they come from the same forward pass written in tf
+    ops, with mean and var computed from x on the tape (so dmean includes the path through var).
+    """
+    import keras
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    channels = shape[-1]
+    x = tf.constant(rng.normal(1.5, 2.0, shape), tf.float64)
+    upstream = tf.constant(rng.normal(size=shape), tf.float64)
+    gamma = tf.constant(rng.normal(1.0, 0.5, channels), tf.float64)
+    beta = tf.constant(rng.normal(size=channels), tf.float64)
+
+    layer = keras.layers.BatchNormalization(epsilon=epsilon, dtype=DTYPE)
+    layer.build(tuple(shape))
+    layer.gamma.assign(gamma)
+    layer.beta.assign(beta)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y_keras = layer(x, training=True)
+        loss = tf.reduce_sum(upstream * y_keras)
+    dx, dgamma, dbeta = tape.gradient(loss, [x, layer.gamma, layer.beta])
+
+    axes = list(range(len(shape) - 1))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        mean = tf.reduce_mean(x, axes)
+        tape.watch(mean)
+        var = tf.reduce_mean(tf.square(x - mean), axes)
+        tape.watch(var)
+        x_hat = (x - mean) / tf.sqrt(var + epsilon)
+        y_manual = gamma * x_hat + beta
+        loss_manual = tf.reduce_sum(upstream * y_manual)
+    dx_hat, dvar, dmean = tape.gradient(loss_manual, [x_hat, var, mean])
+
+    return {
+        "x": x, "gamma": gamma, "upstream": upstream,
+        "grads": BatchNormGrads(dx_hat, dvar, dmean, tf.convert_to_tensor(dx), tf.convert_to_tensor(dgamma),
+                                tf.convert_to_tensor(dbeta)),
+        "output_dtype": y_keras.dtype.name,
+        "forward_max_abs_diff": float(tf.reduce_max(tf.abs(y_keras - y_manual))),
+    }
+
+
+def check_batchnorm(
+    shapes: Sequence[Sequence[int]] = BATCHNORM_SHAPES,
+    epsilon: float = 1e-3,
+    seed: int = 0,
+    backward: BatchNormBackward = hand_batchnorm_backward,
+    tolerance: Tolerance = GRADIENT_TOLERANCE,
+) -> list[CheckResult]:
+    """One result per quantity (dx_hat, dvar, dmean, dx, dgamma, dbeta), worst case over ``shapes``
+    (2-D (N, C) and 4-D NHWC), comparing ``backward(x, gamma, dy, epsilon)`` with GradientTape."""
+    per_quantity: dict[str, list[dict[str, Any]]] = {q: [] for q in BATCHNORM_QUANTITIES}
+    forward = []
+    for i, shape in enumerate(shapes):
+        ref = batchnorm_reference(shape, epsilon, seed + i)
+        hand = backward(ref["x"], ref["gamma"], ref["upstream"], epsilon)
+        forward.append({"shape": list(shape), "forward_max_abs_diff": ref["forward_max_abs_diff"],
+                        "keras_output_dtype": ref["output_dtype"]})
+        for q in BATCHNORM_QUANTITIES:
+            max_abs, max_rel = _errors(getattr(hand, q), getattr(ref["grads"], q))
+            per_quantity[q].append({"shape": list(shape), "max_abs_err": max_abs, "max_rel_err": max_rel})
+    results = []
+    for q, rows in per_quantity.items():
+        max_abs = max(r["max_abs_err"] for r in rows)
+        max_rel = max(r["max_rel_err"] for r in rows)
+        results.append(CheckResult(
+            name=f"batchnorm dL/{q}",
+            max_abs_err=max_abs,
+            max_rel_err=max_rel,
+            tolerance=tolerance,
+            passed=_within(max_abs, max_rel, tolerance),
+            details={
+                "formula": getattr(backward, "__name__", repr(backward)),
+                "reference": f"GradientTape through the {BATCHNORM_REFERENCE[q]} (training=True, float64)",
+                "loss": "sum(G * y), G ~ N(0, 1)",
+                "epsilon": epsilon,
+                "per_shape": rows,
+                "forward": forward,
+            },
+        ))
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Softmax + cross-entropy
+
+SoftmaxCEGrad = Callable[[Any, Any, float], Any]
+
+
+def hand_softmax_ce_grad(logits: Any, y_true: Any, label_smoothing: float = 0.0) -> Any:
+    """dL/dz = (softmax(z) - y') / N for the batch-mean loss, y' = y (1 - a) + a / K."""
+    import tensorflow as tf
+
+    n = tf.cast(tf.shape(logits)[0], logits.dtype)
+    k = tf.cast(tf.shape(logits)[-1], logits.dtype)
+    target = y_true * (1.0 - label_smoothing) + label_smoothing / k
+    return (tf.nn.softmax(logits) - target) / n
+
+
+SOFTMAX_SHAPES = ((1, 7), (16, 7), (5, 3))
+
+
+def _targets(kind: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    if kind == "soft":
+        return rng.dirichlet(np.ones(k), size=n)
+    return np.eye(k)[rng.integers(0, k, size=n)]
+
+
+def check_softmax_cross_entropy(
+    shapes: Sequence[tuple[int, int]] = SOFTMAX_SHAPES,
+    label_smoothing: float = 0.1,
+    seed: int = 0,
+    grad: SoftmaxCEGrad = hand_softmax_ce_grad,
+    tolerance: Tolerance = GRADIENT_TOLERANCE,
+) -> list[CheckResult]:
+    """One result per target kind (one-hot, one-hot with label smoothing, soft), worst case over
+    ``shapes`` (N, K): ``grad(z, y, label_smoothing)`` against GradientTape through Keras's mean
+    CategoricalCrossentropy(from_logits=True) in float64."""
+    import keras
+    import tensorflow as tf
+
+    variants = (("one-hot", "one-hot", 0.0), (f"one-hot, label_smoothing={label_smoothing:g}", "one-hot",
+                label_smoothing), ("soft targets", "soft", 0.0))
+    results = []
+    for v, (label, kind, alpha) in enumerate(variants):
+        loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=alpha, dtype=DTYPE)
+        rows = []
+        for i, (n, k) in enumerate(shapes):
+            rng = np.random.default_rng([seed, v, i])
+            logits = tf.constant(rng.normal(0.0, 3.0, (n, k)), tf.float64)
+            y_true = tf.constant(_targets(kind, n, k, rng), tf.float64)
+            with tf.GradientTape() as tape:
+                tape.watch(logits)
+                loss = loss_fn(y_true, logits)
+            expected = tape.gradient(loss, logits)
+            max_abs, max_rel = _errors(grad(logits, y_true, alpha), expected)
+            rows.append({"shape": [n, k], "loss_dtype": loss.dtype.name, "max_abs_err": max_abs,
+                         "max_rel_err": max_rel})
+        max_abs = max(r["max_abs_err"] for r in rows)
+        max_rel = max(r["max_rel_err"] for r in rows)
+        results.append(CheckResult(
+            name=f"softmax-CE dL/dz ({label})",
+            max_abs_err=max_abs,
+            max_rel_err=max_rel,
+            tolerance=tolerance,
+            passed=_within(max_abs, max_rel, tolerance),
+            details={
+                "formula": getattr(grad, "__name__", repr(grad)),
+                "reference": "GradientTape through keras.losses.CategoricalCrossentropy(from_logits=True), "
+                             "reduction sum_over_batch_size (batch mean), float64",
+                "label_smoothing": alpha,
+                "per_shape": rows,
+            },
+        ))
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def _jsonable(value: Any) -> Any:
+    """Non-finite floats become strings so the JSON stays strict."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def format_table(results: Sequence[CheckResult]) -> str:
+    """A Markdown table with padded columns, readable in a terminal too."""
+    header = ("check", "max abs err", "max rel err", "tolerance abs / rel", "result")
+    rows = [header] + [
+        (r.name, f"{r.max_abs_err:.2e}", f"{r.max_rel_err:.2e}", f"{r.tolerance.abs:.0e} / {r.tolerance.rel:.0e}",
+         "pass" if r.passed else "FAIL")
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def _markdown(report: Report) -> str:
+    notes = [
+        "# Gradient and shape checks",
+        "",
+        f"Overall: **{'pass' if report.passed else 'FAIL'}** ({len(report.failed)} of {len(report.results)} "
+        "checks failed). A check passes when both its max absolute error and its max relative error "
+        "(max absolute error / max magnitude of the reference) are within the tolerance.",
+        "",
+        format_table(report.results),
+        "",
+    ]
+    for r in report.results:
+        examples = r.details.get("examples")
+        if examples:
+            notes.append(f"* {r.name}: {r.details['disagreements']} of {r.details['axis_comparisons']} "
+                         f"axis comparisons disagree, e.g. {examples[0]}.")
+            if "disagreements_by_stride" in r.details:
+                notes.append(f"  By stride: {r.details['disagreements_by_stride']}; rounded down: "
+                             f"{r.details['disagreements_if_floored']}, rounded up: "
+                             f"{r.details['disagreements_if_ceiled']} disagreements.")
+    return "\n".join(notes) + "\n"
+
+
+def run_all(output_dir: str | Path, seed: int = 0) -> Report:
+    """Runs every check with the report's formulas and writes gradcheck.json and gradcheck.md."""
+    import keras
+    import tensorflow as tf
+
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{output_dir}: cannot create the output folder ({e.strerror or e})") from e
+    results = [
+        *check_conv_shapes(),
+        shape_formula_disagreements(),
+        *check_batchnorm(seed=seed),
+        *check_softmax_cross_entropy(seed=seed),
+    ]
+    report = Report(results, output_dir / "gradcheck.json", output_dir / "gradcheck.md")
+    payload = {
+        "passed": report.passed,
+        "seed": seed,
+        "versions": {"fer_keras": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
+        "tolerances": {"gradient": dataclasses.asdict(GRADIENT_TOLERANCE), "shape": dataclasses.asdict(SHAPE_TOLERANCE)},
+        "checks": [_jsonable(dataclasses.asdict(r)) for r in results],
+    }
+    report.json_path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    report.markdown_path.write_text(_markdown(report))
+    return report
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("output_dir", "reports/gradcheck", "Folder for gradcheck.json and gradcheck.md.")
+    flags.DEFINE_integer("seed", 0, "Seed of the random inputs, parameters and upstream gradients.")
+    flags.register_validator("output_dir", lambda v: bool(v and v.strip()), "--output_dir must not be empty")
+    flags.register_validator("seed", lambda v: v >= 0, "--seed must be >= 0")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
+    report = run_all(f.output_dir, seed=f.seed)
+    print(format_table(report.results))
+    print(f"wrote {report.json_path} and {report.markdown_path}")
+    if not report.passed:
+        names = ", ".join(r.name for r in report.failed)
+        print(f"{len(report.failed)} check(s) failed: {names}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    cli.quiet_tensorflow()
+    define_flags()
+    cli.run(main)
+    sys.exit(0)

@@ -1,0 +1,198 @@
+"""Predict expressions for unlabeled images: ``python -m fer_keras.predict --data=test.csv``.
+
+Inputs (``--data``): the course ``test.csv`` (``id,feature``) or any other layout that
+:func:`fer_keras.data.load` reads, a folder of images (flat, or with class sub-folders), one image
+file, or a comma-separated list of image files. The output is the course's submission format,
+``id,label`` with the class index 0-6, optionally followed by one probability column per class
+(``--probabilities``). It is written to a temporary file and renamed, so an interrupted run never
+leaves a truncated submission behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from absl import flags, logging
+
+from fer_keras import CLASS_NAMES, IMAGE_SIZE, cli
+from fer_keras import data as fer_data
+from fer_keras.errors import ConfigError, DataError
+from fer_keras.tta import DEFAULT_CROP_SIZE, TTA_MODES, check_tta, tta_probabilities
+
+PROBABILITY_COLUMNS = tuple(f"prob_{name}" for name in CLASS_NAMES)
+
+
+def atomic_write(path: str | os.PathLike, content: str | bytes) -> Path:
+    """Writes ``content`` to a temporary file beside ``path`` and renames it into place."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, expected an output file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot write: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode("utf-8") if isinstance(content, str) else content)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make reports unreadable to others
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise ConfigError(f"{path}: cannot write: {e.strerror or e}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in fer_data.IMAGE_SUFFIXES
+
+
+def read_images(paths: Sequence[Path]) -> fer_data.Split:
+    """Reads image files as an unlabeled split whose ids are the file names.
+
+    When two files share a name (from different folders) the ids are the paths as given instead,
+    so that every row of a submission can be traced back to one file.
+    """
+    if not paths:
+        raise DataError("no image files given")
+    arrays, converted = [], 0
+    for p in paths:
+        array, conv = fer_data.read_image(p)
+        arrays.append(array)
+        converted += conv
+    if converted:
+        logging.warning("%d image(s) were not %dx%d grayscale and were converted", converted, IMAGE_SIZE, IMAGE_SIZE)
+    names = [p.name for p in paths]
+    ids = names if len(set(names)) == len(names) else [str(p) for p in paths]
+    return fer_data.Split(np.stack(arrays), np.full(len(paths), -1, np.int64), np.asarray(ids))
+
+
+def _flat_image_folder(folder: Path) -> list[Path] | None:
+    """The images directly inside ``folder``, or None when it is a labeled layout for data.load."""
+    subdirs = {p.name.lower() for p in folder.iterdir() if p.is_dir()}
+    if subdirs & (set(CLASS_NAMES) | {"train", "test", "val"}):
+        return None
+    images = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and _is_image(p))
+    return images or None
+
+
+def choose_split(data: fer_data.FerData, split: str | None) -> tuple[fer_data.Split, str]:
+    """The split to predict: ``split`` if given, else ``test`` if present, else the only split."""
+    if split:
+        return data.split(split), fer_data.split_label(split)
+    present = [name for name in fer_data.SPLITS if name in data.splits and len(data.splits[name])]
+    if "test" in present:
+        return data.splits["test"], fer_data.split_label("test")
+    if len(present) == 1:
+        return data.splits[present[0]], fer_data.split_label(present[0])
+    raise ConfigError(f"{data.source}: has splits {', '.join(present)}; choose one with --split")
+
+
+def load_inputs(spec: str, split: str | None = None) -> tuple[fer_data.Split, str]:
+    """Reads ``--data`` and returns the split to predict with a description for messages."""
+    if not spec:
+        raise ConfigError("--data is empty: give a test.csv, an image folder or image files")
+    path = Path(spec).expanduser()
+    if not path.exists() and "," in spec:
+        paths = [Path(s.strip()).expanduser() for s in spec.split(",") if s.strip()]
+        for p in paths:
+            if not p.is_file():
+                raise DataError(f"{p}: no such image file")
+        if split:
+            raise ConfigError("--split does not apply to a list of image files")
+        return read_images(paths), f"{len(paths)} image file(s)"
+    if path.is_dir() and fer_data.detect(path)[0] == "images":
+        images = _flat_image_folder(path)
+        if images is not None:
+            if split:
+                raise ConfigError(f"{path}: --split does not apply to a folder of images")
+            return read_images(images), f"{len(images)} image(s) in {path}"
+    data = fer_data.load(path)
+    if data.layout == "image":
+        if split:
+            raise ConfigError(f"{path}: --split does not apply to an image file")
+        return data.splits["test"], str(path)
+    chosen, label = choose_split(data, split)
+    return chosen, f"{label} of {data.source}"
+
+
+def write_predictions(
+    path: str | os.PathLike,
+    ids: np.ndarray,
+    probabilities: np.ndarray,
+    with_probabilities: bool = False,
+) -> Path:
+    """Writes ``id,label`` (label = argmax class index) and optionally ``prob_<class>`` columns."""
+    if len(ids) != len(probabilities):
+        raise ValueError(f"{len(ids)} ids but {len(probabilities)} rows of probabilities")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", "label"] + (list(PROBABILITY_COLUMNS) if with_probabilities else []))
+    labels = np.argmax(probabilities, axis=1)
+    for row_id, label, probs in zip(ids, labels, probabilities):
+        row = [str(row_id), int(label)]
+        if with_probabilities:
+            row += [f"{p:.6f}" for p in probs]
+        writer.writerow(row)
+    return atomic_write(path, buffer.getvalue())
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("model", None, "A .keras file, a training run directory or a SavedModel export "
+                        "(default: the shipped saved_models/fer_resnet18).")
+    flags.DEFINE_string("data", None, "test.csv (id,feature), another FER2013 file or folder, a folder of "
+                        "images, an image file, or a comma-separated list of image files.")
+    flags.DEFINE_string("split", "", "Split to predict when the data has several (train, val/PublicTest, "
+                        "test/PrivateTest); default: test if present, else the only split.")
+    flags.DEFINE_string("output", "predictions.csv", "Output CSV (id,label), written atomically.")
+    flags.DEFINE_boolean("probabilities", False, "Add one probability column per class (prob_angry, ...).")
+    flags.DEFINE_enum("tta", "none", TTA_MODES, "Test-time augmentation: none, flip (image + mirror image) or "
+                      "tencrop (4 corner + centre crops and their mirror images, averaged).")
+    flags.DEFINE_integer("crop_size", DEFAULT_CROP_SIZE, "Crop side in pixels for --tta=tencrop.")
+    flags.DEFINE_integer("batch_size", 256, "Images per model call.")
+    flags.mark_flag_as_required("data")
+    flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1")
+    flags.register_validator("crop_size", lambda v: 0 < v <= IMAGE_SIZE, f"--crop_size must be in 1-{IMAGE_SIZE}")
+    flags.register_validator("output", lambda v: bool(v), "--output must not be empty")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
+    if f.split:
+        fer_data.canonical_split(f.split)
+    check_tta(f.tta, f.crop_size)
+    if Path(f.output).is_dir():
+        raise ConfigError(f"{f.output}: is a directory, expected an output file name")
+    from fer_keras import inference
+
+    inference.resolve(f.model)  # a missing model fails before the data is read
+    split, description = load_inputs(f.data, f.split or None)
+    predictor = inference.load_predictor(f.model)
+    probabilities = tta_probabilities(predictor, split.images, f.tta, f.crop_size, f.batch_size)
+    path = write_predictions(f.output, split.ids, probabilities, f.probabilities)
+    counts = np.bincount(np.argmax(probabilities, axis=1), minlength=len(CLASS_NAMES))
+    spread = ", ".join(f"{CLASS_NAMES[c]} {counts[c]}" for c in np.argsort(-counts, kind="stable") if counts[c])
+    print(f"model: {predictor.kind} {predictor.path}")
+    print(f"wrote {len(split)} predictions for {description} (tta: {f.tta}) to {path}")
+    print(f"predicted classes: {spread}")
+
+
+if __name__ == "__main__":
+    cli.quiet_tensorflow()
+    define_flags()
+    cli.run(main)
+    sys.exit(0)

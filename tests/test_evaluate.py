@@ -1,0 +1,308 @@
+"""Tests of fer_keras.evaluate and fer_keras.tta with tiny models whose predictions are known.
+
+The "level" model averages all pixels and predicts the class whose level (LEVELS) is nearest to the
+mean brightness: its logits are 2*c_k*m - c_k**2 = m**2 - (m - c_k)**2 for mean m and level c_k. It
+is symmetric under mirroring, and on a uniform image also under cropping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fer_keras import IMAGE_SIZE
+from fer_keras import data as fer_data
+from fer_keras.errors import ConfigError, DataError
+
+REPO = Path(__file__).resolve().parents[1]
+LEVELS = np.array([20, 55, 90, 125, 160, 195, 230])
+# (true label, class whose level the image gets, i.e. the prediction) of each PublicTest row.
+VAL_ROWS = [
+    (0, 0), (0, 0), (0, 2),
+    (1, 1), (1, 0),
+    (2, 2), (2, 4), (2, 4),
+    (3, 3), (3, 3), (3, 3), (3, 6),
+    (4, 4), (4, 2),
+    (5, 5),
+    (6, 6), (6, 3),
+]
+# The same, counted by hand: rows are true classes, columns predictions.
+EXPECTED_CONFUSION = np.array([
+    [2, 0, 1, 0, 0, 0, 0],
+    [1, 1, 0, 0, 0, 0, 0],
+    [0, 0, 1, 0, 2, 0, 0],
+    [0, 0, 0, 3, 0, 0, 1],
+    [0, 0, 1, 0, 1, 0, 0],
+    [0, 0, 0, 0, 0, 1, 0],
+    [0, 0, 0, 1, 0, 0, 1],
+])
+
+
+def level_image(level: int, stripe: int = 10) -> np.ndarray:
+    """A 48x48 image of mean ``level`` whose left half is brighter: mirroring changes it."""
+    image = np.full((IMAGE_SIZE, IMAGE_SIZE), level, np.int64)
+    image[:, : IMAGE_SIZE // 2] += stripe
+    image[:, IMAGE_SIZE // 2:] -= stripe
+    return image
+
+
+def write_challenge_csv(path: Path, rows: list[tuple[int, int, str]]) -> Path:
+    """``emotion,pixels,Usage`` rows from (label, predicted class, usage)."""
+    lines = ["emotion,pixels,Usage"]
+    for label, cls, usage in rows:
+        pixels = " ".join(str(v) for v in level_image(int(LEVELS[cls])).ravel())
+        lines.append(f"{label},{pixels},{usage}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def level_model():
+    import keras
+
+    centres = LEVELS / 255.0
+    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1), name="pixels")
+    x = keras.layers.Rescaling(1.0 / 255.0)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    dense = keras.layers.Dense(7, name="logits")
+    model = keras.Model(inputs, dense(x))
+    dense.set_weights([(2 * centres)[None, :].astype(np.float32), (-(centres**2)).astype(np.float32)])
+    return model
+
+
+class ArrayPredictor:
+    """A predictor stub computing probabilities with a numpy function (for TTA checks)."""
+
+    kind = "keras"
+    path = Path("stub.keras")
+    metadata: dict = {}
+
+    def __init__(self, logits_fn):
+        self.logits_fn = logits_fn
+        self.seen: list[np.ndarray] = []
+
+    def probabilities(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        self.seen.append(np.asarray(images))
+        logits = self.logits_fn(np.asarray(images, np.float64))
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A data file, the level model as .keras, and exports of it without and with flip TTA."""
+    from fer_keras.export import export_model
+
+    root = tmp_path_factory.mktemp("evaluate")
+    rows = [(label, cls, "PublicTest") for label, cls in VAL_ROWS]
+    rows += [(k, k, "Training") for k in range(7)] + [(3, 5, "PrivateTest"), (5, 5, "PrivateTest")]
+    csv_path = write_challenge_csv(root / "fer2013.csv", rows)
+    model = level_model()
+    keras_path = root / "level.keras"
+    model.save(keras_path)
+    export_none = export_model(model, root / "exports", name="level", tta="none")
+    export_flip = export_model(model, root / "exports", name="level_flip", tta="flip")
+    return {"root": root, "csv": csv_path, "keras": keras_path, "export": export_none, "export_flip": export_flip}
+
+
+@pytest.fixture(scope="module")
+def keras_predictor(setup):
+    from fer_keras.inference import load_predictor
+
+    return load_predictor(setup["keras"])
+
+
+def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["FER_KERAS_CACHE"] = os.environ["FER_KERAS_CACHE"]
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_confusion_matrix_function_counts_by_hand():
+    from fer_keras.evaluate import confusion_matrix
+
+    labels = np.array([label for label, _ in VAL_ROWS])
+    preds = np.array([pred for _, pred in VAL_ROWS])
+    np.testing.assert_array_equal(confusion_matrix(labels, preds), EXPECTED_CONFUSION)
+    with pytest.raises(ValueError):
+        confusion_matrix(np.array([0, 7]), np.array([0, 1]))
+
+
+def test_normalize_and_most_confused():
+    from fer_keras.evaluate import most_confused, normalize_rows
+
+    rates = normalize_rows(EXPECTED_CONFUSION)
+    np.testing.assert_allclose(rates[2], [0, 0, 1 / 3, 0, 2 / 3, 0, 0])
+    np.testing.assert_allclose(rates.sum(axis=1), 1.0)
+    # The only error made twice: fear (2) taken for sad (4).
+    assert most_confused(EXPECTED_CONFUSION) == (2, 4, 2)
+    assert most_confused(np.diag([3, 0, 1, 0, 0, 0, 0])) is None
+    assert normalize_rows(np.zeros((7, 7))).sum() == 0
+
+
+def test_evaluate_known_predictions(setup, keras_predictor):
+    from fer_keras.evaluate import evaluate, summary
+
+    split = fer_data.load(setup["csv"]).split("PublicTest")
+    result = evaluate(keras_predictor, split, split_name="PublicTest")
+    np.testing.assert_array_equal(result.confusion, EXPECTED_CONFUSION)
+    np.testing.assert_array_equal(result.predictions, [pred for _, pred in VAL_ROWS])
+    assert result.split == "val" and result.split_label == "val (PublicTest)"
+    assert result.num_images == len(VAL_ROWS)
+    assert result.accuracy == pytest.approx(10 / 17)
+    # fear: 1 of 3 found (recall), 1 of 3 fear predictions right (precision).
+    assert result.recall[2] == pytest.approx(1 / 3) and result.precision[2] == pytest.approx(1 / 3)
+    assert result.support.tolist() == [3, 2, 3, 4, 2, 1, 2]
+    assert result.export_tta is None
+    text = summary(result)
+    assert "val (PublicTest): accuracy 58.82% (10/17 images)" in text
+    assert "most confused: fear -> sad (2 images, 66.7% of fear)" in text
+
+
+def test_evaluate_refuses_unlabeled_split(keras_predictor):
+    from fer_keras.evaluate import evaluate
+
+    split = fer_data.Split(np.zeros((2, 48, 48, 1), np.uint8), np.array([-1, 3]), np.array(["a", "b"]))
+    with pytest.raises(DataError, match="1 of 2 images have no label"):
+        evaluate(keras_predictor, split, split_name="test")
+
+
+def test_flip_tta_on_symmetric_model_equals_none(setup, keras_predictor):
+    from fer_keras.tta import tta_probabilities
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (9, 48, 48, 1)).astype(np.uint8)
+    images = np.concatenate([images, fer_data.load(setup["csv"]).split("val").images])
+    plain = tta_probabilities(keras_predictor, images, "none", batch_size=4)
+    flipped = tta_probabilities(keras_predictor, images, "flip", batch_size=4)
+    np.testing.assert_allclose(flipped, plain, atol=1e-6)
+    np.testing.assert_allclose(plain.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_flip_tta_averages_softmax_of_mirror_image():
+    from fer_keras.tta import tta_probabilities
+
+    rng = np.random.default_rng(1)
+    weights = rng.normal(size=(48 * 48, 7)) / 500.0
+    stub = ArrayPredictor(lambda x: x.reshape(len(x), -1) @ weights)
+    images = rng.integers(0, 256, (5, 48, 48, 1)).astype(np.uint8)
+
+    def softmax(z):
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    flat = images.astype(np.float64)
+    expected = (softmax(flat.reshape(5, -1) @ weights) + softmax(flat[:, :, ::-1].reshape(5, -1) @ weights)) / 2
+    got = tta_probabilities(stub, images, "flip", batch_size=2)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert not np.allclose(got, softmax(flat.reshape(5, -1) @ weights), atol=1e-3)
+
+
+def test_tencrop_views_are_corner_and_centre_crops_with_mirrors():
+    import tensorflow as tf
+
+    from fer_keras.tta import tta_probabilities, views
+
+    columns = np.tile(np.arange(48, dtype=np.float32), (48, 1))
+    image = (columns + 48 * columns.T)[None, :, :, None]  # value = 48*row + column
+    v = views(image, "tencrop", crop_size=40)
+    assert v.shape == (10, 1, 48, 48, 1) and v.dtype == np.float32
+    centre = tf.image.resize(image[:, 4:44, 4:44], (48, 48), method="bilinear").numpy()
+    np.testing.assert_allclose(v[4], centre, atol=1e-4)
+    means = v.reshape(10, -1).mean(axis=1)
+    top_left, top_right, bottom_left, bottom_right = means[:4]
+    assert top_left < top_right < bottom_left < bottom_right  # 8 columns right, then 8 rows down
+    np.testing.assert_allclose(v[5:], v[:5, :, :, ::-1], atol=1e-6)
+    # On a uniform image every view is the image, so ten-crop changes nothing.
+    stub = ArrayPredictor(lambda x: np.stack([x.mean(axis=(1, 2, 3)) / 255.0 * k for k in range(7)], axis=1))
+    uniform = np.full((3, 48, 48, 1), 77, np.uint8)
+    np.testing.assert_allclose(tta_probabilities(stub, uniform, "tencrop"), tta_probabilities(stub, uniform, "none"),
+                               atol=1e-6)
+    assert stub.seen[0].shape == (30, 48, 48, 1)
+    with pytest.raises(ConfigError):
+        views(image, "tencrop", crop_size=49)
+    with pytest.raises(ConfigError):
+        views(image, "rotate")
+
+
+def test_export_gives_the_same_evaluation_as_keras(setup, keras_predictor):
+    from fer_keras.evaluate import evaluate
+    from fer_keras.inference import load_predictor
+
+    split = fer_data.load(setup["csv"]).split("val")
+    exported = load_predictor(setup["export"])
+    assert exported.kind == "saved_model"
+    for tta in ("none", "tencrop"):
+        a = evaluate(keras_predictor, split, tta, split_name="val")
+        b = evaluate(exported, split, tta, split_name="val")
+        np.testing.assert_array_equal(a.confusion, b.confusion)
+        np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+        assert a.accuracy == b.accuracy
+        np.testing.assert_allclose(a.f1, b.f1)
+    assert b.export_tta == "none" and a.export_tta is None
+
+
+def test_report_files(setup, keras_predictor, tmp_path):
+    import matplotlib.image
+    from PIL import Image
+
+    from fer_keras.evaluate import evaluate, write_report
+
+    split = fer_data.load(setup["csv"]).split("val")
+    result = evaluate(keras_predictor, split, "flip", split_name="val")
+    files = write_report(result, tmp_path / "out", source=str(setup["csv"]))
+    for key in ("png_counts", "png_normalized"):
+        png = files[key]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(png) as img:
+            img.verify()
+        with Image.open(png) as img:
+            assert img.format == "PNG" and img.size[0] > 300 and img.size[1] > 300
+        assert matplotlib.image.imread(png).ndim == 3
+    payload = json.loads(files["json"].read_text())
+    assert payload["split"] == "val" and payload["split_label"] == "val (PublicTest)"
+    assert payload["tta"] == "flip" and payload["num_images"] == 17
+    assert payload["accuracy"] == pytest.approx(10 / 17)
+    assert payload["confusion_counts"] == EXPECTED_CONFUSION.tolist()
+    assert payload["confusion_normalized"][2][4] == pytest.approx(2 / 3)
+    assert payload["per_class"]["fear"]["support"] == 3
+    assert payload["model"] == str(setup["keras"])
+    lines = files["csv"].read_text().splitlines()
+    assert lines[0].startswith("id,label,label_name,predicted,predicted_name,correct,prob_angry")
+    assert len(lines) == 18
+    assert "fear" in files["report"].read_text()
+    assert not [p for p in files["json"].parent.iterdir() if p.name.startswith(".")]
+
+
+def test_cli_on_flip_export_records_export_tta(setup, tmp_path):
+    out = tmp_path / "reports"
+    proc = run_cli("fer_keras.evaluate", f"--model={setup['export_flip'].parent}", f"--data={setup['csv']}",
+                   "--split=PublicTest", f"--output_dir={out}", "--batch_size=8")
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads((out / "val_metrics.json").read_text())
+    assert payload["export_tta"] == "flip" and payload["tta"] == "none"
+    assert payload["model"] == str(setup["export_flip"])
+    assert payload["confusion_counts"] == EXPECTED_CONFUSION.tolist()
+    assert "val (PublicTest): accuracy 58.82%" in proc.stdout
+    assert (out / "val_confusion_normalized.png").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model=/no/such/model.keras"], "/no/such/model.keras: no such model"),
+    (["--split=holdout"], "unknown split 'holdout'"),
+    (["--data=", "--split=test"], "has no 'test' split (it has: train, val)"),  # the bundled sample
+])
+def test_cli_bad_input_is_one_line(setup, tmp_path, args, message):
+    proc = run_cli("fer_keras.evaluate", f"--model={setup['keras']}", f"--data={setup['csv']}",
+                   f"--output_dir={tmp_path}", *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.iterdir())

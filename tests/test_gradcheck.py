@@ -1,0 +1,185 @@
+"""fer_keras.gradcheck: the report's formulas pass, deliberately wrong ones fail, the CLI writes JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import tensorflow as tf
+
+from fer_keras import gradcheck
+
+REPO = Path(__file__).resolve().parents[1]
+BN_QUANTITIES = set(gradcheck.BATCHNORM_QUANTITIES)
+
+
+def by_quantity(results: list[gradcheck.CheckResult]) -> dict[str, gradcheck.CheckResult]:
+    return {r.name.rsplit("/", 1)[-1]: r for r in results}
+
+
+def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "fer_keras.gradcheck", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+# --- output size of convolution and pooling ------------------------------------------------------
+
+
+@pytest.mark.parametrize("size, kernel, stride, padding, expected", [
+    (48, 7, 2, "valid", 21), (48, 7, 2, "same", 24), (24, 3, 2, "same", 12), (5, 3, 2, "valid", 2),
+    (13, 2, 2, "same", 7), (1, 7, 4, "same", 1), (8, 1, 3, "same", 3),
+])
+def test_formula_with_keras_padding(size, kernel, stride, padding, expected):
+    pad = gradcheck.keras_total_padding(size, kernel, stride, padding)
+    assert gradcheck.conv_output_size(size, kernel, stride, pad) == expected
+    if padding == "same":
+        assert expected == math.ceil(size / stride)
+
+
+def test_shape_formula_matches_keras_conv_and_pool():
+    results = gradcheck.check_conv_shapes()
+    assert [r.name for r in results] == ["conv2d output size", "max_pool2d output size"]
+    for r in results:
+        assert r.passed, r.details
+        assert r.max_abs_err == 0 and r.details["disagreements"] == 0
+        assert r.details["axis_comparisons"] > 200
+    cases = gradcheck.keras_shape_cases()
+    assert {(c.op, c.padding) for c in cases} == {(op, p) for op in gradcheck.SHAPE_OPS for p in gradcheck.PADDINGS}
+    assert {c.stride for c in cases} == set(gradcheck.SHAPE_STRIDES)
+
+
+def test_alternative_shape_formula_fails_and_is_recorded_as_disagreeing():
+    results = gradcheck.check_conv_shapes(formula=gradcheck.alternative_output_size)
+    assert not any(r.passed for r in results)
+    assert all(r.details["examples"] for r in results)
+
+    record = gradcheck.shape_formula_disagreements()
+    assert record.passed and record.details["disagreements"] > 0
+    assert record.details["disagreements_by_stride"]["1"] == 0  # it is right for stride 1 ...
+    assert record.details["disagreements_if_ceiled"] == 0  # ... and when rounded up
+    assert "Keras" in record.details["examples"][0]
+    # The record is evidence that the formula is wrong: a correct formula does not produce it.
+    assert not gradcheck.shape_formula_disagreements(formula=gradcheck.conv_output_size).passed
+
+
+# --- BatchNorm backward --------------------------------------------------------------------------
+
+
+def test_batchnorm_hand_formulas_match_gradient_tape():
+    results = gradcheck.check_batchnorm()
+    assert set(by_quantity(results)) == BN_QUANTITIES
+    for r in results:
+        assert r.passed, (r.name, r.max_abs_err, r.max_rel_err)
+        assert {tuple(row["shape"]) for row in r.details["per_shape"]} == set(gradcheck.BATCHNORM_SHAPES)
+    forward = results[0].details["forward"]
+    assert all(f["keras_output_dtype"] == "float64" and f["forward_max_abs_diff"] < 1e-12 for f in forward)
+
+
+def no_dmean_term(x, gamma, dy, epsilon):
+    """Forgets the dL/dmean / m term of dL/dx."""
+    g = gradcheck.hand_batchnorm_backward(x, gamma, dy, epsilon)
+    m = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), x.dtype)
+    return g._replace(dx=g.dx - g.dmean / m)
+
+
+def dgamma_from_x(x, gamma, dy, epsilon):
+    """Uses x instead of x_hat in dL/dgamma."""
+    g = gradcheck.hand_batchnorm_backward(x, gamma, dy, epsilon)
+    return g._replace(dgamma=tf.reduce_sum(dy * x, axis=list(range(len(x.shape) - 1))))
+
+
+def unbiased_variance(x, gamma, dy, epsilon):
+    """The derivation redone for the m - 1 (unbiased) variance, which Keras does not use in training."""
+    axes = list(range(len(x.shape) - 1))
+    m = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), x.dtype)
+    centered = x - tf.reduce_mean(x, axes)
+    inv_std = tf.math.rsqrt(tf.reduce_sum(tf.square(centered), axes) / (m - 1.0) + epsilon)
+    dx_hat = dy * gamma
+    dvar = tf.reduce_sum(dx_hat * centered, axes) * -0.5 * inv_std**3
+    dmean = tf.reduce_sum(-dx_hat * inv_std, axes) + dvar * tf.reduce_sum(-2.0 * centered, axes) / (m - 1.0)
+    dx = dx_hat * inv_std + dvar * 2.0 * centered / (m - 1.0) + dmean / m
+    return gradcheck.BatchNormGrads(dx_hat, dvar, dmean, dx, tf.reduce_sum(dy * centered * inv_std, axes),
+                                    tf.reduce_sum(dy, axes))
+
+
+@pytest.mark.parametrize("backward, failing", [
+    (no_dmean_term, {"dx"}),
+    (dgamma_from_x, {"dgamma"}),
+    (unbiased_variance, {"dvar", "dmean", "dx", "dgamma"}),
+])
+def test_wrong_batchnorm_formula_fails(backward, failing):
+    results = by_quantity(gradcheck.check_batchnorm(shapes=((8, 3), (2, 3, 3, 2)), backward=backward))
+    assert {q for q, r in results.items() if not r.passed} == failing
+    assert all(results[q].max_rel_err > 1e-4 for q in failing)
+
+
+# --- softmax + cross-entropy ---------------------------------------------------------------------
+
+
+def test_softmax_ce_hand_gradient_matches_keras():
+    results = gradcheck.check_softmax_cross_entropy()
+    assert len(results) == 3
+    for r in results:
+        assert r.passed, (r.name, r.max_abs_err, r.max_rel_err)
+        assert all(row["loss_dtype"] == "float64" for row in r.details["per_shape"])
+    assert [r.details["label_smoothing"] for r in results] == [0.0, 0.1, 0.0]
+
+
+def test_softmax_ce_without_one_over_n_fails():
+    results = gradcheck.check_softmax_cross_entropy(grad=lambda z, y, a: gradcheck.hand_softmax_ce_grad(z, y, a)
+                                                    * tf.cast(tf.shape(z)[0], z.dtype))
+    assert not any(r.passed for r in results)
+    # With a batch of one the missing 1/N makes no difference; the larger batches expose it.
+    for r in results:
+        assert {tuple(row["shape"]) for row in r.details["per_shape"] if row["max_abs_err"] == 0} <= {(1, 7)}
+
+
+def test_softmax_ce_ignoring_label_smoothing_fails_only_the_smoothed_case():
+    results = gradcheck.check_softmax_cross_entropy(grad=lambda z, y, a: gradcheck.hand_softmax_ce_grad(z, y, 0.0))
+    assert [r.passed for r in results] == [True, False, True]
+
+
+def test_gradient_of_the_wrong_shape_fails_instead_of_broadcasting():
+    results = gradcheck.check_softmax_cross_entropy(shapes=((4, 3),), grad=lambda z, y, a: tf.reduce_mean(z, 0))
+    assert all(not r.passed and r.max_abs_err == math.inf for r in results)
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+
+def test_cli_writes_json_and_markdown(tmp_path):
+    out = tmp_path / "reports"
+    proc = run_cli(tmp_path, f"--output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = json.loads((out / "gradcheck.json").read_text())
+    assert payload["passed"] is True
+    names = [c["name"] for c in payload["checks"]]
+    assert len(names) == 12 and all(c["passed"] for c in payload["checks"])
+    assert any("disagrees" in n for n in names)
+    assert payload["tolerances"]["gradient"] == {"abs": 1e-10, "rel": 1e-8}
+    table = (out / "gradcheck.md").read_text()
+    assert "| batchnorm dL/dx " in table and "FAIL" not in table
+    assert "| check" in proc.stdout and "softmax-CE" in proc.stdout
+
+
+def test_main_exits_1_after_the_table_when_a_check_fails(tmp_path, monkeypatch, capsys):
+    real = gradcheck.check_softmax_cross_entropy
+    monkeypatch.setattr(gradcheck, "check_softmax_cross_entropy",
+                        lambda seed=0: real(seed=seed, grad=lambda z, y, a: gradcheck.hand_softmax_ce_grad(z, y, a) * 2))
+    monkeypatch.setattr(gradcheck, "check_conv_shapes", lambda: [])  # keep it fast; covered above
+    # main reads absl's parsed flags; stand in for them instead of defining flags in the test process.
+    monkeypatch.setattr(gradcheck, "flags", SimpleNamespace(FLAGS=SimpleNamespace(output_dir=str(tmp_path), seed=0)))
+    with pytest.raises(SystemExit) as exit_info:
+        gradcheck.main(["gradcheck"])
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert "| softmax-CE dL/dz (one-hot) " in captured.out and "FAIL" in captured.out
+    assert "3 check(s) failed: softmax-CE" in captured.err
+    assert json.loads((tmp_path / "gradcheck.json").read_text())["passed"] is False

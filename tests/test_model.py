@@ -1,0 +1,127 @@
+"""ResNet-18 structure, parameter counts and serialisation."""
+
+from __future__ import annotations
+
+import copy
+
+import keras
+import numpy as np
+import pytest
+
+from fer_keras.model import BasicBlock, GrayscaleToRGB, count_params, load_keras_model, resnet18
+from fer_keras.errors import ModelError
+
+
+@pytest.mark.parametrize(
+    "stem, channels, expected",
+    [("imagenet", 3, 11_180_103), ("imagenet", 1, 11_173_831)],
+)
+def test_parameter_count_equals_torchvision(stem, channels, expected):
+    assert count_params(resnet18(stem, channels)) == expected
+
+
+def test_layer_names_read_like_the_architecture():
+    names = [layer.name for layer in resnet18("imagenet", dropout=0.2).layers]
+    expected = ["stem_conv", "stem_bn", "stem_pool"] + [
+        f"stage{s}_block{b}" for s in range(1, 5) for b in (1, 2)
+    ] + ["avg_pool", "dropout", "logits"]
+    positions = [names.index(n) for n in expected]
+    assert positions == sorted(positions)
+
+
+@pytest.mark.parametrize("stem, before_stage1", [("imagenet", 12), ("cifar_pool", 24), ("cifar", 48)])
+def test_stems_set_the_resolution_of_stage1(stem, before_stage1):
+    model = resnet18(stem)
+    assert model.get_layer("stage1_block1").output.shape[1] == before_stage1
+    assert model.get_layer("stage4_block2").output.shape[1:] == (
+        -(-before_stage1 // 8), -(-before_stage1 // 8), 512)
+
+
+def test_shortcut_projection_only_where_shape_changes():
+    model = resnet18("imagenet")
+    for stage in range(1, 5):
+        for block in (1, 2):
+            layer = model.get_layer(f"stage{stage}_block{block}")
+            projected = layer.shortcut_conv is not None
+            assert projected == (stage > 1 and block == 1), layer.name
+
+
+def test_block_config_round_trip():
+    block = BasicBlock(128, strides=2, bn_momentum=0.8, synchronized=True, name="b")
+    config = block.get_config()
+    clone = BasicBlock.from_config(config)
+    assert clone.get_config() == config
+    assert (clone.filters, clone.strides, clone.bn_momentum, clone.synchronized) == (128, 2, 0.8, True)
+
+
+def test_block_matches_reference_computation():
+    """conv-BN-ReLU-conv-BN + projected shortcut, add, ReLU: recomputed with plain ops."""
+    block = BasicBlock(8, strides=2)
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, 4)).astype("float32")
+    y = np.asarray(block(x, training=False))
+
+    def conv(layer, v, pad):
+        v = np.pad(v, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        return np.asarray(keras.ops.conv(v, layer.kernel, strides=layer.strides, padding="valid"))
+
+    def bn(layer, v):
+        return (v - layer.moving_mean.numpy()) / np.sqrt(layer.moving_variance.numpy() + layer.epsilon) \
+            * layer.gamma.numpy() + layer.beta.numpy()
+
+    h = np.maximum(bn(block.bn1, conv(block.conv1, x, 1)), 0)
+    h = bn(block.bn2, conv(block.conv2, h, 1))
+    s = bn(block.shortcut_bn, conv(block.shortcut_conv, x, 0))
+    np.testing.assert_allclose(y, np.maximum(h + s, 0), atol=1e-5)
+    assert y.shape == (2, 3, 3, 8) == block.compute_output_shape(x.shape)
+
+
+def test_model_config_round_trip():
+    model = resnet18("cifar_pool", 3, dropout=0.3)
+    config = model.get_config()
+    clone = type(model).from_config(copy.deepcopy(config))  # from_config consumes its argument
+    assert clone.get_config() == config
+    assert count_params(clone) == count_params(model)
+
+
+def test_keras_file_round_trip_gives_identical_predictions(tmp_path):
+    model = resnet18("imagenet", dropout=0.2)
+    x = np.random.default_rng(1).integers(0, 256, (4, 48, 48, 1)).astype("float32")
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = load_keras_model(str(path))
+    np.testing.assert_array_equal(model.predict(x, verbose=0), loaded.predict(x, verbose=0))
+
+
+def test_uint8_and_float_pixels_agree_and_rgb_is_repeated_grey():
+    model = resnet18("imagenet", 3)
+    x = np.random.default_rng(2).integers(0, 256, (2, 48, 48, 1)).astype("uint8")
+    np.testing.assert_allclose(model(x), model(x.astype("float32")), atol=1e-6)
+    rgb = GrayscaleToRGB()(x.astype("float32"))
+    assert rgb.shape == (2, 48, 48, 3)
+    np.testing.assert_array_equal(np.asarray(rgb)[..., 2], x[..., 0])
+
+
+def test_logits_stay_float32_under_mixed_precision():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = resnet18("imagenet")
+        assert model.get_layer("stage2_block1").compute_dtype == "bfloat16"
+        assert model(np.zeros((1, 48, 48, 1), "float32")).dtype == "float32"
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+@pytest.mark.parametrize("kwargs", [{"stem": "vgg"}, {"input_channels": 2}, {"dropout": 1.0}])
+def test_bad_arguments_are_refused_with_the_value(kwargs):
+    with pytest.raises(ValueError, match=str(list(kwargs.values())[0])):
+        resnet18(**kwargs)
+
+
+def test_safe_mode_refuses_a_lambda_with_code(tmp_path):
+    inputs = keras.Input((48, 48, 1))
+    outputs = keras.layers.Lambda(lambda t: t * 2.0)(inputs)
+    path = tmp_path / "lambda.keras"
+    keras.Model(inputs, outputs).save(path)
+    with pytest.raises(ModelError, match="arbitrary code"):
+        load_keras_model(str(path))

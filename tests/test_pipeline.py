@@ -1,0 +1,107 @@
+"""tf.data pipeline: order is a function of (seed, epoch), augmentation is exact where it can be."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fer_keras.data import Split
+from fer_keras.errors import ConfigError
+from fer_keras.pipeline import NO_AUGMENT, AugmentConfig, augment_batch, eval_dataset, train_dataset
+
+
+def make_split(n=40):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 48, 48, 1)).astype("uint8")
+    images[:, 0, 0, 0] = np.arange(n)  # pixel (0, 0) identifies the image when not augmented
+    return Split(images, np.arange(n) % 7, np.asarray([str(i) for i in range(n)]))
+
+
+def ids_per_epoch(ds, steps):
+    batches = [x.numpy()[:, 0, 0, 0] for x, _ in ds]
+    return [np.concatenate(batches[e * steps:(e + 1) * steps]) for e in range(len(batches) // steps)]
+
+
+def test_each_epoch_is_a_permutation_and_epochs_differ():
+    split = make_split()
+    epochs = ids_per_epoch(train_dataset(split, 8, seed=3, epochs=3, augment=NO_AUGMENT), 5)
+    assert len(epochs) == 3
+    for ids in epochs:
+        assert sorted(ids) == list(range(40))
+    assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_resumed_stream_equals_the_uninterrupted_one():
+    split = make_split()
+    aug = AugmentConfig(erasing=0.5)
+    full = [x.numpy() for x, _ in train_dataset(split, 8, seed=5, epochs=3, augment=aug)]
+    resumed = [x.numpy() for x, _ in train_dataset(split, 8, seed=5, epochs=3, initial_epoch=2, augment=aug)]
+    assert len(resumed) == 5
+    for a, b in zip(full[10:], resumed):
+        np.testing.assert_array_equal(a, b)
+    other = [x.numpy() for x, _ in train_dataset(split, 8, seed=6, epochs=1, augment=aug)]
+    assert not np.array_equal(full[0], other[0])
+
+
+def test_labels_follow_their_images():
+    split = make_split()
+    for x, y in train_dataset(split, 8, seed=1, epochs=1, augment=NO_AUGMENT):
+        ids = x.numpy()[:, 0, 0, 0]
+        np.testing.assert_array_equal(np.argmax(y.numpy(), 1), ids % 7)
+        assert y.dtype == tf.float32 and x.dtype == tf.uint8
+
+
+def test_flip_only_mirrors_exactly():
+    images = tf.constant(make_split(16).images)
+    out = augment_batch(images, AugmentConfig(flip=True, shift=0, rotation=0, zoom=0), tf.constant([1, 2], tf.int64))
+    out = out.numpy()
+    flipped = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, images.numpy())]
+    same = [np.array_equal(o, i) for o, i in zip(out, images.numpy())]
+    assert all(f or s for f, s in zip(flipped, same))
+    assert 0 < sum(flipped) < 16
+
+
+def test_shift_moves_content():
+    x = np.zeros((1, 48, 48, 1), np.uint8)
+    x[0, 20:28, 20:28] = 255
+    out = augment_batch(tf.constant(np.repeat(x, 8, 0)), AugmentConfig(flip=False, shift=0.2, rotation=0, zoom=0),
+                        tf.constant([4, 4], tf.int64)).numpy()
+    centres = [np.argwhere(o[..., 0] > 128).mean(0) for o in out]
+    moved = [np.abs(c - 23.5).max() for c in centres]
+    assert max(moved) > 2 and max(moved) <= 0.2 * 48 + 1
+
+
+def test_erasing_changes_a_rectangle_only():
+    x = np.full((8, 48, 48, 1), 7, np.uint8)
+    out = augment_batch(tf.constant(x), AugmentConfig(flip=False, shift=0, rotation=0, zoom=0, erasing=1.0),
+                        tf.constant([0, 9], tf.int64)).numpy()
+    for o in out:
+        changed = np.argwhere(o[..., 0] != 7)
+        assert len(changed) > 0
+        (r0, c0), (r1, c1) = changed.min(0), changed.max(0)
+        assert len(changed) <= (r1 - r0 + 1) * (c1 - c0 + 1) <= 0.3 * 48 * 48
+
+
+def test_no_augment_is_identity_and_dtype_stays_uint8():
+    x = tf.constant(make_split(4).images)
+    np.testing.assert_array_equal(augment_batch(x, NO_AUGMENT, tf.constant([0, 0], tf.int64)), x)
+    assert augment_batch(x, AugmentConfig(erasing=0.5), tf.constant([0, 0], tf.int64)).dtype == tf.uint8
+
+
+def test_eval_dataset_keeps_order_and_partial_batch():
+    split = make_split(10)
+    xs = [x.numpy() for x, _ in eval_dataset(split, 4)]
+    assert [len(x) for x in xs] == [4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate(xs), split.images)
+
+
+@pytest.mark.parametrize("kwargs", [{"shift": 0.9}, {"rotation": -1}, {"zoom": 1.0}, {"erasing": 2}])
+def test_bad_augment_values_are_refused(kwargs):
+    with pytest.raises(ConfigError):
+        AugmentConfig(**kwargs)
+
+
+def test_fewer_images_than_a_batch_is_a_clear_error():
+    with pytest.raises(ConfigError, match="fewer than one batch"):
+        train_dataset(make_split(4), 8, seed=0, epochs=1)

@@ -1,0 +1,160 @@
+"""Tests of fer_keras.predict: inputs (course test.csv, image files and folders), output CSV, CLI.
+
+The "level" model predicts the class whose brightness level (LEVELS) is nearest to an image's mean
+pixel value, so every expected label is known from how the image was written.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fer_keras import CLASS_NAMES, IMAGE_SIZE
+from fer_keras.errors import ConfigError, DataError
+
+REPO = Path(__file__).resolve().parents[1]
+LEVELS = np.array([20, 55, 90, 125, 160, 195, 230])
+# Course test.csv rows: (id, class the image is drawn for). Ids are deliberately not 0..N-1.
+TEST_ROWS = [("17", 3), ("4", 0), ("1002", 6), ("x9", 2), ("5", 3)]
+
+
+def pixels(cls: int) -> str:
+    image = np.full((IMAGE_SIZE, IMAGE_SIZE), LEVELS[cls], np.int64)
+    image[::2] += 7  # a row pattern with the same mean
+    image[1::2] -= 7
+    return " ".join(str(v) for v in image.ravel())
+
+
+def level_model():
+    import keras
+
+    centres = LEVELS / 255.0
+    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1.0 / 255.0)(inputs))
+    dense = keras.layers.Dense(7)
+    model = keras.Model(inputs, dense(x))
+    dense.set_weights([(2 * centres)[None, :].astype(np.float32), (-(centres**2)).astype(np.float32)])
+    return model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("predict")
+    model_path = root / "level.keras"
+    level_model().save(model_path)
+    test_csv = root / "test.csv"
+    test_csv.write_text("id,feature\n" + "".join(f"{i},{pixels(c)}\n" for i, c in TEST_ROWS))
+    images = root / "images"
+    images.mkdir()
+    for name, cls, size, mode in (("b_sad.png", 4, 48, "L"), ("a_happy.png", 3, 64, "RGB"), ("c_fear.jpg", 2, 48, "L")):
+        Image.new(mode, (size, size), (int(LEVELS[cls]),) * (3 if mode == "RGB" else 1)).save(images / name)
+    (images / "notes.txt").write_text("not an image\n")
+    return {"root": root, "model": model_path, "test_csv": test_csv, "images": images}
+
+
+@pytest.fixture(scope="module")
+def predictor(setup):
+    from fer_keras.inference import load_predictor
+
+    return load_predictor(setup["model"])
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fer_keras.predict", *args], cwd=REPO, env=dict(os.environ),
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_course_test_csv_keeps_ids_and_order(setup, predictor, tmp_path):
+    from fer_keras.predict import load_inputs, write_predictions
+    from fer_keras.tta import tta_probabilities
+
+    split, description = load_inputs(str(setup["test_csv"]))
+    assert split.ids.tolist() == [i for i, _ in TEST_ROWS]
+    assert description.startswith("test (PrivateTest) of ")
+    probabilities = tta_probabilities(predictor, split.images, "flip")
+    out = write_predictions(tmp_path / "sub" / "predictions.csv", split.ids, probabilities)
+    rows = read_rows(out)
+    assert rows == [["id", "label"]] + [[i, str(c)] for i, c in TEST_ROWS]
+    assert [p.name for p in out.parent.iterdir()] == ["predictions.csv"]  # no temporary file left
+
+
+def test_image_inputs(setup):
+    from fer_keras.predict import load_inputs
+
+    folder, description = load_inputs(str(setup["images"]))
+    assert folder.ids.tolist() == ["a_happy.png", "b_sad.png", "c_fear.jpg"]  # notes.txt is ignored
+    assert folder.images.shape == (3, 48, 48, 1) and "3 image(s)" in description
+    assert abs(int(folder.images[0].mean()) - LEVELS[3]) <= 1  # RGB 64x64 converted
+
+    listed, _ = load_inputs(f"{setup['images'] / 'c_fear.jpg'},{setup['images'] / 'b_sad.png'}")
+    assert listed.ids.tolist() == ["c_fear.jpg", "b_sad.png"]
+    single, _ = load_inputs(str(setup["images"] / "b_sad.png"))
+    assert single.ids.tolist() == ["b_sad.png"] and (single.labels == -1).all()
+    with pytest.raises(DataError, match="missing.png: no such image file"):
+        load_inputs(f"{setup['images'] / 'b_sad.png'},{setup['images'] / 'missing.png'}")
+
+
+def test_split_choice(tmp_path):
+    from fer_keras.predict import load_inputs
+
+    path = tmp_path / "fer2013.csv"
+    path.write_text("emotion,pixels,Usage\n" + "".join(
+        f"{c},{pixels(c)},{usage}\n" for c, usage in ((1, "Training"), (2, "PublicTest"), (5, "PublicTest"))))
+    with pytest.raises(ConfigError, match="has splits train, val; choose one with --split"):
+        load_inputs(str(path))
+    split, description = load_inputs(str(path), "PublicTest")
+    assert len(split) == 2 and description.startswith("val (PublicTest)")
+    with pytest.raises(DataError, match="has no 'test' split"):
+        load_inputs(str(path), "test")
+
+
+def test_write_predictions_with_probabilities(tmp_path):
+    from fer_keras.predict import atomic_write, write_predictions
+
+    probs = np.array([[0.1, 0.0, 0.0, 0.7, 0.1, 0.1, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.2, 0.8]])
+    out = write_predictions(tmp_path / "p.csv", np.array(["a", "b"]), probs, with_probabilities=True)
+    rows = read_rows(out)
+    assert rows[0] == ["id", "label"] + [f"prob_{n}" for n in CLASS_NAMES]
+    assert rows[1][:2] == ["a", "3"] and rows[2][:2] == ["b", "6"]
+    np.testing.assert_allclose(np.array(rows[1][2:], float), probs[0])
+    with pytest.raises(ConfigError, match="is a directory"):
+        atomic_write(tmp_path, "x")
+
+
+def test_cli_writes_submission(setup, tmp_path):
+    out = tmp_path / "submission.csv"
+    proc = run_cli(f"--model={setup['model']}", f"--data={setup['test_csv']}", f"--output={out}",
+                   "--probabilities", "--tta=tencrop")
+    assert proc.returncode == 0, proc.stderr
+    rows = read_rows(out)
+    assert rows[0][:2] == ["id", "label"] and len(rows[0]) == 9
+    assert [r[:2] for r in rows[1:]] == [[i, str(c)] for i, c in TEST_ROWS]
+    np.testing.assert_allclose([sum(map(float, r[2:])) for r in rows[1:]], 1.0, atol=1e-4)
+    assert f"wrote {len(TEST_ROWS)} predictions for test (PrivateTest)" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model=/no/such/dir"], "/no/such/dir: no such model file or directory"),
+    (["--split=holdout"], "unknown split 'holdout'"),
+    (["--data=/no/such/test.csv"], "/no/such/test.csv: no such file or directory"),
+])
+def test_cli_bad_input_is_one_line(setup, tmp_path, args, message):
+    out = tmp_path / "p.csv"
+    proc = run_cli(f"--model={setup['model']}", f"--data={setup['test_csv']}", f"--output={out}", *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
