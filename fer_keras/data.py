@@ -24,6 +24,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import struct
 import sys
 import tempfile
 import time
@@ -124,6 +126,7 @@ class _Progress:
         self.position = position
         self.enabled = total_bytes > 8 << 20
         self.last = time.monotonic()
+        self.line_open = False  # a "\r..." line is on stderr without its newline
 
     def update(self, rows: int) -> None:
         if not self.enabled or rows % 1000:
@@ -133,15 +136,28 @@ class _Progress:
             return
         self.last = now
         pct = 100.0 * min(self.position() / self.total, 1.0)
-        print(f"\rparsing {self.label}: {pct:5.1f}% ({rows:,} rows)", end="", file=sys.stderr)
+        print(f"\rparsing {self.label}: {pct:5.1f}% ({rows:,} rows)", end="", file=sys.stderr, flush=True)
+        self.line_open = True
 
     def done(self, rows: int) -> None:
         if self.enabled:
             print(f"\rparsing {self.label}: 100.0% ({rows:,} rows)", file=sys.stderr)
+        self.line_open = False
+
+    def end_line(self) -> None:
+        """Ends an unfinished progress line, so that an error message starts a line of its own."""
+        if self.line_open:
+            print(file=sys.stderr, flush=True)
+            self.line_open = False
 
 
 def _open_text(path: Path) -> tuple[io.TextIOBase, Callable[[], int], Callable[[], None]]:
-    """Opens plain or gzip text with BOM and CRLF handled; returns (text, raw position, close)."""
+    """Opens plain or gzip text with BOM and CRLF handled; returns (text, raw position, close).
+
+    Bytes that are not UTF-8 decode to lone surrogates (``surrogateescape``) and are reported by
+    :func:`_check_utf8` on the row that holds them: a strict decoder fails on a whole read-ahead
+    chunk, which names the wrong line.
+    """
     try:
         raw = open(path, "rb")
     except IsADirectoryError:
@@ -151,7 +167,7 @@ def _open_text(path: Path) -> tuple[io.TextIOBase, Callable[[], int], Callable[[
     magic = raw.read(2)
     raw.seek(0)
     stream = gzip.GzipFile(fileobj=raw, mode="rb") if magic == b"\x1f\x8b" else raw
-    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="strict", newline="")
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
 
     def close() -> None:
         text.close()
@@ -160,76 +176,143 @@ def _open_text(path: Path) -> tuple[io.TextIOBase, Callable[[], int], Callable[[
     return text, raw.tell, close
 
 
-def _parse_pixels(text: str, where: str) -> np.ndarray:
-    """Parses 2,304 space-separated integers 0-255; the slow path only runs to explain an error."""
-    with np.errstate(all="ignore"):
-        import warnings
+_INT = re.compile(r"[+-]?[0-9]+")
+_WHITESPACE = " \t\n\r\v\f"
+_PIXEL_CHARS = b"0123456789" + _WHITESPACE.encode()
+_SPLIT_WHITESPACE = re.compile(f"[{re.escape(_WHITESPACE)}]+")
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+
+def _to_int(token: str) -> int:
+    """An integer token (matching ``_INT``) as int, with magnitudes past 10**6 clamped: Python
+    refuses to convert strings of more than 4,300 digits, and any such value is out of range."""
+    sign = -1 if token.startswith("-") else 1
+    digits = token.lstrip("+-").lstrip("0") or "0"
+    return sign * (10**6 if len(digits) > 6 else int(digits))
+
+
+def _check_utf8(fields: list[str], where: str) -> None:
+    """Raises for fields holding bytes that were not UTF-8 (decoded as lone surrogates)."""
+    for field in fields:
+        if field.isascii():
+            continue
+        try:
+            field.encode("utf-8")
+        except UnicodeEncodeError as e:
+            byte = ord(field[e.start]) - 0xDC00
+            what = f"byte 0x{byte:02x}" if 0x80 <= byte <= 0xFF else "invalid character"
+            raise DataError(f"{where}: not UTF-8 text ({what})") from None
+
+
+def _parse_pixels(text: str, where: str) -> np.ndarray:
+    """Parses 2,304 whitespace-separated integers 0-255 into uint8.
+
+    The fast path (``np.fromstring``) only sees text made of ASCII digits and whitespace, where it
+    cannot misread anything; everything else goes through the slow path, which parses or explains.
+    """
+    values = None
+    if text.isascii() and not text.encode("ascii").translate(None, _PIXEL_CHARS):
+        try:
             values = np.fromstring(text, dtype=np.int64, sep=" ")
-    tokens = None
-    if values.size != NUM_PIXELS:
-        tokens = text.split()
-        for i, tok in enumerate(tokens):
-            if not tok.lstrip("+-").isdigit():
-                raise DataError(f"{where}: pixel {i + 1} is not an integer: {tok[:20]!r}")
-        raise DataError(
-            f"{where}: expected {NUM_PIXELS} pixels (48x48), found {len(tokens)}"
-        )
-    bad = np.flatnonzero((values < 0) | (values > 255))
-    if bad.size:
-        raise DataError(
-            f"{where}: pixel {bad[0] + 1} is {values[bad[0]]}, outside 0-255"
-        )
-    return values.astype(np.uint8)
+        except ValueError:
+            values = None
+    if values is not None and values.size == NUM_PIXELS:
+        bad = np.flatnonzero(values > 255)
+        if not bad.size:
+            return values.astype(np.uint8)
+    tokens = [t for t in _SPLIT_WHITESPACE.split(text) if t]
+    for i, tok in enumerate(tokens):
+        if not _INT.fullmatch(tok):
+            raise DataError(f"{where}: pixel {i + 1} is not an integer: {tok[:20]!r}")
+    if len(tokens) != NUM_PIXELS:
+        raise DataError(f"{where}: expected {NUM_PIXELS} pixels (48x48), found {len(tokens)}")
+    ints = [_to_int(t) for t in tokens]
+    for i, v in enumerate(ints):
+        if not 0 <= v <= 255:
+            raise DataError(f"{where}: pixel {i + 1} is {tokens[i][:20]}, outside 0-255")
+    return np.asarray(ints, np.uint8)
 
 
 def _parse_label(text: str, where: str, column: str) -> int:
-    s = text.strip()
-    if not s.lstrip("+-").isdigit():
-        raise DataError(f"{where}: {column} {text.strip()[:20]!r} is not an integer 0-6")
-    value = int(s)
+    s = text.strip(_WHITESPACE)
+    if not _INT.fullmatch(s):
+        raise DataError(f"{where}: {column} {s[:20]!r} is not an integer 0-6")
+    value = _to_int(s)
     if not 0 <= value < NUM_CLASSES:
-        raise DataError(f"{where}: {column} {value} is outside 0-6")
+        raise DataError(f"{where}: {column} {s[:20]} is outside 0-6")
     return value
 
 
+_LAYOUT_COLUMNS = {
+    # kind: (required columns, optional columns)
+    "challenge": ({"emotion", "pixels"}, {"usage"}),
+    "course_train": ({"label", "feature"}, set()),
+    "course_test": ({"id", "feature"}, set()),
+}
+_EXPECTED_HEADERS = (
+    "emotion,pixels,Usage (challenge), label,feature (train.csv) or id,feature (test.csv)"
+)
+
+
 def _header_kind(header: list[str]) -> str:
-    cols = [c.strip().lower() for c in header]
-    if {"emotion", "pixels"} <= set(cols):
-        return "challenge"
-    if {"label", "feature"} <= set(cols):
-        return "course_train"
-    if {"id", "feature"} <= set(cols):
-        return "course_test"
+    cols = {c.strip(_WHITESPACE).lower() for c in header}
+    for kind, (required, optional) in _LAYOUT_COLUMNS.items():
+        if required <= cols and cols <= required | optional:
+            return kind
     return "unknown"
+
+
+def _check_header(path: Path, header: list[str]) -> str:
+    """Returns the layout of a header; raises naming unknown, missing or repeated columns."""
+    where = f"{path}: line 1"
+    _check_utf8(header, where)
+    cols = [c.strip(_WHITESPACE).lower() for c in header]
+    repeated = sorted({c for c in cols if cols.count(c) > 1})
+    if repeated:
+        raise DataError(f"{where}: column(s) {', '.join(map(repr, repeated))} appear more than once")
+    kind = _header_kind(header)
+    if kind != "unknown":
+        return kind
+    shown = ",".join(header)[:80]
+    # Explain against the layout the header is closest to (most of its required columns present).
+    present = set(cols)
+    required, optional = max(_LAYOUT_COLUMNS.values(), key=lambda ro: len(ro[0] & present))
+    parts = []
+    if required & present:
+        unknown = [h.strip(_WHITESPACE) for h, c in zip(header, cols) if c not in required | optional]
+        missing = sorted(required - present)
+        if unknown:
+            parts.append(f"unknown column(s) {', '.join(repr(u[:20]) for u in unknown)}")
+        if missing:
+            parts.append(f"missing column(s) {', '.join(missing)}")
+    detail = f": {'; '.join(parts)}" if parts else ""
+    raise DataError(f"{where}: unrecognised header {shown!r}{detail}; expected {_EXPECTED_HEADERS}")
 
 
 def read_csv(path: str | os.PathLike, skip_bad_rows: bool = False) -> FerData:
     """Reads a challenge or course CSV (plain or .gz); the header decides which.
 
     Every bad row raises :class:`DataError` naming the file and line, unless ``skip_bad_rows``,
-    which skips it and records the message in ``FerData.skipped``.
+    which skips it and records the message in ``FerData.skipped``. A damaged file (truncated or
+    corrupt gzip, malformed CSV quoting) raises either way.
     """
     path = Path(path)
     text, position, close = _open_text(path)
     skipped: list[str] = []
+    progress = None
     try:
         reader = csv.reader(text)
         try:
             header = next(reader, None)
-        except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error) as e:
-            raise DataError(f"{path}: unreadable: {e}") from None
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: line 1: file is truncated or corrupt ({e})") from None
+        except csv.Error as e:
+            raise DataError(f"{path}: line 1: malformed CSV ({e})") from None
         if header is None:
-            raise DataError(f"{path}: empty file (expected a header such as emotion,pixels,Usage)")
-        kind = _header_kind(header)
-        if kind == "unknown":
             raise DataError(
-                f"{path}: line 1: unrecognised header {','.join(header)[:80]!r}; expected "
-                "emotion,pixels,Usage (challenge), label,feature (train.csv) or id,feature (test.csv)"
+                f"{path}: line 1: empty file (expected a header such as emotion,pixels,Usage)"
             )
-        cols = [c.strip().lower() for c in header]
+        kind = _check_header(path, header)
+        cols = [c.strip(_WHITESPACE).lower() for c in header]
         if kind == "challenge":
             label_col, pixel_col = cols.index("emotion"), cols.index("pixels")
             usage_col = cols.index("usage") if "usage" in cols else None
@@ -241,6 +324,7 @@ def read_csv(path: str | os.PathLike, skip_bad_rows: bool = False) -> FerData:
             usage_col = None
         ncols = len(header)
 
+        # Rows go straight into uint8 blocks: no per-row Python objects and no wide copies.
         chunks: list[np.ndarray] = []
         chunk = np.empty((_CHUNK_ROWS, NUM_PIXELS), np.uint8)
         filled = 0
@@ -250,32 +334,36 @@ def read_csv(path: str | os.PathLike, skip_bad_rows: bool = False) -> FerData:
         progress = _Progress(path.name, path.stat().st_size, position)
         rows = 0
         while True:
+            first_line = reader.line_num + 1
             try:
                 row = next(reader)
             except StopIteration:
                 break
             except (OSError, EOFError, zlib.error) as e:
                 raise DataError(
-                    f"{path}: line {reader.line_num + 1}: file is truncated or corrupt ({e})"
+                    f"{path}: line {first_line}: file is truncated or corrupt ({e})"
                 ) from None
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: line {reader.line_num + 1}: not UTF-8 text ({e.reason})") from None
             except csv.Error as e:
-                raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
-            where = f"{path}: line {reader.line_num}"
-            if not row or (len(row) == 1 and not row[0].strip()):
+                raise DataError(f"{path}: line {first_line}: malformed CSV ({e})") from None
+            last_line = reader.line_num
+            # A quoted field may span lines: name where the record starts (and ends).
+            where = f"{path}: line {first_line}"
+            if last_line > first_line:
+                where += f" (to line {last_line})"
+            if not row or (len(row) == 1 and not row[0].strip(_WHITESPACE)):
                 continue
             try:
+                _check_utf8(row, where)
                 if len(row) != ncols:
                     raise DataError(f"{where}: expected {ncols} columns, found {len(row)}")
                 pixels = _parse_pixels(row[pixel_col], where)
                 label = (
-                    _parse_label(row[label_col], where, header[label_col].strip())
+                    _parse_label(row[label_col], where, header[label_col].strip(_WHITESPACE))
                     if label_col is not None
                     else -1
                 )
                 if usage_col is not None:
-                    usage = row[usage_col].strip()
+                    usage = row[usage_col].strip(_WHITESPACE)
                     if usage not in USAGE_TO_SPLIT:
                         raise DataError(
                             f"{where}: Usage {usage[:20]!r} is not Training, PublicTest or PrivateTest"
@@ -295,24 +383,42 @@ def read_csv(path: str | os.PathLike, skip_bad_rows: bool = False) -> FerData:
                 filled = 0
             labels.append(label)
             usages.append(usage)
-            ids.append(row[id_col].strip() if id_col is not None else str(rows))
+            ids.append(row[id_col].strip(_WHITESPACE) if id_col is not None else str(rows))
             rows += 1
             progress.update(rows)
         progress.done(rows)
+        end_line = reader.line_num + 1
     finally:
+        if progress is not None:
+            progress.end_line()
         close()
-    chunks.append(chunk[:filled])
     if rows == 0:
-        raise DataError(f"{path}: no data rows after the header")
-    images = np.concatenate(chunks).reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 1)
-    del chunks
+        note = f" ({len(skipped)} bad row(s) skipped)" if skipped else ""
+        raise DataError(f"{path}: line {end_line}: no data rows after the header{note}")
+    # Trim the last block before joining, so the peak is about twice the data, not more.
+    last = chunk[:filled].copy()
+    del chunk
+    if chunks:
+        chunks.append(last)
+        del last
+        images = np.concatenate(chunks)
+        del chunks
+    else:
+        images = last
+    images = images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 1)
     label_arr = np.asarray(labels, np.int64)
     usage_arr = np.asarray(usages)
     id_arr = np.asarray(ids)
     splits = {}
     for usage, split in USAGE_TO_SPLIT.items():
         index = np.flatnonzero(usage_arr == usage)
-        if index.size:
+        if not index.size:
+            continue
+        if index[-1] - index[0] + 1 == index.size:
+            # Contiguous rows (the usual file, sorted by Usage): a view, not a copy.
+            part = slice(int(index[0]), int(index[-1]) + 1)
+            splits[split] = Split(images[part], label_arr[part], id_arr[part])
+        else:
             splits[split] = Split(images[index], label_arr[index], id_arr[index])
     layout = "challenge" if kind == "challenge" else "course"
     return FerData(str(path), layout, splits, skipped)
@@ -322,14 +428,26 @@ def read_csv(path: str | os.PathLike, skip_bad_rows: bool = False) -> FerData:
 # Image folders
 
 
+def _subdirs(root: Path) -> list[Path]:
+    try:
+        return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as e:
+        raise DataError(f"{root}: cannot list folder: {e.strerror or e}") from None
+
+
 def _class_dirs(root: Path) -> dict[int, Path]:
     found: dict[int, Path] = {}
     unknown = []
-    for child in sorted(p for p in root.iterdir() if p.is_dir()):
+    for child in _subdirs(root):
         name = child.name.lower()
         if name in CLASS_NAMES:
-            found[CLASS_NAMES.index(name)] = child
-        elif not name.startswith("."):
+            label = CLASS_NAMES.index(name)
+            if label in found:
+                raise DataError(
+                    f"{root}: class folders {found[label].name} and {child.name} name the same class"
+                )
+            found[label] = child
+        else:
             unknown.append(child.name)
     if found and unknown:
         raise DataError(
@@ -338,8 +456,25 @@ def _class_dirs(root: Path) -> dict[int, Path]:
     return found
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+def _image_files(folder: Path, ignored: list[Path]) -> list[Path]:
+    """Files of a class folder (all must be images); sub-folders are noted in ``ignored``."""
+    try:
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as e:
+        raise DataError(f"{folder}: cannot list folder: {e.strerror or e}") from None
+    ignored.extend(p for p in entries if p.is_dir())
+    return [p for p in entries if p.is_file()]
+
+
+def _stray_images(folder: Path) -> list[Path]:
+    """Image files lying next to class folders, where they have no class."""
+    try:
+        return sorted(
+            p for p in folder.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+    except OSError:
+        return []
 
 
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
@@ -360,16 +495,23 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
             array = np.asarray(img, np.uint8)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: unreadable image ({e})") from None
+    except (
+        UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error,
+        IndexError, TypeError, Image.DecompressionBombError,
+    ) as e:
+        # PIL's decoders raise all of these for damaged files.
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise DataError(f"{path}: unreadable image ({reason})") from None
     return array.reshape(IMAGE_SIZE, IMAGE_SIZE, 1), converted
 
 
-def _read_folder(root: Path, classes: dict[int, Path], skip_bad: bool, skipped: list[str]) -> tuple[Split, int]:
+def _read_folder(
+    root: Path, classes: dict[int, Path], skip_bad: bool, skipped: list[str], ignored: list[Path]
+) -> tuple[Split, int]:
     images, labels, ids = [], [], []
     converted = 0
     for label, folder in sorted(classes.items()):
-        for f in _image_files(folder):
+        for f in _image_files(folder, ignored):
             try:
                 array, conv = read_image(f)
             except DataError as e:
@@ -390,29 +532,51 @@ def read_image_folder(root: str | os.PathLike, skip_bad_rows: bool = False) -> F
     """Reads ``ROOT/<class>/*`` (all train) or ``ROOT/train/<class>`` + ``ROOT/test/<class>``
     (test = FER2013's PublicTest in the image-folder distribution, so it becomes ``val``)."""
     root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: no such file or directory")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder of class folders")
     skipped: list[str] = []
+    ignored: list[Path] = _stray_images(root)
     splits: dict[str, Split] = {}
     converted = 0
-    sub = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    sub = {p.name.lower(): p for p in _subdirs(root)}
     if "train" in sub:
+        if "test" in sub and "val" in sub:
+            raise DataError(f"{root}: has both test/ and val/; both would be the val split, keep one")
+        others = sorted(p.name for name, p in sub.items() if name not in ("train", "test", "val"))
+        if others:
+            raise DataError(
+                f"{root}: unknown folder(s) {', '.join(others)} next to train/; expected train/ "
+                "and test/ (or val/) holding class folders"
+            )
         for name, split in (("train", "train"), ("test", "val"), ("val", "val")):
             if name in sub:
                 classes = _class_dirs(sub[name])
                 if not classes:
                     raise DataError(f"{sub[name]}: no class folders ({', '.join(CLASS_NAMES)})")
-                splits[split], n = _read_folder(root, classes, skip_bad_rows, skipped)
+                ignored += _stray_images(sub[name])
+                splits[split], n = _read_folder(root, classes, skip_bad_rows, skipped, ignored)
                 converted += n
     else:
         classes = _class_dirs(root)
         if not classes:
             raise DataError(
-                f"{root}: no class folders ({', '.join(CLASS_NAMES)}), no train/ folder and no CSV file"
+                f"{root}: no class folders ({', '.join(CLASS_NAMES)}), no train/ folder and no "
+                "fer2013.csv, train.csv or test.csv"
             )
-        splits["train"], converted = _read_folder(root, classes, skip_bad_rows, skipped)
+        splits["train"], converted = _read_folder(root, classes, skip_bad_rows, skipped, ignored)
     if not any(len(s) for s in splits.values()):
         raise DataError(f"{root}: no images found")
     if converted:
         logging.warning("%s: %d image(s) were not 48x48 grayscale and were converted", root, converted)
+    if ignored:
+        shown = ", ".join(str(p.relative_to(root)) for p in ignored[:5])
+        more = f" (and {len(ignored) - 5} more)" if len(ignored) > 5 else ""
+        logging.warning(
+            "%s: ignored %d item(s) that are not in a class folder or are nested in one: %s%s",
+            root, len(ignored), shown, more,
+        )
     return FerData(str(root), "images", splits, skipped)
 
 
@@ -432,7 +596,12 @@ def detect(path: str | os.PathLike) -> tuple[str, list[Path]]:
     for name in ("fer2013.csv", "fer2013.csv.gz"):
         if (path / name).is_file():
             return "csv", [path / name]
-    course = [path / n for n in ("train.csv", "test.csv", "train.csv.gz", "test.csv.gz") if (path / n).is_file()]
+    course = []
+    for stem in ("train", "test"):
+        found = [path / n for n in (f"{stem}.csv", f"{stem}.csv.gz") if (path / n).is_file()]
+        if len(found) > 1:
+            raise DataError(f"{path}: holds both {stem}.csv and {stem}.csv.gz; keep one")
+        course += found
     if course:
         return "csv", course
     return "images", [path]
@@ -464,28 +633,52 @@ def _save_cache(target: Path, data: FerData) -> None:
         arrays[f"{name}_ids"] = split.ids.astype(str)
     meta = {"source": data.source, "layout": data.layout, "skipped": data.skipped}
     arrays["meta"] = np.asarray(json.dumps(meta))
+    tmp = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".npz")
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, target)
+        tmp = None
     except OSError as e:
         logging.warning("could not write the data cache %s (%s); continuing without it", target, e)
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def _load_cache(target: Path) -> FerData | None:
+    """The cached data, or None (with a warning) when the file is unreadable or inconsistent.
+
+    A cache is disposable, so any failure to read it (zipfile, npy, JSON, shapes) means "parse
+    the source again", never an error.
+    """
     try:
         with np.load(target, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             splits = {}
             for name in SPLITS:
                 if f"{name}_images" in z:
-                    splits[name] = Split(z[f"{name}_images"], z[f"{name}_labels"], z[f"{name}_ids"])
-    except (OSError, ValueError, KeyError, zlib.error, EOFError) as e:
-        logging.warning("ignoring unreadable cache %s (%s)", target, e)
+                    split = Split(z[f"{name}_images"], z[f"{name}_labels"], z[f"{name}_ids"])
+                    n = len(split.images)
+                    if (
+                        split.images.dtype != np.uint8
+                        or split.images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 1)
+                        or split.labels.shape != (n,)
+                        or split.ids.shape != (n,)
+                    ):
+                        raise ValueError(f"{name} arrays have unexpected shapes or types")
+                    splits[name] = split
+        data = FerData(str(meta["source"]), str(meta["layout"]), splits, list(meta.get("skipped", [])))
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        logging.warning("ignoring unreadable cache %s (%s)", target, reason)
         return None
-    return FerData(meta["source"], meta["layout"], splits, meta.get("skipped", []))
+    return data
 
 
 def _merge(parts: list[FerData], source: str) -> FerData:
