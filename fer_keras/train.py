@@ -60,6 +60,7 @@ class TrainConfig:
     stem: str = "cifar_pool"
     input_channels: int = 1
     dropout: float = 0.2
+    sync_batchnorm: bool = False
     # Optimisation.
     epochs: int = 60
     batch_size: int = 128
@@ -244,9 +245,16 @@ def _latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
     return None
 
 
+def _rng_variables(model) -> list:
+    """Dropout's seed-generator states: variables of the model that ``save_weights`` leaves out."""
+    weights = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
 def _write_checkpoint(model, ckpt_dir: Path, state: dict) -> Path:
     """Weights (with optimizer state) + run state, renamed into place only when complete."""
     epoch = state["epoch"]
+    state = {**state, "rng_state": {v.path: np.asarray(v.numpy()).tolist() for v in _rng_variables(model)}}
     final = ckpt_dir / f"epoch_{epoch:04d}"
     tmp = ckpt_dir / f".tmp-epoch_{epoch:04d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -452,11 +460,12 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
     model_dir = Path(config.model_dir)
     out_dir = model_dir if chief else model_dir / "workers" / distribute.worker_id(strategy)
     export_base = Path(config.export_dir) if (config.export and chief) else None
-    _preflight(out_dir, export_base)
     _check_resumable(model_dir, config)
     ckpt_dir = out_dir / "checkpoints"
 
+    # Data first: a bad file must not leave new empty output folders behind.
     dataset = data_lib.load(config.data or None, skip_bad_rows=config.skip_bad_rows, use_cache=config.use_cache)
+    _preflight(out_dir, export_base)
     train_split, val_split = data_lib.train_val(dataset, config.val_fraction, config.seed)
     train_split = _subset(train_split, config.max_train_examples, config.seed)
     val_split = _subset(val_split, config.max_val_examples, config.seed)
@@ -495,7 +504,10 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
     try:
         keras.config.set_dtype_policy(config.precision)
         with strategy.scope():
-            model = resnet18(config.stem, config.input_channels, dropout=config.dropout)
+            model = resnet18(
+                config.stem, config.input_channels, dropout=config.dropout,
+                sync_batchnorm=config.sync_batchnorm,
+            )
             optimizer = build_optimizer(config, steps, model)
             model.compile(
                 optimizer=optimizer,
@@ -508,6 +520,10 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
                 # Optimizer slots must exist before their saved values can be loaded.
                 model.optimizer.build(model.trainable_variables)
                 model.load_weights(str(latest[0] / "model.weights.h5"))
+                saved_rng = latest[1].get("rng_state", {})
+                for variable in _rng_variables(model):
+                    if variable.path in saved_rng:
+                        variable.assign(np.asarray(saved_rng[variable.path], variable.dtype))
                 print(f"resuming after epoch {initial_epoch} from {latest[0]}")
 
         guard_cls, recorder_cls = _callbacks_module()
@@ -606,6 +622,8 @@ def define_flags() -> None:
                   "imagenet: 7x7/2 conv + 3x3/2 pool (torchvision); cifar_pool: 3x3 conv + 2x2 pool; cifar: 3x3 conv.")
     f.DEFINE_enum("input_channels", str(d.input_channels), ["1", "3"], "1, or 3 (grey repeated; torchvision's parameter count).")
     f.DEFINE_float("dropout", d.dropout, "Dropout before the classifier.")
+    f.DEFINE_boolean("sync_batchnorm", d.sync_batchnorm, "BatchNorm statistics over the global batch "
+                     "(all replicas) rather than per replica.")
     f.DEFINE_integer("epochs", d.epochs, "Number of epochs.")
     f.DEFINE_integer("batch_size", d.batch_size, "Global batch size (split over replicas; must divide evenly).")
     f.DEFINE_enum("optimizer", d.optimizer, OPTIMIZERS, "sgd (Nesterov momentum) or adamw.")

@@ -29,3 +29,29 @@ def fer2013_path() -> Path:
     if not path.is_file():
         pytest.skip(f"FER2013 not available at {path}")
     return path
+
+
+SMALL_RUN = dict(
+    stem="imagenet", epochs=2, batch_size=32, max_train_examples=128, max_val_examples=64,
+    learning_rate=0.01, warmup_epochs=0, verbose=0, export_tta="none",
+)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One small real training run on the bundled sample, shared by the tests that read its outputs."""
+    from fer_keras import train
+
+    root = tmp_path_factory.mktemp("trained")
+    config = train.TrainConfig(model_dir=str(root / "run"), export_dir=str(root / "exports"), **SMALL_RUN)
+    result = train.run(config)
+    return config, result
+
+
+def cli_env(tmp_path: Path) -> dict:
+    """Environment for entrypoint subprocesses: isolated cache and TensorBoard info, quiet TF."""
+    env = dict(os.environ)
+    env["FER_KERAS_CACHE"] = os.environ.get("FER_KERAS_CACHE", str(tmp_path / "cache"))
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["TMPDIR"] = str(tmp_path)
+    return env

@@ -1,0 +1,161 @@
+"""Training runs end to end: outputs, TensorBoard, resume after SIGKILL, refusals, NaN."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SMALL_RUN, cli_env
+from fer_keras import train
+from fer_keras.errors import ConfigError, FerError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def read_tensorboard(log_dir: Path) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """(run, tag) -> [(step, value)] from the event files, as TensorBoard itself reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    import tensorflow as tf
+
+    out = {}
+    for run in ("train", "validation"):
+        acc = EventAccumulator(str(log_dir / run), size_guidance={"tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["tensors"]:
+            out[(run, tag)] = [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+    return out
+
+
+def test_run_writes_outputs_and_tensorboard_equals_history(trained_run):
+    config, result = trained_run
+    model_dir = Path(config.model_dir)
+    rows = train.read_history_csv(model_dir / "history.csv")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows == [{k: pytest.approx(v, rel=1e-5) for k, v in r.items() if k != "seconds"} | {"seconds": r["seconds"]}
+                    for r in result.history]
+    scalars = read_tensorboard(model_dir / "logs")
+    for (run, tag), column in {
+        ("train", "epoch_loss"): "loss", ("train", "epoch_accuracy"): "accuracy",
+        ("validation", "epoch_loss"): "val_loss", ("validation", "epoch_accuracy"): "val_accuracy",
+        ("train", "epoch_learning_rate"): "learning_rate",
+    }.items():
+        values = scalars[(run, tag)]
+        assert [s for s, _ in values] == [0, 1], (run, tag)
+        np.testing.assert_allclose([v for _, v in values], [r[column] for r in rows], rtol=1e-5)
+    assert (model_dir / "history.png").read_bytes()[:8] == PNG
+    assert json.loads((model_dir / "config.json").read_text())["stem"] == "imagenet"
+    assert "--stem=imagenet\n" in (model_dir / "flags.txt").read_text()
+    assert (model_dir / "best.keras").is_file()
+    assert result.best_val_accuracy == max(r["val_accuracy"] for r in result.history)
+    assert result.export_path == Path(config.export_dir) / "fer_resnet18" / "1"
+    assert (result.export_path / "saved_model.pb").is_file()
+
+
+def test_rerunning_a_finished_run_neither_trains_nor_exports_again(trained_run):
+    config, first = trained_run
+    again = train.run(config)
+    assert again.resumed_from == config.epochs
+    assert again.export_path == first.export_path
+    assert sorted(p.name for p in (Path(config.export_dir) / "fer_resnet18").iterdir()) == ["1"]
+    assert [r["epoch"] for r in again.history] == [1, 2]
+
+
+def test_changed_settings_are_refused_before_anything_is_touched(trained_run):
+    config, _ = trained_run
+    before = (Path(config.model_dir) / "history.csv").read_text()
+    changed = train.TrainConfig(**{**config.to_json(), "step_epochs": (), "learning_rate": 0.5})
+    with pytest.raises(ConfigError, match="learning_rate: 0.01 -> 0.5"):
+        train.run(changed)
+    assert (Path(config.model_dir) / "history.csv").read_text() == before
+
+
+def test_a_diverging_loss_stops_with_a_clear_error(tmp_path):
+    config = train.TrainConfig(model_dir=str(tmp_path / "run"), export=False,
+                               **{**SMALL_RUN, "learning_rate": 1e12, "epochs": 3})
+    with pytest.raises(FerError, match=r"loss became (nan|inf).*checkpoint"):
+        train.run(config)
+    assert not (tmp_path / "run" / "checkpoints" / "epoch_0003").exists()
+
+
+def test_unwritable_model_dir_is_reported_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    config = train.TrainConfig(model_dir=str(blocker / "run"), export=False, **SMALL_RUN)
+    with pytest.raises(ConfigError, match="not writable"):
+        train.run(config)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"epochs": 0}, "epochs must be >= 1"),
+    ({"stem": "vgg"}, "unknown stem"),
+    ({"strategy": "horovod"}, "unknown strategy"),
+    ({"schedule": "step"}, "needs --step_epochs"),
+])
+def test_bad_settings_are_refused(tmp_path, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        train.run(train.TrainConfig(model_dir=str(tmp_path), **{**SMALL_RUN, **kwargs}))
+
+
+def cli(args, tmp_path, **kw):
+    return subprocess.run([sys.executable, "-m", "fer_keras.train", *args], env=cli_env(tmp_path),
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--epochs=-1"], "--epochs must be >= 1"),
+    (["--strategy=horovod"], "strategy"),
+    (["--stem=vgg"], "stem"),
+    (["--strategy=mirrored", "--cpu_devices=2", "--batch_size=33"], "not divisible by the 2 replicas"),
+])
+def test_cli_bad_flags_exit_non_zero_with_one_line(tmp_path, args, needle):
+    proc = cli(["--flagfile=flags/smoke.cfg", f"--model_dir={tmp_path / 'run'}", *args], tmp_path,
+               cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def small_cli_args(model_dir: Path) -> list[str]:
+    return [
+        "--flagfile=flags/smoke.cfg", f"--model_dir={model_dir}", "--epochs=3", "--max_train_examples=128",
+        "--deterministic", "--export=false", "--verbose=0", "--dropout=0.2", "--erasing=0.5",
+    ]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    reference = cli(small_cli_args(tmp_path / "reference"), tmp_path, cwd=repo)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "fer_keras.train", *small_cli_args(killed_dir)],
+                            env=cli_env(tmp_path), cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (killed_dir / "checkpoints" / "epoch_0001").is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (killed_dir / "checkpoints" / "epoch_0003").exists()
+
+    resumed = cli(small_cli_args(killed_dir), tmp_path, cwd=repo)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming after epoch" in resumed.stdout
+    ref_rows = list(csv.DictReader(open(tmp_path / "reference" / "history.csv")))
+    got_rows = list(csv.DictReader(open(killed_dir / "history.csv")))
+    assert [r["epoch"] for r in got_rows] == ["1", "2", "3"]
+    for ref, got in zip(ref_rows, got_rows):
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+            assert float(got[key]) == pytest.approx(float(ref[key]), rel=1e-5, abs=1e-6), (ref["epoch"], key)
+    assert not list((killed_dir / "checkpoints").glob(".tmp-*"))
