@@ -1,0 +1,133 @@
+"""TF Serving exports: run without fer_keras, through saved_model_cli, atomically, never overwritten."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import cli_env
+from fer_keras import CLASS_NAMES
+from fer_keras.errors import ConfigError
+from fer_keras.export import export_model
+from fer_keras.model import resnet18
+
+REPO = Path(__file__).resolve().parents[1]
+
+FRESH_PROCESS = textwrap.dedent("""
+    import sys
+    sys.modules["fer_keras"] = None  # the serving side must not need our code
+    try:
+        import fer_keras  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("fer_keras was importable")
+    import numpy as np, tensorflow as tf
+    loaded = tf.saved_model.load(sys.argv[1])
+    x = np.load(sys.argv[2])
+    out = loaded.signatures["serving_default"](pixels=tf.constant(x.astype("float32")))
+    out8 = loaded.signatures["serving_uint8"](pixels=tf.constant(x.astype("uint8")))
+    np.savez(sys.argv[3], probabilities=out["probabilities"].numpy(), logits=out["logits"].numpy(),
+             class_id=out["class_id"].numpy(), class_name=out["class_name"].numpy().astype(str),
+             probabilities8=out8["probabilities"].numpy())
+""")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    model = resnet18("imagenet", dropout=0.2)
+    x = np.random.default_rng(0).integers(0, 256, (6, 48, 48, 1)).astype("uint8")
+    np.save(root / "x.npy", x.astype("float32"))
+    path = export_model(model, root / "models", "fer", tta="none")
+    logits = np.asarray(model(x.astype("float32"), training=False))
+    return root, path, x, logits
+
+
+def test_export_runs_in_a_process_that_cannot_import_fer_keras(exported, tmp_path):
+    root, path, x, logits = exported
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(path), str(root / "x.npy"), str(tmp_path / "o.npz")],
+                          env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = np.load(tmp_path / "o.npz")
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert np.abs(out["logits"] - logits).max() <= 1e-5 * max(1.0, np.abs(logits).max())
+    assert np.abs(out["probabilities"] - probabilities).max() <= 1e-5
+    assert np.abs(out["probabilities8"] - probabilities).max() <= 1e-5
+    np.testing.assert_array_equal(out["class_id"], logits.argmax(1))
+    assert list(out["class_name"]) == [CLASS_NAMES[i] for i in logits.argmax(1)]
+    assert path.name == "1" and path.parent.name == "fer"
+
+
+def test_saved_model_cli_runs_the_export(exported, tmp_path):
+    root, path, x, logits = exported
+    show = subprocess.run(["saved_model_cli", "show", "--dir", str(path), "--all"], env=cli_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert show.returncode == 0, show.stderr[-2000:]
+    assert "serving_default" in show.stdout and "serving_uint8" in show.stdout
+    run = subprocess.run(
+        ["saved_model_cli", "run", "--dir", str(path), "--tag_set", "serve", "--signature_def", "serving_default",
+         "--inputs", f"pixels={root / 'x.npy'}", "--outdir", str(tmp_path / "out")],
+        env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = np.load(tmp_path / "out" / "logits.npy")
+    assert np.abs(got - logits).max() <= 1e-5 * max(1.0, np.abs(logits).max())
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "class_id.npy"), logits.argmax(1))
+
+
+def test_versions_are_added_never_overwritten(tmp_path):
+    model = resnet18("imagenet")
+    first = export_model(model, tmp_path, "m")
+    second = export_model(model, tmp_path, "m")
+    assert (first.name, second.name) == ("1", "2")
+    stamp = (first / "saved_model.pb").stat().st_mtime_ns
+    with pytest.raises(ConfigError, match="never overwritten"):
+        export_model(model, tmp_path, "m", version=1)
+    assert (first / "saved_model.pb").stat().st_mtime_ns == stamp
+    meta = json.loads((second / "assets.extra" / "fer_keras.json").read_text())
+    assert meta["class_names"] == list(CLASS_NAMES)
+
+
+def test_a_failed_write_leaves_no_version_behind(tmp_path, monkeypatch):
+    import keras
+
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", broken)  # the backend class
+    with pytest.raises(OSError):
+        export_model(resnet18("imagenet"), tmp_path, "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == []
+
+
+def test_flip_tta_export_averages_the_mirror_image(tmp_path):
+    model = resnet18("imagenet")
+    x = np.random.default_rng(1).integers(0, 256, (3, 48, 48, 1)).astype("float32")
+    path = export_model(model, tmp_path, "m", tta="flip")
+    import tensorflow as tf
+
+    out = tf.saved_model.load(str(path)).signatures["serving_default"](pixels=tf.constant(x))
+    def softmax(z):
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+    expected = (softmax(np.asarray(model(x))) + softmax(np.asarray(model(x[:, :, ::-1])))) / 2
+    np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-5)
+
+
+def test_export_cli_from_a_run_dir_and_refusing_an_existing_version(trained_run, tmp_path):
+    config, _ = trained_run
+    args = [sys.executable, "-m", "fer_keras.export", f"--model={config.model_dir}",
+            f"--export_dir={tmp_path}", "--name=cli", "--tta=flip"]
+    ok = subprocess.run(args, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert (tmp_path / "cli" / "1" / "saved_model.pb").is_file()
+    again = subprocess.run(args + ["--version=1"], env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines()[-1].startswith("error:") and "never overwritten" in again.stderr
+    assert "Traceback" not in again.stderr
