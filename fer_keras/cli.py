@@ -24,6 +24,9 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
     """Run ``main`` under absl, turning :class:`FerError` into one line on stderr and exit 2."""
 
     def guarded(argv: Sequence[str]) -> None:
+        # absl logs at INFO by default; keep stderr for warnings and errors unless -v asks.
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)
         try:
             main(argv)
         except FerError as e:
@@ -34,6 +37,4 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
 
-    # absl logs at INFO by default; keep stderr for warnings and errors unless -v/--verbosity asks.
-    flags.FLAGS.set_default("verbosity", logging.WARNING)
     app.run(guarded)

@@ -30,6 +30,7 @@ from fer_keras.model import load_keras_model
 
 TTA_MODES = ("none", "flip")
 METADATA_FILE = "assets.extra/fer_keras.json"
+MODEL_CONFIG_FILE = "assets.extra/keras_model.json"
 
 
 def existing_versions(base: Path) -> list[int]:
@@ -135,6 +136,8 @@ def export_model(
         }
         (tmp / "assets.extra").mkdir(exist_ok=True)
         (tmp / METADATA_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        # Lets fer_keras rebuild the Keras model (for gradients: saliency, filters) from the export.
+        (tmp / MODEL_CONFIG_FILE).write_text(model.to_json())
         os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

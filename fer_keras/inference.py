@@ -134,13 +134,18 @@ def load_keras(path: str | os.PathLike | None = None):
 
     if kind == "keras":
         return load_keras_model(str(p))
-    meta = export_metadata(p)
-    config = meta.get("train_config")
-    if not config:
-        raise ModelError(f"{p}: this export has no fer_keras training config; pass a .keras model instead")
+    import keras
+
+    model_json = p / "assets.extra" / "keras_model.json"
+    config = export_metadata(p).get("train_config")
+    if model_json.is_file():
+        model = keras.models.model_from_json(model_json.read_text())
+    elif config:
+        model = resnet18(config["stem"], int(config["input_channels"]), dropout=float(config.get("dropout", 0.0)))
+    else:
+        raise ModelError(f"{p}: this export holds no fer_keras model description; pass a .keras model instead")
     import tensorflow as tf
 
-    model = resnet18(config["stem"], int(config["input_channels"]), dropout=float(config.get("dropout", 0.0)))
     loaded = tf.saved_model.load(str(p))
     exported = list(getattr(loaded, "variables", []))
     if len(exported) != len(model.variables):

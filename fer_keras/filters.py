@@ -1,0 +1,450 @@
+"""What filters respond to: activation maximisation, feature maps and top-activating images.
+
+``python -m fer_keras.filters`` looks at chosen filters (channels) of chosen layers, by default the
+first 16 of the first conv layer (``stem_conv``) and of the last residual stage (``stage4_block2``),
+and writes per layer:
+
+* ``<layer>_maximization.png``: inputs optimised by tf-keras-vis ``ActivationMaximization`` to
+  maximise each filter's mean activation;
+* ``<layer>_feature_maps.png``: the filters' feature maps for one image;
+* ``<layer>_top<k>.png``: the k images of a split that activate each filter most;
+
+plus ``filters.json`` with the filter indices, activations reached and top-k image ids.
+
+The model takes raw 0-255 pixels, so the optimisation runs in pixel space: seeds are uniform 0-255
+and a clipping input modifier keeps every step in range (tf-keras-vis itself only clips the result).
+The score is divided by the filter's activation spread on random images, so one learning rate and
+one set of regulariser weights suit both a pre-activation stem conv and a deep ReLU stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import flags, logging
+from tf_keras_vis.activation_maximization import ActivationMaximization
+from tf_keras_vis.activation_maximization.callbacks import Callback
+from tf_keras_vis.activation_maximization.input_modifiers import Jitter, Rotate2D
+from tf_keras_vis.activation_maximization.regularizers import Norm, TotalVariation2D
+from tf_keras_vis.utils.scores import Score
+
+from fer_keras import CLASS_NAMES, cli
+from fer_keras import data as fer_data
+from fer_keras.errors import ConfigError
+from fer_keras.model import FIRST_CONV_LAYER, LAST_CONV_LAYER
+from fer_keras.saliency import as_batch, check_layer, new_figure, parse_int_list, quiet_keras, split_indices
+
+PIXEL_RANGE = (0.0, 255.0)
+DEFAULT_FILTERS = 16
+DEFAULT_STEPS = 128
+DEFAULT_LEARNING_RATE = 8.0
+# Per unit of score (activation / random-input spread) and of 0-255 pixel: small, because the best
+# patterns of early filters are edges and gratings that a strong smoothness prior would erase.
+DEFAULT_TV_WEIGHT = 0.001
+DEFAULT_NORM_WEIGHT = 0.0005
+RANDOM_PROBES = 32
+SCAN_BATCH = 128
+
+
+# --------------------------------------------------------------------------------------------
+# Activations
+
+
+def filter_model(model: keras.Model, layer: str) -> keras.Model:
+    """A model from the input to ``layer``'s feature maps; shares weights with ``model``."""
+    found = check_layer(model, layer)
+    return keras.Model(model.inputs, found.output, name=f"{model.name}_{layer}")
+
+
+def check_filters(sub: keras.Model, layer: str, filters: Sequence[int]) -> list[int]:
+    """The filter indices as ints, or a one-line error naming the layer and its filter count."""
+    channels = int(sub.outputs[0].shape[-1])
+    for f in filters:
+        if not 0 <= f < channels:
+            raise ConfigError(
+                f"filter {f} is out of range of layer {layer!r}, which has {channels} filters (0-{channels - 1})"
+            )
+    return [int(f) for f in filters]
+
+
+def channel_means(sub: keras.Model, images: np.ndarray, filters: Sequence[int],
+                  batch_size: int = SCAN_BATCH) -> np.ndarray:
+    """Mean activation over positions of each filter, ``[N, len(filters)]``."""
+    index = np.asarray(filters, np.int64)
+    out = []
+    with quiet_keras():
+        for start in range(0, len(images), batch_size):
+            maps = np.asarray(sub(as_batch(images[start:start + batch_size]), training=False), np.float32)
+            out.append(maps.mean(axis=(1, 2))[:, index])
+    return np.concatenate(out) if out else np.zeros((0, len(index)), np.float32)
+
+
+def feature_maps(model: keras.Model, layer: str, image: np.ndarray, filters: Sequence[int]) -> np.ndarray:
+    """The filters' feature maps for one image, ``[len(filters), h, w]``."""
+    sub = filter_model(model, layer)
+    filters = check_filters(sub, layer, filters)
+    with quiet_keras():
+        maps = np.asarray(sub(as_batch(np.asarray(image)[None]), training=False), np.float32)[0]
+    return np.moveaxis(maps[..., filters], -1, 0)
+
+
+def top_k_images(model: keras.Model, layer: str, images: np.ndarray, filters: Sequence[int],
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, mean activations) ``[len(filters), k]`` of the images activating each filter most,
+    strongest first; ties keep the earlier image."""
+    sub = filter_model(model, layer)
+    filters = check_filters(sub, layer, filters)
+    means = channel_means(sub, images, filters)  # [N, F]
+    k = min(int(k), len(images))
+    order = np.argsort(-means, axis=0, kind="stable")[:k].T  # [F, k]
+    return order, np.take_along_axis(means.T, order, axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Activation maximisation
+
+
+class FilterScore(Score):
+    """Mean activation of filter ``filters[i]`` for batch element i, divided by ``scale[i]``.
+
+    Like ``CategoricalScore`` but averaged over positions and scaled, so that a batch optimises
+    several filters at once and regulariser weights mean the same for every layer.
+    """
+
+    def __init__(self, filters: Sequence[int], scale: Sequence[float] | None = None):
+        super().__init__("FilterScore")
+        self.filters = tf.constant(list(filters), tf.int32)
+        self.scale = tf.constant(np.ones(len(filters)) if scale is None else np.asarray(scale), tf.float32)
+
+    def __call__(self, output: tf.Tensor) -> tf.Tensor:
+        means = tf.reduce_mean(tf.cast(output, tf.float32), axis=list(range(1, len(output.shape) - 1)))
+        return tf.gather(means, self.filters[:, None], axis=1, batch_dims=1)[:, 0] / self.scale
+
+
+class StderrProgress(Callback):
+    """One line per ``every`` steps on stderr, so long runs show they are alive without a progress
+    bar that garbles logs."""
+
+    def __init__(self, label: str, every: int = 16):
+        self.label = label
+        self.every = max(1, every)
+        self.steps = 0
+
+    def on_begin(self, steps: int | None = None, **kwargs) -> None:
+        self.steps = int(steps or 0)
+
+    def __call__(self, i, values, grads, scores, model_outputs, **kwargs) -> None:
+        step = i + 1
+        if step % self.every == 0 or step == self.steps:
+            score = float(np.mean([np.mean(np.asarray(s)) for s in scores]))
+            print(f"{self.label}: step {step}/{self.steps}, score {score:.3g} (mean activation / random-input std)",
+                  file=sys.stderr, flush=True)
+
+
+def _describe(filters: Sequence[int]) -> str:
+    if len(filters) == 1:
+        return f"filter {filters[0]}"
+    if list(filters) == list(range(filters[0], filters[-1] + 1)):
+        return f"filters {filters[0]}-{filters[-1]}"
+    return "filters " + ",".join(map(str, filters))
+
+
+def _clip_to_pixels(x: tf.Tensor) -> tf.Tensor:
+    return tf.clip_by_value(x, *PIXEL_RANGE)
+
+
+@dataclasses.dataclass
+class Maximization:
+    """Result per filter: the optimised inputs (0-255), the mean activation they reach, and the
+    mean and per-position spread of the activation on random uniform 0-255 images (the baseline)."""
+
+    filters: list[int]
+    images: np.ndarray
+    activations: np.ndarray
+    random_mean: np.ndarray
+    random_std: np.ndarray
+
+
+def maximize_filters(
+    model: keras.Model,
+    layer: str,
+    filters: Sequence[int],
+    steps: int = DEFAULT_STEPS,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
+    tv_weight: float = DEFAULT_TV_WEIGHT,
+    norm_weight: float = DEFAULT_NORM_WEIGHT,
+    jitter: int = 0,
+    rotate: float = 0.0,
+    batch_size: int = 16,
+    seed: int | None = None,
+    progress: Callable[[str], Callback | None] | None = None,
+) -> Maximization:
+    """Optimises one input per filter to maximise its mean activation, ``batch_size`` filters at once.
+
+    Adam with a pixel-sized learning rate replaces tf-keras-vis' RMSprop(1.0) default, which barely
+    moves 0-255 inputs whose gradients are tiny; it runs without momentum (``beta_1=0``) because
+    tf-keras-vis' Jitter shifts the image permanently while momentum stays where it was. Jitter and
+    rotation are off by default: on 48-pixel images they cost most of the activation (a rotation
+    resamples, i.e. blurs, the image every step; a shift breaks the phase of strided convolutions).
+    ``progress(label)`` may return a tf-keras-vis callback per batch.
+    """
+    sub = filter_model(model, layer)
+    filters = check_filters(sub, layer, filters)
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(d) for d in sub.inputs[0].shape[1:])
+    probes = rng.uniform(*PIXEL_RANGE, (RANDOM_PROBES,) + shape).astype(np.float32)
+    with quiet_keras():
+        random_maps = np.asarray(sub(as_batch(probes), training=False), np.float32)[..., filters]
+    random_mean = random_maps.mean(axis=(0, 1, 2))
+    # Spread of single positions, not of the image means: the latter shrinks with the map size.
+    random_std = random_maps.std(axis=(0, 1, 2))
+    scale = np.maximum(random_std, 1e-6 * np.maximum(np.abs(random_mean), 1.0))
+
+    modifiers: list = []
+    if jitter > 0:
+        modifiers.append(Jitter(jitter))
+    if rotate > 0:
+        modifiers.append(Rotate2D(rotate))
+    modifiers.append(_clip_to_pixels)
+    regularizers = [TotalVariation2D(tv_weight), Norm(norm_weight, p=2)]
+
+    images = []
+    visualizer = ActivationMaximization(sub, clone=False)
+    for start in range(0, len(filters), batch_size):
+        chunk = filters[start:start + batch_size]
+        label = f"{layer} {_describe(chunk)}"
+        callback = progress(label) if progress else None
+        seed_input = tf.constant(rng.uniform(*PIXEL_RANGE, (len(chunk),) + shape).astype(np.float32))
+        with quiet_keras():
+            result = visualizer(
+                FilterScore(chunk, scale[start:start + len(chunk)]),
+                seed_input,
+                input_range=PIXEL_RANGE,
+                input_modifiers=modifiers,
+                regularizers=regularizers,
+                steps=steps,
+                optimizer=keras.optimizers.Adam(float(learning_rate), beta_1=0.0),
+                callbacks=[callback] if callback else None,
+            )
+        images.append(np.asarray(result, np.float32))
+    optimised = np.concatenate(images)
+    reached = channel_means(sub, optimised, filters)[np.arange(len(filters)), np.arange(len(filters))]
+    return Maximization(filters, optimised, reached, random_mean, random_std)
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+
+
+def _grid(n: int, max_cols: int = 8) -> tuple[int, int]:
+    cols = min(max(n, 1), max_cols)
+    return (max(n, 1) + cols - 1) // cols, cols
+
+
+def _hide_unused(axes: np.ndarray, used: int) -> None:
+    for ax in axes.flat[used:]:
+        ax.axis("off")
+
+
+def plot_maximization(path: str | Path, layer: str, result: Maximization) -> Path:
+    """Optimised inputs in a grid, each titled with its activation and the random baseline."""
+    n = len(result.filters)
+    rows, cols = _grid(n)
+    fig = new_figure(1.7 * cols, 1.9 * rows + 0.5)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    panels = zip(axes.flat, result.filters, result.images, result.activations, result.random_mean)
+    for ax, f, image, act, base in panels:
+        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"filter {f}\n{act:.3g} (random {base:.2g})", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    _hide_unused(axes, n)
+    fig.suptitle(f"{layer}: inputs maximising mean activation", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return Path(path)
+
+
+def plot_feature_maps(path: str | Path, layer: str, image: np.ndarray, filters: Sequence[int],
+                      maps: np.ndarray, title: str = "") -> Path:
+    """The input followed by each filter's feature map (own colour scale, max in the title)."""
+    n = len(filters) + 1
+    rows, cols = _grid(n)
+    fig = new_figure(1.7 * cols, 1.9 * rows + 0.5)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    flat = list(axes.flat)
+    flat[0].imshow(np.asarray(image, np.float32)[..., 0], cmap="gray", vmin=0, vmax=255)
+    flat[0].set_title("input", fontsize=7)
+    for ax, f, fmap in zip(flat[1:], filters, maps):
+        ax.imshow(fmap, cmap="viridis", interpolation="nearest")
+        ax.set_title(f"filter {f}\nmax {float(fmap.max()):.3g}", fontsize=7)
+    for ax in flat[:n]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    _hide_unused(axes, n)
+    fig.suptitle(f"{layer} feature maps {maps.shape[1]}x{maps.shape[2]}  {title}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return Path(path)
+
+
+def plot_top_k(path: str | Path, layer: str, filters: Sequence[int], images: np.ndarray, ids: np.ndarray,
+               indices: np.ndarray, values: np.ndarray) -> Path:
+    """One row per filter: its top-k images, titled with image id and mean activation."""
+    rows, cols = len(filters), indices.shape[1]
+    fig = new_figure(1.5 * cols + 0.6, 1.6 * rows + 0.5)
+    axes = fig.subplots(max(rows, 1), max(cols, 1), squeeze=False)
+    for r, f in enumerate(filters):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.imshow(images[indices[r, c]][..., 0], cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"{ids[indices[r, c]]}: {values[r, c]:.3g}", fontsize=6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(f"filter {f}", fontsize=7)
+    fig.suptitle(f"{layer}: top-{cols} images per filter (mean activation)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Entrypoint
+
+
+def analyse_layer(model: keras.Model, layer: str, filters: Sequence[int] | None, split: fer_data.Split,
+                  image: np.ndarray, image_title: str, output_dir: Path, top_k: int,
+                  progress: Callable[[str], Callback | None] | None = None, **maximize_kwargs) -> dict:
+    """All three views of one layer; returns its part of ``filters.json``."""
+    sub = filter_model(model, layer)
+    channels = int(sub.outputs[0].shape[-1])
+    filters = check_filters(sub, layer, filters if filters else range(min(DEFAULT_FILTERS, channels)))
+    result = maximize_filters(model, layer, filters, progress=progress, **maximize_kwargs)
+    max_png = plot_maximization(output_dir / f"{layer}_maximization.png", layer, result)
+    maps = feature_maps(model, layer, image, filters)
+    maps_png = plot_feature_maps(output_dir / f"{layer}_feature_maps.png", layer, image, filters, maps, image_title)
+    print(f"{layer}: scanning {len(split)} images for the top {top_k}", file=sys.stderr, flush=True)
+    indices, values = top_k_images(model, layer, split.images, filters, top_k)
+    top_png = plot_top_k(output_dir / f"{layer}_top{indices.shape[1]}.png", layer, filters, split.images,
+                         split.ids, indices, values)
+    return {
+        "output_shape": [None] + [int(d) for d in sub.outputs[0].shape[1:]],
+        "figures": {"maximization": str(max_png), "feature_maps": str(maps_png), "top_k": str(top_png)},
+        "filters": [
+            {
+                "filter": f,
+                "max_activation": float(result.activations[j]),
+                "random_mean_activation": float(result.random_mean[j]),
+                "random_std_activation": float(result.random_std[j]),
+                "feature_map_mean": float(maps[j].mean()),
+                "top_k": [
+                    {"index": int(i), "id": str(split.ids[i]), "label": int(split.labels[i]),
+                     "label_name": CLASS_NAMES[split.labels[i]] if split.labels[i] >= 0 else None,
+                     "activation": float(v)}
+                    for i, v in zip(indices[j], values[j])
+                ],
+            }
+            for j, f in enumerate(filters)
+        ],
+    }
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("model", None, "A .keras file, training run directory or SavedModel export; "
+                        "default: the shipped model.")
+    flags.DEFINE_string("data", None, "FER2013 in any layout fer_keras.data reads; default: the bundled sample.")
+    flags.DEFINE_string("split", "val", "Split for the top-k images and --image_index: train, val or test.")
+    flags.DEFINE_list("layers", [FIRST_CONV_LAYER, LAST_CONV_LAYER], "Layers with feature maps to look at.")
+    flags.DEFINE_list("filters", None, f"Filter indices, e.g. 0,3,8-11; default: the first {DEFAULT_FILTERS}.")
+    flags.DEFINE_integer("steps", DEFAULT_STEPS, "Activation maximisation steps.")
+    flags.DEFINE_float("learning_rate", DEFAULT_LEARNING_RATE,
+                       "Adam learning rate, about the pixel change (0-255) per step.")
+    flags.DEFINE_float("tv_weight", DEFAULT_TV_WEIGHT, "TotalVariation2D weight: higher = smoother images.")
+    flags.DEFINE_float("norm_weight", DEFAULT_NORM_WEIGHT, "L2 Norm weight: higher = darker, lower-contrast images.")
+    flags.DEFINE_integer("jitter", 0, "tf-keras-vis Jitter: random shift in pixels per step (0 = off). "
+                         "Smoother, more natural images at the cost of activation.")
+    flags.DEFINE_float("rotate", 0.0, "tf-keras-vis Rotate2D: random rotation in degrees per step (0 = off; blurs).")
+    flags.DEFINE_integer("batch_size", 16, "Filters optimised together.")
+    flags.DEFINE_integer("top_k", 5, "Images per filter in the top-k grid.")
+    flags.DEFINE_integer("image_index", 0, "Index in --split of the image whose feature maps are drawn.")
+    flags.DEFINE_string("image", None, "An image file for the feature maps instead of --image_index.")
+    flags.DEFINE_string("output_dir", "reports/filters", "Folder for the PNGs and filters.json.")
+    flags.DEFINE_integer("seed", 0, "Random seed (seeds, jitter).")
+    for name in ("steps", "batch_size", "top_k"):
+        flags.register_validator(name, lambda v: v >= 1, f"--{name} must be >= 1")
+    for name in ("tv_weight", "norm_weight", "rotate", "jitter", "image_index"):
+        flags.register_validator(name, lambda v: v >= 0, f"--{name} must be >= 0")
+    flags.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must be > 0")
+    flags.register_validator("layers", lambda v: bool(v), "--layers needs at least one layer name")
+    flags.register_validator("split", lambda v: v.strip().lower() in fer_data.SPLIT_ALIASES,
+                             "--split must be train, val (PublicTest) or test (PrivateTest)")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
+    if f.image and f["image_index"].present:
+        raise ConfigError("give either --image or --image_index, not both")
+    filters = parse_int_list(f.filters, "--filters") if f.filters else None
+    data = fer_data.load(f.data)
+    split = data.split(f.split)
+    if f.image:
+        image, _ = fer_data.read_image(f.image)
+        image_info = {"source": f.image}
+        image_title = Path(f.image).name
+    else:
+        i = split_indices(split, [f.image_index], data.source, f.split)[0]
+        image = split.images[i]
+        image_info = {"source": data.source, "split": fer_data.canonical_split(f.split), "index": i,
+                      "id": str(split.ids[i])}
+        image_title = f"({fer_data.canonical_split(f.split)} #{i}, id {split.ids[i]})"
+    if f.top_k > len(split):
+        logging.warning("--top_k %d exceeds the %d images of %s; showing all", f.top_k, len(split), f.split)
+    from fer_keras.inference import load_keras
+
+    model = load_keras(f.model)
+    for layer in f.layers:
+        sub = filter_model(model, layer)
+        if filters:
+            check_filters(sub, layer, filters)
+    keras.utils.set_random_seed(f.seed)
+    out = Path(f.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {name: f[name].value for name in ("steps", "learning_rate", "tv_weight", "norm_weight",
+                                                   "jitter", "rotate", "top_k", "seed")}
+    report = {
+        "model": str(Path(f.model).resolve()) if f.model else "shipped model",
+        "data": data.source,
+        "split": fer_data.canonical_split(f.split),
+        "feature_map_image": image_info,
+        "settings": settings,
+        "layers": {},
+    }
+    for layer in f.layers:
+        report["layers"][layer] = analyse_layer(
+            model, layer, filters, split, image, image_title, out, f.top_k,
+            progress=lambda label: StderrProgress(label, every=max(1, f.steps // 8)),
+            steps=f.steps, learning_rate=f.learning_rate, tv_weight=f.tv_weight, norm_weight=f.norm_weight,
+            jitter=f.jitter, rotate=f.rotate, batch_size=f.batch_size, seed=f.seed,
+        )
+        entry = report["layers"][layer]
+        gains = [r["max_activation"] for r in entry["filters"]]
+        print(f"{layer}: {len(gains)} filters, activation reached {min(gains):.3g}-{max(gains):.3g}; "
+              f"{', '.join(Path(p).name for p in entry['figures'].values())}")
+    (out / "filters.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out / 'filters.json'}")
+
+
+if __name__ == "__main__":
+    cli.quiet_tensorflow()
+    define_flags()
+    cli.run(main)
+    sys.exit(0)

@@ -1,0 +1,477 @@
+"""Where the model looks: vanilla saliency, SmoothGrad and Grad-CAM++ maps per image (tf-keras-vis).
+
+``python -m fer_keras.saliency`` explains images picked by index from a split (``--indices``), image
+files (``--images``), or by default the first image of each class in the split. For each image it
+writes a PNG with the input, the two gradient maps and a Grad-CAM++ overlay; plus one grid PNG of
+all images and ``saliency.json`` with labels, probabilities and figure paths.
+
+The library functions take a model and arrays and return arrays, so notebooks and tests can use
+them without files; plotting lives in separate functions. The score is the logit of a chosen class
+(the predicted one by default): logits rather than softmax probabilities, because a probability's
+gradient also pushes the other classes down and saturates for confident predictions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import flags
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tf_keras_vis.gradcam_plus_plus import GradcamPlusPlus
+from tf_keras_vis.saliency import Saliency
+from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
+from tf_keras_vis.utils.scores import CategoricalScore
+
+from fer_keras import CLASS_NAMES, NUM_CLASSES, cli
+from fer_keras import data as fer_data
+from fer_keras.errors import ConfigError, DataError, ModelError
+from fer_keras.model import LAST_CONV_LAYER
+
+TARGETS = ("pred", "true")
+DEFAULT_OUTPUT_DIR = "reports/saliency"
+DEFAULT_SMOOTH_SAMPLES = 20
+DEFAULT_SMOOTH_NOISE = 0.2
+BATCH_SIZE = 32
+
+
+# --------------------------------------------------------------------------------------------
+# Model and input plumbing
+
+
+@contextmanager
+def quiet_keras() -> Iterator[None]:
+    """Hides Keras 3's "structure of `inputs` doesn't match" warning.
+
+    tf-keras-vis always calls models with a list of inputs; Keras 3 warns on every call for a
+    single-input functional model although the result is correct.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The structure of `inputs`", category=UserWarning)
+        yield
+
+
+def _output_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    names = getattr(model, "output_names", None)  # Keras 3 Sequential models have none
+    if names:
+        return [model.get_layer(name) for name in names]
+    return [model.layers[-1]]
+
+
+def linearize(model: keras.Model) -> keras.Model:
+    """The model with softmax (or any output activation) replaced by linear, via ReplaceToLinear.
+
+    Models that already output logits are returned as they are; others are cloned first so the
+    caller's model keeps its softmax. Gradients of probabilities saturate, those of logits do not.
+    """
+    linear = keras.activations.linear
+    if all(getattr(layer, "activation", linear) is linear for layer in _output_layers(model)):
+        return model
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    if getattr(clone, "output_names", None):
+        ReplaceToLinear()(clone)
+    else:
+        clone.layers[-1].activation = linear
+    return clone
+
+
+def as_batch(images: np.ndarray) -> tf.Tensor:
+    """float32 ``[N, H, W, C]``: tf-keras-vis cannot take gradients w.r.t. uint8 tensors."""
+    array = np.asarray(images)
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4:
+        raise ConfigError(f"expected images of shape [N, H, W, C], got {array.shape}")
+    return tf.convert_to_tensor(array.astype(np.float32))
+
+
+def _class_list(classes: Sequence[int] | np.ndarray, n: int, num_outputs: int) -> list[int]:
+    out = [int(c) for c in np.asarray(classes).reshape(-1)]
+    if len(out) != n:
+        raise ConfigError(f"got {len(out)} target classes for {n} images")
+    bad = [c for c in out if not 0 <= c < num_outputs]
+    if bad:
+        raise ConfigError(f"target class {bad[0]} is outside 0-{num_outputs - 1}")
+    return out
+
+
+def _chunks(n: int, size: int = BATCH_SIZE) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _output_rank(layer: keras.layers.Layer) -> int:
+    try:
+        return len(layer.output.shape)
+    except (AttributeError, ValueError):  # never called, or called more than once
+        return 0
+
+
+def check_layer(model: keras.Model, layer: str) -> keras.layers.Layer:
+    """The named layer if its output is a feature map ``[N, H, W, C]``, else a one-line error."""
+    try:
+        found = model.get_layer(layer)
+    except ValueError:
+        maps = [l.name for l in model.layers if _output_rank(l) == 4]
+        raise ConfigError(
+            f"model {model.name!r} has no layer {layer!r} (last layers with feature maps: {', '.join(maps[-6:])})"
+        ) from None
+    if _output_rank(found) != 4:
+        raise ConfigError(f"layer {layer!r} of model {model.name!r} does not output feature maps [N, H, W, C]")
+    return found
+
+
+def predict(model: keras.Model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, probabilities) ``[N, classes]``; softmax is applied only if the model lacks one."""
+    outputs = np.concatenate([np.asarray(model(as_batch(images[s]), training=False), np.float32)
+                              for s in _chunks(len(images))]) if len(images) else np.zeros((0, NUM_CLASSES))
+    last = _output_layers(model)[-1]
+    if getattr(last, "activation", None) is keras.activations.softmax or isinstance(last, keras.layers.Softmax):
+        return np.log(np.clip(outputs, 1e-12, None)), outputs
+    e = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+    return outputs, e / e.sum(axis=1, keepdims=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Maps
+
+
+def vanilla_saliency(model: keras.Model, images: np.ndarray, classes: Sequence[int],
+                     normalize: bool = True) -> np.ndarray:
+    """|d logit[class] / d pixel| per image, ``[N, H, W]`` (max over channels; per image 0-1 if
+    ``normalize``). Pixels the model ignores get exactly 0."""
+    return smoothgrad(model, images, classes, samples=0, normalize=normalize)
+
+
+def smoothgrad(model: keras.Model, images: np.ndarray, classes: Sequence[int],
+               samples: int = DEFAULT_SMOOTH_SAMPLES, noise: float = DEFAULT_SMOOTH_NOISE,
+               normalize: bool = True) -> np.ndarray:
+    """Saliency averaged over ``samples`` noisy copies (noise std = ``noise`` x the image's value
+    range), ``[N, H, W]``: removes the speckle of single gradients. ``samples=0`` is vanilla."""
+    x = as_batch(images)
+    model = linearize(model)
+    targets = _class_list(classes, int(x.shape[0]), int(model.outputs[0].shape[-1]))
+    saliency = Saliency(model, clone=False)
+    out = []
+    with quiet_keras():
+        for s in _chunks(int(x.shape[0])):
+            out.append(np.asarray(saliency(CategoricalScore(targets[s]), x[s], smooth_samples=samples,
+                                           smooth_noise=noise, normalize_map=normalize)))
+    return np.concatenate(out).reshape(x.shape[:3]) if out else np.zeros(x.shape[:3], np.float32)
+
+
+def gradcam_plus_plus(model: keras.Model, images: np.ndarray, classes: Sequence[int],
+                      layer: str = LAST_CONV_LAYER, normalize: bool = True) -> np.ndarray:
+    """Grad-CAM++ on ``layer``'s feature maps, resized to the input, ``[N, H, W]``.
+
+    The layer is passed by name because tf-keras-vis only finds top-level Conv layers by itself,
+    and ResNet stages are custom BasicBlock layers.
+    """
+    x = as_batch(images)
+    model = linearize(model)
+    check_layer(model, layer)
+    targets = _class_list(classes, int(x.shape[0]), int(model.outputs[0].shape[-1]))
+    cam = GradcamPlusPlus(model, clone=False)
+    out = []
+    with quiet_keras():
+        for s in _chunks(int(x.shape[0])):
+            out.append(np.asarray(cam(CategoricalScore(targets[s]), x[s], penultimate_layer=layer,
+                                      seek_penultimate_conv_layer=False, normalize_cam=normalize)))
+    return np.concatenate(out).reshape(x.shape[:3]) if out else np.zeros(x.shape[:3], np.float32)
+
+
+def target_classes(target: str, labels: np.ndarray, predictions: np.ndarray, ids: Sequence[str]) -> np.ndarray:
+    """The class each map explains: the prediction, or the true label (needs labels)."""
+    if target == "pred":
+        return np.asarray(predictions, np.int64)
+    if target == "true":
+        labels = np.asarray(labels, np.int64)
+        missing = np.flatnonzero(labels < 0)
+        if missing.size:
+            raise ConfigError(f"--target=true but image {ids[missing[0]]} has no label; use --target=pred")
+        return labels
+    raise ConfigError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing images
+
+
+@dataclasses.dataclass
+class Selection:
+    """Images to explain with what is known about them (label -1 = unknown)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    ids: list[str]
+    sources: list[str]
+    indices: list[int | None]
+
+
+def parse_int_list(values: Sequence[str], what: str) -> list[int]:
+    """``["3", "10-12"]`` -> ``[3, 10, 11, 12]``; ranges are inclusive, as users read them."""
+    out: list[int] = []
+    for value in values:
+        text = str(value).strip()
+        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", text)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise ConfigError(f"{what}: range {text!r} is empty")
+            out.extend(range(lo, hi + 1))
+        elif re.fullmatch(r"\d+", text):
+            out.append(int(text))
+        else:
+            raise ConfigError(f"{what}: {text!r} is not a non-negative integer or a range like 0-15")
+    return out
+
+
+def split_indices(split: fer_data.Split, indices: Sequence[int], source: str, split_name: str) -> list[int]:
+    """Checks indices against the split so the error names the file, split and index."""
+    n = len(split)
+    for i in indices:
+        if not 0 <= i < n:
+            raise DataError(
+                f"{source}: index {i} is out of range of split {fer_data.split_label(split_name)}, "
+                f"which has {n} images (0-{n - 1})"
+            )
+    return list(indices)
+
+
+def one_per_class(split: fer_data.Split) -> list[int]:
+    """The first image of each class present, in class order; the first images if unlabeled."""
+    if not split.labeled:
+        return list(range(min(NUM_CLASSES, len(split))))
+    return [int(np.flatnonzero(split.labels == c)[0]) for c in range(NUM_CLASSES) if (split.labels == c).any()]
+
+
+def from_split(data_path: str | None, split_name: str, indices: Sequence[int] | None) -> Selection:
+    """Images by index (or one per class) from a split of any layout ``fer_keras.data`` reads."""
+    data = fer_data.load(data_path)
+    split = data.split(split_name)
+    chosen = split_indices(split, indices, data.source, split_name) if indices else one_per_class(split)
+    return Selection(
+        images=split.images[chosen],
+        labels=split.labels[chosen],
+        ids=[str(split.ids[i]) for i in chosen],
+        sources=[f"{data.source}:{fer_data.canonical_split(split_name)}[{i}]" for i in chosen],
+        indices=list(chosen),
+    )
+
+
+def from_files(paths: Sequence[str]) -> Selection:
+    """Image files; a parent folder named after a class (``happy/x.png``) gives the true label."""
+    images, labels = [], []
+    for p in paths:
+        array, _ = fer_data.read_image(p)
+        images.append(array)
+        parent = Path(p).parent.name.lower()
+        labels.append(CLASS_NAMES.index(parent) if parent in CLASS_NAMES else -1)
+    return Selection(np.stack(images), np.asarray(labels, np.int64), [Path(p).name for p in paths],
+                     [str(p) for p in paths], [None] * len(paths))
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+
+
+def class_name(c: int) -> str:
+    return CLASS_NAMES[c] if 0 <= c < len(CLASS_NAMES) else "?"
+
+
+def _slug(text: str) -> str:
+    """A file-name part from an image id such as ``happy/Training_1.jpg``."""
+    if Path(text).suffix.lower() in fer_data.IMAGE_SUFFIXES:
+        text = text[: -len(Path(text).suffix)]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:60] or "image"
+
+
+def _caption(label: int, pred: int, prob: float) -> str:
+    return f"true: {class_name(label) if label >= 0 else 'unknown'}, pred: {class_name(pred)} ({prob:.0%})"
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure drawn by the Agg canvas directly: no pyplot state, no display needed."""
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _panels(axes: Sequence[Axes], fig: Figure, image: np.ndarray, saliency: np.ndarray,
+            smooth: np.ndarray, cam: np.ndarray, colorbars: bool) -> None:
+    gray = np.asarray(image, np.float32).reshape(image.shape[0], image.shape[1])
+    shown = [
+        axes[0].imshow(gray, cmap="gray", vmin=0, vmax=255),
+        axes[1].imshow(saliency, cmap="inferno"),
+        axes[2].imshow(smooth, cmap="inferno"),
+    ]
+    axes[3].imshow(gray, cmap="gray", vmin=0, vmax=255)
+    shown.append(axes[3].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=max(float(np.max(cam)), 1e-6)))
+    for ax, im in zip(axes, shown):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if colorbars:
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+
+
+def plot_explanation(path: str | Path, image: np.ndarray, saliency: np.ndarray, smooth: np.ndarray,
+                     cam: np.ndarray, label: int, pred: int, prob: float, target: int,
+                     title: str = "", layer: str = LAST_CONV_LAYER, smooth_samples: int = 0) -> Path:
+    """One image's figure: input, saliency, SmoothGrad and Grad-CAM++ overlay with colour bars."""
+    fig = new_figure(13, 3.6)
+    axes = fig.subplots(1, 4)
+    _panels(axes, fig, image, saliency, smooth, cam, colorbars=True)
+    axes[0].set_title(f"input\ntrue: {class_name(label) if label >= 0 else 'unknown'}", fontsize=9)
+    axes[1].set_title(f"saliency\nscore: {class_name(target)} logit", fontsize=9)
+    axes[2].set_title(f"SmoothGrad ({smooth_samples} samples)\npred: {class_name(pred)} ({prob:.0%})", fontsize=9)
+    axes[3].set_title(f"Grad-CAM++ on {layer}\nscore: {class_name(target)}", fontsize=9)
+    fig.suptitle(f"{title}  -  {_caption(label, pred, prob)}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_grid(path: str | Path, images: np.ndarray, saliency: np.ndarray, smooth: np.ndarray,
+              cam: np.ndarray, labels: Sequence[int], preds: Sequence[int], probs: Sequence[float],
+              titles: Sequence[str]) -> Path:
+    """All images in one figure, one row each, so models or images can be compared at a glance."""
+    n = len(images)
+    fig = new_figure(9, 2.3 * max(n, 1))
+    axes = fig.subplots(max(n, 1), 4, squeeze=False)
+    for i in range(n):
+        _panels(axes[i], fig, images[i], saliency[i], smooth[i], cam[i], colorbars=False)
+        axes[i][0].set_ylabel(f"{titles[i]}\n{_caption(int(labels[i]), int(preds[i]), float(probs[i]))}",
+                              fontsize=7)
+    for ax, name in zip(axes[0], ("input", "saliency", "SmoothGrad", "Grad-CAM++")):
+        ax.set_title(name, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Entrypoint
+
+
+def explain(model: keras.Model, selection: Selection, output_dir: str | Path, target: str = "pred",
+            layer: str = LAST_CONV_LAYER, smooth_samples: int = DEFAULT_SMOOTH_SAMPLES,
+            smooth_noise: float = DEFAULT_SMOOTH_NOISE, metadata: dict | None = None) -> dict:
+    """Computes all maps for a selection, writes the figures and the JSON (with ``metadata`` such as
+    the model and data paths first); returns the JSON dict."""
+    expected = tuple(model.inputs[0].shape[1:])
+    if tuple(selection.images.shape[1:]) != expected:
+        raise ModelError(f"model {model.name!r} takes images of shape {expected}, got {selection.images.shape[1:]}")
+    check_layer(model, layer)
+    _, probs = predict(model, selection.images)
+    model = linearize(model)  # once here, not a clone per map
+    preds = probs.argmax(axis=1)
+    classes = target_classes(target, selection.labels, preds, selection.ids)
+    saliency = vanilla_saliency(model, selection.images, classes)
+    smooth = smoothgrad(model, selection.images, classes, smooth_samples, smooth_noise)
+    cam = gradcam_plus_plus(model, selection.images, classes, layer)
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    titles = []
+    for k in range(len(selection.images)):
+        label, pred = int(selection.labels[k]), int(preds[k])
+        title = selection.ids[k] if selection.indices[k] is None else f"#{selection.indices[k]} (id {selection.ids[k]})"
+        titles.append(title)
+        figure = plot_explanation(out / f"{k:03d}_{_slug(selection.ids[k])}.png", selection.images[k],
+                                  saliency[k], smooth[k], cam[k], label, pred, float(probs[k, pred]),
+                                  int(classes[k]), title, layer, smooth_samples)
+        records.append({
+            "source": selection.sources[k],
+            "index": selection.indices[k],
+            "id": selection.ids[k],
+            "true": label if label >= 0 else None,
+            "true_label": class_name(label) if label >= 0 else None,
+            "pred": pred,
+            "pred_label": class_name(pred),
+            "target": int(classes[k]),
+            "target_label": class_name(int(classes[k])),
+            "probabilities": {class_name(c): round(float(p), 6) for c, p in enumerate(probs[k])},
+            "figure": str(figure),
+        })
+    grid = plot_grid(out / "grid.png", selection.images, saliency, smooth, cam, selection.labels, preds,
+                     probs[np.arange(len(preds)), preds], titles)
+    report = {
+        **(metadata or {}),
+        "target": target,
+        "layer": layer,
+        "smooth_samples": smooth_samples,
+        "smooth_noise": smooth_noise,
+        "grid": str(grid),
+        "images": records,
+    }
+    (out / "saliency.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("model", None, "A .keras file, training run directory or SavedModel export; "
+                        "default: the shipped model.")
+    flags.DEFINE_string("data", None, "FER2013 in any layout fer_keras.data reads; default: the bundled sample.")
+    flags.DEFINE_string("split", "val", "Split to pick images from: train, val (PublicTest) or test (PrivateTest).")
+    flags.DEFINE_list("indices", None, "Image indices in the split, e.g. 0,5,10-12; default: one image per class.")
+    flags.DEFINE_list("images", None, "Image files instead of split indices, e.g. a.jpg,happy/b.png "
+                      "(a parent folder named after a class gives the true label).")
+    flags.DEFINE_enum("target", "pred", TARGETS, "Class whose logit is explained: predicted or true.")
+    flags.DEFINE_string("layer", LAST_CONV_LAYER, "Layer with feature maps for Grad-CAM++.")
+    flags.DEFINE_integer("smooth_samples", DEFAULT_SMOOTH_SAMPLES, "Noisy copies averaged by SmoothGrad.")
+    flags.DEFINE_float("smooth_noise", DEFAULT_SMOOTH_NOISE,
+                       "SmoothGrad noise std as a fraction of the image's value range.")
+    flags.DEFINE_string("output_dir", DEFAULT_OUTPUT_DIR, "Folder for the PNGs and saliency.json.")
+    flags.DEFINE_integer("seed", 0, "Random seed (SmoothGrad noise).")
+    flags.register_validator("smooth_samples", lambda v: v >= 1, "--smooth_samples must be >= 1")
+    flags.register_validator("smooth_noise", lambda v: v > 0, "--smooth_noise must be > 0")
+    flags.register_validator("split", lambda v: v.strip().lower() in fer_data.SPLIT_ALIASES,
+                             "--split must be train, val (PublicTest) or test (PrivateTest)")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
+    if f.indices and f.images:
+        raise ConfigError("give either --indices or --images, not both")
+    if f.images:
+        selection = from_files(f.images)
+        metadata = {}
+    else:
+        selection = from_split(f.data, f.split, parse_int_list(f.indices, "--indices") if f.indices else None)
+        metadata = {"data": f.data or str(fer_data.SAMPLE_PATH), "split": fer_data.canonical_split(f.split)}
+    from fer_keras.inference import load_keras
+
+    model = load_keras(f.model)
+    keras.utils.set_random_seed(f.seed)
+    metadata = {"model": str(Path(f.model).resolve()) if f.model else "shipped model", **metadata}
+    report = explain(model, selection, f.output_dir, f.target, f.layer, f.smooth_samples, f.smooth_noise,
+                     metadata)
+    for r in report["images"]:
+        print(f"{r['id']}: true {r['true_label'] or 'unknown'}, pred {r['pred_label']} "
+              f"({r['probabilities'][r['pred_label']]:.0%}) -> {r['figure']}")
+    print(f"wrote {len(report['images'])} figure(s), {report['grid']} and "
+          f"{Path(f.output_dir) / 'saliency.json'}")
+
+
+if __name__ == "__main__":
+    cli.quiet_tensorflow()
+    define_flags()
+    cli.run(main)
+    sys.exit(0)

@@ -1,0 +1,187 @@
+"""Filter visualisation on models whose answer is known, and the ``python -m fer_keras.filters`` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from fer_keras import CLASS_NAMES
+from fer_keras import filters as flt
+from fer_keras.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def zero_mean_conv_model() -> keras.Model:
+    """Two small ReLU convs with zero-mean kernels, so random images give a modest activation."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((48, 48, 1))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv1")(x)
+    x = keras.layers.Conv2D(4, 3, strides=2, activation="relu", name="conv2")(x)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    for name in ("conv1", "conv2"):
+        kernel, bias = model.get_layer(name).get_weights()
+        model.get_layer(name).set_weights([kernel - kernel.mean(axis=(0, 1, 2), keepdims=True), bias])
+    return model
+
+
+def brightness_model() -> keras.Model:
+    """Filter 0 sums 3x3 pixels (brightness), filter 1 is its negative (darkness)."""
+    inputs = keras.Input((48, 48, 1))
+    conv = keras.layers.Conv2D(2, 3, use_bias=False, name="bright")
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(conv(inputs)))
+    kernel = np.ones((3, 3, 1, 2), np.float32)
+    kernel[..., 1] = -1.0
+    conv.set_weights([kernel])
+    return model
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+    with Image.open(path) as img:
+        img.verify()
+
+
+def write_challenge_csv(path: Path) -> None:
+    """A tiny fer2013.csv: one PublicTest row per class plus two Training rows."""
+    rng = np.random.default_rng(3)
+    rows = ["emotion,pixels,Usage"]
+    for c in range(len(CLASS_NAMES)):
+        rows.append(f"{c},{' '.join(map(str, rng.integers(0, 256, 2304)))},PublicTest")
+    for c in (0, 3):
+        rows.append(f"{c},{' '.join(map(str, rng.integers(0, 256, 2304)))},Training")
+    path.write_text("\n".join(rows) + "\n")
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.setdefault("FER_KERAS_CACHE", str(cwd / "cache"))
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "fer_keras.filters", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+# --------------------------------------------------------------------------------------------
+# Activation maximisation
+
+
+@pytest.mark.parametrize("layer", ["conv1", "conv2"])
+def test_maximization_beats_random_inputs(layer):
+    model = zero_mean_conv_model()
+    filters = [0, 1, 2, 3]
+    result = flt.maximize_filters(model, layer, filters, steps=30, seed=0)
+    assert result.images.shape == (4, 48, 48, 1)
+    assert result.images.min() >= 0.0 and result.images.max() <= 255.0
+    sub = flt.filter_model(model, layer)
+    rng = np.random.default_rng(1)
+    random_images = rng.uniform(0, 255, (32, 48, 48, 1)).astype(np.float32)
+    random_mean = flt.channel_means(sub, random_images, filters).mean(axis=0)
+    reached = flt.channel_means(sub, result.images, filters)[np.arange(4), np.arange(4)]
+    np.testing.assert_allclose(reached, result.activations, rtol=1e-5)
+    assert np.all(random_mean > 0)
+    assert np.all(reached >= 2.0 * random_mean), (reached, random_mean)
+
+
+def test_progress_callback_reports_every_batch(capsys):
+    model = zero_mean_conv_model()
+    flt.maximize_filters(model, "conv1", [0, 1, 2], steps=4, batch_size=2, seed=0,
+                         progress=lambda label: flt.StderrProgress(label, every=2))
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["conv1 filters 0-1"] * 2 + ["conv1 filter 2"] * 2
+    assert lines[-1].startswith("conv1 filter 2: step 4/4, score ")
+
+
+def test_filter_score_picks_each_samples_filter():
+    output = tf.constant(np.arange(2 * 2 * 2 * 3, dtype=np.float32).reshape(2, 2, 2, 3))
+    means = output.numpy().mean(axis=(1, 2))
+    score = flt.FilterScore([2, 0], scale=[1.0, 2.0])(output).numpy()
+    np.testing.assert_allclose(score, [means[0, 2], means[1, 0] / 2.0])
+
+
+def test_bad_layer_and_filter_are_config_errors():
+    model = zero_mean_conv_model()
+    with pytest.raises(ConfigError, match="filter 4 is out of range of layer 'conv1', which has 4 filters"):
+        flt.maximize_filters(model, "conv1", [0, 4], steps=1)
+    with pytest.raises(ConfigError, match="no layer 'conv9'"):
+        flt.top_k_images(model, "conv9", np.zeros((1, 48, 48, 1)), [0], 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Feature maps and top-k
+
+
+def test_top_k_are_the_brightest_and_darkest_images():
+    rng = np.random.default_rng(5)
+    brightness = rng.permutation(np.linspace(10, 240, 12))
+    images = np.clip(brightness[:, None, None, None] + rng.normal(0, 3, (12, 48, 48, 1)), 0, 255).astype(np.uint8)
+    indices, values = flt.top_k_images(brightness_model(), "bright", images, [0, 1], k=3)
+    assert indices.shape == values.shape == (2, 3)
+    np.testing.assert_array_equal(indices[0], np.argsort(-brightness)[:3])
+    np.testing.assert_array_equal(indices[1], np.argsort(brightness)[:3])
+    assert np.all(np.diff(values, axis=1) <= 0)  # strongest first
+    np.testing.assert_allclose(values[0, 0], 9 * images[indices[0, 0]].mean(), rtol=0.02)
+
+
+def test_feature_maps_of_a_constant_image():
+    image = np.full((48, 48, 1), 10, np.uint8)
+    maps = flt.feature_maps(brightness_model(), "bright", image, [1, 0])
+    assert maps.shape == (2, 46, 46)
+    np.testing.assert_allclose(maps[0], -90.0)
+    np.testing.assert_allclose(maps[1], 90.0)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory) -> tuple[Path, Path, Path]:
+    from fer_keras.model import resnet18
+
+    root = tmp_path_factory.mktemp("filters_cli")
+    resnet18("imagenet").save(root / "m.keras")
+    write_challenge_csv(root / "fer2013.csv")
+    return root, root / "m.keras", root / "fer2013.csv"
+
+
+def test_cli_writes_grids_and_json(cli_inputs):
+    root, model, csv = cli_inputs
+    out = root / "out"
+    result = run_cli(f"--model={model}", f"--data={csv}", f"--output_dir={out}", "--filters=0,3",
+                     "--steps=2", "--top_k=2", "--image_index=6", cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "filters.json").read_text())
+    assert list(report["layers"]) == ["stem_conv", "stage4_block2"]
+    assert report["feature_map_image"]["index"] == 6 and report["split"] == "val"
+    for layer, entry in report["layers"].items():
+        assert [f["filter"] for f in entry["filters"]] == [0, 3]
+        for f in entry["filters"]:
+            assert len(f["top_k"]) == 2
+            assert all(0 <= t["index"] < 7 and t["id"] == str(t["index"]) for t in f["top_k"])
+            assert f["top_k"][0]["activation"] >= f["top_k"][1]["activation"]
+        assert sorted(Path(p).name for p in entry["figures"].values()) == sorted(
+            [f"{layer}_maximization.png", f"{layer}_feature_maps.png", f"{layer}_top2.png"])
+        for p in entry["figures"].values():
+            assert_png(Path(p))
+    assert "stage4_block2 filters 0,3: step 2/2" in result.stderr
+    assert "wrote" in result.stdout
+
+
+def test_cli_image_index_out_of_range_is_a_one_line_error(cli_inputs):
+    root, model, csv = cli_inputs
+    result = run_cli(f"--model={model}", f"--data={csv}", "--image_index=7", "--steps=1", cwd=root)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "index 7 is out of range of split val" in errors[0] and "fer2013.csv" in errors[0]

@@ -1,0 +1,144 @@
+"""Tests of fer_keras.report on a tiny real training run (one epoch on 64 images of the bundled sample)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+
+from fer_keras import report
+from fer_keras.errors import ConfigError, DataError, ModelError
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TRAINABLE_IMAGENET_1CH = "11,173,831"
+IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+TINY = dict(filter_steps=2, saliency_samples=1, num_filters=2, top_k=2)
+
+
+def headings(markdown: str) -> list[str]:
+    return re.findall(r"^## (.+)$", markdown, flags=re.M)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    from fer_keras import train
+
+    model_dir = tmp_path_factory.mktemp("report_run") / "run"
+    train.run(train.TrainConfig(
+        model_dir=str(model_dir), export=False, stem="imagenet", epochs=1, batch_size=32,
+        max_train_examples=64, max_val_examples=32, verbose=0,
+    ))
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def full_report(run_dir, tmp_path_factory) -> tuple[Path, list[str]]:
+    messages: list[str] = []
+    out = tmp_path_factory.mktemp("report_out") / "report"
+    path = report.build_report(run_dir, None, out, progress=messages.append, **TINY)
+    return path, messages
+
+
+def test_full_report_has_every_section_and_the_facts(full_report):
+    path, messages = full_report
+    text = path.read_text()
+    assert headings(text) == [report.TITLES[s] for s in report.SECTIONS]
+    assert len(messages) == len(report.SECTIONS) and messages[0].startswith("[1/6]")
+    assert f"**{TRAINABLE_IMAGENET_1CH} trainable**" in text
+    assert "**imagenet**" in text
+    metrics = json.loads((path.parent / "evaluation" / "val_metrics.json").read_text())
+    assert f"val (PublicTest): accuracy {metrics['accuracy']:.2%}" in text
+    assert "| 1 | val (PublicTest), stratified subset of at most 32 images |" in text
+    assert re.search(r"All \d+ checks pass\.", text)
+    assert "python -m fer_keras.train --flagfile=" in text
+
+
+def test_report_figures_exist_and_html_shows_them(full_report):
+    path, _ = full_report
+    text = path.read_text()
+    links = IMAGE_LINK.findall(text)
+    # history, 2 confusion matrices, one saliency figure per class present, 3 per filter layer.
+    assert len(links) >= 1 + 2 + 7 + 6
+    for link in links:
+        figure = path.parent / unquote(link)
+        assert figure.is_file(), link
+        assert figure.read_bytes()[:8] == PNG_MAGIC, link
+    page = (path.parent / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert page.count("<table>") >= 5
+    for link in links:
+        assert f'<img src="{link}"' in page, link
+    for section in report.SECTIONS:
+        assert f'<h2 id="{report.slug(report.TITLES[section])}">' in page
+    assert "<pre><code>python -m fer_keras.train" in page
+
+
+def test_sections_flag_limits_the_report(run_dir, tmp_path):
+    path = report.build_report(run_dir, None, tmp_path / "r", sections="gradcheck,architecture")
+    text = path.read_text()
+    assert headings(text) == ["Architecture", "Gradient checks"]
+    assert not (tmp_path / "r" / "evaluation").exists()
+    assert "<h2" in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_keras_file_outside_a_run_omits_history_with_a_note(run_dir, tmp_path):
+    model = tmp_path / "model.keras"
+    shutil.copyfile(run_dir / "best.keras", model)
+    text = report.build_report(model, None, tmp_path / "r", sections=["architecture", "history"]).read_text()
+    assert headings(text) == ["Architecture", "Training history"]
+    assert "Omitted:" in text and "keeps no training history" in text
+    assert TRAINABLE_IMAGENET_1CH in text
+    assert "No training configuration is available" in text
+
+
+def test_bad_input_is_a_one_line_error(run_dir, tmp_path):
+    with pytest.raises(ModelError):
+        report.build_report(tmp_path / "missing", None, tmp_path / "r", sections="architecture")
+    unlabeled = tmp_path / "test.csv"
+    unlabeled.write_text("id,feature\n1," + " ".join(["128"] * 48 * 48) + "\n")
+    with pytest.raises(DataError, match="without labels"):
+        report.build_report(run_dir, unlabeled, tmp_path / "r", sections="evaluation", split="test")
+    with pytest.raises(DataError, match="unknown split"):
+        report.build_report(run_dir, None, tmp_path / "r", sections="architecture", split="dev")
+    with pytest.raises(ConfigError, match="unknown section 'bogus'"):
+        report.parse_sections("architecture,bogus")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        report.build_report(tmp_path, None, tmp_path / "file", sections="architecture")
+
+
+def test_cli_missing_model_dir_exits_2_without_traceback(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fer_keras.report", f"--model_dir={tmp_path / 'nope'}",
+         f"--output_dir={tmp_path / 'out'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "nope" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_markdown_converter_subset():
+    markdown = "\n".join([
+        "# Title", "", "Some **bold** and `a<b>` text,", "continued.", "",
+        "| a | b \\| c |", "|---|---:|", "| 1 | 2 |", "",
+        "![A <figure>](dir/x.png)", "", "- one", "- two [link](y.md)", "", "```", "x < 1", "```",
+    ])
+    page = report.markdown_to_html(markdown, "t")
+    assert '<h1 id="title">Title</h1>' in page
+    assert "<p>Some <strong>bold</strong> and <code>a&lt;b&gt;</code> text, continued.</p>" in page
+    assert '<th style="text-align:right">b | c</th>' in page and '<td style="text-align:right">2</td>' in page
+    assert '<img src="dir/x.png" alt="A &lt;figure&gt;">' in page
+    assert '<li>two <a href="y.md">link</a></li>' in page
+    assert "<pre><code>x &lt; 1</code></pre>" in page

@@ -1,0 +1,216 @@
+"""Saliency maps on models whose answer is known, and the ``python -m fer_keras.saliency`` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from fer_keras import CLASS_NAMES
+from fer_keras import saliency as sal
+from fer_keras.errors import ConfigError, DataError
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def left_half_model() -> keras.Model:
+    """Logits that depend only on the left 24 columns of the image."""
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((48, 48, 1))
+    x = keras.layers.Cropping2D(((0, 0), (0, 24)), name="left_half")(inputs)
+    x = keras.layers.Flatten()(x)
+    return keras.Model(inputs, keras.layers.Dense(7, name="logits")(x))
+
+
+def conv_model(activation: str | None = None) -> keras.Model:
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((48, 48, 1))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(4, 3, strides=2, activation="relu", name="features")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(7, activation=activation, name="logits")(x))
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 48, 48, 1), dtype=np.uint8)
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+    with Image.open(path) as img:
+        img.verify()
+
+
+def write_challenge_csv(path: Path, n_val_per_class: int = 1) -> None:
+    """A tiny fer2013.csv: one or more PublicTest rows per class plus two Training rows."""
+    rng = np.random.default_rng(3)
+    rows = ["emotion,pixels,Usage"]
+    for c in range(len(CLASS_NAMES)):
+        for _ in range(n_val_per_class):
+            rows.append(f"{c},{' '.join(map(str, rng.integers(0, 256, 2304)))},PublicTest")
+    for c in (0, 3):
+        rows.append(f"{c},{' '.join(map(str, rng.integers(0, 256, 2304)))},Training")
+    path.write_text("\n".join(rows) + "\n")
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.setdefault("FER_KERAS_CACHE", str(cwd / "cache"))
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "fer_keras.saliency", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+# --------------------------------------------------------------------------------------------
+# Maps
+
+
+def test_saliency_is_exactly_zero_where_the_model_does_not_look():
+    model = left_half_model()
+    x = images(3)
+    classes = [0, 3, 6]
+    for maps in (sal.vanilla_saliency(model, x, classes), sal.smoothgrad(model, x, classes, samples=3)):
+        assert maps.shape == (3, 48, 48)
+        assert np.all(maps[:, :, 24:] == 0.0)
+        assert np.all(maps[:, :, :24] > 0.0)
+
+
+def test_raw_saliency_of_a_linear_model_is_its_weights():
+    model = left_half_model()
+    kernel = model.get_layer("logits").get_weights()[0]  # [48*24, 7]
+    raw = sal.vanilla_saliency(model, images(2), [1, 5], normalize=False)
+    for i, c in enumerate([1, 5]):
+        np.testing.assert_allclose(raw[i, :, :24], np.abs(kernel[:, c]).reshape(48, 24), rtol=1e-5)
+    normalized = sal.vanilla_saliency(model, images(2), [1, 5])
+    assert normalized.max() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_gradcam_plus_plus_has_the_input_shape():
+    cam = sal.gradcam_plus_plus(conv_model(), images(2), [0, 4], layer="features")
+    assert cam.shape == (2, 48, 48)
+    assert np.isfinite(cam).all()
+    assert cam.min() >= 0.0 and cam.max() <= 1.0 + 1e-6
+
+
+def test_gradcam_rejects_unknown_and_flat_layers():
+    model = conv_model()
+    with pytest.raises(ConfigError, match="no layer 'nope'"):
+        sal.gradcam_plus_plus(model, images(1), [0], layer="nope")
+    with pytest.raises(ConfigError, match="does not output feature maps"):
+        sal.gradcam_plus_plus(model, images(1), [0], layer="logits")
+
+
+def test_linearize_replaces_softmax_on_a_copy():
+    model = conv_model(activation="softmax")
+    x = images(2)
+    linear = sal.linearize(model)
+    assert linear is not model
+    probs = np.asarray(model(x.astype(np.float32)))
+    logits = np.asarray(linear(x.astype(np.float32)))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)  # the caller's model keeps softmax
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(e / e.sum(axis=1, keepdims=True), probs, rtol=1e-4, atol=1e-6)
+    logits_model = conv_model()
+    assert sal.linearize(logits_model) is logits_model
+
+
+def test_class_count_must_match_images():
+    with pytest.raises(ConfigError, match="2 target classes for 3 images"):
+        sal.vanilla_saliency(left_half_model(), images(3), [0, 1])
+    with pytest.raises(ConfigError, match="outside 0-6"):
+        sal.vanilla_saliency(left_half_model(), images(1), [7])
+
+
+def test_target_classes():
+    preds = np.array([3, 4])
+    np.testing.assert_array_equal(sal.target_classes("pred", np.array([-1, -1]), preds, ["a", "b"]), preds)
+    np.testing.assert_array_equal(sal.target_classes("true", np.array([0, 6]), preds, ["a", "b"]), [0, 6])
+    with pytest.raises(ConfigError, match="image b has no label"):
+        sal.target_classes("true", np.array([0, -1]), preds, ["a", "b"])
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing images
+
+
+def test_parse_int_list():
+    assert sal.parse_int_list(["0", "3-5", " 9 "], "--indices") == [0, 3, 4, 5, 9]
+    with pytest.raises(ConfigError, match="--indices: 'x'"):
+        sal.parse_int_list(["x"], "--indices")
+    with pytest.raises(ConfigError, match="empty"):
+        sal.parse_int_list(["5-3"], "--indices")
+
+
+def test_split_selection(tmp_path):
+    csv = tmp_path / "fer2013.csv"
+    write_challenge_csv(csv, n_val_per_class=2)
+    chosen = sal.from_split(str(csv), "val", None)
+    assert chosen.indices == [0, 2, 4, 6, 8, 10, 12]  # first image of each class
+    assert chosen.labels.tolist() == list(range(7))
+    picked = sal.from_split(str(csv), "PublicTest", [13, 1])
+    assert picked.indices == [13, 1] and picked.labels.tolist() == [6, 0]
+    with pytest.raises(DataError, match=r"fer2013\.csv: index 14 is out of range of split val .* 14 images"):
+        sal.from_split(str(csv), "val", [14])
+
+
+def test_file_selection_takes_labels_from_class_folders(tmp_path):
+    (tmp_path / "happy").mkdir()
+    Image.fromarray(images(1)[0, :, :, 0]).save(tmp_path / "happy" / "a.png")
+    Image.fromarray(images(1, seed=1)[0, :, :, 0]).resize((64, 64)).convert("RGB").save(tmp_path / "b.jpg")
+    chosen = sal.from_files([str(tmp_path / "happy" / "a.png"), str(tmp_path / "b.jpg")])
+    assert chosen.images.shape == (2, 48, 48, 1)
+    assert chosen.labels.tolist() == [CLASS_NAMES.index("happy"), -1]
+    with pytest.raises(DataError, match="missing.png: no such file"):
+        sal.from_files([str(tmp_path / "missing.png")])
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory) -> tuple[Path, Path, Path]:
+    from fer_keras.model import resnet18
+
+    root = tmp_path_factory.mktemp("saliency_cli")
+    resnet18("imagenet").save(root / "m.keras")
+    write_challenge_csv(root / "fer2013.csv")
+    return root, root / "m.keras", root / "fer2013.csv"
+
+
+def test_cli_writes_figures_grid_and_json(cli_inputs):
+    root, model, csv = cli_inputs
+    out = root / "out"
+    result = run_cli(f"--model={model}", f"--data={csv}", f"--output_dir={out}", "--smooth_samples=2",
+                     "--target=true", cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "saliency.json").read_text())
+    assert report["layer"] == "stage4_block2" and report["target"] == "true"
+    assert [r["true_label"] for r in report["images"]] == list(CLASS_NAMES)
+    for r in report["images"]:
+        assert r["target"] == r["true"]
+        assert r["pred_label"] == CLASS_NAMES[r["pred"]]
+        assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert_png(Path(r["figure"]))
+    assert_png(Path(report["grid"]))
+    assert len(list(out.glob("*.png"))) == len(CLASS_NAMES) + 1
+    assert "wrote 7 figure(s)" in result.stdout
+
+
+def test_cli_index_out_of_range_is_a_one_line_error(cli_inputs):
+    root, model, csv = cli_inputs
+    result = run_cli(f"--model={model}", f"--data={csv}", "--indices=0,99", f"--output_dir={root / 'bad'}",
+                     cwd=root)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "index 99 is out of range" in errors[0] and "fer2013.csv" in errors[0]
+    assert not (root / "bad").exists()
