@@ -32,6 +32,10 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
         except FerError as e:
             logging.flush()
             print(f"error: {e}", file=sys.stderr)
+            if e.hard_exit:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

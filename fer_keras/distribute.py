@@ -22,8 +22,12 @@ STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 def configure_cpu_devices(count: int) -> int:
     """Splits the first CPU into ``count`` logical devices (no-op for ``count <= 1``); returns
     the number of logical CPUs. Must run before any TensorFlow op."""
+    if count <= 1:
+        # Listing logical devices would initialise TensorFlow, which MultiWorkerMirroredStrategy
+        # must do itself ("collective ops must be configured at program startup").
+        return 1
     cpus = tf.config.list_physical_devices("CPU")
-    if count > 1 and cpus:
+    if cpus:
         try:
             tf.config.set_logical_device_configuration(
                 cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
@@ -38,6 +42,9 @@ def configure_cpu_devices(count: int) -> int:
     return len(tf.config.list_logical_devices("CPU"))
 
 
+_NO_COLLECTIVE_DTYPES = {tf.uint8, tf.int8, tf.uint16, tf.int16, tf.bool}
+
+
 def _patch_collective_reduce(strategy: tf.distribute.Strategy) -> tf.distribute.Strategy:
     """Works around keras-team/keras#20585: Keras 3 ``fit`` calls ``strategy.reduce`` on nested
     values and passes ``axis`` for scalars, which CollectiveAllReduceStrategy rejects. Remove
@@ -46,6 +53,12 @@ def _patch_collective_reduce(strategy: tf.distribute.Strategy) -> tf.distribute.
 
     def reduce(reduce_op, value, axis=None):
         def one(v):
+            local = strategy.experimental_local_results(v)
+            dtype = getattr(local[0], "dtype", None) if local else None
+            if dtype is not None and tf.as_dtype(dtype) in _NO_COLLECTIVE_DTYPES:
+                # Keras reduces the first (uint8) data batch only to learn its shapes; collectives
+                # reject uint8, and every worker takes this same local path.
+                return local[0]
             rank = getattr(v, "shape", None)
             if axis is not None and rank is not None and rank.rank == 0:
                 return original(reduce_op, v, axis=None)
@@ -57,27 +70,51 @@ def _patch_collective_reduce(strategy: tf.distribute.Strategy) -> tf.distribute.
     return strategy
 
 
+def _multi_worker(all_reduce: str, collective_timeout: float) -> tf.distribute.Strategy:
+    """MultiWorkerMirroredStrategy from TF_CONFIG; it must be created before TensorFlow
+    initialises (hence physical, not logical, device listing here)."""
+    tf_config = os.environ.get("TF_CONFIG", "")
+    if not tf_config:
+        raise ConfigError("--strategy=multi_worker needs TF_CONFIG (cluster and task) in the environment")
+    try:
+        json.loads(tf_config)
+    except ValueError as e:
+        raise ConfigError(f"TF_CONFIG is not valid JSON: {e}") from None
+    gpus = tf.config.list_physical_devices("GPU")
+    implementation = tf.distribute.experimental.CommunicationImplementation
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=implementation.NCCL if gpus and all_reduce in ("auto", "nccl") else implementation.RING,
+        timeout_seconds=collective_timeout or None,
+    )
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    return _patch_collective_reduce(strategy)
+
+
 def create_strategy(
     name: str = "default",
     num_gpus: int | None = None,
     tpu_address: str = "",
     all_reduce: str = "auto",
+    collective_timeout: float = 0.0,
 ) -> tf.distribute.Strategy:
     """Returns the strategy called ``name``; everything creating variables must run in its scope.
 
     * ``default``: no distribution (one device).
     * ``one_device``: OneDeviceStrategy on the first GPU, else the CPU.
     * ``mirrored``: MirroredStrategy over all GPUs, else over all logical CPUs.
-    * ``multi_worker``: MultiWorkerMirroredStrategy configured from ``TF_CONFIG``.
+    * ``multi_worker``: MultiWorkerMirroredStrategy configured from ``TF_CONFIG``; with
+      ``collective_timeout`` > 0 a collective that waits longer (a worker died) fails instead of hanging.
     * ``tpu``: TPUStrategy on ``tpu_address`` (written to the TF docs; untested here).
     """
     if name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "multi_worker":
+        return _multi_worker(all_reduce, collective_timeout)
     gpus = tf.config.list_logical_devices("GPU")
     if num_gpus is not None:
         gpus = gpus[:num_gpus]
-    if name == "default":
-        return tf.distribute.get_strategy()
     if name == "one_device":
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
     if name == "mirrored":
@@ -91,21 +128,6 @@ def create_strategy(
             # NCCL is GPU-only; reduce through the host instead.
             cross = tf.distribute.ReductionToOneDevice()
         return tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=cross)
-    if name == "multi_worker":
-        tf_config = os.environ.get("TF_CONFIG", "")
-        if not tf_config:
-            raise ConfigError("--strategy=multi_worker needs TF_CONFIG (cluster and task) in the environment")
-        try:
-            json.loads(tf_config)
-        except ValueError as e:
-            raise ConfigError(f"TF_CONFIG is not valid JSON: {e}") from None
-        options = tf.distribute.experimental.CommunicationOptions(
-            implementation=tf.distribute.experimental.CommunicationImplementation.NCCL
-            if gpus and all_reduce in ("auto", "nccl")
-            else tf.distribute.experimental.CommunicationImplementation.RING
-        )
-        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
-        return _patch_collective_reduce(strategy)
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address)
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)

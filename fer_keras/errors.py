@@ -4,6 +4,10 @@
 class FerError(Exception):
     """Base class: an error whose message is complete enough to show on its own."""
 
+    # Exit at once after reporting, skipping interpreter shutdown (runtimes left broken, e.g.
+    # collectives after a lost worker, print unrelated errors while shutting down).
+    hard_exit = False
+
 
 class DataError(FerError):
     """Bad input data; the message names the file and the row or image."""
@@ -15,3 +19,9 @@ class ConfigError(FerError):
 
 class ModelError(FerError):
     """A model file that cannot be loaded or used."""
+
+
+class WorkerLostError(FerError):
+    """A multi-worker run lost a peer; the collective runtime cannot shut down cleanly."""
+
+    hard_exit = True

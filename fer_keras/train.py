@@ -32,7 +32,7 @@ import numpy as np
 from absl import flags, logging
 
 from fer_keras import CLASS_NAMES, __version__, cli
-from fer_keras.errors import ConfigError, FerError
+from fer_keras.errors import ConfigError, FerError, WorkerLostError
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -40,7 +40,7 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 CHECKPOINTS_KEPT = 2
 # Fields that may change between an interrupted run and its resumption.
 RESUMABLE_FIELDS = {
-    "strategy", "cpu_devices", "num_gpus", "tpu_address", "verbose", "export", "export_dir",
+    "strategy", "cpu_devices", "num_gpus", "tpu_address", "collective_timeout", "verbose", "export", "export_dir",
     "export_name", "export_version", "export_tta", "use_cache", "data",
 }
 
@@ -57,12 +57,13 @@ class TrainConfig:
     max_train_examples: int = 0
     max_val_examples: int = 0
     # Model.
-    stem: str = "cifar_pool"
+    # Defaults train the bundled sample in minutes; flags/fer2013.cfg holds the full recipe.
+    stem: str = "imagenet"
     input_channels: int = 1
     dropout: float = 0.2
     sync_batchnorm: bool = False
     # Optimisation.
-    epochs: int = 60
+    epochs: int = 15
     batch_size: int = 128
     optimizer: str = "sgd"
     learning_rate: float = 0.1
@@ -88,6 +89,7 @@ class TrainConfig:
     cpu_devices: int = 0
     num_gpus: int = -1
     tpu_address: str = ""
+    collective_timeout: float = 600.0
     # Export.
     export: bool = True
     export_dir: str = "saved_models"
@@ -448,7 +450,8 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
         cpu = config.cpu_devices or (2 if config.strategy == "mirrored" and not tf.config.list_physical_devices("GPU") else 1)
         distribute.configure_cpu_devices(cpu)
         strategy = distribute.create_strategy(
-            config.strategy, None if config.num_gpus < 0 else config.num_gpus, config.tpu_address
+            config.strategy, None if config.num_gpus < 0 else config.num_gpus, config.tpu_address,
+            collective_timeout=config.collective_timeout,
         )
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
@@ -476,7 +479,8 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
             f"{len(train_split)} training images is fewer than one batch of {config.batch_size}"
         )
 
-    latest = _latest_checkpoint(ckpt_dir)
+    # Every worker resumes from the chief's checkpoint, so all of them restart at the same epoch.
+    latest = _latest_checkpoint(model_dir / "checkpoints")
     initial_epoch = latest[1]["epoch"] if latest else 0
     history: list[dict] = list(latest[1]["history"]) if latest else []
     best = (latest[1]["best_epoch"], latest[1]["best_val_accuracy"]) if latest else (0, -1.0)
@@ -541,16 +545,28 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
                 deterministic=True,
             )
             val_ds = pipeline.eval_dataset(val_split, config.batch_size)
-            model.fit(
-                train_ds,
-                validation_data=val_ds,
-                epochs=config.epochs,
-                initial_epoch=initial_epoch,
-                steps_per_epoch=steps,
-                callbacks=callbacks,
-                verbose=config.verbose,
-                shuffle=False,  # the dataset is already shuffled per (seed, epoch)
-            )
+            try:
+                model.fit(
+                    train_ds,
+                    validation_data=val_ds,
+                    epochs=config.epochs,
+                    initial_epoch=initial_epoch,
+                    steps_per_epoch=steps,
+                    callbacks=callbacks,
+                    verbose=config.verbose,
+                    shuffle=False,  # the dataset is already shuffled per (seed, epoch)
+                )
+            except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+                    tf.errors.AbortedError) as e:
+                if config.strategy != "multi_worker":
+                    raise
+                kept = _latest_checkpoint(ckpt_dir)
+                done = f"epochs up to {kept[1]['epoch']} are kept" if kept else "no epoch was completed"
+                first = (e.message or type(e).__name__).strip().splitlines()[0][:160]
+                raise WorkerLostError(
+                    f"multi-worker training lost a worker ({type(e).__name__}: {first}); {done}; "
+                    "rerun every worker with the same command to resume"
+                ) from None
         if guard.failed_at is not None:
             epoch, batch, value = guard.failed_at
             kept = _latest_checkpoint(ckpt_dir)
@@ -649,6 +665,8 @@ def define_flags() -> None:
     f.DEFINE_integer("cpu_devices", d.cpu_devices, "Logical CPU devices (0: 2 for mirrored on a CPU-only machine, else 1).")
     f.DEFINE_integer("num_gpus", d.num_gpus, "GPUs to use with mirrored (-1: all).")
     f.DEFINE_string("tpu_address", d.tpu_address, "TPU name or grpc:// address for --strategy=tpu.")
+    f.DEFINE_float("collective_timeout", d.collective_timeout, "multi_worker: seconds a collective may wait "
+                   "for the other workers before the run fails (0: wait forever).")
     f.DEFINE_boolean("export", d.export, "Export the best model for TF Serving at the end.")
     f.DEFINE_string("export_dir", d.export_dir, "Base folder of exports: EXPORT_DIR/EXPORT_NAME/VERSION.")
     f.DEFINE_string("export_name", d.export_name, "Model name of the export.")
@@ -667,6 +685,7 @@ def define_flags() -> None:
     f.register_validator("val_fraction", lambda v: 0 < v < 1, "--val_fraction must be in (0, 1)")
     f.register_validator("warmup_epochs", lambda v: v >= 0, "--warmup_epochs must be >= 0")
     f.register_validator("cpu_devices", lambda v: v >= 0, "--cpu_devices must be >= 0")
+    f.register_validator("collective_timeout", lambda v: v >= 0, "--collective_timeout must be >= 0")
     f.register_validator("export_version", lambda v: v >= 0, "--export_version must be >= 0")
     f.register_validator("shift", lambda v: 0 <= v <= 0.5, "--shift must be in [0, 0.5]")
     f.register_validator("rotation", lambda v: 0 <= v <= 180, "--rotation must be in [0, 180]")

@@ -131,3 +131,12 @@ def test_export_cli_from_a_run_dir_and_refusing_an_existing_version(trained_run,
     assert again.returncode == 2
     assert again.stderr.strip().splitlines()[-1].startswith("error:") and "never overwritten" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_an_export_rebuilds_as_the_same_keras_model(exported):
+    from fer_keras.inference import load_keras
+
+    root, path, x, logits = exported
+    model = load_keras(path)
+    assert model.get_layer("stage4_block2").__class__.__name__ == "BasicBlock"
+    np.testing.assert_allclose(np.asarray(model(x.astype("float32"), training=False)), logits, rtol=1e-5, atol=1e-4)
