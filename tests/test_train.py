@@ -126,7 +126,7 @@ def test_cli_bad_flags_exit_non_zero_with_one_line(tmp_path, args, needle):
 
 def small_cli_args(model_dir: Path) -> list[str]:
     return [
-        "--flagfile=flags/smoke.cfg", f"--model_dir={model_dir}", "--epochs=3", "--max_train_examples=128",
+        "--flagfile=flags/smoke.cfg", f"--model_dir={model_dir}", "--epochs=3", "--max_train_examples=64",
         "--deterministic", "--export=false", "--verbose=0", "--dropout=0.2", "--erasing=0.5",
     ]
 
