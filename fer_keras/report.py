@@ -436,7 +436,7 @@ def _validation_name(ctx: _Context) -> str:
 
 
 def section_history(ctx: _Context) -> str:
-    from fer_keras import train
+    from fer_keras import history as history_lib
 
     if ctx.run_dir is None:
         what = "a SavedModel export" if ctx.kind == "saved_model" else "a .keras file outside a training run"
@@ -446,7 +446,7 @@ def section_history(ctx: _Context) -> str:
     history: list[dict] = []
     if csv_path.is_file():
         try:
-            history = train.read_history_csv(csv_path)
+            history = history_lib.read_history_csv(csv_path)
         except (OSError, ValueError, KeyError) as e:
             raise FerError(f"{csv_path}: cannot read the training history ({e})") from None
     if not history and not png_path.is_file():
@@ -455,7 +455,7 @@ def section_history(ctx: _Context) -> str:
     if png_path.is_file():
         shutil.copyfile(png_path, figure)
     else:
-        train.plot_history(history, figure)
+        history_lib.plot_history(history, figure)
     parts = [md_image("Training history: accuracy (left axis) and loss (right axis) per epoch", ctx.link(figure)), ""]
     if not history:
         parts.append(f"`{csv_path}` is missing, so the best epoch cannot be listed.")

@@ -15,29 +15,24 @@ At the end the best model is exported for TF Serving (``saved_models/fer_resnet1
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
-import math
 import os
 import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from absl import flags, logging
+from absl import flags
 
-from fer_keras import CLASS_NAMES, __version__, cli
+from fer_keras import __version__, cli
+from fer_keras.history import atomic_write_text, write_history_csv
 from fer_keras.errors import ConfigError, FerError, WorkerLostError
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-CHECKPOINTS_KEPT = 2
 # Fields that may change between an interrupted run and its resumption.
 RESUMABLE_FIELDS = {
     "strategy", "cpu_devices", "num_gpus", "tpu_address", "collective_timeout", "verbose", "export", "export_dir",
@@ -150,215 +145,6 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Small file helpers: every file a run owns is replaced atomically.
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
-
-
-def write_history_csv(path: Path, history: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, HISTORY_FIELDS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    _atomic_write_text(path, buf.getvalue())
-
-
-def read_history_csv(path: str | os.PathLike) -> list[dict]:
-    with open(path, newline="") as f:
-        return [
-            {k: (int(v) if k == "epoch" else float(v)) for k, v in row.items() if v not in (None, "")}
-            for row in csv.DictReader(f)
-        ]
-
-
-def plot_history(history: list[dict], path: Path, title: str = "ResNet-18 on FER2013") -> None:
-    """Accuracy on the left axis, loss on the right, train and validation per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, ax_acc = plt.subplots(figsize=(8, 5), dpi=100)
-    ax_loss = ax_acc.twinx()
-    lines = []
-    lines += ax_acc.plot(epochs, [100 * r["accuracy"] for r in history], "C0-", label="train accuracy")
-    lines += ax_acc.plot(epochs, [100 * r["val_accuracy"] for r in history], "C1-", label="validation accuracy")
-    lines += ax_loss.plot(epochs, [r["loss"] for r in history], "C0--", label="train loss")
-    lines += ax_loss.plot(epochs, [r["val_loss"] for r in history], "C1--", label="validation loss")
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("accuracy (%)")
-    ax_loss.set_ylabel("loss")
-    ax_acc.grid(alpha=0.3)
-    ax_acc.legend(lines, [line.get_label() for line in lines], loc="center right")
-    ax_acc.set_title(title)
-    fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint (a folder whose state.json parses), or None."""
-    if not ckpt_dir.is_dir():
-        return None
-    for folder in sorted(ckpt_dir.glob("epoch_*"), reverse=True):
-        try:
-            state = json.loads((folder / "state.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if (folder / "model.weights.h5").is_file():
-            return folder, state
-    return None
-
-
-def _rng_variables(model) -> list:
-    """Dropout's seed-generator states: variables of the model that ``save_weights`` leaves out."""
-    weights = {id(v) for v in model.weights}
-    return [v for v in model.variables if id(v) not in weights]
-
-
-def _write_checkpoint(model, ckpt_dir: Path, state: dict) -> Path:
-    """Weights (with optimizer state) + run state, renamed into place only when complete."""
-    epoch = state["epoch"]
-    state = {**state, "rng_state": {v.path: np.asarray(v.numpy()).tolist() for v in _rng_variables(model)}}
-    final = ckpt_dir / f"epoch_{epoch:04d}"
-    tmp = ckpt_dir / f".tmp-epoch_{epoch:04d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_weights(str(tmp / "model.weights.h5"))
-    _atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(ckpt_dir)
-    for old in sorted(ckpt_dir.glob("epoch_*"))[:-CHECKPOINTS_KEPT]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in ckpt_dir.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    return final
-
-
-def _callbacks_module():
-    import keras
-
-    class NonFiniteLoss(keras.callbacks.Callback):
-        """Stops training when the loss becomes NaN or infinite (the run then fails clearly)."""
-
-        def __init__(self):
-            super().__init__()
-            self.failed_at: tuple[int, int, float] | None = None
-            self.epoch = 0
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epoch = epoch
-
-        def on_train_batch_end(self, batch, logs=None):
-            loss = (logs or {}).get("loss")
-            if loss is not None and not math.isfinite(float(loss)):
-                self.failed_at = (self.epoch + 1, batch + 1, float(loss))
-                self.model.stop_training = True
-
-    class RunRecorder(keras.callbacks.Callback):
-        """Per epoch: history row, best model, checkpoint, history.csv/png - each atomic.
-
-        The checkpoint's state holds the full history, so after a crash between two of these
-        writes the rerun rebuilds history.csv from the checkpoint it resumes from.
-        """
-
-        def __init__(self, out_dir: Path, ckpt_dir: Path, chief: bool, guard: NonFiniteLoss,
-                     history: list[dict], best: tuple[int, float], config_json: dict):
-            super().__init__()
-            self.out_dir = out_dir
-            self.ckpt_dir = ckpt_dir
-            self.chief = chief
-            self.guard = guard
-            self.history = history
-            self.best_epoch, self.best_val = best
-            self.config_json = config_json
-            self.started = time.monotonic()
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.monotonic()
-
-        def on_epoch_end(self, epoch, logs=None):
-            if self.guard.failed_at is not None:
-                return
-            logs = logs or {}
-            lr = self.model.optimizer.learning_rate
-            row = {
-                "epoch": epoch + 1,
-                "loss": float(logs.get("loss", float("nan"))),
-                "accuracy": float(logs.get("accuracy", float("nan"))),
-                "val_loss": float(logs.get("val_loss", float("nan"))),
-                "val_accuracy": float(logs.get("val_accuracy", float("nan"))),
-                "learning_rate": float(np.asarray(keras.ops.convert_to_numpy(lr))),
-                "seconds": round(time.monotonic() - self.started, 2),
-            }
-            if not all(math.isfinite(row[k]) for k in ("loss", "val_loss")):
-                self.guard.failed_at = (epoch + 1, 0, row["loss"])
-                self.model.stop_training = True
-                return
-            self.history[:] = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
-            if row["val_accuracy"] > self.best_val:
-                self.best_epoch, self.best_val = row["epoch"], row["val_accuracy"]
-                if self.chief:
-                    tmp = self.out_dir / f".best.tmp-{os.getpid()}.keras"
-                    self.model.save(str(tmp))
-                    os.replace(tmp, self.out_dir / "best.keras")
-            state = {
-                "epoch": row["epoch"],
-                "best_epoch": self.best_epoch,
-                "best_val_accuracy": self.best_val,
-                "history": self.history,
-                "config": self.config_json,
-                "fer_keras_version": __version__,
-            }
-            _write_checkpoint(self.model, self.ckpt_dir, state)
-            if self.chief:
-                write_history_csv(self.out_dir / "history.csv", self.history)
-                plot_history(self.history, self.out_dir / "history.png")
-
-    return NonFiniteLoss, RunRecorder
-
-
-# --------------------------------------------------------------------------------------------
 # The run
 
 
@@ -442,8 +228,8 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
     import keras
     import tensorflow as tf
 
+    from fer_keras import checkpoint, distribute, export, pipeline
     from fer_keras import data as data_lib
-    from fer_keras import distribute, export, pipeline
     from fer_keras.model import resnet18
 
     if strategy is None:
@@ -480,14 +266,14 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
         )
 
     # Every worker resumes from the chief's checkpoint, so all of them restart at the same epoch.
-    latest = _latest_checkpoint(model_dir / "checkpoints")
+    latest = checkpoint.latest_checkpoint(model_dir / "checkpoints")
     initial_epoch = latest[1]["epoch"] if latest else 0
     history: list[dict] = list(latest[1]["history"]) if latest else []
     best = (latest[1]["best_epoch"], latest[1]["best_val_accuracy"]) if latest else (0, -1.0)
     config_json = config.to_json()
     if chief:
-        _atomic_write_text(model_dir / "config.json", json.dumps(config_json, indent=2) + "\n")
-        _atomic_write_text(model_dir / "flags.txt", "".join(
+        atomic_write_text(model_dir / "config.json", json.dumps(config_json, indent=2) + "\n")
+        atomic_write_text(model_dir / "flags.txt", "".join(
             f"--{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}\n"
             for k, v in config_json.items()
         ))
@@ -525,14 +311,13 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
                 model.optimizer.build(model.trainable_variables)
                 model.load_weights(str(latest[0] / "model.weights.h5"))
                 saved_rng = latest[1].get("rng_state", {})
-                for variable in _rng_variables(model):
+                for variable in checkpoint.rng_variables(model):
                     if variable.path in saved_rng:
                         variable.assign(np.asarray(saved_rng[variable.path], variable.dtype))
                 print(f"resuming after epoch {initial_epoch} from {latest[0]}")
 
-        guard_cls, recorder_cls = _callbacks_module()
-        guard = guard_cls()
-        recorder = recorder_cls(out_dir, ckpt_dir, chief, guard, history, best, config_json)
+        guard = checkpoint.NonFiniteLoss()
+        recorder = checkpoint.RunRecorder(out_dir, ckpt_dir, chief, guard, history, best, config_json)
         callbacks = [
             guard,
             keras.callbacks.TensorBoard(str(out_dir / "logs"), update_freq="epoch", write_graph=False, profile_batch=0),
@@ -560,7 +345,7 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
                     tf.errors.AbortedError) as e:
                 if config.strategy != "multi_worker":
                     raise
-                kept = _latest_checkpoint(ckpt_dir)
+                kept = checkpoint.latest_checkpoint(ckpt_dir)
                 done = f"epochs up to {kept[1]['epoch']} are kept" if kept else "no epoch was completed"
                 first = (e.message or type(e).__name__).strip().splitlines()[0][:160]
                 raise WorkerLostError(
@@ -569,7 +354,7 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
                 ) from None
         if guard.failed_at is not None:
             epoch, batch, value = guard.failed_at
-            kept = _latest_checkpoint(ckpt_dir)
+            kept = checkpoint.latest_checkpoint(ckpt_dir)
             where = f"the last good checkpoint is {kept[0]}" if kept else "no checkpoint was written"
             raise FerError(
                 f"training stopped: the loss became {value} at epoch {epoch}"
@@ -614,7 +399,7 @@ def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val
             "train_config": config.to_json(),
         },
     )
-    _atomic_write_text(marker, json.dumps({"path": str(path), "best_epoch": best_epoch}) + "\n")
+    atomic_write_text(marker, json.dumps({"path": str(path), "best_epoch": best_epoch}) + "\n")
     return path
 
 

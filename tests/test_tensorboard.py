@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_env
-from fer_keras import train
+from fer_keras import history as history_lib
 from test_distribute import free_ports
 
 
@@ -26,7 +26,7 @@ def get_json(url: str):
 @pytest.mark.slow
 def test_tensorboard_server_serves_the_history(trained_run, tmp_path):
     config, _ = trained_run
-    rows = train.read_history_csv(Path(config.model_dir) / "history.csv")
+    rows = history_lib.read_history_csv(Path(config.model_dir) / "history.csv")
     port = free_ports(1)[0]
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(Path(config.model_dir) / "logs"),

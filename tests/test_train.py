@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import SMALL_RUN, cli_env
+from fer_keras import history as history_lib
 from fer_keras import train
 from fer_keras.errors import ConfigError, FerError
 
@@ -38,7 +38,7 @@ def read_tensorboard(log_dir: Path) -> dict[tuple[str, str], list[tuple[int, flo
 def test_run_writes_outputs_and_tensorboard_equals_history(trained_run):
     config, result = trained_run
     model_dir = Path(config.model_dir)
-    rows = train.read_history_csv(model_dir / "history.csv")
+    rows = history_lib.read_history_csv(model_dir / "history.csv")
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows == [{k: pytest.approx(v, rel=1e-5) for k, v in r.items() if k != "seconds"} | {"seconds": r["seconds"]}
                     for r in result.history]

@@ -1,0 +1,144 @@
+"""Resumable training state: atomic checkpoints and the callbacks that write them every epoch.
+
+A checkpoint is ``checkpoints/epoch_NNNN/`` holding ``model.weights.h5`` (weights and optimizer
+state) and ``state.json`` (epoch, best validation accuracy, full history, dropout RNG state). It is
+written to a temporary folder and renamed into place, so a kill at any moment leaves complete
+checkpoints only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from fer_keras import __version__
+from fer_keras.history import atomic_write_text, fsync_dir, plot_history, write_history_csv
+
+CHECKPOINTS_KEPT = 2
+
+
+def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint (a folder whose state.json parses), or None."""
+    if not ckpt_dir.is_dir():
+        return None
+    for folder in sorted(ckpt_dir.glob("epoch_*"), reverse=True):
+        try:
+            state = json.loads((folder / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if (folder / "model.weights.h5").is_file():
+            return folder, state
+    return None
+
+
+def rng_variables(model) -> list:
+    """Dropout's seed-generator states: variables of the model that ``save_weights`` leaves out."""
+    weights = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
+def write_checkpoint(model, ckpt_dir: Path, state: dict) -> Path:
+    """Weights (with optimizer state) + run state, renamed into place only when complete."""
+    epoch = state["epoch"]
+    state = {**state, "rng_state": {v.path: np.asarray(v.numpy()).tolist() for v in rng_variables(model)}}
+    final = ckpt_dir / f"epoch_{epoch:04d}"
+    tmp = ckpt_dir / f".tmp-epoch_{epoch:04d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_weights(str(tmp / "model.weights.h5"))
+    atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
+    fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_dir(ckpt_dir)
+    for old in sorted(ckpt_dir.glob("epoch_*"))[:-CHECKPOINTS_KEPT]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_dir.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+class NonFiniteLoss(keras.callbacks.Callback):
+    """Stops training when the loss becomes NaN or infinite (the run then fails clearly)."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed_at: tuple[int, int, float] | None = None
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.failed_at = (self.epoch + 1, batch + 1, float(loss))
+            self.model.stop_training = True
+
+class RunRecorder(keras.callbacks.Callback):
+    """Per epoch: history row, best model, checkpoint, history.csv/png - each atomic.
+
+    The checkpoint's state holds the full history, so after a crash between two of these
+    writes the rerun rebuilds history.csv from the checkpoint it resumes from.
+    """
+
+    def __init__(self, out_dir: Path, ckpt_dir: Path, chief: bool, guard: NonFiniteLoss,
+                 history: list[dict], best: tuple[int, float], config_json: dict):
+        super().__init__()
+        self.out_dir = out_dir
+        self.ckpt_dir = ckpt_dir
+        self.chief = chief
+        self.guard = guard
+        self.history = history
+        self.best_epoch, self.best_val = best
+        self.config_json = config_json
+        self.started = time.monotonic()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.guard.failed_at is not None:
+            return
+        logs = logs or {}
+        lr = self.model.optimizer.learning_rate
+        row = {
+            "epoch": epoch + 1,
+            "loss": float(logs.get("loss", float("nan"))),
+            "accuracy": float(logs.get("accuracy", float("nan"))),
+            "val_loss": float(logs.get("val_loss", float("nan"))),
+            "val_accuracy": float(logs.get("val_accuracy", float("nan"))),
+            "learning_rate": float(np.asarray(keras.ops.convert_to_numpy(lr))),
+            "seconds": round(time.monotonic() - self.started, 2),
+        }
+        if not all(math.isfinite(row[k]) for k in ("loss", "val_loss")):
+            self.guard.failed_at = (epoch + 1, 0, row["loss"])
+            self.model.stop_training = True
+            return
+        self.history[:] = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
+        if row["val_accuracy"] > self.best_val:
+            self.best_epoch, self.best_val = row["epoch"], row["val_accuracy"]
+            if self.chief:
+                tmp = self.out_dir / f".best.tmp-{os.getpid()}.keras"
+                self.model.save(str(tmp))
+                os.replace(tmp, self.out_dir / "best.keras")
+        state = {
+            "epoch": row["epoch"],
+            "best_epoch": self.best_epoch,
+            "best_val_accuracy": self.best_val,
+            "history": self.history,
+            "config": self.config_json,
+            "fer_keras_version": __version__,
+        }
+        write_checkpoint(self.model, self.ckpt_dir, state)
+        if self.chief:
+            write_history_csv(self.out_dir / "history.csv", self.history)
+            plot_history(self.history, self.out_dir / "history.png")

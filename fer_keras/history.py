@@ -1,0 +1,84 @@
+"""Per-epoch training history: ``history.csv`` and the report's ``history.png``, written atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from pathlib import Path
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
+
+
+def write_history_csv(path: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, HISTORY_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_history_csv(path: str | os.PathLike) -> list[dict]:
+    with open(path, newline="") as f:
+        return [
+            {k: (int(v) if k == "epoch" else float(v)) for k, v in row.items() if v not in (None, "")}
+            for row in csv.DictReader(f)
+        ]
+
+
+def plot_history(history: list[dict], path: Path, title: str = "ResNet-18 on FER2013") -> None:
+    """Accuracy on the left axis, loss on the right, train and validation per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, ax_acc = plt.subplots(figsize=(8, 5), dpi=100)
+    ax_loss = ax_acc.twinx()
+    lines = []
+    lines += ax_acc.plot(epochs, [100 * r["accuracy"] for r in history], "C0-", label="train accuracy")
+    lines += ax_acc.plot(epochs, [100 * r["val_accuracy"] for r in history], "C1-", label="validation accuracy")
+    lines += ax_loss.plot(epochs, [r["loss"] for r in history], "C0--", label="train loss")
+    lines += ax_loss.plot(epochs, [r["val_loss"] for r in history], "C1--", label="validation loss")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_loss.set_ylabel("loss")
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend(lines, [line.get_label() for line in lines], loc="center right")
+    ax_acc.set_title(title)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
