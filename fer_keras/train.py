@@ -58,7 +58,7 @@ class TrainConfig:
     dropout: float = 0.2
     sync_batchnorm: bool = False
     # Optimisation.
-    epochs: int = 15
+    epochs: int = 10
     batch_size: int = 128
     optimizer: str = "sgd"
     learning_rate: float = 0.1
