@@ -1,0 +1,84 @@
+"""SIGKILL while checkpoints and exports are being written never leaves a half-written one in place."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_env
+
+WRITER = textwrap.dedent("""
+    import sys, keras, numpy as np
+    from pathlib import Path
+    from fer_keras import checkpoint, export
+    from fer_keras.model import resnet18
+    target, what = Path(sys.argv[1]), sys.argv[2]
+    model = resnet18("imagenet")
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+    model.optimizer.build(model.trainable_variables)
+    print("ready", flush=True)
+    for epoch in range(1, 10_000):
+        if what == "checkpoint":
+            checkpoint.write_checkpoint(model, target, {"epoch": epoch, "history": []})
+        else:
+            export.export_model(model, target, "m")
+        print("wrote", flush=True)
+""")
+
+
+def kill_repeatedly(tmp_path: Path, what: str, target: Path, rounds: int) -> None:
+    """Kills a writer at random moments; the first round lets one write finish, then kills the next."""
+    rng = random.Random(7)
+    for round_ in range(rounds):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target), what], env=cli_env(tmp_path),
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        if round_ == 0:
+            assert proc.stdout.readline().strip() == "wrote"
+        time.sleep(rng.uniform(0.1, 3.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_killed_checkpoint_writes_leave_only_complete_checkpoints(tmp_path):
+    from fer_keras import checkpoint
+
+    target = tmp_path / "checkpoints"
+    kill_repeatedly(tmp_path, "checkpoint", target, rounds=4)
+    final = sorted(target.glob("epoch_*"))
+    assert final
+    for folder in final:
+        assert json.loads((folder / "state.json").read_text())["epoch"] == int(folder.name.split("_")[1])
+        assert (folder / "model.weights.h5").stat().st_size > 40_000_000
+    latest = checkpoint.latest_checkpoint(target)
+    assert latest is not None and latest[0] == final[-1]
+    import h5py
+
+    with h5py.File(latest[0] / "model.weights.h5", "r") as f:  # readable to the end
+        assert "optimizer" in f and "layers" in f
+
+
+@pytest.mark.slow
+def test_killed_exports_leave_only_complete_versions(tmp_path):
+    target = tmp_path / "exports"
+    kill_repeatedly(tmp_path, "export", target, rounds=4)
+    versions = sorted((p for p in (target / "m").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    assert versions
+    assert [int(p.name) for p in versions] == list(range(1, len(versions) + 1))
+    for version in versions:
+        for needed in ("saved_model.pb", "variables/variables.index", "assets.extra/fer_keras.json"):
+            assert (version / needed).is_file(), (version, needed)
+    import tensorflow as tf
+
+    tf.saved_model.load(str(versions[-1])).signatures["serving_default"]
+    # Interrupted writes stay hidden (TF Serving only serves integer folders).
+    assert all(p.name.startswith(".tmp-") for p in (target / "m").iterdir() if not p.name.isdigit())
