@@ -1,0 +1,214 @@
+"""Tests of fer_keras.benchmark and its PyTorch twin: the twin is the same network, the FLOP count is
+right, the machine's peak follows its flags, and the CLI runs end to end with tiny settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import cli_env
+from fer_keras import benchmark
+from fer_keras.model import STEMS, count_params, resnet18
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--repeats=1", "--steps=2", "--warmup=1", "--batch_size=8", "--stems=imagenet", "--precisions=float32",
+        "--skip_torch"]
+
+
+# --------------------------------------------------------------------------------------------
+# The PyTorch twin
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_twin_has_the_parameter_count_of_the_keras_model(stem):
+    pytest.importorskip("torch")
+    from fer_keras import torch_twin
+
+    assert torch_twin.count_params(torch_twin.resnet18(stem)) == count_params(resnet18(stem, 1))
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_twin_with_copied_weights_computes_the_same_logits(stem):
+    torch = pytest.importorskip("torch")
+    from fer_keras import torch_twin
+
+    model = resnet18(stem, 1)
+    rng = np.random.default_rng(0)
+    for w in model.weights:  # non-trivial BatchNorm parameters and statistics, so that BN mismatches show
+        if w.path.rsplit("/", 1)[-1] in ("gamma", "beta", "moving_mean", "moving_variance"):
+            w.assign(rng.uniform(0.5, 1.5, w.shape).astype("float32"))
+    twin = torch_twin.copy_keras_weights(torch_twin.resnet18(stem), model).eval()
+    x = rng.integers(0, 256, (2, 48, 48, 1)).astype("float32")
+    expected = np.asarray(model(x, training=False))
+    with torch.no_grad():
+        got = twin(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_twin_constants_equal_the_keras_model_constants():
+    pytest.importorskip("torch")
+    from fer_keras import model, torch_twin
+
+    for name in ("STEMS", "STAGE_WIDTHS", "BLOCKS_PER_STAGE", "FER2013_MEAN", "FER2013_STD", "BN_EPSILON"):
+        assert getattr(torch_twin, name) == getattr(model, name), name
+    assert torch_twin.BN_MOMENTUM == pytest.approx(1 - model.BN_MOMENTUM)
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def test_flops_of_a_tiny_conv_model_computed_by_hand():
+    L = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, padding="valid", use_bias=True)(inputs)  # 6x6x4
+    x = L.ReLU()(x)
+    x = L.Conv2D(2, 3, strides=2, padding="same", use_bias=False)(x)  # 3x3x2
+    x = L.BatchNormalization()(x)
+    x = L.GlobalAveragePooling2D()(x)
+    outputs = L.Dense(5)(x)
+    flops = benchmark.count_flops(keras.Model(inputs, outputs))
+
+    conv1 = 6 * 6 * 3 * 3 * 3 * 4  # H_out W_out k k C_in C_out = 3888
+    conv2 = 3 * 3 * 3 * 3 * 4 * 2  # 648
+    dense = 2 * 5
+    assert flops["by_term"]["conv_macs"] == conv1 + conv2
+    assert flops["by_term"]["dense_macs"] == dense
+    assert flops["macs"] == 4546
+    assert flops["flops"] == 2 * 4546
+    assert flops["training_flops"] == 3 * 2 * 4546
+    # Bias 6*6*4 + 5, ReLU 6*6*4, BatchNorm 2*3*3*2, global average pool 3*3*2 input elements.
+    assert flops["by_term"]["bias_flops"] == 144 + 5
+    assert flops["by_term"]["relu_flops"] == 144
+    assert flops["by_term"]["batchnorm_flops"] == 36
+    assert flops["by_term"]["pool_flops"] == 18
+    assert flops["other_flops"] == 144 + 5 + 144 + 36 + 18
+    assert flops["uncounted"] == []
+
+
+def resnet18_macs(stem: str) -> int:
+    """Conv + dense MACs of ResNet-18 on 48x48x1, from the architecture rather than the layers."""
+    if stem == "imagenet":
+        side, macs = 12, 24 * 24 * 7 * 7 * 1 * 64
+    else:
+        side, macs = (24 if stem == "cifar_pool" else 48), 48 * 48 * 3 * 3 * 1 * 64
+    channels = 64
+    for stage, width in enumerate((64, 128, 256, 512)):
+        if stage:
+            side = (side + 1) // 2
+            macs += side * side * 9 * channels * width + side * side * channels * width  # conv1 s2 + 1x1 shortcut
+            macs += 3 * side * side * 9 * width * width
+        else:
+            macs += 4 * side * side * 9 * width * width
+        channels = width
+    return macs + 512 * 7
+
+
+@pytest.mark.parametrize("stem, approx_mmac", [("imagenet", 94), ("cifar_pool", 313), ("cifar", 1247)])
+def test_flops_walk_into_the_basic_blocks(stem, approx_mmac):
+    flops = benchmark.count_flops(resnet18(stem, 1, dropout=0.2))
+    assert flops["macs"] == resnet18_macs(stem)
+    assert flops["macs"] / 1e6 == pytest.approx(approx_mmac, rel=0.01)
+    assert flops["uncounted"] == []
+    assert 0 < flops["other_flops"] < 0.02 * flops["flops"]
+
+
+def test_a_layer_with_weights_it_cannot_cost_is_listed_not_ignored():
+    inputs = keras.Input((8, 8, 3))
+    outputs = keras.layers.DepthwiseConv2D(3, name="dw")(inputs)
+    assert benchmark.count_flops(keras.Model(inputs, outputs))["uncounted"] == ["dw (DepthwiseConv2D)"]
+
+
+# --------------------------------------------------------------------------------------------
+# Machine peak
+
+
+def cpuinfo(flags: str, mhz: str = "2000.000") -> str:
+    return (f"processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Test CPU\ncpu MHz\t\t: {mhz}\n"
+            f"siblings\t: 2\ncpu cores\t: 1\nflags\t\t: fpu {flags}\n\nprocessor\t: 1\nflags\t\t: other\n")
+
+
+def test_peak_follows_the_simd_and_bf16_flags(monkeypatch):
+    monkeypatch.setattr(benchmark.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    amx = benchmark.cpu_info(cpuinfo("avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile"), max_khz=3_000_000)
+    assert (amx["model"], amx["cores"], amx["ghz"]) == ("Test CPU", 2, 3.0)  # 4 logical CPUs, 2 threads/core
+    assert amx["fp32_flop_per_cycle_per_core"] == 64
+    assert amx["peak_fp32_gflops"] == pytest.approx(2 * 3.0 * 64)
+    assert amx["peak_bf16_gflops"] == pytest.approx(2 * 3.0 * 2048)
+    avx2 = benchmark.cpu_info(cpuinfo("avx avx2 fma hypervisor"), max_khz=0)
+    assert avx2["ghz"] == 2.0 and "cpu MHz" in avx2["frequency_source"] and avx2["virtualized"]
+    assert avx2["peak_fp32_gflops"] == pytest.approx(2 * 2.0 * 32)
+    assert avx2["peak_bf16_gflops"] == avx2["peak_fp32_gflops"]
+    assert "2 FMA units" in avx2["peak_assumptions"]
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements and the CLI
+
+
+def test_cli_runs_end_to_end_and_writes_json_and_markdown(tmp_path):
+    output = tmp_path / "out" / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fer_keras.benchmark", *TINY, "--skip_serving", f"--output={output}"],
+        cwd=REPO, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| imagenet | float32 |" in proc.stdout
+    assert "## Input pipeline alone" in proc.stdout
+    report = json.loads(output.read_text())
+    assert output.with_suffix(".md").read_text() in proc.stdout
+    row = report["training"][0]
+    assert (row["stem"], row["precision"]) == ("imagenet", "float32")
+    assert row["keras"]["median"] > 0 and len(row["keras"]["repeats"]) == 1
+    assert row["keras"]["peak_rss_mb"] > 100
+    assert row["ratios"]["pipeline_over_keras"] > 0
+    assert row["achieved_gflops"] > 0 and 0 < row["fraction_of_peak"] < 1
+    assert "torch" not in row
+    assert report["pipeline"]["median"] > 0
+    assert report["flops"]["imagenet"]["macs"] == resnet18_macs("imagenet")
+    assert report["flops"]["imagenet"]["params"] == count_params(resnet18("imagenet", 1))
+    assert report["command"].startswith("python -m fer_keras.benchmark --repeats=1")
+    assert report["versions"]["tensorflow"] and report["versions"]["keras"]
+    assert report["machine"]["cpu"]["cores"] >= 1
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--stems=vgg"], "--stems must be"),
+    (["--precisions=mixed_float16"], "--precisions must be"),
+    (["--steps=3", "--steps_per_execution=2"], "multiples of --steps_per_execution"),
+    (["--output=report.txt"], "--output must end with .json"),
+])
+def test_cli_refuses_bad_flags(tmp_path, args, needle):
+    proc = subprocess.run([sys.executable, "-m", "fer_keras.benchmark", *args], cwd=REPO, env=cli_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def spec(**extra) -> dict:
+    settings = benchmark.Settings(batch_size=8, repeats=2, steps=1, warmup=1, serving_batch_size=8,
+                                  serving_batches=1, latency_samples=3)
+    return benchmark._spec(settings, **extra)
+
+
+def test_torch_measurement_in_both_precisions():
+    pytest.importorskip("torch")
+    for precision in benchmark.PRECISIONS:
+        result = benchmark.measure_torch_training(spec(stem="imagenet", precision=precision))
+        assert len(result["repeats"]) == 2 and result["median"] > 0
+        assert result["params"] == 11_173_831
+        assert result["versions"]["torch_threads"] >= 1
+
+
+def test_serving_measures_the_export_and_the_keras_model():
+    result = benchmark.measure_serving(spec(stem="imagenet", precisions=["float32"]))
+    for figures in (result["saved_model"], result["keras"]["float32"]):
+        assert 0 < figures["batch1_p50_ms"] <= figures["batch1_p99_ms"]
+        assert figures["batch_size"] == 8 and figures["throughput"]["median"] > 0
