@@ -930,8 +930,6 @@ def settings_from_flags(values: Any) -> Settings:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
     settings = settings_from_flags(flags.FLAGS)
     command = shlex.join(["python", "-m", "fer_keras.benchmark", *sys.argv[1:]])
     report = run_benchmark(settings, command, log=lambda s: print(s, file=sys.stderr, flush=True))

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from absl import app, flags, logging
 
-from fer_keras.errors import FerError
+from fer_keras.errors import ConfigError, FerError
 
 
 def quiet_tensorflow() -> None:
@@ -28,6 +28,8 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
         try:
+            if len(argv) > 1:
+                raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
             main(argv)
         except FerError as e:
             logging.flush()

@@ -25,11 +25,12 @@ from typing import Sequence
 import numpy as np
 from absl import flags, logging
 
-from fer_keras import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, __version__, cli
+from fer_keras import CLASS_NAMES, NUM_CLASSES, __version__, cli
 from fer_keras import data as fer_data
+from fer_keras import tta as tta_lib
 from fer_keras.errors import ConfigError, DataError
 from fer_keras.predict import PROBABILITY_COLUMNS, atomic_write
-from fer_keras.tta import DEFAULT_CROP_SIZE, TTA_MODES, ProbabilityModel, check_tta, tta_probabilities
+from fer_keras.tta import DEFAULT_CROP_SIZE, ProbabilityModel, check_tta, tta_probabilities
 
 DEFAULT_OUTPUT_DIR = "reports/evaluate"
 
@@ -367,20 +368,13 @@ def define_flags() -> None:
     flags.DEFINE_string("data", None, "FER2013 source: fer2013.csv[.gz], train.csv, an image folder "
                         "(default: the bundled sample).")
     flags.DEFINE_string("split", "val", "Labeled split to evaluate: train, val (PublicTest) or test (PrivateTest).")
-    flags.DEFINE_enum("tta", "none", TTA_MODES, "Test-time augmentation: none, flip (image + mirror image) or "
-                      "tencrop (4 corner + centre crops and their mirror images, averaged).")
-    flags.DEFINE_integer("crop_size", DEFAULT_CROP_SIZE, "Crop side in pixels for --tta=tencrop.")
+    tta_lib.define_flags()
     flags.DEFINE_string("output_dir", DEFAULT_OUTPUT_DIR, "Folder for the metrics JSON, predictions CSV, "
                         "confusion-matrix PNGs and text report.")
-    flags.DEFINE_integer("batch_size", 256, "Images per model call.")
-    flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1")
-    flags.register_validator("crop_size", lambda v: 0 < v <= IMAGE_SIZE, f"--crop_size must be in 1-{IMAGE_SIZE}")
     flags.register_validator("output_dir", lambda v: bool(v), "--output_dir must not be empty")
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
     split_name = fer_data.canonical_split(f.split)
     check_tta(f.tta, f.crop_size)

@@ -171,8 +171,6 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
     model = load_for_export(f.model)
     path = export_model(model, f.export_dir, f.name, f.version or None, f.tta,

@@ -388,8 +388,6 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
     if f.image and f["image_index"].present:
         raise ConfigError("give either --image or --image_index, not both")

@@ -581,8 +581,6 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
     report = run_all(f.output_dir, seed=f.seed)
     print(format_table(report.results))

@@ -23,8 +23,9 @@ from absl import flags, logging
 
 from fer_keras import CLASS_NAMES, IMAGE_SIZE, cli
 from fer_keras import data as fer_data
+from fer_keras import tta as tta_lib
 from fer_keras.errors import ConfigError, DataError
-from fer_keras.tta import DEFAULT_CROP_SIZE, TTA_MODES, check_tta, tta_probabilities
+from fer_keras.tta import check_tta, tta_probabilities
 
 PROBABILITY_COLUMNS = tuple(f"prob_{name}" for name in CLASS_NAMES)
 
@@ -158,19 +159,12 @@ def define_flags() -> None:
                         "test/PrivateTest); default: test if present, else the only split.")
     flags.DEFINE_string("output", "predictions.csv", "Output CSV (id,label), written atomically.")
     flags.DEFINE_boolean("probabilities", False, "Add one probability column per class (prob_angry, ...).")
-    flags.DEFINE_enum("tta", "none", TTA_MODES, "Test-time augmentation: none, flip (image + mirror image) or "
-                      "tencrop (4 corner + centre crops and their mirror images, averaged).")
-    flags.DEFINE_integer("crop_size", DEFAULT_CROP_SIZE, "Crop side in pixels for --tta=tencrop.")
-    flags.DEFINE_integer("batch_size", 256, "Images per model call.")
+    tta_lib.define_flags()
     flags.mark_flag_as_required("data")
-    flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1")
-    flags.register_validator("crop_size", lambda v: 0 < v <= IMAGE_SIZE, f"--crop_size must be in 1-{IMAGE_SIZE}")
     flags.register_validator("output", lambda v: bool(v), "--output must not be empty")
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
     if f.split:
         fer_data.canonical_split(f.split)

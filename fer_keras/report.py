@@ -808,8 +808,6 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
 
     def progress(message: str) -> None:

@@ -445,8 +445,6 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
     if f.indices and f.images:
         raise ConfigError("give either --indices or --images, not both")

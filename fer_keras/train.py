@@ -494,8 +494,6 @@ def config_from_flags(values: Any) -> TrainConfig:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
     result = run(config_from_flags(flags.FLAGS))
     del result
 

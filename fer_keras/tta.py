@@ -93,3 +93,15 @@ def tta_probabilities(
     if not out:
         return np.zeros((0, NUM_CLASSES), np.float32)
     return np.concatenate(out)
+
+
+def define_flags() -> None:
+    """The TTA and batching flags shared by the evaluate and predict entrypoints."""
+    from absl import flags
+
+    flags.DEFINE_enum("tta", "none", TTA_MODES, "Test-time augmentation: none, flip (image + mirror image) or "
+                      "tencrop (4 corner + centre crops and their mirror images, averaged).")
+    flags.DEFINE_integer("crop_size", DEFAULT_CROP_SIZE, "Crop side in pixels for --tta=tencrop.")
+    flags.DEFINE_integer("batch_size", 256, "Images per model call.")
+    flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1")
+    flags.register_validator("crop_size", lambda v: 0 < v <= IMAGE_SIZE, f"--crop_size must be in 1-{IMAGE_SIZE}")
