@@ -55,3 +55,19 @@ def cli_env(tmp_path: Path) -> dict:
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     env["TMPDIR"] = str(tmp_path)
     return env
+
+
+def write_challenge_csv(path: Path, n_val_per_class: int = 1) -> None:
+    """A tiny fer2013.csv: one or more PublicTest rows per class plus two Training rows."""
+    import numpy as np
+
+    from fer_keras import CLASS_NAMES
+
+    rng = np.random.default_rng(3)
+    rows = ["emotion,pixels,Usage"]
+    for c in range(len(CLASS_NAMES)):
+        for _ in range(n_val_per_class):
+            rows.append(f"{c},{' '.join(map(str, rng.integers(0, 256, 2304)))},PublicTest")
+    for c in (0, 3):
+        rows.append(f"{c},{' '.join(map(str, rng.integers(0, 256, 2304)))},Training")
+    path.write_text("\n".join(rows) + "\n")

@@ -11,10 +11,10 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from conftest import write_challenge_csv
 import tensorflow as tf
 from PIL import Image
 
-from fer_keras import CLASS_NAMES
 from fer_keras import filters as flt
 from fer_keras.errors import ConfigError
 
@@ -51,17 +51,6 @@ def assert_png(path: Path) -> None:
     assert path.read_bytes()[:8] == PNG_MAGIC, path
     with Image.open(path) as img:
         img.verify()
-
-
-def write_challenge_csv(path: Path) -> None:
-    """A tiny fer2013.csv: one PublicTest row per class plus two Training rows."""
-    rng = np.random.default_rng(3)
-    rows = ["emotion,pixels,Usage"]
-    for c in range(len(CLASS_NAMES)):
-        rows.append(f"{c},{' '.join(map(str, rng.integers(0, 256, 2304)))},PublicTest")
-    for c in (0, 3):
-        rows.append(f"{c},{' '.join(map(str, rng.integers(0, 256, 2304)))},Training")
-    path.write_text("\n".join(rows) + "\n")
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

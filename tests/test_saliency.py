@@ -11,6 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from conftest import write_challenge_csv
 from PIL import Image
 
 from fer_keras import CLASS_NAMES
@@ -47,18 +48,6 @@ def assert_png(path: Path) -> None:
     assert path.read_bytes()[:8] == PNG_MAGIC, path
     with Image.open(path) as img:
         img.verify()
-
-
-def write_challenge_csv(path: Path, n_val_per_class: int = 1) -> None:
-    """A tiny fer2013.csv: one or more PublicTest rows per class plus two Training rows."""
-    rng = np.random.default_rng(3)
-    rows = ["emotion,pixels,Usage"]
-    for c in range(len(CLASS_NAMES)):
-        for _ in range(n_val_per_class):
-            rows.append(f"{c},{' '.join(map(str, rng.integers(0, 256, 2304)))},PublicTest")
-    for c in (0, 3):
-        rows.append(f"{c},{' '.join(map(str, rng.integers(0, 256, 2304)))},Training")
-    path.write_text("\n".join(rows) + "\n")
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
