@@ -4,6 +4,11 @@ import os as _os
 
 # TensorFlow's C++ start-up chatter hides our own messages; users can still set the variable.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow turns its oneDNN kernels on by default only on CPUs with AVX512-VNNI/BF16 or AMX. On an
+# AVX2-only CPU (the AMD EPYC this project was tuned on) they train ResNet-18 ~5x faster than TF's own
+# kernels (29 -> 144 img/s, float32, batch 128). Must be set before TensorFlow is imported; an explicit
+# user setting (e.g. TF_ENABLE_ONEDNN_OPTS=0 for bit-exact reproductions) wins.
+_os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 __version__ = "0.1.0"
 

@@ -342,6 +342,8 @@ def _configure_tf(spec: dict) -> dict:
     import keras
     import tensorflow as tf
 
+    from fer_keras.distribute import onednn_enabled
+
     if spec["tf_intra_op_threads"]:
         tf.config.threading.set_intra_op_parallelism_threads(spec["tf_intra_op_threads"])
     if spec["tf_inter_op_threads"]:
@@ -351,7 +353,8 @@ def _configure_tf(spec: dict) -> dict:
         "keras": keras.__version__,
         "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
-        "onednn_opts_env": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "(unset: on)"),
+        "onednn_opts_env": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "(unset)"),
+        "onednn_enabled": onednn_enabled(),
     }
 
 
@@ -655,6 +658,33 @@ def _median(result: dict | None) -> float | None:
     return result.get("median") if result and "error" not in result else None
 
 
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes of the machine have used since boot (Linux /proc/stat), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def foreign_cpu_share(busy_before: float | None, busy_after: float | None, own_cpu: float,
+                      wall: float, cores: int) -> float | None:
+    """Fraction of the machine's cores that other processes used while the benchmark ran.
+
+    The load average cannot tell: the benchmark's own workers load every core. Machine-wide busy time
+    minus this process tree's CPU time can.
+    """
+    if busy_before is None or busy_after is None or wall <= 0:
+        return None
+    return max(0.0, (busy_after - busy_before - own_cpu) / (wall * cores))
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def run_benchmark(settings: Settings, command: str, log: Callable[[str], None] = lambda s: None) -> dict:
     """Runs every measurement that ``settings`` asks for and returns the report (a JSON-able dict)."""
     settings.validate()
@@ -662,6 +692,7 @@ def run_benchmark(settings: Settings, command: str, log: Callable[[str], None] =
     run_torch = not settings.skip_torch and not torch_missing
     cpu = cpu_info()
     load_before = os.getloadavg()
+    busy_before, own_before = _busy_cpu_seconds(), _own_cpu_seconds()
     started = time.monotonic()
     jobs = len(settings.stems) * len(settings.precisions) * (1 + run_torch + settings.keras_cached)
     jobs += (not settings.skip_pipeline) + (0 if settings.skip_serving else len(settings.stems))
@@ -729,17 +760,19 @@ def run_benchmark(settings: Settings, command: str, log: Callable[[str], None] =
     notes = []
     if torch_missing and not settings.skip_torch:
         notes.append("PyTorch is not installed (pip install fer_keras[benchmark]): PyTorch rows skipped.")
-    if os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":
-        notes.append("TF_ENABLE_ONEDNN_OPTS=0 is set: oneDNN is off and TensorFlow is several times slower.")
+    if versions.get("onednn_enabled") is False:
+        notes.append("TensorFlow ran without oneDNN (TF_ENABLE_ONEDNN_OPTS=0?): several times slower.")
     load_after = os.getloadavg()
-    if max(load_before[0], load_after[0]) > 0.5:
-        notes.append(f"The machine was not idle (1-min load average {load_before[0]:.2f} at start, "
-                     f"{load_after[0]:.2f} at end): figures are not for quoting.")
+    foreign = foreign_cpu_share(busy_before, _busy_cpu_seconds(), _own_cpu_seconds() - own_before,
+                                time.monotonic() - started, os.cpu_count() or 1)
+    if foreign is not None and foreign > 0.05:
+        notes.append(f"Other processes used {foreign:.0%} of the CPU while this ran: figures are not for quoting.")
     return {
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu, "hostname": platform.node(), "platform": platform.platform(),
-                    "load_average_before": load_before, "load_average_after": load_after},
+                    "load_average_before": load_before, "load_average_after": load_after,
+                    "foreign_cpu_share": foreign},
         "versions": versions,
         "settings": dataclasses.asdict(settings),
         "flops": flops,
@@ -751,6 +784,10 @@ def run_benchmark(settings: Settings, command: str, log: Callable[[str], None] =
         "notes": notes,
         "seconds": time.monotonic() - started,
     }
+
+
+def _pct(share: float | None) -> float | None:
+    return None if share is None else 100 * share
 
 
 def _fmt(value: float | None, spec: str = ".1f", suffix: str = "") -> str:
@@ -791,11 +828,14 @@ def render_markdown(report: dict) -> str:
         f"- threads: TF intra-op {v.get('tf_intra_op_threads', '-')}, inter-op {v.get('tf_inter_op_threads', '-')} "
         f"(0 = TF default, all cores); PyTorch {v.get('torch_threads', '-')} (inter-op "
         f"{v.get('torch_interop_threads', '-')}, kernels {v.get('torch_cpu_capability', '-')}); "
-        f"TF_ENABLE_ONEDNN_OPTS {v.get('onednn_opts_env', '-')}",
+        f"TensorFlow oneDNN kernels {'on' if v.get('onednn_enabled') else 'off'} "
+        f"(TF_ENABLE_ONEDNN_OPTS={v.get('onednn_opts_env', '-')})",
         f"- batch {s['batch_size']}, {s['warmup']} warm-up step(s), median of {s['repeats']} window(s) of "
         f"{s['steps']} step(s); steps_per_execution {s['steps_per_execution']}; data: "
         f"{s['data'] or 'bundled sample'}; load average {report['machine']['load_average_before'][0]:.2f} "
-        f"at start, {report['machine']['load_average_after'][0]:.2f} at end",
+        f"at start, {report['machine']['load_average_after'][0]:.2f} at end (with this benchmark's own "
+        f"load); other processes used {_fmt(_pct(report['machine'].get('foreign_cpu_share')), '.0f', '%')} "
+        "of the CPU meanwhile",
         "",
         "## Training throughput (images/s, median)",
         "",

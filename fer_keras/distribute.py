@@ -150,6 +150,13 @@ def worker_id(strategy: tf.distribute.Strategy) -> str:
     return f"{resolver.task_type}_{resolver.task_id}"
 
 
+def onednn_enabled() -> bool:
+    """Whether TensorFlow runs its oneDNN CPU kernels (``fer_keras`` turns them on; see ``__init__``)."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
 def describe(strategy: tf.distribute.Strategy) -> str:
     kind = type(strategy).__name__
     logging.debug("strategy %s", kind)

@@ -284,7 +284,8 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
         f"fer_keras {__version__}: {distribute.describe(strategy)}, global batch {config.batch_size} "
         f"({config.batch_size // replicas} per replica), {len(train_split):,} training images "
         f"({steps} steps/epoch), validation on {len(val_split):,} images ({val_name}), "
-        f"stem={config.stem}, precision={config.precision}"
+        f"stem={config.stem}, precision={config.precision}, "
+        f"oneDNN {'on' if distribute.onednn_enabled() else 'off (TF_ENABLE_ONEDNN_OPTS=0: several times slower)'}"
     )
 
     previous_policy = keras.config.dtype_policy()

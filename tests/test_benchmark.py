@@ -4,6 +4,7 @@ right, the machine's peak follows its flags, and the CLI runs end to end with ti
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -148,6 +149,15 @@ def test_peak_follows_the_simd_and_bf16_flags(monkeypatch):
     assert "2 FMA units" in avx2["peak_assumptions"]
 
 
+def test_foreign_cpu_share_subtracts_the_benchmarks_own_cpu_time():
+    # 100 s on 2 cores; the machine was busy 150 CPU-s, 120 of them ours: others used 30 / 200.
+    assert benchmark.foreign_cpu_share(1000.0, 1150.0, 120.0, 100.0, 2) == pytest.approx(0.15)
+    assert benchmark.foreign_cpu_share(1000.0, 1100.0, 120.0, 100.0, 2) == 0.0  # clock-tick rounding
+    assert benchmark.foreign_cpu_share(None, 1100.0, 1.0, 100.0, 2) is None
+    busy = benchmark._busy_cpu_seconds()
+    assert busy is None or busy > 0
+
+
 # --------------------------------------------------------------------------------------------
 # Measurements and the CLI
 
@@ -176,6 +186,8 @@ def test_cli_runs_end_to_end_and_writes_json_and_markdown(tmp_path):
     assert report["command"].startswith("python -m fer_keras.benchmark --repeats=1")
     assert report["versions"]["tensorflow"] and report["versions"]["keras"]
     assert report["machine"]["cpu"]["cores"] >= 1
+    assert 0 <= report["machine"]["foreign_cpu_share"] <= 1
+    assert report["versions"]["onednn_enabled"] is (os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0")
 
 
 @pytest.mark.parametrize("args, needle", [
