@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -86,6 +87,33 @@ def serving_function(model: keras.Model, tta: str = "none"):
     return serve
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(base: Path) -> list[Path]:
+    """Deletes hidden ``.tmp-VERSION-HOST-PID`` folders of killed exports from this host.
+
+    Another host's (shared file system) or a live process's unfinished export is left alone.
+    """
+    removed = []
+    host = socket.gethostname()
+    for tmp in base.glob(".tmp-*"):
+        parts = tmp.name[len(".tmp-"):].split("-")
+        if len(parts) < 3 or "-".join(parts[1:-1]) != host or not parts[-1].isdigit():
+            continue
+        if not _pid_alive(int(parts[-1])):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
 def export_model(
     model: keras.Model,
     base_dir: str | os.PathLike = "saved_models",
@@ -107,9 +135,8 @@ def export_model(
     if target.exists():
         raise ConfigError(f"{target}: export version {version} exists; it is never overwritten")
     base.mkdir(parents=True, exist_ok=True)
-    tmp = base / f".tmp-{version}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove_stale_tmp(base)
+    tmp = base / f".tmp-{version}-{socket.gethostname()}-{os.getpid()}"
     model = to_float32(model)
     serve = serving_function(model, tta)
     archive = keras.export.ExportArchive()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
 FER2013 = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013" / "fer2013.csv.gz"
 
 
@@ -55,6 +58,26 @@ def cli_env(tmp_path: Path) -> dict:
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     env["TMPDIR"] = str(tmp_path)
     return env
+
+
+def run_tool(tool: str, *args: str, cwd: Path = REPO, env: dict | None = None,
+             timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs ``python -m fer_keras.TOOL ARGS`` as a user would, from any working directory."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", f"fer_keras.{tool}", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tool_inputs(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """An untrained ResNet-18 .keras and a tiny challenge CSV for the explain tools' CLI tests."""
+    from fer_keras.model import resnet18
+
+    root = tmp_path_factory.mktemp("tool_inputs")
+    resnet18("imagenet").save(root / "m.keras")
+    write_challenge_csv(root / "fer2013.csv")
+    return root, root / "m.keras", root / "fer2013.csv"
 
 
 def write_challenge_csv(path: Path, n_val_per_class: int = 1) -> None:

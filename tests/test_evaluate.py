@@ -8,19 +8,16 @@ is symmetric under mirroring, and on a uniform image also under cropping.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_tool
 
 from fer_keras import IMAGE_SIZE
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError, DataError
 
-REPO = Path(__file__).resolve().parents[1]
 LEVELS = np.array([20, 55, 90, 125, 160, 195, 230])
 # (true label, class whose level the image gets, i.e. the prediction) of each PublicTest row.
 VAL_ROWS = [
@@ -115,13 +112,6 @@ def keras_predictor(setup):
     from fer_keras.inference import load_predictor
 
     return load_predictor(setup["keras"])
-
-
-def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["FER_KERAS_CACHE"] = os.environ["FER_KERAS_CACHE"]
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=180)
 
 
 def test_confusion_matrix_function_counts_by_hand():
@@ -282,7 +272,7 @@ def test_report_files(setup, keras_predictor, tmp_path):
 
 def test_cli_on_flip_export_records_export_tta(setup, tmp_path):
     out = tmp_path / "reports"
-    proc = run_cli("fer_keras.evaluate", f"--model={setup['export_flip'].parent}", f"--data={setup['csv']}",
+    proc = run_tool("evaluate", f"--model={setup['export_flip'].parent}", f"--data={setup['csv']}",
                    "--split=PublicTest", f"--output_dir={out}", "--batch_size=8")
     assert proc.returncode == 0, proc.stderr
     payload = json.loads((out / "val_metrics.json").read_text())
@@ -299,7 +289,7 @@ def test_cli_on_flip_export_records_export_tta(setup, tmp_path):
     (["--data=", "--split=test"], "has no 'test' split (it has: train, val)"),  # the bundled sample
 ])
 def test_cli_bad_input_is_one_line(setup, tmp_path, args, message):
-    proc = run_cli("fer_keras.evaluate", f"--model={setup['keras']}", f"--data={setup['csv']}",
+    proc = run_tool("evaluate", f"--model={setup['keras']}", f"--data={setup['csv']}",
                    f"--output_dir={tmp_path}", *args)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

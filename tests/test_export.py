@@ -106,6 +106,22 @@ def test_a_failed_write_leaves_no_version_behind(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == []
 
 
+def test_only_dead_local_writers_leftovers_are_removed(tmp_path):
+    import os
+    import socket
+
+    from fer_keras.export import remove_stale_tmp
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    names = [f".tmp-3-{host}-{dead.pid}", f".tmp-4-{host}-{os.getpid()}", ".tmp-5-elsewhere-1", "2"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    assert remove_stale_tmp(tmp_path) == [tmp_path / names[0]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+
+
 def test_flip_tta_export_averages_the_mirror_image(tmp_path):
     model = resnet18("imagenet")
     x = np.random.default_rng(1).integers(0, 256, (3, 48, 48, 1)).astype("float32")

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
-from conftest import write_challenge_csv
 import tensorflow as tf
+from conftest import run_tool
 from PIL import Image
 
 from fer_keras import filters as flt
 from fer_keras.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -51,14 +47,6 @@ def assert_png(path: Path) -> None:
     assert path.read_bytes()[:8] == PNG_MAGIC, path
     with Image.open(path) as img:
         img.verify()
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.setdefault("FER_KERAS_CACHE", str(cwd / "cache"))
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "fer_keras.filters", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,20 +122,10 @@ def test_feature_maps_of_a_constant_image():
 # CLI
 
 
-@pytest.fixture(scope="module")
-def cli_inputs(tmp_path_factory) -> tuple[Path, Path, Path]:
-    from fer_keras.model import resnet18
-
-    root = tmp_path_factory.mktemp("filters_cli")
-    resnet18("imagenet").save(root / "m.keras")
-    write_challenge_csv(root / "fer2013.csv")
-    return root, root / "m.keras", root / "fer2013.csv"
-
-
-def test_cli_writes_grids_and_json(cli_inputs):
-    root, model, csv = cli_inputs
+def test_cli_writes_grids_and_json(tool_inputs):
+    root, model, csv = tool_inputs
     out = root / "out"
-    result = run_cli(f"--model={model}", f"--data={csv}", f"--output_dir={out}", "--filters=0,3",
+    result = run_tool("filters", f"--model={model}", f"--data={csv}", f"--output_dir={out}", "--filters=0,3",
                      "--steps=2", "--top_k=2", "--image_index=6", cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "filters.json").read_text())
@@ -167,9 +145,9 @@ def test_cli_writes_grids_and_json(cli_inputs):
     assert "wrote" in result.stdout
 
 
-def test_cli_image_index_out_of_range_is_a_one_line_error(cli_inputs):
-    root, model, csv = cli_inputs
-    result = run_cli(f"--model={model}", f"--data={csv}", "--image_index=7", "--steps=1", cwd=root)
+def test_cli_image_index_out_of_range_is_a_one_line_error(tool_inputs):
+    root, model, csv = tool_inputs
+    result = run_tool("filters", f"--model={model}", f"--data={csv}", "--image_index=7", "--steps=1", cwd=root)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -4,29 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import tensorflow as tf
+from conftest import run_tool
 
 from fer_keras import gradcheck
 
-REPO = Path(__file__).resolve().parents[1]
 BN_QUANTITIES = set(gradcheck.BATCHNORM_QUANTITIES)
 
 
 def by_quantity(results: list[gradcheck.CheckResult]) -> dict[str, gradcheck.CheckResult]:
     return {r.name.rsplit("/", 1)[-1]: r for r in results}
-
-
-def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "fer_keras.gradcheck", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 # --- output size of convolution and pooling ------------------------------------------------------
@@ -156,7 +146,7 @@ def test_gradient_of_the_wrong_shape_fails_instead_of_broadcasting():
 
 def test_cli_writes_json_and_markdown(tmp_path):
     out = tmp_path / "reports"
-    proc = run_cli(tmp_path, f"--output_dir={out}")
+    proc = run_tool("gradcheck", f"--output_dir={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     payload = json.loads((out / "gradcheck.json").read_text())
     assert payload["passed"] is True

@@ -7,18 +7,15 @@ pixel value, so every expected label is known from how the image was written.
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_tool
 
 from fer_keras import CLASS_NAMES, IMAGE_SIZE
 from fer_keras.errors import ConfigError, DataError
 
-REPO = Path(__file__).resolve().parents[1]
 LEVELS = np.array([20, 55, 90, 125, 160, 195, 230])
 # Course test.csv rows: (id, class the image is drawn for). Ids are deliberately not 0..N-1.
 TEST_ROWS = [("17", 3), ("4", 0), ("1002", 6), ("x9", 2), ("5", 3)]
@@ -70,11 +67,6 @@ def predictor(setup):
 def read_rows(path: Path) -> list[list[str]]:
     with open(path, newline="") as f:
         return list(csv.reader(f))
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fer_keras.predict", *args], cwd=REPO, env=dict(os.environ),
-                          capture_output=True, text=True, timeout=180)
 
 
 def test_course_test_csv_keeps_ids_and_order(setup, predictor, tmp_path):
@@ -136,7 +128,7 @@ def test_write_predictions_with_probabilities(tmp_path):
 
 def test_cli_writes_submission(setup, tmp_path):
     out = tmp_path / "submission.csv"
-    proc = run_cli(f"--model={setup['model']}", f"--data={setup['test_csv']}", f"--output={out}",
+    proc = run_tool("predict", f"--model={setup['model']}", f"--data={setup['test_csv']}", f"--output={out}",
                    "--probabilities", "--tta=tencrop")
     assert proc.returncode == 0, proc.stderr
     rows = read_rows(out)
@@ -153,7 +145,7 @@ def test_cli_writes_submission(setup, tmp_path):
 ])
 def test_cli_bad_input_is_one_line(setup, tmp_path, args, message):
     out = tmp_path / "p.csv"
-    proc = run_cli(f"--model={setup['model']}", f"--data={setup['test_csv']}", f"--output={out}", *args)
+    proc = run_tool("predict", f"--model={setup['model']}", f"--data={setup['test_csv']}", f"--output={out}", *args)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
-from conftest import write_challenge_csv
+from conftest import run_tool, write_challenge_csv
 from PIL import Image
 
 from fer_keras import CLASS_NAMES
 from fer_keras import saliency as sal
 from fer_keras.errors import ConfigError, DataError
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -48,14 +44,6 @@ def assert_png(path: Path) -> None:
     assert path.read_bytes()[:8] == PNG_MAGIC, path
     with Image.open(path) as img:
         img.verify()
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.setdefault("FER_KERAS_CACHE", str(cwd / "cache"))
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "fer_keras.saliency", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,20 +153,10 @@ def test_file_selection_takes_labels_from_class_folders(tmp_path):
 # CLI
 
 
-@pytest.fixture(scope="module")
-def cli_inputs(tmp_path_factory) -> tuple[Path, Path, Path]:
-    from fer_keras.model import resnet18
-
-    root = tmp_path_factory.mktemp("saliency_cli")
-    resnet18("imagenet").save(root / "m.keras")
-    write_challenge_csv(root / "fer2013.csv")
-    return root, root / "m.keras", root / "fer2013.csv"
-
-
-def test_cli_writes_figures_grid_and_json(cli_inputs):
-    root, model, csv = cli_inputs
+def test_cli_writes_figures_grid_and_json(tool_inputs):
+    root, model, csv = tool_inputs
     out = root / "out"
-    result = run_cli(f"--model={model}", f"--data={csv}", f"--output_dir={out}", "--smooth_samples=2",
+    result = run_tool("saliency", f"--model={model}", f"--data={csv}", f"--output_dir={out}", "--smooth_samples=2",
                      "--target=true", cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "saliency.json").read_text())
@@ -194,9 +172,9 @@ def test_cli_writes_figures_grid_and_json(cli_inputs):
     assert "wrote 7 figure(s)" in result.stdout
 
 
-def test_cli_index_out_of_range_is_a_one_line_error(cli_inputs):
-    root, model, csv = cli_inputs
-    result = run_cli(f"--model={model}", f"--data={csv}", "--indices=0,99", f"--output_dir={root / 'bad'}",
+def test_cli_index_out_of_range_is_a_one_line_error(tool_inputs):
+    root, model, csv = tool_inputs
+    result = run_tool("saliency", f"--model={model}", f"--data={csv}", "--indices=0,99", f"--output_dir={root / 'bad'}",
                      cwd=root)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
