@@ -851,7 +851,8 @@ def render_markdown(report: dict) -> str:
         ratios = r["ratios"]
         lines.append(
             f"| {r['stem']} | {r['precision']} | {_cell(k)} | {_cell(t)} "
-            f"| {_fmt(ratios['keras_over_torch'], '.2f', 'x')} | {_fmt(ratios['pipeline_over_keras'], '.1f', 'x')} | {_fmt(r['achieved_gflops'])} ({pct}) | {rss} |"
+            f"| {_fmt(ratios['keras_over_torch'], '.2f', 'x')} | {_fmt(ratios['pipeline_over_keras'], '.1f', 'x')} "
+            f"| {_fmt(r['achieved_gflops'])} ({pct}) | {rss} |"
         )
     if cached:
         lines += ["", "fer_keras fit on one cached batch (model and fit loop without the input pipeline):", "",

@@ -250,15 +250,13 @@ def plot_confusion(
 
     Uses matplotlib's object API with the Agg canvas, so no display or pyplot state is involved.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from fer_keras.vis import new_figure
 
     matrix = np.asarray(matrix)
     n = len(class_names)
     if matrix.shape != (n, n):
         raise ValueError(f"matrix has shape {matrix.shape}, expected ({n}, {n})")
-    fig = Figure(figsize=(7.5, 6.5), dpi=120)
-    FigureCanvasAgg(fig)
+    fig = new_figure(7.5, 6.5, dpi=120)
     ax = fig.add_subplot()
     vmax = 1.0 if normalized else max(float(matrix.max()), 1.0)
     image = ax.imshow(matrix, cmap="Blues", vmin=0.0, vmax=vmax)

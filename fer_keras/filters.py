@@ -39,7 +39,7 @@ from fer_keras import CLASS_NAMES, cli
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError
 from fer_keras.model import FIRST_CONV_LAYER, LAST_CONV_LAYER
-from fer_keras.saliency import as_batch, check_layer, new_figure, parse_int_list, quiet_keras, split_indices
+from fer_keras.vis import as_batch, check_layer, new_figure, parse_int_list, quiet_keras, split_indices
 
 PIXEL_RANGE = (0.0, 255.0)
 DEFAULT_FILTERS = 16

@@ -193,7 +193,8 @@ def _shape_comparisons(formula: ShapeFormula, cases: Sequence[ShapeCase]) -> lis
             pad = keras_total_padding(size, case.kernel, case.stride, case.padding)
             rows.append({
                 "op": case.op, "padding": case.padding, "axis": axis, "W": size, "k": case.kernel,
-                "s": case.stride, "P": pad, "keras": out, "formula": float(formula(size, case.kernel, case.stride, pad)),
+                "s": case.stride, "P": pad, "keras": out,
+                "formula": float(formula(size, case.kernel, case.stride, pad)),
             })
     return rows
 
@@ -565,7 +566,8 @@ def run_all(output_dir: str | Path, seed: int = 0) -> Report:
         "passed": report.passed,
         "seed": seed,
         "versions": {"fer_keras": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
-        "tolerances": {"gradient": dataclasses.asdict(GRADIENT_TOLERANCE), "shape": dataclasses.asdict(SHAPE_TOLERANCE)},
+        "tolerances": {"gradient": dataclasses.asdict(GRADIENT_TOLERANCE),
+                       "shape": dataclasses.asdict(SHAPE_TOLERANCE)},
         "checks": [_jsonable(dataclasses.asdict(r)) for r in results],
     }
     report.json_path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")

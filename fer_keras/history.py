@@ -8,6 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
+
 def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
@@ -54,13 +55,11 @@ def read_history_csv(path: str | os.PathLike) -> list[dict]:
 
 def plot_history(history: list[dict], path: Path, title: str = "ResNet-18 on FER2013") -> None:
     """Accuracy on the left axis, loss on the right, train and validation per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fer_keras.vis import new_figure
 
     epochs = [r["epoch"] for r in history]
-    fig, ax_acc = plt.subplots(figsize=(8, 5), dpi=100)
+    fig = new_figure(8, 5, dpi=100)
+    ax_acc = fig.add_subplot()
     ax_loss = ax_acc.twinx()
     lines = []
     lines += ax_acc.plot(epochs, [100 * r["accuracy"] for r in history], "C0-", label="train accuracy")
@@ -80,5 +79,4 @@ def plot_history(history: list[dict], path: Path, title: str = "ResNet-18 on FER
         fig.savefig(tmp, format="png")
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         Path(tmp).unlink(missing_ok=True)

@@ -243,4 +243,5 @@ def load_keras_model(path: str, safe_mode: bool = True) -> keras.Model:
             ) from None
         raise ModelError(f"{path}: cannot load model: {msg.splitlines()[0][:200]}") from None
     except (OSError, KeyError, TypeError, AttributeError) as e:
-        raise ModelError(f"{path}: cannot load model: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ModelError(f"{path}: cannot load model: {reason}") from None

@@ -34,9 +34,8 @@ from urllib.parse import quote
 
 from absl import flags
 
-from fer_keras import CLASS_NAMES, IMAGE_SIZE, __version__, cli
+from fer_keras import CLASS_NAMES, IMAGE_SIZE, __version__, cli, inference
 from fer_keras import data as fer_data
-from fer_keras import inference
 from fer_keras.errors import ConfigError, DataError, FerError, ModelError
 from fer_keras.tta import DEFAULT_CROP_SIZE, TTA_MODES, check_tta
 
@@ -378,7 +377,7 @@ def section_architecture(ctx: _Context) -> str:
     model = ctx.keras_model()
     config = ctx.train_config or {}
     stem = config.get("stem") or _infer_stem(model)
-    channels = config.get("input_channels", 3 if "to_rgb" in {l.name for l in model.layers} else 1)
+    channels = config.get("input_channels", 3 if "to_rgb" in {layer.name for layer in model.layers} else 1)
     trainable = count_params(model, trainable_only=True)
     total = count_params(model, trainable_only=False)
     rows = [(i, layer.name, type(layer).__name__, _output_shape(layer), f"{layer.count_params():,}")
@@ -544,7 +543,7 @@ def section_saliency(ctx: _Context) -> str:
         indices=list(chosen),
     )
     model = ctx.keras_model()
-    layer = LAST_CONV_LAYER if LAST_CONV_LAYER in {l.name for l in model.layers} else _feature_layers(model)[1]
+    layer = LAST_CONV_LAYER if LAST_CONV_LAYER in {lay.name for lay in model.layers} else _feature_layers(model)[1]
     keras.utils.set_random_seed(ctx.seed)
     result = saliency.explain(model, selection, ctx.out / "saliency", target="pred", layer=layer,
                               smooth_samples=ctx.saliency_samples)
@@ -588,7 +587,7 @@ def section_filters(ctx: _Context) -> str:
     from fer_keras.model import FIRST_CONV_LAYER, LAST_CONV_LAYER
 
     model = ctx.keras_model()
-    names = {l.name for l in model.layers}
+    names = {layer.name for layer in model.layers}
     layers = ((FIRST_CONV_LAYER, LAST_CONV_LAYER) if {FIRST_CONV_LAYER, LAST_CONV_LAYER} <= names
               else _feature_layers(model))
     split = ctx.split_data()

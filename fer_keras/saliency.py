@@ -17,17 +17,13 @@ import dataclasses
 import json
 import re
 import sys
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
 from absl import flags
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tf_keras_vis.gradcam_plus_plus import GradcamPlusPlus
 from tf_keras_vis.saliency import Saliency
@@ -36,8 +32,9 @@ from tf_keras_vis.utils.scores import CategoricalScore
 
 from fer_keras import CLASS_NAMES, NUM_CLASSES, cli
 from fer_keras import data as fer_data
-from fer_keras.errors import ConfigError, DataError, ModelError
+from fer_keras.errors import ConfigError, ModelError
 from fer_keras.model import LAST_CONV_LAYER
+from fer_keras.vis import as_batch, check_layer, new_figure, parse_int_list, quiet_keras, split_indices
 
 TARGETS = ("pred", "true")
 DEFAULT_OUTPUT_DIR = "reports/saliency"
@@ -48,18 +45,6 @@ BATCH_SIZE = 32
 
 # --------------------------------------------------------------------------------------------
 # Model and input plumbing
-
-
-@contextmanager
-def quiet_keras() -> Iterator[None]:
-    """Hides Keras 3's "structure of `inputs` doesn't match" warning.
-
-    tf-keras-vis always calls models with a list of inputs; Keras 3 warns on every call for a
-    single-input functional model although the result is correct.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"The structure of `inputs`", category=UserWarning)
-        yield
 
 
 def _output_layers(model: keras.Model) -> list[keras.layers.Layer]:
@@ -87,16 +72,6 @@ def linearize(model: keras.Model) -> keras.Model:
     return clone
 
 
-def as_batch(images: np.ndarray) -> tf.Tensor:
-    """float32 ``[N, H, W, C]``: tf-keras-vis cannot take gradients w.r.t. uint8 tensors."""
-    array = np.asarray(images)
-    if array.ndim == 3:
-        array = array[..., None]
-    if array.ndim != 4:
-        raise ConfigError(f"expected images of shape [N, H, W, C], got {array.shape}")
-    return tf.convert_to_tensor(array.astype(np.float32))
-
-
 def _class_list(classes: Sequence[int] | np.ndarray, n: int, num_outputs: int) -> list[int]:
     out = [int(c) for c in np.asarray(classes).reshape(-1)]
     if len(out) != n:
@@ -110,27 +85,6 @@ def _class_list(classes: Sequence[int] | np.ndarray, n: int, num_outputs: int) -
 def _chunks(n: int, size: int = BATCH_SIZE) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
-
-
-def _output_rank(layer: keras.layers.Layer) -> int:
-    try:
-        return len(layer.output.shape)
-    except (AttributeError, ValueError):  # never called, or called more than once
-        return 0
-
-
-def check_layer(model: keras.Model, layer: str) -> keras.layers.Layer:
-    """The named layer if its output is a feature map ``[N, H, W, C]``, else a one-line error."""
-    try:
-        found = model.get_layer(layer)
-    except ValueError:
-        maps = [l.name for l in model.layers if _output_rank(l) == 4]
-        raise ConfigError(
-            f"model {model.name!r} has no layer {layer!r} (last layers with feature maps: {', '.join(maps[-6:])})"
-        ) from None
-    if _output_rank(found) != 4:
-        raise ConfigError(f"layer {layer!r} of model {model.name!r} does not output feature maps [N, H, W, C]")
-    return found
 
 
 def predict(model: keras.Model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -220,36 +174,6 @@ class Selection:
     indices: list[int | None]
 
 
-def parse_int_list(values: Sequence[str], what: str) -> list[int]:
-    """``["3", "10-12"]`` -> ``[3, 10, 11, 12]``; ranges are inclusive, as users read them."""
-    out: list[int] = []
-    for value in values:
-        text = str(value).strip()
-        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", text)
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if hi < lo:
-                raise ConfigError(f"{what}: range {text!r} is empty")
-            out.extend(range(lo, hi + 1))
-        elif re.fullmatch(r"\d+", text):
-            out.append(int(text))
-        else:
-            raise ConfigError(f"{what}: {text!r} is not a non-negative integer or a range like 0-15")
-    return out
-
-
-def split_indices(split: fer_data.Split, indices: Sequence[int], source: str, split_name: str) -> list[int]:
-    """Checks indices against the split so the error names the file, split and index."""
-    n = len(split)
-    for i in indices:
-        if not 0 <= i < n:
-            raise DataError(
-                f"{source}: index {i} is out of range of split {fer_data.split_label(split_name)}, "
-                f"which has {n} images (0-{n - 1})"
-            )
-    return list(indices)
-
-
 def one_per_class(split: fer_data.Split) -> list[int]:
     """The first image of each class present, in class order; the first images if unlabeled."""
     if not split.labeled:
@@ -300,13 +224,6 @@ def _slug(text: str) -> str:
 
 def _caption(label: int, pred: int, prob: float) -> str:
     return f"true: {class_name(label) if label >= 0 else 'unknown'}, pred: {class_name(pred)} ({prob:.0%})"
-
-
-def new_figure(width: float, height: float) -> Figure:
-    """A figure drawn by the Agg canvas directly: no pyplot state, no display needed."""
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def _panels(axes: Sequence[Axes], fig: Figure, image: np.ndarray, saliency: np.ndarray,

@@ -27,8 +27,8 @@ import numpy as np
 from absl import flags
 
 from fer_keras import __version__, cli
-from fer_keras.history import atomic_write_text, write_history_csv
 from fer_keras.errors import ConfigError, FerError, WorkerLostError
+from fer_keras.history import atomic_write_text, write_history_csv
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -233,7 +233,8 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
     from fer_keras.model import resnet18
 
     if strategy is None:
-        cpu = config.cpu_devices or (2 if config.strategy == "mirrored" and not tf.config.list_physical_devices("GPU") else 1)
+        on_cpu = not tf.config.list_physical_devices("GPU")
+        cpu = config.cpu_devices or (2 if config.strategy == "mirrored" and on_cpu else 1)
         distribute.configure_cpu_devices(cpu)
         strategy = distribute.create_strategy(
             config.strategy, None if config.num_gpus < 0 else config.num_gpus, config.tpu_address,
@@ -377,7 +378,8 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
     return TrainResult(model_dir, history, best_epoch, best_val, export_path, initial_epoch, replicas)
 
 
-def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val: float, val_name: str, export_mod) -> Path:
+def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val: float, val_name: str,
+                 export_mod) -> Path:
     """Exports best.keras once per run: a rerun of a finished run does not add a version."""
     marker = model_dir / "export.json"
     if marker.is_file():
@@ -422,7 +424,8 @@ def define_flags() -> None:
     f.DEFINE_integer("max_val_examples", d.max_val_examples, "Use a stratified validation subset (0: all).")
     f.DEFINE_enum("stem", d.stem, ["imagenet", "cifar_pool", "cifar"],
                   "imagenet: 7x7/2 conv + 3x3/2 pool (torchvision); cifar_pool: 3x3 conv + 2x2 pool; cifar: 3x3 conv.")
-    f.DEFINE_enum("input_channels", str(d.input_channels), ["1", "3"], "1, or 3 (grey repeated; torchvision's parameter count).")
+    f.DEFINE_enum("input_channels", str(d.input_channels), ["1", "3"],
+                  "1, or 3 (grey repeated; torchvision's parameter count).")
     f.DEFINE_float("dropout", d.dropout, "Dropout before the classifier.")
     f.DEFINE_boolean("sync_batchnorm", d.sync_batchnorm, "BatchNorm statistics over the global batch "
                      "(all replicas) rather than per replica.")
@@ -448,7 +451,8 @@ def define_flags() -> None:
     f.DEFINE_float("erasing", d.erasing, "Augment: random-erasing probability (0 = off).")
     f.DEFINE_enum("strategy", d.strategy, ["default", "one_device", "mirrored", "multi_worker", "tpu"],
                   "tf.distribute strategy; multi_worker reads TF_CONFIG; tpu is untested.")
-    f.DEFINE_integer("cpu_devices", d.cpu_devices, "Logical CPU devices (0: 2 for mirrored on a CPU-only machine, else 1).")
+    f.DEFINE_integer("cpu_devices", d.cpu_devices,
+                     "Logical CPU devices (0: 2 for mirrored on a CPU-only machine, else 1).")
     f.DEFINE_integer("num_gpus", d.num_gpus, "GPUs to use with mirrored (-1: all).")
     f.DEFINE_string("tpu_address", d.tpu_address, "TPU name or grpc:// address for --strategy=tpu.")
     f.DEFINE_float("collective_timeout", d.collective_timeout, "multi_worker: seconds a collective may wait "

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import cli_env
 
 WRITER = textwrap.dedent("""

@@ -12,8 +12,8 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-
 from conftest import cli_env
+
 from fer_keras import benchmark
 from fer_keras.model import STEMS, count_params, resnet18
 

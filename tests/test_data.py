@@ -61,7 +61,8 @@ def challenge_csv(
     overrides = overrides or {}
     lines = [",".join(order)]
     for i, (px, label, usage) in enumerate(zip(images, labels, usages)):
-        fields = {"emotion": f"{pad}{label}{pad}", "pixels": f"{pad}{pixel_text(px)}{pad}", "Usage": f"{pad}{usage}{pad}"}
+        fields = {"emotion": f"{pad}{label}{pad}", "pixels": f"{pad}{pixel_text(px)}{pad}",
+                  "Usage": f"{pad}{usage}{pad}"}
         fields.update(overrides.get(i, {}))
         lines.append(",".join(fields[c] for c in order))
     text = newline.join(lines) + (newline if trailing_newline else "") + trailer
@@ -146,7 +147,7 @@ def test_challenge_contiguous_splits_are_exact(tmp_path):
 def course_files(folder: Path, gz: bool = False) -> tuple[np.ndarray, list[int], np.ndarray]:
     train_px, test_px = make_images(6, seed=2), make_images(4, seed=3)
     labels = [6, 5, 4, 3, 2, 1]
-    train = "label,feature\n" + "".join(f"{l},{pixel_text(p)}\n" for l, p in zip(labels, train_px))
+    train = "label,feature\n" + "".join(f"{label},{pixel_text(p)}\n" for label, p in zip(labels, train_px))
     test = "id,feature\n" + "".join(f"{100 + i},{pixel_text(p)}\n" for i, p in enumerate(test_px))
     suffix = ".csv.gz" if gz else ".csv"
     enc = (lambda b: gzip.compress(b)) if gz else (lambda b: b)
@@ -627,7 +628,7 @@ def test_cache_hit_and_invalidation(tmp_path, cache, monkeypatch):
         np.testing.assert_array_equal(first.splits[name].ids, second.splits[name].ids)
 
     # Same size, new content, new mtime: parsed again.
-    new_labels = [(l + 1) % 7 for l in LABELS9]
+    new_labels = [(label + 1) % 7 for label in LABELS9]
     path.write_bytes(challenge_csv(IMAGES9, new_labels, USAGES9))
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))

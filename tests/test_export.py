@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import cli_env
+
 from fer_keras import CLASS_NAMES
 from fer_keras.errors import ConfigError
 from fer_keras.export import export_model
@@ -52,8 +52,8 @@ def exported(tmp_path_factory):
 
 def test_export_runs_in_a_process_that_cannot_import_fer_keras(exported, tmp_path):
     root, path, x, logits = exported
-    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(path), str(root / "x.npy"), str(tmp_path / "o.npz")],
-                          env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    args = [sys.executable, "-c", FRESH_PROCESS, str(path), str(root / "x.npy"), str(tmp_path / "o.npz")]
+    proc = subprocess.run(args, env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = np.load(tmp_path / "o.npz")
     probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)

@@ -162,7 +162,8 @@ def test_cli_writes_json_and_markdown(tmp_path):
 def test_main_exits_1_after_the_table_when_a_check_fails(tmp_path, monkeypatch, capsys):
     real = gradcheck.check_softmax_cross_entropy
     monkeypatch.setattr(gradcheck, "check_softmax_cross_entropy",
-                        lambda seed=0: real(seed=seed, grad=lambda z, y, a: gradcheck.hand_softmax_ce_grad(z, y, a) * 2))
+                        lambda seed=0: real(seed=seed,
+                                            grad=lambda z, y, a: gradcheck.hand_softmax_ce_grad(z, y, a) * 2))
     monkeypatch.setattr(gradcheck, "check_conv_shapes", lambda: [])  # keep it fast; covered above
     # main reads absl's parsed flags; stand in for them instead of defining flags in the test process.
     monkeypatch.setattr(gradcheck, "flags", SimpleNamespace(FLAGS=SimpleNamespace(output_dir=str(tmp_path), seed=0)))

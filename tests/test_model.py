@@ -8,8 +8,8 @@ import keras
 import numpy as np
 import pytest
 
-from fer_keras.model import BasicBlock, GrayscaleToRGB, count_params, load_keras_model, resnet18
 from fer_keras.errors import ModelError
+from fer_keras.model import BasicBlock, GrayscaleToRGB, count_params, load_keras_model, resnet18
 
 
 @pytest.mark.parametrize(

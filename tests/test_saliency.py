@@ -14,6 +14,7 @@ from PIL import Image
 from fer_keras import CLASS_NAMES
 from fer_keras import saliency as sal
 from fer_keras.errors import ConfigError, DataError
+from fer_keras.vis import parse_int_list
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -119,11 +120,11 @@ def test_target_classes():
 
 
 def test_parse_int_list():
-    assert sal.parse_int_list(["0", "3-5", " 9 "], "--indices") == [0, 3, 4, 5, 9]
+    assert parse_int_list(["0", "3-5", " 9 "], "--indices") == [0, 3, 4, 5, 9]
     with pytest.raises(ConfigError, match="--indices: 'x'"):
-        sal.parse_int_list(["x"], "--indices")
+        parse_int_list(["x"], "--indices")
     with pytest.raises(ConfigError, match="empty"):
-        sal.parse_int_list(["5-3"], "--indices")
+        parse_int_list(["5-3"], "--indices")
 
 
 def test_split_selection(tmp_path):

@@ -12,10 +12,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import cli_env
-from fer_keras import history as history_lib
 from test_distribute import free_ports
+
+from fer_keras import history as history_lib
 
 
 def get_json(url: str):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import SMALL_RUN, cli_env
+
 from fer_keras import history as history_lib
 from fer_keras import train
 from fer_keras.errors import ConfigError, FerError
@@ -23,8 +23,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def read_tensorboard(log_dir: Path) -> dict[tuple[str, str], list[tuple[int, float]]]:
     """(run, tag) -> [(step, value)] from the event files, as TensorBoard itself reads them."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = {}
     for run in ("train", "validation"):
