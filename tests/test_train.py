@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -159,3 +160,40 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
         for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
             assert float(got[key]) == pytest.approx(float(ref[key]), rel=1e-5, abs=1e-6), (ref["epoch"], key)
     assert not list((killed_dir / "checkpoints").glob(".tmp-*"))
+
+
+
+ONE_STEP = textwrap.dedent("""
+    import sys
+    import keras, numpy as np, tensorflow as tf
+    from fer_keras.model import resnet18
+    keras.utils.set_random_seed(0)
+    model = resnet18("imagenet")
+    x = np.random.default_rng(0).integers(0, 256, (16, 48, 48, 1)).astype("float32")
+    y = np.arange(16) % 7
+    with tf.GradientTape() as tape:
+        logits = model(x, training=True)
+        loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+    grads = tape.gradient(loss, model.trainable_variables)
+    np.savez(sys.argv[1], train_logits=logits.numpy(), eval_logits=model(x, training=False).numpy(),
+             **{f"grad_{i}": g.numpy() for i, g in enumerate(grads)})
+""")
+
+
+def test_onednn_kernels_compute_what_tensorflows_own_kernels_compute(tmp_path):
+    # fer_keras turns oneDNN on for its ~5x speed-up on AVX2; it may only change float round-off.
+    out = {}
+    for setting in ("0", "1"):
+        env = {**cli_env(tmp_path), "TF_ENABLE_ONEDNN_OPTS": setting}
+        proc = subprocess.run([sys.executable, "-c", ONE_STEP, str(tmp_path / f"{setting}.npz")], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[setting] = np.load(tmp_path / f"{setting}.npz")
+    off, on = out["0"], out["1"]
+    for key in ("train_logits", "eval_logits"):
+        np.testing.assert_allclose(on[key], off[key], rtol=1e-4, atol=1e-4, err_msg=key)
+    grads = [k for k in off.files if k.startswith("grad_")]
+    assert len(grads) > 60
+    for key in grads:
+        error = np.linalg.norm(on[key] - off[key]) / max(np.linalg.norm(off[key]), 1e-12)
+        assert error < 1e-4, (key, error)  # measured: at most 7e-6
