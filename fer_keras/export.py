@@ -26,7 +26,7 @@ import tensorflow as tf
 from absl import flags
 
 from fer_keras import CLASS_NAMES, IMAGE_SIZE, __version__, cli
-from fer_keras.errors import ConfigError, FerError
+from fer_keras.errors import ConfigError, FerError, ModelError
 from fer_keras.model import load_keras_model
 
 TTA_MODES = ("none", "flip")
@@ -140,7 +140,14 @@ def export_model(
     model = to_float32(model)
     serve = serving_function(model, tta)
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    # Not archive.track(model): it records the keras.Variable wrappers while the endpoints capture the
+    # tf.Variables inside them, and TensorFlow, unable to tell they are the same, writes every weight twice
+    # (keras-team/keras#23553; 86 MB instead of 43 for ResNet-18). The endpoints track what they use; the
+    # "variables" collection, in model order, lets inference.load_keras copy the weights back.
+    tf_variables = [v.value for v in model.variables]
+    if not all(isinstance(v, tf.Variable) for v in tf_variables):
+        raise ModelError("cannot export: the model's variables are not TensorFlow variables")
+    archive.add_variable_collection("variables", tf_variables)
     shape = [None, IMAGE_SIZE, IMAGE_SIZE, 1]
     archive.add_endpoint(
         "serving_default", tf.function(serve), input_signature=[tf.TensorSpec(shape, tf.float32, name="pixels")]

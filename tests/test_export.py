@@ -106,6 +106,20 @@ def test_a_failed_write_leaves_no_version_behind(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == []
 
 
+def test_every_weight_is_stored_once(exported):
+    # keras-team/keras#23553: ExportArchive.track() made the SavedModel hold each weight twice.
+    import tensorflow as tf
+
+    root, path, x, logits = exported
+    reader = tf.train.load_checkpoint(str(path / "variables" / "variables"))
+    stored = sum(int(np.prod(shape)) for name, shape in reader.get_variable_to_shape_map().items()
+                 if not name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    model = resnet18("imagenet", dropout=0.2)
+    assert stored == sum(int(np.prod(v.shape)) for v in model.variables)
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    assert size < 50 * 2**20, size
+
+
 def test_only_dead_local_writers_leftovers_are_removed(tmp_path):
     import os
     import socket

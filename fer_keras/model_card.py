@@ -1,0 +1,298 @@
+"""The model card of a shipped export, written from measurements rather than by hand.
+
+``python -m fer_keras.model_card --model_dir=RUN --export=saved_models/fer_resnet18/1 --data=fer2013.csv.gz
+--recipe=flags/fer2013.cfg`` evaluates the export as TF Serving runs it (its built-in test-time
+augmentation included) and the run's ``best.keras`` with each TTA of the evaluate tool, on the
+validation split the run selected its epoch on (PublicTest), and writes beside the versions:
+
+* ``model_card.json``: every figure, with split, image count and TTA;
+* ``README.md``: the card (command, recipe, epochs, wall time, machine, accuracy table, figures);
+* ``history.png`` and ``train_flags.txt`` (from the run), ``confusion_matrix.png`` (of the served export).
+
+The recipe flagfile is checked against the run's recorded flags, so the card's "reproduce with" line
+cannot drift from what was actually trained. TF Serving only loads integer version folders, so these
+files do not disturb serving.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from absl import flags
+
+from fer_keras import CLASS_NAMES, __version__, cli
+from fer_keras import data as fer_data
+from fer_keras.errors import ConfigError
+from fer_keras.history import atomic_write_text
+
+CARD_JSON = "model_card.json"
+CARD_MD = "README.md"
+TRAIN_FLAGS = "train_flags.txt"
+TTA_MODES = ("none", "flip", "tencrop")
+
+# Published figures the card compares against (issue "Accuracy"): (what, accuracy %, split, note).
+REFERENCES = (
+    ("Original PyTorch course report (ResNet-18)", "~60", "validation", "heavy overfitting"),
+    ("Human accuracy", "~65", "-", ""),
+    ("2013 challenge winner", "71.2", "PrivateTest", ""),
+    ("PyTorch twin, 7×7/2 + max-pool stem, 60 epochs (GPU)", "66.0", "PublicTest",
+     "PrivateTest 67.3 / 68.2 / 68.9 none / flip / ten-crop"),
+    ("PyTorch twin, 3×3 + 2×2 pool stem, 60 epochs (GPU)", "69.0", "PublicTest", "PrivateTest 68.9 / 70.7 / 71.6"),
+)
+
+
+def _flag_lines(path: Path, seen: set[Path] | None = None) -> dict[str, str]:
+    """``--name=value`` pairs of a flagfile, nested ``--flagfile`` lines expanded (later lines win)."""
+    seen = seen or set()
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: flagfile includes itself")
+    seen.add(path.resolve())
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read recipe flagfile: {e.strerror}") from None
+    values: dict[str, str] = {}
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not line.startswith("--"):
+            raise ConfigError(f"{path}: line {number}: expected --flag or --flag=value, got {line!r}")
+        name, _, value = line[2:].partition("=")
+        if name == "flagfile":
+            nested = Path(value)
+            values.update(_flag_lines(nested if nested.is_absolute() else Path.cwd() / nested, seen))
+        else:
+            values[name] = value if "=" in line else "True"  # a bare --noX is resolved against the run
+    return values
+
+
+def _same_value(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return {a.lower(), b.lower()} <= {"true", "1"} or {a.lower(), b.lower()} <= {"false", "0"}
+
+
+def check_recipe(recipe: Path, run_flags: Path) -> dict[str, str]:
+    """The recipe's flags; a ConfigError listing every flag where the run used another value."""
+    wanted = _flag_lines(recipe)
+    recorded = {}
+    for line in run_flags.read_text().splitlines():
+        if line.startswith("--") and "=" in line:
+            name, _, value = line[2:].partition("=")
+            recorded[name] = value
+    for name in [k for k in wanted if k.startswith("no") and k not in recorded and k[2:] in recorded]:
+        wanted[name[2:]] = "False" if _same_value(wanted.pop(name), "True") else "True"
+    ignored = {"data", "model_dir", "export_dir", "export_name", "export_version", "verbose"}
+    diffs = [f"--{k}: recipe {v}, run {recorded.get(k, '(unset)')}" for k, v in sorted(wanted.items())
+             if k not in ignored and not _same_value(v, recorded.get(k, ""))]
+    if diffs:
+        raise ConfigError(f"{recipe}: the run in {run_flags.parent} was not trained with this recipe ("
+                          + "; ".join(diffs) + ")")
+    return wanted
+
+
+def _history(run_dir: Path) -> list[dict]:
+    with open(run_dir / "history.csv", newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _folder_size_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
+
+
+def _accuracy_entry(result) -> dict:
+    return {"accuracy": result.accuracy, "num_correct": result.num_correct, "num_images": result.num_images,
+            "macro_f1": result.macro_f1, "split": result.split, "split_label": result.split_label}
+
+
+def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | None,
+               tta_modes: Sequence[str] = TTA_MODES, batch_size: int = 256) -> tuple[dict, object]:
+    """Measures everything the card states; returns (card, the served export's EvalResult)."""
+    from fer_keras import inference
+    from fer_keras.benchmark import cpu_info
+    from fer_keras.evaluate import evaluate
+
+    run_dir, export = Path(run_dir), Path(export)
+    for needed in ("best.keras", "history.csv", "config.json", "flags.txt"):
+        if not (run_dir / needed).is_file():
+            raise ConfigError(f"{run_dir}: not a finished training run (no {needed})")
+    kind, export = inference.resolve(export)
+    if kind != "saved_model":
+        raise ConfigError(f"{export}: --export must be a SavedModel export, not a .keras file")
+    config = json.loads((run_dir / "config.json").read_text())
+    recipe_flags = check_recipe(recipe, run_dir / "flags.txt") if recipe else None
+    history = _history(run_dir)
+    best = max(history, key=lambda row: row["val_accuracy"])
+
+    source = fer_data.load(data or None)
+    split_name = "val"
+    split = source.split(split_name)
+    served = inference.load_predictor(export)
+    served_result = evaluate(served, split, "none", batch_size, split_name=split_name)
+    keras_model = inference.load_predictor(run_dir / "best.keras")
+    per_tta = {mode: _accuracy_entry(evaluate(keras_model, split, mode, batch_size, split_name=split_name))
+               for mode in tta_modes}
+    import keras
+    import tensorflow as tf
+
+    cpu = cpu_info()
+    card = {
+        "name": export.parent.name,
+        "version": int(export.name),
+        "export_size_mb": round(_folder_size_mb(export), 1),
+        "served_tta": served.metadata.get("tta", "none"),
+        "data": source.source,
+        "selection_split": fer_data.split_label(split_name),
+        "served": _accuracy_entry(served_result),
+        "best_keras": per_tta,
+        "per_class_served": served_result.to_json()["per_class"],
+        "training": {
+            "recipe": str(recipe) if recipe else None,
+            "recipe_flags": recipe_flags,
+            "config": config,
+            "epochs": len(history),
+            "best_epoch": int(best["epoch"]),
+            "best_epoch_val_accuracy": best["val_accuracy"],
+            "final_train_accuracy": history[-1]["accuracy"],
+            "wall_seconds": sum(row["seconds"] for row in history),
+        },
+        "machine": {"cpu": cpu["model"], "cores": cpu["cores"], "simd": cpu["simd"]},
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "fer_keras": __version__},
+        "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+    }
+    return card, served_result
+
+
+def _pct(entry: dict) -> str:
+    return f"{100 * entry['accuracy']:.1f} % ({entry['num_correct']:,} / {entry['num_images']:,})"
+
+
+def render_markdown(card: dict) -> str:
+    t = card["training"]
+    c = t["config"]
+    split = card["selection_split"]
+    hours = t["wall_seconds"] / 3600
+    recipe = t["recipe"] or TRAIN_FLAGS
+    lines = [
+        f"# {card['name']} — ResNet-18 for FER2013 (version {card['version']})",
+        "",
+        f"A ResNet-18 (`{c['stem']}` stem, {c['input_channels']} input channel(s)) trained by fer_keras "
+        f"{card['versions']['fer_keras']} on the FER2013 Training rows only; every choice (epoch, TTA) was made "
+        f"on {split}. The withheld PrivateTest rows were never used. Classes: "
+        + ", ".join(f"{i} {n}" for i, n in enumerate(CLASS_NAMES)) + ".",
+        "",
+        "## Accuracy",
+        "",
+        f"| model | test-time augmentation | {split} accuracy | macro F1 |",
+        "| --- | --- | ---: | ---: |",
+        f"| this export, as TF Serving runs it | {card['served_tta']} (built in) | {_pct(card['served'])} "
+        f"| {card['served']['macro_f1']:.3f} |",
+    ]
+    for mode, entry in card["best_keras"].items():
+        lines.append(f"| the run's best.keras | {mode} (evaluate `--tta={mode}`) | {_pct(entry)} "
+                     f"| {entry['macro_f1']:.3f} |")
+    lines += [
+        "",
+        f"{split} also chose the epoch, so these figures are optimistic by the selection; PrivateTest is "
+        "measured independently. Per class (served):",
+        "",
+        "| class | precision | recall | F1 | images |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, m in card["per_class_served"].items():
+        lines.append(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
+    lines += [
+        "",
+        "For comparison (single networks, no extra data; each figure on the split named):",
+        "",
+        "| reference | accuracy % | split | note |",
+        "| --- | ---: | --- | --- |",
+    ]
+    lines += [f"| {what} | {acc} | {where} | {note} |" for what, acc, where, note in REFERENCES]
+    lines += [
+        "",
+        "## How it was trained",
+        "",
+        "```bash",
+        f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={recipe}",
+        "```",
+        "",
+        f"- {t['epochs']} epochs, batch {c['batch_size']}, {c['optimizer']} lr {c['learning_rate']} "
+        f"{c['schedule']} (warm-up {c['warmup_epochs']}), weight decay {c['weight_decay']}, label smoothing "
+        f"{c['label_smoothing']}, dropout {c['dropout']}, augmentation flip={c['flip']} shift={c['shift']} "
+        f"rotation={c['rotation']}° zoom={c['zoom']} erasing={c['erasing']}, precision {c['precision']}, "
+        f"seed {c['seed']}; every flag the run used is in `{TRAIN_FLAGS}`.",
+        f"- best epoch {t['best_epoch']} ({split} {100 * t['best_epoch_val_accuracy']:.1f} % during training; "
+        f"final train accuracy {100 * t['final_train_accuracy']:.1f} % on augmented batches).",
+        f"- wall time {hours:.2f} h ({t['wall_seconds']:,.0f} s of epochs) on {card['machine']['cpu']}, "
+        f"{card['machine']['cores']} core(s), {card['machine']['simd']}; TensorFlow "
+        f"{card['versions']['tensorflow']}, Keras {card['versions']['keras']}.",
+        "",
+        "![training history](history.png)",
+        "",
+        f"![confusion matrix of the served export on {split}](confusion_matrix.png)",
+        "",
+        "## Serving",
+        "",
+        f"`{card['name']}/{card['version']}/` is a TF Serving SavedModel ({card['export_size_mb']} MB): "
+        "`serving_default` takes float32 `pixels` [N, 48, 48, 1] in 0–255, `serving_uint8` the same as uint8; "
+        "both return `probabilities`, `class_id`, `class_name` and `logits`. fer_keras' tools (evaluate, "
+        "predict, saliency, filters, report) use it when no `--model` is given.",
+        "",
+        f"Written by `python -m fer_keras.model_card` on {card['date']}; the figures are in `{CARD_JSON}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(run_dir: Path, export: Path, data: str | None, recipe: Path | None,
+               tta_modes: Sequence[str] = TTA_MODES) -> Path:
+    """Measures and writes the card files next to the export's versions; returns the README path."""
+    from fer_keras.evaluate import plot_confusion
+
+    card, served = build_card(run_dir, export, data, recipe, tta_modes)
+    base = Path(export)
+    base = base.parent if (base / "saved_model.pb").is_file() else base
+    for source, name in (("history.png", "history.png"), ("flags.txt", TRAIN_FLAGS)):
+        shutil.copyfile(Path(run_dir) / source, base / f".{name}.tmp")
+        (base / f".{name}.tmp").replace(base / name)
+    plot_confusion(served.confusion, base / "confusion_matrix.png", normalized=True,
+                   title=f"served export on {card['selection_split']}: accuracy {100 * served.accuracy:.1f} %")
+    atomic_write_text(base / CARD_JSON, json.dumps(card, indent=2) + "\n")
+    atomic_write_text(base / CARD_MD, render_markdown(card))
+    return base / CARD_MD
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("model_dir", None, "The training run directory the export came from.")
+    flags.DEFINE_string("export", "saved_models/fer_resnet18",
+                        "The export: NAME folder (highest version) or NAME/VERSION.")
+    flags.DEFINE_string("data", "", "The data the run trained on (empty: the bundled sample).")
+    flags.DEFINE_string("recipe", "", "The flagfile the run was trained with; checked against the run.")
+    flags.DEFINE_list("tta", list(TTA_MODES), "TTA modes to evaluate best.keras with.")
+    flags.mark_flag_as_required("model_dir")
+    flags.register_validator("tta", lambda v: bool(v) and set(v) <= set(TTA_MODES),
+                             f"--tta must be a subset of {', '.join(TTA_MODES)}")
+
+
+def main(argv: Sequence[str]) -> None:
+    f = flags.FLAGS
+    path = write_card(Path(f.model_dir), Path(f.export), f.data or None, Path(f.recipe) if f.recipe else None, f.tta)
+    print(f"wrote {path} and {CARD_JSON}, {TRAIN_FLAGS}, history.png, confusion_matrix.png beside it")
+
+
+if __name__ == "__main__":
+    cli.quiet_tensorflow()
+    define_flags()
+    cli.run(main)
+    sys.exit(0)

@@ -1,0 +1,61 @@
+"""The model card is measured, not typed: its figures equal a fresh evaluation, its recipe the run's flags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_tool
+
+from fer_keras import data as fer_data
+from fer_keras import inference, model_card
+from fer_keras.errors import ConfigError
+from fer_keras.evaluate import evaluate
+
+
+def test_card_figures_equal_a_fresh_evaluation(trained_run, tmp_path):
+    config, result = trained_run
+    export_base = result.export_path.parent
+    readme = model_card.write_card(result.model_dir, export_base, None, None, ("none", "flip"))
+    card = json.loads((export_base / model_card.CARD_JSON).read_text())
+    val = fer_data.load(None).split("val")
+    fresh = evaluate(inference.load_predictor(result.export_path), val, "none", split_name="val")
+    assert card["served"]["num_correct"] == fresh.num_correct
+    assert card["served"]["num_images"] == len(val) == 256
+    # The export has no built-in TTA here, so serving equals best.keras without TTA.
+    assert card["served_tta"] == "none"
+    assert card["best_keras"]["none"]["num_correct"] == fresh.num_correct
+    assert set(card["best_keras"]) == {"none", "flip"}
+    assert card["training"]["epochs"] == config.epochs
+    assert card["training"]["wall_seconds"] > 0
+    assert card["selection_split"] == "val (PublicTest)"
+    text = readme.read_text()
+    assert f"{100 * fresh.accuracy:.1f} % ({fresh.num_correct:,} / 256)" in text
+    for name in ("history.png", "confusion_matrix.png"):
+        assert (export_base / name).read_bytes().startswith(b"\x89PNG")
+    assert (export_base / model_card.TRAIN_FLAGS).read_text() == (result.model_dir / "flags.txt").read_text()
+    assert f"--flagfile={model_card.TRAIN_FLAGS}" in text
+    assert inference.resolve(export_base) == ("saved_model", result.export_path)  # still serves the version
+
+
+def test_recipe_must_match_the_run(trained_run, tmp_path):
+    config, result = trained_run
+    base = tmp_path / "base.cfg"
+    base.write_text("# the run's own settings\n--stem=imagenet\n--epochs=2\n--batch_size=32\n--nodeterministic\n")
+    good = tmp_path / "good.cfg"
+    good.write_text(f"--flagfile={base}\n--flip\n--learning_rate=0.01\n")
+    assert model_card.check_recipe(good, result.model_dir / "flags.txt")["epochs"] == "2"
+    bad = tmp_path / "bad.cfg"
+    bad.write_text(f"--flagfile={good}\n--epochs=60\n--noflip\n--warp_speed=9\n")
+    with pytest.raises(ConfigError, match=r"--epochs: recipe 60, run 2; --flip: recipe False, run True; "
+                                          r"--warp_speed: recipe 9, run \(unset\)"):
+        model_card.check_recipe(bad, result.model_dir / "flags.txt")
+
+
+def test_cli_refuses_an_unfinished_run_with_one_line(tmp_path):
+    (tmp_path / "run").mkdir()
+    proc = run_tool("model_card", f"--model_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "not a finished training run (no best.keras)" in proc.stderr
+
