@@ -195,19 +195,22 @@ def load_for_export(path: str | os.PathLike) -> keras.Model:
 def define_flags() -> None:
     flags.DEFINE_string("model", None, "A .keras file or a training --model_dir (uses its best.keras).")
     flags.DEFINE_string("export_dir", "saved_models", "Base folder of TF Serving exports.")
-    flags.DEFINE_string("name", "fer_resnet18", "Model name: exports go to EXPORT_DIR/NAME/VERSION.")
+    flags.DEFINE_string("name", "", "Model name: exports go to EXPORT_DIR/NAME/VERSION (empty: the run "
+                        "folder's or .keras file's name).")
     flags.DEFINE_integer("version", 0, "Version to write; 0 takes the next free integer. Never overwrites.")
     flags.DEFINE_enum("tta", "none", TTA_MODES, "Test-time augmentation built into the export.")
     flags.mark_flag_as_required("model")
     flags.register_validator("version", lambda v: v >= 0, "--version must be >= 0")
-    flags.register_validator("name", lambda v: bool(v) and "/" not in v and not v.startswith("."),
+    flags.register_validator("name", lambda v: not v or ("/" not in v and not v.startswith(".")),
                              "--name must be a plain folder name")
 
 
 def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     model = load_for_export(f.model)
-    path = export_model(model, f.export_dir, f.name, f.version or None, f.tta,
+    source = Path(f.model).resolve()
+    name = f.name or (source.stem if source.suffix == ".keras" else source.name)
+    path = export_model(model, f.export_dir, name, f.version or None, f.tta,
                         metadata={"source": str(Path(f.model).resolve())})
     print(f"exported {f.model} to {path} (serving_default: float32 pixels, serving_uint8: uint8 pixels)")
 

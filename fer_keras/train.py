@@ -10,7 +10,7 @@ into that config. Outputs in ``model_dir``:
   rerunning the same command resumes after the last completed epoch, even after SIGKILL;
 * ``flags.txt`` and ``config.json``: how the run was made.
 
-At the end the best model is exported for TF Serving (``saved_models/fer_resnet18/<next version>``).
+At the end the best model is exported for TF Serving (``saved_models/<run folder name>/<next version>``).
 """
 
 from __future__ import annotations
@@ -40,12 +40,16 @@ RESUMABLE_FIELDS = {
 }
 
 
+def _plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and not name.startswith(".")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Everything a training run depends on; written to ``model_dir/config.json``."""
 
     data: str = ""
-    model_dir: str = "runs/fer_resnet18"
+    model_dir: str = "runs/my_resnet18"
     val_fraction: float = 0.1
     skip_bad_rows: bool = False
     use_cache: bool = True
@@ -88,10 +92,15 @@ class TrainConfig:
     # Export.
     export: bool = True
     export_dir: str = "saved_models"
-    export_name: str = "fer_resnet18"
+    # Empty: the run directory's name, so a user's runs never add versions to the shipped fer_resnet18.
+    export_name: str = ""
     export_version: int = 0
     export_tta: str = "flip"
     verbose: int = 1
+
+    @property
+    def resolved_export_name(self) -> str:
+        return self.export_name or Path(self.model_dir).resolve().name
 
     def validate(self) -> None:
         from fer_keras.distribute import STRATEGIES
@@ -119,6 +128,8 @@ class TrainConfig:
             (self.cpu_devices >= 0, f"cpu_devices must be >= 0, got {self.cpu_devices}"),
             (self.max_train_examples >= 0 and self.max_val_examples >= 0, "max_*_examples must be >= 0"),
             (self.export_version >= 0, f"export_version must be >= 0, got {self.export_version}"),
+            (_plain_name(self.resolved_export_name),
+             f"export name {self.resolved_export_name!r} must be a plain folder name (--export_name)"),
             (all(e > 0 for e in self.step_epochs), f"step_epochs must be positive, got {self.step_epochs}"),
         ]
         for ok, message in checks:
@@ -393,7 +404,7 @@ def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val
 
     model = load_keras_model(str(model_dir / "best.keras"))
     path = export_mod.export_model(
-        model, config.export_dir, config.export_name, config.export_version or None, config.export_tta,
+        model, config.export_dir, config.resolved_export_name, config.export_version or None, config.export_tta,
         metadata={
             "model_dir": str(model_dir.resolve()),
             "best_epoch": best_epoch,
@@ -459,7 +470,8 @@ def define_flags() -> None:
                    "for the other workers before the run fails (0: wait forever).")
     f.DEFINE_boolean("export", d.export, "Export the best model for TF Serving at the end.")
     f.DEFINE_string("export_dir", d.export_dir, "Base folder of exports: EXPORT_DIR/EXPORT_NAME/VERSION.")
-    f.DEFINE_string("export_name", d.export_name, "Model name of the export.")
+    f.DEFINE_string("export_name", d.export_name, "Model name of the export (empty: the --model_dir folder's "
+                    "name; the shipped model is fer_resnet18).")
     f.DEFINE_integer("export_version", d.export_version, "Export version (0: next free; never overwrites).")
     f.DEFINE_enum("export_tta", d.export_tta, ["none", "flip"], "Test-time augmentation built into the export.")
     f.DEFINE_integer("verbose", d.verbose, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.")

@@ -75,11 +75,12 @@ def test_mirrored_two_replicas_match_a_single_device(tmp_path):
     a = weights(tmp_path / "default" / "checkpoints" / "epoch_0001" / "model.weights.h5")
     b = weights(tmp_path / "mirrored" / "checkpoints" / "epoch_0001" / "model.weights.h5")
     assert a.keys() == b.keys() and len(a) > 100
-    # Largest relative difference of any weight after two steps: measured ~2e-2 (BatchNorm offsets,
-    # which are still ~1e-3 in size); with per-replica BatchNorm statistics it is >1, and without
-    # gradient all-reduce the replicas would differ from the single device by as much.
+    # Largest relative difference of any weight after two steps: measured ~2e-2 with TensorFlow's own
+    # kernels and 6e-2 with oneDNN's (BatchNorm offsets, which are still ~1e-3 in size); with per-replica
+    # BatchNorm statistics it is >1, and without gradient all-reduce the replicas would differ from the
+    # single device by as much.
     worst = max(float(np.abs(a[k] - b[k]).max() / (np.abs(a[k]).max() + 1e-6)) for k in a)
-    assert worst < 5e-2, worst
+    assert worst < 0.15, worst
 
 
 def free_ports(n: int) -> list[int]:
@@ -121,7 +122,7 @@ def test_multi_worker_two_processes_on_localhost(tmp_path):
     rows = (model_dir / "history.csv").read_text().splitlines()
     assert len(rows) == 3
     # Chief writes the shared outputs; the other worker keeps its own checkpoints, identical weights.
-    assert (tmp_path / "exports" / "fer_resnet18" / "1" / "saved_model.pb").is_file()
+    assert (tmp_path / "exports" / "run" / "1" / "saved_model.pb").is_file()
     chief = weights(model_dir / "checkpoints" / "epoch_0002" / "model.weights.h5")
     other = weights(model_dir / "workers" / "worker_1" / "checkpoints" / "epoch_0002" / "model.weights.h5")
     assert chief.keys() == other.keys()

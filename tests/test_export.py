@@ -163,6 +163,15 @@ def test_export_cli_from_a_run_dir_and_refusing_an_existing_version(trained_run,
     assert "Traceback" not in again.stderr
 
 
+def test_export_cli_names_the_export_after_the_keras_file(tmp_path):
+    resnet18("imagenet").save(tmp_path / "smiles.keras")
+    proc = subprocess.run([sys.executable, "-m", "fer_keras.export", f"--model={tmp_path / 'smiles.keras'}",
+                           f"--export_dir={tmp_path / 'out'}"], env=cli_env(tmp_path), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "out" / "smiles" / "1" / "saved_model.pb").is_file()
+
+
 def test_an_export_rebuilds_as_the_same_keras_model(exported):
     from fer_keras.inference import load_keras
 

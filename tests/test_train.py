@@ -57,7 +57,7 @@ def test_run_writes_outputs_and_tensorboard_equals_history(trained_run):
     assert "--stem=imagenet\n" in (model_dir / "flags.txt").read_text()
     assert (model_dir / "best.keras").is_file()
     assert result.best_val_accuracy == max(r["val_accuracy"] for r in result.history)
-    assert result.export_path == Path(config.export_dir) / "fer_resnet18" / "1"
+    assert result.export_path == Path(config.export_dir) / "run" / "1"
     assert (result.export_path / "saved_model.pb").is_file()
 
 
@@ -66,7 +66,7 @@ def test_rerunning_a_finished_run_neither_trains_nor_exports_again(trained_run):
     again = train.run(config)
     assert again.resumed_from == config.epochs
     assert again.export_path == first.export_path
-    assert sorted(p.name for p in (Path(config.export_dir) / "fer_resnet18").iterdir()) == ["1"]
+    assert sorted(p.name for p in (Path(config.export_dir) / "run").iterdir()) == ["1"]
     assert [r["epoch"] for r in again.history] == [1, 2]
 
 
@@ -104,6 +104,15 @@ def test_unwritable_model_dir_is_reported_before_training(tmp_path):
 def test_bad_settings_are_refused(tmp_path, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         train.run(train.TrainConfig(model_dir=str(tmp_path), **{**SMALL_RUN, **kwargs}))
+
+
+def test_exports_are_named_after_the_run_unless_named(tmp_path):
+    # A user's runs must never add versions to the shipped saved_models/fer_resnet18.
+    assert train.TrainConfig(model_dir=str(tmp_path / "runs" / "mine")).resolved_export_name == "mine"
+    assert train.TrainConfig().resolved_export_name == "my_resnet18"
+    assert train.TrainConfig(model_dir=str(tmp_path), export_name="x").resolved_export_name == "x"
+    with pytest.raises(ConfigError, match="must be a plain folder name"):
+        train.TrainConfig(model_dir=str(tmp_path), export_name=".hidden").validate()
 
 
 def cli(args, tmp_path, **kw):
