@@ -30,6 +30,8 @@ from fer_keras import __version__, cli
 from fer_keras.errors import ConfigError, FerError, WorkerLostError
 from fer_keras.history import atomic_write_text, write_history_csv
 
+ONEDNN_OFF = ("off (TF_ENABLE_ONEDNN_OPTS=0, or TensorFlow was imported before fer_keras): several times "
+              "slower on CPUs")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -297,7 +299,7 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
         f"({config.batch_size // replicas} per replica), {len(train_split):,} training images "
         f"({steps} steps/epoch), validation on {len(val_split):,} images ({val_name}), "
         f"stem={config.stem}, precision={config.precision}, "
-        f"oneDNN {'on' if distribute.onednn_enabled() else 'off (TF_ENABLE_ONEDNN_OPTS=0: several times slower)'}"
+        f"oneDNN {'on' if distribute.onednn_enabled() else ONEDNN_OFF}"
     )
 
     previous_policy = keras.config.dtype_policy()

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# Test modules import keras (and so TensorFlow) before fer_keras, whose import would otherwise turn TensorFlow's
+# oneDNN kernels on; set it first so the tests run what users run.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 FER2013 = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013" / "fer2013.csv.gz"
 

@@ -122,9 +122,9 @@ def test_feature_maps_of_a_constant_image():
 # CLI
 
 
-def test_cli_writes_grids_and_json(tool_inputs):
+def test_cli_writes_grids_and_json(tool_inputs, tmp_path):
     root, model, csv = tool_inputs
-    out = root / "out"
+    out = tmp_path / "out"
     result = run_tool("filters", f"--model={model}", f"--data={csv}", f"--output_dir={out}", "--filters=0,3",
                      "--steps=2", "--top_k=2", "--image_index=6", cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]

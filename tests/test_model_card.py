@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from conftest import run_tool
@@ -15,11 +16,12 @@ from fer_keras.evaluate import evaluate
 
 def test_card_figures_equal_a_fresh_evaluation(trained_run, tmp_path):
     config, result = trained_run
-    export_base = result.export_path.parent
+    export_base = tmp_path / result.export_path.parent.name  # a copy: the run's fixture is shared
+    shutil.copytree(result.export_path.parent, export_base)
     readme = model_card.write_card(result.model_dir, export_base, None, None, ("none", "flip"))
     card = json.loads((export_base / model_card.CARD_JSON).read_text())
     val = fer_data.load(None).split("val")
-    fresh = evaluate(inference.load_predictor(result.export_path), val, "none", split_name="val")
+    fresh = evaluate(inference.load_predictor(export_base / "1"), val, "none", split_name="val")
     assert card["served"]["num_correct"] == fresh.num_correct
     assert card["served"]["num_images"] == len(val) == 256
     # The export has no built-in TTA here, so serving equals best.keras without TTA.
@@ -35,7 +37,7 @@ def test_card_figures_equal_a_fresh_evaluation(trained_run, tmp_path):
         assert (export_base / name).read_bytes().startswith(b"\x89PNG")
     assert (export_base / model_card.TRAIN_FLAGS).read_text() == (result.model_dir / "flags.txt").read_text()
     assert f"--flagfile={model_card.TRAIN_FLAGS}" in text
-    assert inference.resolve(export_base) == ("saved_model", result.export_path)  # still serves the version
+    assert inference.resolve(export_base) == ("saved_model", export_base / "1")  # still serves the version
 
 
 def test_recipe_must_match_the_run(trained_run, tmp_path):

@@ -154,9 +154,9 @@ def test_file_selection_takes_labels_from_class_folders(tmp_path):
 # CLI
 
 
-def test_cli_writes_figures_grid_and_json(tool_inputs):
+def test_cli_writes_figures_grid_and_json(tool_inputs, tmp_path):
     root, model, csv = tool_inputs
-    out = root / "out"
+    out = tmp_path / "out"
     result = run_tool("saliency", f"--model={model}", f"--data={csv}", f"--output_dir={out}", "--smooth_samples=2",
                      "--target=true", cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -173,12 +173,12 @@ def test_cli_writes_figures_grid_and_json(tool_inputs):
     assert "wrote 7 figure(s)" in result.stdout
 
 
-def test_cli_index_out_of_range_is_a_one_line_error(tool_inputs):
+def test_cli_index_out_of_range_is_a_one_line_error(tool_inputs, tmp_path):
     root, model, csv = tool_inputs
-    result = run_tool("saliency", f"--model={model}", f"--data={csv}", "--indices=0,99", f"--output_dir={root / 'bad'}",
-                     cwd=root)
+    result = run_tool("saliency", f"--model={model}", f"--data={csv}", "--indices=0,99",
+                      f"--output_dir={tmp_path / 'bad'}", cwd=root)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "index 99 is out of range" in errors[0] and "fer2013.csv" in errors[0]
-    assert not (root / "bad").exists()
+    assert not (tmp_path / "bad").exists()
