@@ -13,6 +13,7 @@ half-written version, and an existing version is never overwritten.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -192,6 +193,21 @@ def load_for_export(path: str | os.PathLike) -> keras.Model:
     return load_keras_model(str(path))
 
 
+def run_metadata(run_dir: Path) -> dict:
+    """What a training run directory tells about its best model, for the export's fer_keras.json."""
+    info: dict = {"model_dir": str(run_dir.resolve())}
+    try:
+        info["train_config"] = json.loads((run_dir / "config.json").read_text())
+        with open(run_dir / "history.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, ValueError):
+        return info
+    if rows:
+        best = max(rows, key=lambda row: float(row["val_accuracy"]))
+        info.update(best_epoch=int(best["epoch"]), val_accuracy=float(best["val_accuracy"]))
+    return info
+
+
 def define_flags() -> None:
     flags.DEFINE_string("model", None, "A .keras file or a training --model_dir (uses its best.keras).")
     flags.DEFINE_string("export_dir", "saved_models", "Base folder of TF Serving exports.")
@@ -210,8 +226,8 @@ def main(argv: Sequence[str]) -> None:
     model = load_for_export(f.model)
     source = Path(f.model).resolve()
     name = f.name or (source.stem if source.suffix == ".keras" else source.name)
-    path = export_model(model, f.export_dir, name, f.version or None, f.tta,
-                        metadata={"source": str(Path(f.model).resolve())})
+    metadata = {"source": str(source), **(run_metadata(source) if source.is_dir() else {})}
+    path = export_model(model, f.export_dir, name, f.version or None, f.tta, metadata=metadata)
     print(f"exported {f.model} to {path} (serving_default: float32 pixels, serving_uint8: uint8 pixels)")
 
 

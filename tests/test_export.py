@@ -157,6 +157,9 @@ def test_export_cli_from_a_run_dir_and_refusing_an_existing_version(trained_run,
     ok = subprocess.run(args, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert (tmp_path / "cli" / "1" / "saved_model.pb").is_file()
+    info = json.loads((tmp_path / "cli" / "1" / "assets.extra" / "fer_keras.json").read_text())
+    assert info["tta"] == "flip" and info["train_config"]["stem"] == config.stem
+    assert info["best_epoch"] in (1, 2) and 0 <= info["val_accuracy"] <= 1
     again = subprocess.run(args + ["--version=1"], env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert again.returncode == 2
     assert again.stderr.strip().splitlines()[-1].startswith("error:") and "never overwritten" in again.stderr
