@@ -91,6 +91,14 @@ def _within(max_abs: float, max_rel: float, tol: Tolerance) -> bool:
     return bool(max_abs <= tol.abs and max_rel <= tol.rel)  # False for NaN
 
 
+def _worst_of(name: str, rows: list[dict[str, Any]], tolerance: Tolerance, details: dict[str, Any]) -> CheckResult:
+    """One check over several shapes: it passes only if its worst shape does."""
+    max_abs = max(r["max_abs_err"] for r in rows)
+    max_rel = max(r["max_rel_err"] for r in rows)
+    return CheckResult(name=name, max_abs_err=max_abs, max_rel_err=max_rel, tolerance=tolerance,
+                       passed=_within(max_abs, max_rel, tolerance), details={**details, "per_shape": rows})
+
+
 def _errors(actual: Any, expected: Any) -> tuple[float, float]:
     """(max |a - e|, max |a - e| / max |e|); infinite when the shapes differ."""
     a = np.asarray(actual, dtype=np.float64)
@@ -399,23 +407,13 @@ def check_batchnorm(
             per_quantity[q].append({"shape": list(shape), "max_abs_err": max_abs, "max_rel_err": max_rel})
     results = []
     for q, rows in per_quantity.items():
-        max_abs = max(r["max_abs_err"] for r in rows)
-        max_rel = max(r["max_rel_err"] for r in rows)
-        results.append(CheckResult(
-            name=f"batchnorm dL/{q}",
-            max_abs_err=max_abs,
-            max_rel_err=max_rel,
-            tolerance=tolerance,
-            passed=_within(max_abs, max_rel, tolerance),
-            details={
-                "formula": getattr(backward, "__name__", repr(backward)),
-                "reference": f"GradientTape through the {BATCHNORM_REFERENCE[q]} (training=True, float64)",
-                "loss": "sum(G * y), G ~ N(0, 1)",
-                "epsilon": epsilon,
-                "per_shape": rows,
-                "forward": forward,
-            },
-        ))
+        results.append(_worst_of(f"batchnorm dL/{q}", rows, tolerance, {
+            "formula": getattr(backward, "__name__", repr(backward)),
+            "reference": f"GradientTape through the {BATCHNORM_REFERENCE[q]} (training=True, float64)",
+            "loss": "sum(G * y), G ~ N(0, 1)",
+            "epsilon": epsilon,
+            "forward": forward,
+        }))
     return results
 
 
@@ -474,22 +472,12 @@ def check_softmax_cross_entropy(
             max_abs, max_rel = _errors(grad(logits, y_true, alpha), expected)
             rows.append({"shape": [n, k], "loss_dtype": loss.dtype.name, "max_abs_err": max_abs,
                          "max_rel_err": max_rel})
-        max_abs = max(r["max_abs_err"] for r in rows)
-        max_rel = max(r["max_rel_err"] for r in rows)
-        results.append(CheckResult(
-            name=f"softmax-CE dL/dz ({label})",
-            max_abs_err=max_abs,
-            max_rel_err=max_rel,
-            tolerance=tolerance,
-            passed=_within(max_abs, max_rel, tolerance),
-            details={
-                "formula": getattr(grad, "__name__", repr(grad)),
-                "reference": "GradientTape through keras.losses.CategoricalCrossentropy(from_logits=True), "
-                             "reduction sum_over_batch_size (batch mean), float64",
-                "label_smoothing": alpha,
-                "per_shape": rows,
-            },
-        ))
+        results.append(_worst_of(f"softmax-CE dL/dz ({label})", rows, tolerance, {
+            "formula": getattr(grad, "__name__", repr(grad)),
+            "reference": "GradientTape through keras.losses.CategoricalCrossentropy(from_logits=True), "
+                         "reduction sum_over_batch_size (batch mean), float64",
+            "label_smoothing": alpha,
+        }))
     return results
 
 
