@@ -29,6 +29,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 from absl import flags, logging
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from tf_keras_vis.activation_maximization import ActivationMaximization
 from tf_keras_vis.activation_maximization.callbacks import Callback
 from tf_keras_vis.activation_maximization.input_modifiers import Jitter, Rotate2D
@@ -248,51 +250,46 @@ def _grid(n: int, max_cols: int = 8) -> tuple[int, int]:
     return (max(n, 1) + cols - 1) // cols, cols
 
 
-def _hide_unused(axes: np.ndarray, used: int) -> None:
-    for ax in axes.flat[used:]:
+def _panels(n: int) -> tuple[Figure, list[Axes]]:
+    """A near-square grid of ``n`` tick-less panels (spare cells hidden)."""
+    rows, cols = _grid(n)
+    fig = new_figure(1.7 * cols, 1.9 * rows + 0.5)
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax in axes[:n]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[n:]:
         ax.axis("off")
+    return fig, axes[:n]
+
+
+def _save(fig: Figure, path: str | Path, title: str) -> Path:
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return Path(path)
 
 
 def plot_maximization(path: str | Path, layer: str, result: Maximization) -> Path:
     """Optimised inputs in a grid, each titled with its activation and the random baseline."""
-    n = len(result.filters)
-    rows, cols = _grid(n)
-    fig = new_figure(1.7 * cols, 1.9 * rows + 0.5)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    panels = zip(axes.flat, result.filters, result.images, result.activations, result.random_mean)
+    fig, axes = _panels(len(result.filters))
+    panels = zip(axes, result.filters, result.images, result.activations, result.random_mean)
     for ax, f, image, act, base in panels:
         ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"filter {f}\n{act:.3g} (random {base:.2g})", fontsize=7)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    _hide_unused(axes, n)
-    fig.suptitle(f"{layer}: inputs maximising mean activation", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    return Path(path)
+    return _save(fig, path, f"{layer}: inputs maximising mean activation")
 
 
 def plot_feature_maps(path: str | Path, layer: str, image: np.ndarray, filters: Sequence[int],
                       maps: np.ndarray, title: str = "") -> Path:
     """The input followed by each filter's feature map (own colour scale, max in the title)."""
-    n = len(filters) + 1
-    rows, cols = _grid(n)
-    fig = new_figure(1.7 * cols, 1.9 * rows + 0.5)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    flat = list(axes.flat)
-    flat[0].imshow(np.asarray(image, np.float32)[..., 0], cmap="gray", vmin=0, vmax=255)
-    flat[0].set_title("input", fontsize=7)
-    for ax, f, fmap in zip(flat[1:], filters, maps):
+    fig, axes = _panels(len(filters) + 1)
+    axes[0].imshow(np.asarray(image, np.float32)[..., 0], cmap="gray", vmin=0, vmax=255)
+    axes[0].set_title("input", fontsize=7)
+    for ax, f, fmap in zip(axes[1:], filters, maps):
         ax.imshow(fmap, cmap="viridis", interpolation="nearest")
         ax.set_title(f"filter {f}\nmax {float(fmap.max()):.3g}", fontsize=7)
-    for ax in flat[:n]:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    _hide_unused(axes, n)
-    fig.suptitle(f"{layer} feature maps {maps.shape[1]}x{maps.shape[2]}  {title}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    return Path(path)
+    return _save(fig, path, f"{layer} feature maps {maps.shape[1]}x{maps.shape[2]}  {title}")
 
 
 def plot_top_k(path: str | Path, layer: str, filters: Sequence[int], images: np.ndarray, ids: np.ndarray,
@@ -309,10 +306,7 @@ def plot_top_k(path: str | Path, layer: str, filters: Sequence[int], images: np.
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][0].set_ylabel(f"filter {f}", fontsize=7)
-    fig.suptitle(f"{layer}: top-{cols} images per filter (mean activation)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    return Path(path)
+    return _save(fig, path, f"{layer}: top-{cols} images per filter (mean activation)")
 
 
 # --------------------------------------------------------------------------------------------
