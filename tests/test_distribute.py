@@ -47,6 +47,18 @@ def test_fer_keras_turns_onednn_on_unless_the_user_turned_it_off(tmp_path, setti
     assert proc.stdout.strip() == expected
 
 
+def test_importing_tensorflow_first_warns_when_it_leaves_onednn_off(tmp_path):
+    env = cli_env(tmp_path)
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    code = ("import tensorflow\nimport fer_keras\nfrom fer_keras.distribute import onednn_enabled\n"
+            "print(onednn_enabled())")
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warned = "TensorFlow was imported before fer_keras" in proc.stderr
+    assert warned is (proc.stdout.strip() == "False")  # off on AVX2-only CPUs; AMX/VNNI CPUs have it on
+
+
 def weights(path: Path) -> dict[str, np.ndarray]:
     import h5py
 
