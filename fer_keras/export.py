@@ -151,10 +151,12 @@ def export_model(
     archive.add_variable_collection("variables", tf_variables)
     shape = [None, IMAGE_SIZE, IMAGE_SIZE, 1]
     archive.add_endpoint(
-        "serving_default", tf.function(serve), input_signature=[tf.TensorSpec(shape, tf.float32, name="pixels")]
+        "serving_default", tf.function(serve, autograph=False),
+        input_signature=[tf.TensorSpec(shape, tf.float32, name="pixels")],
     )
     archive.add_endpoint(
-        "serving_uint8", tf.function(serve), input_signature=[tf.TensorSpec(shape, tf.uint8, name="pixels")]
+        "serving_uint8", tf.function(serve, autograph=False),
+        input_signature=[tf.TensorSpec(shape, tf.uint8, name="pixels")],
     )
     tf_logger = tf.get_logger()
     level = tf_logger.level

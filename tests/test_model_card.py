@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import run_tool
 
@@ -12,6 +14,8 @@ from fer_keras import data as fer_data
 from fer_keras import inference, model_card
 from fer_keras.errors import ConfigError
 from fer_keras.evaluate import evaluate
+
+SHIPPED = Path(__file__).resolve().parents[1] / "saved_models" / "fer_resnet18"
 
 
 def test_card_figures_equal_a_fresh_evaluation(trained_run, tmp_path):
@@ -61,3 +65,20 @@ def test_cli_refuses_an_unfinished_run_with_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "not a finished training run (no best.keras)" in proc.stderr
 
+
+def test_the_shipped_model_is_the_default_and_has_learned():
+    assert inference.resolve(None) == ("saved_model", SHIPPED / "1")
+    val = fer_data.load(None).split("val")  # the sample's 256 PublicTest rows
+    result = evaluate(inference.load_predictor(None), val, "none", split_name="val")
+    majority = max(np.bincount(val.labels, minlength=7)) / len(val)
+    assert majority < 0.25 and result.accuracy > 0.45, result.accuracy
+
+
+@pytest.mark.needs_data
+def test_shipped_card_states_what_the_shipped_model_scores(fer2013_path):
+    card_path = SHIPPED / model_card.CARD_JSON
+    assert card_path.is_file(), "no model card beside the shipped model"
+    card = json.loads(card_path.read_text())
+    val = fer_data.load(fer2013_path).split("val")
+    fresh = evaluate(inference.load_predictor(None), val, "none", split_name="val")
+    assert (fresh.num_correct, fresh.num_images) == (card["served"]["num_correct"], card["served"]["num_images"])
