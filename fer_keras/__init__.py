@@ -1,6 +1,7 @@
 """fer_keras: a ResNet-18 facial-expression classifier for FER2013 in TensorFlow 2 / Keras 3."""
 
 import os as _os
+import sys as _sys
 
 # TensorFlow's C++ start-up chatter hides our own messages; users can still set the variable.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -8,7 +9,7 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # AVX2-only CPU (the AMD EPYC this project was tuned on) they train ResNet-18 ~5x faster than TF's own
 # kernels (29 -> 144 img/s, float32, batch 128). Must be set before TensorFlow is imported; an explicit
 # user setting (e.g. TF_ENABLE_ONEDNN_OPTS=0 for bit-exact reproductions) wins.
-if "TF_ENABLE_ONEDNN_OPTS" not in _os.environ and "tensorflow" in __import__("sys").modules:
+if "TF_ENABLE_ONEDNN_OPTS" not in _os.environ and "tensorflow" in _sys.modules:
     from tensorflow.python.util import _pywrap_util_port
 
     if not _pywrap_util_port.IsMklEnabled():

@@ -13,7 +13,6 @@ half-written version, and an existing version is never overwritten.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from absl import flags
 
 from fer_keras import CLASS_NAMES, IMAGE_SIZE, __version__, cli
 from fer_keras.errors import ConfigError, FerError, ModelError
+from fer_keras.history import best_row, read_history_csv
 from fer_keras.model import load_keras_model
 
 TTA_MODES = ("none", "flip")
@@ -200,13 +200,12 @@ def run_metadata(run_dir: Path) -> dict:
     info: dict = {"model_dir": str(run_dir.resolve())}
     try:
         info["train_config"] = json.loads((run_dir / "config.json").read_text())
-        with open(run_dir / "history.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = read_history_csv(run_dir / "history.csv")
     except (OSError, ValueError):
         return info
     if rows:
-        best = max(rows, key=lambda row: float(row["val_accuracy"]))
-        info.update(best_epoch=int(best["epoch"]), val_accuracy=float(best["val_accuracy"]))
+        best = best_row(rows)
+        info.update(best_epoch=best["epoch"], val_accuracy=best["val_accuracy"])
     return info
 
 

@@ -53,6 +53,11 @@ def read_history_csv(path: str | os.PathLike) -> list[dict]:
         ]
 
 
+def best_row(history: list[dict]) -> dict:
+    """The epoch with the highest validation accuracy (the earliest on ties), as best.keras holds it."""
+    return max(history, key=lambda r: (r.get("val_accuracy", float("-inf")), -r["epoch"]))
+
+
 def plot_history(history: list[dict], path: Path, title: str = "ResNet-18 on FER2013") -> None:
     """Accuracy on the left axis, loss on the right, train and validation per epoch."""
     from fer_keras.vis import new_figure

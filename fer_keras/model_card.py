@@ -16,7 +16,6 @@ files do not disturb serving.
 
 from __future__ import annotations
 
-import csv
 import datetime
 import json
 import shutil
@@ -29,7 +28,7 @@ from absl import flags
 from fer_keras import CLASS_NAMES, __version__, cli
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError
-from fer_keras.history import atomic_write_text
+from fer_keras.history import atomic_write_text, best_row, read_history_csv
 
 CARD_JSON = "model_card.json"
 CARD_MD = "README.md"
@@ -101,11 +100,6 @@ def check_recipe(recipe: Path, run_flags: Path) -> dict[str, str]:
     return wanted
 
 
-def _history(run_dir: Path) -> list[dict]:
-    with open(run_dir / "history.csv", newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def _folder_size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
 
@@ -131,8 +125,8 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
         raise ConfigError(f"{export}: --export must be a SavedModel export, not a .keras file")
     config = json.loads((run_dir / "config.json").read_text())
     recipe_flags = check_recipe(recipe, run_dir / "flags.txt") if recipe else None
-    history = _history(run_dir)
-    best = max(history, key=lambda row: row["val_accuracy"])
+    history = read_history_csv(run_dir / "history.csv")
+    best = best_row(history)
 
     source = fer_data.load(data or None)
     split_name = "val"
@@ -161,7 +155,7 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
             "recipe_flags": recipe_flags,
             "config": config,
             "epochs": len(history),
-            "best_epoch": int(best["epoch"]),
+            "best_epoch": best["epoch"],
             "best_epoch_val_accuracy": best["val_accuracy"],
             "final_train_accuracy": history[-1]["accuracy"],
             "wall_seconds": sum(row["seconds"] for row in history),

@@ -459,7 +459,7 @@ def section_history(ctx: _Context) -> str:
     if not history:
         parts.append(f"`{csv_path}` is missing, so the best epoch cannot be listed.")
         return "\n".join(parts)
-    best = max(history, key=lambda r: (r.get("val_accuracy", float("-inf")), -r["epoch"]))
+    best = history_lib.best_row(history)
 
     def value(key: str) -> float:
         return float(best.get(key, float("nan")))
