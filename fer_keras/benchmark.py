@@ -365,11 +365,6 @@ def _train_config(spec: dict, precision: str):
                        steps_per_execution=spec["steps_per_execution"], seed=spec["seed"])
 
 
-def _augment(config):
-    from fer_keras import pipeline
-
-    return pipeline.AugmentConfig(config.flip, config.shift, config.rotation, config.zoom, config.erasing)
-
 
 def measure_keras_training(spec: dict) -> dict:
     """fer_keras ``model.fit`` throughput; ``spec["source"]`` is ``pipeline`` (train's input path)
@@ -389,9 +384,10 @@ def measure_keras_training(spec: dict) -> dict:
     total = spec["warmup"] + spec["repeats"] * spec["steps"]
     if spec["source"] == "pipeline":
         dataset = pipeline.train_dataset(split, config.batch_size, config.seed, math.ceil(total / per_epoch),
-                                         augment=_augment(config), deterministic=True)
+                                         augment=config.augment_config(), deterministic=True)
     else:
-        first = next(iter(pipeline.train_dataset(split, config.batch_size, config.seed, 1, augment=_augment(config))))
+        augment = config.augment_config()
+        first = next(iter(pipeline.train_dataset(split, config.batch_size, config.seed, 1, augment=augment)))
         dataset = tf.data.Dataset.from_tensors(first).repeat()
 
     previous = keras.config.dtype_policy()
@@ -434,7 +430,7 @@ def measure_keras_training(spec: dict) -> dict:
         "peak_rss_mb": _peak_rss_mb(),
         "rss_before_fit_mb": rss_before,
         "train_images": len(split),
-        "augment": dataclasses.asdict(_augment(config)),
+        "augment": dataclasses.asdict(config.augment_config()),
         "compile": {"optimizer": "SGD nesterov (train.build_optimizer)", "momentum": config.momentum,
                     "weight_decay": config.weight_decay, "label_smoothing": config.label_smoothing,
                     "dropout": config.dropout, "steps_per_execution": config.steps_per_execution},
@@ -522,7 +518,7 @@ def measure_pipeline(spec: dict) -> dict:
         raise ConfigError(f"{len(split)} training images are fewer than one batch of {config.batch_size}")
     total = spec["warmup"] + spec["repeats"] * spec["steps"]
     dataset = pipeline.train_dataset(split, config.batch_size, config.seed, math.ceil(total / per_epoch),
-                                     augment=_augment(config), deterministic=True)
+                                     augment=config.augment_config(), deterministic=True)
     iterator = iter(dataset)
     for _ in range(spec["warmup"]):
         next(iterator)
@@ -532,7 +528,7 @@ def measure_pipeline(spec: dict) -> dict:
             next(iterator)
         ends.append(time.perf_counter())
     rates = _rates(ends, range(spec["repeats"]), spec["steps"] * config.batch_size)
-    return {**_summary(rates), "augment": dataclasses.asdict(_augment(config)), "peak_rss_mb": _peak_rss_mb(),
+    return {**_summary(rates), "augment": dataclasses.asdict(config.augment_config()), "peak_rss_mb": _peak_rss_mb(),
             "versions": info}
 
 
@@ -800,7 +796,7 @@ def _describe_augment(augment: dict | None) -> str:
     if not augment:
         return "-"
     return (f"flip {'on' if augment['flip'] else 'off'}, shift {augment['shift']}, rotation {augment['rotation']} deg, "
-            f"zoom {augment['zoom']}, erasing p={augment['erasing']}")
+            f"zoom {augment['zoom']}, erasing p={augment['erasing']}, mixup alpha {augment.get('mixup', 0.0)}")
 
 
 def _cell(result: dict | None) -> str:

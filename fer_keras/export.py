@@ -6,7 +6,8 @@ string and ``logits`` [N,7] float32):
 * ``serving_default``: float32 pixels ``[N, 48, 48, 1]`` in 0-255 (what TF Serving's REST JSON gives);
 * ``serving_uint8``: the same as uint8 (compact gRPC tensors, decoded PNGs).
 
-With ``tta="flip"`` the export averages the probabilities of the image and its mirror image.
+With ``tta="flip"`` the export averages the probabilities of the image and its mirror image, with
+``tta="tencrop"`` those of ten crops (:mod:`fer_keras.tta`, the same views as the evaluate tool's).
 Versions are written to a hidden temporary folder and renamed into place, so TF Serving never sees a
 half-written version, and an existing version is never overwritten.
 """
@@ -25,12 +26,12 @@ import keras
 import tensorflow as tf
 from absl import flags
 
-from fer_keras import CLASS_NAMES, IMAGE_SIZE, __version__, cli
+from fer_keras import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, __version__, cli
 from fer_keras.errors import ConfigError, FerError, ModelError
 from fer_keras.history import best_row, read_history_csv
 from fer_keras.model import load_keras_model
+from fer_keras.tta import DEFAULT_CROP_SIZE, TTA_MODES, check_tta, num_views, tf_views
 
-TTA_MODES = ("none", "flip")
 METADATA_FILE = "assets.extra/fer_keras.json"
 MODEL_CONFIG_FILE = "assets.extra/keras_model.json"
 
@@ -63,20 +64,21 @@ def to_float32(model: keras.Model) -> keras.Model:
     return clone
 
 
-def serving_function(model: keras.Model, tta: str = "none"):
-    """Raw pixels -> dict of outputs; the body of both serving signatures."""
-    if tta not in TTA_MODES:
-        raise ConfigError(f"unknown tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
+def serving_function(model: keras.Model, tta: str = "none", crop_size: int = DEFAULT_CROP_SIZE):
+    """Raw pixels -> dict of outputs; the body of both serving signatures.
+
+    All views go through the model as one batch; probabilities and logits are their means.
+    """
+    check_tta(tta, crop_size)
     names = tf.constant(list(CLASS_NAMES))
+    count = num_views(tta)
 
     def serve(pixels):
         x = tf.cast(pixels, tf.float32)
-        logits = tf.cast(model(x, training=False), tf.float32)
-        probabilities = tf.nn.softmax(logits)
-        if tta == "flip":
-            flipped = tf.cast(model(tf.reverse(x, axis=[2]), training=False), tf.float32)
-            probabilities = (probabilities + tf.nn.softmax(flipped)) / 2.0
-            logits = (logits + flipped) / 2.0
+        logits = tf.cast(model(tf_views(x, tta, crop_size), training=False), tf.float32)
+        logits = tf.reshape(logits, [count, -1, NUM_CLASSES])
+        probabilities = tf.reduce_mean(tf.nn.softmax(logits), axis=0)
+        logits = tf.reduce_mean(logits, axis=0)
         class_id = tf.argmax(probabilities, axis=-1)
         return {
             "probabilities": probabilities,
@@ -122,11 +124,14 @@ def export_model(
     version: int | None = None,
     tta: str = "none",
     metadata: dict | None = None,
+    crop_size: int = DEFAULT_CROP_SIZE,
 ) -> Path:
     """Writes ``base_dir/name/version`` atomically and returns its path.
 
     ``version=None`` takes the next free integer; an explicit version that exists is an error.
+    ``tta`` (none, flip, tencrop with ``crop_size``) is built into both serving signatures.
     """
+    check_tta(tta, crop_size)
     base = Path(base_dir) / name
     if version is None:
         version = next_version(base)
@@ -139,7 +144,7 @@ def export_model(
     remove_stale_tmp(base)
     tmp = base / f".tmp-{version}-{socket.gethostname()}-{os.getpid()}"
     model = to_float32(model)
-    serve = serving_function(model, tta)
+    serve = serving_function(model, tta, crop_size)
     archive = keras.export.ExportArchive()
     # Not archive.track(model): it records the keras.Variable wrappers while the endpoints capture the
     # tf.Variables inside them, and TensorFlow, unable to tell they are the same, writes every weight twice
@@ -169,6 +174,7 @@ def export_model(
             "input": "pixels: [N, 48, 48, 1] raw grayscale 0-255 (float32 in serving_default, uint8 in serving_uint8)",
             "outputs": ["probabilities", "class_id", "class_name", "logits"],
             "tta": tta,
+            **({"crop_size": crop_size} if tta == "tencrop" else {}),
             **(metadata or {}),
         }
         (tmp / "assets.extra").mkdir(exist_ok=True)
@@ -215,9 +221,12 @@ def define_flags() -> None:
     flags.DEFINE_string("name", "", "Model name: exports go to EXPORT_DIR/NAME/VERSION (empty: the run "
                         "folder's or .keras file's name).")
     flags.DEFINE_integer("version", 0, "Version to write; 0 takes the next free integer. Never overwrites.")
-    flags.DEFINE_enum("tta", "none", TTA_MODES, "Test-time augmentation built into the export.")
+    flags.DEFINE_enum("tta", "none", TTA_MODES, "Test-time augmentation built into the export: none, flip or "
+                      "tencrop (10 model evaluations per image).")
+    flags.DEFINE_integer("crop_size", DEFAULT_CROP_SIZE, "Crop side in pixels for --tta=tencrop.")
     flags.mark_flag_as_required("model")
     flags.register_validator("version", lambda v: v >= 0, "--version must be >= 0")
+    flags.register_validator("crop_size", lambda v: 0 < v <= IMAGE_SIZE, f"--crop_size must be in 1-{IMAGE_SIZE}")
     flags.register_validator("name", lambda v: not v or ("/" not in v and not v.startswith(".")),
                              "--name must be a plain folder name")
 
@@ -228,7 +237,8 @@ def main(argv: Sequence[str]) -> None:
     source = Path(f.model).resolve()
     name = f.name or (source.stem if source.suffix == ".keras" else source.name)
     metadata = {"source": str(source), **(run_metadata(source) if source.is_dir() else {})}
-    path = export_model(model, f.export_dir, name, f.version or None, f.tta, metadata=metadata)
+    path = export_model(model, f.export_dir, name, f.version or None, f.tta, metadata=metadata,
+                        crop_size=f.crop_size)
     print(f"exported {f.model} to {path} (serving_default: float32 pixels, serving_uint8: uint8 pixels)")
 
 

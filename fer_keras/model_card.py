@@ -29,11 +29,11 @@ from fer_keras import CLASS_NAMES, __version__, cli
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError
 from fer_keras.history import atomic_write_text, best_row, read_history_csv
+from fer_keras.tta import TTA_MODES
 
 CARD_JSON = "model_card.json"
 CARD_MD = "README.md"
 TRAIN_FLAGS = "train_flags.txt"
-TTA_MODES = ("none", "flip", "tencrop")
 
 # Published figures the card compares against (issue "Accuracy"): (what, accuracy %, split, note).
 REFERENCES = (
@@ -224,7 +224,8 @@ def render_markdown(card: dict) -> str:
         f"- {t['epochs']} epochs, batch {c['batch_size']}, {c['optimizer']} lr {c['learning_rate']} "
         f"{c['schedule']} (warm-up {c['warmup_epochs']}), weight decay {c['weight_decay']}, label smoothing "
         f"{c['label_smoothing']}, dropout {c['dropout']}, augmentation flip={c['flip']} shift={c['shift']} "
-        f"rotation={c['rotation']}° zoom={c['zoom']} erasing={c['erasing']}, precision {c['precision']}, "
+        f"rotation={c['rotation']}° zoom={c['zoom']} erasing={c['erasing']} mixup={c.get('mixup', 0.0)}, "
+        f"precision {c['precision']}, "
         f"seed {c['seed']}; every flag the run used is in `{TRAIN_FLAGS}`.",
         f"- best epoch {t['best_epoch']} ({split} {100 * t['best_epoch_val_accuracy']:.1f} % during training; "
         f"final train accuracy {100 * t['final_train_accuracy']:.1f} % on augmented batches).",

@@ -5,7 +5,8 @@ from ``fold_in(seed, e)`` and batch ``s`` of it is augmented with ``fold_in(seed
 resumed at epoch ``e`` therefore sees exactly the batches an uninterrupted run would have seen.
 
 Pixels stay uint8 through the pipeline (the model rescales): one affine warp per image covers
-shift, rotation, zoom and horizontal flip in a single resampling, followed by random erasing.
+shift, rotation, zoom and horizontal flip in a single resampling, followed by random erasing and,
+optionally, mixup (which also mixes the one-hot labels).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class AugmentConfig:
     rotation: float = 10.0  # max rotation in degrees
     zoom: float = 0.1  # scale drawn from [1 - zoom, 1 + zoom]
     erasing: float = 0.0  # probability of erasing one random rectangle
+    mixup: float = 0.0  # alpha of the Beta(alpha, alpha) mixing weight (0 = no mixup)
 
     def __post_init__(self):
         if not 0.0 <= self.shift <= 0.5:
@@ -42,6 +44,8 @@ class AugmentConfig:
             raise ConfigError(f"augment zoom must be in [0, 1), got {self.zoom}")
         if not 0.0 <= self.erasing <= 1.0:
             raise ConfigError(f"augment erasing must be a probability in [0, 1], got {self.erasing}")
+        if not self.mixup >= 0.0:
+            raise ConfigError(f"augment mixup alpha must be >= 0, got {self.mixup}")
 
     @property
     def geometric(self) -> bool:
@@ -120,6 +124,23 @@ def augment_batch(images: tf.Tensor, config: AugmentConfig, seed: tf.Tensor) -> 
     return images
 
 
+def mixup_batch(images: tf.Tensor, labels: tf.Tensor, alpha: float, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Mixes each example with its mirror in the batch (``i`` with ``B-1-i``; batches are already in random
+    order), one weight ``lam ~ Beta(alpha, alpha)`` per example, images and labels alike.
+
+    Mixed pixels are rounded back to uint8 (at most 0.5 grey levels off) so the pipeline keeps one dtype.
+    """
+    batch = tf.shape(images)[0]
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    a = tf.random.stateless_gamma([batch], seeds[0], alpha)
+    b = tf.random.stateless_gamma([batch], seeds[1], alpha)
+    lam = a / tf.maximum(a + b, 1e-12)
+    x = tf.cast(images, tf.float32)
+    mixed = lam[:, None, None, None] * x + (1.0 - lam[:, None, None, None]) * tf.reverse(x, axis=[0])
+    mixed_labels = lam[:, None] * labels + (1.0 - lam[:, None]) * tf.reverse(labels, axis=[0])
+    return tf.cast(tf.clip_by_value(tf.round(mixed), 0.0, 255.0), images.dtype), mixed_labels
+
+
 def _options(deterministic: bool) -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = deterministic
@@ -167,7 +188,10 @@ def train_dataset(
     def make_batch(epoch, step, index):
         x = tf.gather(images, index)
         y = tf.gather(labels, index)
-        x = augment_batch(x, augment, batch_seed(seed, epoch, step))
+        key = batch_seed(seed, epoch, step)
+        x = augment_batch(x, augment, key)
+        if augment.mixup > 0:
+            x, y = mixup_batch(x, y, augment.mixup, tf.random.experimental.stateless_fold_in(key, 0x313))
         return x, y
 
     ds = tf.data.Dataset.range(initial_epoch, epochs).flat_map(epoch_batches)

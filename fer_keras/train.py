@@ -29,6 +29,7 @@ from absl import flags
 from fer_keras import __version__, cli
 from fer_keras.errors import ConfigError, FerError, WorkerLostError
 from fer_keras.history import atomic_write_text, write_history_csv
+from fer_keras.tta import TTA_MODES
 
 ONEDNN_OFF = ("off (TF_ENABLE_ONEDNN_OPTS=0, or TensorFlow was imported before fer_keras): several times "
               "slower on CPUs")
@@ -85,6 +86,7 @@ class TrainConfig:
     rotation: float = 10.0
     zoom: float = 0.1
     erasing: float = 0.25
+    mixup: float = 0.0
     # Distribution.
     strategy: str = "default"
     cpu_devices: int = 0
@@ -104,9 +106,14 @@ class TrainConfig:
     def resolved_export_name(self) -> str:
         return self.export_name or Path(self.model_dir).resolve().name
 
+    def augment_config(self):
+        """The training pipeline's :class:`fer_keras.pipeline.AugmentConfig` of this run."""
+        from fer_keras.pipeline import AugmentConfig
+
+        return AugmentConfig(self.flip, self.shift, self.rotation, self.zoom, self.erasing, self.mixup)
+
     def validate(self) -> None:
         from fer_keras.distribute import STRATEGIES
-        from fer_keras.export import TTA_MODES
         from fer_keras.model import STEMS
 
         checks = [
@@ -139,6 +146,7 @@ class TrainConfig:
                 raise ConfigError(message)
         if self.schedule == "step" and not self.step_epochs:
             raise ConfigError("schedule=step needs --step_epochs (e.g. 30,45)")
+        self.augment_config()  # its own range checks
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -341,8 +349,7 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
         if initial_epoch < config.epochs:
             train_ds = pipeline.train_dataset(
                 train_split, config.batch_size, config.seed, config.epochs, initial_epoch,
-                pipeline.AugmentConfig(config.flip, config.shift, config.rotation, config.zoom, config.erasing),
-                deterministic=True,
+                config.augment_config(), deterministic=True,
             )
             val_ds = pipeline.eval_dataset(val_split, config.batch_size)
             try:
@@ -462,6 +469,8 @@ def define_flags() -> None:
     f.DEFINE_float("rotation", d.rotation, "Augment: max rotation in degrees (0 = off).")
     f.DEFINE_float("zoom", d.zoom, "Augment: max zoom in/out fraction (0 = off).")
     f.DEFINE_float("erasing", d.erasing, "Augment: random-erasing probability (0 = off).")
+    f.DEFINE_float("mixup", d.mixup, "Augment: mixup with weights from Beta(mixup, mixup), labels mixed "
+                   "alike (0 = off; 0.2-1 is usual).")
     f.DEFINE_enum("strategy", d.strategy, ["default", "one_device", "mirrored", "multi_worker", "tpu"],
                   "tf.distribute strategy; multi_worker reads TF_CONFIG; tpu is untested.")
     f.DEFINE_integer("cpu_devices", d.cpu_devices,
@@ -475,7 +484,8 @@ def define_flags() -> None:
     f.DEFINE_string("export_name", d.export_name, "Model name of the export (empty: the --model_dir folder's "
                     "name; the shipped model is fer_resnet18).")
     f.DEFINE_integer("export_version", d.export_version, "Export version (0: next free; never overwrites).")
-    f.DEFINE_enum("export_tta", d.export_tta, ["none", "flip"], "Test-time augmentation built into the export.")
+    f.DEFINE_enum("export_tta", d.export_tta, TTA_MODES, "Test-time augmentation built into the export "
+                  "(tencrop: 10 model evaluations per image, 40-pixel crops).")
     f.DEFINE_integer("verbose", d.verbose, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.")
 
     positive = {"epochs": 1, "batch_size": 1, "steps_per_execution": 1}
@@ -495,6 +505,7 @@ def define_flags() -> None:
     f.register_validator("rotation", lambda v: 0 <= v <= 180, "--rotation must be in [0, 180]")
     f.register_validator("zoom", lambda v: 0 <= v < 1, "--zoom must be in [0, 1)")
     f.register_validator("erasing", lambda v: 0 <= v <= 1, "--erasing must be in [0, 1]")
+    f.register_validator("mixup", lambda v: v >= 0, "--mixup must be >= 0")
     f.register_validator("step_epochs", lambda v: all(s.strip().isdigit() and int(s) > 0 for s in v),
                          "--step_epochs must be positive integers, e.g. 30,45")
     f.register_validator("verbose", lambda v: v in (0, 1, 2), "--verbose must be 0, 1 or 2")

@@ -47,6 +47,25 @@ def crop_offsets(crop_size: int, image_size: int = IMAGE_SIZE) -> list[tuple[int
     return [(0, 0), (0, far), (far, 0), (far, far), (centre, centre)]
 
 
+def tf_views(images, mode: str, crop_size: int = DEFAULT_CROP_SIZE):
+    """The views of a float32 ``[N, 48, 48, 1]`` tensor as one batch ``[V * N, 48, 48, 1]``, view-major.
+
+    The single implementation of the views: :func:`views` calls it, and exports trace it into their
+    serving function, so the served TTA is the evaluate tool's TTA.
+    """
+    import tensorflow as tf
+
+    check_tta(mode, crop_size)
+    base = [images]
+    if mode == "tencrop":
+        base = [images[:, top:top + crop_size, left:left + crop_size, :] for top, left in crop_offsets(crop_size)]
+        if crop_size != IMAGE_SIZE:
+            base = [tf.image.resize(crop, (IMAGE_SIZE, IMAGE_SIZE), method="bilinear") for crop in base]
+    if mode in ("flip", "tencrop"):
+        base += [tf.reverse(view, axis=[2]) for view in base]
+    return tf.concat(base, axis=0) if len(base) > 1 else base[0]
+
+
 def views(images: np.ndarray, mode: str, crop_size: int = DEFAULT_CROP_SIZE) -> np.ndarray:
     """The augmented views of a batch as float32 ``[V, N, 48, 48, 1]`` pixels in 0-255."""
     check_tta(mode, crop_size)
@@ -59,14 +78,7 @@ def views(images: np.ndarray, mode: str, crop_size: int = DEFAULT_CROP_SIZE) -> 
         return np.stack([x, x[:, :, ::-1, :]])
     import tensorflow as tf
 
-    crops = []
-    for top, left in crop_offsets(crop_size):
-        crop = x[:, top:top + crop_size, left:left + crop_size, :]
-        if crop_size != IMAGE_SIZE:
-            crop = tf.image.resize(crop, (IMAGE_SIZE, IMAGE_SIZE), method="bilinear").numpy()
-        crops.append(crop)
-    crops += [c[:, :, ::-1, :] for c in crops]
-    return np.stack(crops).astype(np.float32, copy=False)
+    return tf_views(tf.constant(x), mode, crop_size).numpy().reshape((num_views(mode),) + x.shape)
 
 
 def tta_probabilities(

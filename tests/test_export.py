@@ -150,6 +150,29 @@ def test_flip_tta_export_averages_the_mirror_image(tmp_path):
     np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-5)
 
 
+def test_tencrop_export_serves_the_evaluate_tools_ten_crop(tmp_path):
+    from fer_keras.inference import load_predictor
+    from fer_keras.tta import tta_probabilities
+
+    model = resnet18("imagenet")
+    x = np.random.default_rng(2).integers(0, 256, (3, 48, 48, 1)).astype("float32")
+    path = export_model(model, tmp_path, "m", tta="tencrop")
+    import tensorflow as tf
+
+    out = tf.saved_model.load(str(path)).signatures["serving_uint8"](pixels=tf.constant(x.astype("uint8")))
+
+    class KerasProbabilities:
+        def probabilities(self, images, batch_size=256):
+            return tf.nn.softmax(model(images)).numpy()
+
+    expected = tta_probabilities(KerasProbabilities(), x, "tencrop")
+    np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-5)
+    assert not np.allclose(expected, tta_probabilities(KerasProbabilities(), x, "none"), atol=1e-4)
+    assert out["class_id"].shape == (3,) and out["logits"].shape == (3, 7)
+    predictor = load_predictor(path)
+    assert predictor.metadata["tta"] == "tencrop" and predictor.metadata["crop_size"] == 40
+
+
 def test_export_cli_from_a_run_dir_and_refusing_an_existing_version(trained_run, tmp_path):
     config, _ = trained_run
     args = [sys.executable, "-m", "fer_keras.export", f"--model={config.model_dir}",

@@ -96,7 +96,34 @@ def test_eval_dataset_keeps_order_and_partial_batch():
     np.testing.assert_array_equal(np.concatenate(xs), split.images)
 
 
-@pytest.mark.parametrize("kwargs", [{"shift": 0.9}, {"rotation": -1}, {"zoom": 1.0}, {"erasing": 2}])
+def test_mixup_mixes_each_image_and_label_with_its_mirror_in_the_batch():
+    split = make_split(32)
+    split.images[:] = np.arange(32, dtype="uint8")[:, None, None, None] * 8  # image i is uniform grey 8i
+    mix = AugmentConfig(flip=False, shift=0, rotation=0, zoom=0, erasing=0, mixup=0.4)
+    batches = list(train_dataset(split, 8, seed=2, epochs=1, augment=mix))
+    plain = [x.numpy()[:, 0, 0, 0] // 8 for x, _ in train_dataset(split, 8, seed=2, epochs=1, augment=NO_AUGMENT)]
+    lams = []
+    for (x, y), ids in zip(batches, plain):
+        x, y = x.numpy().astype(float), y.numpy()
+        partner = ids[::-1]
+        grey_a, grey_b = 8.0 * ids, 8.0 * partner
+        # Recover each weight from the blended grey level, then check y = lam * own + (1 - lam) * partner's.
+        differ = grey_a != grey_b
+        lam = np.where(differ, (x[:, 0, 0, 0] - grey_b) / np.where(differ, grey_a - grey_b, 1), 1.0)
+        expected_y = lam[:, None] * np.eye(7)[ids % 7] + (1 - lam[:, None]) * np.eye(7)[partner % 7]
+        np.testing.assert_allclose(y, expected_y, atol=0.5 / 8 + 1e-6)  # lam from rounded pixels
+        np.testing.assert_allclose(y.sum(1), 1.0, atol=1e-6)
+        assert (x == x[:, :1, :1, :]).all()  # still uniform: a pixel-wise blend of two uniform images
+        lams.extend(lam[differ])
+    lams = np.asarray(lams)
+    assert ((lams >= 0) & (lams <= 1)).all() and lams.std() > 0.1  # Beta(0.4, 0.4) weights vary widely
+    again = list(train_dataset(split, 8, seed=2, epochs=1, augment=mix))
+    for (a, ya), (b, yb) in zip(batches, again):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+
+
+@pytest.mark.parametrize("kwargs", [{"shift": 0.9}, {"rotation": -1}, {"zoom": 1.0}, {"erasing": 2}, {"mixup": -0.1}])
 def test_bad_augment_values_are_refused(kwargs):
     with pytest.raises(ConfigError):
         AugmentConfig(**kwargs)

@@ -1,0 +1,179 @@
+"""Ablation table: training runs side by side, each measured now on the selection split.
+
+    python -m fer_keras.ablation --runs=runs/base,runs/mixup --data=fer2013.csv.gz --output=ablation.md
+
+For each run directory the table gives what its recipe changes relative to the first run (from the
+runs' ``config.json``), epochs done, the best epoch, the wall time of its epochs (``history.csv``) and
+the accuracy of its ``best.keras`` on the validation split (FER2013 PublicTest, the split every choice
+is made on) without TTA, with flip and with ten-crop. Nothing is typed in: a run still training shows
+the epochs it has. Evaluations are cached in each run directory (``ablation_eval.json``, keyed by
+``best.keras``'s size and time and by the data), so adding a run to the table only measures that run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from absl import flags
+
+from fer_keras import cli
+from fer_keras.errors import ConfigError
+from fer_keras.history import atomic_write_text, best_row, read_history_csv
+from fer_keras.tta import TTA_MODES
+
+EVAL_CACHE = "ablation_eval.json"
+# Settings that say where a run reads and writes, not how it learns.
+NOT_RECIPE = frozenset({
+    "data", "model_dir", "export", "export_dir", "export_name", "export_version", "export_tta", "verbose",
+    "use_cache", "skip_bad_rows", "collective_timeout", "tpu_address",
+})
+
+
+@dataclasses.dataclass
+class AblationRow:
+    run: str
+    changes: list[str]
+    epochs_done: int
+    epochs_planned: int
+    best_epoch: int
+    wall_seconds: float
+    split_label: str
+    num_images: int
+    accuracy: dict[str, float]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def recipe_changes(config: dict, baseline: dict) -> list[str]:
+    """``name=value`` for every recipe setting where ``config`` differs from ``baseline``."""
+    keys = sorted((set(config) | set(baseline)) - NOT_RECIPE)
+    return [f"{k}={config.get(k, '(unset)')}" for k in keys if config.get(k) != baseline.get(k)]
+
+
+def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    for needed in ("best.keras", "history.csv", "config.json"):
+        if not (run_dir / needed).is_file():
+            raise ConfigError(f"{run_dir}: not a training run with a finished epoch (no {needed})")
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        history = read_history_csv(run_dir / "history.csv")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{run_dir}: unreadable config.json or history.csv: {e}") from None
+    if not history:
+        raise ConfigError(f"{run_dir}/history.csv: no finished epoch")
+    return config, history
+
+
+def _cache_key(run_dir: Path, data_source: str, split_name: str, mode: str) -> str:
+    stat = (run_dir / "best.keras").stat()
+    return json.dumps([stat.st_size, stat.st_mtime_ns, data_source, split_name, mode])
+
+
+def measure_accuracy(run_dir: Path, split, data_source: str, split_name: str, tta_modes: Sequence[str],
+                     batch_size: int = 256) -> dict[str, float]:
+    """Accuracy of the run's best.keras per TTA mode, from the cache when best.keras and data are unchanged."""
+    from fer_keras.evaluate import evaluate
+    from fer_keras.inference import load_predictor
+
+    cache_path = run_dir / EVAL_CACHE
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    out, predictor = {}, None
+    for mode in tta_modes:
+        key = _cache_key(run_dir, data_source, split_name, mode)
+        if key not in cache:
+            predictor = predictor or load_predictor(run_dir / "best.keras")
+            cache[key] = evaluate(predictor, split, mode, batch_size, split_name=split_name).accuracy
+        out[mode] = cache[key]
+    try:
+        atomic_write_text(cache_path, json.dumps(cache, indent=1) + "\n")
+    except OSError:
+        pass  # a read-only run directory is measured every time
+    return out
+
+
+def build_table(run_dirs: Sequence[Path], data: str | None, tta_modes: Sequence[str] = TTA_MODES,
+                batch_size: int = 256) -> list[AblationRow]:
+    """One measured row per run; the first run is the baseline the others' changes are stated against."""
+    from fer_keras import data as fer_data
+
+    if not run_dirs:
+        raise ConfigError("no runs given (--runs=DIR,DIR,...)")
+    runs = [(Path(d), *_read_run(Path(d))) for d in run_dirs]
+    source = fer_data.load(data or None)
+    split_name = "val"
+    split = source.split(split_name)
+    baseline = runs[0][1]
+    rows = []
+    for run_dir, config, history in runs:
+        best = best_row(history)
+        rows.append(AblationRow(
+            run=run_dir.name,
+            changes=recipe_changes(config, baseline) if config is not baseline else [],
+            epochs_done=len(history),
+            epochs_planned=int(config.get("epochs", len(history))),
+            best_epoch=best["epoch"],
+            wall_seconds=sum(r.get("seconds", 0.0) for r in history),
+            split_label=fer_data.split_label(split_name),
+            num_images=len(split),
+            accuracy=measure_accuracy(run_dir, split, source.source, split_name, tta_modes, batch_size),
+        ))
+    return rows
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.2f} h"
+
+
+def render_markdown(rows: Sequence[AblationRow]) -> str:
+    modes = list(rows[0].accuracy)
+    split = rows[0].split_label
+    head = ["run", "differs from the first run", "epochs", "best epoch", "wall time"]
+    head += [f"{split} {'no TTA' if m == 'none' else m}" for m in modes]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
+    for r in rows:
+        epochs = f"{r.epochs_done}" if r.epochs_done >= r.epochs_planned else f"{r.epochs_done} of {r.epochs_planned}"
+        cells = [f"`{r.run}`", ", ".join(f"`{c}`" for c in r.changes) or "(baseline)", epochs, str(r.best_epoch),
+                 _minutes(r.wall_seconds)] + [f"{100 * r.accuracy[m]:.1f} %" for m in modes]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Accuracy of each run's best.keras on {split} ({rows[0].num_images:,} images), which also picked "
+                 "its best epoch; wall time is the sum of its epochs' times in history.csv.")
+    return "\n".join(lines) + "\n"
+
+
+def define_flags() -> None:
+    flags.DEFINE_list("runs", None, "Training run directories, comma-separated; the first is the baseline.")
+    flags.DEFINE_string("data", "", "The data the runs trained on (empty: the bundled sample).")
+    flags.DEFINE_list("tta", list(TTA_MODES), "TTA modes to measure each run's best.keras with.")
+    flags.DEFINE_string("output", "", "Also write the Markdown table here (and the figures as .json beside it).")
+    flags.DEFINE_integer("batch_size", 256, "Images per model call.")
+    flags.mark_flag_as_required("runs")
+    flags.register_validator("tta", lambda v: bool(v) and set(v) <= set(TTA_MODES),
+                             f"--tta must be a subset of {', '.join(TTA_MODES)}")
+    flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1")
+
+
+def main(argv: Sequence[str]) -> None:
+    f = flags.FLAGS
+    rows = build_table([Path(r) for r in f.runs], f.data or None, f.tta, f.batch_size)
+    table = render_markdown(rows)
+    if f.output:
+        out = Path(f.output)
+        atomic_write_text(out, table)
+        atomic_write_text(out.with_suffix(".json"), json.dumps([r.to_json() for r in rows], indent=2) + "\n")
+    sys.stdout.write(table)
+
+
+if __name__ == "__main__":
+    cli.quiet_tensorflow()
+    define_flags()
+    cli.run(main)
+    sys.exit(0)
