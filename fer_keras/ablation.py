@@ -50,7 +50,14 @@ class AblationRow:
 
 
 def recipe_changes(config: dict, baseline: dict) -> list[str]:
-    """``name=value`` for every recipe setting where ``config`` differs from ``baseline``."""
+    """``name=value`` for every recipe setting where ``config`` differs from ``baseline``.
+
+    A setting missing from a run's config.json (made before the setting existed) has its default value.
+    """
+    from fer_keras.train import TrainConfig
+
+    defaults = TrainConfig().to_json()
+    config, baseline = {**defaults, **config}, {**defaults, **baseline}
     keys = sorted((set(config) | set(baseline)) - NOT_RECIPE)
     return [f"{k}={config.get(k, '(unset)')}" for k in keys if config.get(k) != baseline.get(k)]
 
@@ -144,8 +151,8 @@ def render_markdown(rows: Sequence[AblationRow]) -> str:
                  _minutes(r.wall_seconds)] + [f"{100 * r.accuracy[m]:.1f} %" for m in modes]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Accuracy of each run's best.keras on {split} ({rows[0].num_images:,} images), which also picked "
-                 "its best epoch; wall time is the sum of its epochs' times in history.csv.")
+    lines.append(f"Accuracy of each run's best.keras on {split}, {rows[0].num_images:,} images, the split that also "
+                 "picked its best epoch; wall time is the sum of its epochs' times in history.csv.")
     return "\n".join(lines) + "\n"
 
 

@@ -365,7 +365,6 @@ def _train_config(spec: dict, precision: str):
                        steps_per_execution=spec["steps_per_execution"], seed=spec["seed"])
 
 
-
 def measure_keras_training(spec: dict) -> dict:
     """fer_keras ``model.fit`` throughput; ``spec["source"]`` is ``pipeline`` (train's input path)
     or ``cached`` (one batch repeated: the model and fit loop alone)."""

@@ -29,6 +29,9 @@ def two_runs(trained_run, tmp_path):
     config.update(mixup=0.2, model_dir=str(other), verbose=2)  # verbose and paths are not recipe changes
     (other / "config.json").write_text(json.dumps(config))
     resnet18("imagenet").save(other / "best.keras")
+    config = json.loads((base / "config.json").read_text())
+    del config["mixup"]  # as written before --mixup existed: the default, 0
+    (base / "config.json").write_text(json.dumps(config))
     return base, other
 
 

@@ -100,6 +100,7 @@ def test_unwritable_model_dir_is_reported_before_training(tmp_path):
     ({"stem": "vgg"}, "unknown stem"),
     ({"strategy": "horovod"}, "unknown strategy"),
     ({"schedule": "step"}, "needs --step_epochs"),
+    ({"mixup": -0.5}, "mixup alpha must be >= 0"),
 ])
 def test_bad_settings_are_refused(tmp_path, kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -124,6 +125,7 @@ def cli(args, tmp_path, **kw):
     (["--epochs=-1"], "--epochs must be >= 1"),
     (["--strategy=horovod"], "strategy"),
     (["--stem=vgg"], "stem"),
+    (["--mixup=-1"], "--mixup must be >= 0"),
     (["--strategy=mirrored", "--cpu_devices=2", "--batch_size=33"], "not divisible by the 2 replicas"),
 ])
 def test_cli_bad_flags_exit_non_zero_with_one_line(tmp_path, args, needle):
@@ -137,7 +139,7 @@ def test_cli_bad_flags_exit_non_zero_with_one_line(tmp_path, args, needle):
 def small_cli_args(model_dir: Path) -> list[str]:
     return [
         "--flagfile=flags/smoke.cfg", f"--model_dir={model_dir}", "--epochs=3", "--max_train_examples=64",
-        "--deterministic", "--export=false", "--verbose=0", "--dropout=0.2", "--erasing=0.5",
+        "--deterministic", "--export=false", "--verbose=0", "--dropout=0.2", "--erasing=0.5", "--mixup=0.4",
     ]
 
 
