@@ -167,7 +167,8 @@ def test_tencrop_export_serves_the_evaluate_tools_ten_crop(tmp_path):
 
     expected = tta_probabilities(KerasProbabilities(), x, "tencrop")
     np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-5)
-    assert not np.allclose(expected, tta_probabilities(KerasProbabilities(), x, "none"), atol=1e-4)
+    # An untrained network's probabilities may saturate, so tell the views apart by their logits.
+    assert not np.allclose(out["logits"].numpy(), np.asarray(model(x)), rtol=1e-3, atol=1e-3)
     assert out["class_id"].shape == (3,) and out["logits"].shape == (3, 7)
     predictor = load_predictor(path)
     assert predictor.metadata["tta"] == "tencrop" and predictor.metadata["crop_size"] == 40
