@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from absl import flags
@@ -30,6 +30,9 @@ from fer_keras import __version__, cli
 from fer_keras.errors import ConfigError, FerError, WorkerLostError
 from fer_keras.history import atomic_write_text, write_history_csv
 from fer_keras.tta import TTA_MODES
+
+if TYPE_CHECKING:
+    from fer_keras.pipeline import AugmentConfig
 
 ONEDNN_OFF = ("off (TF_ENABLE_ONEDNN_OPTS=0, or TensorFlow was imported before fer_keras): several times "
               "slower on CPUs")
@@ -106,7 +109,7 @@ class TrainConfig:
     def resolved_export_name(self) -> str:
         return self.export_name or Path(self.model_dir).resolve().name
 
-    def augment_config(self):
+    def augment_config(self) -> AugmentConfig:
         """The training pipeline's :class:`fer_keras.pipeline.AugmentConfig` of this run."""
         from fer_keras.pipeline import AugmentConfig
 

@@ -11,12 +11,15 @@ imported only when views are built, so that the command-line tools can reject ba
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from fer_keras import IMAGE_SIZE, NUM_CLASSES
 from fer_keras.errors import ConfigError
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 TTA_MODES = ("none", "flip", "tencrop")
 DEFAULT_CROP_SIZE = 40
@@ -47,11 +50,11 @@ def crop_offsets(crop_size: int, image_size: int = IMAGE_SIZE) -> list[tuple[int
     return [(0, 0), (0, far), (far, 0), (far, far), (centre, centre)]
 
 
-def tf_views(images, mode: str, crop_size: int = DEFAULT_CROP_SIZE):
+def tf_views(images: tf.Tensor, mode: str, crop_size: int = DEFAULT_CROP_SIZE) -> tf.Tensor:
     """The views of a float32 ``[N, 48, 48, 1]`` tensor as one batch ``[V * N, 48, 48, 1]``, view-major.
 
-    The single implementation of the views: :func:`views` calls it, and exports trace it into their
-    serving function, so the served TTA is the evaluate tool's TTA.
+    Exports trace it into their serving function and :func:`views` computes ten-crop with it (its numpy
+    flip is the same exact mirror), so the served TTA is the evaluate tool's TTA.
     """
     import tensorflow as tf
 
