@@ -71,7 +71,8 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     optimizer: str = "sgd"
-    learning_rate: float = 0.1
+    # 0.1 (the recipes' value) makes the 7-step epochs of the 999-image sample diverge; 0.02 does not.
+    learning_rate: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
