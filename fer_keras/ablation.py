@@ -56,8 +56,7 @@ def recipe_changes(config: dict, baseline: dict) -> list[str]:
     """
     from fer_keras.train import TrainConfig
 
-    defaults = TrainConfig().to_json()
-    config, baseline = {**defaults, **config}, {**defaults, **baseline}
+    config, baseline = TrainConfig.recorded(config), TrainConfig.recorded(baseline)
     keys = sorted((set(config) | set(baseline)) - NOT_RECIPE)
     return [f"{k}={config.get(k, '(unset)')}" for k in keys if config.get(k) != baseline.get(k)]
 
@@ -76,11 +75,6 @@ def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     return config, history
 
 
-def _cache_key(run_dir: Path, data_source: str, split_name: str, mode: str) -> str:
-    stat = (run_dir / "best.keras").stat()
-    return json.dumps([stat.st_size, stat.st_mtime_ns, data_source, split_name, mode])
-
-
 def measure_accuracy(run_dir: Path, split, data_source: str, split_name: str, tta_modes: Sequence[str],
                      batch_size: int = 256) -> dict[str, float]:
     """Accuracy of the run's best.keras per TTA mode, from the cache when best.keras and data are unchanged."""
@@ -92,18 +86,18 @@ def measure_accuracy(run_dir: Path, split, data_source: str, split_name: str, tt
         cache = json.loads(cache_path.read_text())
     except (OSError, ValueError):
         cache = {}
-    out, predictor = {}, None
-    for mode in tta_modes:
-        key = _cache_key(run_dir, data_source, split_name, mode)
-        if key not in cache:
-            predictor = predictor or load_predictor(run_dir / "best.keras")
-            cache[key] = evaluate(predictor, split, mode, batch_size, split_name=split_name).accuracy
-        out[mode] = cache[key]
-    try:
-        atomic_write_text(cache_path, json.dumps(cache, indent=1) + "\n")
-    except OSError:
-        pass  # a read-only run directory is measured every time
-    return out
+    stat = (run_dir / "best.keras").stat()
+    keys = {mode: json.dumps([stat.st_size, stat.st_mtime_ns, data_source, split_name, mode]) for mode in tta_modes}
+    missing = [mode for mode in tta_modes if keys[mode] not in cache]
+    if missing:
+        predictor = load_predictor(run_dir / "best.keras")
+        for mode in missing:
+            cache[keys[mode]] = evaluate(predictor, split, mode, batch_size, split_name=split_name).accuracy
+        try:
+            atomic_write_text(cache_path, json.dumps(cache, indent=1) + "\n")
+        except OSError:
+            pass  # a read-only run directory is measured every time
+    return {mode: cache[keys[mode]] for mode in tta_modes}
 
 
 def build_table(run_dirs: Sequence[Path], data: str | None, tta_modes: Sequence[str] = TTA_MODES,
@@ -123,7 +117,7 @@ def build_table(run_dirs: Sequence[Path], data: str | None, tta_modes: Sequence[
         best = best_row(history)
         rows.append(AblationRow(
             run=run_dir.name,
-            changes=recipe_changes(config, baseline) if config is not baseline else [],
+            changes=recipe_changes(config, baseline),
             epochs_done=len(history),
             epochs_planned=int(config.get("epochs", len(history))),
             best_epoch=best["epoch"],

@@ -115,6 +115,7 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     from fer_keras import inference
     from fer_keras.benchmark import cpu_info
     from fer_keras.evaluate import evaluate
+    from fer_keras.train import TrainConfig
 
     run_dir, export = Path(run_dir), Path(export)
     for needed in ("best.keras", "history.csv", "config.json", "flags.txt"):
@@ -123,7 +124,7 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     kind, export = inference.resolve(export)
     if kind != "saved_model":
         raise ConfigError(f"{export}: --export must be a SavedModel export, not a .keras file")
-    config = json.loads((run_dir / "config.json").read_text())
+    config = TrainConfig.recorded(json.loads((run_dir / "config.json").read_text()))
     recipe_flags = check_recipe(recipe, run_dir / "flags.txt") if recipe else None
     history = read_history_csv(run_dir / "history.csv")
     best = best_row(history)
@@ -224,7 +225,7 @@ def render_markdown(card: dict) -> str:
         f"- {t['epochs']} epochs, batch {c['batch_size']}, {c['optimizer']} lr {c['learning_rate']} "
         f"{c['schedule']} (warm-up {c['warmup_epochs']}), weight decay {c['weight_decay']}, label smoothing "
         f"{c['label_smoothing']}, dropout {c['dropout']}, augmentation flip={c['flip']} shift={c['shift']} "
-        f"rotation={c['rotation']}° zoom={c['zoom']} erasing={c['erasing']} mixup={c.get('mixup', 0.0)}, "
+        f"rotation={c['rotation']}° zoom={c['zoom']} erasing={c['erasing']} mixup={c['mixup']}, "
         f"precision {c['precision']}, "
         f"seed {c['seed']}; every flag the run used is in `{TRAIN_FLAGS}`.",
         f"- best epoch {t['best_epoch']} ({split} {100 * t['best_epoch_val_accuracy']:.1f} % during training; "

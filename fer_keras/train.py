@@ -157,6 +157,11 @@ class TrainConfig:
         d["step_epochs"] = list(self.step_epochs)
         return d
 
+    @staticmethod
+    def recorded(config_json: dict) -> dict:
+        """A run's config.json with the settings it predates filled in with their defaults."""
+        return {**TrainConfig().to_json(), **config_json}
+
 
 @dataclasses.dataclass
 class TrainResult:

@@ -53,8 +53,8 @@ def crop_offsets(crop_size: int, image_size: int = IMAGE_SIZE) -> list[tuple[int
 def tf_views(images: tf.Tensor, mode: str, crop_size: int = DEFAULT_CROP_SIZE) -> tf.Tensor:
     """The views of a float32 ``[N, 48, 48, 1]`` tensor as one batch ``[V * N, 48, 48, 1]``, view-major.
 
-    Exports trace it into their serving function and :func:`views` computes ten-crop with it (its numpy
-    flip is the same exact mirror), so the served TTA is the evaluate tool's TTA.
+    Exports trace it into their serving function and :func:`views` computes with it, so the served TTA is
+    the evaluate tool's TTA.
     """
     import tensorflow as tf
 
@@ -75,10 +75,6 @@ def views(images: np.ndarray, mode: str, crop_size: int = DEFAULT_CROP_SIZE) -> 
     x = np.asarray(images, np.float32)
     if x.ndim != 4 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 1):
         raise ConfigError(f"expected images of shape [N, {IMAGE_SIZE}, {IMAGE_SIZE}, 1], got {list(x.shape)}")
-    if mode == "none":
-        return x[None]
-    if mode == "flip":
-        return np.stack([x, x[:, :, ::-1, :]])
     import tensorflow as tf
 
     return tf_views(tf.constant(x), mode, crop_size).numpy().reshape((num_views(mode),) + x.shape)
