@@ -82,3 +82,13 @@ def test_shipped_card_states_what_the_shipped_model_scores(fer2013_path):
     val = fer_data.load(fer2013_path).split("val")
     fresh = evaluate(inference.load_predictor(None), val, "none", split_name="val")
     assert (fresh.num_correct, fresh.num_images) == (card["served"]["num_correct"], card["served"]["num_images"])
+
+
+def test_readme_carries_the_reference_table_of_the_model_card():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = "<!-- references -->\n", "\n<!-- /references -->"
+    assert start in readme and end in readme, "README.md lost its <!-- references --> markers"
+    table = readme[readme.index(start) + len(start):readme.index(end)]
+    assert table == model_card.references_markdown(), (
+        "README.md's reference table differs from fer_keras.model_card.REFERENCES; paste "
+        "`python -c 'from fer_keras import model_card; print(model_card.references_markdown())'`")
