@@ -7,7 +7,9 @@ string and ``logits`` [N,7] float32):
 * ``serving_uint8``: the same as uint8 (compact gRPC tensors, decoded PNGs).
 
 With ``tta="flip"`` the export averages the probabilities of the image and its mirror image, with
-``tta="tencrop"`` those of ten crops (:mod:`fer_keras.tta`, the same views as the evaluate tool's).
+``tta="tencrop"`` those of ten crops (:mod:`fer_keras.tta`, the same views as the evaluate tool's);
+``--tta=auto`` measures all three on the split that selected the run's epoch and builds in the cheapest
+within ``--tta_tolerance`` points of the best (:func:`fer_keras.tta.choose_tta`), recording the figures.
 Versions are written to a hidden temporary folder and renamed into place, so TF Serving never sees a
 half-written version, and an existing version is never overwritten.
 """
@@ -30,7 +32,17 @@ from fer_keras import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, __version__, cli
 from fer_keras.errors import ConfigError, FerError, ModelError
 from fer_keras.history import best_row, read_history_csv
 from fer_keras.model import load_keras_model
-from fer_keras.tta import DEFAULT_CROP_SIZE, TTA_MODES, check_tta, num_views, tf_views
+from fer_keras.tta import (
+    AUTO,
+    DEFAULT_CROP_SIZE,
+    DEFAULT_TOLERANCE,
+    TTA_MODES,
+    TtaChoice,
+    check_tta,
+    choose_tta,
+    num_views,
+    tf_views,
+)
 
 METADATA_FILE = "assets.extra/fer_keras.json"
 MODEL_CONFIG_FILE = "assets.extra/keras_model.json"
@@ -215,15 +227,42 @@ def run_metadata(run_dir: Path) -> dict:
     return info
 
 
+def choose_served_tta(model: keras.Model, images, labels, split: str, crop_size: int = DEFAULT_CROP_SIZE,
+                      tolerance: float = DEFAULT_TOLERANCE) -> TtaChoice:
+    """:func:`fer_keras.tta.choose_tta` for a Keras model about to be exported."""
+    from fer_keras.inference import Predictor
+
+    return choose_tta(Predictor("keras", Path("<model>"), keras_model=model), images, labels, split,
+                      crop_size=crop_size, tolerance=tolerance)
+
+
+def selection_split(data_path: str | None, run_config: dict) -> tuple[object, str]:
+    """The labelled split a run selected its epoch on (PublicTest, or its hold-out), and its name."""
+    from fer_keras import data as fer_data
+    from fer_keras.train import TrainConfig, run_splits
+
+    recorded = TrainConfig.recorded(run_config)
+    config = TrainConfig(**{k: recorded[k] for k in ("val_fraction", "seed", "max_train_examples",
+                                                       "max_val_examples")})
+    _, val, name = run_splits(fer_data.load(data_path), config)
+    return val, name
+
+
 def define_flags() -> None:
     flags.DEFINE_string("model", None, "A .keras file or a training --model_dir (uses its best.keras).")
     flags.DEFINE_string("export_dir", "saved_models", "Base folder of TF Serving exports.")
     flags.DEFINE_string("name", "", "Model name: exports go to EXPORT_DIR/NAME/VERSION (empty: the run "
                         "folder's or .keras file's name).")
     flags.DEFINE_integer("version", 0, "Version to write; 0 takes the next free integer. Never overwrites.")
-    flags.DEFINE_enum("tta", "none", TTA_MODES, "Test-time augmentation built into the export: none, flip or "
-                      "tencrop (10 model evaluations per image).")
+    flags.DEFINE_enum("tta", "none", TTA_MODES + (AUTO,), "Test-time augmentation built into the export: none, "
+                      "flip, tencrop (10 model evaluations per image), or auto: the cheapest of them within "
+                      "--tta_tolerance of the best on the run's selection split of --data.")
     flags.DEFINE_integer("crop_size", DEFAULT_CROP_SIZE, "Crop side in pixels for --tta=tencrop.")
+    flags.DEFINE_string("data", None, "FER2013 source for --tta=auto (default: the bundled sample); its "
+                        "PublicTest, or the run's hold-out, decides.")
+    flags.DEFINE_float("tta_tolerance", DEFAULT_TOLERANCE, "--tta=auto: percentage points by which a costlier "
+                       "TTA must beat a cheaper one to be built in.")
+    flags.register_validator("tta_tolerance", lambda v: v >= 0, "--tta_tolerance must be >= 0")
     flags.mark_flag_as_required("model")
     flags.register_validator("version", lambda v: v >= 0, "--version must be >= 0")
     flags.register_validator("crop_size", lambda v: 0 < v <= IMAGE_SIZE, f"--crop_size must be in 1-{IMAGE_SIZE}")
@@ -237,9 +276,16 @@ def main(argv: Sequence[str]) -> None:
     source = Path(f.model).resolve()
     name = f.name or (source.stem if source.suffix == ".keras" else source.name)
     metadata = {"source": str(source), **(run_metadata(source) if source.is_dir() else {})}
-    path = export_model(model, f.export_dir, name, f.version or None, f.tta, metadata=metadata,
+    tta = f.tta
+    if tta == AUTO:
+        split, label = selection_split(f.data, metadata.get("train_config", {}))
+        choice = choose_served_tta(model, split.images, split.labels, label, f.crop_size, f.tta_tolerance)
+        print(choice.summary())
+        tta, metadata["tta_selection"] = choice.mode, choice.to_json()
+    path = export_model(model, f.export_dir, name, f.version or None, tta, metadata=metadata,
                         crop_size=f.crop_size)
-    print(f"exported {f.model} to {path} (serving_default: float32 pixels, serving_uint8: uint8 pixels)")
+    print(f"exported {f.model} to {path} with TTA {tta} (serving_default: float32 pixels, serving_uint8: "
+          "uint8 pixels)")
 
 
 if __name__ == "__main__":

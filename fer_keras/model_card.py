@@ -157,6 +157,7 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
         "version": int(export.name),
         "export_size_mb": round(_folder_size_mb(export), 1),
         "served_tta": served.metadata.get("tta", "none"),
+        "served_tta_selection": served.metadata.get("tta_selection"),
         "data": source.source,
         "selection_split": fer_data.split_label(split_name),
         "served": _accuracy_entry(served_result),
@@ -207,6 +208,11 @@ def render_markdown(card: dict) -> str:
     for mode, entry in card["best_keras"].items():
         lines.append(f"| the run's best.keras | {mode} (evaluate `--tta={mode}`) | {_pct(entry)} "
                      f"| {entry['macro_f1']:.3f} |")
+    chosen = card.get("served_tta_selection")
+    if chosen:
+        lines += ["", f"The built-in TTA was chosen by `--export_tta=auto` on {chosen['split']} "
+                      f"({chosen['num_images']:,} images): the cheapest of none, flip and ten-crop within "
+                      f"{chosen['tolerance_points']:g} points of the best."]
     lines += [
         "",
         f"{split} also chose the epoch, so these figures are optimistic by the selection; PrivateTest is "

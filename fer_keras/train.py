@@ -29,7 +29,7 @@ from absl import flags
 from fer_keras import __version__, cli
 from fer_keras.errors import ConfigError, FerError, WorkerLostError
 from fer_keras.history import atomic_write_text, write_history_csv
-from fer_keras.tta import TTA_MODES
+from fer_keras.tta import AUTO, DEFAULT_TOLERANCE, TTA_MODES
 
 if TYPE_CHECKING:
     from fer_keras.pipeline import AugmentConfig
@@ -38,11 +38,12 @@ ONEDNN_OFF = ("off (TF_ENABLE_ONEDNN_OPTS=0, or TensorFlow was imported before f
               "slower on CPUs")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
+EXPORT_TTAS = TTA_MODES + (AUTO,)
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # Fields that may change between an interrupted run and its resumption.
 RESUMABLE_FIELDS = {
     "strategy", "cpu_devices", "num_gpus", "tpu_address", "collective_timeout", "verbose", "export", "export_dir",
-    "export_name", "export_version", "export_tta", "use_cache", "data",
+    "export_name", "export_version", "export_tta", "export_tta_tolerance", "use_cache", "data",
 }
 
 
@@ -103,7 +104,10 @@ class TrainConfig:
     # Empty: the run directory's name, so a user's runs never add versions to the shipped fer_resnet18.
     export_name: str = ""
     export_version: int = 0
-    export_tta: str = "flip"
+    # auto: the TTA (none, flip, tencrop) is measured on the selection split and the cheapest within
+    # export_tta_tolerance points of the best is built in.
+    export_tta: str = "auto"
+    export_tta_tolerance: float = DEFAULT_TOLERANCE
     verbose: int = 1
 
     @property
@@ -137,7 +141,9 @@ class TrainConfig:
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose {', '.join(SCHEDULES)}"),
             (self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose {', '.join(PRECISIONS)}"),
             (self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r}; choose {', '.join(STRATEGIES)}"),
-            (self.export_tta in TTA_MODES, f"unknown export_tta {self.export_tta!r}; choose {', '.join(TTA_MODES)}"),
+            (self.export_tta in EXPORT_TTAS,
+             f"unknown export_tta {self.export_tta!r}; choose {', '.join(EXPORT_TTAS)}"),
+            (self.export_tta_tolerance >= 0, f"export_tta_tolerance must be >= 0, got {self.export_tta_tolerance}"),
             (self.cpu_devices >= 0, f"cpu_devices must be >= 0, got {self.cpu_devices}"),
             (self.max_train_examples >= 0 and self.max_val_examples >= 0, "max_*_examples must be >= 0"),
             (self.export_version >= 0, f"export_version must be >= 0, got {self.export_version}"),
@@ -210,6 +216,18 @@ def _check_resumable(model_dir: Path, config: TrainConfig) -> None:
             f"{model_dir} holds a run made with other settings ({diffs}); "
             "use a new --model_dir or the original flags"
         )
+
+
+def run_splits(dataset, config: TrainConfig) -> tuple:
+    """(training split, selection split, the selection split's name) of a run: PublicTest when the data has
+    it, else a stratified hold-out of Training; both cut to the run's example limits."""
+    from fer_keras import data as data_lib
+
+    train_split, val_split = data_lib.train_val(dataset, config.val_fraction, config.seed)
+    train_split = _subset(train_split, config.max_train_examples, config.seed)
+    val_split = _subset(val_split, config.max_val_examples, config.seed)
+    val_name = "PublicTest" if "val" in dataset.splits else f"{config.val_fraction:.0%} stratified hold-out"
+    return train_split, val_split, val_name
 
 
 def _subset(split, limit: int, seed: int):
@@ -286,10 +304,7 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
     # Data first: a bad file must not leave new empty output folders behind.
     dataset = data_lib.load(config.data or None, skip_bad_rows=config.skip_bad_rows, use_cache=config.use_cache)
     _preflight(out_dir, export_base)
-    train_split, val_split = data_lib.train_val(dataset, config.val_fraction, config.seed)
-    train_split = _subset(train_split, config.max_train_examples, config.seed)
-    val_split = _subset(val_split, config.max_val_examples, config.seed)
-    val_name = "PublicTest" if "val" in dataset.splits else f"{config.val_fraction:.0%} stratified hold-out"
+    train_split, val_split, val_name = run_splits(dataset, config)
     steps = pipeline.steps_per_epoch(len(train_split), config.batch_size)
     if steps == 0:
         raise ConfigError(
@@ -398,7 +413,7 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
     export_path = None
     best_epoch, best_val = recorder.best_epoch, recorder.best_val
     if chief and export_base is not None and (model_dir / "best.keras").is_file():
-        export_path = _export_once(model_dir, config, best_epoch, best_val, val_name, export)
+        export_path = _export_once(model_dir, config, best_epoch, best_val, val_split, val_name, export)
     if chief:
         print(
             f"best validation accuracy {best_val:.2%} ({val_name}) at epoch {best_epoch}; "
@@ -407,8 +422,8 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
     return TrainResult(model_dir, history, best_epoch, best_val, export_path, initial_epoch, replicas)
 
 
-def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val: float, val_name: str,
-                 export_mod) -> Path:
+def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val: float, val_split,
+                 val_name: str, export_mod) -> Path:
     """Exports best.keras once per run: a rerun of a finished run does not add a version."""
     marker = model_dir / "export.json"
     if marker.is_file():
@@ -421,15 +436,22 @@ def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val
     from fer_keras.model import load_keras_model
 
     model = load_keras_model(str(model_dir / "best.keras"))
+    metadata = {
+        "model_dir": str(model_dir.resolve()),
+        "best_epoch": best_epoch,
+        "val_accuracy": best_val,
+        "val_split": val_name,
+        "train_config": config.to_json(),
+    }
+    tta = config.export_tta
+    if tta == AUTO:
+        choice = export_mod.choose_served_tta(model, val_split.images, val_split.labels, val_name,
+                                              tolerance=config.export_tta_tolerance)
+        print(choice.summary(), flush=True)
+        tta, metadata["tta_selection"] = choice.mode, choice.to_json()
     path = export_mod.export_model(
-        model, config.export_dir, config.resolved_export_name, config.export_version or None, config.export_tta,
-        metadata={
-            "model_dir": str(model_dir.resolve()),
-            "best_epoch": best_epoch,
-            "val_accuracy": best_val,
-            "val_split": val_name,
-            "train_config": config.to_json(),
-        },
+        model, config.export_dir, config.resolved_export_name, config.export_version or None, tta,
+        metadata=metadata,
     )
     atomic_write_text(marker, json.dumps({"path": str(path), "best_epoch": best_epoch}) + "\n")
     return path
@@ -493,8 +515,11 @@ def define_flags() -> None:
     f.DEFINE_string("export_name", d.export_name, "Model name of the export (empty: the --model_dir folder's "
                     "name; the shipped model is fer_resnet18).")
     f.DEFINE_integer("export_version", d.export_version, "Export version (0: next free; never overwrites).")
-    f.DEFINE_enum("export_tta", d.export_tta, TTA_MODES, "Test-time augmentation built into the export "
-                  "(tencrop: 10 model evaluations per image, 40-pixel crops).")
+    f.DEFINE_enum("export_tta", d.export_tta, EXPORT_TTAS, "Test-time augmentation built into the export "
+                  "(tencrop: 10 model evaluations per image, 40-pixel crops); auto measures the three on the "
+                  "validation split and builds in the cheapest within --export_tta_tolerance of the best.")
+    f.DEFINE_float("export_tta_tolerance", d.export_tta_tolerance, "--export_tta=auto: percentage points by "
+                   "which a costlier TTA must beat a cheaper one to be built in.")
     f.DEFINE_integer("verbose", d.verbose, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.")
 
     positive = {"epochs": 1, "batch_size": 1, "steps_per_execution": 1}
@@ -510,6 +535,7 @@ def define_flags() -> None:
     f.register_validator("cpu_devices", lambda v: v >= 0, "--cpu_devices must be >= 0")
     f.register_validator("collective_timeout", lambda v: v >= 0, "--collective_timeout must be >= 0")
     f.register_validator("export_version", lambda v: v >= 0, "--export_version must be >= 0")
+    f.register_validator("export_tta_tolerance", lambda v: v >= 0, "--export_tta_tolerance must be >= 0")
     f.register_validator("shift", lambda v: 0 <= v <= 0.5, "--shift must be in [0, 0.5]")
     f.register_validator("rotation", lambda v: 0 <= v <= 180, "--rotation must be in [0, 180]")
     f.register_validator("zoom", lambda v: 0 <= v < 1, "--zoom must be in [0, 1)")

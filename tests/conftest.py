@@ -40,7 +40,7 @@ def fer2013_path() -> Path:
 
 SMALL_RUN = dict(
     stem="imagenet", epochs=2, batch_size=32, max_train_examples=128, max_val_examples=64,
-    learning_rate=0.01, warmup_epochs=0, verbose=0, export_tta="none",
+    learning_rate=0.01, warmup_epochs=0, verbose=0, export_tta="auto",
 )
 
 

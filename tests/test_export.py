@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli_env
+from conftest import cli_env, run_tool
 
 from fer_keras import CLASS_NAMES
 from fer_keras.errors import ConfigError
@@ -188,6 +188,35 @@ def test_export_cli_from_a_run_dir_and_refusing_an_existing_version(trained_run,
     assert again.returncode == 2
     assert again.stderr.strip().splitlines()[-1].startswith("error:") and "never overwritten" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_auto_tta_prefers_the_cheaper_mode_within_the_tolerance():
+    from fer_keras.tta import cheapest_within
+
+    shipped_like = {"none": 0.598, "flip": 0.606, "tencrop": 0.607}
+    assert cheapest_within(shipped_like, 0.25) == "flip"
+    assert cheapest_within(shipped_like, 0.0) == "tencrop"
+    assert cheapest_within(shipped_like, 1.0) == "none"
+    assert cheapest_within({"none": 0.70, "flip": 0.69, "tencrop": 0.71}, 0.5) == "tencrop"
+
+
+def test_export_cli_auto_tta_repeats_the_training_runs_choice(trained_run, tmp_path):
+    config, result = trained_run
+    proc = run_tool("export", f"--model={config.model_dir}", f"--export_dir={tmp_path}", "--name=auto",
+                    "--tta=auto", env=cli_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    by_cli = json.loads((tmp_path / "auto" / "1" / "assets.extra" / "fer_keras.json").read_text())
+    by_train = json.loads((result.export_path / "assets.extra" / "fer_keras.json").read_text())
+    assert f"TTA chosen on PublicTest ({by_train['tta_selection']['num_images']} images)" in proc.stdout
+    assert by_cli["tta"] == by_train["tta"]
+    for mode, accuracy in by_train["tta_selection"]["accuracy"].items():
+        assert by_cli["tta_selection"]["accuracy"][mode] == pytest.approx(accuracy, abs=1e-9)
+
+
+def test_export_cli_refuses_a_negative_tta_tolerance(tmp_path):
+    proc = run_tool("export", "--model=x.keras", "--tta=auto", "--tta_tolerance=-1", env=cli_env(tmp_path))
+    assert proc.returncode != 0 and "--tta_tolerance must be >= 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_export_cli_names_the_export_after_the_keras_file(tmp_path):

@@ -14,6 +14,7 @@ from fer_keras import data as fer_data
 from fer_keras import inference, model_card
 from fer_keras.errors import ConfigError
 from fer_keras.evaluate import evaluate
+from fer_keras.tta import TTA_MODES
 
 SHIPPED = Path(__file__).resolve().parents[1] / "saved_models" / "fer_resnet18"
 
@@ -22,21 +23,23 @@ def test_card_figures_equal_a_fresh_evaluation(trained_run, tmp_path):
     config, result = trained_run
     export_base = tmp_path / result.export_path.parent.name  # a copy: the run's fixture is shared
     shutil.copytree(result.export_path.parent, export_base)
-    readme = model_card.write_card(result.model_dir, export_base, None, None, ("none", "flip"))
+    readme = model_card.write_card(result.model_dir, export_base, None, None)
     card = json.loads((export_base / model_card.CARD_JSON).read_text())
     val = fer_data.load(None).split("val")
     fresh = evaluate(inference.load_predictor(export_base / "1"), val, "none", split_name="val")
     assert card["served"]["num_correct"] == fresh.num_correct
     assert card["served"]["num_images"] == len(val) == 256
-    # The export has no built-in TTA here, so serving equals best.keras without TTA.
-    assert card["served_tta"] == "none"
-    assert card["best_keras"]["none"]["num_correct"] == fresh.num_correct
-    assert set(card["best_keras"]) == {"none", "flip"}
+    # The run exported with --export_tta=auto: serving equals best.keras with the TTA it chose.
+    served_tta = inference.export_metadata(export_base / "1")["tta_selection"]["chosen"]
+    assert card["served_tta"] == served_tta
+    assert card["best_keras"][served_tta]["num_correct"] == fresh.num_correct
+    assert set(card["best_keras"]) == set(TTA_MODES)
     assert card["training"]["epochs"] == config.epochs
     assert card["training"]["wall_seconds"] > 0
     assert card["selection_split"] == "val (PublicTest)"
     text = readme.read_text()
     assert f"{100 * fresh.accuracy:.1f} % ({fresh.num_correct:,} / 256)" in text
+    assert "was chosen by `--export_tta=auto` on PublicTest" in text
     for name in ("history.png", "confusion_matrix.png"):
         assert (export_base / name).read_bytes().startswith(b"\x89PNG")
     assert (export_base / model_card.TRAIN_FLAGS).read_text() == (result.model_dir / "flags.txt").read_text()

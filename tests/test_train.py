@@ -61,6 +61,27 @@ def test_run_writes_outputs_and_tensorboard_equals_history(trained_run):
     assert (result.export_path / "saved_model.pb").is_file()
 
 
+def test_auto_tta_builds_in_what_the_selection_split_measured(trained_run):
+    from fer_keras import data as fer_data
+    from fer_keras.evaluate import evaluate
+    from fer_keras.inference import load_predictor
+    from fer_keras.tta import TTA_MODES
+
+    config, result = trained_run
+    info = json.loads((result.export_path / "assets.extra" / "fer_keras.json").read_text())
+    chosen = info["tta_selection"]
+    _, val, _ = train.run_splits(fer_data.load(None), config)
+    assert chosen["split"] == "PublicTest" and chosen["num_images"] == len(val) <= config.max_val_examples
+    best_keras = load_predictor(Path(config.model_dir) / "best.keras")
+    for mode in TTA_MODES:
+        measured = evaluate(best_keras, val, mode, split_name="val").accuracy
+        assert chosen["accuracy"][mode] == pytest.approx(measured, abs=1e-9), mode
+    best = max(chosen["accuracy"].values())
+    costs = {mode: i for i, mode in enumerate(TTA_MODES)}
+    assert info["tta"] == chosen["chosen"] and 100 * (best - chosen["accuracy"][info["tta"]]) <= 0.25 + 1e-9
+    assert all(100 * (best - chosen["accuracy"][m]) > 0.25 for m in TTA_MODES if costs[m] < costs[info["tta"]])
+
+
 def test_rerunning_a_finished_run_neither_trains_nor_exports_again(trained_run):
     config, first = trained_run
     again = train.run(config)
