@@ -31,6 +31,12 @@ BN_MOMENTUM = 0.9  # PyTorch's momentum=0.1 in Keras' convention.
 BN_EPSILON = 1e-5
 
 
+def _clone(initializer: keras.initializers.Initializer) -> keras.initializers.Initializer:
+    """A separate initializer per sublayer, as Keras' own layers do: an unseeded Keras 3 initializer fixes
+    its seed when created, so one object shared by conv1 and conv2 would give both the same kernel."""
+    return initializer.__class__.from_config(initializer.get_config())
+
+
 @keras.saving.register_keras_serializable(package="fer_keras")
 class BasicBlock(layers.Layer):
     """ResNet BasicBlock: conv3x3-BN-ReLU-conv3x3-BN plus shortcut, add, ReLU.
@@ -63,7 +69,7 @@ class BasicBlock(layers.Layer):
         def conv(k: int, s: int, name: str, padding: str) -> layers.Conv2D:
             return layers.Conv2D(
                 filters, k, strides=s, padding=padding, use_bias=False,
-                kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy, name=name,
+                kernel_initializer=_clone(self.kernel_initializer), dtype=self.dtype_policy, name=name,
             )
 
         def bn(name: str, gamma: str = "ones") -> layers.BatchNormalization:
@@ -98,7 +104,7 @@ class BasicBlock(layers.Layer):
         if self._needs_projection:
             self.shortcut_conv = layers.Conv2D(
                 self.filters, 1, strides=self.strides, use_bias=False,
-                kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy,
+                kernel_initializer=_clone(self.kernel_initializer), dtype=self.dtype_policy,
                 name="shortcut_conv",
             )
             self.shortcut_bn = layers.BatchNormalization(

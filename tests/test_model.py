@@ -125,3 +125,13 @@ def test_safe_mode_refuses_a_lambda_with_code(tmp_path):
     keras.Model(inputs, outputs).save(path)
     with pytest.raises(ModelError, match="arbitrary code"):
         load_keras_model(str(path))
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "cifar"])
+def test_no_two_convolutions_start_with_the_same_kernel(stem):
+    model = resnet18(stem)
+    kernels = [(v.path, np.asarray(v)) for v in model.weights if v.path.endswith("/kernel") and len(v.shape) == 4]
+    assert len(kernels) == 20  # stem + 16 block convs + 3 shortcuts
+    for i, (name_a, a) in enumerate(kernels):
+        for name_b, b in kernels[i + 1:]:
+            assert a.shape != b.shape or not np.array_equal(a, b), f"{name_a} and {name_b} start identical"
