@@ -258,8 +258,8 @@ def define_flags() -> None:
                       "flip, tencrop (10 model evaluations per image), or auto: the cheapest of them within "
                       "--tta_tolerance of the best on the run's selection split of --data.")
     flags.DEFINE_integer("crop_size", DEFAULT_CROP_SIZE, "Crop side in pixels for --tta=tencrop.")
-    flags.DEFINE_string("data", None, "FER2013 source for --tta=auto (default: the bundled sample); its "
-                        "PublicTest, or the run's hold-out, decides.")
+    flags.DEFINE_string("data", None, "FER2013 source for --tta=auto (default: the data the run was trained "
+                        "on, else the bundled sample); its PublicTest, or the run's hold-out, decides.")
     flags.DEFINE_float("tta_tolerance", DEFAULT_TOLERANCE, "--tta=auto: percentage points by which a costlier "
                        "TTA must beat a cheaper one to be built in.")
     flags.register_validator("tta_tolerance", lambda v: v >= 0, "--tta_tolerance must be >= 0")
@@ -275,10 +275,12 @@ def main(argv: Sequence[str]) -> None:
     model = load_for_export(f.model)
     source = Path(f.model).resolve()
     name = f.name or (source.stem if source.suffix == ".keras" else source.name)
-    metadata = {"source": str(source), **(run_metadata(source) if source.is_dir() else {})}
+    run_dir = source if source.is_dir() else source.parent if (source.parent / "config.json").is_file() else None
+    metadata = {"source": str(source), **(run_metadata(run_dir) if run_dir else {})}
     tta = f.tta
     if tta == AUTO:
-        split, label = selection_split(f.data, metadata.get("train_config", {}))
+        run_config = metadata.get("train_config", {})
+        split, label = selection_split(f.data or run_config.get("data") or None, run_config)
         choice = choose_served_tta(model, split.images, split.labels, label, f.crop_size, f.tta_tolerance)
         print(choice.summary())
         tta, metadata["tta_selection"] = choice.mode, choice.to_json()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -211,6 +212,23 @@ def test_export_cli_auto_tta_repeats_the_training_runs_choice(trained_run, tmp_p
     assert by_cli["tta"] == by_train["tta"]
     for mode, accuracy in by_train["tta_selection"]["accuracy"].items():
         assert by_cli["tta_selection"]["accuracy"][mode] == pytest.approx(accuracy, abs=1e-9)
+
+
+def test_export_cli_auto_tta_defaults_to_the_data_the_run_was_trained_on(trained_run, tmp_path):
+    from conftest import write_challenge_csv
+
+    config, _ = trained_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("best.keras", "history.csv"):
+        shutil.copy(Path(config.model_dir) / name, run / name)
+    recorded = json.loads((Path(config.model_dir) / "config.json").read_text())
+    write_challenge_csv(tmp_path / "fer2013.csv", n_val_per_class=3)
+    (run / "config.json").write_text(json.dumps({**recorded, "data": str(tmp_path / "fer2013.csv")}))
+    proc = run_tool("export", f"--model={run / 'best.keras'}", f"--export_dir={tmp_path}", "--name=auto",
+                    "--tta=auto", env=cli_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "TTA chosen on PublicTest (21 images)" in proc.stdout
 
 
 def test_export_cli_refuses_a_negative_tta_tolerance(tmp_path):
