@@ -22,7 +22,7 @@ from absl import flags
 
 from fer_keras import cli
 from fer_keras.errors import ConfigError
-from fer_keras.history import atomic_write_text, best_row, read_history_csv
+from fer_keras.history import atomic_write_text, best_row, read_run
 from fer_keras.tta import TTA_MODES
 
 EVAL_CACHE = "ablation_eval.json"
@@ -61,20 +61,6 @@ def recipe_changes(config: dict, baseline: dict) -> list[str]:
     return [f"{k}={config.get(k, '(unset)')}" for k in keys if config.get(k) != baseline.get(k)]
 
 
-def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
-    for needed in ("best.keras", "history.csv", "config.json"):
-        if not (run_dir / needed).is_file():
-            raise ConfigError(f"{run_dir}: not a training run with a finished epoch (no {needed})")
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-        history = read_history_csv(run_dir / "history.csv")
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{run_dir}: unreadable config.json or history.csv: {e}") from None
-    if not history:
-        raise ConfigError(f"{run_dir}/history.csv: no finished epoch")
-    return config, history
-
-
 def measure_accuracy(run_dir: Path, split, data_source: str, split_name: str, tta_modes: Sequence[str],
                      batch_size: int = 256) -> dict[str, float]:
     """Accuracy of the run's best.keras per TTA mode, from the cache when best.keras and data are unchanged."""
@@ -107,7 +93,7 @@ def build_table(run_dirs: Sequence[Path], data: str | None, tta_modes: Sequence[
 
     if not run_dirs:
         raise ConfigError("no runs given (--runs=DIR,DIR,...)")
-    runs = [(Path(d), *_read_run(Path(d))) for d in run_dirs]
+    runs = [(Path(d), *read_run(Path(d))) for d in run_dirs]
     source = fer_data.load(data or None)
     split_name = "val"
     split = source.split(split_name)
@@ -164,10 +150,12 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
+    out = Path(f.output) if f.output else None
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)  # before minutes of evaluation, not after
     rows = build_table([Path(r) for r in f.runs], f.data or None, f.tta, f.batch_size)
     table = render_markdown(rows)
-    if f.output:
-        out = Path(f.output)
+    if out is not None:
         atomic_write_text(out, table)
         atomic_write_text(out.with_suffix(".json"), json.dumps([r.to_json() for r in rows], indent=2) + "\n")
     sys.stdout.write(table)

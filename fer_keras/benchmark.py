@@ -946,6 +946,7 @@ def define_flags() -> None:
         f.register_validator(name, lambda v: v >= 1, f"--{name} must be >= 1")
     for name in ("tf_intra_op_threads", "tf_inter_op_threads", "torch_threads"):
         f.register_validator(name, lambda v: v >= 0, f"--{name} must be >= 0 (0: the library default)")
+    f.register_validator("seed", lambda v: v >= 0, "--seed must be >= 0")
     f.register_validator("stems", lambda v: bool(v) and set(v) <= set(STEMS),
                          f"--stems must be a comma-separated subset of {','.join(STEMS)}")
     f.register_validator("precisions", lambda v: bool(v) and set(v) <= set(PRECISIONS),

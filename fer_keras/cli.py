@@ -21,7 +21,8 @@ def quiet_tensorflow() -> None:
 
 
 def run(main: Callable[[Sequence[str]], None]) -> None:
-    """Run ``main`` under absl, turning :class:`FerError` into one line on stderr and exit 2."""
+    """Run ``main`` under absl, turning :class:`FerError` and file-system errors (unwritable or missing
+    folders) into one line on stderr and exit 2."""
 
     def guarded(argv: Sequence[str]) -> None:
         # absl logs at INFO by default; keep stderr for warnings and errors unless -v asks.
@@ -38,6 +39,11 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(2)
+            sys.exit(2)
+        except OSError as e:
+            logging.flush()
+            where = ": ".join(str(name) for name in (e.filename, e.filename2) if name)
+            print(f"error: {where + ': ' if where else ''}{e.strerror or e}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -7,15 +7,22 @@ import io
 import os
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, content: str | bytes) -> None:
+    """Writes ``content`` (UTF-8 text or bytes) to a temporary file beside ``path``, syncs it and renames it
+    into place, so a reader or a kill sees the old file or the new one, never half of one."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode("utf-8") if isinstance(content, str) else content)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide configs and reports from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -53,6 +60,30 @@ def read_history_csv(path: str | os.PathLike) -> list[dict]:
         ]
 
 
+def read_run(run_dir: str | os.PathLike, needed: Sequence[str] = ("best.keras", "history.csv", "config.json"),
+             ) -> tuple[dict, list[dict]]:
+    """A training run's config.json and history.csv; one-line ConfigErrors for a folder that is not a run
+    with a finished epoch, or whose files are unreadable."""
+    import json
+
+    from fer_keras.errors import ConfigError
+
+    run_dir = Path(run_dir)
+    for name in needed:
+        if not (run_dir / name).is_file():
+            raise ConfigError(f"{run_dir}: not a training run with a finished epoch (no {name})")
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        history = read_history_csv(run_dir / "history.csv")
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"{run_dir}: unreadable config.json or history.csv: {e}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{run_dir}/config.json: expected a JSON object")
+    if not history or any("epoch" not in row for row in history):
+        raise ConfigError(f"{run_dir}/history.csv: no finished epoch")
+    return config, history
+
+
 def best_row(history: list[dict]) -> dict:
     """The epoch with the highest validation accuracy (the earliest on ties), as best.keras holds it."""
     return max(history, key=lambda r: (r.get("val_accuracy", float("-inf")), -r["epoch"]))
@@ -78,10 +109,6 @@ def plot_history(history: list[dict], path: Path, title: str = "ResNet-18 on FER
     ax_acc.legend(lines, [line.get_label() for line in lines], loc="center right")
     ax_acc.set_title(title)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    atomic_write_text(path, png.getvalue())

@@ -28,7 +28,7 @@ from absl import flags
 from fer_keras import CLASS_NAMES, __version__, cli
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError
-from fer_keras.history import atomic_write_text, best_row, read_history_csv
+from fer_keras.history import atomic_write_text, best_row, read_run
 from fer_keras.tta import TTA_MODES
 
 CARD_JSON = "model_card.json"
@@ -129,15 +129,12 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     from fer_keras.train import TrainConfig
 
     run_dir, export = Path(run_dir), Path(export)
-    for needed in ("best.keras", "history.csv", "config.json", "flags.txt"):
-        if not (run_dir / needed).is_file():
-            raise ConfigError(f"{run_dir}: not a finished training run (no {needed})")
+    recorded, history = read_run(run_dir, ("best.keras", "history.csv", "config.json", "flags.txt"))
     kind, export = inference.resolve(export)
     if kind != "saved_model":
         raise ConfigError(f"{export}: --export must be a SavedModel export, not a .keras file")
-    config = TrainConfig.recorded(json.loads((run_dir / "config.json").read_text()))
+    config = TrainConfig.recorded(recorded)
     recipe_flags = check_recipe(recipe, run_dir / "flags.txt") if recipe else None
-    history = read_history_csv(run_dir / "history.csv")
     best = best_row(history)
 
     source = fer_data.load(data or None)

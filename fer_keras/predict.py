@@ -14,7 +14,6 @@ import csv
 import io
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +24,7 @@ from fer_keras import CLASS_NAMES, IMAGE_SIZE, cli
 from fer_keras import data as fer_data
 from fer_keras import tta as tta_lib
 from fer_keras.errors import ConfigError, DataError
+from fer_keras.history import atomic_write_text
 from fer_keras.tta import check_tta, tta_probabilities
 
 PROBABILITY_COLUMNS = tuple(f"prob_{name}" for name in CLASS_NAMES)
@@ -37,22 +37,9 @@ def atomic_write(path: str | os.PathLike, content: str | bytes) -> Path:
         raise ConfigError(f"{path}: is a directory, expected an output file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        atomic_write_text(path, content)
     except OSError as e:
         raise ConfigError(f"{path}: cannot write: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content.encode("utf-8") if isinstance(content, str) else content)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make reports unreadable to others
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise ConfigError(f"{path}: cannot write: {e.strerror or e}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -355,6 +355,7 @@ def define_flags() -> None:
                        "SmoothGrad noise std as a fraction of the image's value range.")
     flags.DEFINE_string("output_dir", DEFAULT_OUTPUT_DIR, "Folder for the PNGs and saliency.json.")
     flags.DEFINE_integer("seed", 0, "Random seed (SmoothGrad noise).")
+    flags.register_validator("seed", lambda v: v >= 0, "--seed must be >= 0")
     flags.register_validator("smooth_samples", lambda v: v >= 1, "--smooth_samples must be >= 1")
     flags.register_validator("smooth_noise", lambda v: v > 0, "--smooth_noise must be > 0")
     flags.register_validator("split", lambda v: v.strip().lower() in fer_data.SPLIT_ALIASES,

@@ -147,6 +147,9 @@ class TrainConfig:
             (self.cpu_devices >= 0, f"cpu_devices must be >= 0, got {self.cpu_devices}"),
             (self.max_train_examples >= 0 and self.max_val_examples >= 0, "max_*_examples must be >= 0"),
             (self.export_version >= 0, f"export_version must be >= 0, got {self.export_version}"),
+            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (0 < self.step_gamma <= 1, f"step_gamma must be in (0, 1], got {self.step_gamma}"),
+            (self.num_gpus >= -1, f"num_gpus must be >= -1 (-1: all), got {self.num_gpus}"),
             (_plain_name(self.resolved_export_name),
              f"export name {self.resolved_export_name!r} must be a plain folder name (--export_name)"),
             (all(e > 0 for e in self.step_epochs), f"step_epochs must be positive, got {self.step_epochs}"),
@@ -535,6 +538,9 @@ def define_flags() -> None:
     f.register_validator("cpu_devices", lambda v: v >= 0, "--cpu_devices must be >= 0")
     f.register_validator("collective_timeout", lambda v: v >= 0, "--collective_timeout must be >= 0")
     f.register_validator("export_version", lambda v: v >= 0, "--export_version must be >= 0")
+    f.register_validator("seed", lambda v: v >= 0, "--seed must be >= 0")
+    f.register_validator("step_gamma", lambda v: 0 < v <= 1, "--step_gamma must be in (0, 1]")
+    f.register_validator("num_gpus", lambda v: v >= -1, "--num_gpus must be >= -1 (-1: all)")
     f.register_validator("export_tta_tolerance", lambda v: v >= 0, "--export_tta_tolerance must be >= 0")
     f.register_validator("shift", lambda v: 0 <= v <= 0.5, "--shift must be in [0, 0.5]")
     f.register_validator("rotation", lambda v: 0 <= v <= 180, "--rotation must be in [0, 180]")

@@ -66,7 +66,7 @@ def test_cli_refuses_an_unfinished_run_with_one_line(tmp_path):
     proc = run_tool("model_card", f"--model_dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert "not a finished training run (no best.keras)" in proc.stderr
+    assert "not a training run with a finished epoch (no best.keras)" in proc.stderr
 
 
 def test_the_shipped_model_is_the_default_and_has_learned():

@@ -182,3 +182,16 @@ def test_cli_index_out_of_range_is_a_one_line_error(tool_inputs, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "index 99 is out of range" in errors[0] and "fer2013.csv" in errors[0]
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("problem", ["output_dir_under_a_file", "negative_seed"])
+def test_cli_bad_output_dir_or_seed_is_a_one_line_error(tool_inputs, tmp_path, problem):
+    root, model, csv = tool_inputs
+    (tmp_path / "a_file").write_text("not a folder")
+    args = {"output_dir_under_a_file": [f"--output_dir={tmp_path / 'a_file' / 'out'}"],
+            "negative_seed": [f"--output_dir={tmp_path / 'out'}", "--seed=-1"]}[problem]
+    result = run_tool("saliency", f"--model={model}", f"--data={csv}", "--indices=0", *args, cwd=root)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    expected = {"output_dir_under_a_file": "a_file", "negative_seed": "--seed must be >= 0"}[problem]
+    # absl reports a flag error on one line, then a line pointing to --helpshort.
+    assert any(expected in line for line in result.stderr.strip().splitlines()[-2:]), result.stderr[-500:]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -53,6 +55,10 @@ def test_run_writes_outputs_and_tensorboard_equals_history(trained_run):
         assert [s for s, _ in values] == [0, 1], (run, tag)
         np.testing.assert_allclose([v for _, v in values], [r[column] for r in rows], rtol=1e-5)
     assert (model_dir / "history.png").read_bytes()[:8] == PNG
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "flags.txt", "history.csv", "history.png"):  # not mkstemp's owner-only 0600
+        assert stat.S_IMODE((model_dir / name).stat().st_mode) == 0o666 & ~umask, name
     assert json.loads((model_dir / "config.json").read_text())["stem"] == "imagenet"
     assert "--stem=imagenet\n" in (model_dir / "flags.txt").read_text()
     assert (model_dir / "best.keras").is_file()
@@ -122,6 +128,11 @@ def test_unwritable_model_dir_is_reported_before_training(tmp_path):
     ({"strategy": "horovod"}, "unknown strategy"),
     ({"schedule": "step"}, "needs --step_epochs"),
     ({"mixup": -0.5}, "mixup alpha must be >= 0"),
+    ({"seed": -1}, "seed must be >= 0"),
+    ({"schedule": "step", "step_epochs": (1,), "step_gamma": 0.0}, "step_gamma must be in"),
+    ({"num_gpus": -2}, "num_gpus must be >= -1"),
+    ({"export_tta": "fivecrop"}, "unknown export_tta"),
+    ({"export_tta_tolerance": -1.0}, "export_tta_tolerance must be >= 0"),
 ])
 def test_bad_settings_are_refused(tmp_path, kwargs, message):
     with pytest.raises(ConfigError, match=message):
