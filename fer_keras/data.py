@@ -74,6 +74,15 @@ class Split:
     def labeled(self) -> bool:
         return bool(len(self)) and bool((self.labels >= 0).all())
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the images and labels: equal for the same data wherever the file lives."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        digest.update(np.ascontiguousarray(self.images, np.uint8).tobytes())
+        digest.update(np.ascontiguousarray(self.labels, np.int64).tobytes())
+        return digest.hexdigest()
+
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels[self.labels >= 0], minlength=NUM_CLASSES)
 

@@ -233,6 +233,31 @@ def run_splits(dataset, config: TrainConfig) -> tuple:
     return train_split, val_split, val_name
 
 
+def _check_same_data(model_dir: Path, source: str, train_split, val_split, val_name: str) -> dict:
+    """Refuses to resume (or to call finished) a run on other data than it was trained on; the path may
+    change (``data`` is resumable), the images and labels may not. Returns the record for ``data.json``."""
+    record = {
+        "source": source,
+        "train": {"images": len(train_split), "sha256": train_split.fingerprint()},
+        "val": {"images": len(val_split), "name": val_name, "sha256": val_split.fingerprint()},
+    }
+    path = model_dir / "data.json"
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        old = None
+    if old is not None:
+        differs = [k for k in ("train", "val") if old.get(k, {}).get("sha256") != record[k]["sha256"]]
+        if differs:
+            raise ConfigError(
+                f"{model_dir} holds a run trained on other data ({old.get('source')}: "
+                f"{old['train']['images']:,} training and {old['val']['images']:,} validation images); "
+                f"{source} gives {len(train_split):,} and {len(val_split):,}, and different "
+                f"{' and '.join(differs)} images or labels; use a new --model_dir or the original --data"
+            )
+    return record
+
+
 def _subset(split, limit: int, seed: int):
     if not limit or limit >= len(split):
         return split
@@ -306,8 +331,9 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
 
     # Data first: a bad file must not leave new empty output folders behind.
     dataset = data_lib.load(config.data or None, skip_bad_rows=config.skip_bad_rows, use_cache=config.use_cache)
-    _preflight(out_dir, export_base)
     train_split, val_split, val_name = run_splits(dataset, config)
+    data_record = _check_same_data(model_dir, dataset.source, train_split, val_split, val_name)
+    _preflight(out_dir, export_base)
     steps = pipeline.steps_per_epoch(len(train_split), config.batch_size)
     if steps == 0:
         raise ConfigError(
@@ -322,6 +348,8 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
     config_json = config.to_json()
     if chief:
         atomic_write_text(model_dir / "config.json", json.dumps(config_json, indent=2) + "\n")
+        if not (model_dir / "data.json").is_file():
+            atomic_write_text(model_dir / "data.json", json.dumps(data_record, indent=2) + "\n")
         atomic_write_text(model_dir / "flags.txt", "".join(
             f"--{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}\n"
             for k, v in config_json.items()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -104,6 +105,26 @@ def test_changed_settings_are_refused_before_anything_is_touched(trained_run):
     with pytest.raises(ConfigError, match="learning_rate: 0.01 -> 0.5"):
         train.run(changed)
     assert (Path(config.model_dir) / "history.csv").read_text() == before
+
+
+def test_resuming_or_rerunning_on_other_data_is_refused(trained_run, tmp_path):
+    from conftest import write_challenge_csv
+
+    config, _ = trained_run
+    record = json.loads((Path(config.model_dir) / "data.json").read_text())
+    assert record["train"]["images"] == config.max_train_examples and record["val"]["name"] == "PublicTest"
+    before = {p.name: p.read_bytes() for p in Path(config.model_dir).iterdir() if p.is_file()}
+    write_challenge_csv(tmp_path / "other.csv", n_val_per_class=10)
+    other = train.TrainConfig(**{**config.to_json(), "step_epochs": (), "data": str(tmp_path / "other.csv")})
+    with pytest.raises(ConfigError, match="holds a run trained on other data .* different train and val images"):
+        train.run(other)
+    assert {p.name: p.read_bytes() for p in Path(config.model_dir).iterdir() if p.is_file()} == before
+    # The same data under another path (a copy of the bundled sample) is the same run: finished, kept.
+    from fer_keras.data import SAMPLE_PATH
+
+    shutil.copy(SAMPLE_PATH, tmp_path / "moved.csv.gz")
+    moved = train.TrainConfig(**{**config.to_json(), "step_epochs": (), "data": str(tmp_path / "moved.csv.gz")})
+    assert train.run(moved).resumed_from == config.epochs
 
 
 def test_a_diverging_loss_stops_with_a_clear_error(tmp_path):
