@@ -19,7 +19,14 @@ import keras
 import numpy as np
 
 from fer_keras import __version__
-from fer_keras.history import atomic_write_text, fsync_dir, plot_history, write_history_csv
+from fer_keras.history import (
+    atomic_write_text,
+    fsync_dir,
+    plot_history,
+    remove_dead_writers_tmp,
+    tmp_name,
+    write_history_csv,
+)
 
 CHECKPOINTS_KEPT = 2
 
@@ -49,20 +56,24 @@ def write_checkpoint(model, ckpt_dir: Path, state: dict) -> Path:
     epoch = state["epoch"]
     state = {**state, "rng_state": {v.path: np.asarray(v.numpy()).tolist() for v in rng_variables(model)}}
     final = ckpt_dir / f"epoch_{epoch:04d}"
-    tmp = ckpt_dir / f".tmp-epoch_{epoch:04d}-{os.getpid()}"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    remove_dead_writers_tmp(ckpt_dir)
+    tmp = ckpt_dir / tmp_name(f"epoch_{epoch:04d}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     model.save_weights(str(tmp / "model.weights.h5"))
     atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
     fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    if final.exists():  # rewritten: move the old one aside first, so a kill never leaves half of it in place
+        old = ckpt_dir / tmp_name(f"old_{final.name}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
     fsync_dir(ckpt_dir)
     for old in sorted(ckpt_dir.glob("epoch_*"))[:-CHECKPOINTS_KEPT]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in ckpt_dir.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -83,11 +94,23 @@ class NonFiniteLoss(keras.callbacks.Callback):
             self.failed_at = (self.epoch + 1, batch + 1, float(loss))
             self.model.stop_training = True
 
-class RunRecorder(keras.callbacks.Callback):
-    """Per epoch: history row, best model, checkpoint, history.csv/png - each atomic.
+def save_best(model, out_dir: Path) -> None:
+    """``best.keras``, written under a hidden name and renamed into place."""
+    remove_dead_writers_tmp(out_dir, ".keras")
+    tmp = out_dir / tmp_name("best", ".keras")
+    try:
+        model.save(str(tmp))
+        os.replace(tmp, out_dir / "best.keras")
+    finally:
+        tmp.unlink(missing_ok=True)
 
-    The checkpoint's state holds the full history, so after a crash between two of these
-    writes the rerun rebuilds history.csv from the checkpoint it resumes from.
+
+class RunRecorder(keras.callbacks.Callback):
+    """Per epoch: checkpoint, best model, history.csv/png - each atomic, in that order.
+
+    The checkpoint's state holds the full history and the best epoch, so after a crash between two of
+    these writes the rerun rebuilds the rest from the checkpoint it resumes from (``train.run`` rewrites
+    best.keras when that checkpoint's epoch is the best one).
     """
 
     def __init__(self, out_dir: Path, ckpt_dir: Path, chief: bool, guard: NonFiniteLoss,
@@ -124,12 +147,9 @@ class RunRecorder(keras.callbacks.Callback):
             self.model.stop_training = True
             return
         self.history[:] = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]
-        if row["val_accuracy"] > self.best_val:
+        improved = row["val_accuracy"] > self.best_val
+        if improved:
             self.best_epoch, self.best_val = row["epoch"], row["val_accuracy"]
-            if self.chief:
-                tmp = self.out_dir / f".best.tmp-{os.getpid()}.keras"
-                self.model.save(str(tmp))
-                os.replace(tmp, self.out_dir / "best.keras")
         state = {
             "epoch": row["epoch"],
             "best_epoch": self.best_epoch,
@@ -139,6 +159,8 @@ class RunRecorder(keras.callbacks.Callback):
             "fer_keras_version": __version__,
         }
         write_checkpoint(self.model, self.ckpt_dir, state)
+        if self.chief and improved:
+            save_best(self.model, self.out_dir)
         if self.chief:
             write_history_csv(self.out_dir / "history.csv", self.history)
             plot_history(self.history, self.out_dir / "history.png")

@@ -139,8 +139,16 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    return task_type is None or task_type == "chief" or (task_type == "worker" and task_id == 0)
+    return chief_task(resolver.cluster_spec().as_dict(), resolver.task_type, resolver.task_id)
+
+
+def chief_task(cluster: dict, task_type: str | None, task_id: int | None) -> bool:
+    """TensorFlow's rule: the ``chief`` task when the cluster has one, else worker 0."""
+    if task_type is None:
+        return True
+    if cluster.get("chief"):
+        return task_type == "chief"
+    return task_type == "worker" and task_id == 0
 
 
 def worker_id(strategy: tf.distribute.Strategy) -> str:

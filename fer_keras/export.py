@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +29,7 @@ from absl import flags
 
 from fer_keras import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, __version__, cli
 from fer_keras.errors import ConfigError, FerError, ModelError
-from fer_keras.history import best_row, read_history_csv
+from fer_keras.history import best_row, read_history_csv, remove_dead_writers_tmp, tmp_name
 from fer_keras.model import load_keras_model
 from fer_keras.tta import (
     AUTO,
@@ -102,33 +101,6 @@ def serving_function(model: keras.Model, tta: str = "none", crop_size: int = DEF
     return serve
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_tmp(base: Path) -> list[Path]:
-    """Deletes hidden ``.tmp-VERSION-HOST-PID`` folders of killed exports from this host.
-
-    Another host's (shared file system) or a live process's unfinished export is left alone.
-    """
-    removed = []
-    host = socket.gethostname()
-    for tmp in base.glob(".tmp-*"):
-        parts = tmp.name[len(".tmp-"):].split("-")
-        if len(parts) < 3 or "-".join(parts[1:-1]) != host or not parts[-1].isdigit():
-            continue
-        if not _pid_alive(int(parts[-1])):
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
-    return removed
-
-
 def export_model(
     model: keras.Model,
     base_dir: str | os.PathLike = "saved_models",
@@ -153,8 +125,8 @@ def export_model(
     if target.exists():
         raise ConfigError(f"{target}: export version {version} exists; it is never overwritten")
     base.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(base)
-    tmp = base / f".tmp-{version}-{socket.gethostname()}-{os.getpid()}"
+    remove_dead_writers_tmp(base)
+    tmp = base / tmp_name(str(version))
     model = to_float32(model)
     serve = serving_function(model, tta, crop_size)
     archive = keras.export.ExportArchive()

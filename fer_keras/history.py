@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +29,42 @@ def atomic_write_text(path: Path, content: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def tmp_name(tag: str, suffix: str = "") -> str:
+    """``.tmp-TAG-HOST-PID[SUFFIX]``: the hidden name a writer gives a file or folder until it is complete,
+    so that a later writer can tell a dead writer's leftovers (:func:`remove_dead_writers_tmp`)."""
+    return f".tmp-{tag}-{socket.gethostname()}-{os.getpid()}{suffix}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_writers_tmp(folder: Path, suffix: str = "") -> list[Path]:
+    """Deletes :func:`tmp_name` leftovers of killed writers on this host from ``folder``.
+
+    Another host's (shared file system) or a live process's unfinished write is left alone.
+    """
+    removed = []
+    host = socket.gethostname()
+    for tmp in Path(folder).glob(f".tmp-*{suffix}"):
+        parts = tmp.name[len(".tmp-"):len(tmp.name) - len(suffix)].split("-")
+        if len(parts) < 3 or "-".join(parts[1:-1]) != host or not parts[-1].isdigit():
+            continue
+        if not _pid_alive(int(parts[-1])):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def fsync_dir(path: Path) -> None:

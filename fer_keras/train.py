@@ -393,6 +393,11 @@ def run(config: TrainConfig, strategy=None) -> TrainResult:
                     if variable.path in saved_rng:
                         variable.assign(np.asarray(saved_rng[variable.path], variable.dtype))
                 print(f"resuming after epoch {initial_epoch} from {latest[0]}")
+                best_file = out_dir / "best.keras"
+                if chief and best[0] == initial_epoch and (
+                        not best_file.is_file()
+                        or best_file.stat().st_mtime < (latest[0] / "state.json").stat().st_mtime):
+                    checkpoint.save_best(model, out_dir)  # the run was killed between checkpoint and best.keras
 
         guard = checkpoint.NonFiniteLoss()
         recorder = checkpoint.RunRecorder(out_dir, ckpt_dir, chief, guard, history, best, config_json)

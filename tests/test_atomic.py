@@ -82,7 +82,7 @@ def test_killed_exports_leave_only_complete_versions(tmp_path):
     # Interrupted writes stay hidden (TF Serving only serves integer folders).
     assert all(p.name.startswith(".tmp-") for p in (target / "m").iterdir() if not p.name.isdigit())
     # The next export on this host removes the leftovers of killed ones.
-    from fer_keras.export import remove_stale_tmp
+    from fer_keras.history import remove_dead_writers_tmp
 
-    remove_stale_tmp(target / "m")
+    remove_dead_writers_tmp(target / "m")
     assert sorted(p.name for p in (target / "m").iterdir()) == sorted(p.name for p in versions)

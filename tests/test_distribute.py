@@ -170,3 +170,16 @@ def test_multi_worker_losing_a_worker_fails_clearly_and_both_resume(tmp_path):
     assert "resuming after epoch" in outputs[0][0]
     rows = (model_dir / "history.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+
+
+@pytest.mark.parametrize("cluster, task, expected", [
+    ({"worker": ["a:1", "b:1"]}, ("worker", 0), True),
+    ({"worker": ["a:1", "b:1"]}, ("worker", 1), False),
+    ({"chief": ["c:1"], "worker": ["a:1"]}, ("chief", 0), True),
+    ({"chief": ["c:1"], "worker": ["a:1"]}, ("worker", 0), False),  # worker 0 is not chief beside a chief
+    ({}, (None, None), True),
+])
+def test_the_chief_follows_tensorflows_rule(cluster, task, expected):
+    from fer_keras.distribute import chief_task
+
+    assert chief_task(cluster, *task) is expected

@@ -125,7 +125,7 @@ def test_only_dead_local_writers_leftovers_are_removed(tmp_path):
     import os
     import socket
 
-    from fer_keras.export import remove_stale_tmp
+    from fer_keras.history import remove_dead_writers_tmp
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -133,8 +133,12 @@ def test_only_dead_local_writers_leftovers_are_removed(tmp_path):
     names = [f".tmp-3-{host}-{dead.pid}", f".tmp-4-{host}-{os.getpid()}", ".tmp-5-elsewhere-1", "2"]
     for name in names:
         (tmp_path / name).mkdir()
-    assert remove_stale_tmp(tmp_path) == [tmp_path / names[0]]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+    files = [f".tmp-best-{host}-{dead.pid}.keras", f".tmp-best-{host}-{os.getpid()}.keras", "best.keras"]
+    for name in files:
+        (tmp_path / name).write_bytes(b"x")
+    assert remove_dead_writers_tmp(tmp_path) == [tmp_path / names[0]]
+    assert remove_dead_writers_tmp(tmp_path, ".keras") == [tmp_path / files[0]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:] + files[1:])
 
 
 def test_flip_tta_export_averages_the_mirror_image(tmp_path):

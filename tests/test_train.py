@@ -127,6 +127,28 @@ def test_resuming_or_rerunning_on_other_data_is_refused(trained_run, tmp_path):
     assert train.run(moved).resumed_from == config.epochs
 
 
+def test_a_kill_between_checkpoint_and_best_keras_is_mended_on_rerun(tmp_path):
+    import keras
+
+    config = train.TrainConfig(model_dir=str(tmp_path / "run"), export=False, **{**SMALL_RUN, "epochs": 1})
+    train.run(config)
+    best_file = tmp_path / "run" / "best.keras"
+    ckpt = tmp_path / "run" / "checkpoints" / "epoch_0001"
+    expected = keras.models.load_model(best_file).get_weights()
+    stamp = best_file.stat().st_mtime_ns
+    train.run(config)  # best.keras is newer than the checkpoint: left alone
+    assert best_file.stat().st_mtime_ns == stamp
+    for damage in ("missing", "older than the checkpoint"):
+        if damage == "missing":
+            best_file.unlink()
+        else:
+            os.utime(best_file, ns=(stamp, (ckpt / "state.json").stat().st_mtime_ns - 10**9))
+        train.run(config)
+        assert best_file.stat().st_mtime_ns > (ckpt / "state.json").stat().st_mtime_ns, damage
+        for a, b in zip(keras.models.load_model(best_file).get_weights(), expected):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_a_diverging_loss_stops_with_a_clear_error(tmp_path):
     config = train.TrainConfig(model_dir=str(tmp_path / "run"), export=False,
                                **{**SMALL_RUN, "learning_rate": 1e12, "epochs": 3})
@@ -233,31 +255,47 @@ ONE_STEP = textwrap.dedent("""
     from fer_keras.model import resnet18
     keras.utils.set_random_seed(0)
     model = resnet18("imagenet")
-    x = np.random.default_rng(0).integers(0, 256, (16, 48, 48, 1)).astype("float32")
+    if sys.argv[2] == "float64":  # the same weights in float64: the reference both float32 runs are held to
+        weights = model.get_weights()
+        keras.config.set_dtype_policy("float64")
+        model = resnet18("imagenet")
+        model.set_weights([w.astype("float64") for w in weights])
+    x = np.random.default_rng(0).integers(0, 256, (16, 48, 48, 1)).astype(sys.argv[2])
     y = np.arange(16) % 7
     with tf.GradientTape() as tape:
         logits = model(x, training=True)
         loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
     grads = tape.gradient(loss, model.trainable_variables)
-    np.savez(sys.argv[1], train_logits=logits.numpy(), eval_logits=model(x, training=False).numpy(),
-             **{f"grad_{i}": g.numpy() for i, g in enumerate(grads)})
+    as64 = lambda t: np.asarray(t, np.float64)
+    np.savez(sys.argv[1], train_logits=as64(logits), eval_logits=as64(model(x, training=False)),
+             **{f"grad_{i}": as64(g) for i, g in enumerate(grads)})
 """)
 
 
 def test_onednn_kernels_compute_what_tensorflows_own_kernels_compute(tmp_path):
-    # fer_keras turns oneDNN on for its ~5x speed-up on AVX2; it may only change float round-off.
+    # fer_keras turns oneDNN on for its ~5x speed-up on AVX2; it may only change float round-off. Both float32
+    # runs are held to a float64 run of the same weights (TensorFlow's own kernels; oneDNN has no float64).
     out = {}
-    for setting in ("0", "1"):
+    for setting, dtype in (("0", "float32"), ("1", "float32"), ("0", "float64")):
         env = {**cli_env(tmp_path), "TF_ENABLE_ONEDNN_OPTS": setting}
-        proc = subprocess.run([sys.executable, "-c", ONE_STEP, str(tmp_path / f"{setting}.npz")], env=env,
+        path = tmp_path / f"{setting}_{dtype}.npz"
+        proc = subprocess.run([sys.executable, "-c", ONE_STEP, str(path), dtype], env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        out[setting] = np.load(tmp_path / f"{setting}.npz")
-    off, on = out["0"], out["1"]
+        out[setting, dtype] = np.load(path)
+    off, on, ref = out["0", "float32"], out["1", "float32"], out["0", "float64"]
     for key in ("train_logits", "eval_logits"):
-        np.testing.assert_allclose(on[key], off[key], rtol=1e-4, atol=1e-4, err_msg=key)
-    grads = [k for k in off.files if k.startswith("grad_")]
+        np.testing.assert_allclose(off[key], ref[key], rtol=1e-4, atol=1e-4, err_msg=key)
+        np.testing.assert_allclose(on[key], ref[key], rtol=1e-4, atol=1e-4, err_msg=key)
+    grads = [k for k in ref.files if k.startswith("grad_")]
     assert len(grads) > 60
-    for key in grads:
-        error = np.linalg.norm(on[key] - off[key]) / max(np.linalg.norm(off[key]), 1e-12)
-        assert error < 1e-4, (key, error)  # measured: at most 7e-6
+
+    def worst(run) -> float:
+        return max(np.linalg.norm(run[k] - ref[k]) / max(np.linalg.norm(ref[k]), 1e-12) for k in grads)
+
+    # Measured (2026-11-29, seed 0): TensorFlow's kernels 3.9e-6, oneDNN's 4.1e-4 relative (its error enters
+    # below stage 3); SGD's minibatch noise is orders of magnitude larger.
+    assert worst(off) < 2e-5
+    assert worst(on) < 2e-3
+
+
