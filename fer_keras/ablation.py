@@ -16,7 +16,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from absl import flags
 
@@ -24,6 +24,9 @@ from fer_keras import cli
 from fer_keras.errors import ConfigError
 from fer_keras.history import atomic_write_text, best_row, read_run
 from fer_keras.tta import TTA_MODES
+
+if TYPE_CHECKING:
+    from fer_keras.data import Split
 
 EVAL_CACHE = "ablation_eval.json"
 # Settings that say where a run reads and writes, not how it learns.
@@ -61,7 +64,7 @@ def recipe_changes(config: dict, baseline: dict) -> list[str]:
     return [f"{k}={config.get(k, '(unset)')}" for k in keys if config.get(k) != baseline.get(k)]
 
 
-def measure_accuracy(run_dir: Path, split, data_source: str, split_name: str, tta_modes: Sequence[str],
+def measure_accuracy(run_dir: Path, split: Split, data_source: str, split_name: str, tta_modes: Sequence[str],
                      batch_size: int = 256) -> dict[str, float]:
     """Accuracy of the run's best.keras per TTA mode, from the cache when best.keras and data are unchanged."""
     from fer_keras.evaluate import evaluate

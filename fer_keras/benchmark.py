@@ -40,13 +40,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 from absl import flags
 
 from fer_keras import __version__, cli
 from fer_keras.errors import ConfigError, FerError
+
+if TYPE_CHECKING:
+    import keras
 
 STEMS = ("imagenet", "cifar_pool", "cifar")
 PRECISIONS = ("float32", "mixed_bfloat16")
@@ -178,7 +181,7 @@ FLOPS_COUNTED = (
 )
 
 
-def count_flops(model) -> dict[str, Any]:
+def count_flops(model: keras.Model) -> dict[str, Any]:
     """Forward cost per image of a Keras model, walking into BasicBlock sublayers.
 
     Layers with weights that are not understood are listed in ``uncounted`` rather than silently

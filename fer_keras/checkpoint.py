@@ -45,13 +45,13 @@ def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def rng_variables(model) -> list:
+def rng_variables(model: keras.Model) -> list[keras.Variable]:
     """Dropout's seed-generator states: variables of the model that ``save_weights`` leaves out."""
     weights = {id(v) for v in model.weights}
     return [v for v in model.variables if id(v) not in weights]
 
 
-def write_checkpoint(model, ckpt_dir: Path, state: dict) -> Path:
+def write_checkpoint(model: keras.Model, ckpt_dir: Path, state: dict) -> Path:
     """Weights (with optimizer state) + run state, renamed into place only when complete."""
     epoch = state["epoch"]
     state = {**state, "rng_state": {v.path: np.asarray(v.numpy()).tolist() for v in rng_variables(model)}}
@@ -94,7 +94,7 @@ class NonFiniteLoss(keras.callbacks.Callback):
             self.failed_at = (self.epoch + 1, batch + 1, float(loss))
             self.model.stop_training = True
 
-def save_best(model, out_dir: Path) -> None:
+def save_best(model: keras.Model, out_dir: Path) -> None:
     """``best.keras``, written under a hidden name and renamed into place."""
     remove_dead_writers_tmp(out_dir, ".keras")
     tmp = out_dir / tmp_name("best", ".keras")

@@ -31,7 +31,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 from absl import logging
@@ -718,21 +718,20 @@ def load(path: str | os.PathLike | None = None, skip_bad_rows: bool = False, use
         return FerData(str(path), "image", {"test": split})
     key = _fingerprint(layout, files, skip_bad_rows)
     target = cache_dir() / f"{key}.npz"
-    if use_cache and target.is_file():
-        cached = _load_cache(target)
-        if cached is not None:
-            logging.info("loaded %s from cache %s", path, target)
-            return cached
-    if layout == "csv":
-        data = _merge([read_csv(f, skip_bad_rows) for f in files], str(path))
+    data = _load_cache(target) if use_cache and target.is_file() else None
+    if data is not None:
+        logging.info("loaded %s from cache %s", path, target)
     else:
-        data = read_image_folder(files[0], skip_bad_rows)
-    if data.skipped:
+        if layout == "csv":
+            data = _merge([read_csv(f, skip_bad_rows) for f in files], str(path))
+        else:
+            data = read_image_folder(files[0], skip_bad_rows)
+        if use_cache:
+            _save_cache(target, data)
+    if data.skipped:  # on every load, cached or not: the user must see what the run leaves out
         shown = "; ".join(data.skipped[:5])
         more = f" (and {len(data.skipped) - 5} more)" if len(data.skipped) > 5 else ""
         logging.warning("skipped %d bad row(s): %s%s", len(data.skipped), shown, more)
-    if use_cache:
-        _save_cache(target, data)
     return data
 
 
@@ -763,8 +762,3 @@ def train_val(data: FerData, val_fraction: float = 0.1, seed: int = 0) -> tuple[
     if "val" in data.splits and len(data.splits["val"]) and data.splits["val"].labeled:
         return train, data.splits["val"]
     return stratified_split(train, val_fraction, seed)
-
-
-def iter_batches(split: Split, batch_size: int) -> Iterator[Split]:
-    for start in range(0, len(split), batch_size):
-        yield split.take(np.arange(start, min(start + batch_size, len(split))))

@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import keras
 import tensorflow as tf
@@ -43,6 +43,11 @@ from fer_keras.tta import (
     tf_views,
 )
 
+if TYPE_CHECKING:
+    import numpy as np
+
+    from fer_keras.data import Split
+
 METADATA_FILE = "assets.extra/fer_keras.json"
 MODEL_CONFIG_FILE = "assets.extra/keras_model.json"
 
@@ -60,9 +65,9 @@ def next_version(base: Path) -> int:
 
 def to_float32(model: keras.Model) -> keras.Model:
     """A float32 copy of a (possibly mixed-precision) functional model, for portable serving."""
-    config = model.get_config()
-    if not any(layer.get("config", {}).get("dtype") not in (None, "float32") for layer in config["layers"]):
+    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
         return model
+    config = model.get_config()
 
     def patch(layer_config: dict) -> None:
         if isinstance(layer_config, dict) and "dtype" in layer_config:
@@ -75,7 +80,8 @@ def to_float32(model: keras.Model) -> keras.Model:
     return clone
 
 
-def serving_function(model: keras.Model, tta: str = "none", crop_size: int = DEFAULT_CROP_SIZE):
+def serving_function(model: keras.Model, tta: str = "none", crop_size: int = DEFAULT_CROP_SIZE,
+                     ) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
     """Raw pixels -> dict of outputs; the body of both serving signatures.
 
     All views go through the model as one batch; probabilities and logits are their means.
@@ -199,8 +205,8 @@ def run_metadata(run_dir: Path) -> dict:
     return info
 
 
-def choose_served_tta(model: keras.Model, images, labels, split: str, crop_size: int = DEFAULT_CROP_SIZE,
-                      tolerance: float = DEFAULT_TOLERANCE) -> TtaChoice:
+def choose_served_tta(model: keras.Model, images: np.ndarray, labels: np.ndarray, split: str,
+                      crop_size: int = DEFAULT_CROP_SIZE, tolerance: float = DEFAULT_TOLERANCE) -> TtaChoice:
     """:func:`fer_keras.tta.choose_tta` for a Keras model about to be exported."""
     from fer_keras.inference import Predictor
 
@@ -208,7 +214,7 @@ def choose_served_tta(model: keras.Model, images, labels, split: str, crop_size:
                       crop_size=crop_size, tolerance=tolerance)
 
 
-def selection_split(data_path: str | None, run_config: dict) -> tuple[object, str]:
+def selection_split(data_path: str | None, run_config: dict) -> tuple[Split, str]:
     """The labelled split a run selected its epoch on (PublicTest, or its hold-out), and its name."""
     from fer_keras import data as fer_data
     from fer_keras.train import TrainConfig, run_splits

@@ -18,10 +18,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from fer_keras.errors import ModelError
+
+if TYPE_CHECKING:
+    import keras
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = REPO_ROOT / "saved_models" / "fer_resnet18"
@@ -70,16 +74,13 @@ def export_metadata(saved_model_dir: Path) -> dict:
 class Predictor:
     """Logits for pixel batches ``[N, 48, 48, 1]`` (0-255), from a Keras model or an export."""
 
-    def __init__(self, kind: str, path: Path, keras_model=None, signature=None, metadata: dict | None = None):
+    def __init__(self, kind: str, path: Path, keras_model: keras.Model | None = None,
+                 signature: Callable[..., dict] | None = None, metadata: dict | None = None):
         self.kind = kind
         self.path = path
         self.keras_model = keras_model
         self.signature = signature
         self.metadata = metadata or {}
-
-    @property
-    def description(self) -> str:
-        return f"{self.kind} model {self.path}"
 
     def outputs(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """(logits, probabilities); an export's probabilities include the TTA it was built with."""
@@ -127,7 +128,7 @@ def load_predictor(path: str | os.PathLike | None = None) -> Predictor:
     return predictor
 
 
-def load_keras(path: str | os.PathLike | None = None):
+def load_keras(path: str | os.PathLike | None = None) -> keras.Model:
     """A Keras model for gradient-based tools; exports are rebuilt from their stored config."""
     kind, p = resolve(path)
     from fer_keras.model import load_keras_model, resnet18

@@ -115,7 +115,7 @@ class BasicBlock(layers.Layer):
             self.shortcut_bn.build(self.shortcut_conv.compute_output_shape(shape))
         self.built = True
 
-    def call(self, inputs, training=None):
+    def call(self, inputs: keras.KerasTensor, training: bool | None = None) -> keras.KerasTensor:
         x = self.pad(inputs) if self.pad is not None else inputs
         x = self.conv1(x)
         x = self.bn1(x, training=training)
@@ -151,7 +151,7 @@ class BasicBlock(layers.Layer):
 class GrayscaleToRGB(layers.Layer):
     """Repeats a one-channel image to three channels (no parameters)."""
 
-    def call(self, inputs):
+    def call(self, inputs: keras.KerasTensor) -> keras.KerasTensor:
         return ops.repeat(inputs, 3, axis=-1)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:

@@ -55,7 +55,7 @@ class AugmentConfig:
 NO_AUGMENT = AugmentConfig(flip=False, shift=0.0, rotation=0.0, zoom=0.0, erasing=0.0)
 
 
-def batch_seed(seed: int, epoch, step) -> tf.Tensor:
+def batch_seed(seed: int, epoch: tf.Tensor | int, step: tf.Tensor | int) -> tf.Tensor:
     base = tf.constant([seed & 0x7FFFFFFF, 0x5EED], tf.int64)
     s = tf.random.experimental.stateless_fold_in(base, tf.cast(epoch, tf.int64))
     return tf.random.experimental.stateless_fold_in(s, tf.cast(step, tf.int64))
@@ -149,6 +149,13 @@ def _options(deterministic: bool) -> tf.data.Options:
     return options
 
 
+def _require_labels(split: Split, purpose: str) -> None:
+    """Unlabelled images (label -1) would become an all-zero or a wrong one-hot label without a word."""
+    missing = int((np.asarray(split.labels) < 0).sum())
+    if missing:
+        raise ConfigError(f"{missing} of {len(split)} images have no label; {purpose} needs labelled images")
+
+
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     return num_examples // global_batch_size
 
@@ -164,6 +171,7 @@ def train_dataset(
 ) -> tf.data.Dataset:
     """Yields ``(uint8 images, one-hot float32 labels)`` for epochs ``initial_epoch..epochs-1``,
     ``len(split) // global_batch_size`` full batches per epoch, in an order fixed by seed and epoch."""
+    _require_labels(split, "training")
     n = len(split)
     steps = steps_per_epoch(n, global_batch_size)
     if steps == 0:
@@ -202,6 +210,7 @@ def train_dataset(
 def eval_dataset(split: Split, global_batch_size: int, with_labels: bool = True) -> tf.data.Dataset:
     """Batches a split in order, last batch partial; labels one-hot as in training."""
     if with_labels:
+        _require_labels(split, "evaluation")
         ds = tf.data.Dataset.from_tensor_slices(
             (split.images, np.eye(NUM_CLASSES, dtype=np.float32)[split.labels])
         )

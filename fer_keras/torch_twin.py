@@ -16,11 +16,16 @@ PyTorch is an optional dependency (``pip install fer_keras[benchmark]``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
 
 from fer_keras import NUM_CLASSES
+
+if TYPE_CHECKING:
+    import keras
 
 # Copies of fer_keras.model's constants (a test checks they agree): importing that module would load
 # Keras and TensorFlow into the PyTorch measurement process, inflating its memory figure.
@@ -109,7 +114,7 @@ def count_params(model: nn.Module, trainable_only: bool = True) -> int:
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only))
 
 
-def copy_keras_weights(twin: ResNet18, keras_model) -> ResNet18:
+def copy_keras_weights(twin: ResNet18, keras_model: keras.Model) -> ResNet18:
     """Copies a fer_keras ResNet-18's weights (1 input channel, same stem) into the twin.
 
     Used to prove that the twin computes the same function as the Keras model, not only that

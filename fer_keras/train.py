@@ -32,6 +32,10 @@ from fer_keras.history import atomic_write_text, write_history_csv
 from fer_keras.tta import AUTO, DEFAULT_TOLERANCE, TTA_MODES
 
 if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
+
+    from fer_keras.data import FerData, Split
     from fer_keras.pipeline import AugmentConfig
 
 ONEDNN_OFF = ("off (TF_ENABLE_ONEDNN_OPTS=0, or TensorFlow was imported before fer_keras): several times "
@@ -221,7 +225,7 @@ def _check_resumable(model_dir: Path, config: TrainConfig) -> None:
         )
 
 
-def run_splits(dataset, config: TrainConfig) -> tuple:
+def run_splits(dataset: FerData, config: TrainConfig) -> tuple[Split, Split, str]:
     """(training split, selection split, the selection split's name) of a run: PublicTest when the data has
     it, else a stratified hold-out of Training; both cut to the run's example limits."""
     from fer_keras import data as data_lib
@@ -267,7 +271,7 @@ def _subset(split, limit: int, seed: int):
     return kept
 
 
-def build_optimizer(config: TrainConfig, steps_per_epoch: int, model):
+def build_optimizer(config: TrainConfig, steps_per_epoch: int, model: keras.Model) -> keras.Optimizer:
     import keras
 
     total = config.epochs * steps_per_epoch
@@ -298,7 +302,7 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int, model):
     return opt
 
 
-def run(config: TrainConfig, strategy=None) -> TrainResult:
+def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> TrainResult:
     """Trains (or resumes) per ``config`` under ``strategy`` (built from the config if None)."""
     config.validate()
     import keras

@@ -573,7 +573,9 @@ def test_unknown_split_name(tmp_path):
 # 4. skip_bad_rows
 
 
-def test_skip_bad_rows(tmp_path, cache):
+def test_skip_bad_rows(tmp_path, cache, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(data.logging, "warning", lambda fmt, *args: warnings.append(fmt % args))
     px = make_images(10, seed=5)
     labels = [i % 7 for i in range(10)]
     usages = ["Training"] * 10
@@ -592,6 +594,8 @@ def test_skip_bad_rows(tmp_path, cache):
         assert len(fd.skipped) == 2
         assert "ten.csv: line 4:" in fd.skipped[0] and "9" in fd.skipped[0]
         assert "ten.csv: line 9:" in fd.skipped[1] and "found 3" in fd.skipped[1]
+    # Both loads said so, the one from the cache too.
+    assert len(warnings) == 2 and all(w.startswith("skipped 2 bad row(s): ") for w in warnings)
 
 
 def test_skip_bad_rows_all_bad(tmp_path):

@@ -195,6 +195,26 @@ def test_export_cli_from_a_run_dir_and_refusing_an_existing_version(trained_run,
     assert "Traceback" not in again.stderr
 
 
+def test_a_mixed_precision_model_is_exported_in_float32():
+    import keras
+
+    from fer_keras.export import to_float32
+
+    float32 = resnet18("imagenet")
+    assert to_float32(float32) is float32  # nothing to convert: no copy
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        mixed = resnet18("imagenet")
+    finally:
+        keras.config.set_dtype_policy("float32")
+    mixed.set_weights(float32.get_weights())
+    converted = to_float32(mixed)
+    assert converted is not mixed
+    assert {layer.dtype_policy.name for layer in converted.layers} == {"float32"}
+    x = np.random.default_rng(0).integers(0, 256, (4, 48, 48, 1)).astype("float32")
+    np.testing.assert_allclose(np.asarray(converted(x)), np.asarray(float32(x)), rtol=1e-5, atol=1e-5)
+
+
 def test_auto_tta_prefers_the_cheaper_mode_within_the_tolerance():
     from fer_keras.tta import cheapest_within
 
