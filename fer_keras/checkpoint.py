@@ -94,6 +94,7 @@ class NonFiniteLoss(keras.callbacks.Callback):
             self.failed_at = (self.epoch + 1, batch + 1, float(loss))
             self.model.stop_training = True
 
+
 def save_best(model: keras.Model, out_dir: Path) -> None:
     """``best.keras``, written under a hidden name and renamed into place."""
     remove_dead_writers_tmp(out_dir, ".keras")
