@@ -214,16 +214,18 @@ def choose_served_tta(model: keras.Model, images: np.ndarray, labels: np.ndarray
                       crop_size=crop_size, tolerance=tolerance)
 
 
-def selection_split(data_path: str | None, run_config: dict) -> tuple[Split, str]:
-    """The labelled split a run selected its epoch on (PublicTest, or its hold-out), and its name."""
+def selection_split(data_path: str | None, run_config: dict) -> tuple[Split, str, str]:
+    """The labelled split a run selected its epoch on (PublicTest, or its hold-out), its name and the data's
+    source; ``data_path`` None means the data the run recorded (else the bundled sample)."""
     from fer_keras import data as fer_data
     from fer_keras.train import TrainConfig, run_splits
 
     recorded = TrainConfig.recorded(run_config)
     config = TrainConfig(**{k: recorded[k] for k in ("val_fraction", "seed", "max_train_examples",
                                                        "max_val_examples")})
-    _, val, name = run_splits(fer_data.load(data_path), config)
-    return val, name
+    dataset = fer_data.load(data_path or recorded.get("data") or None)
+    _, val, name = run_splits(dataset, config)
+    return val, name, dataset.source
 
 
 def define_flags() -> None:
@@ -257,8 +259,7 @@ def main(argv: Sequence[str]) -> None:
     metadata = {"source": str(source), **(run_metadata(run_dir) if run_dir else {})}
     tta = f.tta
     if tta == AUTO:
-        run_config = metadata.get("train_config", {})
-        split, label = selection_split(f.data or run_config.get("data") or None, run_config)
+        split, label, _ = selection_split(f.data, metadata.get("train_config", {}))
         choice = choose_served_tta(model, split.images, split.labels, label, f.crop_size, f.tta_tolerance)
         print(choice.summary())
         tta, metadata["tta_selection"] = choice.mode, choice.to_json()

@@ -137,9 +137,10 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     recipe_flags = check_recipe(recipe, run_dir / "flags.txt") if recipe else None
     best = best_row(history)
 
-    source = fer_data.load(data or None)
+    from fer_keras.export import selection_split
+
+    split, selection_name, source = selection_split(data, recorded)
     split_name = "val"
-    split = source.split(split_name)
     served = inference.load_predictor(export)
     served_result = evaluate(served, split, "none", batch_size, split_name=split_name)
     keras_model = inference.load_predictor(run_dir / "best.keras")
@@ -155,8 +156,8 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
         "export_size_mb": round(_folder_size_mb(export), 1),
         "served_tta": served.metadata.get("tta", "none"),
         "served_tta_selection": served.metadata.get("tta_selection"),
-        "data": source.source,
-        "selection_split": fer_data.split_label(split_name),
+        "data": source,
+        "selection_split": fer_data.split_label(split_name) if selection_name == "PublicTest" else selection_name,
         "served": _accuracy_entry(served_result),
         "best_keras": per_tta,
         "per_class_served": served_result.to_json()["per_class"],
@@ -285,7 +286,8 @@ def define_flags() -> None:
     flags.DEFINE_string("model_dir", None, "The training run directory the export came from.")
     flags.DEFINE_string("export", "saved_models/fer_resnet18",
                         "The export: NAME folder (highest version) or NAME/VERSION.")
-    flags.DEFINE_string("data", "", "The data the run trained on (empty: the bundled sample).")
+    flags.DEFINE_string("data", "", "The data the run trained on (empty: the data its config.json records, else "
+                        "the bundled sample); the card measures on the split that chose the run's epoch.")
     flags.DEFINE_string("recipe", "", "The flagfile the run was trained with; checked against the run.")
     flags.DEFINE_list("tta", list(TTA_MODES), "TTA modes to evaluate best.keras with.")
     flags.mark_flag_as_required("model_dir")

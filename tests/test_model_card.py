@@ -11,7 +11,7 @@ import pytest
 from conftest import run_tool
 
 from fer_keras import data as fer_data
-from fer_keras import inference, model_card
+from fer_keras import inference, model_card, train
 from fer_keras.errors import ConfigError
 from fer_keras.evaluate import evaluate
 from fer_keras.tta import TTA_MODES
@@ -25,10 +25,11 @@ def test_card_figures_equal_a_fresh_evaluation(trained_run, tmp_path):
     shutil.copytree(result.export_path.parent, export_base)
     readme = model_card.write_card(result.model_dir, export_base, None, None)
     card = json.loads((export_base / model_card.CARD_JSON).read_text())
-    val = fer_data.load(None).split("val")
+    # Measured on the split that chose the run's epoch: the sample's PublicTest cut to max_val_examples.
+    _, val, _ = train.run_splits(fer_data.load(None), config)
     fresh = evaluate(inference.load_predictor(export_base / "1"), val, "none", split_name="val")
     assert card["served"]["num_correct"] == fresh.num_correct
-    assert card["served"]["num_images"] == len(val) == 256
+    assert card["served"]["num_images"] == len(val) and 0 < len(val) <= config.max_val_examples
     # The run exported with --export_tta=auto: serving equals best.keras with the TTA it chose.
     served_tta = inference.export_metadata(export_base / "1")["tta_selection"]["chosen"]
     assert card["served_tta"] == served_tta
@@ -38,7 +39,7 @@ def test_card_figures_equal_a_fresh_evaluation(trained_run, tmp_path):
     assert card["training"]["wall_seconds"] > 0
     assert card["selection_split"] == "val (PublicTest)"
     text = readme.read_text()
-    assert f"{100 * fresh.accuracy:.1f} % ({fresh.num_correct:,} / 256)" in text
+    assert f"{100 * fresh.accuracy:.1f} % ({fresh.num_correct:,} / {len(val)})" in text
     assert "was chosen by `--export_tta=auto` on PublicTest" in text
     for name in ("history.png", "confusion_matrix.png"):
         assert (export_base / name).read_bytes().startswith(b"\x89PNG")
