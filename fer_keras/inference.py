@@ -139,15 +139,19 @@ def load_keras(path: str | os.PathLike | None = None) -> keras.Model:
 
     model_json = p / "assets.extra" / "keras_model.json"
     config = export_metadata(p).get("train_config")
-    if model_json.is_file():
-        model = keras.models.model_from_json(model_json.read_text())
-    elif config:
-        model = resnet18(config["stem"], int(config["input_channels"]), dropout=float(config.get("dropout", 0.0)))
-    else:
-        raise ModelError(f"{p}: this export holds no fer_keras model description; pass a .keras model instead")
     import tensorflow as tf
 
-    loaded = tf.saved_model.load(str(p))
+    try:
+        if model_json.is_file():
+            model = keras.models.model_from_json(model_json.read_text())
+        elif config:
+            model = resnet18(config["stem"], int(config["input_channels"]),
+                             dropout=float(config.get("dropout", 0.0)))
+        else:
+            raise ModelError(f"{p}: this export holds no fer_keras model description; pass a .keras model instead")
+        loaded = tf.saved_model.load(str(p))
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"{p}: cannot rebuild the Keras model ({str(e).splitlines()[0][:200]})") from None
     exported = list(getattr(loaded, "variables", []))
     if len(exported) != len(model.variables):
         raise ModelError(f"{p}: holds {len(exported)} variables, the rebuilt model {len(model.variables)}")

@@ -277,3 +277,18 @@ def test_an_export_rebuilds_as_the_same_keras_model(exported):
     model = load_keras(path)
     assert model.get_layer("stage4_block2").__class__.__name__ == "BasicBlock"
     np.testing.assert_allclose(np.asarray(model(x.astype("float32"), training=False)), logits, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("damage", ["keras_model.json", "saved_model.pb"])
+def test_a_damaged_export_is_a_one_line_model_error(exported, tmp_path, damage):
+    from fer_keras.errors import ModelError
+    from fer_keras.inference import load_keras
+
+    _, path, _, _ = exported
+    copy = tmp_path / "1"
+    shutil.copytree(path, copy)
+    target = copy / "assets.extra" / damage if damage.endswith(".json") else copy / damage
+    target.write_bytes(b"\x00 not what it should be")
+    with pytest.raises(ModelError, match="cannot rebuild the Keras model") as error:
+        load_keras(copy)
+    assert "\n" not in str(error.value)
