@@ -49,4 +49,13 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
 
-    app.run(guarded)
+    app.run(guarded, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's parser, with a bad flag value reported as one ``error:`` line (absl adds a usage hint line)."""
+    try:
+        return flags.FLAGS(list(argv))
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -98,12 +98,19 @@ def test_versions_are_added_never_overwritten(tmp_path):
 def test_a_failed_write_leaves_no_version_behind(tmp_path, monkeypatch):
     import keras
 
-    def broken(self, *args, **kwargs):
-        raise OSError("disk full")
+    archive_class = type(keras.export.ExportArchive())  # the backend class
+    write_out = archive_class.write_out
+    written = []
 
-    monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", broken)  # the backend class
-    with pytest.raises(OSError):
+    def fails_after_writing(self, path, *args, **kwargs):
+        write_out(self, path, *args, **kwargs)  # the SavedModel is on disk, half a version in the making ...
+        written.append(Path(path))
+        raise OSError("disk full")  # ... when the metadata write fails
+
+    monkeypatch.setattr(archive_class, "write_out", fails_after_writing)
+    with pytest.raises(OSError, match="disk full"):
         export_model(resnet18("imagenet"), tmp_path, "m")
+    assert written and written[0].parent == tmp_path / "m" and not written[0].exists()
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == []
 
 

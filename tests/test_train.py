@@ -66,6 +66,16 @@ def test_run_writes_outputs_and_tensorboard_equals_history(trained_run):
     assert result.best_val_accuracy == max(r["val_accuracy"] for r in result.history)
     assert result.export_path == Path(config.export_dir) / "run" / "1"
     assert (result.export_path / "saved_model.pb").is_file()
+    # best.keras and the export hold the best epoch's model: it scores the recorded best accuracy.
+    from fer_keras import data as fer_data
+    from fer_keras.evaluate import evaluate
+    from fer_keras.inference import load_predictor
+
+    _, val, _ = train.run_splits(fer_data.load(None), config)
+    rescored = evaluate(load_predictor(model_dir / "best.keras"), val, "none", split_name="val").accuracy
+    assert rescored == pytest.approx(result.best_val_accuracy, abs=1e-6)
+    info = json.loads((result.export_path / "assets.extra" / "fer_keras.json").read_text())
+    assert info["best_epoch"] == result.best_epoch and info["val_accuracy"] == result.best_val_accuracy
 
 
 def test_auto_tta_builds_in_what_the_selection_split_measured(trained_run):
@@ -201,14 +211,17 @@ def cli(args, tmp_path, **kw):
     (["--strategy=horovod"], "strategy"),
     (["--stem=vgg"], "stem"),
     (["--mixup=-1"], "--mixup must be >= 0"),
-    (["--strategy=mirrored", "--cpu_devices=2", "--batch_size=33"], "not divisible by the 2 replicas"),
+    # No --cpu_devices: README's main command relies on mirrored splitting a CPU-only machine into 2 replicas.
+    (["--strategy=mirrored", "--batch_size=33"], "not divisible by the 2 replicas"),
 ])
 def test_cli_bad_flags_exit_non_zero_with_one_line(tmp_path, args, needle):
     proc = cli(["--flagfile=flags/smoke.cfg", f"--model_dir={tmp_path / 'run'}", *args], tmp_path,
                cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode != 0
-    assert needle in proc.stderr
+    assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0] and proc.stderr.strip().splitlines()[-1] == errors[0]
+    assert "--helpshort" not in proc.stderr
 
 
 def small_cli_args(model_dir: Path) -> list[str]:
@@ -267,8 +280,9 @@ ONE_STEP = textwrap.dedent("""
         loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
     grads = tape.gradient(loss, model.trainable_variables)
     as64 = lambda t: np.asarray(t, np.float64)
+    from fer_keras.distribute import onednn_enabled
     np.savez(sys.argv[1], train_logits=as64(logits), eval_logits=as64(model(x, training=False)),
-             **{f"grad_{i}": as64(g) for i, g in enumerate(grads)})
+             onednn=onednn_enabled(), **{f"grad_{i}": as64(g) for i, g in enumerate(grads)})
 """)
 
 
@@ -284,6 +298,7 @@ def test_onednn_kernels_compute_what_tensorflows_own_kernels_compute(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         out[setting, dtype] = np.load(path)
     off, on, ref = out["0", "float32"], out["1", "float32"], out["0", "float64"]
+    assert bool(on["onednn"]) and not bool(off["onednn"]) and not bool(ref["onednn"])  # each ran what it says
     for key in ("train_logits", "eval_logits"):
         np.testing.assert_allclose(off[key], ref[key], rtol=1e-4, atol=1e-4, err_msg=key)
         np.testing.assert_allclose(on[key], ref[key], rtol=1e-4, atol=1e-4, err_msg=key)
