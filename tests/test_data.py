@@ -404,7 +404,7 @@ BAD_CSV = {
 
 @pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
 @pytest.mark.parametrize("case", sorted(BAD_CSV))
-def test_bad_csv(tmp_path, case, gz):
+def test_bad_csv(tmp_path, cache, case, gz):
     content, line = BAD_CSV[case]
     name = f"bad_{case}.csv" + (".gz" if gz else "")
     path = write(tmp_path / name, gzip.compress(content) if gz else content)
@@ -415,6 +415,7 @@ def test_bad_csv(tmp_path, case, gz):
     with pytest.raises(DataError) as exc:
         data.load(path)
     check_one_line_error(exc, name, f"line {line}")
+    assert not cache.exists() or not any(cache.iterdir())
 
 
 def test_truncated_gz(tmp_path):
@@ -706,7 +707,6 @@ def test_cli_bad_csv(tmp_path):
     env = dict(os.environ, FER_KERAS_CACHE=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES="",
                TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(tmp_path),
                PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    # cwd and --export_dir in tmp_path: train.py creates its output folders before reading data.
     proc = subprocess.run(
         [sys.executable, "-m", "fer_keras.train", f"--data={path}", f"--model_dir={tmp_path / 'run'}",
          f"--export_dir={tmp_path / 'exports'}", "--epochs=1"],
@@ -717,6 +717,7 @@ def test_cli_bad_csv(tmp_path):
     assert last.startswith("error:"), proc.stderr[-2000:]
     assert name in last and "line 5" in last
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "exports").exists()  # nothing written
 
 
 # ------------------------------------------------------------------------------------------------

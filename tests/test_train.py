@@ -110,11 +110,11 @@ def test_rerunning_a_finished_run_neither_trains_nor_exports_again(trained_run):
 
 def test_changed_settings_are_refused_before_anything_is_touched(trained_run):
     config, _ = trained_run
-    before = (Path(config.model_dir) / "history.csv").read_text()
+    before = {p: p.read_bytes() for p in Path(config.model_dir).rglob("*") if p.is_file()}
     changed = train.TrainConfig(**{**config.to_json(), "step_epochs": (), "learning_rate": 0.5})
     with pytest.raises(ConfigError, match="learning_rate: 0.01 -> 0.5"):
         train.run(changed)
-    assert (Path(config.model_dir) / "history.csv").read_text() == before
+    assert {p: p.read_bytes() for p in Path(config.model_dir).rglob("*") if p.is_file()} == before
 
 
 def test_resuming_or_rerunning_on_other_data_is_refused(trained_run, tmp_path):
@@ -126,7 +126,9 @@ def test_resuming_or_rerunning_on_other_data_is_refused(trained_run, tmp_path):
     before = {p.name: p.read_bytes() for p in Path(config.model_dir).iterdir() if p.is_file()}
     write_challenge_csv(tmp_path / "other.csv", n_val_per_class=10)
     other = train.TrainConfig(**{**config.to_json(), "step_epochs": (), "data": str(tmp_path / "other.csv")})
-    with pytest.raises(ConfigError, match="holds a run trained on other data .* different train and val images"):
+    with pytest.raises(ConfigError, match=rf"holds a run trained on other data \(.*: 128 training and "
+                                          rf"{record['val']['images']} validation images\); .*other.csv gives 2 and "
+                                          r"\d+, and different train and val images"):
         train.run(other)
     assert {p.name: p.read_bytes() for p in Path(config.model_dir).iterdir() if p.is_file()} == before
     # The same data under another path (a copy of the bundled sample) is the same run: finished, kept.
@@ -159,12 +161,29 @@ def test_a_kill_between_checkpoint_and_best_keras_is_mended_on_rerun(tmp_path):
             np.testing.assert_array_equal(a, b)
 
 
-def test_a_diverging_loss_stops_with_a_clear_error(tmp_path):
-    config = train.TrainConfig(model_dir=str(tmp_path / "run"), export=False,
-                               **{**SMALL_RUN, "learning_rate": 1e12, "epochs": 3})
-    with pytest.raises(FerError, match=r"loss became (nan|inf).*checkpoint"):
+def test_a_diverging_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
+    import h5py
+    import keras
+
+    steps = SMALL_RUN["max_train_examples"] // SMALL_RUN["batch_size"]
+
+    def explodes_in_epoch_2(config, steps_per_epoch, model):
+        assert steps_per_epoch == steps
+        return keras.optimizers.SGD(keras.optimizers.schedules.PiecewiseConstantDecay([steps], [1e-3, 1e12]))
+
+    monkeypatch.setattr(train, "build_optimizer", explodes_in_epoch_2)
+    run = tmp_path / "run"
+    config = train.TrainConfig(model_dir=str(run), export=False, **{**SMALL_RUN, "epochs": 3})
+    with pytest.raises(FerError, match=r"loss became (nan|inf) at epoch 2, batch \d+; the last good checkpoint "
+                                       r"is .*epoch_0001\. Lower --learning_rate"):
         train.run(config)
-    assert not (tmp_path / "run" / "checkpoints" / "epoch_0003").exists()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["epoch_0001"]
+    assert [r["epoch"] for r in history_lib.read_history_csv(run / "history.csv")] == [1]
+    with h5py.File(run / "checkpoints" / "epoch_0001" / "model.weights.h5", "r") as f:
+        arrays = []
+        f.visititems(lambda name, item: arrays.append(item[()]) if isinstance(item, h5py.Dataset) else None)
+    floats = [np.asarray(a, np.float64) for a in arrays if np.asarray(a).dtype.kind == "f"]
+    assert floats and all(np.isfinite(a).all() for a in floats)
 
 
 def test_unwritable_model_dir_is_reported_before_training(tmp_path):
