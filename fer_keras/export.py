@@ -214,6 +214,17 @@ def choose_served_tta(model: keras.Model, images: np.ndarray, labels: np.ndarray
                       crop_size=crop_size, tolerance=tolerance)
 
 
+def resolve_tta(model: keras.Model, tta: str, split: Split, split_name: str, metadata: dict,
+                crop_size: int = DEFAULT_CROP_SIZE, tolerance: float = DEFAULT_TOLERANCE) -> str:
+    """``tta`` itself, or for ``auto`` the measured choice (printed, and recorded in ``metadata``)."""
+    if tta != AUTO:
+        return tta
+    choice = choose_served_tta(model, split.images, split.labels, split_name, crop_size, tolerance)
+    print(choice.summary(), flush=True)
+    metadata["tta_selection"] = choice.to_json()
+    return choice.mode
+
+
 def selection_split(data_path: str | None, run_config: dict) -> tuple[Split, str, str]:
     """The labelled split a run selected its epoch on (PublicTest, or its hold-out), its name and the data's
     source; ``data_path`` None means the data the run recorded (else the bundled sample)."""
@@ -260,9 +271,7 @@ def main(argv: Sequence[str]) -> None:
     tta = f.tta
     if tta == AUTO:
         split, label, _ = selection_split(f.data, metadata.get("train_config", {}))
-        choice = choose_served_tta(model, split.images, split.labels, label, f.crop_size, f.tta_tolerance)
-        print(choice.summary())
-        tta, metadata["tta_selection"] = choice.mode, choice.to_json()
+        tta = resolve_tta(model, tta, split, label, metadata, f.crop_size, f.tta_tolerance)
     path = export_model(model, f.export_dir, name, f.version or None, tta, metadata=metadata,
                         crop_size=f.crop_size)
     print(f"exported {f.model} to {path} with TTA {tta} (serving_default: float32 pixels, serving_uint8: "

@@ -483,12 +483,8 @@ def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val
         "val_split": val_name,
         "train_config": config.to_json(),
     }
-    tta = config.export_tta
-    if tta == AUTO:
-        choice = export_mod.choose_served_tta(model, val_split.images, val_split.labels, val_name,
-                                              tolerance=config.export_tta_tolerance)
-        print(choice.summary(), flush=True)
-        tta, metadata["tta_selection"] = choice.mode, choice.to_json()
+    tta = export_mod.resolve_tta(model, config.export_tta, val_split, val_name, metadata,
+                                 tolerance=config.export_tta_tolerance)
     path = export_mod.export_model(
         model, config.export_dir, config.resolved_export_name, config.export_version or None, tta,
         metadata=metadata,
