@@ -78,6 +78,31 @@ def test_gradcam_plus_plus_has_the_input_shape():
     assert cam.min() >= 0.0 and cam.max() <= 1.0 + 1e-6
 
 
+def test_gradcam_plus_plus_lights_up_what_drives_the_class():
+    """One brightness detector feeds class 0 positively and class 1 negatively: class 0's map must cover the
+    bright square (wherever it is) and be zero away from it; class 1's map must be zero everywhere."""
+    inputs = keras.Input((48, 48, 1))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(1, 3, padding="same", activation="relu", kernel_initializer="ones", name="features")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    weights = keras.initializers.Constant([[1.0, -1.0, 0.5, 0.5, 0.5, 0.5, 0.5]])
+    model = keras.Model(inputs, keras.layers.Dense(7, kernel_initializer=weights, name="logits")(x))
+    squares = [(slice(4, 16), slice(4, 16)), (slice(30, 44), slice(26, 40))]
+    x = np.zeros((2, 48, 48, 1), np.uint8)
+    for i, (rows, cols) in enumerate(squares):
+        x[i, rows, cols] = 255
+    cam = sal.gradcam_plus_plus(model, x, [0, 0], layer="features")
+    for i, (rows, cols) in enumerate(squares):
+        inside = np.zeros((48, 48), bool)
+        inside[rows, cols] = True
+        far = np.ones((48, 48), bool)
+        far[rows.start - 3:rows.stop + 3, cols.start - 3:cols.stop + 3] = False
+        assert inside[np.unravel_index(np.argmax(cam[i]), inside.shape)]
+        assert cam[i][inside].mean() > 0.8
+        assert np.all(cam[i][far] < 1e-6)
+    assert np.all(sal.gradcam_plus_plus(model, x, [1, 1], layer="features") < 1e-6)
+
+
 def test_gradcam_rejects_unknown_and_flat_layers():
     model = conv_model()
     with pytest.raises(ConfigError, match="no layer 'nope'"):
