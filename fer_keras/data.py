@@ -55,7 +55,7 @@ USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "val", "PrivateTest": "test
 SPLIT_TO_USAGE = {v: k for k, v in USAGE_TO_SPLIT.items()}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Bump when parsing changes so stale caches are not reused.
-_CACHE_FORMAT = 2
+_CACHE_FORMAT = 3
 _CHUNK_ROWS = 4096
 
 
@@ -497,7 +497,15 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
         with Image.open(path) as img:
             img.load()
             converted = img.mode != "L" or img.size != (IMAGE_SIZE, IMAGE_SIZE)
-            if img.mode != "L":
+            if img.mode.startswith("I;16"):
+                # PIL's own I;16 -> L conversion clips at 255, which turns a 16-bit face white.
+                wide = np.asarray(img, np.uint16).astype(np.float32)
+                img = Image.fromarray(np.rint(wide / 257.0).astype(np.uint8), "L")
+            elif img.mode in ("I", "F"):
+                kind = "32-bit integer" if img.mode == "I" else "floating-point"
+                raise DataError(f"{path}: {kind} pixels (mode {img.mode}) have no agreed 0-255 scale; "
+                                "save the image with 8- or 16-bit pixels")
+            elif img.mode != "L":
                 img = img.convert("L")
             if img.size != (IMAGE_SIZE, IMAGE_SIZE):
                 img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)

@@ -252,6 +252,42 @@ def test_image_folder_reports_ignored_items(tmp_path, caplog):
     assert "2 item(s)" in msg and "stray.png" in msg and "nested" in msg and "README" not in msg
 
 
+def test_converted_images_keep_their_layout_and_tones(tmp_path):
+    """Colour, palette and 16-bit images become 48x48 grey without turning, flipping or clipping."""
+    from PIL import Image
+
+    # 96 wide x 144 high: quadrants red | blue over white | black (luma 76 | 29 over 255 | 0).
+    rgb = np.zeros((144, 96, 3), np.uint8)
+    rgb[:72, :48] = (255, 0, 0)
+    rgb[:72, 48:] = (0, 0, 255)
+    rgb[72:, :48] = (255, 255, 255)
+    expected = np.zeros((48, 48), np.int64)
+    expected[:24, :24], expected[:24, 24:], expected[24:, :24] = 76, 29, 255
+    Image.fromarray(rgb, "RGB").save(tmp_path / "quad.png")
+    Image.fromarray(rgb, "RGB").convert("P").save(tmp_path / "quad_palette.png")
+    Image.fromarray(np.dstack([rgb, np.full((144, 96), 200, np.uint8)]), "RGBA").save(tmp_path / "quad_rgba.png")
+    for name in ("quad.png", "quad_palette.png", "quad_rgba.png"):
+        array, converted = data.read_image(tmp_path / name)
+        assert converted and array.shape == (48, 48, 1), name
+        interior = np.ones((48, 48), bool)
+        interior[22:26, :] = interior[:, 22:26] = False  # bilinear resizing blends across the edges
+        diff = np.abs(array[:, :, 0].astype(np.int64) - expected)
+        assert diff[interior].max() <= 1, name
+
+    ramp = (np.arange(48 * 48, dtype=np.uint32).reshape(48, 48) * 28 + 100).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    array, converted = data.read_image(tmp_path / "deep.png")
+    assert converted
+    np.testing.assert_array_equal(array[:, :, 0], np.rint(ramp / 257.0).astype(np.uint8))
+
+    Image.fromarray(np.full((48, 48), 0.5, np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(DataError, match=r"float\.tif: floating-point pixels \(mode F\).*8- or 16-bit"):
+        data.read_image(tmp_path / "float.tif")
+    Image.fromarray(np.full((48, 48), 70000, np.int32)).save(tmp_path / "wide.tif")
+    with pytest.raises(DataError, match=r"wide\.tif: 32-bit integer pixels \(mode I\)"):
+        data.read_image(tmp_path / "wide.tif")
+
+
 def test_single_image(tmp_path):
     px = make_images(1).reshape(48, 48)
     save_png(tmp_path / "face.png", px)
