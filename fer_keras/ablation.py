@@ -4,10 +4,12 @@
 
 For each run directory the table gives what its recipe changes relative to the first run (from the
 runs' ``config.json``), epochs done, the best epoch, the wall time of its epochs (``history.csv``) and
-the accuracy of its ``best.keras`` on the validation split (FER2013 PublicTest, the split every choice
-is made on) without TTA, with flip and with ten-crop. Nothing is typed in: a run still training shows
-the epochs it has. Evaluations are cached in each run directory (``ablation_eval.json``, keyed by
-``best.keras``'s size and time and by the data), so adding a run to the table only measures that run.
+the accuracy of its ``best.keras`` on the runs' selection split (FER2013 PublicTest, or the hold-out of
+Training the runs chose their epochs on) without TTA, with flip and with ten-crop. All runs must share
+that split, so the table compares like with like. Nothing is typed in: a run still training shows the
+epochs it has. Evaluations are cached in each run directory (``ablation_eval.json``, keyed by
+``best.keras``'s size and time and by the split's images and labels), so adding a run to the table only
+measures that run.
 """
 
 from __future__ import annotations
@@ -64,9 +66,9 @@ def recipe_changes(config: dict, baseline: dict) -> list[str]:
     return [f"{k}={config.get(k, '(unset)')}" for k in keys if config.get(k) != baseline.get(k)]
 
 
-def measure_accuracy(run_dir: Path, split: Split, data_source: str, split_name: str, tta_modes: Sequence[str],
+def measure_accuracy(run_dir: Path, split: Split, split_name: str, tta_modes: Sequence[str],
                      batch_size: int = 256) -> dict[str, float]:
-    """Accuracy of the run's best.keras per TTA mode, from the cache when best.keras and data are unchanged."""
+    """Accuracy of the run's best.keras per TTA mode, from the cache when best.keras and the split are unchanged."""
     from fer_keras.evaluate import evaluate
     from fer_keras.inference import load_predictor
 
@@ -76,7 +78,8 @@ def measure_accuracy(run_dir: Path, split: Split, data_source: str, split_name: 
     except (OSError, ValueError):
         cache = {}
     stat = (run_dir / "best.keras").stat()
-    keys = {mode: json.dumps([stat.st_size, stat.st_mtime_ns, data_source, split_name, mode]) for mode in tta_modes}
+    fingerprint = split.fingerprint()
+    keys = {mode: json.dumps([stat.st_size, stat.st_mtime_ns, fingerprint, mode]) for mode in tta_modes}
     missing = [mode for mode in tta_modes if keys[mode] not in cache]
     if missing:
         predictor = load_predictor(run_dir / "best.keras")
@@ -91,15 +94,27 @@ def measure_accuracy(run_dir: Path, split: Split, data_source: str, split_name: 
 
 def build_table(run_dirs: Sequence[Path], data: str | None, tta_modes: Sequence[str] = TTA_MODES,
                 batch_size: int = 256) -> list[AblationRow]:
-    """One measured row per run; the first run is the baseline the others' changes are stated against."""
-    from fer_keras import data as fer_data
+    """One measured row per run; the first run is the baseline the others' changes are stated against.
+
+    ``data`` None measures each run on the data it recorded. Runs selected on different splits (other
+    data, or another hold-out seed or fraction) are refused: their accuracies would not compare.
+    """
+    from fer_keras.export import selection_split
 
     if not run_dirs:
         raise ConfigError("no runs given (--runs=DIR,DIR,...)")
     runs = [(Path(d), *read_run(Path(d))) for d in run_dirs]
-    source = fer_data.load(data or None)
-    split_name = "val"
-    split = source.split(split_name)
+    # Whole splits: a run that selected on a --max_val_examples subset is measured on all of it, like the rest.
+    splits = [selection_split(data, {**config, "max_val_examples": 0}) for _, config, _ in runs]
+    first_split, first_name, first_source = splits[0]
+    for (run_dir, _, _), (split, name, source) in zip(runs[1:], splits[1:]):
+        if split.fingerprint() != first_split.fingerprint():
+            raise ConfigError(
+                f"{run_dir}: selected on {name} ({len(split):,} images of {source}), not on {runs[0][0].name}'s "
+                f"{first_name} ({len(first_split):,} images of {first_source}); an ablation compares runs on one "
+                "split (give --data, or compare runs of the same data and hold-out)"
+            )
+    label = "val (PublicTest)" if first_name == "PublicTest" else f"val ({first_name})"
     baseline = runs[0][1]
     rows = []
     for run_dir, config, history in runs:
@@ -111,9 +126,9 @@ def build_table(run_dirs: Sequence[Path], data: str | None, tta_modes: Sequence[
             epochs_planned=int(config.get("epochs", len(history))),
             best_epoch=best["epoch"],
             wall_seconds=sum(r.get("seconds", 0.0) for r in history),
-            split_label=fer_data.split_label(split_name),
-            num_images=len(split),
-            accuracy=measure_accuracy(run_dir, split, source.source, split_name, tta_modes, batch_size),
+            split_label=label,
+            num_images=len(first_split),
+            accuracy=measure_accuracy(run_dir, first_split, "val", tta_modes, batch_size),
         ))
     return rows
 
@@ -141,7 +156,8 @@ def render_markdown(rows: Sequence[AblationRow]) -> str:
 
 def define_flags() -> None:
     flags.DEFINE_list("runs", None, "Training run directories, comma-separated; the first is the baseline.")
-    flags.DEFINE_string("data", "", "The data the runs trained on (empty: the bundled sample).")
+    flags.DEFINE_string("data", "", "The data to measure the runs on (empty: the data each run recorded, else "
+                        "the bundled sample); its PublicTest, or the runs' hold-out of Training, is measured.")
     flags.DEFINE_list("tta", list(TTA_MODES), "TTA modes to measure each run's best.keras with.")
     flags.DEFINE_string("output", "", "Also write the Markdown table here (and the figures as .json beside it).")
     flags.DEFINE_integer("batch_size", 256, "Images per model call.")

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 from conftest import run_tool
 
@@ -79,3 +80,34 @@ def test_an_empty_history_is_a_clear_error(two_runs):
     (base / "history.csv").write_text("epoch,loss,accuracy,val_loss,val_accuracy,learning_rate,seconds\n")
     with pytest.raises(ConfigError, match="history.csv: no finished epoch"):
         ablation.build_table([base], None)
+
+
+def test_runs_are_measured_on_their_recorded_data_and_on_one_shared_split(two_runs, tmp_path):
+    base, other = two_runs
+    csv = tmp_path / "training_only.csv"
+    rng = np.random.default_rng(5)
+    lines = ["emotion,pixels,Usage"] + [f"{c},{' '.join(map(str, rng.integers(0, 256, 2304)))},Training"
+                                       for c in range(7) for _ in range(10)]
+    csv.write_text("\n".join(lines) + "\n")
+
+    def record(run, **changes):
+        config = json.loads((run / "config.json").read_text())
+        config.update(changes)
+        (run / "config.json").write_text(json.dumps(config))
+
+    record(base, data=str(csv), seed=0)
+    record(other, data=str(csv), seed=0)
+    rows = ablation.build_table([base, other], None, ("none",))
+    _, hold_out = fer_data.train_val(fer_data.load(csv), 0.1, 0)  # no PublicTest: the runs' 10 % hold-out
+    assert [r.num_images for r in rows] == [len(hold_out), len(hold_out)] == [7, 7]
+    assert rows[0].split_label == "val (10% stratified hold-out)"
+    assert rows[1].accuracy["none"] == evaluate(load_predictor(other / "best.keras"), hold_out, "none",
+                                                split_name="val").accuracy
+
+    record(other, seed=1)  # another seed holds out other images: not comparable
+    with pytest.raises(ConfigError, match=r"mixup: selected on 10% stratified hold-out \(7 images of .*\), "
+                                          r"not on base's 10% stratified hold-out"):
+        ablation.build_table([base, other], None, ("none",))
+    # Named data with PublicTest decides for both runs, whatever they recorded.
+    rows = ablation.build_table([base, other], str(fer_data.SAMPLE_PATH), ("none",))
+    assert [r.num_images for r in rows] == [256, 256] and rows[0].split_label == "val (PublicTest)"
