@@ -170,6 +170,7 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
             "best_epoch_val_accuracy": best["val_accuracy"],
             "final_train_accuracy": history[-1]["accuracy"],
             "wall_seconds": sum(row["seconds"] for row in history),
+            "epoch_seconds": [min(row["seconds"] for row in history), max(row["seconds"] for row in history)],
         },
         "machine": {"cpu": cpu["model"], "cores": cpu["cores"], "simd": cpu["simd"]},
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "fer_keras": __version__},
@@ -180,6 +181,13 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
 
 def _pct(entry: dict) -> str:
     return f"{100 * entry['accuracy']:.1f} % ({entry['num_correct']:,} / {entry['num_images']:,})"
+
+
+def _epoch_range(training: dict) -> str:
+    low, high = training.get("epoch_seconds") or (None, None)
+    if low is None:  # a card written before the range was recorded
+        return f"{training['wall_seconds'] / max(training['epochs'], 1):,.0f} s on average"
+    return f"{low:,.0f} s" if round(low) == round(high) else f"{low:,.0f}–{high:,.0f} s"
 
 
 def render_markdown(card: dict) -> str:
@@ -243,7 +251,9 @@ def render_markdown(card: dict) -> str:
         f"seed {c['seed']}; every flag the run used is in `{TRAIN_FLAGS}`.",
         f"- best epoch {t['best_epoch']} ({split} {100 * t['best_epoch_val_accuracy']:.1f} % during training; "
         f"final train accuracy {100 * t['final_train_accuracy']:.1f} % on augmented batches).",
-        f"- wall time {hours:.2f} h ({t['wall_seconds']:,.0f} s of epochs) on {card['machine']['cpu']}, "
+        f"- wall time {hours:.2f} h, the sum of its epochs' times ({_epoch_range(t)} each; a run that other jobs "
+        "shared the cores with, or that was resumed across sessions, took longer per epoch or lost unfinished "
+        f"epochs beyond this) on {card['machine']['cpu']}, "
         f"{card['machine']['cores']} core(s), {card['machine']['simd']}; TensorFlow "
         f"{card['versions']['tensorflow']}, Keras {card['versions']['keras']}.",
         "",

@@ -14,6 +14,7 @@ from fer_keras import data as fer_data
 from fer_keras import inference, model_card, train
 from fer_keras.errors import ConfigError
 from fer_keras.evaluate import evaluate
+from fer_keras.history import read_history_csv
 from fer_keras.tta import TTA_MODES
 
 SHIPPED = Path(__file__).resolve().parents[1] / "saved_models" / "fer_resnet18"
@@ -36,10 +37,14 @@ def test_card_figures_equal_a_fresh_evaluation(trained_run, tmp_path):
     assert card["best_keras"][served_tta]["num_correct"] == fresh.num_correct
     assert set(card["best_keras"]) == set(TTA_MODES)
     assert card["training"]["epochs"] == config.epochs
-    assert card["training"]["wall_seconds"] > 0
+    seconds = [row["seconds"] for row in read_history_csv(result.model_dir / "history.csv")]
+    assert card["training"]["wall_seconds"] == pytest.approx(sum(seconds)) and sum(seconds) > 0
+    assert card["training"]["epoch_seconds"] == [min(seconds), max(seconds)]
     assert card["selection_split"] == "val (PublicTest)"
     text = readme.read_text()
     assert f"{100 * fresh.accuracy:.1f} % ({fresh.num_correct:,} / {len(val)})" in text
+    low, high = f"{min(seconds):,.0f}", f"{max(seconds):,.0f}"
+    assert f"the sum of its epochs' times ({low if low == high else f'{low}–{high}'} s each;" in text
     assert "was chosen by `--export_tta=auto` on PublicTest" in text
     for name in ("history.png", "confusion_matrix.png"):
         assert (export_base / name).read_bytes().startswith(b"\x89PNG")
@@ -71,7 +76,9 @@ def test_cli_refuses_an_unfinished_run_with_one_line(tmp_path):
 
 
 def test_the_shipped_model_is_the_default_and_has_learned():
-    assert inference.resolve(None) == ("saved_model", SHIPPED / "1")
+    versions = [d for d in SHIPPED.iterdir() if d.is_dir() and d.name.isdigit()]
+    assert len(versions) == 1, f"one shipped version at a time, found {sorted(d.name for d in versions)}"
+    assert inference.resolve(None) == ("saved_model", versions[0])
     val = fer_data.load(None).split("val")  # the sample's 256 PublicTest rows
     result = evaluate(inference.load_predictor(None), val, "none", split_name="val")
     majority = max(np.bincount(val.labels, minlength=7)) / len(val)
