@@ -251,9 +251,8 @@ def render_markdown(card: dict) -> str:
         f"seed {c['seed']}; every flag the run used is in `{TRAIN_FLAGS}`.",
         f"- best epoch {t['best_epoch']} ({split} {100 * t['best_epoch_val_accuracy']:.1f} % during training; "
         f"final train accuracy {100 * t['final_train_accuracy']:.1f} % on augmented batches).",
-        f"- wall time {hours:.2f} h, the sum of its epochs' times ({_epoch_range(t)} each; a run that other jobs "
-        "shared the cores with, or that was resumed across sessions, took longer per epoch or lost unfinished "
-        f"epochs beyond this) on {card['machine']['cpu']}, "
+        f"- wall time {hours:.2f} h, the sum of its epochs' times ({_epoch_range(t)} each; epochs cut short by a "
+        f"stop or a kill are not counted) on {card['machine']['cpu']}, "
         f"{card['machine']['cores']} core(s), {card['machine']['simd']}; TensorFlow "
         f"{card['versions']['tensorflow']}, Keras {card['versions']['keras']}.",
         "",
