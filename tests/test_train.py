@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMALL_RUN, cli_env
+from conftest import REPO, SMALL_RUN, cli_env
 
 from fer_keras import history as history_lib
 from fer_keras import train
@@ -209,6 +209,31 @@ def test_unwritable_model_dir_is_reported_before_training(tmp_path):
 def test_bad_settings_are_refused(tmp_path, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         train.run(train.TrainConfig(model_dir=str(tmp_path), **{**SMALL_RUN, **kwargs}))
+
+
+def test_every_recipe_in_flags_is_a_valid_configuration(tmp_path):
+    """A recipe that the validators refuse (e.g. onecycle with warm-up as long as the run) fails here, not
+    hours into a user's session."""
+    recipes = sorted(str(p.relative_to(REPO)) for p in (REPO / "flags").rglob("*.cfg"))
+    assert "flags/fer2013.cfg" in recipes and len(recipes) >= 5
+    script = (
+        "import sys\n"
+        "import fer_keras\n"
+        "from absl import flags\n"
+        "from fer_keras import train\n"
+        "train.define_flags()\n"
+        "for recipe in sys.argv[1:]:\n"
+        "    flags.FLAGS.unparse_flags()\n"
+        "    flags.FLAGS(['train', '--flagfile=' + recipe])\n"
+        "    config = train.config_from_flags(flags.FLAGS)\n"
+        "    config.validate()\n"
+        "    print(recipe, config.schedule, config.epochs)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, *recipes], cwd=REPO, env=cli_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(proc.stdout.splitlines()) == len(recipes)
+    assert "flags/fer2013.cfg onecycle 60" in proc.stdout
 
 
 def test_exports_are_named_after_the_run_unless_named(tmp_path):
