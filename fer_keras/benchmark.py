@@ -462,8 +462,10 @@ def measure_torch_training(spec: dict) -> dict:
     model.train()
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    # PyTorch's coupled decay passes through momentum (x 1/(1-m)); Keras' decoupled one does not.
+    coupled = config.weight_decay * (1 - config.momentum)
     optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": coupled}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.learning_rate / 10, momentum=config.momentum, nesterov=True,
     )
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
