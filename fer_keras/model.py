@@ -19,7 +19,11 @@ from typing import Any
 import keras
 from keras import layers, ops
 
-from fer_keras import IMAGE_SIZE, NUM_CLASSES
+from fer_keras import (
+    IMAGE_SIZE,
+    NUM_CLASSES,
+    schedules,  # noqa: F401  registers OneCycle: a run's best.keras names it in its compile config
+)
 
 STEMS = ("imagenet", "cifar_pool", "cifar")
 STAGE_WIDTHS = (64, 128, 256, 512)

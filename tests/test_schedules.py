@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
+from conftest import REPO, cli_env
 
 from fer_keras import train
 from fer_keras.errors import ConfigError
@@ -55,8 +59,14 @@ def test_onecycle_round_trips_through_keras_serialisation(tmp_path):
     model.compile(keras.optimizers.SGD(schedule), loss="mse")
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
-    assert loaded.optimizer.learning_rate is not None
     assert isinstance(loaded.optimizer._learning_rate, OneCycle)
+    # A fresh process that imports only fer_keras.model (as for BasicBlock) can load it compiled too.
+    script = ("import sys, keras, fer_keras.model\n"
+              "m = keras.models.load_model(sys.argv[1])\n"
+              "print(type(m.optimizer._learning_rate).__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.keras")], cwd=REPO,
+                          env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "OneCycle", proc.stderr[-2000:]
 
 
 def config(**kw) -> train.TrainConfig:
