@@ -138,7 +138,7 @@ def export_model(
     archive = keras.export.ExportArchive()
     # Not archive.track(model): it records the keras.Variable wrappers while the endpoints capture the
     # tf.Variables inside them, and TensorFlow, unable to tell they are the same, writes every weight twice
-    # (keras-team/keras#23553; 86 MB instead of 43 for ResNet-18). The endpoints track what they use; the
+    # (keras-team/keras#23553; 90 MB instead of 45 for ResNet-18). The endpoints track what they use; the
     # "variables" collection, in model order, lets inference.load_keras copy the weights back.
     tf_variables = [v.value for v in model.variables]
     if not all(isinstance(v, tf.Variable) for v in tf_variables):

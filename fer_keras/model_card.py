@@ -112,7 +112,7 @@ def check_recipe(recipe: Path, run_flags: Path) -> dict[str, str]:
 
 
 def _folder_size_mb(path: Path) -> float:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
 
 
 def _accuracy_entry(result) -> dict:

@@ -207,7 +207,7 @@ def _preflight(model_dir: Path, export_base: Path | None) -> None:
     free = shutil.disk_usage(model_dir).free
     need = 400 << 20  # two checkpoints with optimizer state + best.keras + logs
     if free < need:
-        raise ConfigError(f"{model_dir}: only {free >> 20} MB free, a run needs about {need >> 20} MB")
+        raise ConfigError(f"{model_dir}: only {free >> 20} MiB free, a run needs about {need >> 20} MiB")
 
 
 def _check_resumable(model_dir: Path, config: TrainConfig) -> None:
