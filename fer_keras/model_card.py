@@ -221,8 +221,8 @@ def render_markdown(card: dict) -> str:
                       f"{chosen['tolerance_points']:g} points of the best."]
     lines += [
         "",
-        f"{split} also chose the epoch, so these figures are optimistic by the selection; PrivateTest is "
-        "measured independently. Per class (served):",
+        f"{split} also chose the epoch, so these figures are optimistic by the selection; the PrivateTest rows "
+        "are withheld from this project and scored independently of it. Per class (served):",
         "",
         "| class | precision | recall | F1 | images |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -244,7 +244,7 @@ def render_markdown(card: dict) -> str:
         "```",
         "",
         f"- {t['epochs']} epochs, batch {c['batch_size']}, {c['optimizer']} lr {c['learning_rate']} "
-        f"{c['schedule']} (warm-up {c['warmup_epochs']}), weight decay {c['weight_decay']}, label smoothing "
+        f"{c['schedule']} (warm-up {c['warmup_epochs']}), decoupled weight decay {c['weight_decay']}, label smoothing "
         f"{c['label_smoothing']}, dropout {c['dropout']}, augmentation flip={c['flip']} shift={c['shift']} "
         f"rotation={c['rotation']}° zoom={c['zoom']} erasing={c['erasing']} mixup={c['mixup']}, "
         f"precision {c['precision']}, "
