@@ -310,3 +310,9 @@ def test_a_damaged_export_is_a_one_line_model_error(exported, tmp_path, damage):
     with pytest.raises(ModelError, match="cannot rebuild the Keras model") as error:
         load_keras(copy)
     assert "\n" not in str(error.value)
+    # What a user of a gradient tool sees: that line, exit status 2, no traceback, nothing written.
+    out = tmp_path / "saliency_out"
+    proc = run_tool("saliency", f"--model={copy}", f"--output_dir={out}", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {error.value}"
+    assert not out.exists()
