@@ -372,7 +372,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
         f"fer_keras {__version__}: {distribute.describe(strategy)}, global batch {config.batch_size} "
         f"({config.batch_size // replicas} per replica), {len(train_split):,} training images "
         f"({steps} steps/epoch), validation on {len(val_split):,} images ({val_name}), "
-        f"stem={config.stem}, precision={config.precision}, "
+        f"stem={config.stem}, {config.optimizer} lr {config.learning_rate:g} {config.schedule}, "
+        f"weight decay {config.weight_decay:g} (decoupled), precision={config.precision}, "
         f"oneDNN {'on' if distribute.onednn_enabled() else ONEDNN_OFF}"
     )
 
