@@ -67,7 +67,7 @@ def recipe_changes(config: dict, baseline: dict) -> list[str]:
 
 
 def measure_accuracy(run_dir: Path, split: Split, split_name: str, tta_modes: Sequence[str],
-                     batch_size: int = 256) -> dict[str, float]:
+                     batch_size: int = 256, fingerprint: str | None = None) -> dict[str, float]:
     """Accuracy of the run's best.keras per TTA mode, from the cache when best.keras and the split are unchanged."""
     from fer_keras.evaluate import evaluate
     from fer_keras.inference import load_predictor
@@ -78,7 +78,7 @@ def measure_accuracy(run_dir: Path, split: Split, split_name: str, tta_modes: Se
     except (OSError, ValueError):
         cache = {}
     stat = (run_dir / "best.keras").stat()
-    fingerprint = split.fingerprint()
+    fingerprint = fingerprint or split.fingerprint()
     keys = {mode: json.dumps([stat.st_size, stat.st_mtime_ns, fingerprint, mode]) for mode in tta_modes}
     missing = [mode for mode in tta_modes if keys[mode] not in cache]
     if missing:
@@ -107,8 +107,9 @@ def build_table(run_dirs: Sequence[Path], data: str | None, tta_modes: Sequence[
     # Whole splits: a run that selected on a --max_val_examples subset is measured on all of it, like the rest.
     splits = [selection_split(data, {**config, "max_val_examples": 0}) for _, config, _ in runs]
     first_split, first_name, first_source = splits[0]
+    first_print = first_split.fingerprint()
     for (run_dir, _, _), (split, name, source) in zip(runs[1:], splits[1:]):
-        if split.fingerprint() != first_split.fingerprint():
+        if split.fingerprint() != first_print:
             raise ConfigError(
                 f"{run_dir}: selected on {name} ({len(split):,} images of {source}), not on {runs[0][0].name}'s "
                 f"{first_name} ({len(first_split):,} images of {first_source}); an ablation compares runs on one "
@@ -128,7 +129,7 @@ def build_table(run_dirs: Sequence[Path], data: str | None, tta_modes: Sequence[
             wall_seconds=sum(r.get("seconds", 0.0) for r in history),
             split_label=label,
             num_images=len(first_split),
-            accuracy=measure_accuracy(run_dir, first_split, "val", tta_modes, batch_size),
+            accuracy=measure_accuracy(run_dir, first_split, "val", tta_modes, batch_size, first_print),
         ))
     return rows
 
