@@ -7,11 +7,13 @@ validation split the run selected its epoch on (PublicTest), and writes beside t
 
 * ``model_card.json``: every figure, with split, image count and TTA;
 * ``README.md``: the card (command, recipe, epochs, wall time, machine, accuracy table, figures);
-* ``history.png`` and ``train_flags.txt`` (from the run), ``confusion_matrix.png`` (of the served export).
+* ``history.png`` and ``train_flags.txt`` (from the run), ``confusion_matrix.png`` (of the served export);
+* ``init_train_flags.txt``: for a run started with ``--init_from`` another run, that run's flags.
 
 The recipe flagfile is checked against the run's recorded flags, so the card's "reproduce with" line
-cannot drift from what was actually trained. TF Serving only loads integer version folders, so these
-files do not disturb serving.
+cannot drift from what was actually trained. A run started from another run's weights (``--init_from``) gets
+both commands, ``--init_recipe`` checked against the first run, and the wall time of both. TF Serving only
+loads integer version folders, so these files do not disturb serving.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from fer_keras.tta import TTA_MODES
 CARD_JSON = "model_card.json"
 CARD_MD = "README.md"
 TRAIN_FLAGS = "train_flags.txt"
+INIT_FLAGS = "init_train_flags.txt"
 
 # Published figures the card and README.md compare against (issue "Accuracy"): (what, accuracy %, split, note).
 # README.md carries references_markdown() verbatim (tests/test_model_card.py checks), so they live here only.
@@ -102,7 +105,8 @@ def check_recipe(recipe: Path, run_flags: Path) -> dict[str, str]:
             recorded[name] = value
     for name in [k for k in wanted if k.startswith("no") and k not in recorded and k[2:] in recorded]:
         wanted[name[2:]] = "False" if _same_value(wanted.pop(name), "True") else "True"
-    ignored = {"data", "model_dir", "export_dir", "export_name", "export_version", "verbose"}
+    # Paths (data, the run a --init_from run started from) differ between machines; they are not the recipe.
+    ignored = {"data", "init_from", "model_dir", "export_dir", "export_name", "export_version", "verbose"}
     diffs = [f"--{k}: recipe {v}, run {recorded.get(k, '(unset)')}" for k, v in sorted(wanted.items())
              if k not in ignored and not _same_value(v, recorded.get(k, ""))]
     if diffs:
@@ -120,9 +124,25 @@ def _accuracy_entry(result) -> dict:
             "macro_f1": result.macro_f1, "split": result.split, "split_label": result.split_label}
 
 
+def read_init(run_dir: Path) -> dict | None:
+    """The ``init.json`` of a run started with ``--init_from`` (None for a run from random weights)."""
+    path = Path(run_dir) / "init.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable: {e}") from None
+    if not isinstance(record, dict) or "path" not in record:
+        raise ConfigError(f"{path}: expected the record of the model the run started from")
+    return record
+
+
 def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | None,
-               tta_modes: Sequence[str] = TTA_MODES, batch_size: int = 256) -> tuple[dict, object]:
-    """Measures everything the card states; returns (card, the served export's EvalResult)."""
+               tta_modes: Sequence[str] = TTA_MODES, batch_size: int = 256,
+               init_recipe: Path | None = None) -> tuple[dict, object]:
+    """Measures everything the card states; returns (card, the served export's EvalResult). ``init_recipe``
+    is checked against the run the model started from, when it started from one (``--init_from``)."""
     from fer_keras import inference
     from fer_keras.benchmark import cpu_info
     from fer_keras.evaluate import evaluate
@@ -136,6 +156,13 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     config = TrainConfig.recorded(recorded)
     recipe_flags = check_recipe(recipe, run_dir / "flags.txt") if recipe else None
     best = best_row(history)
+    init = read_init(run_dir)
+    if init_recipe:
+        if not (init and init.get("run")):
+            raise ConfigError(f"--init_recipe={init_recipe}: {run_dir} did not start from another run's weights")
+        init["run"]["recipe"] = str(init_recipe)
+        init["run"]["recipe_flags"] = check_recipe(init_recipe, Path(init["run"]["model_dir"]) / "flags.txt")
+    wall = sum(row["seconds"] for row in history)
 
     from fer_keras.export import selection_split
 
@@ -169,8 +196,10 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
             "best_epoch": best["epoch"],
             "best_epoch_val_accuracy": best["val_accuracy"],
             "final_train_accuracy": history[-1]["accuracy"],
-            "wall_seconds": sum(row["seconds"] for row in history),
+            "wall_seconds": wall,
             "epoch_seconds": [min(row["seconds"] for row in history), max(row["seconds"] for row in history)],
+            "init": init,
+            "total_wall_seconds": wall + ((init or {}).get("run") or {}).get("wall_seconds", 0.0),
         },
         "machine": {"cpu": cpu["model"], "cores": cpu["cores"], "simd": cpu["simd"]},
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "fer_keras": __version__},
@@ -235,14 +264,26 @@ def render_markdown(card: dict) -> str:
         "",
         references_markdown(),
     ]
+    init = t.get("init")
+    first = (init or {}).get("run")
+    if first:
+        first_dir = f"runs/{Path(first['model_dir']).name}"
+        commands = [f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={first.get('recipe') or INIT_FLAGS} "
+                    f"--model_dir={first_dir}",
+                    f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={recipe} --init_from={first_dir}"]
+    else:
+        commands = [f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={recipe}"]
+    lines += ["", "## How it was trained", "", "```bash", *commands, "```", ""]
+    if first:
+        lines.append(
+            f"- started from the weights of epoch {first['best_epoch']} of a {first['epochs']}-epoch run "
+            f"({split} {100 * first['best_val_accuracy']:.1f} % then; {first['wall_seconds'] / 3600:.2f} h; its "
+            f"flags are in `{INIT_FLAGS}`), not from random weights; both runs together took "
+            f"{t['total_wall_seconds'] / 3600:.2f} h.")
+    elif init:
+        lines.append(f"- started from the weights of `{Path(init['path']).name}` (SHA-256 {init['sha256'][:12]}…), "
+                     "not from random weights.")
     lines += [
-        "",
-        "## How it was trained",
-        "",
-        "```bash",
-        f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={recipe}",
-        "```",
-        "",
         f"- {t['epochs']} epochs, batch {c['batch_size']}, {c['optimizer']} lr {c['learning_rate']} "
         f"{c['schedule']} (warm-up {c['warmup_epochs']}), decoupled weight decay {c['weight_decay']}, label smoothing "
         f"{c['label_smoothing']}, dropout {c['dropout']}, augmentation flip={c['flip']} shift={c['shift']} "
@@ -274,15 +315,21 @@ def render_markdown(card: dict) -> str:
 
 
 def write_card(run_dir: Path, export: Path, data: str | None, recipe: Path | None,
-               tta_modes: Sequence[str] = TTA_MODES) -> Path:
+               tta_modes: Sequence[str] = TTA_MODES, init_recipe: Path | None = None) -> Path:
     """Measures and writes the card files next to the export's versions; returns the README path."""
     from fer_keras.evaluate import plot_confusion
 
-    card, served = build_card(run_dir, export, data, recipe, tta_modes)
+    card, served = build_card(run_dir, export, data, recipe, tta_modes, init_recipe=init_recipe)
     base = Path(export)
     base = base.parent if (base / "saved_model.pb").is_file() else base
-    for source, name in (("history.png", "history.png"), ("flags.txt", TRAIN_FLAGS)):
-        shutil.copyfile(Path(run_dir) / source, base / f".{name}.tmp")
+    copies = [(Path(run_dir) / "history.png", "history.png"), (Path(run_dir) / "flags.txt", TRAIN_FLAGS)]
+    first = (card["training"]["init"] or {}).get("run")
+    if first and (Path(first["model_dir"]) / "flags.txt").is_file():
+        copies.append((Path(first["model_dir"]) / "flags.txt", INIT_FLAGS))
+    elif (base / INIT_FLAGS).is_file():
+        (base / INIT_FLAGS).unlink()  # a previous card's
+    for source, name in copies:
+        shutil.copyfile(source, base / f".{name}.tmp")
         (base / f".{name}.tmp").replace(base / name)
     plot_confusion(served.confusion, base / "confusion_matrix.png", normalized=True,
                    title=f"served export on {card['selection_split']}: accuracy {100 * served.accuracy:.1f} %")
@@ -298,6 +345,8 @@ def define_flags() -> None:
     flags.DEFINE_string("data", "", "The data the run trained on (empty: the data its config.json records, else "
                         "the bundled sample); the card measures on the split that chose the run's epoch.")
     flags.DEFINE_string("recipe", "", "The flagfile the run was trained with; checked against the run.")
+    flags.DEFINE_string("init_recipe", "", "For a run started with --init_from another run: the flagfile that "
+                        "run was trained with; checked against it.")
     flags.DEFINE_list("tta", list(TTA_MODES), "TTA modes to evaluate best.keras with.")
     flags.mark_flag_as_required("model_dir")
     flags.register_validator("tta", lambda v: bool(v) and set(v) <= set(TTA_MODES),
@@ -306,7 +355,8 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
-    path = write_card(Path(f.model_dir), Path(f.export), f.data or None, Path(f.recipe) if f.recipe else None, f.tta)
+    path = write_card(Path(f.model_dir), Path(f.export), f.data or None, Path(f.recipe) if f.recipe else None, f.tta,
+                      Path(f.init_recipe) if f.init_recipe else None)
     print(f"wrote {path} and {CARD_JSON}, {TRAIN_FLAGS}, history.png, confusion_matrix.png beside it")
 
 

@@ -8,7 +8,8 @@ into that config. Outputs in ``model_dir``:
 * ``best.keras``: the model of the epoch with the best validation accuracy;
 * ``checkpoints/epoch_NNNN/``: weights with optimizer state and the run state, written atomically;
   rerunning the same command resumes after the last completed epoch, even after SIGKILL;
-* ``flags.txt`` and ``config.json``: how the run was made.
+* ``flags.txt`` and ``config.json``: how the run was made;
+* ``init.json`` (with ``--init_from``): the model whose weights the run started from.
 
 At the end the best model is exported for TF Serving (``saved_models/<run folder name>/<next version>``).
 """
@@ -72,6 +73,9 @@ class TrainConfig:
     input_channels: int = 1
     dropout: float = 0.2
     sync_batchnorm: bool = False
+    # Start from a trained model's weights (a .keras file or a run directory's best.keras) instead of random
+    # ones: fine-tuning, or a further learning-rate cycle after a finished run.
+    init_from: str = ""
     # Optimisation.
     epochs: int = 10
     batch_size: int = 128
@@ -309,6 +313,62 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int, model: keras.Mode
     return opt
 
 
+def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
+    """The model ``--init_from`` names (a ``.keras`` file, or a run directory's ``best.keras``) and the record
+    ``init.json`` keeps of it: path, SHA-256 and, for a run, its epochs, best epoch and configuration."""
+    import hashlib
+
+    from fer_keras.model import load_keras_model
+
+    path = Path(init_from)
+    run_dir = path if path.is_dir() else None
+    if run_dir is not None:
+        path = run_dir / "best.keras"
+    if not path.is_file():
+        hint = " (an export holds no Keras model: use the run directory it came from)" if (
+            run_dir is not None and (run_dir / "saved_model.pb").is_file()) else ""
+        raise ConfigError(f"--init_from={init_from}: no such .keras file or run directory with a best.keras{hint}")
+    record: dict = {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    run_dir = run_dir or path.parent
+    try:
+        from fer_keras.history import best_row, read_run
+
+        source_config, source_history = read_run(run_dir)
+        best = best_row(source_history)
+        record["run"] = {
+            "model_dir": str(run_dir.resolve()),
+            "epochs": len(source_history),
+            "best_epoch": best["epoch"],
+            "best_val_accuracy": best.get("val_accuracy"),
+            "wall_seconds": sum(row.get("seconds", 0.0) for row in source_history),
+            "config": source_config,
+        }
+    except ConfigError:
+        pass  # a bare .keras file: no run beside it to describe
+    return load_keras_model(str(path)), record
+
+
+def copy_weights(source: keras.Model, target: keras.Model, source_name: str) -> None:
+    """Copies every layer's weights by name; a ConfigError naming the first layer that differs, so a model of
+    another stem or input width is refused instead of half-loaded."""
+    def weighted(model):
+        return {layer.name: layer for layer in model.layers if layer.weights}
+
+    theirs, ours = weighted(source), weighted(target)
+    missing = sorted(set(ours) ^ set(theirs))
+    if missing:
+        raise ConfigError(f"--init_from={source_name}: layers differ from this run's model ({', '.join(missing)}); "
+                          "use the --stem and --input_channels it was trained with")
+    for name, layer in ours.items():
+        values = theirs[name].get_weights()
+        want = [tuple(w.shape) for w in layer.weights]
+        have = [tuple(v.shape) for v in values]
+        if want != have:
+            raise ConfigError(f"--init_from={source_name}: layer {name} has weights of shapes {have}, this run's "
+                              f"model needs {want}; use the --stem and --input_channels it was trained with")
+        layer.set_weights(values)
+
+
 def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> TrainResult:
     """Trains (or resumes) per ``config`` under ``strategy`` (built from the config if None)."""
     config.validate()
@@ -344,6 +404,10 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     dataset = data_lib.load(config.data or None, skip_bad_rows=config.skip_bad_rows, use_cache=config.use_cache)
     train_split, val_split, val_name = run_splits(dataset, config)
     data_record = _check_same_data(model_dir, dataset.source, train_split, val_split, val_name)
+    # Every worker resumes from the chief's checkpoint, so all of them restart at the same epoch.
+    latest = checkpoint.latest_checkpoint(model_dir / "checkpoints")
+    # A resumed run continues from its checkpoint; the initial model matters only at the start.
+    init_source = load_initial_model(config.init_from) if config.init_from and not latest else None
     _preflight(out_dir, export_base)
     steps = pipeline.steps_per_epoch(len(train_split), config.batch_size)
     if steps == 0:
@@ -351,8 +415,6 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
             f"{len(train_split)} training images is fewer than one batch of {config.batch_size}"
         )
 
-    # Every worker resumes from the chief's checkpoint, so all of them restart at the same epoch.
-    latest = checkpoint.latest_checkpoint(model_dir / "checkpoints")
     initial_epoch = latest[1]["epoch"] if latest else 0
     history: list[dict] = list(latest[1]["history"]) if latest else []
     best = (latest[1]["best_epoch"], latest[1]["best_val_accuracy"]) if latest else (0, -1.0)
@@ -367,6 +429,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
         ))
         if history:
             write_history_csv(model_dir / "history.csv", history)
+        if init_source is not None:
+            atomic_write_text(model_dir / "init.json", json.dumps(init_source[1], indent=2) + "\n")
 
     print(
         f"fer_keras {__version__}: {distribute.describe(strategy)}, global batch {config.batch_size} "
@@ -388,6 +452,9 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
                 config.stem, config.input_channels, dropout=config.dropout,
                 sync_batchnorm=config.sync_batchnorm,
             )
+            if init_source is not None:
+                copy_weights(init_source[0], model, init_source[1]["path"])
+                print(f"initial weights from {init_source[1]['path']}")
             optimizer = build_optimizer(config, steps, model)
             model.compile(
                 optimizer=optimizer,
@@ -524,6 +591,9 @@ def define_flags() -> None:
     f.DEFINE_float("dropout", d.dropout, "Dropout before the classifier.")
     f.DEFINE_boolean("sync_batchnorm", d.sync_batchnorm, "BatchNorm statistics over the global batch "
                      "(all replicas) rather than per replica.")
+    f.DEFINE_string("init_from", d.init_from, "Start from this model's weights instead of random ones: a .keras "
+                    "file or a run directory (its best.keras); same --stem and --input_channels. The optimizer "
+                    "and schedule start afresh: fine-tuning, or a further learning-rate cycle after a finished run.")
     f.DEFINE_integer("epochs", d.epochs, "Number of epochs.")
     f.DEFINE_integer("batch_size", d.batch_size, "Global batch size (split over replicas; must divide evenly).")
     f.DEFINE_enum("optimizer", d.optimizer, OPTIMIZERS, "sgd (Nesterov momentum) or adamw.")

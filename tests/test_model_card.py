@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_tool
+from conftest import SMALL_RUN, run_tool
 
 from fer_keras import data as fer_data
 from fer_keras import inference, model_card, train
@@ -65,6 +65,40 @@ def test_recipe_must_match_the_run(trained_run, tmp_path):
     with pytest.raises(ConfigError, match=r"--epochs: recipe 60, run 2; --flip: recipe False, run True; "
                                           r"--warp_speed: recipe 9, run \(unset\)"):
         model_card.check_recipe(bad, result.model_dir / "flags.txt")
+
+
+def test_card_of_a_run_started_from_another_states_both_runs(trained_run, tmp_path):
+    config, first = trained_run
+    second = train.run(train.TrainConfig(
+        model_dir=str(tmp_path / "cont"), export_dir=str(tmp_path / "exports"), init_from=str(first.model_dir),
+        **{**SMALL_RUN, "epochs": 1, "export_tta": "none"}))
+    base = second.export_path.parent
+    first_recipe = tmp_path / "first.cfg"
+    first_recipe.write_text("--stem=imagenet\n--epochs=2\n")
+    recipe = tmp_path / "second.cfg"
+    recipe.write_text("--epochs=1\n--init_from=runs/somewhere_else\n")  # a path: not part of the recipe
+    readme = model_card.write_card(second.model_dir, base, None, recipe, ("none",), init_recipe=first_recipe)
+    card = json.loads((base / model_card.CARD_JSON).read_text())
+    start = card["training"]["init"]["run"]
+    assert (start["epochs"], start["best_epoch"], start["recipe"]) == (config.epochs, first.best_epoch,
+                                                                       str(first_recipe))
+    seconds = [r["seconds"] for r in read_history_csv(first.model_dir / "history.csv")]
+    seconds += [r["seconds"] for r in read_history_csv(second.model_dir / "history.csv")]
+    assert card["training"]["total_wall_seconds"] == pytest.approx(sum(seconds))
+    text = readme.read_text()
+    assert f"--flagfile={first_recipe} --model_dir=runs/run\n" in text
+    assert f"--flagfile={recipe} --init_from=runs/run\n" in text
+    assert f"started from the weights of epoch {first.best_epoch} of a 2-epoch run" in text
+    assert (base / model_card.INIT_FLAGS).read_text() == (first.model_dir / "flags.txt").read_text()
+    first_recipe.write_text("--stem=imagenet\n--epochs=60\n")
+    with pytest.raises(ConfigError, match=r"first.cfg: the run in .*/run was not trained with this recipe "
+                                          r"\(--epochs: recipe 60, run 2\)"):
+        model_card.build_card(second.model_dir, base, None, recipe, ("none",), init_recipe=first_recipe)
+    with pytest.raises(ConfigError, match="did not start from another run's weights"):
+        model_card.build_card(first.model_dir, first.export_path.parent, None, None, ("none",),
+                              init_recipe=first_recipe)
+    model_card.write_card(first.model_dir, base, None, None, ("none",))  # a card without a start run
+    assert not (base / model_card.INIT_FLAGS).exists()
 
 
 def test_cli_refuses_an_unfinished_run_with_one_line(tmp_path):

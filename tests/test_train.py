@@ -236,6 +236,70 @@ def test_every_recipe_in_flags_is_a_valid_configuration(tmp_path):
     assert "flags/fer2013.cfg onecycle 60" in proc.stdout
 
 
+def kernels(model_or_path) -> list[np.ndarray]:
+    import keras
+
+    model = keras.models.load_model(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
+    return [np.asarray(v) for v in model.trainable_weights if len(v.shape) > 1]
+
+
+def test_init_from_starts_from_the_given_runs_weights(trained_run, tmp_path):
+    config, source = trained_run
+    source_dir = Path(config.model_dir)
+    # A rate of 1e-9 and no weight decay leave the kernels where they started, so best.keras shows the start.
+    still = dict(SMALL_RUN, epochs=1, learning_rate=1e-9, weight_decay=0.0, export=False)
+    started = train.run(train.TrainConfig(model_dir=str(tmp_path / "cont"), init_from=str(source_dir), **still))
+    train.run(train.TrainConfig(model_dir=str(tmp_path / "fresh"), **still))
+    assert started.resumed_from == 0
+    want = kernels(source_dir / "best.keras")
+    for got, expected in zip(kernels(tmp_path / "cont" / "best.keras"), want, strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert max(np.abs(a - b).max() for a, b in zip(kernels(tmp_path / "fresh" / "best.keras"), want)) > 0.01
+    record = json.loads((tmp_path / "cont" / "init.json").read_text())
+    import hashlib
+
+    assert record["path"] == str((source_dir / "best.keras").resolve())
+    assert record["sha256"] == hashlib.sha256((source_dir / "best.keras").read_bytes()).hexdigest()
+    assert record["run"]["epochs"] == config.epochs and record["run"]["best_epoch"] == source.best_epoch
+    assert record["run"]["config"]["stem"] == "imagenet"
+    assert not (tmp_path / "fresh" / "init.json").exists()
+
+
+def test_a_run_started_from_a_model_resumes_from_its_own_checkpoint(trained_run, tmp_path):
+    config, _ = trained_run
+    copy = tmp_path / "start.keras"
+    shutil.copy(Path(config.model_dir) / "best.keras", copy)
+    cont = train.TrainConfig(model_dir=str(tmp_path / "cont"), init_from=str(copy),
+                             **dict(SMALL_RUN, epochs=1, export=False))
+    train.run(cont)
+    assert "run" not in json.loads((tmp_path / "cont" / "init.json").read_text())  # a bare .keras file
+    copy.unlink()  # once the run has a checkpoint, the model it started from is no longer needed
+    assert train.run(cont).resumed_from == 1
+    moved = train.TrainConfig(**{**cont.to_json(), "step_epochs": (), "init_from": str(tmp_path / "other.keras")})
+    with pytest.raises(ConfigError, match="init_from: .*start.keras' -> .*other.keras'"):
+        train.run(moved)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"stem": "cifar_pool"}, r"layer stem_conv has weights of shapes \[\(7, 7, 1, 64\)\], this run's model needs "
+                             r"\[\(3, 3, 1, 64\)\]; use the --stem and --input_channels it was trained with"),
+    ({"input_channels": 3}, r"layer stem_conv has weights of shapes \[\(7, 7, 1, 64\)\], this run's model needs "
+                            r"\[\(7, 7, 3, 64\)\]"),
+    ({"init_from": "nowhere"}, r"--init_from=nowhere: no such .keras file or run directory with a best.keras$"),
+    ({"init_from": "export"}, r"no such .keras file or run directory with a best.keras \(an export holds no Keras "
+                              r"model: use the run directory it came from\)"),
+])
+def test_init_from_another_model_is_refused_before_anything_is_written(trained_run, tmp_path, change, message):
+    config, source = trained_run
+    init_from = {"export": str(source.export_path), "nowhere": "nowhere"}.get(change.get("init_from"),
+                                                                             config.model_dir)
+    bad = train.TrainConfig(model_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "exports"),
+                            **{**SMALL_RUN, "epochs": 1, **change, "init_from": init_from})
+    with pytest.raises(ConfigError, match=message):
+        train.run(bad)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "exports").exists()
+
+
 def test_exports_are_named_after_the_run_unless_named(tmp_path):
     # A user's runs must never add versions to the shipped saved_models/fer_resnet18.
     assert train.TrainConfig(model_dir=str(tmp_path / "runs" / "mine")).resolved_export_name == "mine"
