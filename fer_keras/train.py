@@ -348,9 +348,9 @@ def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
     return load_keras_model(str(path)), record
 
 
-def copy_weights(source: keras.Model, target: keras.Model, source_name: str) -> None:
+def copy_weights(source: keras.Model, target: keras.Model, source_name: str, dry_run: bool = False) -> None:
     """Copies every layer's weights by name; a ConfigError naming the first layer that differs, so a model of
-    another stem or input width is refused instead of half-loaded."""
+    another stem or input width is refused instead of half-loaded. ``dry_run`` only checks."""
     def weighted(model):
         return {layer.name: layer for layer in model.layers if layer.weights}
 
@@ -366,7 +366,8 @@ def copy_weights(source: keras.Model, target: keras.Model, source_name: str) -> 
         if want != have:
             raise ConfigError(f"--init_from={source_name}: layer {name} has weights of shapes {have}, this run's "
                               f"model needs {want}; use the --stem and --input_channels it was trained with")
-        layer.set_weights(values)
+        if not dry_run:
+            layer.set_weights(values)
 
 
 def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> TrainResult:
@@ -408,6 +409,9 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     latest = checkpoint.latest_checkpoint(model_dir / "checkpoints")
     # A resumed run continues from its checkpoint; the initial model matters only at the start.
     init_source = load_initial_model(config.init_from) if config.init_from and not latest else None
+    if init_source is not None:  # a model of another architecture is refused before any output is written
+        copy_weights(init_source[0], resnet18(config.stem, config.input_channels, dropout=config.dropout),
+                     config.init_from, dry_run=True)
     _preflight(out_dir, export_base)
     steps = pipeline.steps_per_epoch(len(train_split), config.batch_size)
     if steps == 0:
@@ -453,7 +457,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
                 sync_batchnorm=config.sync_batchnorm,
             )
             if init_source is not None:
-                copy_weights(init_source[0], model, init_source[1]["path"])
+                copy_weights(init_source[0], model, config.init_from)
                 print(f"initial weights from {init_source[1]['path']}")
             optimizer = build_optimizer(config, steps, model)
             model.compile(
