@@ -51,6 +51,22 @@ def rng_variables(model: keras.Model) -> list[keras.Variable]:
     return [v for v in model.variables if id(v) not in weights]
 
 
+def restore_rng(model: keras.Model, saved: dict[str, list]) -> int:
+    """Assigns a checkpoint's seed-generator states to ``model``; returns how many were restored. Keras numbers
+    seed generators per process (``seed_generator_2/...`` when two models with Dropout were built before), so a
+    checkpoint written by a process that built other models first names them differently: they are matched by
+    position when count and shapes agree, else by path."""
+    variables = rng_variables(model)
+    values = [np.asarray(v) for v in saved.values()]
+    if len(values) == len(variables) and all(a.shape == tuple(v.shape) for a, v in zip(values, variables)):
+        pairs = list(zip(variables, values))
+    else:
+        pairs = [(v, np.asarray(saved[v.path])) for v in variables if v.path in saved]
+    for variable, value in pairs:
+        variable.assign(value.astype(variable.dtype))
+    return len(pairs)
+
+
 def write_checkpoint(model: keras.Model, ckpt_dir: Path, state: dict) -> Path:
     """Weights (with optimizer state) + run state, renamed into place only when complete."""
     epoch = state["epoch"]

@@ -109,6 +109,9 @@ def check_recipe(recipe: Path, run_flags: Path) -> dict[str, str]:
     ignored = {"data", "init_from", "model_dir", "export_dir", "export_name", "export_version", "verbose"}
     diffs = [f"--{k}: recipe {v}, run {recorded.get(k, '(unset)')}" for k, v in sorted(wanted.items())
              if k not in ignored and not _same_value(v, recorded.get(k, ""))]
+    if bool(wanted.get("init_from")) != bool(recorded.get("init_from")):  # the path may differ, not whether
+        diffs.append(f"--init_from: recipe {wanted.get('init_from') or '(unset)'}, "
+                     f"run {recorded.get('init_from') or '(unset)'}")
     if diffs:
         raise ConfigError(f"{recipe}: the run in {run_flags.parent} was not trained with this recipe ("
                           + "; ".join(diffs) + ")")
@@ -157,11 +160,16 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     recipe_flags = check_recipe(recipe, run_dir / "flags.txt") if recipe else None
     best = best_row(history)
     init = read_init(run_dir)
-    if init_recipe:
-        if not (init and init.get("run")):
-            raise ConfigError(f"--init_recipe={init_recipe}: {run_dir} did not start from another run's weights")
-        init["run"]["recipe"] = str(init_recipe)
-        init["run"]["recipe_flags"] = check_recipe(init_recipe, Path(init["run"]["model_dir"]) / "flags.txt")
+    if init_recipe and not (init and init.get("run")):
+        raise ConfigError(f"--init_recipe={init_recipe}: {run_dir} did not start from another run's weights")
+    if init and init.get("run"):
+        first_flags = Path(init["run"]["model_dir"]) / "flags.txt"
+        if not first_flags.is_file():
+            raise ConfigError(f"{run_dir} started from the run in {first_flags.parent}, which is gone (no "
+                              "flags.txt): the card states how that run was made")
+        if init_recipe:
+            init["run"]["recipe"] = str(init_recipe)
+            init["run"]["recipe_flags"] = check_recipe(init_recipe, first_flags)
     wall = sum(row["seconds"] for row in history)
 
     from fer_keras.export import selection_split
@@ -270,7 +278,8 @@ def render_markdown(card: dict) -> str:
         first_dir = f"runs/{Path(first['model_dir']).name}"
         commands = [f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={first.get('recipe') or INIT_FLAGS} "
                     f"--model_dir={first_dir}",
-                    f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={recipe} --init_from={first_dir}"]
+                    f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={recipe} --init_from={first_dir} "
+                    f"--model_dir=runs/{Path(c['model_dir']).name}"]
     else:
         commands = [f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={recipe}"]
     lines += ["", "## How it was trained", "", "```bash", *commands, "```", ""]
@@ -324,8 +333,8 @@ def write_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     base = base.parent if (base / "saved_model.pb").is_file() else base
     copies = [(Path(run_dir) / "history.png", "history.png"), (Path(run_dir) / "flags.txt", TRAIN_FLAGS)]
     first = (card["training"]["init"] or {}).get("run")
-    if first and (Path(first["model_dir"]) / "flags.txt").is_file():
-        copies.append((Path(first["model_dir"]) / "flags.txt", INIT_FLAGS))
+    if first:
+        copies.append((Path(first["model_dir"]) / "flags.txt", INIT_FLAGS))  # build_card checked it is there
     elif (base / INIT_FLAGS).is_file():
         (base / INIT_FLAGS).unlink()  # a previous card's
     for source, name in copies:
@@ -357,7 +366,8 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     path = write_card(Path(f.model_dir), Path(f.export), f.data or None, Path(f.recipe) if f.recipe else None, f.tta,
                       Path(f.init_recipe) if f.init_recipe else None)
-    print(f"wrote {path} and {CARD_JSON}, {TRAIN_FLAGS}, history.png, confusion_matrix.png beside it")
+    more = f", {INIT_FLAGS}" if (path.parent / INIT_FLAGS).is_file() else ""
+    print(f"wrote {path} and {CARD_JSON}, {TRAIN_FLAGS}{more}, history.png, confusion_matrix.png beside it")
 
 
 if __name__ == "__main__":

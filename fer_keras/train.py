@@ -24,12 +24,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
 from absl import flags
 
 from fer_keras import __version__, cli
 from fer_keras.errors import ConfigError, FerError, WorkerLostError
-from fer_keras.history import atomic_write_text, write_history_csv
+from fer_keras.history import atomic_write_text, best_row, read_run, write_history_csv
 from fer_keras.tta import AUTO, DEFAULT_TOLERANCE, TTA_MODES
 
 if TYPE_CHECKING:
@@ -329,11 +328,13 @@ def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
             run_dir is not None and (run_dir / "saved_model.pb").is_file()) else ""
         raise ConfigError(f"--init_from={init_from}: no such .keras file or run directory with a best.keras{hint}")
     record: dict = {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    run_dir = run_dir or path.parent
+    # Only a run's best.keras is described by the run's history; another .keras file beside it is not.
+    run_dir = run_dir or (path.parent if path.name == "best.keras" else None)
     try:
-        from fer_keras.history import best_row, read_run
-
-        source_config, source_history = read_run(run_dir)
+        source_config, source_history = read_run(run_dir) if run_dir is not None else (None, None)
+    except ConfigError:
+        source_config, source_history = None, None  # a best.keras outside a finished run: nothing to describe
+    if source_config is not None:
         best = best_row(source_history)
         record["run"] = {
             "model_dir": str(run_dir.resolve()),
@@ -343,8 +344,6 @@ def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
             "wall_seconds": sum(row.get("seconds", 0.0) for row in source_history),
             "config": source_config,
         }
-    except ConfigError:
-        pass  # a bare .keras file: no run beside it to describe
     return load_keras_model(str(path)), record
 
 
@@ -471,10 +470,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
                 # Optimizer slots must exist before their saved values can be loaded.
                 model.optimizer.build(model.trainable_variables)
                 model.load_weights(str(latest[0] / "model.weights.h5"))
-                saved_rng = latest[1].get("rng_state", {})
-                for variable in checkpoint.rng_variables(model):
-                    if variable.path in saved_rng:
-                        variable.assign(np.asarray(saved_rng[variable.path], variable.dtype))
+                checkpoint.restore_rng(model, latest[1].get("rng_state", {}))
                 print(f"resuming after epoch {initial_epoch} from {latest[0]}")
                 best_file = out_dir / "best.keras"
                 if chief and best[0] == initial_epoch and (

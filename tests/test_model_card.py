@@ -69,8 +69,10 @@ def test_recipe_must_match_the_run(trained_run, tmp_path):
 
 def test_card_of_a_run_started_from_another_states_both_runs(trained_run, tmp_path):
     config, first = trained_run
+    first_dir = tmp_path / "first" / "run"  # a copy: this test removes it at the end
+    shutil.copytree(first.model_dir, first_dir)
     second = train.run(train.TrainConfig(
-        model_dir=str(tmp_path / "cont"), export_dir=str(tmp_path / "exports"), init_from=str(first.model_dir),
+        model_dir=str(tmp_path / "cont"), export_dir=str(tmp_path / "exports"), init_from=str(first_dir),
         **{**SMALL_RUN, "epochs": 1, "export_tta": "none"}))
     base = second.export_path.parent
     first_recipe = tmp_path / "first.cfg"
@@ -87,9 +89,12 @@ def test_card_of_a_run_started_from_another_states_both_runs(trained_run, tmp_pa
     assert card["training"]["total_wall_seconds"] == pytest.approx(sum(seconds))
     text = readme.read_text()
     assert f"--flagfile={first_recipe} --model_dir=runs/run\n" in text
-    assert f"--flagfile={recipe} --init_from=runs/run\n" in text
+    assert f"--flagfile={recipe} --init_from=runs/run --model_dir=runs/cont\n" in text
     assert f"started from the weights of epoch {first.best_epoch} of a 2-epoch run" in text
-    assert (base / model_card.INIT_FLAGS).read_text() == (first.model_dir / "flags.txt").read_text()
+    assert (base / model_card.INIT_FLAGS).read_text() == (first_dir / "flags.txt").read_text()
+    # The start run's path is not the recipe, but whether there is one is.
+    with pytest.raises(ConfigError, match=r"--init_from: recipe runs/somewhere_else, run \(unset\)"):
+        model_card.check_recipe(recipe, first_dir / "flags.txt")
     first_recipe.write_text("--stem=imagenet\n--epochs=60\n")
     with pytest.raises(ConfigError, match=r"first.cfg: the run in .*/run was not trained with this recipe "
                                           r"\(--epochs: recipe 60, run 2\)"):
@@ -99,6 +104,9 @@ def test_card_of_a_run_started_from_another_states_both_runs(trained_run, tmp_pa
                               init_recipe=first_recipe)
     model_card.write_card(first.model_dir, base, None, None, ("none",))  # a card without a start run
     assert not (base / model_card.INIT_FLAGS).exists()
+    shutil.rmtree(first_dir)
+    with pytest.raises(ConfigError, match=r"cont started from the run in .*first/run, which is gone \(no flags.txt\)"):
+        model_card.build_card(second.model_dir, base, None, None, ("none",))
 
 
 def test_cli_refuses_an_unfinished_run_with_one_line(tmp_path):

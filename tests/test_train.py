@@ -280,6 +280,24 @@ def test_a_run_started_from_a_model_resumes_from_its_own_checkpoint(trained_run,
         train.run(moved)
 
 
+def test_dropout_rng_state_is_restored_whatever_keras_numbered_its_generator():
+    # Keras numbers seed generators per process; a run started with --init_from builds two models before its
+    # own, so its checkpoints name the state seed_generator_2/..., and the resumed process names it otherwise.
+    from fer_keras import checkpoint
+    from fer_keras.model import resnet18
+
+    first = resnet18("imagenet", dropout=0.2)
+    for variable in checkpoint.rng_variables(first):
+        variable.assign(np.asarray(variable) + 12345)
+    saved = {v.path: np.asarray(v).tolist() for v in checkpoint.rng_variables(first)}
+    resnet18("imagenet", dropout=0.2)
+    second = resnet18("imagenet", dropout=0.2)
+    assert [v.path for v in checkpoint.rng_variables(second)] != list(saved)
+    assert checkpoint.restore_rng(second, saved) == len(saved) >= 1
+    for variable, value in zip(checkpoint.rng_variables(second), saved.values(), strict=True):
+        np.testing.assert_array_equal(np.asarray(variable), value)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"stem": "cifar_pool"}, r"layer stem_conv has weights of shapes \[\(7, 7, 1, 64\)\], this run's model needs "
                              r"\[\(3, 3, 1, 64\)\]; use the --stem and --input_channels it was trained with"),
