@@ -348,8 +348,9 @@ def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
 
 
 def copy_weights(source: keras.Model, target: keras.Model, source_name: str, dry_run: bool = False) -> None:
-    """Copies every layer's weights by name; a ConfigError naming the first layer that differs, so a model of
-    another stem or input width is refused instead of half-loaded. ``dry_run`` only checks."""
+    """Copies every layer's weights by name; a ConfigError naming the layers only one model has, or the first
+    whose weight shapes differ, so a model of another stem or input width is refused instead of half-loaded.
+    ``dry_run`` only checks."""
     def weighted(model):
         return {layer.name: layer for layer in model.layers if layer.weights}
 
