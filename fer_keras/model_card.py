@@ -141,6 +141,11 @@ def read_init(run_dir: Path) -> dict | None:
     return record
 
 
+def _start_run(training: dict) -> dict | None:
+    """The record of the run a card's model started from (``--init_from`` a run), else None."""
+    return (training.get("init") or {}).get("run")
+
+
 def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | None,
                tta_modes: Sequence[str] = TTA_MODES, batch_size: int = 256,
                init_recipe: Path | None = None) -> tuple[dict, object]:
@@ -273,7 +278,7 @@ def render_markdown(card: dict) -> str:
         references_markdown(),
     ]
     init = t.get("init")
-    first = (init or {}).get("run")
+    first = _start_run(t)
     if first:
         first_dir = f"runs/{Path(first['model_dir']).name}"
         commands = [f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={first.get('recipe') or INIT_FLAGS} "
@@ -332,7 +337,7 @@ def write_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     base = Path(export)
     base = base.parent if (base / "saved_model.pb").is_file() else base
     copies = [(Path(run_dir) / "history.png", "history.png"), (Path(run_dir) / "flags.txt", TRAIN_FLAGS)]
-    first = (card["training"]["init"] or {}).get("run")
+    first = _start_run(card["training"])
     if first:
         copies.append((Path(first["model_dir"]) / "flags.txt", INIT_FLAGS))  # build_card checked it is there
     elif (base / INIT_FLAGS).is_file():
