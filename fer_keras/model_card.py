@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -95,11 +96,16 @@ def _same_value(a: str, b: str) -> bool:
         return {a.lower(), b.lower()} <= {"true", "1"} or {a.lower(), b.lower()} <= {"false", "0"}
 
 
-def check_recipe(recipe: Path, run_flags: Path) -> dict[str, str]:
-    """The recipe's flags; a ConfigError listing every flag where the run used another value."""
+def check_recipe(recipe: Path, run_flags: Path | str, run_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """The recipe's flags; a ConfigError listing every flag where the run used another value.
+
+    ``run_flags`` is the run's ``flags.txt``, or its text (as ``init.json`` keeps it) with ``run_dir`` naming
+    the run in errors."""
     wanted = _flag_lines(recipe)
+    if isinstance(run_flags, Path):
+        run_dir, run_flags = run_flags.parent, run_flags.read_text()
     recorded = {}
-    for line in run_flags.read_text().splitlines():
+    for line in run_flags.splitlines():
         if line.startswith("--") and "=" in line:
             name, _, value = line[2:].partition("=")
             recorded[name] = value
@@ -113,7 +119,7 @@ def check_recipe(recipe: Path, run_flags: Path) -> dict[str, str]:
         diffs.append(f"--init_from: recipe {wanted.get('init_from') or '(unset)'}, "
                      f"run {recorded.get('init_from') or '(unset)'}")
     if diffs:
-        raise ConfigError(f"{recipe}: the run in {run_flags.parent} was not trained with this recipe ("
+        raise ConfigError(f"{recipe}: the run in {run_dir} was not trained with this recipe ("
                           + "; ".join(diffs) + ")")
     return wanted
 
@@ -139,6 +145,14 @@ def read_init(run_dir: Path) -> dict | None:
     if not isinstance(record, dict) or "path" not in record:
         raise ConfigError(f"{path}: expected the record of the model the run started from")
     return record
+
+
+def _total_wall(wall: float, init: dict | None) -> float | None:
+    """The run's wall time plus its start run's; None when the start run's is unknown."""
+    start = (init or {}).get("run")
+    if start is None:
+        return wall
+    return None if start.get("wall_seconds") is None else wall + start["wall_seconds"]
 
 
 def _start_run(training: dict) -> dict | None:
@@ -168,13 +182,16 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     if init_recipe and not (init and init.get("run")):
         raise ConfigError(f"--init_recipe={init_recipe}: {run_dir} did not start from another run's weights")
     if init and init.get("run"):
-        first_flags = Path(init["run"]["model_dir"]) / "flags.txt"
-        if not first_flags.is_file():
-            raise ConfigError(f"{run_dir} started from the run in {first_flags.parent}, which is gone (no "
-                              "flags.txt): the card states how that run was made")
+        start = init["run"]
+        if not start.get("flags"):  # init.json written before it kept the start run's flags
+            first_flags = Path(start["model_dir"]) / "flags.txt"
+            if not first_flags.is_file():
+                raise ConfigError(f"{run_dir} started from the run in {first_flags.parent}, which is gone (no "
+                                  "flags.txt): the card states how that run was made")
+            start["flags"] = first_flags.read_text()
         if init_recipe:
-            init["run"]["recipe"] = str(init_recipe)
-            init["run"]["recipe_flags"] = check_recipe(init_recipe, first_flags)
+            start["recipe"] = str(init_recipe)
+            start["recipe_flags"] = check_recipe(init_recipe, start["flags"], start["model_dir"])
     wall = sum(row["seconds"] for row in history)
 
     from fer_keras.export import selection_split
@@ -212,7 +229,7 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
             "wall_seconds": wall,
             "epoch_seconds": [min(row["seconds"] for row in history), max(row["seconds"] for row in history)],
             "init": init,
-            "total_wall_seconds": wall + ((init or {}).get("run") or {}).get("wall_seconds", 0.0),
+            "total_wall_seconds": _total_wall(wall, init),
         },
         "machine": {"cpu": cpu["model"], "cores": cpu["cores"], "simd": cpu["simd"]},
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "fer_keras": __version__},
@@ -289,11 +306,16 @@ def render_markdown(card: dict) -> str:
         commands = [f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={recipe}"]
     lines += ["", "## How it was trained", "", "```bash", *commands, "```", ""]
     if first:
+        length = f"a {first['epochs']}-epoch run" if first.get("epochs") else "a run"
+        took = f"; {first['wall_seconds'] / 3600:.2f} h" if first.get("wall_seconds") is not None else ""
+        via = (f", as exported to `{Path(init['path']).parent.name}/{Path(init['path']).name}`"
+               if init.get("export") else "")
+        total = (f"both runs together took {t['total_wall_seconds'] / 3600:.2f} h"
+                 if t.get("total_wall_seconds") is not None else "the first run's wall time is not recorded")
         lines.append(
-            f"- started from the weights of epoch {first['best_epoch']} of a {first['epochs']}-epoch run "
-            f"({split} {100 * first['best_val_accuracy']:.1f} % then; {first['wall_seconds'] / 3600:.2f} h; its "
-            f"flags are in `{INIT_FLAGS}`), not from random weights; both runs together took "
-            f"{t['total_wall_seconds'] / 3600:.2f} h.")
+            f"- started from the weights of epoch {first['best_epoch']} of {length}{via} "
+            f"({split} {100 * first['best_val_accuracy']:.1f} % then{took}; its "
+            f"flags are in `{INIT_FLAGS}`), not from random weights; {total}.")
     elif init:
         lines.append(f"- started from the weights of `{Path(init['path']).name}` (SHA-256 {init['sha256'][:12]}…), "
                      "not from random weights.")
@@ -339,7 +361,7 @@ def write_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     copies = [(Path(run_dir) / "history.png", "history.png"), (Path(run_dir) / "flags.txt", TRAIN_FLAGS)]
     first = _start_run(card["training"])
     if first:
-        copies.append((Path(first["model_dir"]) / "flags.txt", INIT_FLAGS))  # build_card checked it is there
+        atomic_write_text(base / INIT_FLAGS, first["flags"])  # build_card found them
     elif (base / INIT_FLAGS).is_file():
         (base / INIT_FLAGS).unlink()  # a previous card's
     for source, name in copies:

@@ -312,22 +312,77 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int, model: keras.Mode
     return opt
 
 
-def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
-    """The model ``--init_from`` names (a ``.keras`` file, or a run directory's ``best.keras``) and the record
-    ``init.json`` keeps of it: path, SHA-256 and, for a run, its epochs, best epoch and configuration."""
+def _sha256(paths: Sequence[Path]) -> str:
     import hashlib
 
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _export_start_run(export_dir: Path, metadata: dict) -> dict | None:
+    """What an export tells of the run it came from: its metadata, and the model card beside it when the card
+    describes this version (epochs, wall time, the run's flags). None for an export of a bare .keras file."""
+    config = metadata.get("train_config")
+    if not config:
+        return None
+    run = {"model_dir": metadata.get("model_dir"), "epochs": None, "best_epoch": metadata.get("best_epoch"),
+           "best_val_accuracy": metadata.get("val_accuracy"), "wall_seconds": None, "config": config,
+           "flags": None}
+    base = export_dir.parent
+    try:
+        card = json.loads((base / "model_card.json").read_text())
+        flags_text = (base / "train_flags.txt").read_text()
+    except (OSError, ValueError):
+        return run
+    if card.get("version") == int(export_dir.name) and card.get("name") == base.name:
+        training = card.get("training", {})
+        run.update(epochs=training.get("epochs"), wall_seconds=training.get("wall_seconds"), flags=flags_text)
+    return run
+
+
+def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
+    """The model ``--init_from`` names and the record ``init.json`` keeps of it: path, SHA-256 (of the
+    ``.keras`` file, or of an export's variables) and what is known of the run that trained it (epochs, best
+    epoch, wall time, configuration and flags), so the record outlives that run's directory.
+
+    Accepted: a ``.keras`` file, a run directory (its ``best.keras``), or a TF Serving export
+    (``saved_models/NAME/VERSION``, or ``NAME`` for its highest version) such as the shipped model.
+    """
+    from fer_keras import inference
+    from fer_keras.errors import ModelError
     from fer_keras.model import load_keras_model
 
     path = Path(init_from)
     run_dir = path if path.is_dir() else None
+    if run_dir is not None and not (run_dir / "best.keras").is_file():
+        try:
+            kind, export_dir = inference.resolve(run_dir)
+        except ModelError:
+            kind = None
+        if kind == "saved_model":
+            try:
+                model = inference.load_keras(export_dir)
+            except ModelError as e:
+                raise ConfigError(f"--init_from={init_from}: {e}") from None
+            metadata = inference.export_metadata(export_dir)
+            record = {"path": str(export_dir.resolve()),
+                      "sha256": _sha256(sorted((export_dir / "variables").glob("variables.data-*"))),
+                      "export": {k: metadata.get(k) for k in ("tta", "best_epoch", "val_accuracy", "val_split",
+                                                               "model_dir")}}
+            start_run = _export_start_run(export_dir, metadata)
+            if start_run is not None:
+                record["run"] = start_run
+            return model, record
     if run_dir is not None:
         path = run_dir / "best.keras"
     if not path.is_file():
-        hint = " (an export holds no Keras model: use the run directory it came from)" if (
-            run_dir is not None and (run_dir / "saved_model.pb").is_file()) else ""
-        raise ConfigError(f"--init_from={init_from}: no such .keras file or run directory with a best.keras{hint}")
-    record: dict = {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        raise ConfigError(f"--init_from={init_from}: no such .keras file, run directory with a best.keras, or "
+                          "SavedModel export")
+    record: dict = {"path": str(path.resolve()), "sha256": _sha256([path])}
     # Only a run's best.keras is described by the run's history; another .keras file beside it is not.
     run_dir = run_dir or (path.parent if path.name == "best.keras" else None)
     try:
@@ -336,6 +391,7 @@ def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
         source_config, source_history = None, None  # a best.keras outside a finished run: nothing to describe
     if source_config is not None:
         best = best_row(source_history)
+        flags_file = run_dir / "flags.txt"
         record["run"] = {
             "model_dir": str(run_dir.resolve()),
             "epochs": len(source_history),
@@ -343,6 +399,7 @@ def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
             "best_val_accuracy": best.get("val_accuracy"),
             "wall_seconds": sum(row.get("seconds", 0.0) for row in source_history),
             "config": source_config,
+            "flags": flags_file.read_text() if flags_file.is_file() else None,
         }
     return load_keras_model(str(path)), record
 
@@ -593,7 +650,8 @@ def define_flags() -> None:
     f.DEFINE_boolean("sync_batchnorm", d.sync_batchnorm, "BatchNorm statistics over the global batch "
                      "(all replicas) rather than per replica.")
     f.DEFINE_string("init_from", d.init_from, "Start from this model's weights instead of random ones: a .keras "
-                    "file or a run directory (its best.keras); same --stem and --input_channels. The optimizer "
+                    "file, a run directory (its best.keras) or a TF Serving export such as saved_models/fer_resnet18 "
+                    "(its highest version); same --stem and --input_channels. The optimizer "
                     "and schedule start afresh: fine-tuning, or a further learning-rate cycle after a finished run.")
     f.DEFINE_integer("epochs", d.epochs, "Number of epochs.")
     f.DEFINE_integer("batch_size", d.batch_size, "Global batch size (split over replicas; must divide evenly).")

@@ -104,9 +104,42 @@ def test_card_of_a_run_started_from_another_states_both_runs(trained_run, tmp_pa
                               init_recipe=first_recipe)
     model_card.write_card(first.model_dir, base, None, None, ("none",))  # a card without a start run
     assert not (base / model_card.INIT_FLAGS).exists()
+    # init.json keeps the start run's flags, so the card outlives that run's directory.
     shutil.rmtree(first_dir)
+    first_recipe.write_text("--stem=imagenet\n--epochs=2\n")
+    model_card.write_card(second.model_dir, base, None, recipe, ("none",), init_recipe=first_recipe)
+    assert (base / model_card.INIT_FLAGS).read_text() == (first.model_dir / "flags.txt").read_text()
+    init_json = second.model_dir / "init.json"  # one written before init.json kept them
+    init_json.write_text(json.dumps({**json.loads(init_json.read_text()), "run": {
+        k: v for k, v in json.loads(init_json.read_text())["run"].items() if k != "flags"}}))
     with pytest.raises(ConfigError, match=r"cont started from the run in .*first/run, which is gone \(no flags.txt\)"):
         model_card.build_card(second.model_dir, base, None, None, ("none",))
+
+
+def test_card_of_a_run_started_from_an_export_names_it(trained_run, tmp_path):
+    config, first = trained_run
+    shipped = tmp_path / "shipped" / "fer_resnet18"
+    shutil.copytree(first.export_path.parent, shipped)
+    model_card.write_card(first.model_dir, shipped, None, None, ("none",))  # as a shipped export has
+    second = train.run(train.TrainConfig(
+        model_dir=str(tmp_path / "cont"), export_dir=str(tmp_path / "exports"), init_from=str(shipped / "1"),
+        **{**SMALL_RUN, "epochs": 1, "export_tta": "none"}))
+    first_recipe = tmp_path / "first.cfg"
+    first_recipe.write_text("--stem=imagenet\n--epochs=2\n")
+    readme = model_card.write_card(second.model_dir, second.export_path.parent, None, None, ("none",),
+                                   init_recipe=first_recipe)
+    text = readme.read_text()
+    run_name = Path(config.model_dir).name
+    assert (f"started from the weights of epoch {first.best_epoch} of a 2-epoch run, as exported to "
+            f"`fer_resnet18/1`") in text
+    assert f"--flagfile={first_recipe} --model_dir=runs/{run_name}\n" in text
+    assert f"--init_from=runs/{run_name} --model_dir=runs/cont\n" in text
+    base = second.export_path.parent
+    assert (base / model_card.INIT_FLAGS).read_text() == (first.model_dir / "flags.txt").read_text()
+    seconds = [r["seconds"] for r in read_history_csv(first.model_dir / "history.csv")]
+    seconds += [r["seconds"] for r in read_history_csv(second.model_dir / "history.csv")]
+    card = json.loads((base / model_card.CARD_JSON).read_text())
+    assert card["training"]["total_wall_seconds"] == pytest.approx(sum(seconds))
 
 
 def test_cli_refuses_an_unfinished_run_with_one_line(tmp_path):

@@ -265,6 +265,32 @@ def test_init_from_starts_from_the_given_runs_weights(trained_run, tmp_path):
     assert not (tmp_path / "fresh" / "init.json").exists()
 
 
+def test_init_from_an_export_takes_its_weights_and_what_it_knows_of_its_run(trained_run, tmp_path):
+    # The shipped model is an export; its run directory stays on the machine that trained it.
+    import hashlib
+
+    from fer_keras import model_card
+
+    config, source = trained_run
+    base = tmp_path / "exports" / "shipped"
+    shutil.copytree(source.export_path.parent, base)
+    model, record = train.load_initial_model(str(base))  # NAME: its highest version
+    for got, expected in zip(kernels(model), kernels(Path(config.model_dir) / "best.keras"), strict=True):
+        np.testing.assert_array_equal(got, expected)
+    data_file, = (base / "1" / "variables").glob("variables.data-*")
+    assert record["path"] == str((base / "1").resolve())
+    assert record["sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()
+    assert record["export"]["best_epoch"] == record["run"]["best_epoch"] == source.best_epoch
+    assert record["run"]["config"]["stem"] == "imagenet"
+    assert record["run"]["epochs"] is record["run"]["flags"] is None  # no model card beside it: not known
+    model_card.write_card(Path(config.model_dir), base, None, None, ("none",))
+    _, record = train.load_initial_model(str(base / "1"))
+    seconds = [row["seconds"] for row in history_lib.read_history_csv(Path(config.model_dir) / "history.csv")]
+    assert record["run"]["epochs"] == config.epochs
+    assert record["run"]["wall_seconds"] == pytest.approx(sum(seconds))
+    assert record["run"]["flags"] == (Path(config.model_dir) / "flags.txt").read_text()
+
+
 def test_a_run_started_from_a_model_resumes_from_its_own_checkpoint(trained_run, tmp_path):
     config, _ = trained_run
     copy = tmp_path / "start.keras"
@@ -303,9 +329,9 @@ def test_dropout_rng_state_is_restored_whatever_keras_numbered_its_generator():
                              r"\[\(3, 3, 1, 64\)\]; use the --stem and --input_channels it was trained with"),
     ({"input_channels": 3}, r"layer stem_conv has weights of shapes \[\(7, 7, 1, 64\)\], this run's model needs "
                             r"\[\(7, 7, 3, 64\)\]"),
-    ({"init_from": "nowhere"}, r"--init_from=nowhere: no such .keras file or run directory with a best.keras$"),
-    ({"init_from": "export"}, r"no such .keras file or run directory with a best.keras \(an export holds no Keras "
-                              r"model: use the run directory it came from\)"),
+    ({"init_from": "nowhere"}, r"--init_from=nowhere: no such .keras file, run directory with a best.keras, or "
+                               r"SavedModel export$"),
+    ({"init_from": "export", "stem": "cifar_pool"}, r"layer stem_conv has weights of shapes \[\(7, 7, 1, 64\)\]"),
 ])
 def test_init_from_another_model_is_refused_before_anything_is_written(trained_run, tmp_path, change, message):
     config, source = trained_run
