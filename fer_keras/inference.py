@@ -121,7 +121,7 @@ def load_predictor(path: str | os.PathLike | None = None) -> Predictor:
     try:
         loaded = tf.saved_model.load(str(p))
         signature = loaded.signatures["serving_default"]
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, IndexError, ValueError, tf.errors.OpError) as e:  # IndexError: a truncated file
         raise ModelError(f"{p}: cannot load SavedModel ({str(e).splitlines()[0][:200]})") from None
     predictor = Predictor(kind, p, signature=signature, metadata=export_metadata(p))
     predictor._loaded = loaded  # keep the object (and its variables) alive
@@ -150,7 +150,7 @@ def load_keras(path: str | os.PathLike | None = None) -> keras.Model:
         else:
             raise ModelError(f"{p}: this export holds no fer_keras model description; pass a .keras model instead")
         loaded = tf.saved_model.load(str(p))
-    except (OSError, KeyError, TypeError, ValueError) as e:
+    except (OSError, IndexError, KeyError, TypeError, ValueError, tf.errors.OpError) as e:  # IndexError: truncated
         raise ModelError(f"{p}: cannot rebuild the Keras model ({str(e).splitlines()[0][:200]})") from None
     exported = list(getattr(loaded, "variables", []))
     if len(exported) != len(model.variables):

@@ -8,12 +8,12 @@ validation split the run selected its epoch on (PublicTest), and writes beside t
 * ``model_card.json``: every figure, with split, image count and TTA;
 * ``README.md``: the card (command, recipe, epochs, wall time, machine, accuracy table, figures);
 * ``history.png`` and ``train_flags.txt`` (from the run), ``confusion_matrix.png`` (of the served export);
-* ``init_train_flags.txt``: for a run started with ``--init_from`` another run, that run's flags.
+* ``init_train_flags.txt``: for a run started with ``--init_from`` another run (or its export), that run's flags.
 
 The recipe flagfile is checked against the run's recorded flags, so the card's "reproduce with" line
-cannot drift from what was actually trained. A run started from another run's weights (``--init_from``) gets
-both commands, ``--init_recipe`` checked against the first run, and the wall time of both. TF Serving only
-loads integer version folders, so these files do not disturb serving.
+cannot drift from what was actually trained. A run started from another run's weights (``--init_from`` the
+run or its export) gets both commands, ``--init_recipe`` checked against the first run, and the wall time of
+both. TF Serving only loads integer version folders, so these files do not disturb serving.
 """
 
 from __future__ import annotations
@@ -96,16 +96,17 @@ def _same_value(a: str, b: str) -> bool:
         return {a.lower(), b.lower()} <= {"true", "1"} or {a.lower(), b.lower()} <= {"false", "0"}
 
 
-def check_recipe(recipe: Path, run_flags: Path | str, run_dir: str | os.PathLike | None = None) -> dict[str, str]:
-    """The recipe's flags; a ConfigError listing every flag where the run used another value.
+def check_recipe(recipe: Path, run_flags: Path) -> dict[str, str]:
+    """The recipe's flags; a ConfigError listing every flag where the run (its ``flags.txt``) used another value."""
+    return check_recipe_text(recipe, run_flags.read_text(), run_flags.parent)
 
-    ``run_flags`` is the run's ``flags.txt``, or its text (as ``init.json`` keeps it) with ``run_dir`` naming
+
+def check_recipe_text(recipe: Path, flags_text: str, run_dir: str | os.PathLike) -> dict[str, str]:
+    """:func:`check_recipe` for a run's flags as text (``init.json`` keeps the start run's), ``run_dir`` naming
     the run in errors."""
     wanted = _flag_lines(recipe)
-    if isinstance(run_flags, Path):
-        run_dir, run_flags = run_flags.parent, run_flags.read_text()
     recorded = {}
-    for line in run_flags.splitlines():
+    for line in flags_text.splitlines():
         if line.startswith("--") and "=" in line:
             name, _, value = line[2:].partition("=")
             recorded[name] = value
@@ -156,7 +157,7 @@ def _total_wall(wall: float, init: dict | None) -> float | None:
 
 
 def _start_run(training: dict) -> dict | None:
-    """The record of the run a card's model started from (``--init_from`` a run), else None."""
+    """The record of the run a card's model started from (``--init_from`` a run or its export), else None."""
     return (training.get("init") or {}).get("run")
 
 
@@ -183,15 +184,17 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
         raise ConfigError(f"--init_recipe={init_recipe}: {run_dir} did not start from another run's weights")
     if init and init.get("run"):
         start = init["run"]
-        if not start.get("flags"):  # init.json written before it kept the start run's flags
-            first_flags = Path(start["model_dir"]) / "flags.txt"
-            if not first_flags.is_file():
-                raise ConfigError(f"{run_dir} started from the run in {first_flags.parent}, which is gone (no "
-                                  "flags.txt): the card states how that run was made")
+        if not start.get("flags"):  # not recorded at the start (an older init.json, or an export without its card)
+            first_flags = Path(start.get("model_dir") or "") / "flags.txt"
+            if not (start.get("model_dir") and first_flags.is_file()):
+                origin = (f"the export {init['path']}, which has no model card of that version, of the run in "
+                          f"{start.get('model_dir')}, which is not here" if init.get("export") else
+                          f"the run in {first_flags.parent}, which is gone (no flags.txt)")
+                raise ConfigError(f"{run_dir} started from {origin}: the card states how that run was made")
             start["flags"] = first_flags.read_text()
         if init_recipe:
             start["recipe"] = str(init_recipe)
-            start["recipe_flags"] = check_recipe(init_recipe, start["flags"], start["model_dir"])
+            start["recipe_flags"] = check_recipe_text(init_recipe, start["flags"], start["model_dir"])
     wall = sum(row["seconds"] for row in history)
 
     from fer_keras.export import selection_split
@@ -297,7 +300,7 @@ def render_markdown(card: dict) -> str:
     init = t.get("init")
     first = _start_run(t)
     if first:
-        first_dir = f"runs/{Path(first['model_dir']).name}"
+        first_dir = f"runs/{Path(first.get('model_dir') or 'first_run').name}"
         commands = [f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={first.get('recipe') or INIT_FLAGS} "
                     f"--model_dir={first_dir}",
                     f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={recipe} --init_from={first_dir} "
@@ -305,19 +308,22 @@ def render_markdown(card: dict) -> str:
     else:
         commands = [f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={recipe}"]
     lines += ["", "## How it was trained", "", "```bash", *commands, "```", ""]
+    if init:
+        source = Path(init["path"])
+        source_name = f"{source.parent.name}/{source.name}" if init.get("export") else source.name
     if first:
+        epoch = f"epoch {first['best_epoch']}" if first.get("best_epoch") is not None else "the best epoch"
         length = f"a {first['epochs']}-epoch run" if first.get("epochs") else "a run"
-        took = f"; {first['wall_seconds'] / 3600:.2f} h" if first.get("wall_seconds") is not None else ""
-        via = (f", as exported to `{Path(init['path']).parent.name}/{Path(init['path']).name}`"
-               if init.get("export") else "")
+        via = f", as exported to `{source_name}`" if init.get("export") else ""
+        then = [f"{split} {100 * first['best_val_accuracy']:.1f} % then"] if first.get("best_val_accuracy") else []
+        then += [f"{first['wall_seconds'] / 3600:.2f} h"] if first.get("wall_seconds") is not None else []
         total = (f"both runs together took {t['total_wall_seconds'] / 3600:.2f} h"
                  if t.get("total_wall_seconds") is not None else "the first run's wall time is not recorded")
         lines.append(
-            f"- started from the weights of epoch {first['best_epoch']} of {length}{via} "
-            f"({split} {100 * first['best_val_accuracy']:.1f} % then{took}; its "
-            f"flags are in `{INIT_FLAGS}`), not from random weights; {total}.")
+            f"- started from the weights of {epoch} of {length}{via} ({'; '.join(then + [''])}its flags are in "
+            f"`{INIT_FLAGS}`), not from random weights; {total}.")
     elif init:
-        lines.append(f"- started from the weights of `{Path(init['path']).name}` (SHA-256 {init['sha256'][:12]}…), "
+        lines.append(f"- started from the weights of `{source_name}` (SHA-256 {init['sha256'][:12]}…), "
                      "not from random weights.")
     lines += [
         f"- {t['epochs']} epochs, batch {c['batch_size']}, {c['optimizer']} lr {c['learning_rate']} "
@@ -361,7 +367,7 @@ def write_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     copies = [(Path(run_dir) / "history.png", "history.png"), (Path(run_dir) / "flags.txt", TRAIN_FLAGS)]
     first = _start_run(card["training"])
     if first:
-        atomic_write_text(base / INIT_FLAGS, first["flags"])  # build_card found them
+        atomic_write_text(base / INIT_FLAGS, first.pop("flags"))  # build_card found them; the JSON need not repeat
     elif (base / INIT_FLAGS).is_file():
         (base / INIT_FLAGS).unlink()  # a previous card's
     for source, name in copies:
@@ -381,8 +387,8 @@ def define_flags() -> None:
     flags.DEFINE_string("data", "", "The data the run trained on (empty: the data its config.json records, else "
                         "the bundled sample); the card measures on the split that chose the run's epoch.")
     flags.DEFINE_string("recipe", "", "The flagfile the run was trained with; checked against the run.")
-    flags.DEFINE_string("init_recipe", "", "For a run started with --init_from another run: the flagfile that "
-                        "run was trained with; checked against it.")
+    flags.DEFINE_string("init_recipe", "", "For a run started with --init_from another run (or its export): "
+                        "the flagfile that run was trained with; checked against it.")
     flags.DEFINE_list("tta", list(TTA_MODES), "TTA modes to evaluate best.keras with.")
     flags.mark_flag_as_required("model_dir")
     flags.register_validator("tta", lambda v: bool(v) and set(v) <= set(TTA_MODES),

@@ -323,12 +323,36 @@ def _sha256(paths: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def _export_start_run(export_dir: Path, metadata: dict) -> dict | None:
-    """What an export tells of the run it came from: its metadata, and the model card beside it when the card
-    describes this version (epochs, wall time, the run's flags). None for an export of a bare .keras file."""
-    config = metadata.get("train_config")
-    if not config:
+def _run_record(run_dir: Path) -> dict | None:
+    """A finished run's epochs, best epoch, wall time, configuration and flags; None if the folder is not one."""
+    try:
+        config, history = read_run(run_dir)
+    except ConfigError:
         return None
+    best = best_row(history)
+    flags_file = run_dir / "flags.txt"
+    return {
+        "model_dir": str(run_dir.resolve()),
+        "epochs": len(history),
+        "best_epoch": best["epoch"],
+        "best_val_accuracy": best.get("val_accuracy"),
+        "wall_seconds": sum(row.get("seconds", 0.0) for row in history),
+        "config": config,
+        "flags": flags_file.read_text() if flags_file.is_file() else None,
+    }
+
+
+def _export_start_run(export_dir: Path, metadata: dict) -> dict | None:
+    """What is known of the run an export came from: the run directory itself while it is here and still holds
+    the exported epoch, else the export's metadata and, when it describes this export, the model card beside it
+    (epochs, wall time, the run's flags). None for an export of a bare .keras file."""
+    config = metadata.get("train_config")
+    if not isinstance(config, dict):
+        return None
+    if metadata.get("model_dir"):
+        run = _run_record(Path(metadata["model_dir"]))
+        if run is not None and run["best_epoch"] == metadata.get("best_epoch"):
+            return run
     run = {"model_dir": metadata.get("model_dir"), "epochs": None, "best_epoch": metadata.get("best_epoch"),
            "best_val_accuracy": metadata.get("val_accuracy"), "wall_seconds": None, "config": config,
            "flags": None}
@@ -338,9 +362,14 @@ def _export_start_run(export_dir: Path, metadata: dict) -> dict | None:
         flags_text = (base / "train_flags.txt").read_text()
     except (OSError, ValueError):
         return run
-    if card.get("version") == int(export_dir.name) and card.get("name") == base.name:
-        training = card.get("training", {})
+    training = card.get("training") if isinstance(card, dict) else None
+    # The card of this very export: a copied or renamed folder keeps it, another version's card does not match.
+    if (isinstance(training, dict) and export_dir.name.isdigit() and card.get("version") == int(export_dir.name)
+            and training.get("best_epoch") == run["best_epoch"]
+            and (training.get("config") or {}).get("model_dir") == config.get("model_dir")):
         run.update(epochs=training.get("epochs"), wall_seconds=training.get("wall_seconds"), flags=flags_text)
+        if run["best_val_accuracy"] is None:
+            run["best_val_accuracy"] = training.get("best_epoch_val_accuracy")
     return run
 
 
@@ -371,8 +400,7 @@ def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
             metadata = inference.export_metadata(export_dir)
             record = {"path": str(export_dir.resolve()),
                       "sha256": _sha256(sorted((export_dir / "variables").glob("variables.data-*"))),
-                      "export": {k: metadata.get(k) for k in ("tta", "best_epoch", "val_accuracy", "val_split",
-                                                               "model_dir")}}
+                      "export": {k: metadata.get(k) for k in ("tta", "val_split")}}
             start_run = _export_start_run(export_dir, metadata)
             if start_run is not None:
                 record["run"] = start_run
@@ -385,22 +413,9 @@ def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
     record: dict = {"path": str(path.resolve()), "sha256": _sha256([path])}
     # Only a run's best.keras is described by the run's history; another .keras file beside it is not.
     run_dir = run_dir or (path.parent if path.name == "best.keras" else None)
-    try:
-        source_config, source_history = read_run(run_dir) if run_dir is not None else (None, None)
-    except ConfigError:
-        source_config, source_history = None, None  # a best.keras outside a finished run: nothing to describe
-    if source_config is not None:
-        best = best_row(source_history)
-        flags_file = run_dir / "flags.txt"
-        record["run"] = {
-            "model_dir": str(run_dir.resolve()),
-            "epochs": len(source_history),
-            "best_epoch": best["epoch"],
-            "best_val_accuracy": best.get("val_accuracy"),
-            "wall_seconds": sum(row.get("seconds", 0.0) for row in source_history),
-            "config": source_config,
-            "flags": flags_file.read_text() if flags_file.is_file() else None,
-        }
+    start_run = _run_record(run_dir) if run_dir is not None else None
+    if start_run is not None:
+        record["run"] = start_run
     return load_keras_model(str(path)), record
 
 

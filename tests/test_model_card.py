@@ -118,28 +118,45 @@ def test_card_of_a_run_started_from_another_states_both_runs(trained_run, tmp_pa
 
 def test_card_of_a_run_started_from_an_export_names_it(trained_run, tmp_path):
     config, first = trained_run
+    first_dir = tmp_path / "first" / "run"  # a copy, removed before the card is written
+    shutil.copytree(first.model_dir, first_dir)
     shipped = tmp_path / "shipped" / "fer_resnet18"
     shutil.copytree(first.export_path.parent, shipped)
-    model_card.write_card(first.model_dir, shipped, None, None, ("none",))  # as a shipped export has
+    metadata_file = shipped / "1" / "assets.extra" / "fer_keras.json"
+    metadata_file.write_text(json.dumps({**json.loads(metadata_file.read_text()), "model_dir": str(first_dir)}))
     second = train.run(train.TrainConfig(
         model_dir=str(tmp_path / "cont"), export_dir=str(tmp_path / "exports"), init_from=str(shipped / "1"),
         **{**SMALL_RUN, "epochs": 1, "export_tta": "none"}))
+    shutil.rmtree(first_dir)
     first_recipe = tmp_path / "first.cfg"
     first_recipe.write_text("--stem=imagenet\n--epochs=2\n")
-    readme = model_card.write_card(second.model_dir, second.export_path.parent, None, None, ("none",),
-                                   init_recipe=first_recipe)
-    text = readme.read_text()
-    run_name = Path(config.model_dir).name
-    assert (f"started from the weights of epoch {first.best_epoch} of a 2-epoch run, as exported to "
-            f"`fer_resnet18/1`") in text
-    assert f"--flagfile={first_recipe} --model_dir=runs/{run_name}\n" in text
-    assert f"--init_from=runs/{run_name} --model_dir=runs/cont\n" in text
     base = second.export_path.parent
+    readme = model_card.write_card(second.model_dir, base, None, None, ("none",), init_recipe=first_recipe)
+    text = readme.read_text()
+    assert (f"started from the weights of epoch {first.best_epoch} of a 2-epoch run, as exported to "
+            f"`fer_resnet18/1` (val (PublicTest) {100 * first.best_val_accuracy:.1f} % then; ") in text
+    assert f"--flagfile={first_recipe} --model_dir=runs/run\n" in text
+    assert "--init_from=runs/run --model_dir=runs/cont\n" in text
     assert (base / model_card.INIT_FLAGS).read_text() == (first.model_dir / "flags.txt").read_text()
     seconds = [r["seconds"] for r in read_history_csv(first.model_dir / "history.csv")]
     seconds += [r["seconds"] for r in read_history_csv(second.model_dir / "history.csv")]
     card = json.loads((base / model_card.CARD_JSON).read_text())
     assert card["training"]["total_wall_seconds"] == pytest.approx(sum(seconds))
+    assert "flags" not in card["training"]["init"]["run"]  # they are in init_train_flags.txt
+    # An export whose run is unknown: the card says what it cannot state, or refuses where it must.
+    init_json = second.model_dir / "init.json"
+    record = json.loads(init_json.read_text())
+    record["run"].update(epochs=None, wall_seconds=None)
+    init_json.write_text(json.dumps(record))
+    text = model_card.write_card(second.model_dir, base, None, None, ("none",)).read_text()
+    assert f"of a run, as exported to `fer_resnet18/1` (val (PublicTest) {100 * first.best_val_accuracy:.1f} % " \
+           "then; its flags are in" in text
+    assert "the first run's wall time is not recorded" in text
+    record["run"]["flags"] = None
+    init_json.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"cont started from the export .*fer_resnet18/1, which has no model card "
+                                          r"of that version, of the run in .*first/run, which is not here"):
+        model_card.build_card(second.model_dir, base, None, None, ("none",))
 
 
 def test_cli_refuses_an_unfinished_run_with_one_line(tmp_path):

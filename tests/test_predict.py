@@ -150,3 +150,19 @@ def test_cli_bad_input_is_one_line(setup, tmp_path, args, message):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_cli_a_truncated_export_is_one_line(setup, trained_run, tmp_path):
+    import shutil
+
+    _, source = trained_run
+    export = tmp_path / "my_resnet18" / "1"
+    shutil.copytree(source.export_path, export)
+    data_file, = (export / "variables").glob("variables.data-*")
+    data_file.write_bytes(data_file.read_bytes()[:1000])  # a copy cut short
+    out = tmp_path / "p.csv"
+    proc = run_tool("predict", f"--model={export}", f"--data={setup['test_csv']}", f"--output={out}")
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # after TensorFlow's own start-up lines
+    assert last.startswith(f"error: {export}: cannot load SavedModel (Read less bytes"), proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()

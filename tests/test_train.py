@@ -270,25 +270,56 @@ def test_init_from_an_export_takes_its_weights_and_what_it_knows_of_its_run(trai
     import hashlib
 
     from fer_keras import model_card
+    from fer_keras.model import load_keras_model
 
     config, source = trained_run
     base = tmp_path / "exports" / "shipped"
     shutil.copytree(source.export_path.parent, base)
     model, record = train.load_initial_model(str(base))  # NAME: its highest version
-    for got, expected in zip(kernels(model), kernels(Path(config.model_dir) / "best.keras"), strict=True):
-        np.testing.assert_array_equal(got, expected)
+    best = load_keras_model(str(Path(config.model_dir) / "best.keras"))
+    for layer in best.layers:  # every weight, BatchNorm statistics included
+        for got, expected in zip(model.get_layer(layer.name).get_weights(), layer.get_weights(), strict=True):
+            np.testing.assert_array_equal(got, expected)
     data_file, = (base / "1" / "variables").glob("variables.data-*")
     assert record["path"] == str((base / "1").resolve())
     assert record["sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()
-    assert record["export"]["best_epoch"] == record["run"]["best_epoch"] == source.best_epoch
-    assert record["run"]["config"]["stem"] == "imagenet"
-    assert record["run"]["epochs"] is record["run"]["flags"] is None  # no model card beside it: not known
-    model_card.write_card(Path(config.model_dir), base, None, None, ("none",))
-    _, record = train.load_initial_model(str(base / "1"))
+    assert record["export"]["val_split"] == "PublicTest"
     seconds = [row["seconds"] for row in history_lib.read_history_csv(Path(config.model_dir) / "history.csv")]
-    assert record["run"]["epochs"] == config.epochs
-    assert record["run"]["wall_seconds"] == pytest.approx(sum(seconds))
-    assert record["run"]["flags"] == (Path(config.model_dir) / "flags.txt").read_text()
+    flags_text = (Path(config.model_dir) / "flags.txt").read_text()
+    described = (config.epochs, source.best_epoch, pytest.approx(sum(seconds)), flags_text)
+
+    def run_facts(record):
+        return tuple(record["run"][k] for k in ("epochs", "best_epoch", "wall_seconds", "flags"))
+
+    assert run_facts(record) == described  # the run directory is still here
+    # On another machine: only the export's metadata, and the model card beside it once there is one.
+    metadata_file = base / "1" / "assets.extra" / "fer_keras.json"
+    metadata_file.write_text(json.dumps({**json.loads(metadata_file.read_text()), "model_dir": "/elsewhere/run"}))
+    _, record = train.load_initial_model(str(base / "1"))
+    assert run_facts(record) == (None, source.best_epoch, None, None)
+    assert record["run"]["config"]["stem"] == "imagenet"
+    model_card.write_card(Path(config.model_dir), base, None, None, ("none",))
+    assert run_facts(train.load_initial_model(str(base / "1"))[1]) == described
+    card = json.loads((base / model_card.CARD_JSON).read_text())
+    (base / model_card.CARD_JSON).write_text(json.dumps({**card, "version": 2}))  # another version's card
+    assert run_facts(train.load_initial_model(str(base / "1"))[1]) == (None, source.best_epoch, None, None)
+
+
+@pytest.mark.parametrize("damage", ["variables", "description"])
+def test_an_export_that_cannot_be_loaded_is_refused_with_one_line(trained_run, tmp_path, damage):
+    _, source = trained_run
+    export = tmp_path / "shipped" / "1"
+    shutil.copytree(source.export_path, export)
+    if damage == "variables":
+        data_file, = (export / "variables").glob("variables.data-*")
+        data_file.write_bytes(data_file.read_bytes()[:1000])
+        message = r"cannot rebuild the Keras model \("
+    else:
+        (export / "assets.extra" / "keras_model.json").unlink()
+        (export / "assets.extra" / "fer_keras.json").unlink()
+        message = "this export holds no fer_keras model description"
+    with pytest.raises(ConfigError, match=rf"^--init_from=.*shipped/1: .*shipped/1: {message}"):
+        train.load_initial_model(str(export))
 
 
 def test_a_run_started_from_a_model_resumes_from_its_own_checkpoint(trained_run, tmp_path):
