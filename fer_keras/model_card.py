@@ -1,6 +1,6 @@
 """The model card of a shipped export, written from measurements rather than by hand.
 
-``python -m fer_keras.model_card --model_dir=RUN --export=saved_models/fer_resnet18/2 --data=fer2013.csv.gz
+``python -m fer_keras.model_card --model_dir=RUN --export=saved_models/fer_resnet18/3 --data=fer2013.csv.gz
 --recipe=flags/fer2013.cfg`` evaluates the export as TF Serving runs it (its built-in test-time
 augmentation included) and the run's ``best.keras`` with each TTA of the evaluate tool, on the
 validation split the run selected its epoch on (PublicTest), and writes beside the versions:
