@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = REPO_ROOT / "saved_models" / "fer_resnet18"
 METADATA_FILE = "assets.extra/fer_keras.json"
+# What loading a damaged export raises besides tf.errors.OpError; TensorFlow reports a truncated variables
+# file as IndexError ("Read less bytes than requested").
+_LOAD_ERRORS = (OSError, IndexError, KeyError, TypeError, ValueError)
 
 
 def resolve(path: str | os.PathLike | None) -> tuple[str, Path]:
@@ -121,7 +124,7 @@ def load_predictor(path: str | os.PathLike | None = None) -> Predictor:
     try:
         loaded = tf.saved_model.load(str(p))
         signature = loaded.signatures["serving_default"]
-    except (OSError, KeyError, IndexError, ValueError, tf.errors.OpError) as e:  # IndexError: a truncated file
+    except (*_LOAD_ERRORS, tf.errors.OpError) as e:
         raise ModelError(f"{p}: cannot load SavedModel ({str(e).splitlines()[0][:200]})") from None
     predictor = Predictor(kind, p, signature=signature, metadata=export_metadata(p))
     predictor._loaded = loaded  # keep the object (and its variables) alive
@@ -150,7 +153,7 @@ def load_keras(path: str | os.PathLike | None = None) -> keras.Model:
         else:
             raise ModelError(f"{p}: this export holds no fer_keras model description; pass a .keras model instead")
         loaded = tf.saved_model.load(str(p))
-    except (OSError, IndexError, KeyError, TypeError, ValueError, tf.errors.OpError) as e:  # IndexError: truncated
+    except (*_LOAD_ERRORS, tf.errors.OpError) as e:
         raise ModelError(f"{p}: cannot rebuild the Keras model ({str(e).splitlines()[0][:200]})") from None
     exported = list(getattr(loaded, "variables", []))
     if len(exported) != len(model.variables):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from absl import flags
 
 from fer_keras import __version__, cli
-from fer_keras.errors import ConfigError, FerError, WorkerLostError
+from fer_keras.errors import ConfigError, FerError, ModelError, WorkerLostError
 from fer_keras.history import atomic_write_text, best_row, read_run, write_history_csv
 from fer_keras.tta import AUTO, DEFAULT_TOLERANCE, TTA_MODES
 
@@ -382,7 +382,6 @@ def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
     (``saved_models/NAME/VERSION``, or ``NAME`` for its highest version) such as the shipped model.
     """
     from fer_keras import inference
-    from fer_keras.errors import ModelError
     from fer_keras.model import load_keras_model
 
     path = Path(init_from)
