@@ -82,6 +82,7 @@ class Settings:
     skip_pipeline: bool = False
     skip_serving: bool = False
     keras_cached: bool = False
+    keras_batchnorm: bool = False
 
     def validate(self) -> None:
         checks = [
@@ -368,6 +369,17 @@ def _train_config(spec: dict, precision: str):
                        steps_per_execution=spec["steps_per_execution"], seed=spec["seed"])
 
 
+def _batchnorm_kind(model) -> str:
+    """``fused``, ``keras`` or ``mixed``: which BatchNormalization class the measured model holds."""
+    import keras
+
+    from fer_keras.model import FusedBatchNormalization
+
+    kinds = {isinstance(layer, FusedBatchNormalization) for layer in model._flatten_layers()
+             if isinstance(layer, keras.layers.BatchNormalization)}
+    return {frozenset({True}): "fused", frozenset({False}): "keras"}.get(frozenset(kinds), "mixed")
+
+
 def measure_keras_training(spec: dict) -> dict:
     """fer_keras ``model.fit`` throughput; ``spec["source"]`` is ``pipeline`` (train's input path)
     or ``cached`` (one batch repeated: the model and fit loop alone)."""
@@ -396,7 +408,8 @@ def measure_keras_training(spec: dict) -> dict:
     keras.utils.set_random_seed(config.seed)
     keras.config.set_dtype_policy(config.precision)
     try:
-        model = resnet18(config.stem, config.input_channels, dropout=config.dropout)
+        model = resnet18(config.stem, config.input_channels, dropout=config.dropout,
+                         fused_batchnorm=spec.get("fused_batchnorm", True))
         # The same compile call as train.run, so the measured step is the step users train with.
         model.compile(
             optimizer=train.build_optimizer(config, per_epoch, model),
@@ -429,6 +442,7 @@ def measure_keras_training(spec: dict) -> dict:
         "final_loss": loss if math.isfinite(loss) else str(loss),
         "flops": flops,
         "params": count_params(model),
+        "batchnorm": _batchnorm_kind(model),
         "peak_rss_mb": _peak_rss_mb(),
         "rss_before_fit_mb": rss_before,
         "train_images": len(split),
@@ -694,7 +708,8 @@ def run_benchmark(settings: Settings, command: str, log: Callable[[str], None] =
     load_before = os.getloadavg()
     busy_before, own_before = _busy_cpu_seconds(), _own_cpu_seconds()
     started = time.monotonic()
-    jobs = len(settings.stems) * len(settings.precisions) * (1 + run_torch + settings.keras_cached)
+    jobs = len(settings.stems) * len(settings.precisions) * (
+        1 + run_torch + settings.keras_cached + settings.keras_batchnorm)
     jobs += (not settings.skip_pipeline) + (0 if settings.skip_serving else len(settings.stems))
     done = 0
 
@@ -717,6 +732,10 @@ def run_benchmark(settings: Settings, command: str, log: Callable[[str], None] =
             if settings.keras_cached:
                 row["keras_cached"] = measure("keras_train", f"fer_keras fit, cached batch, {stem} {precision}",
                                               stem=stem, precision=precision, source="cached")
+            if settings.keras_batchnorm:
+                row["keras_batchnorm"] = measure(
+                    "keras_train", f"fer_keras fit, Keras' BatchNormalization, {stem} {precision}",
+                    stem=stem, precision=precision, source="pipeline", fused_batchnorm=False)
             if run_torch:
                 row["torch"] = measure("torch_train", f"PyTorch twin {stem} {precision}",
                                        stem=stem, precision=precision)
@@ -737,6 +756,7 @@ def run_benchmark(settings: Settings, command: str, log: Callable[[str], None] =
         row["ratios"] = {
             "keras_over_torch": _ratio(k, t),
             "keras_cached_over_torch": _ratio(_median(row.get("keras_cached")), t),
+            "fused_over_keras_batchnorm": _ratio(k, _median(row.get("keras_batchnorm"))),
             "pipeline_over_keras": _ratio(_median(pipeline), k),
         }
         row["achieved_gflops"] = gflops
@@ -860,8 +880,14 @@ def render_markdown(report: dict) -> str:
         for r in report["training"]:
             lines.append(f"| {r['stem']} | {r['precision']} | {_cell(r.get('keras_cached'))} | "
                          f"{_fmt(r['ratios']['keras_cached_over_torch'], '.2f', 'x')} |")
+    if any("keras_batchnorm" in r for r in report["training"]):
+        lines += ["", "fer_keras fit with Keras' own BatchNormalization (moments, casts) instead of the fused layer:",
+                  "", "| stem | precision | images/s | fused / Keras' |", "|---|---|---:|---:|"]
+        for r in report["training"]:
+            lines.append(f"| {r['stem']} | {r['precision']} | {_cell(r.get('keras_batchnorm'))} | "
+                         f"{_fmt(r['ratios']['fused_over_keras_batchnorm'], '.2f', 'x')} |")
     errors = [(r["stem"], r["precision"], name, r[name]["error"]) for r in report["training"]
-              for name in ("keras", "keras_cached", "torch") if name in r and "error" in r[name]]
+              for name in ("keras", "keras_cached", "keras_batchnorm", "torch") if name in r and "error" in r[name]]
     for stem, precision, name, error in errors:
         lines.append(f"\n- {name} {stem} {precision} failed: {error}")
     if report["bf16_speedup"]:
@@ -944,6 +970,8 @@ def define_flags() -> None:
     f.DEFINE_boolean("skip_serving", d.skip_serving, "Skip the SavedModel and .keras inference measurements.")
     f.DEFINE_boolean("keras_cached", d.keras_cached, "Also time fer_keras fit on one cached batch (the model "
                      "and fit loop without the input pipeline).")
+    f.DEFINE_boolean("keras_batchnorm", d.keras_batchnorm, "Also time fer_keras fit with Keras' own "
+                     "BatchNormalization in place of the fused layer (the A/B behind model.FusedBatchNormalization).")
     f.DEFINE_string("output", DEFAULT_OUTPUT, "JSON report path; the Markdown goes beside it with .md.")
 
     for name in ("batch_size", "repeats", "steps", "warmup", "steps_per_execution", "serving_batch_size",

@@ -10,12 +10,15 @@ actually compute, so that a wrong formula in the report shows up as a failed che
 * the BatchNorm backward pass of Ioffe & Szegedy (2015) in plain tensor ops, against GradientTape
   through ``keras.layers.BatchNormalization(training=True)`` (and, for the intermediate
   ``dL/dvar`` and ``dL/dmean``, through the same forward pass written out in tf ops);
+* the same BatchNorm formulas against the layer the model trains with,
+  ``model.FusedBatchNormalization`` (one fused op that has no float64 kernel: float32, float32 tolerance);
 * ``dL/dz = (softmax(z) - y) / N`` for the mean softmax cross-entropy, against GradientTape through
   ``keras.losses.CategoricalCrossentropy(from_logits=True)``, with one-hot, label-smoothed and soft
   targets.
 
 The formulas are parameters of the ``check_*`` functions, so a test can pass a deliberately wrong one
-and see its check fail. Gradient checks run in float64 so that the tolerances can be tight.
+and see its check fail. Gradient checks run in float64 (except the fused layer's) so that the
+tolerances can be tight.
 
 Outputs in ``--output_dir``: ``gradcheck.json`` (every check with its errors and details) and
 ``gradcheck.md`` (the table). The exit status is 1 when any check fails.
@@ -50,6 +53,9 @@ class Tolerance:
 
 # float64 round-off in these small graphs is ~1e-15; a wrong term is off by >= ~1e-3.
 GRADIENT_TOLERANCE = Tolerance(abs=1e-10, rel=1e-8)
+# float32 GradientTape against float64 formulas: measured 1.5e-7-2.5e-7 relative (4e-6 absolute), so
+# ~10x margin; the wrong formulas of the tests are off by >= 1.7e-2.
+FLOAT32_TOLERANCE = Tolerance(abs=4e-5, rel=2e-6)
 # Shapes are integers: any difference is a failure.
 SHAPE_TOLERANCE = Tolerance(abs=0.0, rel=0.0)
 
@@ -417,6 +423,55 @@ def check_batchnorm(
     return results
 
 
+FUSED_BATCHNORM_QUANTITIES = ("dx", "dgamma", "dbeta")
+
+
+def check_fused_batchnorm(
+    shapes: Sequence[Sequence[int]] = tuple(s for s in BATCHNORM_SHAPES if len(s) == 4),
+    epsilon: float = 1e-3,
+    seed: int = 0,
+    backward: BatchNormBackward = hand_batchnorm_backward,
+    tolerance: Tolerance = FLOAT32_TOLERANCE,
+) -> list[CheckResult]:
+    """The same derivation against the layer ResNet-18 trains with, ``model.FusedBatchNormalization``
+    (one ``FusedBatchNormV3`` op). The op has no float64 kernel, so GradientTape runs in float32 and
+    the formula in float64 on the same float32-representable inputs; the tolerance is float32's."""
+    import tensorflow as tf
+
+    from fer_keras.model import FusedBatchNormalization
+
+    per_quantity: dict[str, list[dict[str, Any]]] = {q: [] for q in FUSED_BATCHNORM_QUANTITIES}
+    for i, shape in enumerate(shapes):
+        rng = np.random.default_rng(seed + i)
+        x = rng.normal(1.5, 2.0, shape).astype(np.float32)
+        upstream = rng.normal(size=shape).astype(np.float32)
+        gamma = rng.normal(1.0, 0.5, shape[-1]).astype(np.float32)
+        beta = rng.normal(size=shape[-1]).astype(np.float32)
+        layer = FusedBatchNormalization(epsilon=epsilon, dtype="float32")
+        layer.build(tuple(shape))
+        layer.gamma.assign(gamma)
+        layer.beta.assign(beta)
+        x32 = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x32)
+            loss = tf.reduce_sum(tf.constant(upstream) * layer(x32, training=True))
+        taped = dict(zip(FUSED_BATCHNORM_QUANTITIES, tape.gradient(loss, [x32, layer.gamma, layer.beta])))
+        hand = backward(tf.constant(x, tf.float64), tf.constant(gamma, tf.float64),
+                        tf.constant(upstream, tf.float64), epsilon)
+        for q in FUSED_BATCHNORM_QUANTITIES:
+            max_abs, max_rel = _errors(getattr(hand, q), tf.convert_to_tensor(taped[q]))
+            per_quantity[q].append({"shape": list(shape), "max_abs_err": max_abs, "max_rel_err": max_rel})
+    return [
+        _worst_of(f"fused batchnorm dL/{q}", rows, tolerance, {
+            "formula": getattr(backward, "__name__", repr(backward)) + " (float64)",
+            "reference": "GradientTape through fer_keras.model.FusedBatchNormalization (training=True, float32)",
+            "loss": "sum(G * y), G ~ N(0, 1)",
+            "epsilon": epsilon,
+        })
+        for q, rows in per_quantity.items()
+    ]
+
+
 # --------------------------------------------------------------------------------------------------
 # Softmax + cross-entropy
 
@@ -547,6 +602,7 @@ def run_all(output_dir: str | Path, seed: int = 0) -> Report:
         *check_conv_shapes(),
         shape_formula_disagreements(),
         *check_batchnorm(seed=seed),
+        *check_fused_batchnorm(seed=seed),
         *check_softmax_cross_entropy(seed=seed),
     ]
     report = Report(results, output_dir / "gradcheck.json", output_dir / "gradcheck.md")
@@ -555,6 +611,7 @@ def run_all(output_dir: str | Path, seed: int = 0) -> Report:
         "seed": seed,
         "versions": {"fer_keras": __version__, "tensorflow": tf.__version__, "keras": keras.__version__},
         "tolerances": {"gradient": dataclasses.asdict(GRADIENT_TOLERANCE),
+                       "float32_gradient": dataclasses.asdict(FLOAT32_TOLERANCE),
                        "shape": dataclasses.asdict(SHAPE_TOLERANCE)},
         "checks": [_jsonable(dataclasses.asdict(r)) for r in results],
     }

@@ -637,6 +637,8 @@ def _mkdir(path: Path) -> Path:
 GRADCHECK_GROUPS = (
     ("Output size of convolution and pooling", lambda name: "output size" in name),
     ("BatchNorm backward pass", lambda name: name.startswith("batchnorm")),
+    ("BatchNorm backward pass through the model's fused layer (float32)",
+     lambda name: name.startswith("fused batchnorm")),
     ("Softmax cross-entropy gradient", lambda name: name.startswith("softmax")),
 )
 
@@ -651,7 +653,8 @@ def section_gradcheck(ctx: _Context) -> str:
     parts = [
         "The report's hand derivations against what Keras computes: the output-size formula "
         "floor((W + 2p - k) / s) + 1 against Conv2D and MaxPool2D shapes; the BatchNorm backward pass "
-        "and dL/dz = (softmax(z) - y) / N against GradientTape in float64. A check passes when its max "
+        "and dL/dz = (softmax(z) - y) / N against GradientTape in float64, and the BatchNorm formulas "
+        "against the model's fused BatchNorm layer in float32. A check passes when its max "
         f"absolute and max relative error are both within the tolerance. {verdict}",
     ]
     used: set[int] = set()

@@ -165,7 +165,8 @@ def test_foreign_cpu_share_subtracts_the_benchmarks_own_cpu_time():
 def test_cli_runs_end_to_end_and_writes_json_and_markdown(tmp_path):
     output = tmp_path / "out" / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "fer_keras.benchmark", *TINY, "--skip_serving", f"--output={output}"],
+        [sys.executable, "-m", "fer_keras.benchmark", *TINY, "--skip_serving", "--keras_batchnorm",
+         f"--output={output}"],
         cwd=REPO, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -180,6 +181,9 @@ def test_cli_runs_end_to_end_and_writes_json_and_markdown(tmp_path):
     assert row["ratios"]["pipeline_over_keras"] > 0
     assert row["achieved_gflops"] > 0 and 0 < row["fraction_of_peak"] < 1
     assert "torch" not in row
+    assert (row["keras"]["batchnorm"], row["keras_batchnorm"]["batchnorm"]) == ("fused", "keras")
+    assert row["keras_batchnorm"]["median"] > 0 and row["ratios"]["fused_over_keras_batchnorm"] > 0
+    assert "fused / Keras'" in proc.stdout
     assert report["pipeline"]["median"] > 0
     assert report["flops"]["imagenet"]["macs"] == resnet18_macs("imagenet")
     assert report["flops"]["imagenet"]["params"] == count_params(resnet18("imagenet", 1))

@@ -110,6 +110,24 @@ def test_wrong_batchnorm_formula_fails(backward, failing):
     assert all(results[q].max_rel_err > 1e-4 for q in failing)
 
 
+def test_fused_batchnorm_layer_matches_the_hand_formulas_in_float32():
+    results = by_quantity(gradcheck.check_fused_batchnorm())
+    assert set(results) == {"dx", "dgamma", "dbeta"}
+    for r in results.values():
+        assert r.passed and r.tolerance == gradcheck.FLOAT32_TOLERANCE, (r.name, r.max_abs_err, r.max_rel_err)
+        assert all(len(row["shape"]) == 4 for row in r.details["per_shape"])
+
+
+@pytest.mark.parametrize("backward, failing", [
+    (no_dmean_term, {"dx"}),
+    (dgamma_from_x, {"dgamma"}),
+    (unbiased_variance, {"dx", "dgamma"}),
+])
+def test_wrong_formula_fails_against_the_fused_layer(backward, failing):
+    results = by_quantity(gradcheck.check_fused_batchnorm(backward=backward))
+    assert {q for q, r in results.items() if not r.passed} == failing
+
+
 # --- softmax + cross-entropy ---------------------------------------------------------------------
 
 
@@ -151,9 +169,11 @@ def test_cli_writes_json_and_markdown(tmp_path):
     payload = json.loads((out / "gradcheck.json").read_text())
     assert payload["passed"] is True
     names = [c["name"] for c in payload["checks"]]
-    assert len(names) == 12 and all(c["passed"] for c in payload["checks"])
+    assert len(names) == 15 and all(c["passed"] for c in payload["checks"])
     assert any("disagrees" in n for n in names)
     assert payload["tolerances"]["gradient"] == {"abs": 1e-10, "rel": 1e-8}
+    assert payload["tolerances"]["float32_gradient"] == {"abs": 4e-5, "rel": 2e-6}
+    assert sum(n.startswith("fused batchnorm") for n in names) == 3
     table = (out / "gradcheck.md").read_text()
     assert "| batchnorm dL/dx " in table and "FAIL" not in table
     assert "| check" in proc.stdout and "softmax-CE" in proc.stdout

@@ -7,9 +7,17 @@ import copy
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from fer_keras.errors import ModelError
-from fer_keras.model import BasicBlock, GrayscaleToRGB, count_params, load_keras_model, resnet18
+from fer_keras.model import (
+    BasicBlock,
+    FusedBatchNormalization,
+    GrayscaleToRGB,
+    count_params,
+    load_keras_model,
+    resnet18,
+)
 
 
 @pytest.mark.parametrize(
@@ -135,3 +143,82 @@ def test_no_two_convolutions_start_with_the_same_kernel(stem):
     for i, (name_a, a) in enumerate(kernels):
         for name_b, b in kernels[i + 1:]:
             assert a.shape != b.shape or not np.array_equal(a, b), f"{name_a} and {name_b} start identical"
+
+
+def _bn_pair(dtype: str, **kwargs) -> tuple[keras.layers.Layer, keras.layers.Layer]:
+    """Keras' BatchNormalization and the fused one, same non-trivial weights and statistics."""
+    rng = np.random.default_rng(3)
+    layers_ = []
+    for cls in (keras.layers.BatchNormalization, FusedBatchNormalization):
+        layer = cls(momentum=0.8, epsilon=1e-5, dtype=dtype, **kwargs)
+        layer.build((None, 5, 5, 6))
+        layers_.append(layer)
+    values = [rng.normal(size=6), rng.normal(size=6), rng.normal(size=6), rng.uniform(0.5, 2, size=6)]
+    for layer in layers_:
+        for var, value in zip((layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance), values):
+            var.assign(value.astype("float32"))
+    return layers_[0], layers_[1]
+
+
+def _train_step(layer, x, upstream):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
+    dx, dgamma, dbeta = tape.gradient(loss, [x, layer.gamma.value, layer.beta.value])
+    return [tf.cast(t, tf.float32) for t in (y, dx, dgamma, dbeta, layer.moving_mean, layer.moving_variance)]
+
+
+@pytest.mark.parametrize("dtype, atol", [("float32", 2e-6), ("mixed_bfloat16", 1e-2)])
+@pytest.mark.parametrize("graph", [False, True])
+def test_fused_batchnorm_trains_as_keras_batchnorm(dtype, atol, graph):
+    """Same outputs, input/gamma/beta gradients and moving statistics as Keras' layer, eager and in a
+    tf.function, in float32 and in bfloat16 (whose tolerance is one rounding step of its 8-bit mantissa)."""
+    keras_bn, fused_bn = _bn_pair(dtype)
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.normal(2.0, 3.0, size=(8, 5, 5, 6)), tf.bfloat16 if "bfloat16" in dtype else tf.float32)
+    upstream = tf.constant(rng.normal(size=(8, 5, 5, 6)), tf.float32)
+    step = (lambda layer: tf.function(lambda: _train_step(layer, x, upstream))()) if graph else (
+        lambda layer: _train_step(layer, x, upstream))
+    names = ("output", "d input", "d gamma", "d beta", "moving mean", "moving variance")
+    for name, want, got in zip(names, step(keras_bn), step(fused_bn)):
+        want, got = np.asarray(want), np.asarray(got)
+        np.testing.assert_allclose(got, want, atol=atol * max(1.0, np.abs(want).max()), err_msg=name)
+    # The moving variance moved (biased batch variance, as Keras), so the check above is not vacuous.
+    assert np.abs(fused_bn.moving_variance.numpy() - _bn_pair(dtype)[1].moving_variance.numpy()).max() > 0.1
+    assert fused_bn(x, training=True).dtype == x.dtype
+
+
+def test_fused_batchnorm_uses_one_fused_op_only_when_training():
+    _, fused_bn = _bn_pair("float32")
+    x = tf.zeros((2, 5, 5, 6))
+
+    def op_types(training):
+        graph = tf.function(lambda: fused_bn(x, training=training)).get_concrete_function().graph
+        return {op.type for op in graph.get_operations()}
+
+    assert "FusedBatchNormV3" in op_types(True)
+    assert "FusedBatchNormV3" not in op_types(False)  # inference is Keras' own graph
+
+
+@pytest.mark.parametrize("kwargs, shape", [({"synchronized": True}, (2, 5, 5, 6)), ({}, (2, 6))])
+def test_fused_batchnorm_falls_back_to_keras_where_it_cannot_fuse(kwargs, shape):
+    keras_bn, fused_bn = (cls(**kwargs) for cls in (keras.layers.BatchNormalization, FusedBatchNormalization))
+    x = np.random.default_rng(5).normal(size=shape).astype("float32")
+    np.testing.assert_allclose(fused_bn(x, training=True), keras_bn(x, training=True), atol=1e-5)
+    np.testing.assert_allclose(fused_bn.moving_variance, keras_bn.moving_variance, atol=1e-6)
+
+
+def test_resnet18_uses_fused_batchnorm_and_round_trips_it():
+    model = resnet18("imagenet")
+    bns = [w for w in model.weights if w.path.endswith("/gamma")]
+    assert len(bns) == 20  # stem + 2 per block + 3 projection shortcuts
+    assert isinstance(model.get_layer("stem_bn"), FusedBatchNormalization)
+    assert isinstance(model.get_layer("stage2_block1").shortcut_bn, FusedBatchNormalization)
+    clone = FusedBatchNormalization.from_config(model.get_layer("stem_bn").get_config())
+    assert isinstance(clone, FusedBatchNormalization) and clone.epsilon == 1e-5
+    plain = resnet18("imagenet", fused_batchnorm=False)
+    assert not any(isinstance(layer, FusedBatchNormalization) for layer in plain._flatten_layers())
+    assert [w.path for w in plain.weights] == [w.path for w in model.weights]  # checkpoints interchange
+    block = BasicBlock(8, fused_batchnorm=False)
+    assert BasicBlock.from_config(block.get_config()).fused_batchnorm is False
