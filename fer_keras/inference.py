@@ -132,12 +132,15 @@ def load_predictor(path: str | os.PathLike | None = None) -> Predictor:
 
 
 def load_keras(path: str | os.PathLike | None = None) -> keras.Model:
-    """A Keras model for gradient-based tools; exports are rebuilt from their stored config."""
+    """A float32 Keras model for gradient-based tools; exports are rebuilt from their stored config. The
+    best.keras of a mixed-precision run is rebuilt in float32: tf-keras-vis cannot mix its float32 scores with
+    bfloat16 gradients, and explanations want float32 anyway."""
     kind, p = resolve(path)
+    from fer_keras.export import to_float32
     from fer_keras.model import load_keras_model, resnet18
 
     if kind == "keras":
-        return load_keras_model(str(p))
+        return to_float32(load_keras_model(str(p)))
     import keras
 
     model_json = p / "assets.extra" / "keras_model.json"

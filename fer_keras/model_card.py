@@ -1,6 +1,6 @@
 """The model card of a shipped export, written from measurements rather than by hand.
 
-``python -m fer_keras.model_card --model_dir=RUN --export=saved_models/fer_resnet18/3 --data=fer2013.csv.gz
+``python -m fer_keras.model_card --model_dir=RUN --export=saved_models/fer_resnet18/4 --data=fer2013.csv.gz
 --recipe=flags/fer2013.cfg`` evaluates the export as TF Serving runs it (its built-in test-time
 augmentation included) and the run's ``best.keras`` with each TTA of the evaluate tool, on the
 validation split the run selected its epoch on (PublicTest), and writes beside the versions:
@@ -8,12 +8,14 @@ validation split the run selected its epoch on (PublicTest), and writes beside t
 * ``model_card.json``: every figure, with split, image count and TTA;
 * ``README.md``: the card (command, recipe, epochs, wall time, machine, accuracy table, figures);
 * ``history.png`` and ``train_flags.txt`` (from the run), ``confusion_matrix.png`` (of the served export);
-* ``init_train_flags.txt``: for a run started with ``--init_from`` another run (or its export), that run's flags.
+* ``init_train_flags.txt``: for a run started with ``--init_from`` another run (or its export), that run's
+  flags; ``init2_train_flags.txt``, ... for the runs before it, when that run had started from one too.
 
 The recipe flagfile is checked against the run's recorded flags, so the card's "reproduce with" line
 cannot drift from what was actually trained. A run started from another run's weights (``--init_from`` the
-run or its export) gets both commands, ``--init_recipe`` checked against the first run, and the wall time of
-both. TF Serving only loads integer version folders, so these files do not disturb serving.
+run or its export) gets every command of the chain, ``--init_recipe`` checked against the runs before it
+(nearest first), and the wall time of all of them. TF Serving only loads integer version folders, so these
+files do not disturb serving.
 """
 
 from __future__ import annotations
@@ -148,24 +150,52 @@ def read_init(run_dir: Path) -> dict | None:
     return record
 
 
+MAX_CHAIN = 16  # a guard against a cycle of init records, far above any real chain of restarts
+
+
+def init_flags_name(depth: int) -> str:
+    """The card's file of the flags of the run ``depth`` steps back: the run the model started from (1), the run
+    that one started from (2), ..."""
+    return INIT_FLAGS if depth == 1 else f"init{depth}_{TRAIN_FLAGS}"
+
+
+def start_chain(init: dict | None) -> list[dict]:
+    """The ``init.json`` records of the runs a model descends from, nearest first. A record written before runs
+    kept their own start (``run["init"]``) is completed from that run's folder while it is here."""
+    chain: list[dict] = []
+    while isinstance(init, dict) and isinstance(init.get("run"), dict) and len(chain) < MAX_CHAIN:
+        chain.append(init)
+        run = init["run"]
+        if run.get("init") is None and run.get("model_dir"):
+            try:
+                run["init"] = read_init(Path(run["model_dir"]))
+            except (ConfigError, OSError):
+                run["init"] = None
+        init = run.get("init")
+    return chain
+
+
+def card_init_with_flags(init: dict | None, base: Path) -> dict | None:
+    """A card's ``init`` record with each run's flags read back from the files the card wrote beside it."""
+    for depth, record in enumerate(start_chain(init), start=1):
+        path = Path(base) / (record["run"].get("flags_file") or init_flags_name(depth))
+        if record["run"].get("flags") is None and path.is_file():
+            record["run"]["flags"] = path.read_text()
+    return init
+
+
 def _total_wall(wall: float, init: dict | None) -> float | None:
-    """The run's wall time plus its start run's; None when the start run's is unknown."""
-    start = (init or {}).get("run")
-    if start is None:
-        return wall
-    return None if start.get("wall_seconds") is None else wall + start["wall_seconds"]
-
-
-def _start_run(training: dict) -> dict | None:
-    """The record of the run a card's model started from (``--init_from`` a run or its export), else None."""
-    return (training.get("init") or {}).get("run")
+    """The run's wall time plus those of the runs it descends from; None when one of them is unknown."""
+    walls = [record["run"].get("wall_seconds") for record in start_chain(init)]
+    return None if None in walls else wall + sum(walls)
 
 
 def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | None,
                tta_modes: Sequence[str] = TTA_MODES, batch_size: int = 256,
-               init_recipe: Path | None = None) -> tuple[dict, object]:
+               init_recipe: Path | Sequence[Path] | None = None) -> tuple[dict, object]:
     """Measures everything the card states; returns (card, the served export's EvalResult). ``init_recipe``
-    is checked against the run the model started from, when it started from one (``--init_from``)."""
+    (one flagfile, or one per run going back) is checked against the run the model started from
+    (``--init_from``), the next against the run that one started from, and so on."""
     from fer_keras import inference
     from fer_keras.benchmark import cpu_info
     from fer_keras.evaluate import evaluate
@@ -180,21 +210,29 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     recipe_flags = check_recipe(recipe, run_dir / "flags.txt") if recipe else None
     best = best_row(history)
     init = read_init(run_dir)
-    if init_recipe and not (init and init.get("run")):
-        raise ConfigError(f"--init_recipe={init_recipe}: {run_dir} did not start from another run's weights")
-    if init and init.get("run"):
-        start = init["run"]
+    chain = start_chain(init)
+    init_recipes = [init_recipe] if isinstance(init_recipe, (str, Path)) else list(init_recipe or [])
+    if len(init_recipes) > len(chain):
+        raise ConfigError(f"--init_recipe names {len(init_recipes)} flagfile(s), but {run_dir} descends from "
+                          f"{len(chain)} earlier run(s)" + ("" if chain else " (it did not start from another "
+                                                            "run's weights)"))
+    for depth, record in enumerate(chain, start=1):
+        start = record["run"]
         if not start.get("flags"):  # not recorded at the start (an older init.json, or an export without its card)
             first_flags = Path(start.get("model_dir") or "") / "flags.txt"
-            if not (start.get("model_dir") and first_flags.is_file()):
-                origin = (f"the export {init['path']}, which has no model card of that version, of the run in "
-                          f"{start.get('model_dir')}, which is not here" if init.get("export") else
+            if start.get("model_dir") and first_flags.is_file():
+                start["flags"] = first_flags.read_text()
+            elif depth == 1:
+                origin = (f"the export {record['path']}, which has no model card of that version, of the run in "
+                          f"{start.get('model_dir')}, which is not here" if record.get("export") else
                           f"the run in {first_flags.parent}, which is gone (no flags.txt)")
                 raise ConfigError(f"{run_dir} started from {origin}: the card states how that run was made")
-            start["flags"] = first_flags.read_text()
-        if init_recipe:
-            start["recipe"] = str(init_recipe)
-            start["recipe_flags"] = check_recipe_text(init_recipe, start["flags"], start["model_dir"])
+        if depth <= len(init_recipes):
+            if not start.get("flags"):
+                raise ConfigError(f"--init_recipe={init_recipes[depth - 1]}: the flags of {start.get('model_dir')} "
+                                  "were not recorded, so the recipe cannot be checked")
+            start["recipe"] = str(init_recipes[depth - 1])
+            start["recipe_flags"] = check_recipe_text(init_recipes[depth - 1], start["flags"], start["model_dir"])
     wall = sum(row["seconds"] for row in history)
 
     from fer_keras.export import selection_split
@@ -298,30 +336,38 @@ def render_markdown(card: dict) -> str:
         references_markdown(),
     ]
     init = t.get("init")
-    first = _start_run(t)
-    if first:
-        first_dir = f"runs/{Path(first.get('model_dir') or 'first_run').name}"
-        commands = [f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={first.get('recipe') or INIT_FLAGS} "
-                    f"--model_dir={first_dir}",
-                    f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={recipe} --init_from={first_dir} "
-                    f"--model_dir=runs/{Path(c['model_dir']).name}"]
-    else:
-        commands = [f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={recipe}"]
+    chain = start_chain(init)
+    # Oldest run first; each later run starts from the one before it.
+    dirs = [f"runs/{Path(r['run'].get('model_dir') or f'run{depth}').name}"
+            for depth, r in enumerate(chain, start=1)][::-1] + [f"runs/{Path(c['model_dir']).name}"]
+    recipes = [r["run"].get("recipe") or r["run"].get("flags_file") or "(its flags were not recorded)"
+               for r in chain][::-1]
+    commands = [f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={flagfile}"
+                + (f" --init_from={dirs[i - 1]}" if i else "") + (f" --model_dir={dirs[i]}" if chain else "")
+                for i, flagfile in enumerate(recipes + [recipe])]
     lines += ["", "## How it was trained", "", "```bash", *commands, "```", ""]
     if init:
         source = Path(init["path"])
         source_name = f"{source.parent.name}/{source.name}" if init.get("export") else source.name
-    if first:
-        epoch = f"epoch {first['best_epoch']}" if first.get("best_epoch") is not None else "the best epoch"
-        length = f"a {first['epochs']}-epoch run" if first.get("epochs") else "a run"
-        via = f", as exported to `{source_name}`" if init.get("export") else ""
-        then = [f"{split} {100 * first['best_val_accuracy']:.1f} % then"] if first.get("best_val_accuracy") else []
-        then += [f"{first['wall_seconds'] / 3600:.2f} h"] if first.get("wall_seconds") is not None else []
-        total = (f"both runs together took {t['total_wall_seconds'] / 3600:.2f} h"
-                 if t.get("total_wall_seconds") is not None else "the first run's wall time is not recorded")
-        lines.append(
-            f"- started from the weights of {epoch} of {length}{via} ({'; '.join(then + [''])}its flags are in "
-            f"`{INIT_FLAGS}`), not from random weights; {total}.")
+    if chain:
+        described = []
+        for record in chain:
+            run = record["run"]
+            path = Path(record["path"])
+            epoch = f"epoch {run['best_epoch']}" if run.get("best_epoch") is not None else "the best epoch"
+            length = f"a {run['epochs']}-epoch run" if run.get("epochs") else "a run"
+            via = f", as exported to `{path.parent.name}/{path.name}`" if record.get("export") else ""
+            then = [f"{split} {100 * run['best_val_accuracy']:.1f} % then"] if run.get("best_val_accuracy") else []
+            then += [f"{run['wall_seconds'] / 3600:.2f} h"] if run.get("wall_seconds") is not None else []
+            kept = (f"its flags are in `{run['flags_file']}`" if run.get("flags_file") else
+                    "its flags were not recorded")
+            described.append(f"{epoch} of {length}{via} ({'; '.join(then + [kept])})")
+        runs = "both runs" if len(chain) == 1 else f"all {len(chain) + 1} runs"
+        total = (f"{runs} together took {t['total_wall_seconds'] / 3600:.2f} h"
+                 if t.get("total_wall_seconds") is not None else
+                 f"{'the first' if len(chain) == 1 else 'an earlier'} run's wall time is not recorded")
+        lines.append(f"- started from the weights of {', which started from the weights of '.join(described)}, "
+                     f"not from random weights; {total}.")
     elif init:
         lines.append(f"- started from the weights of `{source_name}` (SHA-256 {init['sha256'][:12]}…), "
                      "not from random weights.")
@@ -357,7 +403,7 @@ def render_markdown(card: dict) -> str:
 
 
 def write_card(run_dir: Path, export: Path, data: str | None, recipe: Path | None,
-               tta_modes: Sequence[str] = TTA_MODES, init_recipe: Path | None = None) -> Path:
+               tta_modes: Sequence[str] = TTA_MODES, init_recipe: Path | Sequence[Path] | None = None) -> Path:
     """Measures and writes the card files next to the export's versions; returns the README path."""
     from fer_keras.evaluate import plot_confusion
 
@@ -365,11 +411,17 @@ def write_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     base = Path(export)
     base = base.parent if (base / "saved_model.pb").is_file() else base
     copies = [(Path(run_dir) / "history.png", "history.png"), (Path(run_dir) / "flags.txt", TRAIN_FLAGS)]
-    first = _start_run(card["training"])
-    if first:
-        atomic_write_text(base / INIT_FLAGS, first.pop("flags"))  # build_card found them; the JSON need not repeat
-    elif (base / INIT_FLAGS).is_file():
-        (base / INIT_FLAGS).unlink()  # a previous card's
+    chain = start_chain(card["training"].get("init"))
+    for depth, record in enumerate(chain, start=1):
+        flags_text = record["run"].pop("flags", None)  # build_card found them; the JSON need not repeat them
+        if flags_text is not None:
+            atomic_write_text(base / init_flags_name(depth), flags_text)
+            record["run"]["flags_file"] = init_flags_name(depth)
+        elif (base / init_flags_name(depth)).is_file():
+            (base / init_flags_name(depth)).unlink()  # a previous card's
+    for stale in [INIT_FLAGS, *(p.name for p in base.glob(f"init*_{TRAIN_FLAGS}"))]:
+        if stale not in {init_flags_name(depth) for depth in range(1, len(chain) + 1)} and (base / stale).is_file():
+            (base / stale).unlink()  # a previous card's, for a longer chain
     for source, name in copies:
         shutil.copyfile(source, base / f".{name}.tmp")
         (base / f".{name}.tmp").replace(base / name)
@@ -387,8 +439,9 @@ def define_flags() -> None:
     flags.DEFINE_string("data", "", "The data the run trained on (empty: the data its config.json records, else "
                         "the bundled sample); the card measures on the split that chose the run's epoch.")
     flags.DEFINE_string("recipe", "", "The flagfile the run was trained with; checked against the run.")
-    flags.DEFINE_string("init_recipe", "", "For a run started with --init_from another run (or its export): "
-                        "the flagfile that run was trained with; checked against it.")
+    flags.DEFINE_list("init_recipe", [], "For a run started with --init_from another run (or its export): the "
+                      "flagfile that run was trained with, checked against it; for a chain of such runs, one "
+                      "flagfile per run going back (the run it started from first).")
     flags.DEFINE_list("tta", list(TTA_MODES), "TTA modes to evaluate best.keras with.")
     flags.mark_flag_as_required("model_dir")
     flags.register_validator("tta", lambda v: bool(v) and set(v) <= set(TTA_MODES),
@@ -398,8 +451,8 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     path = write_card(Path(f.model_dir), Path(f.export), f.data or None, Path(f.recipe) if f.recipe else None, f.tta,
-                      Path(f.init_recipe) if f.init_recipe else None)
-    more = f", {INIT_FLAGS}" if (path.parent / INIT_FLAGS).is_file() else ""
+                      [Path(r) for r in f.init_recipe])
+    more = "".join(f", {p.name}" for p in sorted(path.parent.glob(f"init*_{TRAIN_FLAGS}")))
     print(f"wrote {path} and {CARD_JSON}, {TRAIN_FLAGS}{more}, history.png, confusion_matrix.png beside it")
 
 

@@ -324,13 +324,18 @@ def _sha256(paths: Sequence[Path]) -> str:
 
 
 def _run_record(run_dir: Path) -> dict | None:
-    """A finished run's epochs, best epoch, wall time, configuration and flags; None if the folder is not one."""
+    """A finished run's epochs, best epoch, wall time, configuration and flags, and the ``init.json`` of the run
+    it started from in turn (so a chain of ``--init_from`` runs stays recorded); None if the folder is not a run."""
     try:
         config, history = read_run(run_dir)
     except ConfigError:
         return None
     best = best_row(history)
     flags_file = run_dir / "flags.txt"
+    try:
+        init = json.loads((run_dir / "init.json").read_text())
+    except (OSError, ValueError):
+        init = None
     return {
         "model_dir": str(run_dir.resolve()),
         "epochs": len(history),
@@ -339,6 +344,7 @@ def _run_record(run_dir: Path) -> dict | None:
         "wall_seconds": sum(row.get("seconds", 0.0) for row in history),
         "config": config,
         "flags": flags_file.read_text() if flags_file.is_file() else None,
+        "init": init if isinstance(init, dict) else None,
     }
 
 
@@ -367,7 +373,10 @@ def _export_start_run(export_dir: Path, metadata: dict) -> dict | None:
     if (isinstance(training, dict) and export_dir.name.isdigit() and card.get("version") == int(export_dir.name)
             and training.get("best_epoch") == run["best_epoch"]
             and (training.get("config") or {}).get("model_dir") == config.get("model_dir")):
-        run.update(epochs=training.get("epochs"), wall_seconds=training.get("wall_seconds"), flags=flags_text)
+        from fer_keras.model_card import card_init_with_flags
+
+        run.update(epochs=training.get("epochs"), wall_seconds=training.get("wall_seconds"), flags=flags_text,
+                   init=card_init_with_flags(training.get("init"), base))
         if run["best_val_accuracy"] is None:
             run["best_val_accuracy"] = training.get("best_epoch_val_accuracy")
     return run

@@ -117,6 +117,66 @@ def test_card_of_a_run_started_from_another_states_both_runs(trained_run, tmp_pa
         model_card.build_card(second.model_dir, base, None, None, ("none",))
 
 
+def test_card_of_a_chain_of_restarts_states_every_run(trained_run, tmp_path):
+    """first -> second -> third: the card gives three commands, every run's flags and the wall time of all three,
+    also from an init.json written before runs kept their own start (then read from the second run's folder)."""
+    config, first = trained_run
+    small = {**SMALL_RUN, "epochs": 1, "export_tta": "none"}
+    second = train.run(train.TrainConfig(model_dir=str(tmp_path / "second"), export_dir=str(tmp_path / "ex2"),
+                                         init_from=str(first.model_dir), **small))
+    third = train.run(train.TrainConfig(model_dir=str(tmp_path / "third"), export_dir=str(tmp_path / "ex3"),
+                                        init_from=str(second.model_dir), **small))
+    recipes = [tmp_path / "first.cfg", tmp_path / "second.cfg", tmp_path / "third.cfg"]
+    recipes[0].write_text("--stem=imagenet\n--epochs=2\n")
+    recipes[1].write_text("--epochs=1\n--init_from=runs/first\n")
+    recipes[2].write_text("--epochs=1\n--init_from=runs/second\n")
+    base = third.export_path.parent
+    seconds = [r["seconds"] for run in (first, second, third) for r in read_history_csv(run.model_dir / "history.csv")]
+    init_json = third.model_dir / "init.json"
+    for legacy in (False, True):
+        if legacy:  # as written before _run_record kept the start run's own init.json
+            record = json.loads(init_json.read_text())
+            assert record["run"]["init"]["run"]["model_dir"] == str(first.model_dir.resolve())
+            del record["run"]["init"]
+            init_json.write_text(json.dumps(record))
+        readme = model_card.write_card(third.model_dir, base, None, recipes[2], ("none",),
+                                       init_recipe=[recipes[1], recipes[0]])
+        text = readme.read_text()
+        assert (f"--flagfile={recipes[0]} --model_dir=runs/{first.model_dir.name}\n"
+                f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={recipes[1]} "
+                f"--init_from=runs/{first.model_dir.name} --model_dir=runs/second\n"
+                f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={recipes[2]} "
+                f"--init_from=runs/second --model_dir=runs/third\n") in text
+        assert (f"started from the weights of epoch {second.best_epoch} of a 1-epoch run (") in text
+        assert (f"which started from the weights of epoch {first.best_epoch} of a 2-epoch run (") in text
+        assert f"`{model_card.init_flags_name(2)}`), not from random weights; all 3 runs together took" in text
+        assert (base / model_card.INIT_FLAGS).read_text() == (second.model_dir / "flags.txt").read_text()
+        assert (base / "init2_train_flags.txt").read_text() == (first.model_dir / "flags.txt").read_text()
+        card = json.loads((base / model_card.CARD_JSON).read_text())
+        assert card["training"]["total_wall_seconds"] == pytest.approx(sum(seconds))
+        assert card["training"]["init"]["run"]["init"]["run"]["recipe"] == str(recipes[0])
+    with pytest.raises(ConfigError, match=r"first.cfg: the run in .* was not trained with this recipe"):
+        model_card.build_card(third.model_dir, base, None, None, ("none",), init_recipe=[recipes[0]])
+    with pytest.raises(ConfigError, match=r"--init_recipe names 3 flagfile\(s\), but .*third descends from 2"):
+        model_card.build_card(third.model_dir, base, None, None, ("none",), init_recipe=recipes)
+    # A run started from the third run's export after that run's folder is gone reads the chain from the card.
+    away = tmp_path / "third_away"
+    third.model_dir.rename(away)
+    try:
+        train.run(train.TrainConfig(model_dir=str(tmp_path / "fourth"), export_dir=str(tmp_path / "ex4"),
+                                    init_from=str(base / "1"), **small))
+    finally:
+        away.rename(third.model_dir)
+    start = json.loads((tmp_path / "fourth" / "init.json").read_text())["run"]
+    assert start["flags"] == (third.model_dir / "flags.txt").read_text()  # from the card's train_flags.txt
+    assert start["init"]["run"]["flags"] == (second.model_dir / "flags.txt").read_text()
+    assert start["init"]["run"]["init"]["run"]["flags"] == (first.model_dir / "flags.txt").read_text()
+    # Without the second run's folder the legacy record ends the chain there: one start run, its file only.
+    shutil.rmtree(second.model_dir)
+    text = model_card.write_card(third.model_dir, base, None, None, ("none",)).read_text()
+    assert "both runs together took" in text and not (base / "init2_train_flags.txt").exists()
+
+
 def test_card_of_a_run_started_from_an_export_names_it(trained_run, tmp_path):
     config, first = trained_run
     first_dir = tmp_path / "first" / "run"  # a copy, removed before the card is written

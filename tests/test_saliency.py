@@ -103,6 +103,25 @@ def test_gradcam_plus_plus_lights_up_what_drives_the_class():
     assert np.all(sal.gradcam_plus_plus(model, x, [1, 1], layer="features") < 1e-6)
 
 
+def test_a_mixed_precision_run_is_explained_in_float32(tmp_path):
+    """The best.keras of a --precision=mixed_bfloat16 run: load_keras rebuilds it in float32, with the same
+    weights, so tf-keras-vis' float32 scores meet float32 gradients (bfloat16 ones made Grad-CAM++ fail)."""
+    from fer_keras.inference import load_keras
+    from fer_keras.model import resnet18
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        resnet18("imagenet").save(tmp_path / "best.keras")
+    finally:
+        keras.config.set_dtype_policy(previous)
+    model = load_keras(tmp_path / "best.keras")
+    assert {layer.dtype_policy.name for layer in model._flatten_layers()} == {"float32"}
+    cam = sal.gradcam_plus_plus(model, images(2), [0, 4])
+    assert cam.shape == (2, 48, 48) and np.isfinite(cam).all()
+    assert np.isfinite(sal.vanilla_saliency(model, images(2), [0, 4])).all()
+
+
 def test_gradcam_rejects_unknown_and_flat_layers():
     model = conv_model()
     with pytest.raises(ConfigError, match="no layer 'nope'"):
