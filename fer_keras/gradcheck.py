@@ -344,6 +344,13 @@ def hand_batchnorm_backward(x: Any, gamma: Any, dy: Any, epsilon: float) -> Batc
 BATCHNORM_SHAPES = ((16, 5), (4, 6, 6, 3), (2, 3, 5, 4))
 
 
+def _batchnorm_inputs(shape: Sequence[int], seed: int) -> tuple[np.ndarray, ...]:
+    """x, the upstream gradient G, gamma and beta of one BatchNorm check (float64 draws)."""
+    rng = np.random.default_rng(seed)
+    return (rng.normal(1.5, 2.0, shape), rng.normal(size=shape), rng.normal(1.0, 0.5, shape[-1]),
+            rng.normal(size=shape[-1]))
+
+
 def batchnorm_reference(shape: Sequence[int], epsilon: float, seed: int) -> dict[str, Any]:
     """Random x, gamma, beta and upstream G for ``loss = sum(G * y)``, and GradientTape's answers.
 
@@ -354,12 +361,7 @@ def batchnorm_reference(shape: Sequence[int], epsilon: float, seed: int) -> dict
     import keras
     import tensorflow as tf
 
-    rng = np.random.default_rng(seed)
-    channels = shape[-1]
-    x = tf.constant(rng.normal(1.5, 2.0, shape), tf.float64)
-    upstream = tf.constant(rng.normal(size=shape), tf.float64)
-    gamma = tf.constant(rng.normal(1.0, 0.5, channels), tf.float64)
-    beta = tf.constant(rng.normal(size=channels), tf.float64)
+    x, upstream, gamma, beta = (tf.constant(v, tf.float64) for v in _batchnorm_inputs(shape, seed))
 
     layer = keras.layers.BatchNormalization(epsilon=epsilon, dtype=DTYPE)
     layer.build(tuple(shape))
@@ -442,11 +444,7 @@ def check_fused_batchnorm(
 
     per_quantity: dict[str, list[dict[str, Any]]] = {q: [] for q in FUSED_BATCHNORM_QUANTITIES}
     for i, shape in enumerate(shapes):
-        rng = np.random.default_rng(seed + i)
-        x = rng.normal(1.5, 2.0, shape).astype(np.float32)
-        upstream = rng.normal(size=shape).astype(np.float32)
-        gamma = rng.normal(1.0, 0.5, shape[-1]).astype(np.float32)
-        beta = rng.normal(size=shape[-1]).astype(np.float32)
+        x, upstream, gamma, beta = (v.astype(np.float32) for v in _batchnorm_inputs(shape, seed + i))
         layer = FusedBatchNormalization(epsilon=epsilon, dtype="float32")
         layer.build(tuple(shape))
         layer.gamma.assign(gamma)

@@ -122,6 +122,24 @@ def read_run(run_dir: str | os.PathLike, needed: Sequence[str] = ("best.keras", 
     return config, history
 
 
+def read_init(run_dir: str | os.PathLike) -> dict | None:
+    """The ``init.json`` of a run started with ``--init_from`` (None for a run from random weights)."""
+    import json
+
+    from fer_keras.errors import ConfigError
+
+    path = Path(run_dir) / "init.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable: {e}") from None
+    if not isinstance(record, dict) or "path" not in record:
+        raise ConfigError(f"{path}: expected the record of the model the run started from")
+    return record
+
+
 def best_row(history: list[dict]) -> dict:
     """The epoch with the highest validation accuracy (the earliest on ties), as best.keras holds it."""
     return max(history, key=lambda r: (r.get("val_accuracy", float("-inf")), -r["epoch"]))

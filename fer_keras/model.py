@@ -94,6 +94,11 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return outputs
 
 
+def batchnorm_class(fused: bool) -> type[layers.BatchNormalization]:
+    """The BatchNorm layer the model builds: the fused one, or Keras' own (the benchmark's A/B baseline)."""
+    return FusedBatchNormalization if fused else layers.BatchNormalization
+
+
 @keras.saving.register_keras_serializable(package="fer_keras")
 class BasicBlock(layers.Layer):
     """ResNet BasicBlock: conv3x3-BN-ReLU-conv3x3-BN plus shortcut, add, ReLU.
@@ -124,7 +129,6 @@ class BasicBlock(layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.synchronized = synchronized
         self.fused_batchnorm = fused_batchnorm
-        self._bn_class = FusedBatchNormalization if fused_batchnorm else layers.BatchNormalization
 
         def conv(k: int, s: int, name: str, padding: str) -> layers.Conv2D:
             return layers.Conv2D(
@@ -133,7 +137,7 @@ class BasicBlock(layers.Layer):
             )
 
         def bn(name: str, gamma: str = "ones") -> layers.BatchNormalization:
-            return self._bn_class(
+            return batchnorm_class(fused_batchnorm)(
                 momentum=bn_momentum, epsilon=bn_epsilon, gamma_initializer=gamma,
                 synchronized=synchronized, dtype=self.dtype_policy, name=name,
             )
@@ -167,7 +171,7 @@ class BasicBlock(layers.Layer):
                 kernel_initializer=_clone(self.kernel_initializer), dtype=self.dtype_policy,
                 name="shortcut_conv",
             )
-            self.shortcut_bn = self._bn_class(
+            self.shortcut_bn = batchnorm_class(self.fused_batchnorm)(
                 momentum=self.bn_momentum, epsilon=self.bn_epsilon, synchronized=self.synchronized,
                 dtype=self.dtype_policy, name="shortcut_bn",
             )
@@ -264,8 +268,7 @@ def resnet18(
         x = layers.Conv2D(64, 7, strides=2, name="stem_conv", **conv_kw)(x)
     else:
         x = layers.Conv2D(64, 3, padding="same", name="stem_conv", **conv_kw)(x)
-    bn_class = FusedBatchNormalization if fused_batchnorm else layers.BatchNormalization
-    x = bn_class(
+    x = batchnorm_class(fused_batchnorm)(
         momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=sync_batchnorm, name="stem_bn"
     )(x)
     x = layers.ReLU(name="stem_relu")(x)

@@ -33,7 +33,7 @@ from absl import flags
 from fer_keras import CLASS_NAMES, __version__, cli
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError
-from fer_keras.history import atomic_write_text, best_row, read_run
+from fer_keras.history import atomic_write_text, best_row, read_init, read_run
 from fer_keras.tta import TTA_MODES
 
 CARD_JSON = "model_card.json"
@@ -136,20 +136,6 @@ def _accuracy_entry(result) -> dict:
             "macro_f1": result.macro_f1, "split": result.split, "split_label": result.split_label}
 
 
-def read_init(run_dir: Path) -> dict | None:
-    """The ``init.json`` of a run started with ``--init_from`` (None for a run from random weights)."""
-    path = Path(run_dir) / "init.json"
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: unreadable: {e}") from None
-    if not isinstance(record, dict) or "path" not in record:
-        raise ConfigError(f"{path}: expected the record of the model the run started from")
-    return record
-
-
 MAX_CHAIN = 16  # a guard against a cycle of init records, far above any real chain of restarts
 
 
@@ -161,17 +147,18 @@ def init_flags_name(depth: int) -> str:
 
 def start_chain(init: dict | None) -> list[dict]:
     """The ``init.json`` records of the runs a model descends from, nearest first. A record written before runs
-    kept their own start (``run["init"]``) is completed from that run's folder while it is here."""
+    kept their own start has no ``run["init"]``: it is completed, once and in place, from that run's folder
+    while the folder is here."""
     chain: list[dict] = []
     while isinstance(init, dict) and isinstance(init.get("run"), dict) and len(chain) < MAX_CHAIN:
         chain.append(init)
         run = init["run"]
-        if run.get("init") is None and run.get("model_dir"):
+        if "init" not in run:
             try:
-                run["init"] = read_init(Path(run["model_dir"]))
+                run["init"] = read_init(Path(run["model_dir"])) if run.get("model_dir") else None
             except (ConfigError, OSError):
                 run["init"] = None
-        init = run.get("init")
+        init = run["init"]
     return chain
 
 
@@ -346,9 +333,6 @@ def render_markdown(card: dict) -> str:
                 + (f" --init_from={dirs[i - 1]}" if i else "") + (f" --model_dir={dirs[i]}" if chain else "")
                 for i, flagfile in enumerate(recipes + [recipe])]
     lines += ["", "## How it was trained", "", "```bash", *commands, "```", ""]
-    if init:
-        source = Path(init["path"])
-        source_name = f"{source.parent.name}/{source.name}" if init.get("export") else source.name
     if chain:
         described = []
         for record in chain:
@@ -369,6 +353,8 @@ def render_markdown(card: dict) -> str:
         lines.append(f"- started from the weights of {', which started from the weights of '.join(described)}, "
                      f"not from random weights; {total}.")
     elif init:
+        source = Path(init["path"])
+        source_name = f"{source.parent.name}/{source.name}" if init.get("export") else source.name
         lines.append(f"- started from the weights of `{source_name}` (SHA-256 {init['sha256'][:12]}…), "
                      "not from random weights.")
     lines += [
@@ -411,17 +397,16 @@ def write_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     base = Path(export)
     base = base.parent if (base / "saved_model.pb").is_file() else base
     copies = [(Path(run_dir) / "history.png", "history.png"), (Path(run_dir) / "flags.txt", TRAIN_FLAGS)]
-    chain = start_chain(card["training"].get("init"))
-    for depth, record in enumerate(chain, start=1):
+    written = set()
+    for depth, record in enumerate(start_chain(card["training"].get("init")), start=1):
         flags_text = record["run"].pop("flags", None)  # build_card found them; the JSON need not repeat them
         if flags_text is not None:
             atomic_write_text(base / init_flags_name(depth), flags_text)
             record["run"]["flags_file"] = init_flags_name(depth)
-        elif (base / init_flags_name(depth)).is_file():
-            (base / init_flags_name(depth)).unlink()  # a previous card's
-    for stale in [INIT_FLAGS, *(p.name for p in base.glob(f"init*_{TRAIN_FLAGS}"))]:
-        if stale not in {init_flags_name(depth) for depth in range(1, len(chain) + 1)} and (base / stale).is_file():
-            (base / stale).unlink()  # a previous card's, for a longer chain
+            written.add(init_flags_name(depth))
+    for stale in base.glob(f"init*_{TRAIN_FLAGS}"):
+        if stale.name not in written:
+            stale.unlink()  # a previous card's
     for source, name in copies:
         shutil.copyfile(source, base / f".{name}.tmp")
         (base / f".{name}.tmp").replace(base / name)

@@ -28,7 +28,7 @@ from absl import flags
 
 from fer_keras import __version__, cli
 from fer_keras.errors import ConfigError, FerError, ModelError, WorkerLostError
-from fer_keras.history import atomic_write_text, best_row, read_run, write_history_csv
+from fer_keras.history import atomic_write_text, best_row, read_init, read_run, write_history_csv
 from fer_keras.tta import AUTO, DEFAULT_TOLERANCE, TTA_MODES
 
 if TYPE_CHECKING:
@@ -333,8 +333,8 @@ def _run_record(run_dir: Path) -> dict | None:
     best = best_row(history)
     flags_file = run_dir / "flags.txt"
     try:
-        init = json.loads((run_dir / "init.json").read_text())
-    except (OSError, ValueError):
+        init = read_init(run_dir)
+    except ConfigError:  # a damaged record of the run's own start: the chain ends here
         init = None
     return {
         "model_dir": str(run_dir.resolve()),
@@ -344,7 +344,7 @@ def _run_record(run_dir: Path) -> dict | None:
         "wall_seconds": sum(row.get("seconds", 0.0) for row in history),
         "config": config,
         "flags": flags_file.read_text() if flags_file.is_file() else None,
-        "init": init if isinstance(init, dict) else None,
+        "init": init,
     }
 
 
