@@ -30,7 +30,7 @@ from absl import flags
 from fer_keras import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, __version__, cli
 from fer_keras.errors import ConfigError, FerError, ModelError
 from fer_keras.history import best_row, read_history_csv, remove_dead_writers_tmp, tmp_name
-from fer_keras.model import load_keras_model
+from fer_keras.model import as_float32, load_keras_model
 from fer_keras.tta import (
     AUTO,
     DEFAULT_CROP_SIZE,
@@ -61,23 +61,6 @@ def existing_versions(base: Path) -> list[int]:
 def next_version(base: Path) -> int:
     versions = existing_versions(base)
     return versions[-1] + 1 if versions else 1
-
-
-def to_float32(model: keras.Model) -> keras.Model:
-    """A float32 copy of a (possibly mixed-precision) functional model, for portable serving."""
-    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
-        return model
-    config = model.get_config()
-
-    def patch(layer_config: dict) -> None:
-        if isinstance(layer_config, dict) and "dtype" in layer_config:
-            layer_config["dtype"] = "float32"
-
-    for layer in config["layers"]:
-        patch(layer.get("config", {}))
-    clone = model.__class__.from_config(config)
-    clone.set_weights(model.get_weights())
-    return clone
 
 
 def serving_function(model: keras.Model, tta: str = "none", crop_size: int = DEFAULT_CROP_SIZE,
@@ -133,7 +116,7 @@ def export_model(
     base.mkdir(parents=True, exist_ok=True)
     remove_dead_writers_tmp(base)
     tmp = base / tmp_name(str(version))
-    model = to_float32(model)
+    model = as_float32(model)
     serve = serving_function(model, tta, crop_size)
     archive = keras.export.ExportArchive()
     # Not archive.track(model): it records the keras.Variable wrappers while the endpoints capture the

@@ -116,9 +116,9 @@ class Predictor:
 def load_predictor(path: str | os.PathLike | None = None) -> Predictor:
     kind, p = resolve(path)
     if kind == "keras":
-        from fer_keras.model import load_keras_model
+        from fer_keras.model import as_float32, load_keras_model
 
-        return Predictor(kind, p, keras_model=load_keras_model(str(p)))
+        return Predictor(kind, p, keras_model=as_float32(load_keras_model(str(p))))
     import tensorflow as tf
 
     try:
@@ -133,14 +133,13 @@ def load_predictor(path: str | os.PathLike | None = None) -> Predictor:
 
 def load_keras(path: str | os.PathLike | None = None) -> keras.Model:
     """A float32 Keras model for gradient-based tools; exports are rebuilt from their stored config. The
-    best.keras of a mixed-precision run is rebuilt in float32: tf-keras-vis cannot mix its float32 scores with
-    bfloat16 gradients, and explanations want float32 anyway."""
+    best.keras of a mixed-precision run is rebuilt in float32, as the export serves it (and tf-keras-vis cannot
+    mix its float32 scores with bfloat16 gradients)."""
     kind, p = resolve(path)
-    from fer_keras.export import to_float32
-    from fer_keras.model import load_keras_model, resnet18
+    from fer_keras.model import as_float32, load_keras_model, resnet18
 
     if kind == "keras":
-        return to_float32(load_keras_model(str(p)))
+        return as_float32(load_keras_model(str(p)))
     import keras
 
     model_json = p / "assets.extra" / "keras_model.json"

@@ -303,6 +303,24 @@ def count_params(model: keras.Model, trainable_only: bool = True) -> int:
     return int(sum(int(ops.size(w)) for w in weights))
 
 
+def as_float32(model: keras.Model) -> keras.Model:
+    """A float32 copy of a (possibly mixed-precision) functional model: the numerics of the export, so
+    everything measured on a ``.keras`` file (TTA choice, evaluation, explanations) is what is served."""
+    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
+        return model
+    config = model.get_config()
+
+    def patch(layer_config: dict) -> None:
+        if isinstance(layer_config, dict) and "dtype" in layer_config:
+            layer_config["dtype"] = "float32"
+
+    for layer in config["layers"]:
+        patch(layer.get("config", {}))
+    clone = model.__class__.from_config(config)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
 def load_keras_model(path: str, safe_mode: bool = True) -> keras.Model:
     """Loads a ``.keras`` file with Keras safe mode on: a file with a code-carrying Lambda is refused."""
     from fer_keras.errors import ModelError

@@ -629,9 +629,10 @@ def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val
                 return Path(done["path"])
         except (ValueError, KeyError):
             pass
-    from fer_keras.model import load_keras_model
+    from fer_keras.model import as_float32, load_keras_model
 
-    model = load_keras_model(str(model_dir / "best.keras"))
+    # The TTA is chosen on the model as it will be served: float32 even when trained in mixed precision.
+    model = as_float32(load_keras_model(str(model_dir / "best.keras")))
     metadata = {
         "model_dir": str(model_dir.resolve()),
         "best_epoch": best_epoch,

@@ -216,22 +216,46 @@ def test_export_cli_from_a_run_dir_and_refusing_an_existing_version(trained_run,
 def test_a_mixed_precision_model_is_exported_in_float32():
     import keras
 
-    from fer_keras.export import to_float32
+    from fer_keras.model import as_float32
 
     float32 = resnet18("imagenet")
-    assert to_float32(float32) is float32  # nothing to convert: no copy
+    assert as_float32(float32) is float32  # nothing to convert: no copy
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
         mixed = resnet18("imagenet")
     finally:
         keras.config.set_dtype_policy("float32")
     mixed.set_weights(float32.get_weights())
-    converted = to_float32(mixed)
+    converted = as_float32(mixed)
     assert converted is not mixed
     assert {layer.dtype_policy.name for layer in converted.layers} == {"float32"}
     x = np.random.default_rng(0).integers(0, 256, (4, 48, 48, 1)).astype("float32")
     np.testing.assert_allclose(np.asarray(converted(x)), np.asarray(float32(x)), rtol=1e-5, atol=1e-5)
 
+
+def test_a_mixed_precision_best_keras_is_measured_as_its_export_serves_it(tmp_path):
+    """evaluate/predict/the model card and --export_tta=auto read a bf16 run's best.keras in float32, so their
+    figures are the served ones (in bfloat16 they differed from the export by a few PublicTest images)."""
+    import keras
+
+    from fer_keras.inference import load_predictor
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        mixed = resnet18("cifar_pool", dropout=0.2)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    rng = np.random.default_rng(1)
+    # Weights far from the initial ones, so bfloat16 and float32 logits visibly differ.
+    mixed.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype) for w in mixed.get_weights()])
+    mixed.save(tmp_path / "best.keras")
+    export = export_model(mixed, tmp_path / "exports", "m", 1)
+    x = rng.integers(0, 256, (8, 48, 48, 1)).astype("float32")
+    keras_predictor, served = load_predictor(tmp_path / "best.keras"), load_predictor(export)
+    assert {layer.dtype_policy.name for layer in keras_predictor.keras_model.layers} == {"float32"}
+    np.testing.assert_allclose(keras_predictor.logits(x), served.logits(x), rtol=1e-4, atol=1e-4)
+    as_trained = np.asarray(mixed(x, training=False), np.float32)
+    assert np.abs(as_trained - served.logits(x)).max() > 1e-3  # the comparison above can fail
 
 def test_auto_tta_prefers_the_cheaper_mode_within_the_tolerance():
     from fer_keras.tta import cheapest_within
