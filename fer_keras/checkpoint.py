@@ -98,7 +98,8 @@ class NonFiniteLoss(keras.callbacks.Callback):
 
     def __init__(self):
         super().__init__()
-        self.failed_at: tuple[int, int, float] | None = None
+        # (epoch, batch or 0 for the epoch's end, the value, "loss" or "validation loss")
+        self.failed_at: tuple[int, int, float, str] | None = None
         self.epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -107,7 +108,7 @@ class NonFiniteLoss(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            self.failed_at = (self.epoch + 1, batch + 1, float(loss))
+            self.failed_at = (self.epoch + 1, batch + 1, float(loss), "loss")
             self.model.stop_training = True
 
 
@@ -159,8 +160,9 @@ class RunRecorder(keras.callbacks.Callback):
             "learning_rate": float(np.asarray(keras.ops.convert_to_numpy(lr))),
             "seconds": round(time.monotonic() - self.started, 2),
         }
-        if not all(math.isfinite(row[k]) for k in ("loss", "val_loss")):
-            self.guard.failed_at = (epoch + 1, 0, row["loss"])
+        bad = [k for k in ("loss", "val_loss") if not math.isfinite(row[k])]
+        if bad:
+            self.guard.failed_at = (epoch + 1, 0, row[bad[0]], "loss" if bad[0] == "loss" else "validation loss")
             self.model.stop_training = True
             return
         self.history[:] = [r for r in self.history if r["epoch"] < row["epoch"]] + [row]

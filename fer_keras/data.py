@@ -761,12 +761,17 @@ def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, S
     return split.take(np.flatnonzero(mask)), split.take(val)
 
 
+def has_labelled_val(data: FerData) -> bool:
+    """Whether the source brings its own labelled selection split (FER2013's PublicTest)."""
+    return "val" in data.splits and len(data.splits["val"]) > 0 and data.splits["val"].labeled
+
+
 def train_val(data: FerData, val_fraction: float = 0.1, seed: int = 0) -> tuple[Split, Split]:
     """The training and model-selection splits: PublicTest when the source has it, else a
     seeded stratified hold-out of the training rows."""
     train = data.split("train")
     if not train.labeled:
         raise DataError(f"{data.source}: the training split has no labels")
-    if "val" in data.splits and len(data.splits["val"]) and data.splits["val"].labeled:
+    if has_labelled_val(data):
         return train, data.splits["val"]
     return stratified_split(train, val_fraction, seed)

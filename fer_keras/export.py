@@ -217,9 +217,30 @@ def selection_split(data_path: str | None, run_config: dict) -> tuple[Split, str
     recorded = TrainConfig.recorded(run_config)
     config = TrainConfig(**{k: recorded[k] for k in ("val_fraction", "seed", "max_train_examples",
                                                        "max_val_examples")})
-    dataset = fer_data.load(data_path or recorded.get("data") or None)
+    dataset = fer_data.load(data_path or recorded.get("data") or None, skip_bad_rows=bool(recorded["skip_bad_rows"]),
+                            use_cache=bool(recorded["use_cache"]))
     _, val, name = run_splits(dataset, config)
     return val, name, dataset.source
+
+
+def export_from(model_path: str | os.PathLike, export_dir: str | os.PathLike = "saved_models", name: str = "",
+                version: int = 0, tta: str = "none", data: str | None = None, crop_size: int = DEFAULT_CROP_SIZE,
+                tolerance: float = DEFAULT_TOLERANCE) -> tuple[Path, str]:
+    """Exports a run directory or ``.keras`` file; returns (the version folder, the TTA built in). The name
+    defaults to the run's folder (or the file's stem); ``tta="auto"`` chooses on the split that chose the
+    run's epoch, measuring the model in float32 as it will be served."""
+    model = as_float32(load_for_export(model_path))
+    source = Path(model_path).resolve()
+    # A run's record describes its best.keras only, not other .keras files that may lie beside it.
+    in_run = source.name == "best.keras" and (source.parent / "config.json").is_file()
+    run_dir = source if source.is_dir() else source.parent if in_run else None
+    name = name or (run_dir.name if run_dir else source.stem)
+    metadata = {"source": str(source), **(run_metadata(run_dir) if run_dir else {})}
+    if tta == AUTO:
+        split, label, _ = selection_split(data, metadata.get("train_config", {}))
+        tta = resolve_tta(model, tta, split, label, metadata, crop_size, tolerance)
+    path = export_model(model, export_dir, name, version or None, tta, metadata=metadata, crop_size=crop_size)
+    return path, tta
 
 
 def define_flags() -> None:
@@ -246,20 +267,9 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
-    model = load_for_export(f.model)
-    source = Path(f.model).resolve()
-    name = f.name or (source.stem if source.suffix == ".keras" else source.name)
-    run_dir = source if source.is_dir() else source.parent if (source.parent / "config.json").is_file() else None
-    metadata = {"source": str(source), **(run_metadata(run_dir) if run_dir else {})}
-    tta = f.tta
-    if tta == AUTO:
-        split, label, _ = selection_split(f.data, metadata.get("train_config", {}))
-        tta = resolve_tta(model, tta, split, label, metadata, f.crop_size, f.tta_tolerance)
-    path = export_model(model, f.export_dir, name, f.version or None, tta, metadata=metadata,
-                        crop_size=f.crop_size)
+    path, tta = export_from(f.model, f.export_dir, f.name, f.version, f.tta, f.data, f.crop_size, f.tta_tolerance)
     print(f"exported {f.model} to {path} with TTA {tta} (serving_default: float32 pixels, serving_uint8: "
           "uint8 pixels)")
-
 
 if __name__ == "__main__":
     cli.quiet_tensorflow()

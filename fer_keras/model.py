@@ -14,6 +14,7 @@ the parameter count equals torchvision's ``resnet18(num_classes=7)``: 11,180,103
 
 from __future__ import annotations
 
+import zipfile
 from typing import Any
 
 import keras
@@ -335,6 +336,6 @@ def load_keras_model(path: str, safe_mode: bool = True) -> keras.Model:
                 "load it only if you trust its source"
             ) from None
         raise ModelError(f"{path}: cannot load model: {msg.splitlines()[0][:200]}") from None
-    except (OSError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise ModelError(f"{path}: cannot load model: {reason}") from None

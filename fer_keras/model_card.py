@@ -33,7 +33,7 @@ from absl import flags
 from fer_keras import CLASS_NAMES, __version__, cli
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError
-from fer_keras.history import atomic_write_text, best_row, read_init, read_run
+from fer_keras.history import atomic_write_text, best_row, plot_history, read_init, read_run
 from fer_keras.tta import TTA_MODES
 
 CARD_JSON = "model_card.json"
@@ -63,12 +63,12 @@ def references_markdown() -> str:
     return "\n".join(lines)
 
 
-def _flag_lines(path: Path, seen: set[Path] | None = None) -> dict[str, str]:
-    """``--name=value`` pairs of a flagfile, nested ``--flagfile`` lines expanded (later lines win)."""
-    seen = seen or set()
-    if path.resolve() in seen:
+def _flag_lines(path: Path, including: tuple[Path, ...] = ()) -> dict[str, str]:
+    """``--name=value`` pairs of a flagfile, nested ``--flagfile`` lines expanded (later lines win).
+    ``including`` are the flagfiles on the way here: only a cycle is an error, not one base read twice."""
+    if path.resolve() in including:
         raise ConfigError(f"{path}: flagfile includes itself")
-    seen.add(path.resolve())
+    including = (*including, path.resolve())
     try:
         lines = path.read_text().splitlines()
     except OSError as e:
@@ -83,7 +83,7 @@ def _flag_lines(path: Path, seen: set[Path] | None = None) -> dict[str, str]:
         name, _, value = line[2:].partition("=")
         if name == "flagfile":
             nested = Path(value)
-            values.update(_flag_lines(nested if nested.is_absolute() else Path.cwd() / nested, seen))
+            values.update(_flag_lines(nested if nested.is_absolute() else Path.cwd() / nested, including))
         else:
             values[name] = value if "=" in line else "True"  # a bare --noX is resolved against the run
     return values
@@ -171,10 +171,19 @@ def card_init_with_flags(init: dict | None, base: Path) -> dict | None:
     return init
 
 
+def unknown_origin(init: dict | None) -> dict | None:
+    """The ``init.json`` record of the weights the oldest known run started from when their training is not
+    recorded (a bare ``.keras`` file), else None."""
+    chain = start_chain(init)
+    oldest = chain[-1]["run"].get("init") if chain else init
+    return oldest if isinstance(oldest, dict) and not isinstance(oldest.get("run"), dict) else None
+
+
 def _total_wall(wall: float, init: dict | None) -> float | None:
-    """The run's wall time plus those of the runs it descends from; None when one of them is unknown."""
+    """The run's wall time plus those of the runs it descends from; None when one of them is unknown, or when
+    the chain starts from weights whose training is not recorded."""
     walls = [record["run"].get("wall_seconds") for record in start_chain(init)]
-    return None if None in walls else wall + sum(walls)
+    return None if None in walls or unknown_origin(init) else wall + sum(walls)
 
 
 def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | None,
@@ -225,6 +234,13 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     from fer_keras.export import selection_split
 
     split, selection_name, source = selection_split(data, recorded)
+    try:
+        chose_on = json.loads((run_dir / "data.json").read_text()).get("val", {}).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        chose_on = None  # a run older than data.json: nothing to compare with
+    if chose_on and split.fingerprint() != chose_on:
+        raise ConfigError(f"{source}: its {selection_name} images differ from those {run_dir} chose its epoch on "
+                          "(data.json); pass the data the run was trained on as --data")
     split_name = "val"
     served = inference.load_predictor(export)
     served_result = evaluate(served, split, "none", batch_size, split_name=split_name)
@@ -346,9 +362,13 @@ def render_markdown(card: dict) -> str:
             kept = (f"its flags are in `{run['flags_file']}`" if run.get("flags_file") else
                     "its flags were not recorded")
             described.append(f"{epoch} of {length}{via} ({'; '.join(then + [kept])})")
+        origin = unknown_origin(init)
+        if origin:
+            described.append(f"`{Path(origin['path']).name}` (how those weights were trained is not recorded)")
         runs = "both runs" if len(chain) == 1 else f"all {len(chain) + 1} runs"
         total = (f"{runs} together took {t['total_wall_seconds'] / 3600:.2f} h"
                  if t.get("total_wall_seconds") is not None else
+                 "the total wall time is unknown" if origin else
                  f"{'the first' if len(chain) == 1 else 'an earlier'} run's wall time is not recorded")
         lines.append(f"- started from the weights of {', which started from the weights of '.join(described)}, "
                      f"not from random weights; {total}.")
@@ -396,7 +416,8 @@ def write_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     card, served = build_card(run_dir, export, data, recipe, tta_modes, init_recipe=init_recipe)
     base = Path(export)
     base = base.parent if (base / "saved_model.pb").is_file() else base
-    copies = [(Path(run_dir) / "history.png", "history.png"), (Path(run_dir) / "flags.txt", TRAIN_FLAGS)]
+    plot_history(read_run(run_dir)[1], base / "history.png")  # drawn afresh: a run's own plot may be missing
+    copies = [(Path(run_dir) / "flags.txt", TRAIN_FLAGS)]
     written = set()
     for depth, record in enumerate(start_chain(card["training"].get("init")), start=1):
         flags_text = record["run"].pop("flags", None)  # build_card found them; the JSON need not repeat them

@@ -423,7 +423,7 @@ def _validation_name(ctx: _Context) -> str:
             == Path(ctx.data_arg or fer_data.SAMPLE_PATH).expanduser().resolve()
         )
         data = ctx.data if same else fer_data.load(source)
-        has_val = "val" in data.splits and len(data.splits["val"]) > 0 and data.splits["val"].labeled
+        has_val = fer_data.has_labelled_val(data)
     except FerError:
         return "the run's validation split (its data is not readable here)"
     if has_val:

@@ -48,6 +48,7 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 RESUMABLE_FIELDS = {
     "strategy", "cpu_devices", "num_gpus", "tpu_address", "collective_timeout", "verbose", "export", "export_dir",
     "export_name", "export_version", "export_tta", "export_tta_tolerance", "use_cache", "data",
+    "model_dir",  # the folder holding config.json; another spelling of it (runs/a/, ./runs/a) is the same run
 }
 
 
@@ -213,6 +214,22 @@ def _preflight(model_dir: Path, export_base: Path | None) -> None:
         raise ConfigError(f"{model_dir}: only {free >> 20} MiB free, a run needs about {need >> 20} MiB")
 
 
+def run_started(model_dir: Path) -> bool:
+    """A run's settings and data are fixed once an epoch has finished (a checkpoint, best.keras or history.csv
+    exists). A first attempt that stopped before that - a NaN loss in epoch 1, a wrong --data seen in the
+    start-up line, an out-of-memory error - may be rerun in the same folder with other flags."""
+    from fer_keras import checkpoint
+
+    return (checkpoint.latest_checkpoint(model_dir / "checkpoints") is not None
+            or (model_dir / "best.keras").is_file() or (model_dir / "history.csv").is_file())
+
+
+def _same_setting(key: str, old, new) -> bool:
+    if key == "init_from" and old and new:  # one start model, however its path is spelled
+        return os.path.abspath(old) == os.path.abspath(new)
+    return old == new
+
+
 def _check_resumable(model_dir: Path, config: TrainConfig) -> None:
     path = model_dir / "config.json"
     if not path.is_file():
@@ -222,7 +239,8 @@ def _check_resumable(model_dir: Path, config: TrainConfig) -> None:
     except ValueError:
         return
     new = config.to_json()
-    changed = sorted(k for k in new if k not in RESUMABLE_FIELDS and k in old and old[k] != new[k])
+    changed = sorted(k for k in new
+                     if k not in RESUMABLE_FIELDS and k in old and not _same_setting(k, old[k], new[k]))
     if changed:
         diffs = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
         raise ConfigError(
@@ -239,13 +257,16 @@ def run_splits(dataset: FerData, config: TrainConfig) -> tuple[Split, Split, str
     train_split, val_split = data_lib.train_val(dataset, config.val_fraction, config.seed)
     train_split = _subset(train_split, config.max_train_examples, config.seed)
     val_split = _subset(val_split, config.max_val_examples, config.seed)
-    val_name = "PublicTest" if "val" in dataset.splits else f"{config.val_fraction:.0%} stratified hold-out"
+    val_name = ("PublicTest" if data_lib.has_labelled_val(dataset)
+                else f"{config.val_fraction:.0%} stratified hold-out")
     return train_split, val_split, val_name
 
 
-def _check_same_data(model_dir: Path, source: str, train_split, val_split, val_name: str) -> dict:
+def _check_same_data(model_dir: Path, source: str, train_split, val_split, val_name: str,
+                     enforce: bool = True) -> dict:
     """Refuses to resume (or to call finished) a run on other data than it was trained on; the path may
-    change (``data`` is resumable), the images and labels may not. Returns the record for ``data.json``."""
+    change (``data`` is resumable), the images and labels may not. Returns the record for ``data.json``;
+    ``enforce=False`` (a run without a finished epoch) only builds the record."""
     record = {
         "source": source,
         "train": {"images": len(train_split), "sha256": train_split.fingerprint()},
@@ -256,7 +277,7 @@ def _check_same_data(model_dir: Path, source: str, train_split, val_split, val_n
         old = json.loads(path.read_text()) if path.is_file() else None
     except ValueError:
         old = None
-    if old is not None:
+    if old is not None and enforce:
         differs = [k for k in ("train", "val") if old.get(k, {}).get("sha256") != record[k]["sha256"]]
         if differs:
             raise ConfigError(
@@ -274,6 +295,10 @@ def _subset(split, limit: int, seed: int):
     from fer_keras.data import stratified_split
 
     _, kept = stratified_split(split, limit / len(split), seed)
+    if len(kept) > limit:  # per-class rounding (at least one image per class) can overshoot a small limit
+        import numpy as np
+
+        kept = kept.take(np.sort(np.random.default_rng(seed).permutation(len(kept))[:limit]))
     return kept
 
 
@@ -478,13 +503,15 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     model_dir = Path(config.model_dir)
     out_dir = model_dir if chief else model_dir / "workers" / distribute.worker_id(strategy)
     export_base = Path(config.export_dir) if (config.export and chief) else None
-    _check_resumable(model_dir, config)
+    started = run_started(model_dir)
+    if started:
+        _check_resumable(model_dir, config)
     ckpt_dir = out_dir / "checkpoints"
 
     # Data first: a bad file must not leave new empty output folders behind.
     dataset = data_lib.load(config.data or None, skip_bad_rows=config.skip_bad_rows, use_cache=config.use_cache)
     train_split, val_split, val_name = run_splits(dataset, config)
-    data_record = _check_same_data(model_dir, dataset.source, train_split, val_split, val_name)
+    data_record = _check_same_data(model_dir, dataset.source, train_split, val_split, val_name, enforce=started)
     # Every worker resumes from the chief's checkpoint, so all of them restart at the same epoch.
     latest = checkpoint.latest_checkpoint(model_dir / "checkpoints")
     # A resumed run continues from its checkpoint; the initial model matters only at the start.
@@ -492,12 +519,16 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     if init_source is not None:  # a model of another architecture is refused before any output is written
         copy_weights(init_source[0], resnet18(config.stem, config.input_channels, dropout=config.dropout),
                      config.init_from, dry_run=True)
-    _preflight(out_dir, export_base)
     steps = pipeline.steps_per_epoch(len(train_split), config.batch_size)
     if steps == 0:
         raise ConfigError(
             f"{len(train_split)} training images is fewer than one batch of {config.batch_size}"
         )
+    if export_base is not None and config.export_version and not (model_dir / "export.json").is_file():
+        target = export_base / config.resolved_export_name / str(config.export_version)
+        if target.exists():  # found now, not after hours of training
+            raise ConfigError(f"{target}: export version {config.export_version} exists; it is never overwritten")
+    _preflight(out_dir, export_base)
 
     initial_epoch = latest[1]["epoch"] if latest else 0
     history: list[dict] = list(latest[1]["history"]) if latest else []
@@ -505,7 +536,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     config_json = config.to_json()
     if chief:
         atomic_write_text(model_dir / "config.json", json.dumps(config_json, indent=2) + "\n")
-        if not (model_dir / "data.json").is_file():
+        if not started or not (model_dir / "data.json").is_file():
             atomic_write_text(model_dir / "data.json", json.dumps(data_record, indent=2) + "\n")
         atomic_write_text(model_dir / "flags.txt", "".join(
             f"--{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}\n"
@@ -515,6 +546,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
             write_history_csv(model_dir / "history.csv", history)
         if init_source is not None:
             atomic_write_text(model_dir / "init.json", json.dumps(init_source[1], indent=2) + "\n")
+        elif not started:  # a first attempt's start model, not this run's
+            (model_dir / "init.json").unlink(missing_ok=True)
 
     print(
         f"fer_keras {__version__}: {distribute.describe(strategy)}, global batch {config.batch_size} "
@@ -595,11 +628,12 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
                     "rerun every worker with the same command to resume"
                 ) from None
         if guard.failed_at is not None:
-            epoch, batch, value = guard.failed_at
+            epoch, batch, value, what = guard.failed_at
             kept = checkpoint.latest_checkpoint(ckpt_dir)
-            where = f"the last good checkpoint is {kept[0]}" if kept else "no checkpoint was written"
+            where = (f"the last good checkpoint is {kept[0]} (other settings need a new --model_dir)" if kept
+                     else "no checkpoint was written, so the same --model_dir may be rerun with other settings")
             raise FerError(
-                f"training stopped: the loss became {value} at epoch {epoch}"
+                f"training stopped: the {what} became {value} at epoch {epoch}"
                 + (f", batch {batch}" if batch else "")
                 + f"; {where}. Lower --learning_rate or use --precision=float32"
             )
@@ -620,14 +654,19 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
 
 def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val: float, val_split,
                  val_name: str, export_mod) -> Path:
-    """Exports best.keras once per run: a rerun of a finished run does not add a version."""
+    """Exports best.keras once per run and export settings: a rerun of a finished run adds no version, unless
+    it asks for another export folder, name, version or TTA."""
     marker = model_dir / "export.json"
+    base = Path(os.path.abspath(config.export_dir)) / config.resolved_export_name
     if marker.is_file():
         try:
             done = json.loads(marker.read_text())
-            if Path(done["path"]).is_dir() and done.get("best_epoch") == best_epoch:
-                return Path(done["path"])
-        except (ValueError, KeyError):
+            path = Path(os.path.abspath(done["path"]))
+            if (path.is_dir() and done.get("best_epoch") == best_epoch and path.parent == base
+                    and done.get("export_tta", config.export_tta) == config.export_tta
+                    and config.export_version in (0, int(path.name))):
+                return path
+        except (ValueError, KeyError, TypeError):
             pass
     from fer_keras.model import as_float32, load_keras_model
 
@@ -646,7 +685,8 @@ def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val
         model, config.export_dir, config.resolved_export_name, config.export_version or None, tta,
         metadata=metadata,
     )
-    atomic_write_text(marker, json.dumps({"path": str(path), "best_epoch": best_epoch}) + "\n")
+    atomic_write_text(marker, json.dumps({"path": os.path.abspath(path), "best_epoch": best_epoch,
+                                          "export_tta": config.export_tta}) + "\n")
     return path
 
 

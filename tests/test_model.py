@@ -135,6 +135,24 @@ def test_safe_mode_refuses_a_lambda_with_code(tmp_path):
         load_keras_model(str(path))
 
 
+def test_a_keras_file_with_a_damaged_member_is_a_one_line_error(tmp_path):
+    """A flipped byte inside the zip's weights member: zipfile reports a bad CRC (BadZipFile), not a traceback."""
+    import zipfile
+
+    inputs = keras.Input((4,))
+    path = tmp_path / "damaged.keras"
+    keras.Model(inputs, keras.layers.Dense(3, name="logits")(inputs)).save(path)
+    with zipfile.ZipFile(path) as archive:
+        member = archive.getinfo("model.weights.h5")
+    assert member.compress_type == zipfile.ZIP_STORED  # so the flipped byte is data, not compressed stream
+    raw = bytearray(path.read_bytes())
+    start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
+    raw[start + member.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ModelError, match=r"damaged.keras: cannot load model: .*CRC"):
+        load_keras_model(str(path))
+
+
 @pytest.mark.parametrize("stem", ["imagenet", "cifar"])
 def test_no_two_convolutions_start_with_the_same_kernel(stem):
     model = resnet18(stem)

@@ -65,6 +65,29 @@ def test_recipe_must_match_the_run(trained_run, tmp_path):
     with pytest.raises(ConfigError, match=r"--epochs: recipe 60, run 2; --flip: recipe False, run True; "
                                           r"--warp_speed: recipe 9, run \(unset\)"):
         model_card.check_recipe(bad, result.model_dir / "flags.txt")
+    diamond = tmp_path / "diamond.cfg"
+    diamond.write_text(f"--flagfile={base}\n--flagfile={good}\n")  # base.cfg read twice, as absl allows
+    assert model_card.check_recipe(diamond, result.model_dir / "flags.txt")["epochs"] == "2"
+    loop = tmp_path / "loop.cfg"
+    loop.write_text(f"--flagfile={good}\n--flagfile={loop}\n")
+    with pytest.raises(ConfigError, match="loop.cfg: flagfile includes itself"):
+        model_card.check_recipe(loop, result.model_dir / "flags.txt")
+
+
+def test_card_refuses_other_data_and_draws_a_missing_history_plot(trained_run, tmp_path):
+    from conftest import write_challenge_csv
+
+    _, result = trained_run
+    run, export_base = tmp_path / "run", tmp_path / "exports"
+    shutil.copytree(result.model_dir, run)
+    shutil.copytree(result.export_path.parent, export_base)
+    write_challenge_csv(tmp_path / "other.csv", n_val_per_class=10)
+    with pytest.raises(ConfigError, match=r"other.csv: its PublicTest images differ from those .*/run chose its "
+                                          r"epoch on \(data.json\); pass the data the run was trained on"):
+        model_card.build_card(run, export_base, str(tmp_path / "other.csv"), None)
+    (run / "history.png").unlink()
+    model_card.write_card(run, export_base, None, None)
+    assert (export_base / "history.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_card_of_a_run_started_from_another_states_both_runs(trained_run, tmp_path):
@@ -175,6 +198,21 @@ def test_card_of_a_chain_of_restarts_states_every_run(trained_run, tmp_path):
     shutil.rmtree(second.model_dir)
     text = model_card.write_card(third.model_dir, base, None, None, ("none",)).read_text()
     assert "both runs together took" in text and not (base / "init2_train_flags.txt").exists()
+
+
+def test_card_of_a_chain_that_began_from_a_bare_keras_file_says_its_origin_is_unrecorded(trained_run, tmp_path):
+    _, first = trained_run
+    shutil.copy(first.model_dir / "best.keras", tmp_path / "pretrained.keras")
+    small = {**SMALL_RUN, "epochs": 1, "export_tta": "none"}
+    middle = train.run(train.TrainConfig(model_dir=str(tmp_path / "middle"), export=False,
+                                         init_from=str(tmp_path / "pretrained.keras"), **small))
+    last = train.run(train.TrainConfig(model_dir=str(tmp_path / "last"), export_dir=str(tmp_path / "ex"),
+                                       init_from=str(middle.model_dir), **small))
+    text = model_card.write_card(last.model_dir, last.export_path.parent, None, None, ("none",)).read_text()
+    assert ("which started from the weights of `pretrained.keras` (how those weights were trained is not "
+            "recorded), not from random weights; the total wall time is unknown.") in text
+    card = json.loads((last.export_path.parent / model_card.CARD_JSON).read_text())
+    assert card["training"]["total_wall_seconds"] is None
 
 
 def test_card_of_a_run_started_from_an_export_names_it(trained_run, tmp_path):

@@ -108,6 +108,81 @@ def test_rerunning_a_finished_run_neither_trains_nor_exports_again(trained_run):
     assert [r["epoch"] for r in again.history] == [1, 2]
 
 
+def test_a_finished_run_is_the_same_run_under_another_spelling_and_exports_again_for_other_export_settings(
+        trained_run, tmp_path):
+    config, first = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(config.model_dir, run)
+    (run / "export.json").unlink()
+    base = {**config.to_json(), "step_epochs": (), "export_dir": str(tmp_path / "exports")}
+    result = train.run(train.TrainConfig(**{**base, "model_dir": str(run)}))
+    assert result.resumed_from == config.epochs and result.export_path == tmp_path / "exports" / "run" / "1"
+    for spelling in (str(run) + os.sep, os.path.relpath(run)):  # model_dir as the shell may spell it
+        assert train.run(train.TrainConfig(**{**base, "model_dir": spelling})).export_path == result.export_path
+    renamed = train.TrainConfig(**{**base, "model_dir": str(run), "export_name": "renamed", "export_tta": "none"})
+    again = train.run(renamed)
+    assert again.resumed_from == config.epochs and again.export_path == tmp_path / "exports" / "renamed" / "1"
+    assert json.loads((again.export_path / "assets.extra" / "fer_keras.json").read_text())["tta"] == "none"
+    assert train.run(renamed).export_path == again.export_path  # once per export settings
+    assert sorted(p.name for p in (tmp_path / "exports" / "renamed").iterdir()) == ["1"]
+
+
+def test_a_first_attempt_that_finished_no_epoch_may_be_rerun_with_other_settings_and_data(tmp_path, monkeypatch):
+    """A NaN loss in epoch 1 (or Ctrl-C, or the wrong --data) before any checkpoint: the error's advice - a lower
+    learning rate - works in the same folder, and so does other data; the records describe the rerun."""
+    import keras
+
+    monkeypatch.setattr(train, "build_optimizer", lambda config, steps, model: keras.optimizers.SGD(1e12))
+    run = tmp_path / "run"
+    config = train.TrainConfig(model_dir=str(run), export=False, **{**SMALL_RUN, "epochs": 1})
+    with pytest.raises(FerError, match=r"loss became (nan|inf) at epoch 1, batch \d+; no checkpoint was written, "
+                                       r"so the same --model_dir may be rerun with other settings"):
+        train.run(config)
+    assert (run / "config.json").is_file() and not (run / "checkpoints").exists()
+    (run / "init.json").write_text("{}")  # as if that attempt had started from --init_from
+    monkeypatch.undo()
+    other = train.TrainConfig(**{**config.to_json(), "step_epochs": (), "learning_rate": 0.001,
+                                 "max_train_examples": 96})
+    assert [r["epoch"] for r in train.run(other).history] == [1]
+    assert json.loads((run / "config.json").read_text())["learning_rate"] == 0.001
+    assert json.loads((run / "data.json").read_text())["train"]["images"] == 96
+    assert not (run / "init.json").exists()  # this run started from random weights
+    with pytest.raises(ConfigError, match="other settings"):  # now an epoch has finished: fixed
+        train.run(config)
+
+
+def test_an_existing_export_version_is_refused_before_training(tmp_path):
+    (tmp_path / "exports" / "run" / "3").mkdir(parents=True)
+    config = train.TrainConfig(model_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "exports"),
+                               export_version=3, **SMALL_RUN)
+    with pytest.raises(ConfigError, match=r"run/3: export version 3 exists; it is never overwritten"):
+        train.run(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fewer_images_than_one_batch_is_refused_before_any_folder_is_made(tmp_path):
+    config = train.TrainConfig(model_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "exports"),
+                               **{**SMALL_RUN, "max_train_examples": 16})
+    with pytest.raises(ConfigError, match="16 training images is fewer than one batch of 32"):
+        train.run(config)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "exports").exists()
+
+
+def test_a_non_finite_validation_loss_is_named_as_such(tmp_path):
+    import keras
+
+    from fer_keras import checkpoint
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    guard = checkpoint.NonFiniteLoss()
+    recorder = checkpoint.RunRecorder(tmp_path, tmp_path / "checkpoints", True, guard, [], (0, -1.0), {})
+    recorder.set_model(model)
+    recorder.on_epoch_end(4, {"loss": 1.83, "accuracy": 0.3, "val_loss": float("nan"), "val_accuracy": 0.2})
+    assert guard.failed_at[0] == 5 and guard.failed_at[3] == "validation loss" and np.isnan(guard.failed_at[2])
+    assert not (tmp_path / "checkpoints").exists() and model.stop_training
+
+
 def test_changed_settings_are_refused_before_anything_is_touched(trained_run):
     config, _ = trained_run
     before = {p: p.read_bytes() for p in Path(config.model_dir).rglob("*") if p.is_file()}
@@ -175,7 +250,8 @@ def test_a_diverging_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
     run = tmp_path / "run"
     config = train.TrainConfig(model_dir=str(run), export=False, **{**SMALL_RUN, "epochs": 3})
     with pytest.raises(FerError, match=r"loss became (nan|inf) at epoch 2, batch \d+; the last good checkpoint "
-                                       r"is .*epoch_0001\. Lower --learning_rate"):
+                                       r"is .*epoch_0001 \(other settings need a new --model_dir\)\. "
+                                       r"Lower --learning_rate"):
         train.run(config)
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["epoch_0001"]
     assert [r["epoch"] for r in history_lib.read_history_csv(run / "history.csv")] == [1]
@@ -497,3 +573,20 @@ def test_onednn_kernels_compute_what_tensorflows_own_kernels_compute(tmp_path):
     assert worst(on) < 2e-3
 
 
+
+
+@pytest.mark.parametrize("val_rows, expected", [(0, "10% stratified hold-out"), (7, "PublicTest")])
+def test_the_selection_split_is_named_for_what_it_is(val_rows, expected):
+    """An image folder with an empty val/ class folder selects on a hold-out of Training, and says so."""
+    from fer_keras.data import FerData, Split
+
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> Split:
+        return Split(rng.integers(0, 256, (n, 48, 48, 1), dtype=np.uint8), np.arange(n, dtype=np.int64) % 7,
+                     np.arange(n).astype(str))
+
+    data = FerData("faces/", "folders", {"train": split(70), "val": split(val_rows)})
+    train_split, val_split, name = train.run_splits(data, train.TrainConfig())
+    assert name == expected
+    assert (len(train_split), len(val_split)) == ((63, 7) if val_rows == 0 else (70, 7))
