@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from fer_keras.data import Split
 
 EVAL_CACHE = "ablation_eval.json"
+# Part of every cache key: measurements made another way are not reused (before "float32", a mixed-precision
+# best.keras was evaluated in its training precision).
+EVAL_METHOD = "float32"
 # Settings that say where a run reads and writes, not how it learns.
 NOT_RECIPE = frozenset({
     "data", "model_dir", "export", "export_dir", "export_name", "export_version", "export_tta", "verbose",
@@ -79,7 +82,7 @@ def measure_accuracy(run_dir: Path, split: Split, split_name: str, tta_modes: Se
         cache = {}
     stat = (run_dir / "best.keras").stat()
     fingerprint = fingerprint or split.fingerprint()
-    keys = {mode: json.dumps([stat.st_size, stat.st_mtime_ns, fingerprint, mode]) for mode in tta_modes}
+    keys = {mode: json.dumps([EVAL_METHOD, stat.st_size, stat.st_mtime_ns, fingerprint, mode]) for mode in tta_modes}
     missing = [mode for mode in tta_modes if keys[mode] not in cache]
     if missing:
         predictor = load_predictor(run_dir / "best.keras")

@@ -21,7 +21,7 @@ import numpy as np
 from fer_keras import __version__
 from fer_keras.history import (
     atomic_write_text,
-    fsync_dir,
+    fsync_path,
     plot_history,
     remove_dead_writers_tmp,
     tmp_name,
@@ -78,8 +78,9 @@ def write_checkpoint(model: keras.Model, ckpt_dir: Path, state: dict) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     model.save_weights(str(tmp / "model.weights.h5"))
+    fsync_path(tmp / "model.weights.h5")
     atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
-    fsync_dir(tmp)
+    fsync_path(tmp)
     if final.exists():  # rewritten: move the old one aside first, so a kill never leaves half of it in place
         old = ckpt_dir / tmp_name(f"old_{final.name}")
         os.rename(final, old)
@@ -87,7 +88,7 @@ def write_checkpoint(model: keras.Model, ckpt_dir: Path, state: dict) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    fsync_dir(ckpt_dir)
+    fsync_path(ckpt_dir)
     for old in sorted(ckpt_dir.glob("epoch_*"))[:-CHECKPOINTS_KEPT]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -118,6 +119,7 @@ def save_best(model: keras.Model, out_dir: Path) -> None:
     tmp = out_dir / tmp_name("best", ".keras")
     try:
         model.save(str(tmp))
+        fsync_path(tmp)
         os.replace(tmp, out_dir / "best.keras")
     finally:
         tmp.unlink(missing_ok=True)

@@ -20,6 +20,12 @@ def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def define_skip_bad_rows(note: str = "") -> None:
+    """``--skip_bad_rows`` for the tools that read data: the data a run was trained with that flag needs it."""
+    flags.DEFINE_boolean("skip_bad_rows", False, "Skip malformed data rows or images (each reported) instead of "
+                         "stopping at the first." + (f" {note}" if note else ""))
+
+
 def run(main: Callable[[Sequence[str]], None]) -> None:
     """Run ``main`` under absl, turning :class:`FerError` and file-system errors (unwritable or missing
     folders) into one line on stderr and exit 2."""

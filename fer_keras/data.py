@@ -55,7 +55,7 @@ USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "val", "PrivateTest": "test
 SPLIT_TO_USAGE = {v: k for k, v in USAGE_TO_SPLIT.items()}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Bump when parsing changes so stale caches are not reused.
-_CACHE_FORMAT = 3
+_CACHE_FORMAT = 4
 _CHUNK_ROWS = 4096
 
 
@@ -342,6 +342,7 @@ def read_csv(path: str | os.PathLike, skip_bad_rows: bool = False) -> FerData:
         ids: list[str] = []
         progress = _Progress(path.name, path.stat().st_size, position)
         rows = 0
+        records = 0  # data rows read, skipped ones included: an id without an id column is the row's ordinal
         while True:
             first_line = reader.line_num + 1
             try:
@@ -361,6 +362,7 @@ def read_csv(path: str | os.PathLike, skip_bad_rows: bool = False) -> FerData:
                 where += f" (to line {last_line})"
             if not row or (len(row) == 1 and not row[0].strip(_WHITESPACE)):
                 continue
+            records += 1
             try:
                 _check_utf8(row, where)
                 if len(row) != ncols:
@@ -392,7 +394,7 @@ def read_csv(path: str | os.PathLike, skip_bad_rows: bool = False) -> FerData:
                 filled = 0
             labels.append(label)
             usages.append(usage)
-            ids.append(row[id_col].strip(_WHITESPACE) if id_col is not None else str(rows))
+            ids.append(row[id_col].strip(_WHITESPACE) if id_col is not None else str(records - 1))
             rows += 1
             progress.update(rows)
         progress.done(rows)
@@ -635,7 +637,7 @@ def _fingerprint(layout: str, files: list[Path], skip_bad_rows: bool) -> str:
             for p in sorted(f.rglob("*")):
                 if p.is_file():
                     st = p.stat()
-                    h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+                    h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
         else:
             st = f.stat()
             h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -729,6 +731,7 @@ def load(path: str | os.PathLike | None = None, skip_bad_rows: bool = False, use
     data = _load_cache(target) if use_cache and target.is_file() else None
     if data is not None:
         logging.info("loaded %s from cache %s", path, target)
+        data = dataclasses.replace(data, source=str(path))  # as this caller names it, not as the first one did
     else:
         if layout == "csv":
             data = _merge([read_csv(f, skip_bad_rows) for f in files], str(path))

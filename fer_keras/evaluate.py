@@ -92,10 +92,11 @@ class EvalResult:
     f1: np.ndarray
     support: np.ndarray
     report: str
+    label: str | None = None  # how the split is named when not the source's own (a run's hold-out)
 
     @property
     def split_label(self) -> str:
-        return fer_data.split_label(self.split)
+        return self.label or fer_data.split_label(self.split)
 
     @property
     def num_images(self) -> int:
@@ -185,16 +186,18 @@ def evaluate(
     *,
     split_name: str,
     crop_size: int = DEFAULT_CROP_SIZE,
+    split_label: str | None = None,
 ) -> EvalResult:
     """Runs ``predictor`` on a labeled split and computes the metrics.
 
-    ``split_name`` is required so that no accuracy is ever reported without its split.
+    ``split_name`` is required so that no accuracy is ever reported without its split; ``split_label``
+    names a split that is not the source's own (``val (10% stratified hold-out of train)``).
     """
     from sklearn.metrics import classification_report, precision_recall_fscore_support
 
     key = fer_data.canonical_split(split_name)
     check_tta(tta, crop_size)
-    _check_labeled(split, fer_data.split_label(key))
+    _check_labeled(split, split_label or fer_data.split_label(key))
     probabilities = tta_probabilities(predictor, split.images, tta, crop_size, batch_size)
     predictions = np.argmax(probabilities, axis=1).astype(np.int64)
     labels = np.asarray(split.labels, np.int64)
@@ -216,6 +219,7 @@ def evaluate(
         model_kind=kind,
         export_tta=export_tta,
         split=key,
+        label=split_label,
         tta=tta,
         crop_size=crop_size if tta == "tencrop" else None,
         ids=np.asarray(split.ids),
@@ -367,6 +371,7 @@ def define_flags() -> None:
                         "(default: the bundled sample).")
     flags.DEFINE_string("split", "val", "Labeled split to evaluate: train, val (PublicTest) or test (PrivateTest).")
     tta_lib.define_flags()
+    cli.define_skip_bad_rows()
     flags.DEFINE_string("output_dir", DEFAULT_OUTPUT_DIR, "Folder for the metrics JSON, predictions CSV, "
                         "confusion-matrix PNGs and text report.")
     flags.register_validator("output_dir", lambda v: bool(v), "--output_dir must not be empty")
@@ -382,7 +387,7 @@ def main(argv: Sequence[str]) -> None:
     from fer_keras import inference
 
     inference.resolve(f.model)  # a missing model fails before the data is read
-    data = fer_data.load(f.data or None)
+    data = fer_data.load(f.data or None, skip_bad_rows=f.skip_bad_rows)
     split = data.split(split_name)
     _check_labeled(split, f"{data.source}: {fer_data.split_label(split_name)}")
     predictor = inference.load_predictor(f.model)

@@ -212,14 +212,12 @@ def selection_split(data_path: str | None, run_config: dict) -> tuple[Split, str
     """The labelled split a run selected its epoch on (PublicTest, or its hold-out), its name and the data's
     source; ``data_path`` None means the data the run recorded (else the bundled sample)."""
     from fer_keras import data as fer_data
-    from fer_keras.train import TrainConfig, run_splits
+    from fer_keras.train import TrainConfig, selection_split_of
 
     recorded = TrainConfig.recorded(run_config)
-    config = TrainConfig(**{k: recorded[k] for k in ("val_fraction", "seed", "max_train_examples",
-                                                       "max_val_examples")})
     dataset = fer_data.load(data_path or recorded.get("data") or None, skip_bad_rows=bool(recorded["skip_bad_rows"]),
                             use_cache=bool(recorded["use_cache"]))
-    _, val, name = run_splits(dataset, config)
+    val, name = selection_split_of(dataset, recorded)
     return val, name, dataset.source
 
 

@@ -354,6 +354,7 @@ def define_flags() -> None:
     flags.DEFINE_string("model", None, "A .keras file, training run directory or SavedModel export; "
                         "default: the shipped model.")
     flags.DEFINE_string("data", None, "FER2013 in any layout fer_keras.data reads; default: the bundled sample.")
+    cli.define_skip_bad_rows()
     flags.DEFINE_string("split", "val", "Split for the top-k images and --image_index: train, val or test.")
     flags.DEFINE_list("layers", [FIRST_CONV_LAYER, LAST_CONV_LAYER], "Layers with feature maps to look at.")
     flags.DEFINE_list("filters", None, f"Filter indices, e.g. 0,3,8-11; default: the first {DEFAULT_FILTERS}.")
@@ -387,7 +388,7 @@ def main(argv: Sequence[str]) -> None:
     if f.image and f["image_index"].present:
         raise ConfigError("give either --image or --image_index, not both")
     filters = parse_int_list(f.filters, "--filters") if f.filters else None
-    data = fer_data.load(f.data)
+    data = fer_data.load(f.data, skip_bad_rows=f.skip_bad_rows)
     split = data.split(f.split)
     if f.image:
         image, _ = fer_data.read_image(f.image)

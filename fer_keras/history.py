@@ -67,7 +67,9 @@ def remove_dead_writers_tmp(folder: Path, suffix: str = "") -> list[Path]:
     return removed
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flushes a file's data, or a folder's entries, to disk (best effort): a rename then publishes complete
+    contents even across a power loss, not only across a kill."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:

@@ -292,17 +292,32 @@ class _Context:
     num_filters: int
     top_k: int
     seed: int
+    skip_bad_rows: bool = False
     data: fer_data.FerData | None = None
     _model: Any = None
     _predictor: Any = None
+    _split: fer_data.Split | None = None
+    holdout_label: str | None = None  # set when the split is a run's hold-out, not one of the source's own
+
+    def load_data(self) -> None:
+        """Reads the data; ``--split=val`` on data without a labelled val split (the course layout, image
+        folders) is the hold-out the run chose its epoch on, rebuilt from the run's recorded settings."""
+        self.data = fer_data.load(self.data_arg, skip_bad_rows=self.skip_bad_rows)
+        if self.split == "val" and not fer_data.has_labelled_val(self.data) and self.train_config:
+            from fer_keras.train import selection_split_of
+
+            self._split, name = selection_split_of(self.data, self.train_config)
+            self.holdout_label = f"val ({name} of train)"
+        else:
+            self._split = self.data.split(self.split)
 
     @property
     def split_label(self) -> str:
-        return fer_data.split_label(self.split)
+        return self.holdout_label or fer_data.split_label(self.split)
 
     def split_data(self) -> fer_data.Split:
-        assert self.data is not None
-        return self.data.split(self.split)
+        assert self._split is not None
+        return self._split
 
     def keras_model(self):
         """The Keras model; :class:`KerasModelUnavailable` for an export that cannot be rebuilt."""
@@ -422,7 +437,7 @@ def _validation_name(ctx: _Context) -> str:
             Path(source or fer_data.SAMPLE_PATH).expanduser().resolve()
             == Path(ctx.data_arg or fer_data.SAMPLE_PATH).expanduser().resolve()
         )
-        data = ctx.data if same else fer_data.load(source)
+        data = ctx.data if same else fer_data.load(source, skip_bad_rows=ctx.skip_bad_rows)
         has_val = fer_data.has_labelled_val(data)
     except FerError:
         return "the run's validation split (its data is not readable here)"
@@ -486,7 +501,8 @@ def section_evaluation(ctx: _Context) -> str:
     from fer_keras import evaluate
 
     predictor = ctx.predictor()
-    result = evaluate.evaluate(predictor, ctx.split_data(), ctx.tta, split_name=ctx.split, crop_size=ctx.crop_size)
+    result = evaluate.evaluate(predictor, ctx.split_data(), ctx.tta, split_name=ctx.split, crop_size=ctx.crop_size,
+                               split_label=ctx.holdout_label)
     files = evaluate.write_report(result, ctx.out / "evaluation", source=ctx.data.source if ctx.data else None)
     tta = f"test-time augmentation {result.tta}" if result.tta != "none" else "no test-time augmentation"
     if result.export_tta not in (None, "none"):
@@ -712,6 +728,7 @@ def build_report(
     num_filters: int = DEFAULT_NUM_FILTERS,
     top_k: int = DEFAULT_TOP_K,
     seed: int = 0,
+    skip_bad_rows: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Writes ``report.md`` and ``report.html`` with their figures to ``output_dir``; returns the
@@ -719,7 +736,8 @@ def build_report(
 
     ``model_path`` is a training run directory, a ``.keras`` file or an export (None: the shipped
     model). Everything that can be checked without TensorFlow (sections, split, TTA, the model path,
-    the data) is checked before any section runs, so a typo fails before minutes of work.
+    the data) is checked before any section runs, so a typo fails before minutes of work. Bad data rows are
+    skipped when ``skip_bad_rows`` is set or the run was trained with ``--skip_bad_rows``.
     """
     chosen = parse_sections(sections)
     split_key = fer_data.canonical_split(split)
@@ -731,16 +749,18 @@ def build_report(
         raise ConfigError(f"{out}: exists and is not a directory")
     kind, resolved = inference.resolve(model_path)
     run_dir = find_run_dir(model_path)
+    train_config = _load_train_config(kind, resolved, run_dir)
     ctx = _Context(
         kind=kind, model_path=resolved,
-        run_dir=run_dir, train_config=_load_train_config(kind, resolved, run_dir),
+        run_dir=run_dir, train_config=train_config,
         data_arg=None if data is None or str(data) == "" else str(data), split=split_key, tta=tta,
         crop_size=crop_size, out=out, filter_steps=filter_steps, saliency_samples=saliency_samples,
         num_filters=num_filters, top_k=top_k, seed=seed,
+        skip_bad_rows=skip_bad_rows or bool((train_config or {}).get("skip_bad_rows")),
     )
     if DATA_SECTIONS.intersection(chosen):
-        ctx.data = fer_data.load(ctx.data_arg)
-        if "evaluation" in chosen and not ctx.data.split(split_key).labeled:
+        ctx.load_data()
+        if "evaluation" in chosen and not ctx.split_data().labeled:
             raise DataError(f"{ctx.data.source}: {ctx.split_label} has images without labels; the evaluation "
                             "section needs labels (choose another --split or leave out evaluation)")
     try:
@@ -803,6 +823,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_filters", DEFAULT_NUM_FILTERS, "Filters shown per layer (the first ones).")
     flags.DEFINE_integer("top_k", DEFAULT_TOP_K, "Top-activating images shown per filter.")
     flags.DEFINE_integer("seed", 0, "Random seed of SmoothGrad noise, activation maximisation and gradcheck inputs.")
+    cli.define_skip_bad_rows("On by itself for a run trained with --skip_bad_rows.")
     for name in ("filter_steps", "saliency_samples", "num_filters", "top_k"):
         flags.register_validator(name, lambda v: v >= 1, f"--{name} must be >= 1")
     flags.register_validator("seed", lambda v: v >= 0, "--seed must be >= 0")
@@ -818,7 +839,7 @@ def main(argv: Sequence[str]) -> None:
     path = build_report(
         f.model_dir, f.data, f.output_dir, f.sections, split=f.split, tta=f.tta, crop_size=f.crop_size,
         filter_steps=f.filter_steps, saliency_samples=f.saliency_samples, num_filters=f.num_filters,
-        top_k=f.top_k, seed=f.seed, progress=progress,
+        top_k=f.top_k, seed=f.seed, skip_bad_rows=f.skip_bad_rows, progress=progress,
     )
     print(f"wrote {path} and {path.with_suffix('.html')}")
 

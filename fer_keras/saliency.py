@@ -181,9 +181,10 @@ def one_per_class(split: fer_data.Split) -> list[int]:
     return [int(np.flatnonzero(split.labels == c)[0]) for c in range(NUM_CLASSES) if (split.labels == c).any()]
 
 
-def from_split(data_path: str | None, split_name: str, indices: Sequence[int] | None) -> Selection:
+def from_split(data_path: str | None, split_name: str, indices: Sequence[int] | None,
+               skip_bad_rows: bool = False) -> Selection:
     """Images by index (or one per class) from a split of any layout ``fer_keras.data`` reads."""
-    data = fer_data.load(data_path)
+    data = fer_data.load(data_path, skip_bad_rows=skip_bad_rows)
     split = data.split(split_name)
     chosen = split_indices(split, indices, data.source, split_name) if indices else one_per_class(split)
     return Selection(
@@ -344,6 +345,7 @@ def define_flags() -> None:
     flags.DEFINE_string("model", None, "A .keras file, training run directory or SavedModel export; "
                         "default: the shipped model.")
     flags.DEFINE_string("data", None, "FER2013 in any layout fer_keras.data reads; default: the bundled sample.")
+    cli.define_skip_bad_rows()
     flags.DEFINE_string("split", "val", "Split to pick images from: train, val (PublicTest) or test (PrivateTest).")
     flags.DEFINE_list("indices", None, "Image indices in the split, e.g. 0,5,10-12; default: one image per class.")
     flags.DEFINE_list("images", None, "Image files instead of split indices, e.g. a.jpg,happy/b.png "
@@ -370,7 +372,8 @@ def main(argv: Sequence[str]) -> None:
         selection = from_files(f.images)
         metadata = {}
     else:
-        selection = from_split(f.data, f.split, parse_int_list(f.indices, "--indices") if f.indices else None)
+        selection = from_split(f.data, f.split, parse_int_list(f.indices, "--indices") if f.indices else None,
+                               f.skip_bad_rows)
         metadata = {"data": f.data or str(fer_data.SAMPLE_PATH), "split": fer_data.canonical_split(f.split)}
     from fer_keras.inference import load_keras
 

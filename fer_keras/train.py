@@ -262,6 +262,15 @@ def run_splits(dataset: FerData, config: TrainConfig) -> tuple[Split, Split, str
     return train_split, val_split, val_name
 
 
+def selection_split_of(dataset: FerData, run_config: dict) -> tuple[Split, str]:
+    """The split a recorded run selected its epoch on, rebuilt from ``dataset``, and its name."""
+    recorded = TrainConfig.recorded(run_config)
+    config = TrainConfig(**{k: recorded[k] for k in ("val_fraction", "seed", "max_train_examples",
+                                                       "max_val_examples")})
+    _, val, name = run_splits(dataset, config)
+    return val, name
+
+
 def _check_same_data(model_dir: Path, source: str, train_split, val_split, val_name: str,
                      enforce: bool = True) -> dict:
     """Refuses to resume (or to call finished) a run on other data than it was trained on; the path may

@@ -628,11 +628,15 @@ def test_skip_bad_rows(tmp_path, cache, monkeypatch):
         assert len(fd.splits["train"]) == 8
         np.testing.assert_array_equal(fd.splits["train"].images, as4d(px[keep]))
         np.testing.assert_array_equal(fd.splits["train"].labels, np.asarray(labels)[keep])
+        assert fd.splits["train"].ids.tolist() == [str(i) for i in keep]  # the rows' own ordinals
         assert len(fd.skipped) == 2
         assert "ten.csv: line 4:" in fd.skipped[0] and "9" in fd.skipped[0]
         assert "ten.csv: line 9:" in fd.skipped[1] and "found 3" in fd.skipped[1]
     # Both loads said so, the one from the cache too.
     assert len(warnings) == 2 and all(w.startswith("skipped 2 bad row(s): ") for w in warnings)
+    # A cached load names the file as its caller does, not as the first caller did.
+    monkeypatch.chdir(tmp_path)
+    assert data.load("ten.csv", skip_bad_rows=True).source == "ten.csv"
 
 
 def test_skip_bad_rows_all_bad(tmp_path):

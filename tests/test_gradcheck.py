@@ -137,7 +137,18 @@ def test_softmax_ce_hand_gradient_matches_keras():
     for r in results:
         assert r.passed, (r.name, r.max_abs_err, r.max_rel_err)
         assert all(row["loss_dtype"] == "float64" for row in r.details["per_shape"])
+        # Both references agree with the formula, the Keras loss and the loss written out of elementary ops.
+        assert all(max(row["keras_max_abs_err"], row["composed_max_abs_err"]) <= gradcheck.GRADIENT_TOLERANCE.abs
+                   for row in r.details["per_shape"])
     assert [r.details["label_smoothing"] for r in results] == [0.0, 0.1, 0.0]
+
+
+def test_a_nan_in_any_shape_fails_the_check():
+    """max() skips a NaN that follows a finite value; the worst case must not."""
+    rows = [{"max_abs_err": 1e-16, "max_rel_err": 1e-16}, {"max_abs_err": float("nan"), "max_rel_err": 1e-16}]
+    for order in (rows, rows[::-1]):
+        result = gradcheck._worst_of("x", order, gradcheck.GRADIENT_TOLERANCE, {})
+        assert not result.passed and math.isnan(result.max_abs_err)
 
 
 def test_softmax_ce_without_one_over_n_fails():

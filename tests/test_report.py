@@ -142,3 +142,27 @@ def test_markdown_converter_subset():
     assert '<img src="dir/x.png" alt="A &lt;figure&gt;">' in page
     assert '<li>two <a href="y.md">link</a></li>' in page
     assert "<pre><code>x &lt; 1</code></pre>" in page
+
+
+def test_a_run_on_the_course_layout_with_a_bad_row_is_reported_on_its_own_hold_out(tmp_path):
+    """train.csv of the course (no PublicTest) with one malformed row, trained with --skip_bad_rows: the report
+    reads the data as the run did and evaluates the hold-out that chose the epoch, named as such."""
+    import numpy as np
+
+    from fer_keras import train
+
+    rng = np.random.default_rng(0)
+    rows = [f"{i % 7}," + " ".join(map(str, rng.integers(0, 256, 48 * 48))) for i in range(77)]
+    rows.insert(40, "3,1 2 3")  # three pixels
+    (tmp_path / "faces").mkdir()
+    (tmp_path / "faces" / "train.csv").write_text("label,feature\n" + "\n".join(rows) + "\n")
+    data = str(tmp_path / "faces" / "train.csv")
+    result = train.run(train.TrainConfig(model_dir=str(tmp_path / "run"), data=data, skip_bad_rows=True,
+                                         export=False, stem="imagenet", epochs=1, batch_size=32, verbose=0))
+    shutil.copyfile(result.model_dir / "best.keras", tmp_path / "alone.keras")
+    with pytest.raises(DataError, match=r"train.csv: line 42: expected 2304 pixels"):  # no run to say otherwise
+        report.build_report(tmp_path / "alone.keras", data, tmp_path / "r", sections="evaluation")
+    text = report.build_report(result.model_dir / "best.keras", data, tmp_path / "r",
+                               sections="evaluation,history").read_text()
+    assert "val (10% stratified hold-out of train): accuracy" in text
+    assert f"({round(result.best_val_accuracy * 7)} of 7 images" in text  # the accuracy that chose the epoch
