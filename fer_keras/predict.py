@@ -88,8 +88,9 @@ def choose_split(data: fer_data.FerData, split: str | None) -> tuple[fer_data.Sp
     raise ConfigError(f"{data.source}: has splits {', '.join(present)}; choose one with --split")
 
 
-def load_inputs(spec: str, split: str | None = None) -> tuple[fer_data.Split, str]:
-    """Reads ``--data`` and returns the split to predict with a description for messages."""
+def load_inputs(spec: str, split: str | None = None, skip_bad_rows: bool = False) -> tuple[fer_data.Split, str]:
+    """Reads ``--data`` and returns the split to predict with a description for messages; ``skip_bad_rows``
+    leaves malformed CSV rows (or images of a FER2013 folder layout) out, each reported."""
     if not spec:
         raise ConfigError("--data is empty: give a test.csv, an image folder or image files")
     path = Path(spec).expanduser()
@@ -107,7 +108,7 @@ def load_inputs(spec: str, split: str | None = None) -> tuple[fer_data.Split, st
             if split:
                 raise ConfigError(f"{path}: --split does not apply to a folder of images")
             return read_images(images), f"{len(images)} image(s) in {path}"
-    data = fer_data.load(path)
+    data = fer_data.load(path, skip_bad_rows=skip_bad_rows)
     if data.layout == "image":
         if split:
             raise ConfigError(f"{path}: --split does not apply to an image file")
@@ -147,6 +148,7 @@ def define_flags() -> None:
     flags.DEFINE_string("output", "predictions.csv", "Output CSV (id,label), written atomically.")
     flags.DEFINE_boolean("probabilities", False, "Add one probability column per class (prob_angry, ...).")
     tta_lib.define_flags()
+    cli.define_skip_bad_rows("CSV files and FER2013 folder layouts; the rows kept keep their ids.")
     flags.mark_flag_as_required("data")
     flags.register_validator("output", lambda v: bool(v), "--output must not be empty")
 
@@ -161,7 +163,7 @@ def main(argv: Sequence[str]) -> None:
     from fer_keras import inference
 
     inference.resolve(f.model)  # a missing model fails before the data is read
-    split, description = load_inputs(f.data, f.split or None)
+    split, description = load_inputs(f.data, f.split or None, f.skip_bad_rows)
     predictor = inference.load_predictor(f.model)
     probabilities = tta_probabilities(predictor, split.images, f.tta, f.crop_size, f.batch_size)
     path = write_predictions(f.output, split.ids, probabilities, f.probabilities)

@@ -83,6 +83,19 @@ def test_course_test_csv_keeps_ids_and_order(setup, predictor, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["predictions.csv"]  # no temporary file left
 
 
+def test_a_bad_row_is_left_out_with_skip_bad_rows_and_the_others_keep_their_ids(setup, tmp_path):
+    from fer_keras.predict import load_inputs
+
+    lines = Path(setup["test_csv"]).read_text().splitlines()
+    bad_id = lines[2].split(",")[0]
+    lines[2] = f"{bad_id},1 2 3"
+    (tmp_path / "test.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"test.csv: line 3: expected 2304 pixels"):
+        load_inputs(str(tmp_path / "test.csv"))
+    split, _ = load_inputs(str(tmp_path / "test.csv"), skip_bad_rows=True)
+    assert split.ids.tolist() == [i for i, _ in TEST_ROWS if i != bad_id]
+
+
 def test_image_inputs(setup):
     from fer_keras.predict import load_inputs
 
