@@ -171,10 +171,9 @@ def card_init_with_flags(init: dict | None, base: Path) -> dict | None:
     return init
 
 
-def unknown_origin(init: dict | None) -> dict | None:
-    """The ``init.json`` record of the weights the oldest known run started from when their training is not
-    recorded (a bare ``.keras`` file), else None."""
-    chain = start_chain(init)
+def unknown_origin(init: dict | None, chain: list[dict]) -> dict | None:
+    """The ``init.json`` record of the weights the oldest known run of ``chain`` (:func:`start_chain` of
+    ``init``) started from when their training is not recorded (a bare ``.keras`` file), else None."""
     oldest = chain[-1]["run"].get("init") if chain else init
     return oldest if isinstance(oldest, dict) and not isinstance(oldest.get("run"), dict) else None
 
@@ -182,8 +181,9 @@ def unknown_origin(init: dict | None) -> dict | None:
 def _total_wall(wall: float, init: dict | None) -> float | None:
     """The run's wall time plus those of the runs it descends from; None when one of them is unknown, or when
     the chain starts from weights whose training is not recorded."""
-    walls = [record["run"].get("wall_seconds") for record in start_chain(init)]
-    return None if None in walls or unknown_origin(init) else wall + sum(walls)
+    chain = start_chain(init)
+    walls = [record["run"].get("wall_seconds") for record in chain]
+    return None if None in walls or unknown_origin(init, chain) else wall + sum(walls)
 
 
 def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | None,
@@ -362,7 +362,7 @@ def render_markdown(card: dict) -> str:
             kept = (f"its flags are in `{run['flags_file']}`" if run.get("flags_file") else
                     "its flags were not recorded")
             described.append(f"{epoch} of {length}{via} ({'; '.join(then + [kept])})")
-        origin = unknown_origin(init)
+        origin = unknown_origin(init, chain)
         if origin:
             described.append(f"`{Path(origin['path']).name}` (how those weights were trained is not recorded)")
         runs = "both runs" if len(chain) == 1 else f"all {len(chain) + 1} runs"

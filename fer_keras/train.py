@@ -214,13 +214,11 @@ def _preflight(model_dir: Path, export_base: Path | None) -> None:
         raise ConfigError(f"{model_dir}: only {free >> 20} MiB free, a run needs about {need >> 20} MiB")
 
 
-def run_started(model_dir: Path) -> bool:
+def _run_started(model_dir: Path, latest_checkpoint: tuple[Path, dict] | None) -> bool:
     """A run's settings and data are fixed once an epoch has finished (a checkpoint, best.keras or history.csv
     exists). A first attempt that stopped before that - a NaN loss in epoch 1, a wrong --data seen in the
     start-up line, an out-of-memory error - may be rerun in the same folder with other flags."""
-    from fer_keras import checkpoint
-
-    return (checkpoint.latest_checkpoint(model_dir / "checkpoints") is not None
+    return (latest_checkpoint is not None
             or (model_dir / "best.keras").is_file() or (model_dir / "history.csv").is_file())
 
 
@@ -512,7 +510,9 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     model_dir = Path(config.model_dir)
     out_dir = model_dir if chief else model_dir / "workers" / distribute.worker_id(strategy)
     export_base = Path(config.export_dir) if (config.export and chief) else None
-    started = run_started(model_dir)
+    # Every worker resumes from the chief's checkpoint, so all of them restart at the same epoch.
+    latest = checkpoint.latest_checkpoint(model_dir / "checkpoints")
+    started = _run_started(model_dir, latest)
     if started:
         _check_resumable(model_dir, config)
     ckpt_dir = out_dir / "checkpoints"
@@ -521,8 +521,6 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     dataset = data_lib.load(config.data or None, skip_bad_rows=config.skip_bad_rows, use_cache=config.use_cache)
     train_split, val_split, val_name = run_splits(dataset, config)
     data_record = _check_same_data(model_dir, dataset.source, train_split, val_split, val_name, enforce=started)
-    # Every worker resumes from the chief's checkpoint, so all of them restart at the same epoch.
-    latest = checkpoint.latest_checkpoint(model_dir / "checkpoints")
     # A resumed run continues from its checkpoint; the initial model matters only at the start.
     init_source = load_initial_model(config.init_from) if config.init_from and not latest else None
     if init_source is not None:  # a model of another architecture is refused before any output is written
