@@ -38,6 +38,7 @@ from absl import logging
 
 from fer_keras import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
 from fer_keras.errors import DataError
+from fer_keras.history import remove_dead_writers_tmp, writer_id
 
 NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 SAMPLE_PATH = Path(__file__).resolve().parent / "assets" / "fer2013_sample.csv.gz"
@@ -655,7 +656,8 @@ def _save_cache(target: Path, data: FerData) -> None:
     tmp = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".npz")
+        remove_dead_writers_tmp(target.parent, ".npz", tag_prefix=f"{target.stem}.")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".tmp-{target.stem}.", suffix=f"{writer_id()}.npz")
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, target)

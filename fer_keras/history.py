@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -16,7 +18,8 @@ def atomic_write_text(path: Path, content: str | bytes) -> None:
     """Writes ``content`` (UTF-8 text or bytes) to a temporary file beside ``path``, syncs it and renames it
     into place, so a reader or a kill sees the old file or the new one, never half of one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    remove_dead_writers_tmp(path.parent, tag_prefix=f"{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.", suffix=writer_id())
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(content.encode("utf-8") if isinstance(content, str) else content)
@@ -31,10 +34,15 @@ def atomic_write_text(path: Path, content: str | bytes) -> None:
         raise
 
 
+def writer_id() -> str:
+    """``-HOST-PID``: ends every temporary name, so a later writer can tell a dead writer's leftovers."""
+    return f"-{socket.gethostname()}-{os.getpid()}"
+
+
 def tmp_name(tag: str, suffix: str = "") -> str:
     """``.tmp-TAG-HOST-PID[SUFFIX]``: the hidden name a writer gives a file or folder until it is complete,
     so that a later writer can tell a dead writer's leftovers (:func:`remove_dead_writers_tmp`)."""
-    return f".tmp-{tag}-{socket.gethostname()}-{os.getpid()}{suffix}"
+    return f".tmp-{tag}{writer_id()}{suffix}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -47,18 +55,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_dead_writers_tmp(folder: Path, suffix: str = "") -> list[Path]:
-    """Deletes :func:`tmp_name` leftovers of killed writers on this host from ``folder``.
+def remove_dead_writers_tmp(folder: Path, suffix: str = "", tag_prefix: str = "") -> list[Path]:
+    """Deletes :func:`tmp_name` leftovers of killed writers on this host from ``folder`` (only those whose tag
+    starts with ``tag_prefix``).
 
     Another host's (shared file system) or a live process's unfinished write is left alone.
     """
     removed = []
-    host = socket.gethostname()
-    for tmp in Path(folder).glob(f".tmp-*{suffix}"):
-        parts = tmp.name[len(".tmp-"):len(tmp.name) - len(suffix)].split("-")
-        if len(parts) < 3 or "-".join(parts[1:-1]) != host or not parts[-1].isdigit():
-            continue
-        if not _pid_alive(int(parts[-1])):
+    pattern = re.compile(rf"\.tmp-.+-{re.escape(socket.gethostname())}-(\d+){re.escape(suffix)}")
+    for tmp in Path(folder).glob(f".tmp-{glob.escape(tag_prefix)}*{suffix}"):
+        match = pattern.fullmatch(tmp.name)
+        if match and not _pid_alive(int(match.group(1))):
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
             else:

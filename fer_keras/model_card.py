@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -429,8 +428,7 @@ def write_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
         if stale.name not in written:
             stale.unlink()  # a previous card's
     for source, name in copies:
-        shutil.copyfile(source, base / f".{name}.tmp")
-        (base / f".{name}.tmp").replace(base / name)
+        atomic_write_text(base / name, source.read_bytes())
     plot_confusion(served.confusion, base / "confusion_matrix.png", normalized=True,
                    title=f"served export on {card['selection_split']}: accuracy {100 * served.accuracy:.1f} %")
     atomic_write_text(base / CARD_JSON, json.dumps(card, indent=2) + "\n")

@@ -696,6 +696,22 @@ def test_cache_hit_and_invalidation(tmp_path, cache, monkeypatch):
     assert len(calls) == 4
 
 
+def test_cache_write_removes_a_killed_writers_leftover(tmp_path, cache):
+    import socket
+    import subprocess
+
+    path = write(tmp_path / "f.csv", challenge_csv(IMAGES9, LABELS9, USAGES9))
+    data.load(path)
+    (target,) = cache.glob("*.npz")
+    target.unlink()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = cache / f".tmp-{target.stem}.q7w2-{socket.gethostname()}-{dead.pid}.npz"
+    leftover.write_bytes(b"PK half a zip")
+    data.load(path)
+    assert sorted(p.name for p in cache.iterdir()) == [target.name]
+
+
 @pytest.mark.parametrize(
     "damage",
     ["garbage", "zip_magic", "truncated", "empty", "wrong_shape"],

@@ -381,3 +381,23 @@ def test_a_damaged_export_is_a_one_line_model_error(exported, tmp_path, damage):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: {error.value}"
     assert not out.exists()
+
+
+def test_atomic_writes_clean_up_their_dead_writers_leftovers(tmp_path):
+    """A writer killed between creating its temporary file and renaming it leaves a hidden file; the next write
+    of the same target removes it (a live writer's or another target's is kept) and leaves no temporary."""
+    import os
+    import socket
+
+    from fer_keras.history import atomic_write_text
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = f".tmp-history.csv.k3x9-{host}-{dead.pid}"
+    kept = [f".tmp-history.csv.a1b2-{host}-{os.getpid()}", f".tmp-config.json.c3d4-{host}-{dead.pid}"]
+    for name in [stale, *kept]:
+        (tmp_path / name).write_text("half")
+    atomic_write_text(tmp_path / "history.csv", "epoch\n1\n")
+    assert (tmp_path / "history.csv").read_text() == "epoch\n1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["history.csv"])
