@@ -149,6 +149,13 @@ def read_init(run_dir: str | os.PathLike) -> dict | None:
     return record
 
 
+def unrecorded_start(config: dict | None) -> dict | None:
+    """The stand-in for a run's missing or damaged ``init.json``: the weights its configuration says it started
+    from (``{"path": init_from}``: how they were trained is not known), or None for a run from random weights."""
+    init_from = config.get("init_from") if isinstance(config, dict) else None
+    return {"path": init_from} if init_from else None
+
+
 def best_row(history: list[dict]) -> dict:
     """The epoch with the highest validation accuracy (the earliest on ties), as best.keras holds it."""
     return max(history, key=lambda r: (r.get("val_accuracy", float("-inf")), -r["epoch"]))

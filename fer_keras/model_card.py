@@ -32,7 +32,7 @@ from absl import flags
 from fer_keras import CLASS_NAMES, __version__, cli
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError
-from fer_keras.history import atomic_write_text, best_row, plot_history, read_init, read_run
+from fer_keras.history import atomic_write_text, best_row, plot_history, read_init, read_run, unrecorded_start
 from fer_keras.tta import TTA_MODES
 
 CARD_JSON = "model_card.json"
@@ -147,7 +147,7 @@ def init_flags_name(depth: int) -> str:
 def start_chain(init: dict | None) -> list[dict]:
     """The ``init.json`` records of the runs a model descends from, nearest first. A record written before runs
     kept their own start has no ``run["init"]``: it is completed, once and in place, from that run's folder
-    while the folder is here."""
+    while the folder is here, else from its recorded configuration (:func:`history.unrecorded_start`)."""
     chain: list[dict] = []
     while isinstance(init, dict) and isinstance(init.get("run"), dict) and len(chain) < MAX_CHAIN:
         chain.append(init)
@@ -157,6 +157,8 @@ def start_chain(init: dict | None) -> list[dict]:
                 run["init"] = read_init(Path(run["model_dir"])) if run.get("model_dir") else None
             except (ConfigError, OSError):
                 run["init"] = None
+            if run["init"] is None:
+                run["init"] = unrecorded_start(run.get("config"))
         init = run["init"]
     return chain
 
@@ -175,6 +177,12 @@ def unknown_origin(init: dict | None, chain: list[dict]) -> dict | None:
     ``init``) started from when their training is not recorded (a bare ``.keras`` file), else None."""
     oldest = chain[-1]["run"].get("init") if chain else init
     return oldest if isinstance(oldest, dict) and not isinstance(oldest.get("run"), dict) else None
+
+
+def _start_name(init: dict) -> str:
+    """How the card names the weights a run started from: an export as ``NAME/VERSION``, else the file or folder."""
+    path = Path(init["path"])
+    return f"{path.parent.name}/{path.name}" if init.get("export") else path.name
 
 
 def _total_wall(wall: float, init: dict | None) -> float | None:
@@ -339,13 +347,17 @@ def render_markdown(card: dict) -> str:
     ]
     init = t.get("init")
     chain = start_chain(init)
-    # Oldest run first; each later run starts from the one before it.
+    origin = unknown_origin(init, chain)
+    # Oldest run first; each later run starts from the one before it (the oldest from unrecorded weights, if any).
     dirs = [f"runs/{Path(r['run'].get('model_dir') or f'run{depth}').name}"
             for depth, r in enumerate(chain, start=1)][::-1] + [f"runs/{Path(c['model_dir']).name}"]
     recipes = [r["run"].get("recipe") or r["run"].get("flags_file") or "(its flags were not recorded)"
                for r in chain][::-1]
+    starts = [_start_name(origin)] if origin else [""]
+    starts += dirs[:-1]
     commands = [f"python -m fer_keras.train --data=fer2013.csv.gz --flagfile={flagfile}"
-                + (f" --init_from={dirs[i - 1]}" if i else "") + (f" --model_dir={dirs[i]}" if chain else "")
+                + (f" --init_from={starts[i]}" if starts[i] else "")
+                + (f" --model_dir={dirs[i]}" if chain else "")
                 for i, flagfile in enumerate(recipes + [recipe])]
     lines += ["", "## How it was trained", "", "```bash", *commands, "```", ""]
     if chain:
@@ -361,9 +373,8 @@ def render_markdown(card: dict) -> str:
             kept = (f"its flags are in `{run['flags_file']}`" if run.get("flags_file") else
                     "its flags were not recorded")
             described.append(f"{epoch} of {length}{via} ({'; '.join(then + [kept])})")
-        origin = unknown_origin(init, chain)
         if origin:
-            described.append(f"`{Path(origin['path']).name}` (how those weights were trained is not recorded)")
+            described.append(f"`{_start_name(origin)}` (how those weights were trained is not recorded)")
         runs = "both runs" if len(chain) == 1 else f"all {len(chain) + 1} runs"
         total = (f"{runs} together took {t['total_wall_seconds'] / 3600:.2f} h"
                  if t.get("total_wall_seconds") is not None else
@@ -372,9 +383,7 @@ def render_markdown(card: dict) -> str:
         lines.append(f"- started from the weights of {', which started from the weights of '.join(described)}, "
                      f"not from random weights; {total}.")
     elif init:
-        source = Path(init["path"])
-        source_name = f"{source.parent.name}/{source.name}" if init.get("export") else source.name
-        lines.append(f"- started from the weights of `{source_name}` (SHA-256 {init['sha256'][:12]}…), "
+        lines.append(f"- started from the weights of `{_start_name(init)}` (SHA-256 {init['sha256'][:12]}…), "
                      "not from random weights.")
     lines += [
         f"- {t['epochs']} epochs, batch {c['batch_size']}, {c['optimizer']} lr {c['learning_rate']} "

@@ -194,10 +194,15 @@ def test_card_of_a_chain_of_restarts_states_every_run(trained_run, tmp_path):
     assert start["flags"] == (third.model_dir / "flags.txt").read_text()  # from the card's train_flags.txt
     assert start["init"]["run"]["flags"] == (second.model_dir / "flags.txt").read_text()
     assert start["init"]["run"]["init"]["run"]["flags"] == (first.model_dir / "flags.txt").read_text()
-    # Without the second run's folder the legacy record ends the chain there: one start run, its file only.
+    # Without the second run's folder the legacy record knows only that the second run started from the first's
+    # folder (its recorded configuration), not how those weights were trained.
     shutil.rmtree(second.model_dir)
     text = model_card.write_card(third.model_dir, base, None, None, ("none",)).read_text()
-    assert "both runs together took" in text and not (base / "init2_train_flags.txt").exists()
+    assert (f"which started from the weights of `{first.model_dir.name}` (how those weights were trained is not "
+            "recorded), not from random weights; the total wall time is unknown.") in text
+    assert f"--flagfile={model_card.INIT_FLAGS} --init_from={first.model_dir.name} --model_dir=runs/second" in text
+    assert not (base / "init2_train_flags.txt").exists()
+    assert json.loads((base / model_card.CARD_JSON).read_text())["training"]["total_wall_seconds"] is None
 
 
 def test_card_of_a_chain_that_began_from_a_bare_keras_file_says_its_origin_is_unrecorded(trained_run, tmp_path):
@@ -211,8 +216,16 @@ def test_card_of_a_chain_that_began_from_a_bare_keras_file_says_its_origin_is_un
     text = model_card.write_card(last.model_dir, last.export_path.parent, None, None, ("none",)).read_text()
     assert ("which started from the weights of `pretrained.keras` (how those weights were trained is not "
             "recorded), not from random weights; the total wall time is unknown.") in text
+    assert f"--init_from=pretrained.keras --model_dir=runs/{middle.model_dir.name}\n" in text
     card = json.loads((last.export_path.parent / model_card.CARD_JSON).read_text())
     assert card["training"]["total_wall_seconds"] is None
+    # A start run whose init.json is lost or damaged still records that it did not start from random weights.
+    for damage in ("lost", "damaged"):
+        if damage == "lost":
+            (middle.model_dir / "init.json").unlink()
+        else:
+            (middle.model_dir / "init.json").write_text("{")
+        assert train._run_record(middle.model_dir)["init"] == {"path": str(tmp_path / "pretrained.keras")}
 
 
 def test_card_of_a_run_started_from_an_export_names_it(trained_run, tmp_path):
