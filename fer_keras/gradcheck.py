@@ -5,8 +5,9 @@ actually compute, so that a wrong formula in the report shows up as a failed che
 
 * the output size of a convolution or pooling, ``floor((W + 2p - k) / s) + 1`` per spatial axis,
   against the shapes that ``keras.layers.Conv2D`` and ``MaxPool2D`` produce ('valid' and 'same'
-  padding; 'same' pads asymmetrically, so the total padding ``P`` stands in for ``2p``). The
-  alternative form ``(W + p - k + 1) / s`` is recorded with the cases where it disagrees;
+  padding; 'same' pads asymmetrically, so the total padding ``P`` stands in for ``2p``), with ``P``
+  itself checked by padding the input by hand. The alternative form ``(W + p - k + 1) / s`` is
+  recorded with the cases where it disagrees;
 * the BatchNorm backward pass of Ioffe & Szegedy (2015) in plain tensor ops, against GradientTape
   through ``keras.layers.BatchNormalization(training=True)`` (and, for the intermediate
   ``dL/dvar`` and ``dL/dmean``, through the same forward pass written out in tf ops);
@@ -148,7 +149,8 @@ def keras_total_padding(size: int, kernel: int, stride: int, padding: str) -> in
 
 
 class ShapeCase(NamedTuple):
-    """One Keras layer run: input (H, W), kernel, stride, padding and the output (H, W) it gave."""
+    """One Keras layer run: input (H, W), kernel, stride, padding and the output (H, W) it gave, with the values
+    (small integers, so that a convolution is exact in float32) to check the padding by."""
 
     op: str
     padding: str
@@ -156,6 +158,9 @@ class ShapeCase(NamedTuple):
     kernel: int
     stride: int
     output_hw: tuple[int, int]
+    x: np.ndarray  # the input, [1, H, W, 1]
+    y: np.ndarray  # the layer's output
+    weights: np.ndarray | None  # the convolution's kernel [k, k, 1, 1] (no bias); None for pooling
 
 
 SHAPE_SIZES = (1, 2, 3, 4, 5, 7, 8, 13, 48)
@@ -177,34 +182,68 @@ def keras_shape_cases(
     'valid' cases whose kernel exceeds the input have no output and are left out.
     """
     import keras
-    import tensorflow as tf
 
-    inputs = {size: tf.zeros((1, size, size + 1, 1), tf.float32) for size in sizes}
+    rng = np.random.default_rng(0)
+    inputs = {size: rng.integers(-3, 4, (1, size, size + 1, 1)).astype(np.float32) for size in sizes}
     cases = []
     for op in SHAPE_OPS:
         for padding in PADDINGS:
             for kernel in kernels:
                 for stride in strides:
                     # One layer per configuration: its weights do not depend on the spatial size.
+                    weights = None
                     if op == "conv2d":
-                        layer = keras.layers.Conv2D(1, kernel, strides=stride, padding=padding)
+                        layer = keras.layers.Conv2D(1, kernel, strides=stride, padding=padding, use_bias=False)
+                        layer.build((None, None, None, 1))
+                        weights = rng.integers(-2, 3, (kernel, kernel, 1, 1)).astype(np.float32)
+                        layer.kernel.assign(weights)
                     else:
                         layer = keras.layers.MaxPool2D(kernel, strides=stride, padding=padding)
                     for size, x in inputs.items():
                         hw = (size, size + 1)
                         if padding == "valid" and kernel > min(hw):
                             continue
-                        out = tuple(int(d) for d in layer(x).shape[1:3])
-                        cases.append(ShapeCase(op, padding, hw, kernel, stride, out))
+                        y = keras.ops.convert_to_numpy(layer(x))
+                        cases.append(ShapeCase(op, padding, hw, kernel, stride, tuple(y.shape[1:3]), x, y, weights))
     return tuple(cases)
 
 
-def _shape_comparisons(formula: ShapeFormula, cases: Sequence[ShapeCase]) -> list[dict[str, Any]]:
+TotalPadding = Callable[[int, int, int, str], int]
+PADDING_CHECK = "the layer's output against the 'valid' op on the input padded by P by hand, exactly"
+
+
+def explicit_padding_error(case: ShapeCase, total_padding: TotalPadding = keras_total_padding) -> float:
+    """Max |layer output - the same op with 'valid' padding on the input padded by hand|, padding each axis by
+    ``total_padding`` (the extra pixel of an odd total at the bottom/right; zeros for a convolution, -inf for
+    pooling). Zero when ``total_padding`` is the padding TF applies; infinite when the shapes cannot agree.
+
+    This measures ``P`` itself: the output-size check alone cannot, because 'same' defines ``P`` from the
+    output size ``ceil(W / s)``.
+    """
+    import tensorflow as tf
+
+    pads = [(p // 2, p - p // 2) for p in (total_padding(size, case.kernel, case.stride, case.padding)
+                                           for size in case.input_hw)]
+    if any(lo < 0 or hi < 0 for lo, hi in pads):
+        return math.inf
+    fill = 0.0 if case.op == "conv2d" else -np.inf
+    padded = np.pad(case.x, [(0, 0), *pads, (0, 0)], constant_values=fill)
+    if min(padded.shape[1:3]) < case.kernel:
+        return math.inf
+    if case.op == "conv2d":
+        y = tf.nn.conv2d(padded, case.weights, strides=case.stride, padding="VALID")
+    else:
+        y = tf.nn.max_pool2d(padded, ksize=case.kernel, strides=case.stride, padding="VALID")
+    return _errors(y.numpy(), case.y)[0]
+
+
+def _shape_comparisons(formula: ShapeFormula, cases: Sequence[ShapeCase],
+                       total_padding: TotalPadding = keras_total_padding) -> list[dict[str, Any]]:
     """One row per case and spatial axis: the formula's value next to Keras's."""
     rows = []
     for case in cases:
         for axis, (size, out) in enumerate(zip(case.input_hw, case.output_hw)):
-            pad = keras_total_padding(size, case.kernel, case.stride, case.padding)
+            pad = total_padding(size, case.kernel, case.stride, case.padding)
             rows.append({
                 "op": case.op, "padding": case.padding, "axis": axis, "W": size, "k": case.kernel,
                 "s": case.stride, "P": pad, "keras": out,
@@ -229,14 +268,19 @@ def check_conv_shapes(
     kernels: Sequence[int] = SHAPE_KERNELS,
     strides: Sequence[int] = SHAPE_STRIDES,
     formula: ShapeFormula = conv_output_size,
+    total_padding: TotalPadding = keras_total_padding,
 ) -> list[CheckResult]:
     """One result per op (Conv2D, MaxPool2D): does ``formula(W, k, s, P)`` give Keras's output size
-    on every case of the grid, both paddings and both axes?"""
+    on every case of the grid, both paddings and both axes, and is ``P = total_padding(W, k, s, padding)``
+    the padding TF applies (:func:`explicit_padding_error`)?"""
     cases = keras_shape_cases(tuple(sizes), tuple(kernels), tuple(strides))
     results = []
     for op in SHAPE_OPS:
-        rows = _shape_comparisons(formula, [c for c in cases if c.op == op])
+        op_cases = [c for c in cases if c.op == op]
+        rows = _shape_comparisons(formula, op_cases, total_padding)
         wrong = [r for r in rows if r["formula"] != r["keras"]]
+        padding_errors = [(explicit_padding_error(c, total_padding), c) for c in op_cases]
+        padding_wrong = [c for err, c in padding_errors if not err <= SHAPE_TOLERANCE.abs]
         max_abs = max((abs(r["formula"] - r["keras"]) for r in rows), default=0.0)
         max_rel = max((abs(r["formula"] - r["keras"]) / r["keras"] for r in rows), default=0.0)
         results.append(CheckResult(
@@ -244,14 +288,19 @@ def check_conv_shapes(
             max_abs_err=max_abs,
             max_rel_err=max_rel,
             tolerance=SHAPE_TOLERANCE,
-            passed=not wrong and _within(max_abs, max_rel, SHAPE_TOLERANCE),
+            passed=not wrong and not padding_wrong and _within(max_abs, max_rel, SHAPE_TOLERANCE),
             details={
                 "formula": getattr(formula, "__name__", repr(formula)),
                 "padding": "valid: P = 0; same: P = max((ceil(W/s) - 1) * s + k - W, 0), output ceil(W/s)",
+                "total_padding": getattr(total_padding, "__name__", repr(total_padding)),
                 "layer_runs": len(rows) // 2,
                 "axis_comparisons": len(rows),
                 "disagreements": len(wrong),
                 "examples": _examples(wrong),
+                "padding_checked_by": PADDING_CHECK,
+                "padding_disagreements": len(padding_wrong),
+                "padding_examples": [f"{c.op} padding={c.padding} HxW={c.input_hw[0]}x{c.input_hw[1]} "
+                                     f"k={c.kernel} s={c.stride}" for c in padding_wrong[:3]],
             },
         ))
     return results
@@ -612,6 +661,11 @@ def _markdown(report: Report) -> str:
                 notes.append(f"  By stride: {r.details['disagreements_by_stride']}; rounded down: "
                              f"{r.details['disagreements_if_floored']}, rounded up: "
                              f"{r.details['disagreements_if_ceiled']} disagreements.")
+        if "padding_disagreements" in r.details:
+            notes.append(f"* {r.name}: padding P checked on all {r.details['layer_runs']} layer runs "
+                         f"({r.details['padding_checked_by']}): "
+                         + (f"{r.details['padding_disagreements']} disagree, e.g. {r.details['padding_examples'][0]}."
+                            if r.details["padding_disagreements"] else "all agree."))
         if r.details.get("caveat"):
             notes.append(f"* {r.name}: {r.details['caveat']}")
     return "\n".join(notes) + "\n"

@@ -45,6 +45,20 @@ def test_shape_formula_matches_keras_conv_and_pool():
     assert {c.stride for c in cases} == set(gradcheck.SHAPE_STRIDES)
 
 
+def test_same_padding_amount_is_measured_not_derived():
+    """P = k - 1 (right for stride 1 only) gives every 'same' output size ceil(W / s) through the formula, so the
+    size comparison alone passes; padding the input by hand shows it is not the padding TF applies."""
+    def stride_one_padding(size, kernel, stride, padding):
+        return kernel - 1 if padding == "same" else 0
+
+    for r in gradcheck.check_conv_shapes(total_padding=stride_one_padding):
+        assert r.details["disagreements"] == 0  # the output sizes still agree ...
+        assert not r.passed and r.details["padding_disagreements"] > 0  # ... the padding does not
+        assert all("s=1 " not in example for example in r.details["padding_examples"])
+    for r in gradcheck.check_conv_shapes():
+        assert r.details["padding_disagreements"] == 0 and r.details["layer_runs"] > 100
+
+
 def test_alternative_shape_formula_fails_and_is_recorded_as_disagreeing():
     results = gradcheck.check_conv_shapes(formula=gradcheck.alternative_output_size)
     assert not any(r.passed for r in results)
