@@ -23,6 +23,48 @@ if "TF_ENABLE_ONEDNN_OPTS" not in _os.environ and "tensorflow" in _sys.modules:
         )
 _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
+
+def _import_tensorflow_quietly() -> None:
+    """Imports TensorFlow with stderr (fd 2) captured, then passes on every line but the C++ log lines below
+    ``TF_CPP_MIN_LOG_LEVEL``: TF 2.21 writes its start-up lines (the oneDNN notice, absl's "before
+    InitializeLog" warning) before it reads that variable, so they would precede our one-line errors."""
+    import re
+    import tempfile
+
+    try:
+        level = int(_os.environ.get("TF_CPP_MIN_LOG_LEVEL") or 0)
+    except ValueError:
+        level = 0
+    if level < 1 or "tensorflow" in _sys.modules:
+        return
+    try:
+        _sys.stderr.flush()
+        saved = _os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable fd 2 (e.g. pythonw): nothing to tidy
+        return
+    severity = {"I": 0, "W": 1, "E": 2, "F": 3}
+    log_line = re.compile(r"([IWEF])\d{4} \S+ +\d+ [^\]\s]+\] ")
+    with tempfile.TemporaryFile() as capture:
+        _os.dup2(capture.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            _sys.stderr.flush()
+            _os.dup2(saved, 2)
+            _os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode("utf-8", "replace").splitlines(keepends=True):
+                match = log_line.match(line)
+                if match and severity[match.group(1)] < level:
+                    continue
+                if line.startswith("WARNING: All log messages before absl::InitializeLog() is called"):
+                    continue
+                _sys.stderr.write(line)
+            _sys.stderr.flush()
+
+
+_import_tensorflow_quietly()
+
 __version__ = "0.1.0"
 
 CLASS_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")

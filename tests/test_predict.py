@@ -176,6 +176,7 @@ def test_cli_a_truncated_export_is_one_line(setup, trained_run, tmp_path):
     out = tmp_path / "p.csv"
     proc = run_tool("predict", f"--model={export}", f"--data={setup['test_csv']}", f"--output={out}")
     assert proc.returncode == 2, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]  # after TensorFlow's own start-up lines
+    last = proc.stderr.strip()
     assert last.startswith(f"error: {export}: cannot load SavedModel (Read less bytes"), proc.stderr
+    assert "\n" not in last, proc.stderr  # one line: no TensorFlow start-up or loader lines before it
     assert "Traceback" not in proc.stderr and not out.exists()
