@@ -72,6 +72,24 @@ def test_shift_moves_content():
     assert max(moved) > 2 and max(moved) <= 0.2 * 48 + 1
 
 
+def test_warp_rounds_rather_than_truncates():
+    """Sub-pixel shifts interpolate between neighbours; the uint8 result is the nearest grey level, so the warped
+    batch's mean brightness stays within round-off of the float warp's (truncation would lose 0.5 on average)."""
+    x = tf.constant(np.random.default_rng(0).integers(0, 256, (64, 48, 48, 1)).astype(np.uint8))
+    config = AugmentConfig(flip=False, shift=0.1, rotation=10, zoom=0.1)
+    out = augment_batch(x, config, tf.constant([3, 5], tf.int64))
+    assert out.dtype == tf.uint8
+    from fer_keras.pipeline import affine_transforms
+
+    seeds = tf.random.experimental.stateless_split(tf.constant([3, 5], tf.int64), 2)
+    exact = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.cast(x, tf.float32), transforms=affine_transforms(64, 48, config, seeds[0]),
+        output_shape=[48, 48], fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT").numpy()
+    diff = out.numpy().astype(np.float64) - exact
+    assert np.abs(diff).max() <= 0.5 + 1e-4
+    assert abs(diff.mean()) < 0.01
+
+
 def test_erasing_changes_a_rectangle_only():
     x = np.full((8, 48, 48, 1), 7, np.uint8)
     out = augment_batch(tf.constant(x), AugmentConfig(flip=False, shift=0, rotation=0, zoom=0, erasing=1.0),
