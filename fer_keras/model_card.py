@@ -387,7 +387,10 @@ def render_markdown(card: dict) -> str:
                      "not from random weights.")
     lines += [
         f"- {t['epochs']} epochs, batch {c['batch_size']}, {c['optimizer']} lr {c['learning_rate']} "
-        f"{c['schedule']} (warm-up {c['warmup_epochs']}), decoupled weight decay {c['weight_decay']}, label smoothing "
+        f"{c['schedule']} (warm-up {c['warmup_epochs']}"
+        + (f"; momentum {c['momentum']} cycling down to {c.get('base_momentum')} at the peak"
+           if c.get("cycle_momentum") else "")
+        + f"), decoupled weight decay {c['weight_decay']}, label smoothing "
         f"{c['label_smoothing']}, dropout {c['dropout']}, augmentation flip={c['flip']} shift={c['shift']} "
         f"rotation={c['rotation']}° zoom={c['zoom']} erasing={c['erasing']} mixup={c['mixup']}, "
         f"precision {c['precision']}, "

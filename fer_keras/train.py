@@ -83,6 +83,9 @@ class TrainConfig:
     # 0.1 (the recipes' value) makes the 7-step epochs of the 999-image sample diverge; 0.02 does not.
     learning_rate: float = 0.02
     momentum: float = 0.9
+    # onecycle + sgd: momentum cycles from --momentum down to base_momentum and back, as in PyTorch's OneCycleLR.
+    cycle_momentum: bool = False
+    base_momentum: float = 0.85
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup_epochs: float = 2.0
@@ -167,6 +170,12 @@ class TrainConfig:
                 raise ConfigError(message)
         if self.schedule == "step" and not self.step_epochs:
             raise ConfigError("schedule=step needs --step_epochs (e.g. 30,45)")
+        if self.cycle_momentum and (self.schedule != "onecycle" or self.optimizer != "sgd"):
+            raise ConfigError(f"cycle_momentum needs schedule=onecycle and optimizer=sgd, got schedule={self.schedule} "
+                              f"and optimizer={self.optimizer}")
+        if self.cycle_momentum and not 0 < self.base_momentum <= self.momentum:
+            raise ConfigError(f"cycle_momentum needs 0 < base_momentum <= momentum, got {self.base_momentum:g} and "
+                              f"{self.momentum:g}")
         if self.schedule == "onecycle" and self.warmup_epochs >= self.epochs:
             raise ConfigError(f"schedule=onecycle needs warmup_epochs < epochs, got {self.warmup_epochs:g} of "
                               f"{self.epochs}")
@@ -327,7 +336,8 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int, model: keras.Mode
     elif config.schedule == "onecycle":
         from fer_keras.schedules import OneCycle
 
-        schedule = OneCycle(lr, total_steps=total, warmup_steps=min(warmup, total - 1))
+        warmup = min(warmup, total - 1)
+        schedule = OneCycle(lr, total_steps=total, warmup_steps=warmup)
     elif config.schedule == "step":
         boundaries = [e * steps_per_epoch for e in sorted(config.step_epochs)]
         values = [lr * config.step_gamma**i for i in range(len(boundaries) + 1)]
@@ -335,7 +345,12 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int, model: keras.Mode
     else:
         schedule = lr
     wd = config.weight_decay or None
-    if config.optimizer == "sgd":
+    if config.optimizer == "sgd" and config.cycle_momentum:
+        from fer_keras.schedules import OneCycleMomentum, ScheduledMomentumSGD
+
+        momentum = OneCycleMomentum(total, warmup, base_momentum=config.base_momentum, max_momentum=config.momentum)
+        opt = ScheduledMomentumSGD(schedule, momentum, nesterov=True, weight_decay=wd)
+    elif config.optimizer == "sgd":
         opt = keras.optimizers.SGD(schedule, momentum=config.momentum, nesterov=True, weight_decay=wd)
     else:
         opt = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
@@ -563,7 +578,9 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
         f"({config.batch_size // replicas} per replica), {len(train_split):,} training images "
         f"({steps} steps/epoch), validation on {len(val_split):,} images ({val_name}), "
         f"stem={config.stem}, {config.optimizer} lr {config.learning_rate:g} {config.schedule}, "
-        f"weight decay {config.weight_decay:g} (decoupled), precision={config.precision}, "
+        + (f"momentum {config.momentum:g} -> {config.base_momentum:g} -> {config.momentum:g}, "
+           if config.cycle_momentum else "")
+        + f"weight decay {config.weight_decay:g} (decoupled), precision={config.precision}, "
         f"oneDNN {'on' if distribute.onednn_enabled() else ONEDNN_OFF}"
     )
 
@@ -730,13 +747,19 @@ def define_flags() -> None:
     f.DEFINE_integer("batch_size", d.batch_size, "Global batch size (split over replicas; must divide evenly).")
     f.DEFINE_enum("optimizer", d.optimizer, OPTIMIZERS, "sgd (Nesterov momentum) or adamw.")
     f.DEFINE_float("learning_rate", d.learning_rate, "Peak learning rate.")
-    f.DEFINE_float("momentum", d.momentum, "SGD momentum.")
+    f.DEFINE_float("momentum", d.momentum, "SGD momentum (with --cycle_momentum its highest value).")
+    f.DEFINE_boolean("cycle_momentum", d.cycle_momentum, "With --schedule=onecycle and sgd: momentum falls from "
+                     "--momentum to --base_momentum while the learning rate rises and returns while it falls, as "
+                     "PyTorch's OneCycleLR does (its defaults: 0.95 and 0.85). Off: momentum stays --momentum.")
+    f.DEFINE_float("base_momentum", d.base_momentum, "--cycle_momentum: the lowest momentum, at the learning "
+                   "rate's peak.")
     f.DEFINE_float("weight_decay", d.weight_decay, "Decoupled weight decay on conv/dense kernels (not BN, not "
                    "biases): each step w -= lr * weight_decay * w. PyTorch's SGD weight_decay adds to the gradient "
                    "instead, where momentum m amplifies it by 1/(1-m): its 5e-4 at m=0.9 is 5e-3 here.")
     f.DEFINE_enum("schedule", d.schedule, SCHEDULES, "Learning-rate schedule: cosine (linear warm-up from lr/10, "
                   "cosine to 0), onecycle (PyTorch's OneCycleLR: cosine ramp from lr/25 over --warmup_epochs, "
-                  "cosine to lr/2.5e5; momentum stays constant), step (--step_epochs) or constant.")
+                  "cosine to lr/2.5e5; momentum cycles only with --cycle_momentum), step (--step_epochs) or "
+                  "constant.")
     f.DEFINE_float("warmup_epochs", d.warmup_epochs, "Epochs of rising learning rate (cosine, onecycle; for "
                    "onecycle PyTorch's pct_start x epochs).")
     f.DEFINE_list("step_epochs", [], "Epochs at which the step schedule multiplies the rate by step_gamma.")
@@ -779,6 +802,7 @@ def define_flags() -> None:
     f.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must be > 0")
     f.register_validator("weight_decay", lambda v: v >= 0, "--weight_decay must be >= 0")
     f.register_validator("momentum", lambda v: 0 <= v < 1, "--momentum must be in [0, 1)")
+    f.register_validator("base_momentum", lambda v: 0 < v < 1, "--base_momentum must be in (0, 1)")
     f.register_validator("label_smoothing", lambda v: 0 <= v < 1, "--label_smoothing must be in [0, 1)")
     f.register_validator("dropout", lambda v: 0 <= v < 1, "--dropout must be in [0, 1)")
     f.register_validator("val_fraction", lambda v: 0 < v < 1, "--val_fraction must be in (0, 1)")

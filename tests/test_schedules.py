@@ -12,7 +12,7 @@ from conftest import REPO, cli_env
 
 from fer_keras import train
 from fer_keras.errors import ConfigError
-from fer_keras.schedules import OneCycle
+from fer_keras.schedules import OneCycle, OneCycleMomentum, ScheduledMomentumSGD
 
 
 def lrs(schedule, steps) -> np.ndarray:
@@ -110,3 +110,93 @@ def test_weight_decay_5e_3_here_is_pytorchs_5e_4_at_momentum_0_9():
     assert ours == pytest.approx(torch_like, rel=0.01), (ours, torch_like)  # ~0.78 both: 10x stronger than 5e-4
     assert (1 - 0.1 * 5e-4) ** steps > 0.97 > torch_like + 0.15  # the same number here would decay far less
     np.testing.assert_array_equal(np.asarray(bias), 1.0)  # 1-D variables are not decayed
+
+
+# --- Momentum cycling (--cycle_momentum) ----------------------------------------------------------------------
+
+
+def test_onecycle_momentum_mirrors_the_learning_rate():
+    total, warm = 200, 60
+    momentum = lrs(OneCycleMomentum(total, warm, base_momentum=0.85, max_momentum=0.95), range(total + 3))
+    np.testing.assert_allclose(momentum[[0, warm - 1, total - 1]], [0.95, 0.85, 0.95], rtol=1e-6)
+    assert np.all(np.diff(momentum[:warm]) < 0) and np.all(np.diff(momentum[warm - 1:total]) > 0)
+    np.testing.assert_allclose(momentum[total:], 0.95, rtol=1e-6)
+    with pytest.raises(ValueError, match="base_momentum <= max_momentum"):
+        OneCycleMomentum(total, warm, base_momentum=0.96, max_momentum=0.95)
+
+
+def test_onecycle_momentum_equals_torch_onecyclelr_step_for_step():
+    torch = pytest.importorskip("torch")
+    for total, pct, base, peak in [(13440, 0.3, 0.85, 0.95), (100, 0.3, 0.8, 0.9), (57, 0.25, 0.85, 0.95)]:
+        warm = int(pct * total)
+        param = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([param], lr=0.1, momentum=0.9, nesterov=True)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=total, pct_start=warm / total,
+                                                    base_momentum=base, max_momentum=peak)
+        ref = []
+        for _ in range(total):
+            ref.append(opt.param_groups[0]["momentum"])
+            opt.step()
+            sched.step()
+        ours = lrs(OneCycleMomentum(total, warm, base_momentum=base, max_momentum=peak), range(total))
+        np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7, err_msg=f"total={total}")
+
+
+def sgd_trajectory(optimizer, gradients: np.ndarray) -> np.ndarray:
+    w = keras.Variable(np.zeros(gradients.shape[1], np.float32))
+    out = []
+    for g in gradients:
+        optimizer.apply_gradients([(keras.ops.convert_to_tensor(g), w)])
+        out.append(np.asarray(w))
+    return np.asarray(out)
+
+
+def test_scheduled_momentum_sgd_uses_each_steps_momentum():
+    """Keras' Nesterov update m = mu_t m - lr g, w += mu_t m - lr g, with mu_t the schedule at the step applied;
+    a schedule that stays at 0.9 gives plain SGD(momentum=0.9) exactly."""
+    gradients = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
+    schedule = OneCycleMomentum(30, 9, base_momentum=0.5, max_momentum=0.95)
+    ours = sgd_trajectory(ScheduledMomentumSGD(0.1, schedule, nesterov=True), gradients)
+    m = np.zeros(4)
+    w = np.zeros(4)
+    expected = []
+    for step, g in enumerate(gradients):
+        mu = float(schedule(step))
+        m = mu * m - 0.1 * g
+        w = w + mu * m - 0.1 * g
+        expected.append(w.copy())
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+    flat = OneCycleMomentum(30, 9, base_momentum=0.9, max_momentum=0.9)
+    np.testing.assert_array_equal(sgd_trajectory(ScheduledMomentumSGD(0.1, flat, nesterov=True), gradients),
+                                  sgd_trajectory(keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True), gradients))
+
+
+def test_scheduled_momentum_sgd_round_trips_with_a_saved_model(tmp_path):
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    schedule = OneCycleMomentum(100, 30)
+    model.compile(ScheduledMomentumSGD(OneCycle(0.1, 100, 30), schedule, nesterov=True), loss="mse")
+    model.fit(np.ones((8, 3)), np.zeros((8, 2)), epochs=1, batch_size=4, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert isinstance(loaded.optimizer, ScheduledMomentumSGD) and loaded.optimizer.nesterov
+    assert loaded.optimizer.momentum_schedule.get_config() == schedule.get_config()
+    assert int(loaded.optimizer.iterations) == 2
+
+
+def test_build_optimizer_cycles_momentum_only_when_asked():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    opt = train.build_optimizer(config(schedule="onecycle", warmup_epochs=3, cycle_momentum=True, momentum=0.95),
+                                steps_per_epoch=20, model=model)
+    assert isinstance(opt, ScheduledMomentumSGD)
+    cycle = opt.momentum_schedule.get_config()
+    assert (cycle["total_steps"], cycle["warmup_steps"], cycle["base_momentum"], cycle["max_momentum"]) == \
+        (200, 60, 0.85, 0.95)
+    assert (opt._learning_rate.total_steps, opt._learning_rate.warmup_steps) == (200, 60)  # one cycle for both
+    plain = train.build_optimizer(config(schedule="onecycle", warmup_epochs=3), steps_per_epoch=20, model=model)
+    assert type(plain) is keras.optimizers.SGD and plain.momentum == 0.9
+    for bad, message in [({"schedule": "cosine"}, "cycle_momentum needs schedule=onecycle and optimizer=sgd"),
+                         ({"optimizer": "adamw"}, "cycle_momentum needs schedule=onecycle and optimizer=sgd"),
+                         ({"base_momentum": 0.95}, "needs 0 < base_momentum <= momentum, got 0.95 and 0.9")]:
+        with pytest.raises(ConfigError, match=message):
+            config(**{"schedule": "onecycle", "warmup_epochs": 3, "cycle_momentum": True, **bad}).validate()

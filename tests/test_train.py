@@ -487,6 +487,8 @@ def small_cli_args(model_dir: Path) -> list[str]:
     return [
         "--flagfile=flags/smoke.cfg", f"--model_dir={model_dir}", "--epochs=3", "--max_train_examples=64",
         "--deterministic", "--export=false", "--verbose=0", "--dropout=0.2", "--erasing=0.5", "--mixup=0.4",
+        # The optimizer's whole state: a one-cycle learning rate and momentum, both functions of its step count.
+        "--schedule=onecycle", "--warmup_epochs=1", "--cycle_momentum",
     ]
 
 
@@ -495,6 +497,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     reference = cli(small_cli_args(tmp_path / "reference"), tmp_path, cwd=repo)
     assert reference.returncode == 0, reference.stderr[-2000:]
+    assert "sgd lr 0.05 onecycle, momentum 0.9 -> 0.85 -> 0.9," in reference.stdout
 
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "fer_keras.train", *small_cli_args(killed_dir)],
