@@ -245,9 +245,10 @@ def _check_resumable(model_dir: Path, config: TrainConfig) -> None:
         old = json.loads(path.read_text())
     except ValueError:
         return
+    # A setting added since the run was made is compared with its default: the behaviour the run had.
+    old = TrainConfig.recorded(old)
     new = config.to_json()
-    changed = sorted(k for k in new
-                     if k not in RESUMABLE_FIELDS and k in old and not _same_setting(k, old[k], new[k]))
+    changed = sorted(k for k in new if k not in RESUMABLE_FIELDS and not _same_setting(k, old.get(k), new[k]))
     if changed:
         diffs = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
         raise ConfigError(

@@ -190,6 +190,17 @@ def test_changed_settings_are_refused_before_anything_is_touched(trained_run):
     with pytest.raises(ConfigError, match="learning_rate: 0.01 -> 0.5"):
         train.run(changed)
     assert {p: p.read_bytes() for p in Path(config.model_dir).rglob("*") if p.is_file()} == before
+    # A run made before a setting existed ran with its default: turning it on is a change too.
+    recorded = Path(config.model_dir) / "config.json"
+    older = {k: v for k, v in json.loads(before[recorded]).items() if k != "cycle_momentum"}
+    recorded.write_text(json.dumps(older))
+    try:
+        cycling = train.TrainConfig(**{**config.to_json(), "step_epochs": (), "schedule": "onecycle",
+                                       "cycle_momentum": True})
+        with pytest.raises(ConfigError, match="cycle_momentum: False -> True, schedule: 'cosine' -> 'onecycle'"):
+            train.run(cycling)
+    finally:
+        recorded.write_bytes(before[recorded])
 
 
 def test_resuming_or_rerunning_on_other_data_is_refused(trained_run, tmp_path):
