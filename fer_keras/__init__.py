@@ -25,42 +25,55 @@ _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
 def _import_tensorflow_quietly() -> None:
-    """Imports TensorFlow with stderr (fd 2) captured, then passes on every line but the C++ log lines below
+    """Imports TensorFlow with stderr (fd 2) passed through a filter that drops the C++ log lines below
     ``TF_CPP_MIN_LOG_LEVEL``: TF 2.21 writes its start-up lines (the oneDNN notice, absl's "before
-    InitializeLog" warning) before it reads that variable, so they would precede our one-line errors."""
+    InitializeLog" warning) before it reads that variable, so they would precede our one-line errors.
+
+    Only for ``python -m fer_keras.<tool>`` (``sys.argv[0]`` is ``-m`` while the package is imported), whose
+    modules import TensorFlow anyway; a library user's ``import fer_keras`` stays free of it. Lines are forwarded
+    as they come, so a crash inside the import still shows its message.
+    """
     import re
-    import tempfile
+    import threading
 
     try:
         level = int(_os.environ.get("TF_CPP_MIN_LOG_LEVEL") or 0)
     except ValueError:
         level = 0
-    if level < 1 or "tensorflow" in _sys.modules:
+    if level < 1 or "tensorflow" in _sys.modules or _sys.argv[:1] != ["-m"]:
         return
+    severity = {b"I": 0, b"W": 1, b"E": 2, b"F": 3}
+    log_line = re.compile(rb"([IWEF])\d{4} \S+ +\d+ [^\]\s]+\] ")
+    absl_notice = b"WARNING: All log messages before absl::InitializeLog() is called"
     try:
         _sys.stderr.flush()
         saved = _os.dup(2)
-    except (OSError, ValueError, AttributeError):  # no usable fd 2 (e.g. pythonw): nothing to tidy
+    except (OSError, ValueError, AttributeError):  # no usable stderr: nothing to tidy
         return
-    severity = {"I": 0, "W": 1, "E": 2, "F": 3}
-    log_line = re.compile(r"([IWEF])\d{4} \S+ +\d+ [^\]\s]+\] ")
-    with tempfile.TemporaryFile() as capture:
-        _os.dup2(capture.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        finally:
-            _sys.stderr.flush()
-            _os.dup2(saved, 2)
-            _os.close(saved)
-            capture.seek(0)
-            for line in capture.read().decode("utf-8", "replace").splitlines(keepends=True):
+    try:
+        read_end, write_end = _os.pipe()
+    except OSError:
+        _os.close(saved)
+        return
+
+    def forward() -> None:
+        with open(read_end, "rb") as pipe:
+            for line in pipe:
                 match = log_line.match(line)
-                if match and severity[match.group(1)] < level:
-                    continue
-                if line.startswith("WARNING: All log messages before absl::InitializeLog() is called"):
-                    continue
-                _sys.stderr.write(line)
-            _sys.stderr.flush()
+                if not (match and severity[match.group(1)] < level) and not line.startswith(absl_notice):
+                    _os.write(saved, line)
+
+    forwarder = threading.Thread(target=forward, name="fer_keras-stderr-filter", daemon=True)
+    forwarder.start()
+    _os.dup2(write_end, 2)
+    _os.close(write_end)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        _sys.stderr.flush()
+        _os.dup2(saved, 2)  # closes the pipe's last write end: the forwarder reads to the end and stops
+        forwarder.join(timeout=10)
+        _os.close(saved)
 
 
 _import_tensorflow_quietly()

@@ -46,6 +46,8 @@ def tmp_name(tag: str, suffix: str = "") -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would send CTRL_C_EVENT on Windows: count every writer as alive
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -56,20 +58,25 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_dead_writers_tmp(folder: Path, suffix: str = "", tag_prefix: str = "") -> list[Path]:
-    """Deletes :func:`tmp_name` leftovers of killed writers on this host from ``folder`` (only those whose tag
-    starts with ``tag_prefix``).
+    """Deletes :func:`tmp_name` leftovers of killed writers on this host from ``folder``; with ``tag_prefix``
+    only those whose tag is that prefix and a token without dots (``mkstemp``'s random part), i.e. the
+    temporaries of one target. Best effort: what cannot be removed stays.
 
     Another host's (shared file system) or a live process's unfinished write is left alone.
     """
     removed = []
-    pattern = re.compile(rf"\.tmp-.+-{re.escape(socket.gethostname())}-(\d+){re.escape(suffix)}")
+    tag = rf"{re.escape(tag_prefix)}[^.]+" if tag_prefix else ".+"
+    pattern = re.compile(rf"\.tmp-{tag}-{re.escape(socket.gethostname())}-(\d+){re.escape(suffix)}")
     for tmp in Path(folder).glob(f".tmp-{glob.escape(tag_prefix)}*{suffix}"):
         match = pattern.fullmatch(tmp.name)
         if match and not _pid_alive(int(match.group(1))):
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
+            try:
+                if tmp.is_dir():
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink(missing_ok=True)
+            except OSError:
+                continue
             removed.append(tmp)
     return removed
 

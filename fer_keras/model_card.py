@@ -174,7 +174,8 @@ def card_init_with_flags(init: dict | None, base: Path) -> dict | None:
 
 def unknown_origin(init: dict | None, chain: list[dict]) -> dict | None:
     """The ``init.json`` record of the weights the oldest known run of ``chain`` (:func:`start_chain` of
-    ``init``) started from when their training is not recorded (a bare ``.keras`` file), else None."""
+    ``init``) started from when their training is not recorded (a bare ``.keras`` file, or a run whose own
+    record is gone: :func:`history.unrecorded_start`), else None."""
     oldest = chain[-1]["run"].get("init") if chain else init
     return oldest if isinstance(oldest, dict) and not isinstance(oldest.get("run"), dict) else None
 
@@ -212,7 +213,7 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     config = TrainConfig.recorded(recorded)
     recipe_flags = check_recipe(recipe, run_dir / "flags.txt") if recipe else None
     best = best_row(history)
-    init = read_init(run_dir)
+    init = read_init(run_dir) or unrecorded_start(recorded)  # init.json gone: the run still did not start afresh
     chain = start_chain(init)
     init_recipes = [init_recipe] if isinstance(init_recipe, (str, Path)) else list(init_recipe or [])
     if len(init_recipes) > len(chain):
@@ -383,8 +384,9 @@ def render_markdown(card: dict) -> str:
         lines.append(f"- started from the weights of {', which started from the weights of '.join(described)}, "
                      f"not from random weights; {total}.")
     elif init:
-        lines.append(f"- started from the weights of `{_start_name(init)}` (SHA-256 {init['sha256'][:12]}…), "
-                     "not from random weights.")
+        known = (f"SHA-256 {init['sha256'][:12]}…" if init.get("sha256") else
+                 "how those weights were trained is not recorded")
+        lines.append(f"- started from the weights of `{_start_name(init)}` ({known}), not from random weights.")
     lines += [
         f"- {t['epochs']} epochs, batch {c['batch_size']}, {c['optimizer']} lr {c['learning_rate']} "
         f"{c['schedule']} (warm-up {c['warmup_epochs']}"

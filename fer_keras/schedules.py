@@ -10,12 +10,13 @@ follows it (``--cycle_momentum``; the recipes keep momentum constant, as they we
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import keras
 from keras import ops
 
 
-def _one_cycle(step, start: float, peak: float, end: float, warmup_steps: int, total_steps: int):
+def _one_cycle(step: Any, start: float, peak: float, end: float, warmup_steps: int, total_steps: int) -> Any:
     """OneCycleLR's two cosine phases: ``start`` -> ``peak`` over the warm-up, ``peak`` -> ``end`` at step
     ``total_steps - 1`` (held after that)."""
     # PyTorch's phase boundaries: the peak is reached at step pct_start * total - 1.
@@ -96,7 +97,7 @@ class OneCycleMomentum(keras.optimizers.schedules.LearningRateSchedule):
         self.max_momentum = float(max_momentum)
         self.name = name
 
-    def __call__(self, step):
+    def __call__(self, step: Any) -> Any:
         return _one_cycle(step, self.max_momentum, self.base_momentum, self.max_momentum, self.warmup_steps,
                           self.total_steps)
 
@@ -114,23 +115,26 @@ class OneCycleMomentum(keras.optimizers.schedules.LearningRateSchedule):
 class ScheduledMomentumSGD(keras.optimizers.SGD):
     """Keras' SGD with its momentum read from ``momentum_schedule`` at each step (as PyTorch's OneCycleLR sets
     it) instead of a constant. Its variables are SGD's (momentum buffers, iterations), so checkpoints of either
-    restore into the other.
+    restore into the other. The update stays Keras' (``m = mu m - lr g``), which matches PyTorch's
+    (``buf = mu buf + g``, step ``lr (g + mu buf)``) only while the learning rate is constant.
+
+    ``self.momentum`` is the first step's value (SGD needs a float); the schedule gives every step's.
     """
 
-    def __init__(self, learning_rate=0.01, momentum_schedule=None, nesterov: bool = False, name: str = "SGD",
+    def __init__(self, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 0.01,
+                 momentum_schedule: Callable | dict | None = None, nesterov: bool = False, name: str | None = None,
                  **kwargs) -> None:
         if isinstance(momentum_schedule, dict):
             momentum_schedule = keras.saving.deserialize_keras_object(momentum_schedule)
         if not callable(momentum_schedule):
             raise ValueError(f"ScheduledMomentumSGD needs a momentum_schedule of the step, got {momentum_schedule!r}")
-        kwargs.pop("momentum", None)  # get_config's record of the first step's value
         first = float(ops.convert_to_numpy(momentum_schedule(0)))
         if not 0 < first < 1:
             raise ValueError(f"ScheduledMomentumSGD's momentum must start in (0, 1), got {first}")
         super().__init__(learning_rate=learning_rate, momentum=first, nesterov=nesterov, name=name, **kwargs)
         self.momentum_schedule = momentum_schedule
 
-    def update_step(self, gradient, variable, learning_rate):
+    def update_step(self, gradient, variable, learning_rate) -> None:
         """SGD's update with this step's momentum (``self.iterations`` counts the steps already applied, as
         for the learning rate)."""
         momentum = ops.cast(self.momentum_schedule(self.iterations), variable.dtype)
@@ -147,3 +151,9 @@ class ScheduledMomentumSGD(keras.optimizers.SGD):
         config = super().get_config()
         config["momentum_schedule"] = keras.saving.serialize_keras_object(self.momentum_schedule)
         return config
+
+    @classmethod
+    def from_config(cls, config: dict, custom_objects: dict | None = None) -> ScheduledMomentumSGD:
+        config = dict(config)
+        config.pop("momentum", None)  # SGD's record of the first step's value; the schedule is the setting
+        return super().from_config(config, custom_objects=custom_objects)

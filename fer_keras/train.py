@@ -245,10 +245,15 @@ def _check_resumable(model_dir: Path, config: TrainConfig) -> None:
         old = json.loads(path.read_text())
     except ValueError:
         return
+    if not isinstance(old, dict):
+        return
     # A setting added since the run was made is compared with its default: the behaviour the run had.
     old = TrainConfig.recorded(old)
     new = config.to_json()
-    changed = sorted(k for k in new if k not in RESUMABLE_FIELDS and not _same_setting(k, old.get(k), new[k]))
+    ignored = set(RESUMABLE_FIELDS)
+    if not old.get("cycle_momentum") and not new.get("cycle_momentum"):
+        ignored.add("base_momentum")  # no effect without the cycle
+    changed = sorted(k for k in new if k not in ignored and not _same_setting(k, old.get(k), new[k]))
     if changed:
         diffs = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
         raise ConfigError(
@@ -751,7 +756,8 @@ def define_flags() -> None:
     f.DEFINE_float("momentum", d.momentum, "SGD momentum (with --cycle_momentum its highest value).")
     f.DEFINE_boolean("cycle_momentum", d.cycle_momentum, "With --schedule=onecycle and sgd: momentum falls from "
                      "--momentum to --base_momentum while the learning rate rises and returns while it falls, as "
-                     "PyTorch's OneCycleLR does (its defaults: 0.95 and 0.85). Off: momentum stays --momentum.")
+                     "PyTorch's OneCycleLR does (its defaults, 0.95 and 0.85, need --momentum=0.95). Off: "
+                     "momentum stays --momentum.")
     f.DEFINE_float("base_momentum", d.base_momentum, "--cycle_momentum: the lowest momentum, at the learning "
                    "rate's peak.")
     f.DEFINE_float("weight_decay", d.weight_decay, "Decoupled weight decay on conv/dense kernels (not BN, not "

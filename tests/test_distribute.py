@@ -47,6 +47,20 @@ def test_fer_keras_turns_onednn_on_unless_the_user_turned_it_off(tmp_path, setti
     assert proc.stdout.strip() == expected
 
 
+def test_the_library_leaves_tensorflow_unimported_and_entrypoints_print_only_their_error(tmp_path):
+    """``import fer_keras`` stays cheap; ``python -m fer_keras.<tool>`` imports TensorFlow with its start-up lines
+    (written before TF reads TF_CPP_MIN_LOG_LEVEL) held back, so a bad flag prints one line."""
+    env = cli_env(tmp_path)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    code = "import sys, fer_keras.history, fer_keras.errors\nprint('tensorflow' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-m", "fer_keras.evaluate", "--output_dir="], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: flag --output_dir=: --output_dir must not be empty")
+
+
 def test_importing_tensorflow_first_warns_when_it_leaves_onednn_off(tmp_path):
     env = cli_env(tmp_path)
     env.pop("TF_ENABLE_ONEDNN_OPTS", None)

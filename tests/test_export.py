@@ -395,7 +395,8 @@ def test_atomic_writes_clean_up_their_dead_writers_leftovers(tmp_path):
     dead.wait()
     host = socket.gethostname()
     stale = f".tmp-history.csv.k3x9-{host}-{dead.pid}"
-    kept = [f".tmp-history.csv.a1b2-{host}-{os.getpid()}", f".tmp-config.json.c3d4-{host}-{dead.pid}"]
+    kept = [f".tmp-history.csv.a1b2-{host}-{os.getpid()}", f".tmp-config.json.c3d4-{host}-{dead.pid}",
+            f".tmp-history.csv.bak.e5f6-{host}-{dead.pid}"]  # another target's, although its name starts alike
     for name in [stale, *kept]:
         (tmp_path / name).write_text("half")
     atomic_write_text(tmp_path / "history.csv", "epoch\n1\n")

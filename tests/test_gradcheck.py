@@ -54,9 +54,14 @@ def test_same_padding_amount_is_measured_not_derived():
     for r in gradcheck.check_conv_shapes(total_padding=stride_one_padding):
         assert r.details["disagreements"] == 0  # the output sizes still agree ...
         assert not r.passed and r.details["padding_disagreements"] > 0  # ... the padding does not
-        assert all("s=1 " not in example for example in r.details["padding_examples"])
+    errors = {(c.stride, c.padding): [] for c in gradcheck.keras_shape_cases()}
+    for case in gradcheck.keras_shape_cases():
+        errors[case.stride, case.padding].append(gradcheck.explicit_padding_error(case, stride_one_padding))
+    assert all(max(e) == 0 for (stride, padding), e in errors.items() if stride == 1 or padding == "valid")
+    assert all(max(e) >= 1 for (stride, padding), e in errors.items() if stride > 1 and padding == "same")
     for r in gradcheck.check_conv_shapes():
-        assert r.details["padding_disagreements"] == 0 and r.details["layer_runs"] > 100
+        assert r.passed and r.details["padding_disagreements"] == 0 and r.details["layer_runs"] > 100
+        assert r.details["padding_max_abs_err"] == 0
 
 
 def test_alternative_shape_formula_fails_and_is_recorded_as_disagreeing():

@@ -230,6 +230,11 @@ def test_card_of_a_chain_that_began_from_a_bare_keras_file_says_its_origin_is_un
         else:
             (middle.model_dir / "init.json").write_text("{")
         assert train._run_record(middle.model_dir)["init"] == {"path": str(tmp_path / "pretrained.keras")}
+    # The card's own run without its init.json: still not from random weights.
+    (last.model_dir / "init.json").unlink()
+    text = model_card.write_card(last.model_dir, last.export_path.parent, None, None, ("none",)).read_text()
+    assert (f"- started from the weights of `{middle.model_dir.name}` (how those weights were trained is not "
+            "recorded), not from random weights.") in text
 
 
 def test_card_of_a_run_started_from_an_export_names_it(trained_run, tmp_path):

@@ -201,6 +201,9 @@ def test_changed_settings_are_refused_before_anything_is_touched(trained_run):
             train.run(cycling)
     finally:
         recorded.write_bytes(before[recorded])
+    # --base_momentum does nothing without the cycle: the finished run is the same run.
+    same = train.run(train.TrainConfig(**{**config.to_json(), "step_epochs": (), "base_momentum": 0.5}))
+    assert same.resumed_from == config.epochs
 
 
 def test_resuming_or_rerunning_on_other_data_is_refused(trained_run, tmp_path):
@@ -494,24 +497,26 @@ def test_cli_bad_flags_exit_non_zero_with_one_line(tmp_path, args, needle):
     assert "--helpshort" not in proc.stderr
 
 
-def small_cli_args(model_dir: Path) -> list[str]:
+def small_cli_args(model_dir: Path, cycle_momentum: bool = False) -> list[str]:
     return [
         "--flagfile=flags/smoke.cfg", f"--model_dir={model_dir}", "--epochs=3", "--max_train_examples=64",
         "--deterministic", "--export=false", "--verbose=0", "--dropout=0.2", "--erasing=0.5", "--mixup=0.4",
-        # The optimizer's whole state: a one-cycle learning rate and momentum, both functions of its step count.
-        "--schedule=onecycle", "--warmup_epochs=1", "--cycle_momentum",
+        # The optimizer's whole state: a one-cycle learning rate (and momentum), functions of its step count.
+        "--schedule=onecycle", "--warmup_epochs=1", f"--cycle_momentum={cycle_momentum}",
     ]
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("cycle_momentum", [False, True], ids=["constant_momentum", "cycled_momentum"])
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, cycle_momentum):
     repo = Path(__file__).resolve().parents[1]
-    reference = cli(small_cli_args(tmp_path / "reference"), tmp_path, cwd=repo)
+    reference = cli(small_cli_args(tmp_path / "reference", cycle_momentum), tmp_path, cwd=repo)
     assert reference.returncode == 0, reference.stderr[-2000:]
-    assert "sgd lr 0.05 onecycle, momentum 0.9 -> 0.85 -> 0.9," in reference.stdout
+    cycle = "momentum 0.9 -> 0.85 -> 0.9, " if cycle_momentum else ""
+    assert f"sgd lr 0.05 onecycle, {cycle}weight decay" in reference.stdout
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fer_keras.train", *small_cli_args(killed_dir)],
+    proc = subprocess.Popen([sys.executable, "-m", "fer_keras.train", *small_cli_args(killed_dir, cycle_momentum)],
                             env=cli_env(tmp_path), cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while not (killed_dir / "checkpoints" / "epoch_0001").is_dir():
@@ -522,7 +527,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     proc.wait(timeout=60)
     assert not (killed_dir / "checkpoints" / "epoch_0003").exists()
 
-    resumed = cli(small_cli_args(killed_dir), tmp_path, cwd=repo)
+    resumed = cli(small_cli_args(killed_dir, cycle_momentum), tmp_path, cwd=repo)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming after epoch" in resumed.stdout
     ref_rows = list(csv.DictReader(open(tmp_path / "reference" / "history.csv")))
