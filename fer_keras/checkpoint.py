@@ -90,7 +90,13 @@ def write_checkpoint(model: keras.Model, ckpt_dir: Path, state: dict) -> Path:
         os.rename(tmp, final)
     fsync_path(ckpt_dir)
     for old in sorted(ckpt_dir.glob("epoch_*"))[:-CHECKPOINTS_KEPT]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Renamed out of the epoch_* names first: a kill inside rmtree would leave a half-deleted epoch folder.
+        doomed = ckpt_dir / tmp_name(f"pruned_{old.name}")
+        try:
+            os.rename(old, doomed)
+        except OSError:
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

@@ -86,3 +86,30 @@ def test_killed_exports_leave_only_complete_versions(tmp_path):
 
     remove_dead_writers_tmp(target / "m")
     assert sorted(p.name for p in (target / "m").iterdir()) == sorted(p.name for p in versions)
+
+
+def test_a_kill_while_pruning_old_checkpoints_leaves_no_half_deleted_epoch(tmp_path, monkeypatch):
+    """Pruning deletes the oldest checkpoint folder file by file; a writer killed halfway must not leave an
+    ``epoch_*`` folder that looks like a checkpoint but is not one."""
+    import keras
+
+    from fer_keras import checkpoint
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    target = tmp_path / "checkpoints"
+    for epoch in range(1, checkpoint.CHECKPOINTS_KEPT + 1):
+        checkpoint.write_checkpoint(model, target, {"epoch": epoch, "history": []})
+
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def killed_halfway(path, ignore_errors=False):
+        if "epoch_0001" not in Path(path).name:
+            return real_rmtree(path, ignore_errors=ignore_errors)
+        next(Path(path).iterdir()).unlink()  # one file of the oldest checkpoint gone, then the process dies
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_halfway)
+    with pytest.raises(SystemExit):
+        checkpoint.write_checkpoint(model, target, {"epoch": checkpoint.CHECKPOINTS_KEPT + 1, "history": []})
+    for folder in target.glob("epoch_*"):
+        assert (folder / "state.json").is_file() and (folder / "model.weights.h5").is_file(), folder
