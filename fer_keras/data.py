@@ -27,7 +27,6 @@ import os
 import re
 import struct
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -38,7 +37,7 @@ from absl import logging
 
 from fer_keras import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
 from fer_keras.errors import DataError
-from fer_keras.history import remove_dead_writers_tmp, writer_id
+from fer_keras.history import atomic_write_text
 
 NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 SAMPLE_PATH = Path(__file__).resolve().parent / "assets" / "fer2013_sample.csv.gz"
@@ -653,23 +652,13 @@ def _save_cache(target: Path, data: FerData) -> None:
         arrays[f"{name}_ids"] = split.ids.astype(str)
     meta = {"source": data.source, "layout": data.layout, "skipped": data.skipped}
     arrays["meta"] = np.asarray(json.dumps(meta))
-    tmp = None
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        remove_dead_writers_tmp(target.parent, ".npz", tag_prefix=f"{target.stem}.")
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".tmp-{target.stem}.", suffix=f"{writer_id()}.npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, target)
-        tmp = None
+        atomic_write_text(target, buf.getvalue())
     except OSError as e:
         logging.warning("could not write the data cache %s (%s); continuing without it", target, e)
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def _load_cache(target: Path) -> FerData | None:
