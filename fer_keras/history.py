@@ -163,6 +163,18 @@ def unrecorded_start(config: dict | None) -> dict | None:
     return {"path": init_from} if init_from else None
 
 
+def read_start(run_dir: str | os.PathLike | None, config: dict | None) -> dict | None:
+    """What a run started from: its ``init.json``, or, when that is gone, unreadable or damaged,
+    :func:`unrecorded_start` of its configuration (a chain of runs reads on past a damaged record)."""
+    from fer_keras.errors import ConfigError
+
+    try:
+        init = read_init(run_dir) if run_dir else None
+    except (ConfigError, OSError):
+        init = None
+    return init or unrecorded_start(config)
+
+
 def best_row(history: list[dict]) -> dict:
     """The epoch with the highest validation accuracy (the earliest on ties), as best.keras holds it."""
     return max(history, key=lambda r: (r.get("val_accuracy", float("-inf")), -r["epoch"]))

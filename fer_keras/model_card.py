@@ -32,7 +32,15 @@ from absl import flags
 from fer_keras import CLASS_NAMES, __version__, cli
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError
-from fer_keras.history import atomic_write_text, best_row, plot_history, read_init, read_run, unrecorded_start
+from fer_keras.history import (
+    atomic_write_text,
+    best_row,
+    plot_history,
+    read_init,
+    read_run,
+    read_start,
+    unrecorded_start,
+)
 from fer_keras.tta import TTA_MODES
 
 CARD_JSON = "model_card.json"
@@ -147,18 +155,13 @@ def init_flags_name(depth: int) -> str:
 def start_chain(init: dict | None) -> list[dict]:
     """The ``init.json`` records of the runs a model descends from, nearest first. A record written before runs
     kept their own start has no ``run["init"]``: it is completed, once and in place, from that run's folder
-    while the folder is here, else from its recorded configuration (:func:`history.unrecorded_start`)."""
+    while the folder is here, else from its recorded configuration (:func:`history.read_start`)."""
     chain: list[dict] = []
     while isinstance(init, dict) and isinstance(init.get("run"), dict) and len(chain) < MAX_CHAIN:
         chain.append(init)
         run = init["run"]
         if "init" not in run:
-            try:
-                run["init"] = read_init(Path(run["model_dir"])) if run.get("model_dir") else None
-            except (ConfigError, OSError):
-                run["init"] = None
-            if run["init"] is None:
-                run["init"] = unrecorded_start(run.get("config"))
+            run["init"] = read_start(run.get("model_dir"), run.get("config"))
         init = run["init"]
     return chain
 

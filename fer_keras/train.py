@@ -28,7 +28,7 @@ from absl import flags
 
 from fer_keras import __version__, cli
 from fer_keras.errors import ConfigError, FerError, ModelError, WorkerLostError
-from fer_keras.history import atomic_write_text, best_row, read_init, read_run, unrecorded_start, write_history_csv
+from fer_keras.history import atomic_write_text, best_row, read_run, read_start, write_history_csv
 from fer_keras.tta import AUTO, DEFAULT_TOLERANCE, TTA_MODES
 
 if TYPE_CHECKING:
@@ -385,12 +385,7 @@ def _run_record(run_dir: Path) -> dict | None:
         return None
     best = best_row(history)
     flags_file = run_dir / "flags.txt"
-    try:
-        init = read_init(run_dir)
-    except ConfigError:  # a damaged record of the run's own start
-        init = None
-    if init is None:
-        init = unrecorded_start(config)
+    init = read_start(run_dir, config)
     return {
         "model_dir": str(run_dir.resolve()),
         "epochs": len(history),
