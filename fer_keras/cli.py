@@ -15,11 +15,6 @@ from absl import app, flags, logging
 from fer_keras.errors import ConfigError, FerError
 
 
-def quiet_tensorflow() -> None:
-    """Hide TensorFlow's C++ start-up chatter unless the user asked for it."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
 def define_skip_bad_rows(note: str = "") -> None:
     """``--skip_bad_rows`` for the tools that read data: the data a run was trained with that flag needs it."""
     flags.DEFINE_boolean("skip_bad_rows", False, "Skip malformed data rows or images (each reported) instead of "

@@ -270,7 +270,6 @@ def main(argv: Sequence[str]) -> None:
           "uint8 pixels)")
 
 if __name__ == "__main__":
-    cli.quiet_tensorflow()
     define_flags()
     cli.run(main)
     sys.exit(0)

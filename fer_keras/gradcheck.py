@@ -179,7 +179,8 @@ def keras_shape_cases(
     """Runs Conv2D and MaxPool2D on ``[1, W, W + 1, 1]`` inputs (two sizes per case, so both spatial
     axes are covered) for every combination; cached because the layers are the slow part.
 
-    'valid' cases whose kernel exceeds the input have no output and are left out.
+    'valid' cases whose kernel exceeds the input have no output and are left out. The arrays are read-only:
+    every caller shares the cached ones.
     """
     import keras
 
@@ -208,6 +209,9 @@ def keras_shape_cases(
                         if padding == "valid" and kernel > min(hw):
                             continue
                         y = keras.ops.convert_to_numpy(layer(x))
+                        for array in (x, y, weights):
+                            if array is not None:
+                                array.setflags(write=False)
                         cases.append(ShapeCase(op, padding, hw, kernel, stride, tuple(y.shape[1:3]), x, y, weights))
     return tuple(cases)
 
@@ -731,7 +735,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.quiet_tensorflow()
     define_flags()
     cli.run(main)
     sys.exit(0)

@@ -175,7 +175,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.quiet_tensorflow()
     define_flags()
     cli.run(main)
     sys.exit(0)

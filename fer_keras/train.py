@@ -325,8 +325,16 @@ def _subset(split, limit: int, seed: int):
 
 
 def build_optimizer(config: TrainConfig, steps_per_epoch: int, model: keras.Model) -> keras.Optimizer:
+    """The optimizer and learning-rate schedule ``config`` names, over ``config.epochs * steps_per_epoch`` steps.
+
+    Validates ``config`` first, so a caller that built it by hand gets the same error as the flags would give
+    instead of, say, an unknown optimizer silently becoming AdamW.
+    """
     import keras
 
+    config.validate()
+    if steps_per_epoch < 1:
+        raise ConfigError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     total = config.epochs * steps_per_epoch
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     lr = config.learning_rate
@@ -348,7 +356,7 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int, model: keras.Mode
         boundaries = [e * steps_per_epoch for e in sorted(config.step_epochs)]
         values = [lr * config.step_gamma**i for i in range(len(boundaries) + 1)]
         schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
-    else:
+    else:  # "constant"; validate() rejected anything else
         schedule = lr
     wd = config.weight_decay or None
     if config.optimizer == "sgd" and config.cycle_momentum:
@@ -358,7 +366,7 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int, model: keras.Mode
         opt = ScheduledMomentumSGD(schedule, momentum, nesterov=True, weight_decay=wd)
     elif config.optimizer == "sgd":
         opt = keras.optimizers.SGD(schedule, momentum=config.momentum, nesterov=True, weight_decay=wd)
-    else:
+    else:  # "adamw"
         opt = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
     # Decay conv and dense kernels only: BatchNorm scales/offsets and biases are 1-D.
     opt.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])

@@ -43,6 +43,10 @@ def test_shape_formula_matches_keras_conv_and_pool():
     cases = gradcheck.keras_shape_cases()
     assert {(c.op, c.padding) for c in cases} == {(op, p) for op in gradcheck.SHAPE_OPS for p in gradcheck.PADDINGS}
     assert {c.stride for c in cases} == set(gradcheck.SHAPE_STRIDES)
+    conv = next(c for c in cases if c.weights is not None)
+    for array in (conv.x, conv.y, conv.weights):  # shared by every caller of the cache
+        with pytest.raises(ValueError, match="read-only"):
+            array[(0,) * array.ndim] = 99
 
 
 def test_same_padding_amount_is_measured_not_derived():

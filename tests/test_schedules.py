@@ -200,3 +200,15 @@ def test_build_optimizer_cycles_momentum_only_when_asked():
                          ({"base_momentum": 0.95}, "needs 0 < base_momentum <= momentum, got 0.95 and 0.9")]:
         with pytest.raises(ConfigError, match=message):
             config(**{"schedule": "onecycle", "warmup_epochs": 3, "cycle_momentum": True, **bad}).validate()
+
+
+def test_build_optimizer_validates_a_hand_built_config():
+    """A TrainConfig built in code skips the flag validators; build_optimizer must not guess what it meant."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    for bad, message in [({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'"),
+                         ({"schedule": "linear"}, "unknown schedule 'linear'"),
+                         ({"momentum": 1.0}, r"momentum must be in \[0, 1\)")]:
+        with pytest.raises(ConfigError, match=message):
+            train.build_optimizer(config(**bad), steps_per_epoch=20, model=model)
+    with pytest.raises(ConfigError, match="steps_per_epoch must be >= 1, got 0"):
+        train.build_optimizer(config(), steps_per_epoch=0, model=model)
