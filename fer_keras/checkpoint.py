@@ -119,6 +119,18 @@ class NonFiniteLoss(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class MomentumLog(keras.callbacks.Callback):
+    """Adds the optimizer's momentum to each epoch's logs (``momentum``), as Keras adds the learning rate, so that
+    TensorBoard (``epoch_momentum``) and history.csv show a cycled momentum; callbacks after it see the value."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        from fer_keras.schedules import current_momentum
+
+        momentum = current_momentum(self.model.optimizer)
+        if logs is not None and momentum is not None:
+            logs["momentum"] = momentum
+
+
 def save_best(model: keras.Model, out_dir: Path) -> None:
     """``best.keras``, written under a hidden name and renamed into place."""
     remove_dead_writers_tmp(out_dir, ".keras")
@@ -168,6 +180,8 @@ class RunRecorder(keras.callbacks.Callback):
             "learning_rate": float(np.asarray(keras.ops.convert_to_numpy(lr))),
             "seconds": round(time.monotonic() - self.started, 2),
         }
+        if "momentum" in logs:  # MomentumLog's value; AdamW has none
+            row["momentum"] = float(logs["momentum"])
         bad = [k for k in ("loss", "val_loss") if not math.isfinite(row[k])]
         if bad:
             self.guard.failed_at = (epoch + 1, 0, row[bad[0]], "loss" if bad[0] == "loss" else "validation loss")

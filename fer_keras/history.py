@@ -94,7 +94,8 @@ def fsync_path(path: Path) -> None:
         pass
 
 
-HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
+# "momentum" is blank for AdamW and in runs written before it was recorded (reading skips blank cells).
+HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "momentum", "seconds")
 
 
 def write_history_csv(path: Path, history: list[dict]) -> None:

@@ -157,3 +157,14 @@ class ScheduledMomentumSGD(keras.optimizers.SGD):
         config = dict(config)
         config.pop("momentum", None)  # SGD's record of the first step's value; the schedule is the setting
         return super().from_config(config, custom_objects=custom_objects)
+
+
+def current_momentum(optimizer: keras.Optimizer) -> float | None:
+    """The momentum of ``optimizer``'s next step, read as Keras reads the learning rate it logs (the schedule at
+    ``iterations``): the cycle's value for :class:`ScheduledMomentumSGD`, the constant for SGD, None for
+    optimizers without momentum (AdamW's ``beta_1`` is a moment decay, not SGD's momentum)."""
+    if isinstance(optimizer, ScheduledMomentumSGD):
+        return float(ops.convert_to_numpy(optimizer.momentum_schedule(optimizer.iterations)))
+    if isinstance(optimizer, keras.optimizers.SGD):
+        return float(optimizer.momentum)
+    return None

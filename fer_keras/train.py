@@ -631,6 +631,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
         recorder = checkpoint.RunRecorder(out_dir, ckpt_dir, chief, guard, history, best, config_json)
         callbacks = [
             guard,
+            checkpoint.MomentumLog(),  # before the two that record it
             keras.callbacks.TensorBoard(str(out_dir / "logs"), update_freq="epoch", write_graph=False, profile_batch=0),
             recorder,
         ]

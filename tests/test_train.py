@@ -50,7 +50,7 @@ def test_run_writes_outputs_and_tensorboard_equals_history(trained_run):
     for (run, tag), column in {
         ("train", "epoch_loss"): "loss", ("train", "epoch_accuracy"): "accuracy",
         ("validation", "epoch_loss"): "val_loss", ("validation", "epoch_accuracy"): "val_accuracy",
-        ("train", "epoch_learning_rate"): "learning_rate",
+        ("train", "epoch_learning_rate"): "learning_rate", ("train", "epoch_momentum"): "momentum",
     }.items():
         values = scalars[(run, tag)]
         assert [s for s, _ in values] == [0, 1], (run, tag)
@@ -497,6 +497,18 @@ def test_cli_bad_flags_exit_non_zero_with_one_line(tmp_path, args, needle):
     assert "--helpshort" not in proc.stderr
 
 
+def test_history_csv_keeps_rows_without_momentum(tmp_path):
+    """Rows of a run resumed from before momentum was recorded (or of AdamW) have none: a blank cell, read back as
+    no key, next to rows that have it."""
+    old = {"epoch": 1, "loss": 1.9, "accuracy": 0.2, "val_loss": 1.8, "val_accuracy": 0.25, "learning_rate": 0.1,
+           "seconds": 1.5}
+    new = {**old, "epoch": 2, "momentum": 0.875}
+    path = tmp_path / "history.csv"
+    history_lib.write_history_csv(path, [old, new])
+    assert path.read_text().splitlines()[:2] == [",".join(history_lib.HISTORY_FIELDS), "1,1.9,0.2,1.8,0.25,0.1,,1.5"]
+    assert history_lib.read_history_csv(path) == [old, new]
+
+
 def small_cli_args(model_dir: Path, cycle_momentum: bool = False) -> list[str]:
     return [
         "--flagfile=flags/smoke.cfg", f"--model_dir={model_dir}", "--epochs=3", "--max_train_examples=64",
@@ -533,8 +545,12 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, cycle_moment
     ref_rows = list(csv.DictReader(open(tmp_path / "reference" / "history.csv")))
     got_rows = list(csv.DictReader(open(killed_dir / "history.csv")))
     assert [r["epoch"] for r in got_rows] == ["1", "2", "3"]
+    # The next step's momentum (as for the learning rate): the cycle over 6 steps (2 per epoch, the lowest 0.85 at
+    # step 1) at steps 2, 4 and 6, rising back to 0.9; constant 0.9 without the cycle.
+    expected = [0.857322, 0.892678, 0.9] if cycle_momentum else [0.9, 0.9, 0.9]
+    assert [float(r["momentum"]) for r in ref_rows] == pytest.approx(expected, abs=1e-6)
     for ref, got in zip(ref_rows, got_rows):
-        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "momentum"):
             assert float(got[key]) == pytest.approx(float(ref[key]), rel=1e-5, abs=1e-6), (ref["epoch"], key)
     assert not list((killed_dir / "checkpoints").glob(".tmp-*"))
 
