@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +20,7 @@ def atomic_write_text(path: Path, content: str | bytes) -> None:
     into place, so a reader or a kill sees the old file or the new one, never half of one."""
     path = Path(path)
     remove_dead_writers_tmp(path.parent, tag_prefix=f"{path.name}.")
+    _remove_stale_legacy_tmp(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.", suffix=writer_id())
     try:
         with os.fdopen(fd, "wb") as f:
@@ -32,6 +34,22 @@ def atomic_write_text(path: Path, content: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+LEGACY_TMP_AGE = 3600.0
+
+
+def _remove_stale_legacy_tmp(path: Path) -> None:
+    """Deletes ``.NAME.tmp-RANDOM`` leftovers of ``path`` (the naming before session 13, which does not say who
+    wrote them) once they are an hour old: such a write takes seconds, so its writer is gone. Best effort."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp-[a-z0-9_]{{8}}")
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        try:
+            if pattern.fullmatch(tmp.name) and tmp.is_file() and now - tmp.stat().st_mtime > LEGACY_TMP_AGE:
+                tmp.unlink()
+        except OSError:
+            continue
 
 
 def writer_id() -> str:

@@ -402,3 +402,21 @@ def test_atomic_writes_clean_up_their_dead_writers_leftovers(tmp_path):
     atomic_write_text(tmp_path / "history.csv", "epoch\n1\n")
     assert (tmp_path / "history.csv").read_text() == "epoch\n1\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["history.csv"])
+
+
+def test_atomic_writes_clean_up_hour_old_leftovers_of_the_old_naming(tmp_path):
+    """``.NAME.tmp-RANDOM`` (before session 13) does not say who wrote it: the next write of that target removes it
+    once it is an hour old (a write takes seconds), and keeps a younger one and another target's."""
+    import os
+    import time as time_lib
+
+    from fer_keras.history import atomic_write_text
+
+    old, young, other = ".history.csv.tmp-ab12cd34", ".history.csv.tmp-ef56gh78", ".config.json.tmp-ij90kl12"
+    hour_ago = time_lib.time() - 3700
+    for name in (old, young, other):
+        (tmp_path / name).write_text("half")
+    for name in (old, other):
+        os.utime(tmp_path / name, (hour_ago, hour_ago))
+    atomic_write_text(tmp_path / "history.csv", "epoch\n1\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([young, other, "history.csv"])
