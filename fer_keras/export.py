@@ -185,6 +185,12 @@ def run_metadata(run_dir: Path) -> dict:
     if rows:
         best = best_row(rows)
         info.update(best_epoch=best["epoch"], val_accuracy=best["val_accuracy"])
+    try:  # the split val_accuracy was measured on, as an export written by training records it
+        val = json.loads((run_dir / "data.json").read_text())["val"]
+        if isinstance(val.get("name"), str):
+            info["val_split"] = val["name"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
     return info
 
 
@@ -234,6 +240,9 @@ def export_from(model_path: str | os.PathLike, export_dir: str | os.PathLike = "
     run_dir = source if source.is_dir() else source.parent if in_run else None
     name = name or (run_dir.name if run_dir else source.stem)
     metadata = {"source": str(source), **(run_metadata(run_dir) if run_dir else {})}
+    target = Path(export_dir) / name / str(version)
+    if version and target.exists():  # export_model refuses it too, but only after minutes of --tta=auto measuring
+        raise ConfigError(f"{target}: export version {version} exists; it is never overwritten")
     if tta == AUTO:
         split, label, _ = selection_split(data, metadata.get("train_config", {}))
         tta = resolve_tta(model, tta, split, label, metadata, crop_size, tolerance)

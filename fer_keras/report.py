@@ -520,8 +520,9 @@ def section_evaluation(ctx: _Context) -> str:
                       f"({count} images, {rate:.1%} of {CLASS_NAMES[true]})."]
     if ctx.split == "val":
         parts += ["", "Training picks its best epoch on the validation split (PublicTest unless the data has "
-                      "none), so accuracy on that split is slightly optimistic; test (PrivateTest) is the "
-                      "held-out estimate."]
+                      "none), so accuracy on that split is slightly optimistic; an unbiased estimate needs images "
+                      "no choice was made on (FER2013's PrivateTest rows, withheld from this project and scored "
+                      "independently)."]
     rows = [(name, f"{result.precision[i]:.3f}", f"{result.recall[i]:.3f}", f"{result.f1[i]:.3f}",
              int(result.support[i])) for i, name in enumerate(CLASS_NAMES)]
     rows.append(("**macro average**", f"{result.precision[result.present_classes].mean():.3f}",

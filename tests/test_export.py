@@ -207,10 +207,14 @@ def test_export_cli_from_a_run_dir_and_refusing_an_existing_version(trained_run,
     info = json.loads((tmp_path / "cli" / "1" / "assets.extra" / "fer_keras.json").read_text())
     assert info["tta"] == "flip" and info["train_config"]["stem"] == config.stem
     assert info["best_epoch"] in (1, 2) and 0 <= info["val_accuracy"] <= 1
-    again = subprocess.run(args + ["--version=1"], env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    # The split that accuracy was measured on, as training's own export records it.
+    assert info["val_split"] == json.loads((Path(config.model_dir) / "data.json").read_text())["val"]["name"]
+    # Refused before --tta=auto spends minutes measuring the model.
+    again = subprocess.run(args + ["--version=1", "--tta=auto"], env=cli_env(tmp_path), capture_output=True,
+                           text=True, timeout=300)
     assert again.returncode == 2
     assert again.stderr.strip().splitlines()[-1].startswith("error:") and "never overwritten" in again.stderr
-    assert "Traceback" not in again.stderr
+    assert "Traceback" not in again.stderr and "TTA chosen" not in again.stdout
 
 
 def test_a_mixed_precision_model_is_exported_in_float32():
