@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -197,6 +198,24 @@ def _total_wall(wall: float, init: dict | None) -> float | None:
     return None if None in walls or unknown_origin(init, chain) else wall + sum(walls)
 
 
+def _check_export_of_run(metadata: dict, export: Path, run_dir: Path, best: dict, selection_name: str) -> None:
+    """Refuses an export whose metadata records another run's best model: the card would put this run's recipe and
+    history beside that model's accuracy (by epoch, accuracy and split, not by path: run folders move)."""
+    recorded = {"best_epoch": metadata.get("best_epoch"), "val_accuracy": metadata.get("val_accuracy"),
+                "val_split": metadata.get("val_split")}
+    if recorded["best_epoch"] is None:
+        raise ConfigError(f"{export}: its metadata does not say which run's epoch it holds, so it cannot be "
+                          f"carded as {run_dir}'s (export the run with python -m fer_keras.export --model=RUN)")
+    here = {"best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"], "val_split": selection_name}
+    differ = [f"{key} {recorded[key]!r} (run: {here[key]!r})" for key in here
+              if recorded[key] is not None and not (
+                  math.isclose(recorded[key], here[key], abs_tol=5e-6) if key == "val_accuracy"
+                  else recorded[key] == here[key])]
+    if differ:
+        raise ConfigError(f"{export} holds another model than {run_dir}'s best epoch: "
+                          f"{', '.join(differ)}; pass the export made from this run")
+
+
 def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | None,
                tta_modes: Sequence[str] = TTA_MODES, batch_size: int = 256,
                init_recipe: Path | Sequence[Path] | None = None) -> tuple[dict, object]:
@@ -254,6 +273,7 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
                           "(data.json); pass the data the run was trained on as --data")
     split_name = "val"
     served = inference.load_predictor(export)
+    _check_export_of_run(served.metadata, export, run_dir, best, selection_name)
     served_result = evaluate(served, split, "none", batch_size, split_name=split_name)
     keras_model = inference.load_predictor(run_dir / "best.keras")
     per_tta = {mode: _accuracy_entry(evaluate(keras_model, split, mode, batch_size, split_name=split_name))

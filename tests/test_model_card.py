@@ -94,6 +94,23 @@ def test_card_refuses_other_data_and_draws_a_missing_history_plot(trained_run, t
     assert (export_base / "history.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_card_refuses_an_export_of_another_run(trained_run, tmp_path):
+    """The card would state this run's recipe and history beside another model's accuracy."""
+    _, result = trained_run
+    run, export_base = tmp_path / "run", tmp_path / "exports"
+    shutil.copytree(result.model_dir, run)  # a moved run folder is still the export's run
+    shutil.copytree(result.export_path.parent, export_base)
+    metadata_file = export_base / "1" / "assets.extra" / "fer_keras.json"
+    metadata = json.loads(metadata_file.read_text())
+    metadata_file.write_text(json.dumps({**metadata, "best_epoch": metadata["best_epoch"] + 5}))
+    with pytest.raises(ConfigError, match=rf"exports/1 holds another model than .*/run's best epoch: best_epoch "
+                                          rf"{metadata['best_epoch'] + 5} \(run: {metadata['best_epoch']}\); pass"):
+        model_card.build_card(run, export_base, None, None)
+    metadata_file.write_text(json.dumps({k: v for k, v in metadata.items() if k != "best_epoch"}))
+    with pytest.raises(ConfigError, match="its metadata does not say which run's epoch it holds"):
+        model_card.build_card(run, export_base, None, None)
+
+
 def test_card_of_a_run_started_from_another_states_both_runs(trained_run, tmp_path):
     config, first = trained_run
     first_dir = tmp_path / "first" / "run"  # a copy: this test removes it at the end
@@ -129,8 +146,12 @@ def test_card_of_a_run_started_from_another_states_both_runs(trained_run, tmp_pa
     with pytest.raises(ConfigError, match="did not start from another run's weights"):
         model_card.build_card(first.model_dir, first.export_path.parent, None, None, ("none",),
                               init_recipe=first_recipe)
-    model_card.write_card(first.model_dir, base, None, None, ("none",))  # a card without a start run
+    # A card without a start run, in the same folder (the first run's export as its newest version), drops the
+    # start run's flags.
+    shutil.copytree(first.export_path, base / "2")
+    model_card.write_card(first.model_dir, base, None, None, ("none",))
     assert not (base / model_card.INIT_FLAGS).exists()
+    shutil.rmtree(base / "2")
     # init.json keeps the start run's flags, so the card outlives that run's directory.
     shutil.rmtree(first_dir)
     first_recipe.write_text("--stem=imagenet\n--epochs=2\n")
