@@ -27,13 +27,26 @@ def atomic_write_text(path: Path, content: str | bytes) -> None:
             f.write(content.encode("utf-8") if isinstance(content, str) else content)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide configs and reports from other users
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide configs and reports from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read from /proc where it can be: setting it to read it (the only portable way) changes
+    it for every thread for a moment, and a file another thread creates meanwhile gets world-writable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 LEGACY_TMP_AGE = 3600.0
@@ -77,13 +90,15 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_dead_writers_tmp(folder: Path, suffix: str = "", tag_prefix: str = "") -> list[Path]:
     """Deletes :func:`tmp_name` leftovers of killed writers on this host from ``folder``; with ``tag_prefix``
-    only those whose tag is that prefix and a token without dots (``mkstemp``'s random part), i.e. the
-    temporaries of one target. Best effort: what cannot be removed stays.
+    only those whose tag is that prefix and ``mkstemp``'s 8-character random part, i.e. the temporaries
+    of one target. Best effort: what cannot be removed stays.
 
     Another host's (shared file system) or a live process's unfinished write is left alone.
     """
     removed = []
-    tag = rf"{re.escape(tag_prefix)}[^.]+" if tag_prefix else ".+"
+    # Exact tokens, so that a hyphenated host name ending in this host's name cannot pass for it: mkstemp's
+    # random part after a target's prefix, else a tmp_name tag (they have no hyphen).
+    tag = rf"{re.escape(tag_prefix)}[a-z0-9_]{{8}}" if tag_prefix else "[^-]+"
     pattern = re.compile(rf"\.tmp-{tag}-{re.escape(socket.gethostname())}-(\d+){re.escape(suffix)}")
     for tmp in Path(folder).glob(f".tmp-{glob.escape(tag_prefix)}*{suffix}"):
         match = pattern.fullmatch(tmp.name)

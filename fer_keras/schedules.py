@@ -162,7 +162,9 @@ class ScheduledMomentumSGD(keras.optimizers.SGD):
 def current_momentum(optimizer: keras.Optimizer) -> float | None:
     """The momentum of ``optimizer``'s next step, read as Keras reads the learning rate it logs (the schedule at
     ``iterations``): the cycle's value for :class:`ScheduledMomentumSGD`, the constant for SGD, None for
-    optimizers without momentum (AdamW's ``beta_1`` is a moment decay, not SGD's momentum)."""
+    optimizers without momentum (AdamW's ``beta_1`` is a moment decay, not SGD's momentum). A loss-scale wrapper
+    (``mixed_float16``) is looked through."""
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
     if isinstance(optimizer, ScheduledMomentumSGD):
         return float(ops.convert_to_numpy(optimizer.momentum_schedule(optimizer.iterations)))
     if isinstance(optimizer, keras.optimizers.SGD):

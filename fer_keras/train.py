@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from absl import flags
+from absl import flags, logging
 
 from fer_keras import __version__, cli
 from fer_keras.errors import ConfigError, FerError, ModelError, WorkerLostError
@@ -156,6 +156,10 @@ class TrainConfig:
              f"unknown export_tta {self.export_tta!r}; choose {', '.join(EXPORT_TTAS)}"),
             (self.export_tta_tolerance >= 0, f"export_tta_tolerance must be >= 0, got {self.export_tta_tolerance}"),
             (self.cpu_devices >= 0, f"cpu_devices must be >= 0, got {self.cpu_devices}"),
+            (self.cpu_devices <= 1 or self.strategy == "mirrored",
+             f"cpu_devices {self.cpu_devices} splits the CPU for strategy=mirrored only, got strategy={self.strategy}"),
+            (self.collective_timeout >= 0, f"collective_timeout must be >= 0, got {self.collective_timeout}"),
+            (self.verbose in (0, 1, 2), f"verbose must be 0, 1 or 2, got {self.verbose}"),
             (self.max_train_examples >= 0 and self.max_val_examples >= 0, "max_*_examples must be >= 0"),
             (self.export_version >= 0, f"export_version must be >= 0, got {self.export_version}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
@@ -163,7 +167,8 @@ class TrainConfig:
             (self.num_gpus >= -1, f"num_gpus must be >= -1 (-1: all), got {self.num_gpus}"),
             (_plain_name(self.resolved_export_name),
              f"export name {self.resolved_export_name!r} must be a plain folder name (--export_name)"),
-            (all(e > 0 for e in self.step_epochs), f"step_epochs must be positive, got {self.step_epochs}"),
+            (all(0 < e < self.epochs for e in self.step_epochs),
+             f"step_epochs must be between 1 and epochs - 1 ({self.epochs - 1}), got {list(self.step_epochs)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -353,7 +358,8 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int, model: keras.Mode
         warmup = min(warmup, total - 1)
         schedule = OneCycle(lr, total_steps=total, warmup_steps=warmup)
     elif config.schedule == "step":
-        boundaries = [e * steps_per_epoch for e in sorted(config.step_epochs)]
+        # PiecewiseConstantDecay switches after step == boundary; the first step of epoch e + 1 is e * steps.
+        boundaries = [e * steps_per_epoch - 1 for e in sorted(config.step_epochs)]
         values = [lr * config.step_gamma**i for i in range(len(boundaries) + 1)]
         schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
     else:  # "constant"; validate() rejected anything else
@@ -557,6 +563,12 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
         raise ConfigError(
             f"{len(train_split)} training images is fewer than one batch of {config.batch_size}"
         )
+    if steps % config.steps_per_execution:
+        # Keras would run whole calls of steps_per_execution steps: epochs would read into the next epoch's
+        # batches and a resumed run would no longer see the batches of an uninterrupted one.
+        raise ConfigError(f"steps_per_execution {config.steps_per_execution} does not divide the {steps} steps "
+                          f"of an epoch ({len(train_split):,} images / batch {config.batch_size}); use a divisor "
+                          f"of {steps}")
     if export_base is not None and config.export_version and not (model_dir / "export.json").is_file():
         target = export_base / config.resolved_export_name / str(config.export_version)
         if target.exists():  # found now, not after hours of training
@@ -619,7 +631,15 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
                 # Optimizer slots must exist before their saved values can be loaded.
                 model.optimizer.build(model.trainable_variables)
                 model.load_weights(str(latest[0] / "model.weights.h5"))
-                checkpoint.restore_rng(model, latest[1].get("rng_state", {}))
+                restored = checkpoint.restore_rng(model, latest[1].get("rng_state", {}))
+                expected = len(checkpoint.rng_variables(model))
+                if restored < expected:  # dropout then draws other masks than the uninterrupted run would
+                    message = (f"{latest[0]}/state.json: restored {restored} of the {expected} dropout random "
+                               "states, so this resumed run will not repeat an uninterrupted one exactly")
+                    if config.deterministic:
+                        raise ConfigError(message + " (--deterministic); resume without it or use a new "
+                                                    "--model_dir")
+                    logging.warning(message)
                 print(f"resuming after epoch {initial_epoch} from {latest[0]}")
                 best_file = out_dir / "best.keras"
                 if chief and best[0] == initial_epoch and (
@@ -671,7 +691,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
             raise FerError(
                 f"training stopped: the {what} became {value} at epoch {epoch}"
                 + (f", batch {batch}" if batch else "")
-                + f"; {where}. Lower --learning_rate or use --precision=float32"
+                + f"; {where}. Lower --learning_rate"
+                + (" or use --precision=float32" if config.precision != "float32" else "")
             )
     finally:
         keras.config.set_dtype_policy(previous_policy)
@@ -777,7 +798,8 @@ def define_flags() -> None:
     f.DEFINE_float("step_gamma", d.step_gamma, "Step-schedule factor.")
     f.DEFINE_float("label_smoothing", d.label_smoothing, "Label smoothing of the cross-entropy.")
     f.DEFINE_enum("precision", d.precision, PRECISIONS, "Keras dtype policy; logits stay float32.")
-    f.DEFINE_integer("steps_per_execution", d.steps_per_execution, "Training steps per tf.function call.")
+    f.DEFINE_integer("steps_per_execution", d.steps_per_execution, "Training steps per tf.function call; must divide "
+                     "the steps of an epoch (checked once the data is read).")
     f.DEFINE_integer("seed", d.seed, "Seed of weights, data order and augmentation.")
     f.DEFINE_boolean("deterministic", d.deterministic, "Enable TF op determinism (bit-identical reruns).")
     f.DEFINE_boolean("flip", d.flip, "Augment: random horizontal flip.")

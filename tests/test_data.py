@@ -706,7 +706,7 @@ def test_cache_write_removes_a_killed_writers_leftover(tmp_path, cache):
     target.unlink()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    leftover = cache / f".tmp-{target.name}.q7w2-{socket.gethostname()}-{dead.pid}"
+    leftover = cache / f".tmp-{target.name}.q7w2x9_3-{socket.gethostname()}-{dead.pid}"
     leftover.write_bytes(b"PK half a zip")
     data.load(path)
     assert sorted(p.name for p in cache.iterdir()) == [target.name]

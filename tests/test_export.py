@@ -148,7 +148,8 @@ def test_only_dead_local_writers_leftovers_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     host = socket.gethostname()
-    names = [f".tmp-3-{host}-{dead.pid}", f".tmp-4-{host}-{os.getpid()}", ".tmp-5-elsewhere-1", "2"]
+    names = [f".tmp-3-{host}-{dead.pid}", f".tmp-4-{host}-{os.getpid()}", ".tmp-5-elsewhere-1", "2",
+             f".tmp-6-other-{host}-{dead.pid}"]  # host "other-HOST", not this one
     for name in names:
         (tmp_path / name).mkdir()
     files = [f".tmp-best-{host}-{dead.pid}.keras", f".tmp-best-{host}-{os.getpid()}.keras", "best.keras"]
@@ -398,9 +399,10 @@ def test_atomic_writes_clean_up_their_dead_writers_leftovers(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     host = socket.gethostname()
-    stale = f".tmp-history.csv.k3x9-{host}-{dead.pid}"
-    kept = [f".tmp-history.csv.a1b2-{host}-{os.getpid()}", f".tmp-config.json.c3d4-{host}-{dead.pid}",
-            f".tmp-history.csv.bak.e5f6-{host}-{dead.pid}"]  # another target's, although its name starts alike
+    stale = f".tmp-history.csv.k3x9ab_1-{host}-{dead.pid}"
+    kept = [f".tmp-history.csv.a1b2cd34-{host}-{os.getpid()}", f".tmp-config.json.c3d4ef56-{host}-{dead.pid}",
+            f".tmp-history.csv.bak.e5f6gh78-{host}-{dead.pid}",  # another target's, although its name starts alike
+            f".tmp-history.csv.k3x9ab_1-other-{host}-{dead.pid}"]  # host "other-HOST", not this one
     for name in [stale, *kept]:
         (tmp_path / name).write_text("half")
     atomic_write_text(tmp_path / "history.csv", "epoch\n1\n")

@@ -212,3 +212,26 @@ def test_build_optimizer_validates_a_hand_built_config():
             train.build_optimizer(config(**bad), steps_per_epoch=20, model=model)
     with pytest.raises(ConfigError, match="steps_per_epoch must be >= 1, got 0"):
         train.build_optimizer(config(), steps_per_epoch=0, model=model)
+
+
+def test_step_schedule_drops_at_the_first_step_of_the_epoch_as_multisteplr():
+    """torch's MultiStepLR(milestones=[2]) stepped per epoch trains epoch 3 (steps 10-14 at 5 a epoch) at the new
+    rate; Keras' PiecewiseConstantDecay keeps the old one while step <= boundary."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    opt = train.build_optimizer(config(schedule="step", step_epochs=(2,), step_gamma=0.1, epochs=4),
+                                steps_per_epoch=5, model=model)
+    rates = [float(opt._learning_rate(step)) for step in range(20)]
+    assert rates == pytest.approx([0.1] * 10 + [0.01] * 10)
+
+
+def test_current_momentum_reads_through_the_loss_scale_wrapper():
+    """mixed_float16 wraps the optimizer in a LossScaleOptimizer, which is neither SGD nor its subclass."""
+    from fer_keras.schedules import current_momentum
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    cycled = train.build_optimizer(config(schedule="onecycle", warmup_epochs=3, cycle_momentum=True, momentum=0.95),
+                                   steps_per_epoch=20, model=model)
+    for optimizer, expected in [(cycled, 0.95), (keras.optimizers.SGD(0.1, momentum=0.9), 0.9)]:
+        assert current_momentum(optimizer) == pytest.approx(expected)
+        assert current_momentum(keras.optimizers.LossScaleOptimizer(optimizer)) == pytest.approx(expected)
+    assert current_momentum(keras.optimizers.AdamW(0.1)) is None

@@ -160,6 +160,30 @@ def test_an_existing_export_version_is_refused_before_training(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_steps_per_execution_that_does_not_divide_an_epoch_is_refused(tmp_path):
+    """Keras would run whole calls: 4 steps an epoch at 3 per call reads 6 batches, into the next epoch's."""
+    config = train.TrainConfig(model_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "exports"),
+                               **{**SMALL_RUN, "steps_per_execution": 3})
+    with pytest.raises(ConfigError, match=r"steps_per_execution 3 does not divide the 4 steps of an epoch \(128 "
+                                          r"images / batch 32\); use a divisor of 4"):
+        train.run(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_that_cannot_restore_dropouts_random_state_is_refused_when_deterministic(tmp_path):
+    settings = {**SMALL_RUN, "dropout": 0.2, "deterministic": True, "export": False}
+    config = train.TrainConfig(model_dir=str(tmp_path / "run"), **settings)
+    train.run(config)
+    ckpts = tmp_path / "run" / "checkpoints"
+    shutil.rmtree(ckpts / "epoch_0002")  # as if killed during epoch 2
+    state_file = ckpts / "epoch_0001" / "state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "rng_state": {}}))
+    with pytest.raises(ConfigError, match=r"epoch_0001/state.json: restored 0 of the 1 dropout random states, so "
+                                          r"this resumed run will not repeat an uninterrupted one exactly "
+                                          r"\(--deterministic\)"):
+        train.run(config)
+
+
 def test_fewer_images_than_one_batch_is_refused_before_any_folder_is_made(tmp_path):
     config = train.TrainConfig(model_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "exports"),
                                **{**SMALL_RUN, "max_train_examples": 16})
@@ -295,6 +319,10 @@ def test_unwritable_model_dir_is_reported_before_training(tmp_path):
     ({"num_gpus": -2}, "num_gpus must be >= -1"),
     ({"export_tta": "fivecrop"}, "unknown export_tta"),
     ({"export_tta_tolerance": -1.0}, "export_tta_tolerance must be >= 0"),
+    ({"schedule": "step", "step_epochs": (2,)}, r"step_epochs must be between 1 and epochs - 1 \(1\), got \[2\]"),
+    ({"cpu_devices": 2, "strategy": "multi_worker"}, "splits the CPU for strategy=mirrored only"),
+    ({"collective_timeout": -1.0}, "collective_timeout must be >= 0"),
+    ({"verbose": 3}, "verbose must be 0, 1 or 2"),
 ])
 def test_bad_settings_are_refused(tmp_path, kwargs, message):
     with pytest.raises(ConfigError, match=message):
