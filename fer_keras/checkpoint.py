@@ -17,8 +17,10 @@ from pathlib import Path
 
 import keras
 import numpy as np
+from absl import logging
 
 from fer_keras import __version__
+from fer_keras.errors import ConfigError
 from fer_keras.history import (
     atomic_write_text,
     fsync_path,
@@ -31,17 +33,40 @@ from fer_keras.history import (
 CHECKPOINTS_KEPT = 2
 
 
+def _state_problem(folder: Path, state: object) -> str | None:
+    """What is wrong with a parsed state.json, or None: a resume reads these fields blind."""
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    epoch = state.get("epoch")
+    if not isinstance(epoch, int) or folder.name != f"epoch_{epoch:04d}":
+        return f"its epoch {epoch!r} is not the folder's"
+    if not isinstance(state.get("history"), list) or not all(isinstance(r, dict) for r in state["history"]):
+        return "no history list"
+    if not isinstance(state.get("best_epoch"), int) or not isinstance(state.get("best_val_accuracy"), (int, float)):
+        return "no best epoch"
+    return None
+
+
 def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint (a folder whose state.json parses), or None."""
+    """The newest complete checkpoint, or None. A folder whose state.json is missing, cut or damaged (a copy gone
+    wrong: the writer renames complete folders only) is skipped with a warning naming it; one that cannot be read
+    for another reason (permissions, I/O) stops with a one-line error rather than resuming from an older epoch."""
     if not ckpt_dir.is_dir():
         return None
     for folder in sorted(ckpt_dir.glob("epoch_*"), reverse=True):
+        state_file = folder / "state.json"
         try:
-            state = json.loads((folder / "state.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if (folder / "model.weights.h5").is_file():
+            state = json.loads(state_file.read_text())
+            problem = None if (folder / "model.weights.h5").is_file() else "no model.weights.h5"
+            problem = problem or _state_problem(folder, state)
+        except (FileNotFoundError, ValueError) as e:
+            problem = f"unreadable state.json ({type(e).__name__})"
+        except OSError as e:
+            raise ConfigError(f"{state_file}: cannot be read ({e.strerror or e}); fix it or move the folder "
+                              "away to resume from the epoch before") from None
+        if problem is None:
             return folder, state
+        logging.warning("%s: skipped, %s; resuming from an earlier checkpoint", folder, problem)
     return None
 
 

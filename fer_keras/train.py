@@ -242,16 +242,23 @@ def _same_setting(key: str, old, new) -> bool:
     return old == new
 
 
-def _check_resumable(model_dir: Path, config: TrainConfig) -> None:
+def _check_resumable(model_dir: Path, config: TrainConfig, latest: tuple[Path, dict] | None) -> None:
+    """Refuses settings that differ from the run's: those of its config.json or, when that is missing or damaged,
+    the copy in its latest checkpoint (before this run rewrites config.json with the new ones)."""
     path = model_dir / "config.json"
-    if not path.is_file():
-        return
+    old = None
     try:
         old = json.loads(path.read_text())
+    except FileNotFoundError:
+        pass
     except ValueError:
-        return
+        logging.warning("%s: damaged; comparing the settings with the latest checkpoint's copy", path)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(old, dict):
-        return
+        old = latest[1].get("config") if latest else None
+    if not isinstance(old, dict):
+        return  # neither is there: nothing recorded to compare with
     # A setting added since the run was made is compared with its default: the behaviour the run had.
     old = TrainConfig.recorded(old)
     new = config.to_json()
@@ -290,10 +297,11 @@ def selection_split_of(dataset: FerData, run_config: dict) -> tuple[Split, str]:
 
 
 def _check_same_data(model_dir: Path, source: str, train_split, val_split, val_name: str,
-                     enforce: bool = True) -> dict:
+                     enforce: bool = True) -> tuple[dict, bool]:
     """Refuses to resume (or to call finished) a run on other data than it was trained on; the path may
-    change (``data`` is resumable), the images and labels may not. Returns the record for ``data.json``;
-    ``enforce=False`` (a run without a finished epoch) only builds the record."""
+    change (``data`` is resumable), the images and labels may not. Returns the record for ``data.json`` and
+    whether the folder holds a usable one; ``enforce=False`` (a run without a finished epoch) only builds the
+    record."""
     record = {
         "source": source,
         "train": {"images": len(train_split), "sha256": train_split.fingerprint()},
@@ -304,16 +312,25 @@ def _check_same_data(model_dir: Path, source: str, train_split, val_split, val_n
         old = json.loads(path.read_text()) if path.is_file() else None
     except ValueError:
         old = None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not (isinstance(old, dict) and all(isinstance(old.get(k), dict) for k in ("train", "val"))):
+        old = None  # missing or damaged: written from this data (train.run), as for a run older than data.json
+
+    def count(value) -> str:
+        return f"{value:,}" if isinstance(value, int) else "?"
+
     if old is not None and enforce:
-        differs = [k for k in ("train", "val") if old.get(k, {}).get("sha256") != record[k]["sha256"]]
+        differs = [k for k in ("train", "val") if old[k].get("sha256") != record[k]["sha256"]]
         if differs:
             raise ConfigError(
                 f"{model_dir} holds a run trained on other data ({old.get('source')}: "
-                f"{old['train']['images']:,} training and {old['val']['images']:,} validation images); "
+                f"{count(old['train'].get('images'))} training and {count(old['val'].get('images'))} validation "
+                "images); "
                 f"{source} gives {len(train_split):,} and {len(val_split):,}, and different "
                 f"{' and '.join(differs)} images or labels; use a new --model_dir or the original --data"
             )
-    return record
+    return record, old is not None
 
 
 def _subset(split, limit: int, seed: int):
@@ -546,13 +563,14 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     latest = checkpoint.latest_checkpoint(model_dir / "checkpoints")
     started = _run_started(model_dir, latest)
     if started:
-        _check_resumable(model_dir, config)
+        _check_resumable(model_dir, config, latest)
     ckpt_dir = out_dir / "checkpoints"
 
     # Data first: a bad file must not leave new empty output folders behind.
     dataset = data_lib.load(config.data or None, skip_bad_rows=config.skip_bad_rows, use_cache=config.use_cache)
     train_split, val_split, val_name = run_splits(dataset, config)
-    data_record = _check_same_data(model_dir, dataset.source, train_split, val_split, val_name, enforce=started)
+    data_record, data_recorded = _check_same_data(model_dir, dataset.source, train_split, val_split, val_name,
+                                                  enforce=started)
     # A resumed run continues from its checkpoint; the initial model matters only at the start.
     init_source = load_initial_model(config.init_from) if config.init_from and not latest else None
     if init_source is not None:  # a model of another architecture is refused before any output is written
@@ -581,7 +599,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     config_json = config.to_json()
     if chief:
         atomic_write_text(model_dir / "config.json", json.dumps(config_json, indent=2) + "\n")
-        if not started or not (model_dir / "data.json").is_file():
+        if not started or not data_recorded:
             atomic_write_text(model_dir / "data.json", json.dumps(data_record, indent=2) + "\n")
         atomic_write_text(model_dir / "flags.txt", "".join(
             f"--{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}\n"

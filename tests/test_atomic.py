@@ -113,3 +113,41 @@ def test_a_kill_while_pruning_old_checkpoints_leaves_no_half_deleted_epoch(tmp_p
         checkpoint.write_checkpoint(model, target, {"epoch": checkpoint.CHECKPOINTS_KEPT + 1, "history": []})
     for folder in target.glob("epoch_*"):
         assert (folder / "state.json").is_file() and (folder / "model.weights.h5").is_file(), folder
+
+
+def test_latest_checkpoint_skips_damaged_states_and_stops_on_unreadable_ones(tmp_path, monkeypatch, caplog):
+    """A resume reads a checkpoint's state blind: a damaged one is skipped by name (the epoch before is used), one
+    that cannot be read at all is a one-line error, not a silent resume from an older epoch."""
+    from fer_keras import checkpoint
+    from fer_keras.errors import ConfigError
+
+    def make(epoch: int, state) -> Path:
+        folder = tmp_path / f"epoch_{epoch:04d}"
+        folder.mkdir()
+        (folder / "model.weights.h5").write_bytes(b"w")
+        (folder / "state.json").write_text(state if isinstance(state, str) else json.dumps(state))
+        return folder
+
+    good = {"epoch": 1, "history": [{"epoch": 1}], "best_epoch": 1, "best_val_accuracy": 0.5}
+    first = make(1, good)
+    make(2, {**good, "epoch": 7})  # a copy of another epoch's state
+    make(3, ["not", "a", "state"])
+    make(4, '{"epoch": 4, "hist')  # cut
+    make(5, {**good, "epoch": 5, "history": None})
+    with caplog.at_level("WARNING"):
+        assert checkpoint.latest_checkpoint(tmp_path) == (first, good)
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    for epoch, problem in [(2, "its epoch 7 is not the folder's"), (3, "not a JSON object"),
+                           (4, "unreadable state.json (JSONDecodeError)"), (5, "no history list")]:
+        assert f"epoch_{epoch:04d}: skipped, {problem}" in messages
+
+    read_text = Path.read_text
+
+    def unreadable(self, *args, **kwargs):
+        if self.parent.name == "epoch_0005":
+            raise PermissionError(13, "Permission denied")
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    with pytest.raises(ConfigError, match=r"epoch_0005/state.json: cannot be read \(Permission denied\)"):
+        checkpoint.latest_checkpoint(tmp_path)

@@ -653,3 +653,32 @@ def test_the_selection_split_is_named_for_what_it_is(val_rows, expected):
     train_split, val_split, name = train.run_splits(data, train.TrainConfig())
     assert name == expected
     assert (len(train_split), len(val_split)) == ((63, 7) if val_rows == 0 else (70, 7))
+
+
+def test_settings_are_checked_against_the_checkpoints_copy_when_config_json_is_damaged(tmp_path):
+    """Else a damaged config.json would let other settings resume the run, and be overwritten with them."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    recorded = train.TrainConfig(**SMALL_RUN).to_json()
+    latest = (run_dir / "checkpoints" / "epoch_0001", {"epoch": 1, "config": recorded})
+    (run_dir / "config.json").write_text('{"stem": "imag')
+    train._check_resumable(run_dir, train.TrainConfig(**SMALL_RUN), latest)
+    with pytest.raises(ConfigError, match=r"holds a run made with other settings \(learning_rate: 0.01 -> 0.5\)"):
+        train._check_resumable(run_dir, train.TrainConfig(**{**SMALL_RUN, "learning_rate": 0.5}), latest)
+
+
+def test_a_damaged_data_json_is_reported_for_rewriting(tmp_path):
+    from fer_keras import data as fer_data
+
+    dataset = fer_data.load(None)
+    train_split, val_split, val_name = train.run_splits(dataset, train.TrainConfig(**SMALL_RUN))
+    record, recorded = train._check_same_data(tmp_path, dataset.source, train_split, val_split, val_name)
+    assert not recorded  # no data.json
+    (tmp_path / "data.json").write_text(json.dumps({**record, "train": "?"}))
+    assert train._check_same_data(tmp_path, dataset.source, train_split, val_split, val_name) == (record, False)
+    (tmp_path / "data.json").write_text(json.dumps(record))
+    assert train._check_same_data(tmp_path, dataset.source, train_split, val_split, val_name) == (record, True)
+    other = {**record, "train": {"sha256": "0" * 64}}  # a partial record still names what differs
+    (tmp_path / "data.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match=r"trained on other data \(.*: \? training and 63 validation images\)"):
+        train._check_same_data(tmp_path, dataset.source, train_split, val_split, val_name)
