@@ -47,6 +47,7 @@ from absl import flags
 
 from fer_keras import __version__, cli
 from fer_keras.errors import ConfigError, FerError
+from fer_keras.history import atomic_write_text
 
 if TYPE_CHECKING:
     import keras
@@ -935,8 +936,8 @@ def write_report(report: dict, output: str | os.PathLike) -> tuple[Path, Path]:
     md_path = json_path.with_suffix(".md")
     try:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-        md_path.write_text(render_markdown(report))
+        atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+        atomic_write_text(md_path, render_markdown(report))
     except OSError as e:
         raise FerError(f"{json_path}: cannot write the report ({e.strerror or e})") from None
     return json_path, md_path

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from absl import flags, logging
+from absl import flags
 
 from fer_keras import CLASS_NAMES, NUM_CLASSES, __version__, cli
 from fer_keras import data as fer_data
@@ -391,8 +391,6 @@ def main(argv: Sequence[str]) -> None:
     split = data.split(split_name)
     _check_labeled(split, f"{data.source}: {fer_data.split_label(split_name)}")
     predictor = inference.load_predictor(f.model)
-    if f.tta == "flip" and predictor.metadata.get("tta") == "flip":
-        logging.warning("%s already averages flipped images; --tta=flip changes nothing", predictor.path)
     result = evaluate(predictor, split, f.tta, f.batch_size, split_name=split_name, crop_size=f.crop_size)
     files = write_report(result, out, source=data.source)
     print(summary(result))

@@ -214,9 +214,11 @@ def resolve_tta(model: keras.Model, tta: str, split: Split, split_name: str, met
     return choice.mode
 
 
-def selection_split(data_path: str | None, run_config: dict) -> tuple[Split, str, str]:
+def selection_split(data_path: str | None, run_config: dict, run_dir: Path | None = None) -> tuple[Split, str, str]:
     """The labelled split a run selected its epoch on (PublicTest, or its hold-out), its name and the data's
-    source; ``data_path`` None means the data the run recorded (else the bundled sample)."""
+    source; ``data_path`` None means the data the run recorded (else the bundled sample). With ``run_dir``, images
+    that differ from those its ``data.json`` records are refused: a choice made on them would be recorded as made
+    on the run's split."""
     from fer_keras import data as fer_data
     from fer_keras.train import TrainConfig, selection_split_of
 
@@ -224,6 +226,14 @@ def selection_split(data_path: str | None, run_config: dict) -> tuple[Split, str
     dataset = fer_data.load(data_path or recorded.get("data") or None, skip_bad_rows=bool(recorded["skip_bad_rows"]),
                             use_cache=bool(recorded["use_cache"]))
     val, name = selection_split_of(dataset, recorded)
+    if run_dir is not None:
+        try:
+            chose_on = json.loads((Path(run_dir) / "data.json").read_text()).get("val", {}).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            chose_on = None  # a run older than data.json: nothing to compare with
+        if chose_on and val.fingerprint() != chose_on:
+            raise ConfigError(f"{dataset.source}: its {name} images differ from those {run_dir} chose its epoch on "
+                              "(data.json); pass the data the run was trained on as --data")
     return val, name, dataset.source
 
 
@@ -244,7 +254,7 @@ def export_from(model_path: str | os.PathLike, export_dir: str | os.PathLike = "
     if version and target.exists():  # export_model refuses it too, but only after minutes of --tta=auto measuring
         raise ConfigError(f"{target}: export version {version} exists; it is never overwritten")
     if tta == AUTO:
-        split, label, _ = selection_split(data, metadata.get("train_config", {}))
+        split, label, _ = selection_split(data, metadata.get("train_config", {}), run_dir)
         tta = resolve_tta(model, tta, split, label, metadata, crop_size, tolerance)
     path = export_model(model, export_dir, name, version or None, tta, metadata=metadata, crop_size=crop_size)
     return path, tta

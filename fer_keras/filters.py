@@ -40,8 +40,17 @@ from tf_keras_vis.utils.scores import Score
 from fer_keras import CLASS_NAMES, cli
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError
+from fer_keras.history import atomic_write_text
 from fer_keras.model import FIRST_CONV_LAYER, LAST_CONV_LAYER
-from fer_keras.vis import as_batch, check_layer, new_figure, parse_int_list, quiet_keras, split_indices
+from fer_keras.vis import (
+    as_batch,
+    check_layer,
+    new_figure,
+    parse_int_list,
+    quiet_keras,
+    save_figure,
+    split_indices,
+)
 
 PIXEL_RANGE = (0.0, 255.0)
 DEFAULT_FILTERS = 16
@@ -266,8 +275,7 @@ def _panels(n: int) -> tuple[Figure, list[Axes]]:
 def _save(fig: Figure, path: str | Path, title: str) -> Path:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    return Path(path)
+    return save_figure(fig, path, dpi=90)
 
 
 def plot_maximization(path: str | Path, layer: str, result: Maximization) -> Path:
@@ -433,7 +441,7 @@ def main(argv: Sequence[str]) -> None:
         gains = [r["max_activation"] for r in entry["filters"]]
         print(f"{layer}: {len(gains)} filters, activation reached {min(gains):.3g}-{max(gains):.3g}; "
               f"{', '.join(Path(p).name for p in entry['figures'].values())}")
-    (out / "filters.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "filters.json", json.dumps(report, indent=2) + "\n")
     print(f"wrote {out / 'filters.json'}")
 
 

@@ -40,6 +40,7 @@ from absl import flags
 
 from fer_keras import __version__, cli
 from fer_keras.errors import ConfigError
+from fer_keras.history import atomic_write_text
 
 DTYPE = "float64"
 
@@ -711,8 +712,8 @@ def run_all(output_dir: str | Path, seed: int = 0) -> Report:
                        "shape": dataclasses.asdict(SHAPE_TOLERANCE)},
         "checks": [_jsonable(dataclasses.asdict(r)) for r in results],
     }
-    report.json_path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    report.markdown_path.write_text(_markdown(report))
+    atomic_write_text(report.json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(report.markdown_path, _markdown(report))
     return report
 
 

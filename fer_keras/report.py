@@ -25,7 +25,6 @@ import datetime
 import html
 import os
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from absl import flags
 from fer_keras import CLASS_NAMES, IMAGE_SIZE, __version__, cli, inference
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError, DataError, FerError, ModelError
+from fer_keras.history import atomic_write_text
 from fer_keras.tta import DEFAULT_CROP_SIZE, TTA_MODES, check_tta
 
 SECTIONS = ("architecture", "history", "evaluation", "saliency", "filters", "gradcheck")
@@ -467,7 +467,7 @@ def section_history(ctx: _Context) -> str:
         return f"Omitted: `{ctx.run_dir}` has neither history.csv nor history.png (no epoch has finished yet)."
     figure = _mkdir(ctx.out / "history") / "history.png"
     if png_path.is_file():
-        shutil.copyfile(png_path, figure)
+        atomic_write_text(figure, png_path.read_bytes())
     else:
         history_lib.plot_history(history, figure)
     parts = [md_image("Training history: accuracy (left axis) and loss (right axis) per epoch", ctx.link(figure)), ""]

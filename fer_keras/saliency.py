@@ -33,8 +33,17 @@ from tf_keras_vis.utils.scores import CategoricalScore
 from fer_keras import CLASS_NAMES, NUM_CLASSES, cli
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError, ModelError
+from fer_keras.history import atomic_write_text
 from fer_keras.model import LAST_CONV_LAYER
-from fer_keras.vis import as_batch, check_layer, new_figure, parse_int_list, quiet_keras, split_indices
+from fer_keras.vis import (
+    as_batch,
+    check_layer,
+    new_figure,
+    parse_int_list,
+    quiet_keras,
+    save_figure,
+    split_indices,
+)
 
 TARGETS = ("pred", "true")
 DEFAULT_OUTPUT_DIR = "reports/saliency"
@@ -257,9 +266,7 @@ def plot_explanation(path: str | Path, image: np.ndarray, saliency: np.ndarray, 
     axes[3].set_title(f"Grad-CAM++ on {layer}\nscore: {class_name(target)}", fontsize=9)
     fig.suptitle(f"{title}  -  {_caption(label, pred, prob)}", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_grid(path: str | Path, images: np.ndarray, saliency: np.ndarray, smooth: np.ndarray,
@@ -276,9 +283,7 @@ def plot_grid(path: str | Path, images: np.ndarray, saliency: np.ndarray, smooth
     for ax, name in zip(axes[0], ("input", "saliency", "SmoothGrad", "Grad-CAM++")):
         ax.set_title(name, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    return path
+    return save_figure(fig, path, dpi=80)
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,7 +342,7 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
         "grid": str(grid),
         "images": records,
     }
-    (out / "saliency.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "saliency.json", json.dumps(report, indent=2) + "\n")
     return report
 
 

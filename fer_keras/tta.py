@@ -99,9 +99,14 @@ def tta_probabilities(
     """Mean softmax probabilities ``[N, 7]`` over the views of ``mode``.
 
     Images are processed ``batch_size`` at a time so that ten-crop never holds ten copies of a whole
-    data set in memory.
+    data set in memory. An export with test-time augmentation built in is refused any here: its views' views
+    (ten-crop of ten-crop: 100 passes) are not a view set anyone measured.
     """
     check_tta(mode, crop_size)
+    built_in = (getattr(predictor, "metadata", None) or {}).get("tta") or "none"
+    if mode != "none" and built_in != "none":
+        raise ConfigError(f"{getattr(predictor, 'path', 'the model')} already averages {built_in} views (the TTA "
+                          f"built into the export); --tta={mode} would average views of those views: use --tta=none")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     out = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import keras
@@ -96,3 +97,16 @@ def new_figure(width: float, height: float, dpi: float | None = None) -> Figure:
     fig = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: float | None = None) -> Path:
+    """Writes ``fig`` as PNG to ``path`` atomically: a kill or a full disk leaves the old picture, not half of
+    a new one."""
+    import io
+
+    from fer_keras.history import atomic_write_text
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **({"dpi": dpi} if dpi else {}))
+    atomic_write_text(Path(path), buffer.getvalue())
+    return Path(path)

@@ -151,3 +151,23 @@ def test_latest_checkpoint_skips_damaged_states_and_stops_on_unreadable_ones(tmp
     monkeypatch.setattr(Path, "read_text", unreadable)
     with pytest.raises(ConfigError, match=r"epoch_0005/state.json: cannot be read \(Permission denied\)"):
         checkpoint.latest_checkpoint(tmp_path)
+
+
+def test_figures_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The picture tools write through vis.save_figure: a failure while drawing leaves the old picture."""
+    from fer_keras.vis import new_figure, save_figure
+
+    fig = new_figure(2, 2, dpi=50)
+    fig.add_subplot().plot([0, 1], [1, 0])
+    path = tmp_path / "grid.png"
+    save_figure(fig, path, dpi=50)
+    first = path.read_bytes()
+    assert first.startswith(b"\x89PNG") and [p.name for p in tmp_path.iterdir()] == ["grid.png"]
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fig, "savefig", fail)
+    with pytest.raises(OSError, match="No space left"):
+        save_figure(fig, path)
+    assert path.read_bytes() == first and [p.name for p in tmp_path.iterdir()] == ["grid.png"]

@@ -281,6 +281,13 @@ def test_cli_on_flip_export_records_export_tta(setup, tmp_path):
     assert payload["confusion_counts"] == EXPECTED_CONFUSION.tolist()
     assert "val (PublicTest): accuracy 58.82%" in proc.stdout
     assert (out / "val_confusion_normalized.png").is_file()
+    # TTA on top of the export's own would average views of views: refused, in one line.
+    stacked = run_tool("evaluate", f"--model={setup['export_flip'].parent}", f"--data={setup['csv']}",
+                       "--split=PublicTest", f"--output_dir={out}", "--tta=tencrop")
+    assert stacked.returncode == 2
+    assert stacked.stderr.strip().splitlines() == [
+        f"error: {setup['export_flip']} already averages flip views (the TTA built into the export); "
+        "--tta=tencrop would average views of those views: use --tta=none"]
 
 
 @pytest.mark.parametrize("args, message", [

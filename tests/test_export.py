@@ -426,3 +426,18 @@ def test_atomic_writes_clean_up_hour_old_leftovers_of_the_old_naming(tmp_path):
         os.utime(tmp_path / name, (hour_ago, hour_ago))
     atomic_write_text(tmp_path / "history.csv", "epoch\n1\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([young, other, "history.csv"])
+
+
+def test_export_auto_tta_refuses_data_other_than_the_runs(trained_run, tmp_path):
+    """A TTA chosen on other images would be recorded as chosen on the run's PublicTest."""
+    from conftest import write_challenge_csv
+
+    from fer_keras.errors import ConfigError
+    from fer_keras.export import export_from
+
+    config, _ = trained_run
+    write_challenge_csv(tmp_path / "other.csv", n_val_per_class=10)
+    with pytest.raises(ConfigError, match=r"other.csv: its PublicTest images differ from those .* chose its epoch on "
+                                          r"\(data.json\); pass the data the run was trained on as --data"):
+        export_from(config.model_dir, tmp_path / "exports", tta="auto", data=str(tmp_path / "other.csv"))
+    assert not (tmp_path / "exports").exists()

@@ -158,7 +158,8 @@ def test_a_run_on_the_course_layout_with_a_bad_row_is_reported_on_its_own_hold_o
     (tmp_path / "faces" / "train.csv").write_text("label,feature\n" + "\n".join(rows) + "\n")
     data = str(tmp_path / "faces" / "train.csv")
     result = train.run(train.TrainConfig(model_dir=str(tmp_path / "run"), data=data, skip_bad_rows=True,
-                                         export=False, stem="imagenet", epochs=1, batch_size=32, verbose=0))
+                                         export_dir=str(tmp_path / "exports"), export_tta="none", stem="imagenet",
+                                         epochs=1, batch_size=32, verbose=0))
     shutil.copyfile(result.model_dir / "best.keras", tmp_path / "alone.keras")
     with pytest.raises(DataError, match=r"train.csv: line 42: expected 2304 pixels"):  # no run to say otherwise
         report.build_report(tmp_path / "alone.keras", data, tmp_path / "r", sections="evaluation")
@@ -166,3 +167,10 @@ def test_a_run_on_the_course_layout_with_a_bad_row_is_reported_on_its_own_hold_o
                                sections="evaluation,history").read_text()
     assert "val (10% stratified hold-out of train): accuracy" in text
     assert f"({round(result.best_val_accuracy * 7)} of 7 images" in text  # the accuracy that chose the epoch
+    # The model card names that hold-out in every figure too, not PublicTest.
+    from fer_keras import model_card
+
+    card, _ = model_card.build_card(result.model_dir, result.export_path.parent, None, None, ("none", "flip"))
+    for entry in (card["served"], card["best_keras"]["none"], card["best_keras"]["flip"]):
+        assert entry["split_label"] == "val (10% stratified hold-out of train)", entry
+    assert card["served"]["num_correct"] == round(result.best_val_accuracy * 7)
