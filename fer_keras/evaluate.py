@@ -3,7 +3,8 @@
 Reports accuracy (always named with its split, e.g. ``val (PublicTest)``, because FER2013 accuracies
 are only comparable on the same split), per-class precision/recall/F1 and the confusion matrix, which
 shows the classes the model mixes up (fear/sad, angry/disgust in FER2013). Files in ``--output_dir``,
-prefixed with the split (and the TTA mode when one is used) so that several runs can share a folder:
+prefixed with the split (and the TTA mode when one is used), so that one model's evaluations on several splits
+and TTAs share a folder (another model's evaluation replaces them: give each model its own folder):
 
 * ``SPLIT_metrics.json``: accuracy, per-class metrics, confusion counts and row-normalised rates,
   split, number of images, model path, TTA (requested, and any built into an export);
@@ -373,7 +374,7 @@ def define_flags() -> None:
     tta_lib.define_flags()
     cli.define_skip_bad_rows()
     flags.DEFINE_string("output_dir", DEFAULT_OUTPUT_DIR, "Folder for the metrics JSON, predictions CSV, "
-                        "confusion-matrix PNGs and text report.")
+                        "confusion-matrix PNGs and text report, named by split and TTA: one folder per model.")
     flags.register_validator("output_dir", lambda v: bool(v), "--output_dir must not be empty")
 
 
