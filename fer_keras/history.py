@@ -141,11 +141,27 @@ def write_history_csv(path: Path, history: list[dict]) -> None:
 
 
 def read_history_csv(path: str | os.PathLike) -> list[dict]:
+    """The rows of a history.csv (blank cells left out); a :class:`DataError` naming the file, line and column for
+    a cell that is not a number."""
+    from fer_keras.errors import DataError
+
+    rows = []
     with open(path, newline="") as f:
-        return [
-            {k: (int(v) if k == "epoch" else float(v)) for k, v in row.items() if v not in (None, "")}
-            for row in csv.DictReader(f)
-        ]
+        reader = csv.DictReader(f)
+        try:
+            for row in reader:
+                parsed = {}
+                for key, value in row.items():
+                    if value in (None, "") or key is None:
+                        continue
+                    try:
+                        parsed[key] = int(value) if key == "epoch" else float(value)
+                    except (TypeError, ValueError):
+                        raise DataError(f"{path}: line {reader.line_num}: {key} {value!r} is not a number") from None
+                rows.append(parsed)
+        except csv.Error as e:
+            raise DataError(f"{path}: line {reader.line_num}: {e}") from None
+    return rows
 
 
 def read_run(run_dir: str | os.PathLike, needed: Sequence[str] = ("best.keras", "history.csv", "config.json"),
@@ -162,9 +178,12 @@ def read_run(run_dir: str | os.PathLike, needed: Sequence[str] = ("best.keras", 
             raise ConfigError(f"{run_dir}: not a training run with a finished epoch (no {name})")
     try:
         config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{run_dir / 'config.json'}: unreadable: {e}") from None
+    try:
         history = read_history_csv(run_dir / "history.csv")
-    except (OSError, ValueError, TypeError) as e:
-        raise ConfigError(f"{run_dir}: unreadable config.json or history.csv: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{run_dir / 'history.csv'}: unreadable: {e}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{run_dir}/config.json: expected a JSON object")
     if not history or any("epoch" not in row for row in history):

@@ -412,7 +412,7 @@ def _run_record(run_dir: Path) -> dict | None:
     it started from in turn (so a chain of ``--init_from`` runs stays recorded); None if the folder is not a run."""
     try:
         config, history = read_run(run_dir)
-    except ConfigError:
+    except FerError:  # not a run, or its record is damaged: the start is then unrecorded
         return None
     best = best_row(history)
     flags_file = run_dir / "flags.txt"

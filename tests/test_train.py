@@ -537,6 +537,23 @@ def test_history_csv_keeps_rows_without_momentum(tmp_path):
     assert history_lib.read_history_csv(path) == [old, new]
 
 
+def test_a_damaged_history_csv_is_named_with_its_line(tmp_path):
+    from fer_keras.errors import DataError
+
+    path = tmp_path / "history.csv"
+    rows = ["1,1.9,0.2,1.8,0.25,0.1,0.9,1.5", "2,1.8,x,1.7,0.3,0.1,0.9,1.5"]
+    path.write_text("\n".join([",".join(history_lib.HISTORY_FIELDS), *rows]) + "\n")
+    with pytest.raises(DataError, match=r"history.csv: line 3: accuracy 'x' is not a number"):
+        history_lib.read_history_csv(path)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "best.keras").write_bytes(b"")
+    with pytest.raises(DataError, match=r"history.csv: line 3: accuracy 'x' is not a number"):
+        history_lib.read_run(tmp_path)
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"config.json: unreadable: "):
+        history_lib.read_run(tmp_path)
+
+
 def small_cli_args(model_dir: Path, cycle_momentum: bool = False) -> list[str]:
     return [
         "--flagfile=flags/smoke.cfg", f"--model_dir={model_dir}", "--epochs=3", "--max_train_examples=64",
