@@ -151,6 +151,20 @@ def chief_task(cluster: dict, task_type: str | None, task_id: int | None) -> boo
     return task_type == "worker" and task_id == 0
 
 
+def replica_values(strategy: tf.distribute.Strategy, value: float) -> list[float]:
+    """``value`` as every replica of a multi-worker strategy has it, in replica order (``[value]`` otherwise).
+    A collective: every worker must call it at the same point of the program."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return [value]
+
+    @tf.function
+    def gather():
+        return strategy.run(
+            lambda: tf.distribute.get_replica_context().all_gather(tf.constant([value], tf.float32), axis=0))
+
+    return [float(v) for v in strategy.experimental_local_results(gather())[0].numpy()]
+
+
 def worker_id(strategy: tf.distribute.Strategy) -> str:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or resolver.task_type is None:

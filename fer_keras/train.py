@@ -559,12 +559,20 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     model_dir = Path(config.model_dir)
     out_dir = model_dir if chief else model_dir / "workers" / distribute.worker_id(strategy)
     export_base = Path(config.export_dir) if (config.export and chief) else None
-    # Every worker resumes from the chief's checkpoint, so all of them restart at the same epoch.
+    ckpt_dir = out_dir / "checkpoints"
+    # Every worker resumes from the chief's checkpoint where it sees the chief's folder, else from its own (the
+    # same weights); all of them must restart at the same epoch, or the replicas would diverge or hang.
     latest = checkpoint.latest_checkpoint(model_dir / "checkpoints")
+    if latest is None and not chief:
+        latest = checkpoint.latest_checkpoint(ckpt_dir)
+    epochs = distribute.replica_values(strategy, latest[1]["epoch"] if latest else 0)
+    if len(set(epochs)) > 1:
+        raise ConfigError(f"the workers would resume after different epochs ({', '.join(f'{e:g}' for e in epochs)}, "
+                          f"by replica; this one: {latest[1]['epoch'] if latest else 0}): give every worker a "
+                          "--model_dir on a file system they all see, holding the run's checkpoints")
     started = _run_started(model_dir, latest)
     if started:
         _check_resumable(model_dir, config, latest)
-    ckpt_dir = out_dir / "checkpoints"
 
     # Data first: a bad file must not leave new empty output folders behind.
     dataset = data_lib.load(config.data or None, skip_bad_rows=config.skip_bad_rows, use_cache=config.use_cache)

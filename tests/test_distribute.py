@@ -119,7 +119,9 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def start_workers(tmp_path: Path, model_dir: Path, extra: list[str]) -> list[subprocess.Popen]:
+def start_workers(tmp_path: Path, model_dir: Path, extra: list[str],
+                  other_model_dir: Path | None = None) -> list[subprocess.Popen]:
+    """Two workers on 127.0.0.1; ``other_model_dir`` gives worker 1 another folder (no shared file system)."""
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
@@ -128,7 +130,8 @@ def start_workers(tmp_path: Path, model_dir: Path, extra: list[str]) -> list[sub
         env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         args = [
             sys.executable, "-m", "fer_keras.train", "--flagfile=flags/smoke.cfg", "--strategy=multi_worker",
-            f"--model_dir={model_dir}", f"--export_dir={tmp_path / 'exports'}", "--max_train_examples=128",
+            f"--model_dir={other_model_dir if index and other_model_dir else model_dir}",
+            f"--export_dir={tmp_path / 'exports'}", "--max_train_examples=128",
             "--export_tta=none", *extra,
         ]
         procs.append(subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -189,6 +192,25 @@ def test_multi_worker_losing_a_worker_fails_clearly_and_both_resume(tmp_path):
     assert "resuming after epoch" in outputs[0][0]
     rows = (model_dir / "history.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+
+
+def test_workers_that_would_resume_after_different_epochs_are_refused(tmp_path):
+    """Worker 1 cannot see the chief's folder (no shared file system) nor has checkpoints of its own: it would
+    start afresh beside a chief resuming after epoch 1. Both refuse, in one line, before training."""
+    epoch = tmp_path / "run" / "checkpoints" / "epoch_0001"
+    epoch.mkdir(parents=True)
+    (epoch / "model.weights.h5").write_bytes(b"never read")
+    (epoch / "state.json").write_text(json.dumps({"epoch": 1, "history": [], "best_epoch": 1,
+                                                  "best_val_accuracy": 0.5}))
+    procs = start_workers(tmp_path, tmp_path / "run", ["--export=false"], other_model_dir=tmp_path / "elsewhere")
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 2, err[-3000:]
+        assert err.strip().splitlines() == [
+            "error: the workers would resume after different epochs (1, 0, by replica; this one: "
+            f"{1 if p is procs[0] else 0}): give every worker a --model_dir on a file system they all see, holding "
+            "the run's checkpoints"], err[-3000:]
+    assert not (tmp_path / "elsewhere").exists()
 
 
 @pytest.mark.parametrize("cluster, task, expected", [
