@@ -842,7 +842,9 @@ def define_flags() -> None:
     f.DEFINE_integer("num_gpus", d.num_gpus, "GPUs to use with mirrored (-1: all).")
     f.DEFINE_string("tpu_address", d.tpu_address, "TPU name or grpc:// address for --strategy=tpu.")
     f.DEFINE_float("collective_timeout", d.collective_timeout, "multi_worker: seconds a collective may wait "
-                   "for the other workers before the run fails (0: wait forever).")
+                   "for the other workers before the run fails (0: wait forever). TensorFlow enforces it with a "
+                   "thread per collective (its docs call it a debugging aid); 0 saves that where a lost worker "
+                   "is detected otherwise.")
     f.DEFINE_boolean("export", d.export, "Export the best model for TF Serving at the end.")
     f.DEFINE_string("export_dir", d.export_dir, "Base folder of exports: EXPORT_DIR/EXPORT_NAME/VERSION.")
     f.DEFINE_string("export_name", d.export_name, "Model name of the export (empty: the --model_dir folder's "
