@@ -141,14 +141,14 @@ def export_model(
     tf_logger.setLevel("WARNING")  # SavedModel writing logs one INFO line per captured variable
     try:
         archive.write_out(str(tmp), verbose=False)
-        info = {
+        info = {  # the caller's record first: what the export itself is cannot be overridden by it
+            **(metadata or {}),
             "fer_keras_version": __version__,
             "class_names": list(CLASS_NAMES),
             "input": "pixels: [N, 48, 48, 1] raw grayscale 0-255 (float32 in serving_default, uint8 in serving_uint8)",
             "outputs": ["probabilities", "class_id", "class_name", "logits"],
             "tta": tta,
             **({"crop_size": crop_size} if tta == "tencrop" else {}),
-            **(metadata or {}),
         }
         (tmp / "assets.extra").mkdir(exist_ok=True)
         (tmp / METADATA_FILE).write_text(json.dumps(info, indent=2) + "\n")
