@@ -556,7 +556,8 @@ def section_saliency(ctx: _Context) -> str:
         images=split.images[chosen],
         labels=split.labels[chosen],
         ids=[str(split.ids[i]) for i in chosen],
-        sources=[f"{source}:{ctx.split}[{i}]" for i in chosen],
+        # A hold-out's index is into the hold-out the run rebuilt, not into a split of the file.
+        sources=[f"{source}:{'train hold-out' if ctx.holdout_label else ctx.split}[{i}]" for i in chosen],
         indices=list(chosen),
     )
     model = ctx.keras_model()
@@ -608,7 +609,7 @@ def section_filters(ctx: _Context) -> str:
     layers = ((FIRST_CONV_LAYER, LAST_CONV_LAYER) if {FIRST_CONV_LAYER, LAST_CONV_LAYER} <= names
               else _feature_layers(model))
     split = ctx.split_data()
-    image_title = f"({ctx.split} #0, id {split.ids[0]})"
+    image_title = f"({ctx.split_label} #0, id {split.ids[0]})"
     parts = [
         f"The first {ctx.num_filters} filters of the first and the last convolutional layer. Activation "
         f"maximisation optimises an input per filter for {_plural(ctx.filter_steps, 'step', 'steps')} "
@@ -636,7 +637,7 @@ def section_filters(ctx: _Context) -> str:
             "", f"### `{layer}` (output {shape})", "",
             md_image(f"{layer}: inputs maximising each filter's mean activation", ctx.link(figures["maximization"])),
             "",
-            md_image(f"{layer}: feature maps of {ctx.split} image #0", ctx.link(figures["feature_maps"])),
+            md_image(f"{layer}: feature maps of {ctx.split_label} image #0", ctx.link(figures["feature_maps"])),
             "",
             md_image(f"{layer}: top-{ctx.top_k} {ctx.split_label} images per filter", ctx.link(figures["top_k"])),
             "",
