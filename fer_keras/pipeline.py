@@ -154,9 +154,10 @@ def _options(deterministic: bool) -> tf.data.Options:
 
 def _require_labels(split: Split, purpose: str) -> None:
     """Unlabelled images (label -1) would become an all-zero or a wrong one-hot label without a word."""
-    missing = int((np.asarray(split.labels) < 0).sum())
-    if missing:
-        raise ConfigError(f"{missing} of {len(split)} images have no label; {purpose} needs labelled images")
+    unlabelled = np.flatnonzero(np.asarray(split.labels) < 0)
+    if unlabelled.size:
+        raise ConfigError(f"{unlabelled.size} of {len(split)} images have no label (the first: id "
+                          f"{split.ids[unlabelled[0]]}); {purpose} needs labelled images")
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
