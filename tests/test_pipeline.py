@@ -155,7 +155,8 @@ def test_fewer_images_than_a_batch_is_a_clear_error():
 def test_unlabelled_images_are_refused_for_training_and_evaluation():
     split = make_split(16)
     split.labels[3] = -1  # would be an all-zero one-hot in training, class 6 in evaluation
-    with pytest.raises(ConfigError, match=r"1 of 16 images have no label \(the first: id 3\); training needs labelled images"):
+    with pytest.raises(ConfigError, match=r"1 of 16 images have no label \(the first: id 3\); training needs "
+                                          r"labelled images"):
         train_dataset(split, 8, seed=0, epochs=1)
     with pytest.raises(ConfigError, match="evaluation needs labelled images"):
         eval_dataset(split, 8)
