@@ -346,9 +346,12 @@ def render_markdown(card: dict) -> str:
                      f"| {entry['macro_f1']:.3f} |")
     chosen = card.get("served_tta_selection")
     if chosen:
+        # The figures that choice compared, as the export recorded them (an export made before session 12
+        # measured a mixed-precision model as trained, so they may differ from the table's float32 ones).
+        compared = ", ".join(f"{mode} {100 * acc:.2f} %" for mode, acc in (chosen.get("accuracy") or {}).items())
         lines += ["", f"The built-in TTA was chosen by `--export_tta=auto` on {chosen['split']} "
                       f"({chosen['num_images']:,} images): the cheapest of none, flip and ten-crop within "
-                      f"{chosen['tolerance_points']:g} points of the best."]
+                      f"{chosen['tolerance_points']:g} points of the best" + (f" ({compared})." if compared else ".")]
     lines += [
         "",
         f"{split} also chose the epoch, so these figures are optimistic by the selection; the PrivateTest rows "

@@ -46,6 +46,8 @@ def test_card_figures_equal_a_fresh_evaluation(trained_run, tmp_path):
     low, high = f"{min(seconds):,.0f}", f"{max(seconds):,.0f}"
     assert f"the sum of its epochs' times ({low if low == high else f'{low}–{high}'} s each;" in text
     assert "was chosen by `--export_tta=auto` on PublicTest" in text
+    compared = inference.export_metadata(export_base / "1")["tta_selection"]["accuracy"]
+    assert f"points of the best (none {100 * compared['none']:.2f} %, flip {100 * compared['flip']:.2f} %" in text
     for name in ("history.png", "confusion_matrix.png"):
         assert (export_base / name).read_bytes().startswith(b"\x89PNG")
     assert (export_base / model_card.TRAIN_FLAGS).read_text() == (result.model_dir / "flags.txt").read_text()
