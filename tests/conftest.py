@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import configuration as hypothesis_configuration
 
 # Test modules import keras (and so TensorFlow) before fer_keras, whose import would otherwise turn TensorFlow's
 # oneDNN kernels on; set it first so the tests run what users run.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+# Hypothesis keeps files under the working directory (the repository) unless told otherwise, some of them while
+# the test modules are collected: a temporary folder instead, set before collection.
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="fer_keras-hypothesis-")
+hypothesis_configuration.set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 FER2013 = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013" / "fer2013.csv.gz"

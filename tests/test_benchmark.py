@@ -198,14 +198,18 @@ def test_cli_runs_end_to_end_and_writes_json_and_markdown(tmp_path):
     (["--stems=vgg"], "--stems must be"),
     (["--precisions=mixed_float16"], "--precisions must be"),
     (["--steps=3", "--steps_per_execution=2"], "multiples of --steps_per_execution"),
-    (["--output=report.txt"], "--output must end with .json"),
+    (["--output={tmp}/report.txt"], "--output must end with .json"),
 ])
 def test_cli_refuses_bad_flags(tmp_path, args, needle):
-    proc = subprocess.run([sys.executable, "-m", "fer_keras.benchmark", *args], cwd=REPO, env=cli_env(tmp_path),
-                          capture_output=True, text=True, timeout=120)
+    args = [a.format(tmp=tmp_path) for a in args]
+    output = [] if any(a.startswith("--output=") for a in args) else [f"--output={tmp_path / 'b.json'}"]
+    proc = subprocess.run([sys.executable, "-m", "fer_keras.benchmark", *output, *args], cwd=REPO,
+                          env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
+    written = [p.name for p in tmp_path.rglob("*") if p.suffix in (".json", ".md", ".txt")]
+    assert not written, f"a refused benchmark wrote {written}"
 
 
 def spec(**extra) -> dict:

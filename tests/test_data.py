@@ -308,6 +308,7 @@ def test_bundled_sample():
     assert len(train) == 999 and len(val) == 256
 
 
+@pytest.mark.needs_data
 def test_full_fer2013(fer2013_path):
     fd = data.read_csv(fer2013_path)
     assert len(fd.splits["train"]) == 28709 and len(fd.splits["val"]) == 3589

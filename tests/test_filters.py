@@ -145,9 +145,12 @@ def test_cli_writes_grids_and_json(tool_inputs, tmp_path):
     assert "wrote" in result.stdout
 
 
-def test_cli_image_index_out_of_range_is_a_one_line_error(tool_inputs):
+def test_cli_image_index_out_of_range_is_a_one_line_error(tool_inputs, tmp_path):
     root, model, csv = tool_inputs
-    result = run_tool("filters", f"--model={model}", f"--data={csv}", "--image_index=7", "--steps=1", cwd=root)
+    out = tmp_path / "filters"
+    result = run_tool("filters", f"--model={model}", f"--data={csv}", "--image_index=7", "--steps=1",
+                      f"--output_dir={out}", cwd=root)
+    assert not out.exists()
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -207,7 +207,7 @@ def test_a_non_finite_validation_loss_is_named_as_such(tmp_path):
     assert not (tmp_path / "checkpoints").exists() and model.stop_training
 
 
-def test_changed_settings_are_refused_before_anything_is_touched(trained_run):
+def test_changed_settings_are_refused_before_anything_is_touched(trained_run, tmp_path):
     config, _ = trained_run
     before = {p: p.read_bytes() for p in Path(config.model_dir).rglob("*") if p.is_file()}
     changed = train.TrainConfig(**{**config.to_json(), "step_epochs": (), "learning_rate": 0.5})
@@ -225,8 +225,12 @@ def test_changed_settings_are_refused_before_anything_is_touched(trained_run):
             train.run(cycling)
     finally:
         recorded.write_bytes(before[recorded])
-    # --base_momentum does nothing without the cycle: the finished run is the same run.
-    same = train.run(train.TrainConfig(**{**config.to_json(), "step_epochs": (), "base_momentum": 0.5}))
+    # --base_momentum does nothing without the cycle: the finished run is the same run (a copy: a rerun rewrites
+    # config.json, and other tests read the shared run).
+    copy = tmp_path / "copy" / "run"
+    shutil.copytree(config.model_dir, copy)
+    same = train.run(train.TrainConfig(**{**config.to_json(), "step_epochs": (), "base_momentum": 0.5,
+                                          "model_dir": str(copy), "export": False}))
     assert same.resumed_from == config.epochs
 
 
@@ -248,7 +252,10 @@ def test_resuming_or_rerunning_on_other_data_is_refused(trained_run, tmp_path):
     from fer_keras.data import SAMPLE_PATH
 
     shutil.copy(SAMPLE_PATH, tmp_path / "moved.csv.gz")
-    moved = train.TrainConfig(**{**config.to_json(), "step_epochs": (), "data": str(tmp_path / "moved.csv.gz")})
+    copy = tmp_path / "copy" / "run"  # a rerun records the new path: not in the run other tests read
+    shutil.copytree(config.model_dir, copy)
+    moved = train.TrainConfig(**{**config.to_json(), "step_epochs": (), "data": str(tmp_path / "moved.csv.gz"),
+                                 "model_dir": str(copy), "export": False})
     assert train.run(moved).resumed_from == config.epochs
 
 
