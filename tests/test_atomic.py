@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import queue
 import random
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +27,7 @@ WRITER = textwrap.dedent("""
     model.optimizer.build(model.trainable_variables)
     print("ready", flush=True)
     for epoch in range(1, 10_000):
+        print("writing", flush=True)
         if what == "checkpoint":
             checkpoint.write_checkpoint(model, target, {"epoch": epoch, "history": []})
         else:
@@ -33,18 +36,37 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def kill_repeatedly(tmp_path: Path, what: str, target: Path, rounds: int) -> None:
-    """Kills a writer at random moments; the first round lets one write finish, then kills the next."""
+def kill_repeatedly(tmp_path: Path, what: str, target: Path, rounds: int) -> int:
+    """Kills a writer in the middle of its writes: the first round times one complete write, and every round kills
+    the next write at a random moment within that duration. Returns how many rounds left an interrupted write
+    behind (its hidden temporary), so a test can show the kills landed mid-write."""
     rng = random.Random(7)
+    duration = None
+    interrupted = 0
     for round_ in range(rounds):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target), what], env=cli_env(tmp_path),
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        assert proc.stdout.readline().strip() == "ready"
-        if round_ == 0:
-            assert proc.stdout.readline().strip() == "wrote"
-        time.sleep(rng.uniform(0.1, 3.0))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line.strip()) for line in proc.stdout], daemon=True).start()
+        try:
+            def expect(word: str) -> None:
+                got = lines.get(timeout=300)  # queue.Empty fails the test instead of hanging it
+                assert got == word, got
+
+            expect("ready")
+            if duration is None:
+                expect("writing")
+                started = time.monotonic()
+                expect("wrote")
+                duration = time.monotonic() - started
+            expect("writing")
+            time.sleep(rng.uniform(0.0, 0.9 * duration))
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(timeout=60)
+        interrupted += bool(list(target.rglob(".tmp-*")))
+    return interrupted
 
 
 @pytest.mark.slow
@@ -52,7 +74,7 @@ def test_killed_checkpoint_writes_leave_only_complete_checkpoints(tmp_path):
     from fer_keras import checkpoint
 
     target = tmp_path / "checkpoints"
-    kill_repeatedly(tmp_path, "checkpoint", target, rounds=4)
+    assert kill_repeatedly(tmp_path, "checkpoint", target, rounds=4) >= 1
     final = sorted(target.glob("epoch_*"))
     assert final
     for folder in final:
@@ -69,7 +91,7 @@ def test_killed_checkpoint_writes_leave_only_complete_checkpoints(tmp_path):
 @pytest.mark.slow
 def test_killed_exports_leave_only_complete_versions(tmp_path):
     target = tmp_path / "exports"
-    kill_repeatedly(tmp_path, "export", target, rounds=4)
+    assert kill_repeatedly(tmp_path, "export", target, rounds=4) >= 1
     versions = sorted((p for p in (target / "m").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     assert versions
     assert [int(p.name) for p in versions] == list(range(1, len(versions) + 1))
