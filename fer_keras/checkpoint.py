@@ -54,6 +54,8 @@ def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
     if not ckpt_dir.is_dir():
         return None
     for folder in sorted(ckpt_dir.glob("epoch_*"), reverse=True):
+        if not folder.is_dir():  # a stray file such as an archive of an epoch
+            continue
         state_file = folder / "state.json"
         try:
             state = json.loads(state_file.read_text())

@@ -180,7 +180,7 @@ def run_metadata(run_dir: Path) -> dict:
     try:
         info["train_config"] = json.loads((run_dir / "config.json").read_text())
         rows = read_history_csv(run_dir / "history.csv")
-    except (OSError, ValueError):
+    except (OSError, ValueError, FerError):  # a damaged record: the export then says less about its run
         return info
     if rows:
         best = best_row(rows)

@@ -55,7 +55,7 @@ LEGACY_TMP_AGE = 3600.0
 def _remove_stale_legacy_tmp(path: Path) -> None:
     """Deletes ``.NAME.tmp-RANDOM`` leftovers of ``path`` (the naming before session 13, which does not say who
     wrote them) once they are an hour old: such a write takes seconds, so its writer is gone. Best effort."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp-[a-z0-9_]{{8}}")
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp-[a-z0-9_]{{8}}({re.escape(path.suffix)})?")
     now = time.time()
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
         try:
@@ -159,7 +159,7 @@ def read_history_csv(path: str | os.PathLike) -> list[dict]:
                     except (TypeError, ValueError):
                         raise DataError(f"{path}: line {reader.line_num}: {key} {value!r} is not a number") from None
                 rows.append(parsed)
-        except csv.Error as e:
+        except (csv.Error, UnicodeDecodeError) as e:
             raise DataError(f"{path}: line {reader.line_num}: {e}") from None
     return rows
 

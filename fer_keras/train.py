@@ -49,6 +49,7 @@ RESUMABLE_FIELDS = {
     "strategy", "cpu_devices", "num_gpus", "tpu_address", "collective_timeout", "verbose", "export", "export_dir",
     "export_name", "export_version", "export_tta", "export_tta_tolerance", "use_cache", "data",
     "model_dir",  # the folder holding config.json; another spelling of it (runs/a/, ./runs/a) is the same run
+    "deterministic", "steps_per_execution",  # how the same steps execute, not which steps
 }
 
 
@@ -252,7 +253,8 @@ def _check_resumable(model_dir: Path, config: TrainConfig, latest: tuple[Path, d
     except FileNotFoundError:
         pass
     except ValueError:
-        logging.warning("%s: damaged; comparing the settings with the latest checkpoint's copy", path)
+        logging.warning("%s: damaged; %s", path, "comparing the settings with the latest checkpoint's copy" if latest
+                        else "no checkpoint holds a copy, so the settings cannot be compared")
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(old, dict):
@@ -315,6 +317,9 @@ def _check_same_data(model_dir: Path, source: str, train_split, val_split, val_n
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not (isinstance(old, dict) and all(isinstance(old.get(k), dict) for k in ("train", "val"))):
+        if old is not None or path.is_file():
+            logging.warning("%s: damaged; the data cannot be compared and the record is written afresh from %s",
+                            path, source)
         old = None  # missing or damaged: written from this data (train.run), as for a run older than data.json
 
     def count(value) -> str:
@@ -569,8 +574,13 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     if len(set(epochs)) > 1:
         raise ConfigError(f"the workers would resume after different epochs ({', '.join(f'{e:g}' for e in epochs)}, "
                           f"by replica; this one: {latest[1]['epoch'] if latest else 0}): give every worker a "
-                          "--model_dir on a file system they all see, holding the run's checkpoints")
+                          "--model_dir on a file system they all see, holding the run's checkpoints (a worker one "
+                          "epoch ahead after a kill: move its newest checkpoints/epoch_NNNN folder away)")
     started = _run_started(model_dir, latest)
+    if started and latest is None and chief:
+        raise ConfigError(f"{model_dir} holds finished epochs (history.csv or best.keras) but no usable checkpoint "
+                          f"in {model_dir / 'checkpoints'}: a rerun would train from scratch over them; use a new "
+                          "--model_dir")
     if started:
         _check_resumable(model_dir, config, latest)
 

@@ -29,7 +29,8 @@ WRITER = textwrap.dedent("""
     for epoch in range(1, 10_000):
         print("writing", flush=True)
         if what == "checkpoint":
-            checkpoint.write_checkpoint(model, target, {"epoch": epoch, "history": []})
+            checkpoint.write_checkpoint(model, target, {"epoch": epoch, "history": [], "best_epoch": epoch,
+                                                        "best_val_accuracy": 0.5})
         else:
             export.export_model(model, target, "m")
         print("wrote", flush=True)
@@ -39,11 +40,12 @@ WRITER = textwrap.dedent("""
 def kill_repeatedly(tmp_path: Path, what: str, target: Path, rounds: int) -> int:
     """Kills a writer in the middle of its writes: the first round times one complete write, and every round kills
     the next write at a random moment within that duration. Returns how many rounds left an interrupted write
-    behind (its hidden temporary), so a test can show the kills landed mid-write."""
+    behind a new hidden temporary, so a test can show the kills landed mid-write."""
     rng = random.Random(7)
     duration = None
     interrupted = 0
     for round_ in range(rounds):
+        before = set(target.rglob(".tmp-*"))
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target), what], env=cli_env(tmp_path),
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         lines: queue.Queue[str] = queue.Queue()
@@ -65,7 +67,7 @@ def kill_repeatedly(tmp_path: Path, what: str, target: Path, rounds: int) -> int
         finally:
             proc.kill()
             proc.wait(timeout=60)
-        interrupted += bool(list(target.rglob(".tmp-*")))
+        interrupted += bool(set(target.rglob(".tmp-*")) - before)
     return interrupted
 
 
@@ -120,7 +122,8 @@ def test_a_kill_while_pruning_old_checkpoints_leaves_no_half_deleted_epoch(tmp_p
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     target = tmp_path / "checkpoints"
     for epoch in range(1, checkpoint.CHECKPOINTS_KEPT + 1):
-        checkpoint.write_checkpoint(model, target, {"epoch": epoch, "history": []})
+        checkpoint.write_checkpoint(model, target, {"epoch": epoch, "history": [], "best_epoch": epoch,
+                                                    "best_val_accuracy": 0.5})
 
     real_rmtree = checkpoint.shutil.rmtree
 
@@ -132,7 +135,8 @@ def test_a_kill_while_pruning_old_checkpoints_leaves_no_half_deleted_epoch(tmp_p
 
     monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_halfway)
     with pytest.raises(SystemExit):
-        checkpoint.write_checkpoint(model, target, {"epoch": checkpoint.CHECKPOINTS_KEPT + 1, "history": []})
+        checkpoint.write_checkpoint(model, target, {"epoch": checkpoint.CHECKPOINTS_KEPT + 1, "history": [],
+                                                    "best_epoch": 1, "best_val_accuracy": 0.5})
     for folder in target.glob("epoch_*"):
         assert (folder / "state.json").is_file() and (folder / "model.weights.h5").is_file(), folder
 
@@ -156,6 +160,7 @@ def test_latest_checkpoint_skips_damaged_states_and_stops_on_unreadable_ones(tmp
     make(3, ["not", "a", "state"])
     make(4, '{"epoch": 4, "hist')  # cut
     make(5, {**good, "epoch": 5, "history": None})
+    (tmp_path / "epoch_0009.tar.gz").write_bytes(b"an archive, not a checkpoint")
     with caplog.at_level("WARNING"):
         assert checkpoint.latest_checkpoint(tmp_path) == (first, good)
     messages = "\n".join(r.getMessage() for r in caplog.records)

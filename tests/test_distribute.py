@@ -128,17 +128,22 @@ class Cluster:
         self.procs: list[subprocess.Popen] = []
         self.logs: dict[int, tuple[Path, Path]] = {}
         self.started = 0
-        try:
-            holder = subprocess.Popen(
-                ["unshare", "-n", "sh", "-c", "ip link set lo up && echo ready && exec sleep 3600"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        except FileNotFoundError:
-            pytest.skip("needs unshare (util-linux) for a private network namespace")
-        self.procs.append(holder)
-        if holder.stdout.readline().strip() != "ready":  # sh exits at once when it cannot: EOF, no hang
+        problems = []
+        # As root a network namespace alone; otherwise inside a user namespace of one's own (unprivileged).
+        ways = ((["unshare", "-n"], ["-n"]), (["unshare", "-rn"], ["-U", "-n", "--preserve-credentials"]))
+        for unshare, enter in ways:
+            try:
+                holder = subprocess.Popen([*unshare, "sh", "-c", "ip link set lo up && echo ready && exec sleep 3600"],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            except FileNotFoundError:
+                pytest.skip("needs unshare (util-linux) for a private network namespace")
+            self.procs.append(holder)
+            if holder.stdout.readline().strip() == "ready":  # sh exits at once when it cannot: EOF, no hang
+                self.netns = ["nsenter", "-t", str(holder.pid), *enter]
+                return
             holder.wait(timeout=10)
-            pytest.skip(f"cannot make a private network namespace: {holder.stderr.read().strip()[:200]}")
-        self.netns = ["nsenter", "-t", str(holder.pid), "-n"]
+            problems.append(f"{' '.join(unshare)}: {holder.stderr.read().strip()[:200]}")
+        pytest.skip(f"cannot make a private network namespace ({'; '.join(problems)})")
 
     def start(self, model_dir: Path, extra: list[str], other_model_dir: Path | None = None) -> list[subprocess.Popen]:
         """Two workers; ``other_model_dir`` gives worker 1 another folder (no shared file system). Fresh ports each
@@ -180,20 +185,20 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    workers = Cluster(tmp_path)
+def workers(tmp_path):
+    cluster = Cluster(tmp_path)
     try:
-        yield workers
+        yield cluster
     finally:
-        workers.stop()
+        cluster.stop()
 
 
 @pytest.mark.slow
-def test_multi_worker_two_processes_on_localhost(tmp_path, cluster):
+def test_multi_worker_two_processes_on_localhost(tmp_path, workers):
     model_dir = tmp_path / "run"
     # Synchronised BatchNorm: moving statistics then agree across workers too, not just the weights.
-    procs = cluster.start(model_dir, ["--sync_batchnorm"])
-    outputs = [cluster.finish(p, timeout=900) for p in procs]
+    procs = workers.start(model_dir, ["--sync_batchnorm"])
+    outputs = [workers.finish(p, timeout=900) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
     assert "CollectiveAllReduceStrategy with 2 replica(s)" in outputs[0][0]  # MultiWorkerMirroredStrategy
@@ -209,30 +214,30 @@ def test_multi_worker_two_processes_on_localhost(tmp_path, cluster):
 
 
 @pytest.mark.slow
-def test_multi_worker_losing_a_worker_fails_clearly_and_both_resume(tmp_path, cluster):
+def test_multi_worker_losing_a_worker_fails_clearly_and_both_resume(tmp_path, workers):
     import signal
     import time
 
     model_dir = tmp_path / "run"
     extra = ["--epochs=2", "--collective_timeout=20", "--export=false"]
-    procs = cluster.start(model_dir, extra)
+    procs = workers.start(model_dir, extra)
     deadline = time.monotonic() + 600
     while not (model_dir / "checkpoints" / "epoch_0001").is_dir():
-        assert all(p.poll() is None for p in procs), [cluster.output(p)[1][-2000:] for p in procs]
+        assert all(p.poll() is None for p in procs), [workers.output(p)[1][-2000:] for p in procs]
         assert time.monotonic() < deadline, "no checkpoint within 600 s"
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGKILL)
     procs[1].wait(timeout=60)
     # Measured 1.6 s here (the dead peer's connection fails at once); --collective_timeout=20 is the backstop,
     # and the wait is bounded far below the 600 s default.
-    out, err = cluster.finish(procs[0], timeout=300)
+    out, err = workers.finish(procs[0], timeout=300)
     assert procs[0].returncode == 2, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: multi-worker training lost a worker") and "rerun every worker" in last
     assert "Traceback" not in err
 
-    procs = cluster.start(model_dir, extra)
-    outputs = [cluster.finish(p, timeout=900) for p in procs]
+    procs = workers.start(model_dir, extra)
+    outputs = [workers.finish(p, timeout=900) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
     assert "resuming after epoch" in outputs[0][0]
@@ -240,7 +245,8 @@ def test_multi_worker_losing_a_worker_fails_clearly_and_both_resume(tmp_path, cl
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
 
 
-def test_workers_that_would_resume_after_different_epochs_are_refused(tmp_path, cluster):
+@pytest.mark.slow
+def test_workers_that_would_resume_after_different_epochs_are_refused(tmp_path, workers):
     """Worker 1 cannot see the chief's folder (no shared file system) nor has checkpoints of its own: it would
     start afresh beside a chief resuming after epoch 1. Both refuse, in one line, before training."""
     epoch = tmp_path / "run" / "checkpoints" / "epoch_0001"
@@ -248,9 +254,9 @@ def test_workers_that_would_resume_after_different_epochs_are_refused(tmp_path, 
     (epoch / "model.weights.h5").write_bytes(b"never read")
     (epoch / "state.json").write_text(json.dumps({"epoch": 1, "history": [], "best_epoch": 1,
                                                   "best_val_accuracy": 0.5}))
-    procs = cluster.start(tmp_path / "run", ["--export=false"], other_model_dir=tmp_path / "elsewhere")
+    procs = workers.start(tmp_path / "run", ["--export=false"], other_model_dir=tmp_path / "elsewhere")
     for p in procs:
-        out, err = cluster.finish(p, timeout=300)
+        out, err = workers.finish(p, timeout=300)
         assert p.returncode == 2, err[-3000:]
         assert err.strip().splitlines() == [
             "error: the workers would resume after different epochs (1, 0, by replica; this one: "
@@ -259,15 +265,16 @@ def test_workers_that_would_resume_after_different_epochs_are_refused(tmp_path, 
     assert not (tmp_path / "elsewhere").exists()
 
 
-def test_the_workers_listen_only_inside_their_namespace(tmp_path, cluster):
+@pytest.mark.slow
+def test_the_workers_listen_only_inside_their_namespace(tmp_path, workers):
     """The cluster's ports are not open on this host's own network (where the tests run)."""
-    procs = cluster.start(tmp_path / "run", ["--epochs=1", "--export=false"])
+    procs = workers.start(tmp_path / "run", ["--epochs=1", "--export=false"])
     import time
 
     deadline = time.monotonic() + 120
     listening = False
     while time.monotonic() < deadline and not listening and all(p.poll() is None for p in procs):
-        probe = subprocess.run([*cluster.netns, sys.executable, "-c",
+        probe = subprocess.run([*workers.netns, sys.executable, "-c",
                                 "import socket; s = socket.socket(); s.settimeout(1); "
                                 "print(s.connect_ex(('127.0.0.1', 20000)))"],
                                capture_output=True, text=True, timeout=30)

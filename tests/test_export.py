@@ -436,6 +436,11 @@ def test_atomic_writes_clean_up_hour_old_leftovers_of_the_old_naming(tmp_path):
         os.utime(tmp_path / name, (hour_ago, hour_ago))
     atomic_write_text(tmp_path / "history.csv", "epoch\n1\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([young, other, "history.csv"])
+    figure = tmp_path / ".history.png.tmp-mn34op56.png"  # plot_history's old temporaries kept the suffix
+    figure.write_bytes(b"half")
+    os.utime(figure, (hour_ago, hour_ago))
+    atomic_write_text(tmp_path / "history.png", b"png")
+    assert not figure.exists()
 
 
 def test_export_auto_tta_refuses_data_other_than_the_runs(trained_run, tmp_path):

@@ -559,6 +559,21 @@ def test_a_damaged_history_csv_is_named_with_its_line(tmp_path):
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(ConfigError, match=r"config.json: unreadable: "):
         history_lib.read_run(tmp_path)
+    path.write_bytes(b"epoch,loss\n1,\xff\xfe\n")  # not UTF-8
+    with pytest.raises(DataError, match=r"history.csv: line \d+: 'utf-8' codec can't decode"):
+        history_lib.read_history_csv(path)
+
+
+def test_a_run_with_finished_epochs_but_no_usable_checkpoint_is_not_trained_over(trained_run, tmp_path):
+    config, _ = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(config.model_dir, run)
+    shutil.rmtree(run / "checkpoints")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match=r"run holds finished epochs \(history.csv or best.keras\) but no usable "
+                                          r"checkpoint in .*run/checkpoints: a rerun would train from scratch"):
+        train.run(train.TrainConfig(**{**config.to_json(), "step_epochs": (), "model_dir": str(run), "export": False}))
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
 def small_cli_args(model_dir: Path, cycle_momentum: bool = False) -> list[str]:
