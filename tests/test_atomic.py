@@ -25,10 +25,20 @@ WRITER = textwrap.dedent("""
     model = resnet18("imagenet")
     model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
     model.optimizer.build(model.trainable_variables)
+    # An export traces the model first and writes after: "writing" marks the start of the disk writes. On the
+    # TensorFlow backend ExportArchive() makes a backend class's archive, whose write_out this wraps.
+    archive_class = type(keras.export.ExportArchive())
+    write_out = archive_class.write_out
+
+    def announced_write_out(self, *args, **kwargs):
+        print("writing", flush=True)
+        return write_out(self, *args, **kwargs)
+
+    archive_class.write_out = announced_write_out
     print("ready", flush=True)
     for epoch in range(1, 10_000):
-        print("writing", flush=True)
         if what == "checkpoint":
+            print("writing", flush=True)
             checkpoint.write_checkpoint(model, target, {"epoch": epoch, "history": [], "best_epoch": epoch,
                                                         "best_val_accuracy": 0.5})
         else:
@@ -38,9 +48,10 @@ WRITER = textwrap.dedent("""
 
 
 def kill_repeatedly(tmp_path: Path, what: str, target: Path, rounds: int) -> int:
-    """Kills a writer in the middle of its writes: the first round times one complete write, and every round kills
-    the next write at a random moment within that duration. Returns how many rounds left an interrupted write
-    behind a new hidden temporary, so a test can show the kills landed mid-write."""
+    """Kills a writer in the middle of its disk writes: the first round times one complete write (from its hidden
+    temporary appearing to its rename), and every round kills the next write at a random moment within that time
+    after its temporary appeared. Returns how many rounds left a new hidden temporary behind, so a test can show
+    the kills landed mid-write."""
     rng = random.Random(7)
     duration = None
     interrupted = 0
@@ -50,18 +61,29 @@ def kill_repeatedly(tmp_path: Path, what: str, target: Path, rounds: int) -> int
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: [lines.put(line.strip()) for line in proc.stdout], daemon=True).start()
-        try:
-            def expect(word: str) -> None:
-                got = lines.get(timeout=300)  # queue.Empty fails the test instead of hanging it
-                assert got == word, got
+        deadline = time.monotonic() + 300
 
+        def expect(word: str) -> None:
+            got = lines.get(timeout=max(deadline - time.monotonic(), 0.1))  # queue.Empty fails the test, no hang
+            assert got == word, got
+
+        def temporary_appears() -> float:
+            """Waits for this write's hidden temporary (an export's appears only after tracing); its time."""
+            while not set(target.rglob(".tmp-*")) - before:
+                assert time.monotonic() < deadline and proc.poll() is None, "no temporary appeared"
+                time.sleep(0.005)
+            return time.monotonic()
+
+        try:
             expect("ready")
-            if duration is None:
-                expect("writing")
-                started = time.monotonic()
-                expect("wrote")
-                duration = time.monotonic() - started
             expect("writing")
+            if duration is None:
+                appeared = temporary_appears()
+                expect("wrote")
+                duration = time.monotonic() - appeared
+                expect("writing")
+                before = set(target.rglob(".tmp-*"))
+            temporary_appears()
             time.sleep(rng.uniform(0.0, 0.9 * duration))
             proc.send_signal(signal.SIGKILL)
         finally:

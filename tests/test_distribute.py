@@ -261,7 +261,8 @@ def test_workers_that_would_resume_after_different_epochs_are_refused(tmp_path, 
         assert err.strip().splitlines() == [
             "error: the workers would resume after different epochs (1, 0, by replica; this one: "
             f"{1 if p is procs[0] else 0}): give every worker a --model_dir on a file system they all see, holding "
-            "the run's checkpoints"], err[-3000:]
+            "the run's checkpoints (a worker one epoch ahead after a kill: move its newest checkpoints/epoch_NNNN "
+            "folder away)"], err[-3000:]
     assert not (tmp_path / "elsewhere").exists()
 
 
