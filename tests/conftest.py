@@ -108,3 +108,16 @@ def write_challenge_csv(path: Path, n_val_per_class: int = 1) -> None:
     for c in (0, 3):
         rows.append(f"{c},{' '.join(map(str, rng.integers(0, 256, 2304)))},Training")
     path.write_text("\n".join(rows) + "\n")
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` ports free on 127.0.0.1 a moment ago (for a server a test starts there)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

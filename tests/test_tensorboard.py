@@ -12,8 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import cli_env
-from test_distribute import free_ports
+from conftest import cli_env, free_ports
 
 from fer_keras import history as history_lib
 
