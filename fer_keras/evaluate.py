@@ -255,7 +255,7 @@ def plot_confusion(
 
     Uses matplotlib's object API with the Agg canvas, so no display or pyplot state is involved.
     """
-    from fer_keras.vis import new_figure
+    from fer_keras.vis import new_figure, save_figure
 
     matrix = np.asarray(matrix)
     n = len(class_names)
@@ -279,9 +279,7 @@ def plot_confusion(
             ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=9)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return atomic_write(path, buffer.getvalue())
+    return save_figure(fig, path)
 
 
 def _title(result: EvalResult, normalized: bool) -> str:

@@ -29,7 +29,7 @@ from absl import flags
 
 from fer_keras import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, __version__, cli
 from fer_keras.errors import ConfigError, FerError, ModelError
-from fer_keras.history import best_row, read_history_csv, remove_dead_writers_tmp, tmp_name
+from fer_keras.history import best_row, read_data_record, read_history_csv, remove_dead_writers_tmp, tmp_name
 from fer_keras.model import as_float32, load_keras_model
 from fer_keras.tta import (
     AUTO,
@@ -90,6 +90,11 @@ def serving_function(model: keras.Model, tta: str = "none", crop_size: int = DEF
     return serve
 
 
+def _refuse_existing(target: Path) -> None:
+    if target.exists():
+        raise ConfigError(f"{target}: export version {target.name} exists; it is never overwritten")
+
+
 def export_model(
     model: keras.Model,
     base_dir: str | os.PathLike = "saved_models",
@@ -111,8 +116,7 @@ def export_model(
     if version < 1:
         raise ConfigError(f"export version must be a positive integer, got {version}")
     target = base / str(version)
-    if target.exists():
-        raise ConfigError(f"{target}: export version {version} exists; it is never overwritten")
+    _refuse_existing(target)
     base.mkdir(parents=True, exist_ok=True)
     remove_dead_writers_tmp(base)
     tmp = base / tmp_name(str(version))
@@ -186,11 +190,11 @@ def run_metadata(run_dir: Path) -> dict:
         best = best_row(rows)
         info.update(best_epoch=best["epoch"], val_accuracy=best["val_accuracy"])
     try:  # the split val_accuracy was measured on, as an export written by training records it
-        val = json.loads((run_dir / "data.json").read_text())["val"]
-        if isinstance(val.get("name"), str):
-            info["val_split"] = val["name"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
+        record = read_data_record(run_dir)
+    except OSError:
+        record = None
+    if record and isinstance(record["val"].get("name"), str):
+        info["val_split"] = record["val"]["name"]
     return info
 
 
@@ -228,9 +232,10 @@ def selection_split(data_path: str | None, run_config: dict, run_dir: Path | Non
     val, name = selection_split_of(dataset, recorded)
     if run_dir is not None:
         try:
-            chose_on = json.loads((Path(run_dir) / "data.json").read_text()).get("val", {}).get("sha256")
-        except (OSError, ValueError, AttributeError):
-            chose_on = None  # a run older than data.json: nothing to compare with
+            record = read_data_record(run_dir)
+        except OSError:
+            record = None
+        chose_on = record["val"].get("sha256") if record else None  # none recorded: nothing to compare with
         if chose_on and val.fingerprint() != chose_on:
             raise ConfigError(f"{dataset.source}: its {name} images differ from those {run_dir} chose its epoch on "
                               "(data.json); pass the data the run was trained on as --data")
@@ -250,9 +255,8 @@ def export_from(model_path: str | os.PathLike, export_dir: str | os.PathLike = "
     run_dir = source if source.is_dir() else source.parent if in_run else None
     name = name or (run_dir.name if run_dir else source.stem)
     metadata = {"source": str(source), **(run_metadata(run_dir) if run_dir else {})}
-    target = Path(export_dir) / name / str(version)
-    if version and target.exists():  # export_model refuses it too, but only after minutes of --tta=auto measuring
-        raise ConfigError(f"{target}: export version {version} exists; it is never overwritten")
+    if version:  # export_model refuses it too, but only after minutes of --tta=auto measuring
+        _refuse_existing(Path(export_dir) / name / str(version))
     if tta == AUTO:
         split, label, _ = selection_split(data, metadata.get("train_config", {}), run_dir)
         tta = resolve_tta(model, tta, split, label, metadata, crop_size, tolerance)

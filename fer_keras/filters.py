@@ -42,15 +42,7 @@ from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError
 from fer_keras.history import atomic_write_text
 from fer_keras.model import FIRST_CONV_LAYER, LAST_CONV_LAYER
-from fer_keras.vis import (
-    as_batch,
-    check_layer,
-    new_figure,
-    parse_int_list,
-    quiet_keras,
-    save_figure,
-    split_indices,
-)
+from fer_keras.vis import as_batch, check_layer, new_figure, parse_int_list, quiet_keras, save_figure, split_indices
 
 PIXEL_RANGE = (0.0, 255.0)
 DEFAULT_FILTERS = 16

@@ -216,6 +216,19 @@ def unrecorded_start(config: dict | None) -> dict | None:
     return {"path": init_from} if init_from else None
 
 
+def read_data_record(run_dir: str | os.PathLike) -> dict | None:
+    """A run's ``data.json`` (source; train and val image counts and fingerprints, val also its split name), or
+    None when it is missing or damaged (a run older than it, a write cut short). Other read errors propagate."""
+    import json
+
+    try:
+        record = json.loads((Path(run_dir) / "data.json").read_text())
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # no run folder yet, no record, or a damaged one
+        return None
+    valid = isinstance(record, dict) and all(isinstance(record.get(k), dict) for k in ("train", "val"))
+    return record if valid else None
+
+
 def read_start(run_dir: str | os.PathLike | None, config: dict | None) -> dict | None:
     """What a run started from: its ``init.json``, or, when that is gone, unreadable or damaged,
     :func:`unrecorded_start` of its configuration (a chain of runs reads on past a damaged record)."""
@@ -235,7 +248,7 @@ def best_row(history: list[dict]) -> dict:
 
 def plot_history(history: list[dict], path: Path, title: str = "ResNet-18 on FER2013") -> None:
     """Accuracy on the left axis, loss on the right, train and validation per epoch."""
-    from fer_keras.vis import new_figure
+    from fer_keras.vis import new_figure, save_figure
 
     epochs = [r["epoch"] for r in history]
     fig = new_figure(8, 5, dpi=100)
@@ -253,6 +266,4 @@ def plot_history(history: list[dict], path: Path, title: str = "ResNet-18 on FER
     ax_acc.legend(lines, [line.get_label() for line in lines], loc="center right")
     ax_acc.set_title(title)
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png")
-    atomic_write_text(path, png.getvalue())
+    save_figure(fig, path)

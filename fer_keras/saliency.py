@@ -35,15 +35,7 @@ from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError, ModelError
 from fer_keras.history import atomic_write_text
 from fer_keras.model import LAST_CONV_LAYER
-from fer_keras.vis import (
-    as_batch,
-    check_layer,
-    new_figure,
-    parse_int_list,
-    quiet_keras,
-    save_figure,
-    split_indices,
-)
+from fer_keras.vis import as_batch, check_layer, new_figure, parse_int_list, quiet_keras, save_figure, split_indices
 
 TARGETS = ("pred", "true")
 DEFAULT_OUTPUT_DIR = "reports/saliency"

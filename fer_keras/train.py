@@ -28,7 +28,14 @@ from absl import flags, logging
 
 from fer_keras import __version__, cli
 from fer_keras.errors import ConfigError, FerError, ModelError, WorkerLostError
-from fer_keras.history import atomic_write_text, best_row, read_run, read_start, write_history_csv
+from fer_keras.history import (
+    atomic_write_text,
+    best_row,
+    read_data_record,
+    read_run,
+    read_start,
+    write_history_csv,
+)
 from fer_keras.tta import AUTO, DEFAULT_TOLERANCE, TTA_MODES
 
 if TYPE_CHECKING:
@@ -311,16 +318,12 @@ def _check_same_data(model_dir: Path, source: str, train_split, val_split, val_n
     }
     path = model_dir / "data.json"
     try:
-        old = json.loads(path.read_text()) if path.is_file() else None
-    except ValueError:
-        old = None
+        old = read_data_record(model_dir)  # missing or damaged: written from this data (train.run)
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
-    if not (isinstance(old, dict) and all(isinstance(old.get(k), dict) for k in ("train", "val"))):
-        if old is not None or path.is_file():
-            logging.warning("%s: damaged; the data cannot be compared and the record is written afresh from %s",
-                            path, source)
-        old = None  # missing or damaged: written from this data (train.run), as for a run older than data.json
+    if old is None and path.is_file():
+        logging.warning("%s: damaged; the data cannot be compared and the record is written afresh from %s",
+                        path, source)
 
     def count(value) -> str:
         return f"{value:,}" if isinstance(value, int) else "?"

@@ -100,13 +100,12 @@ def new_figure(width: float, height: float, dpi: float | None = None) -> Figure:
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: float | None = None) -> Path:
-    """Writes ``fig`` as PNG to ``path`` atomically: a kill or a full disk leaves the old picture, not half of
-    a new one."""
+    """Writes ``fig`` as PNG to ``path`` atomically (:func:`fer_keras.predict.atomic_write`): a kill or a full disk
+    leaves the old picture, not half of a new one."""
     import io
 
-    from fer_keras.history import atomic_write_text
+    from fer_keras.predict import atomic_write
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", **({"dpi": dpi} if dpi else {}))
-    atomic_write_text(Path(path), buffer.getvalue())
-    return Path(path)
+    return atomic_write(path, buffer.getvalue())

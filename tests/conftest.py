@@ -121,3 +121,22 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+def distinct_batchnorm(layer, seed: int = 1) -> int:
+    """Gives every BatchNorm of ``layer`` (a model or a block) distinct statistics and affine weights instead of
+    a fresh one's 0/1, so that a missing or swapped BatchNorm (gamma for moving_variance, beta for moving_mean)
+    changes the output, and the output depends on the image more than a fresh network's; returns how many
+    weights it set."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    assigned = 0
+    for w in layer.weights:
+        if w.path.endswith(("gamma", "moving_variance")):
+            w.assign(rng.uniform(0.5, 1.5, w.shape).astype("float32"))
+            assigned += 1
+        elif w.path.endswith(("beta", "moving_mean")):
+            w.assign(rng.normal(0.0, 0.2, w.shape).astype("float32"))
+            assigned += 1
+    return assigned

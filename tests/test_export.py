@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli_env, run_tool
+from conftest import cli_env, distinct_batchnorm, run_tool
 
 from fer_keras import CLASS_NAMES
 from fer_keras.errors import ConfigError
@@ -42,23 +42,11 @@ FRESH_PROCESS = textwrap.dedent("""
 """)
 
 
-def distinct_batchnorm(model, seed: int = 1):
-    """Distinct BatchNorm statistics and affine weights (not the 0/1 of a fresh model), so that a rebuild which
-    swapped gamma with moving_variance, or beta with moving_mean, would change the logits, and the network's
-    outputs depend on the image more than a fresh one's."""
-    rng = np.random.default_rng(seed)
-    for w in model.weights:
-        if w.path.endswith(("gamma", "moving_variance")):
-            w.assign(rng.uniform(0.5, 1.5, w.shape).astype("float32"))
-        elif w.path.endswith(("beta", "moving_mean")):
-            w.assign(rng.normal(0.0, 0.2, w.shape).astype("float32"))
-    return model
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    model = distinct_batchnorm(resnet18("imagenet", dropout=0.2))
+    model = resnet18("imagenet", dropout=0.2)
+    distinct_batchnorm(model)
     x = np.random.default_rng(0).integers(0, 256, (6, 48, 48, 1)).astype("uint8")
     np.save(root / "x.npy", x.astype("float32"))
     path = export_model(model, root / "models", "fer", tta="none")
@@ -166,7 +154,8 @@ def test_only_dead_local_writers_leftovers_are_removed(tmp_path):
 
 
 def test_flip_tta_export_averages_the_mirror_image(tmp_path):
-    model = distinct_batchnorm(resnet18("imagenet"))
+    model = resnet18("imagenet")
+    distinct_batchnorm(model)
     x = np.random.default_rng(1).integers(0, 256, (3, 48, 48, 1)).astype("float32")
     path = export_model(model, tmp_path, "m", tta="flip")
     import tensorflow as tf

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import distinct_batchnorm
 
 from fer_keras.errors import ModelError
 from fer_keras.model import (
@@ -67,18 +68,7 @@ def test_block_matches_reference_computation():
     block = BasicBlock(8, strides=2)
     x = np.random.default_rng(0).normal(size=(2, 6, 6, 4)).astype("float32")
     block.build(x.shape)
-    # Distinct statistics and affine weights per BatchNorm (a fresh one is nearly the identity), so a missing or
-    # swapped BatchNorm would change the output.
-    rng = np.random.default_rng(1)
-    assigned = 0
-    for w in block.weights:
-        if w.path.endswith(("gamma", "moving_variance")):
-            w.assign(rng.uniform(0.5, 1.5, w.shape).astype("float32"))
-            assigned += 1
-        elif w.path.endswith(("beta", "moving_mean")):
-            w.assign(rng.normal(0.0, 0.5, w.shape).astype("float32"))
-            assigned += 1
-    assert assigned == 12  # 4 per BatchNorm: bn1, bn2, shortcut_bn
+    assert distinct_batchnorm(block) == 12  # 4 per BatchNorm: bn1, bn2, shortcut_bn
     y = np.asarray(block(x, training=False))
 
     def conv(layer, v, pad):
