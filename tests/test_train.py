@@ -358,7 +358,7 @@ def test_every_recipe_in_flags_is_a_valid_configuration(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(proc.stdout.splitlines()) == len(recipes)
-    assert "flags/fer2013.cfg onecycle 60" in proc.stdout
+    assert "flags/fer2013.cfg onecycle 100" in proc.stdout
 
 
 def kernels(model_or_path) -> list[np.ndarray]:
