@@ -22,6 +22,9 @@ from fer_keras.data import Split
 from fer_keras.errors import ConfigError
 
 AUTOTUNE = tf.data.AUTOTUNE
+# How the warp fills pixels it maps from outside the image: reflect (this project's recipes) or constant black,
+# as torchvision's RandomAffine and RandomResizedCrop fill (fill=0); nearest repeats the edge.
+FILL_MODES = ("reflect", "constant", "nearest")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +37,7 @@ class AugmentConfig:
     zoom: float = 0.1  # scale drawn from [1 - zoom, 1 + zoom]
     erasing: float = 0.0  # probability of erasing one random rectangle
     mixup: float = 0.0  # alpha of the Beta(alpha, alpha) mixing weight (0 = no mixup)
+    fill_mode: str = "reflect"  # one of FILL_MODES, for pixels the warp brings in from outside the image
 
     def __post_init__(self):
         if not 0.0 <= self.shift <= 0.5:
@@ -46,6 +50,8 @@ class AugmentConfig:
             raise ConfigError(f"augment erasing must be a probability in [0, 1], got {self.erasing}")
         if not self.mixup >= 0.0:
             raise ConfigError(f"augment mixup alpha must be >= 0, got {self.mixup}")
+        if self.fill_mode not in FILL_MODES:
+            raise ConfigError(f"augment fill_mode must be one of {', '.join(FILL_MODES)}, got {self.fill_mode!r}")
 
     @property
     def geometric(self) -> bool:
@@ -118,7 +124,7 @@ def augment_batch(images: tf.Tensor, config: AugmentConfig, seed: tf.Tensor) -> 
         # half a grey level on average against the unwarped images the model is evaluated on.
         warped = tf.raw_ops.ImageProjectiveTransformV3(
             images=tf.cast(images, tf.float32), transforms=transforms, output_shape=tf.shape(images)[1:3],
-            fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT",
+            fill_value=0.0, interpolation="BILINEAR", fill_mode=config.fill_mode.upper(),
         )
         images = tf.cast(tf.clip_by_value(tf.round(warped), 0.0, 255.0), images.dtype)
         seed = seeds[1]

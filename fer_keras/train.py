@@ -111,6 +111,7 @@ class TrainConfig:
     zoom: float = 0.1
     erasing: float = 0.25
     mixup: float = 0.0
+    fill_mode: str = "reflect"
     # Distribution.
     strategy: str = "default"
     cpu_devices: int = 0
@@ -137,7 +138,8 @@ class TrainConfig:
         """The training pipeline's :class:`fer_keras.pipeline.AugmentConfig` of this run."""
         from fer_keras.pipeline import AugmentConfig
 
-        return AugmentConfig(self.flip, self.shift, self.rotation, self.zoom, self.erasing, self.mixup)
+        return AugmentConfig(flip=self.flip, shift=self.shift, rotation=self.rotation, zoom=self.zoom,
+                             erasing=self.erasing, mixup=self.mixup, fill_mode=self.fill_mode)
 
     def validate(self) -> None:
         from fer_keras.distribute import STRATEGIES
@@ -791,6 +793,8 @@ def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val
 
 
 def define_flags() -> None:
+    from fer_keras.pipeline import FILL_MODES
+
     d = TrainConfig()
     f = flags
     f.DEFINE_string("data", d.data, "FER2013 source: fer2013.csv[.gz], train.csv/test.csv (or their folder), "
@@ -848,6 +852,9 @@ def define_flags() -> None:
     f.DEFINE_float("erasing", d.erasing, "Augment: random-erasing probability (0 = off).")
     f.DEFINE_float("mixup", d.mixup, "Augment: mixup with weights from Beta(mixup, mixup), labels mixed "
                    "alike (0 = off; 0.2-1 is usual).")
+    f.DEFINE_enum("fill_mode", d.fill_mode, list(FILL_MODES), "Augment: what the shift/rotation/zoom warp puts "
+                  "where it looks outside the image: reflect the image, constant black (torchvision's fill=0), "
+                  "or nearest (repeat the edge).")
     f.DEFINE_enum("strategy", d.strategy, ["default", "one_device", "mirrored", "multi_worker", "tpu"],
                   "tf.distribute strategy; multi_worker reads TF_CONFIG; tpu is untested.")
     f.DEFINE_integer("cpu_devices", d.cpu_devices,

@@ -72,6 +72,24 @@ def test_shift_moves_content():
     assert max(moved) > 2 and max(moved) <= 0.2 * 48 + 1
 
 
+@pytest.mark.parametrize("fill_mode", ["reflect", "constant", "nearest"])
+def test_fill_mode_decides_what_a_shift_brings_in(fill_mode):
+    """A bright image shifted by up to 20 %: constant fills the uncovered strip black (torchvision's fill=0),
+    reflect and nearest fill it from the image, so nothing goes dark."""
+    x = tf.constant(np.full((8, 48, 48, 1), 200, np.uint8))
+    config = AugmentConfig(flip=False, shift=0.2, rotation=0, zoom=0, fill_mode=fill_mode)
+    out = augment_batch(x, config, tf.constant([4, 4], tf.int64)).numpy()
+    if fill_mode == "constant":
+        assert (out == 0).mean(axis=(1, 2, 3)).max() > 0.05  # a whole strip of black
+    else:
+        assert (out == 200).all()
+
+
+def test_unknown_fill_mode_is_refused():
+    with pytest.raises(ConfigError, match="fill_mode must be one of reflect, constant, nearest, got 'black'"):
+        AugmentConfig(fill_mode="black")
+
+
 def test_warp_rounds_rather_than_truncates():
     """Sub-pixel shifts interpolate between neighbours; the uint8 result is the nearest grey level, so the warped
     batch's mean brightness stays within round-off of the float warp's (truncation would lose 0.5 on average)."""
