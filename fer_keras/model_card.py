@@ -416,7 +416,8 @@ def render_markdown(card: dict) -> str:
            if c.get("cycle_momentum") else "")
         + f"), decoupled weight decay {c['weight_decay']}, label smoothing "
         f"{c['label_smoothing']}, dropout {c['dropout']}, augmentation flip={c['flip']} shift={c['shift']} "
-        f"rotation={c['rotation']}° zoom={c['zoom']} erasing={c['erasing']} mixup={c['mixup']}, "
+        f"rotation={c['rotation']}° zoom={c['zoom']} erasing={c['erasing']} mixup={c['mixup']} "
+        f"fill_mode={c.get('fill_mode', 'reflect')}, "
         f"precision {c['precision']}, "
         f"seed {c['seed']}; every flag the run used is in `{TRAIN_FLAGS}`.",
         f"- best epoch {t['best_epoch']} ({split} {100 * t['best_epoch_val_accuracy']:.1f} % during training; "

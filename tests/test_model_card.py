@@ -57,6 +57,9 @@ def test_card_figures_equal_a_fresh_evaluation(trained_run, tmp_path):
     card["training"]["config"].update(schedule="onecycle", cycle_momentum=True, momentum=0.95, base_momentum=0.85)
     assert ("sgd lr 0.01 onecycle (warm-up 0; momentum 0.95 cycling down to 0.85 at the peak), decoupled"
             in model_card.render_markdown(card))
+    assert "mixup=0.0 fill_mode=reflect, precision" in text
+    del card["training"]["config"]["fill_mode"]  # a run from before the flag: it reflected
+    assert "mixup=0.0 fill_mode=reflect, precision" in model_card.render_markdown(card)
 
 
 def test_recipe_must_match_the_run(trained_run, tmp_path):
