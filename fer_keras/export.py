@@ -90,6 +90,15 @@ def serving_function(model: keras.Model, tta: str = "none", crop_size: int = DEF
     return serve
 
 
+def _data_record(run_dir: Path) -> dict | None:
+    """The run's data.json, or None when it cannot be read: the export's metadata and checks then go without it
+    (training, which writes it, stops on an unreadable one instead)."""
+    try:
+        return read_data_record(run_dir)
+    except OSError:
+        return None
+
+
 def _refuse_existing(target: Path) -> None:
     if target.exists():
         raise ConfigError(f"{target}: export version {target.name} exists; it is never overwritten")
@@ -189,10 +198,7 @@ def run_metadata(run_dir: Path) -> dict:
     if rows:
         best = best_row(rows)
         info.update(best_epoch=best["epoch"], val_accuracy=best["val_accuracy"])
-    try:  # the split val_accuracy was measured on, as an export written by training records it
-        record = read_data_record(run_dir)
-    except OSError:
-        record = None
+    record = _data_record(run_dir)  # the split val_accuracy was measured on, as training's exports record it
     if record and isinstance(record["val"].get("name"), str):
         info["val_split"] = record["val"]["name"]
     return info
@@ -231,10 +237,7 @@ def selection_split(data_path: str | None, run_config: dict, run_dir: Path | Non
                             use_cache=bool(recorded["use_cache"]))
     val, name = selection_split_of(dataset, recorded)
     if run_dir is not None:
-        try:
-            record = read_data_record(run_dir)
-        except OSError:
-            record = None
+        record = _data_record(run_dir)
         chose_on = record["val"].get("sha256") if record else None  # none recorded: nothing to compare with
         if chose_on and val.fingerprint() != chose_on:
             raise ConfigError(f"{dataset.source}: its {name} images differ from those {run_dir} chose its epoch on "
