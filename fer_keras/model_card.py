@@ -414,10 +414,12 @@ def render_markdown(card: dict) -> str:
         f"{c['schedule']} (warm-up {c['warmup_epochs']}"
         + (f"; momentum {c['momentum']} cycling down to {c.get('base_momentum')} at the peak"
            if c.get("cycle_momentum") else "")
-        + f"), decoupled weight decay {c['weight_decay']}, label smoothing "
+        + f"), decoupled weight decay {c['weight_decay']} on "
+        f"{'all parameters' if c.get('decay_norm_and_bias') else 'kernels only'}, label smoothing "
         f"{c['label_smoothing']}, dropout {c['dropout']}, augmentation flip={c['flip']} shift={c['shift']} "
-        f"rotation={c['rotation']}° zoom={c['zoom']} erasing={c['erasing']} mixup={c['mixup']} "
-        f"fill_mode={c.get('fill_mode', 'reflect')}, "
+        f"rotation={c['rotation']}° zoom={c['zoom']} erasing={c['erasing']} "
+        f"(fill {c.get('erasing_fill', 'noise')}, up to {c.get('erasing_max_area', 0.25)} of the image) "
+        f"mixup={c['mixup']} fill_mode={c.get('fill_mode', 'reflect')}, "
         f"precision {c['precision']}, "
         f"seed {c['seed']}; every flag the run used is in `{TRAIN_FLAGS}`.",
         f"- best epoch {t['best_epoch']} ({split} {100 * t['best_epoch_val_accuracy']:.1f} % during training; "

@@ -25,6 +25,11 @@ AUTOTUNE = tf.data.AUTOTUNE
 # How the warp fills pixels it maps from outside the image: reflect (this project's recipes) or constant black,
 # as torchvision's RandomAffine and RandomResizedCrop fill (fill=0); nearest repeats the edge.
 FILL_MODES = ("reflect", "constant", "nearest")
+# What random erasing writes into its rectangle: uniform noise (this project's recipes) or the data set's mean grey,
+# which is what torchvision's RandomErasing(value=0) writes after Normalize(mean, std).
+ERASING_FILLS = ("noise", "mean")
+# round(255 * FER2013_MEAN) of fer_keras.model (a test checks they agree; importing it here would load Keras).
+MEAN_GREY = 131
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +41,8 @@ class AugmentConfig:
     rotation: float = 10.0  # max rotation in degrees
     zoom: float = 0.1  # scale drawn from [1 - zoom, 1 + zoom]
     erasing: float = 0.0  # probability of erasing one random rectangle
+    erasing_max_area: float = 0.25  # the rectangle covers 2 % to this fraction of the image (torchvision: 0.33)
+    erasing_fill: str = "noise"  # one of ERASING_FILLS
     mixup: float = 0.0  # alpha of the Beta(alpha, alpha) mixing weight (0 = no mixup)
     fill_mode: str = "reflect"  # one of FILL_MODES, for pixels the warp brings in from outside the image
 
@@ -48,6 +55,11 @@ class AugmentConfig:
             raise ConfigError(f"augment zoom must be in [0, 1), got {self.zoom}")
         if not 0.0 <= self.erasing <= 1.0:
             raise ConfigError(f"augment erasing must be a probability in [0, 1], got {self.erasing}")
+        if not 0.02 < self.erasing_max_area <= 1.0:
+            raise ConfigError(f"augment erasing_max_area must be in (0.02, 1], got {self.erasing_max_area}")
+        if self.erasing_fill not in ERASING_FILLS:
+            raise ConfigError(f"augment erasing_fill must be one of {', '.join(ERASING_FILLS)}, "
+                              f"got {self.erasing_fill!r}")
         if not self.mixup >= 0.0:
             raise ConfigError(f"augment mixup alpha must be >= 0, got {self.mixup}")
         if self.fill_mode not in FILL_MODES:
@@ -89,12 +101,17 @@ def affine_transforms(batch: int, size: int, config: AugmentConfig, seed: tf.Ten
     return tf.stack([m00, m01, a2, m10, m11, b2, zeros, zeros], axis=1)
 
 
-def random_erasing(images: tf.Tensor, probability: float, seed: tf.Tensor) -> tf.Tensor:
-    """Erases one rectangle (2-25% of the area, aspect 0.3-3.3) with noise, per image with p."""
+def random_erasing(
+    images: tf.Tensor, probability: float, seed: tf.Tensor, max_area: float = 0.25, fill: str = "noise"
+) -> tf.Tensor:
+    """Erases one rectangle (2 % to ``max_area`` of the image, aspect 0.3-3.3) per image with ``probability``.
+
+    ``fill`` is ``noise`` (uniform 0-255) or ``mean`` (:data:`MEAN_GREY`, torchvision's value=0 on normalised input).
+    """
     shape = tf.shape(images)
     batch, h, w = shape[0], shape[1], shape[2]
     seeds = tf.random.experimental.stateless_split(seed, 6)
-    area = tf.random.stateless_uniform([batch], seeds[0], 0.02, 0.25) * tf.cast(h * w, tf.float32)
+    area = tf.random.stateless_uniform([batch], seeds[0], 0.02, max_area) * tf.cast(h * w, tf.float32)
     log_ratio = tf.random.stateless_uniform([batch], seeds[1], math.log(0.3), math.log(3.3))
     ratio = tf.exp(log_ratio)
     eh = tf.minimum(tf.sqrt(area * ratio), tf.cast(h, tf.float32))
@@ -109,8 +126,11 @@ def random_erasing(images: tf.Tensor, probability: float, seed: tf.Tensor) -> tf
         & (cols >= left[:, None, None]) & (cols < (left + ew)[:, None, None])
         & apply[:, None, None]
     )
-    noise = tf.random.stateless_uniform(tf.shape(images), seeds[5], 0, 256, dtype=tf.int32)
-    return tf.where(inside[..., None], tf.cast(noise, images.dtype), images)
+    if fill == "mean":
+        value = tf.fill(tf.shape(images), tf.cast(MEAN_GREY, images.dtype))
+    else:
+        value = tf.cast(tf.random.stateless_uniform(tf.shape(images), seeds[5], 0, 256, dtype=tf.int32), images.dtype)
+    return tf.where(inside[..., None], value, images)
 
 
 def augment_batch(images: tf.Tensor, config: AugmentConfig, seed: tf.Tensor) -> tf.Tensor:
@@ -129,7 +149,7 @@ def augment_batch(images: tf.Tensor, config: AugmentConfig, seed: tf.Tensor) -> 
         images = tf.cast(tf.clip_by_value(tf.round(warped), 0.0, 255.0), images.dtype)
         seed = seeds[1]
     if config.erasing > 0:
-        images = random_erasing(images, config.erasing, seed)
+        images = random_erasing(images, config.erasing, seed, config.erasing_max_area, config.erasing_fill)
     return images
 
 

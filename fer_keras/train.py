@@ -95,6 +95,8 @@ class TrainConfig:
     cycle_momentum: bool = False
     base_momentum: float = 0.85
     weight_decay: float = 5e-4
+    # Decay BatchNorm's scales/offsets and the biases as well, as PyTorch's SGD weight_decay does every parameter.
+    decay_norm_and_bias: bool = False
     schedule: str = "cosine"
     warmup_epochs: float = 2.0
     step_epochs: tuple[int, ...] = ()
@@ -110,6 +112,8 @@ class TrainConfig:
     rotation: float = 10.0
     zoom: float = 0.1
     erasing: float = 0.25
+    erasing_max_area: float = 0.25
+    erasing_fill: str = "noise"
     mixup: float = 0.0
     fill_mode: str = "reflect"
     # Distribution.
@@ -139,7 +143,8 @@ class TrainConfig:
         from fer_keras.pipeline import AugmentConfig
 
         return AugmentConfig(flip=self.flip, shift=self.shift, rotation=self.rotation, zoom=self.zoom,
-                             erasing=self.erasing, mixup=self.mixup, fill_mode=self.fill_mode)
+                             erasing=self.erasing, erasing_max_area=self.erasing_max_area,
+                             erasing_fill=self.erasing_fill, mixup=self.mixup, fill_mode=self.fill_mode)
 
     def validate(self) -> None:
         from fer_keras.distribute import STRATEGIES
@@ -401,8 +406,9 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int, model: keras.Mode
         opt = keras.optimizers.SGD(schedule, momentum=config.momentum, nesterov=True, weight_decay=wd)
     else:  # "adamw"
         opt = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
-    # Decay conv and dense kernels only: BatchNorm scales/offsets and biases are 1-D.
-    opt.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
+    if not config.decay_norm_and_bias:
+        # Decay conv and dense kernels only: BatchNorm scales/offsets and biases are 1-D.
+        opt.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
     return opt
 
 
@@ -642,7 +648,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
         f"stem={config.stem}, {config.optimizer} lr {config.learning_rate:g} {config.schedule}, "
         + (f"momentum {config.momentum:g} -> {config.base_momentum:g} -> {config.momentum:g}, "
            if config.cycle_momentum else "")
-        + f"weight decay {config.weight_decay:g} (decoupled), precision={config.precision}, "
+        + f"weight decay {config.weight_decay:g} (decoupled, "
+        f"{'all parameters' if config.decay_norm_and_bias else 'kernels'}), precision={config.precision}, "
         f"oneDNN {'on' if distribute.onednn_enabled() else ONEDNN_OFF}"
     )
 
@@ -793,7 +800,7 @@ def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val
 
 
 def define_flags() -> None:
-    from fer_keras.pipeline import FILL_MODES
+    from fer_keras.pipeline import ERASING_FILLS, FILL_MODES
 
     d = TrainConfig()
     f = flags
@@ -829,8 +836,12 @@ def define_flags() -> None:
     f.DEFINE_float("base_momentum", d.base_momentum, "--cycle_momentum: the lowest momentum, at the learning "
                    "rate's peak.")
     f.DEFINE_float("weight_decay", d.weight_decay, "Decoupled weight decay on conv/dense kernels (not BN, not "
-                   "biases): each step w -= lr * weight_decay * w. PyTorch's SGD weight_decay adds to the gradient "
-                   "instead, where momentum m amplifies it by 1/(1-m): its 5e-4 at m=0.9 is 5e-3 here.")
+                   "biases, unless --decay_norm_and_bias): each step w -= lr * weight_decay * w. PyTorch's SGD "
+                   "weight_decay adds to the gradient instead, where momentum m amplifies it by 1/(1-m): its 5e-4 at "
+                   "m=0.9 is 5e-3 here.")
+    f.DEFINE_boolean("decay_norm_and_bias", d.decay_norm_and_bias, "Apply --weight_decay to BatchNorm's "
+                     "scales/offsets and the classifier's bias too, as PyTorch's SGD weight_decay covers every "
+                     "parameter. Off: kernels only, the usual choice for BatchNorm networks.")
     f.DEFINE_enum("schedule", d.schedule, SCHEDULES, "Learning-rate schedule: cosine (linear warm-up from lr/10, "
                   "cosine to 0), onecycle (PyTorch's OneCycleLR: cosine ramp from lr/25 over --warmup_epochs, "
                   "cosine to lr/2.5e5; momentum cycles only with --cycle_momentum), step (--step_epochs) or "
@@ -850,6 +861,11 @@ def define_flags() -> None:
     f.DEFINE_float("rotation", d.rotation, "Augment: max rotation in degrees (0 = off).")
     f.DEFINE_float("zoom", d.zoom, "Augment: max zoom in/out fraction (0 = off).")
     f.DEFINE_float("erasing", d.erasing, "Augment: random-erasing probability (0 = off).")
+    f.DEFINE_float("erasing_max_area", d.erasing_max_area, "Augment: largest fraction of the image one erased "
+                   "rectangle covers (the smallest is 0.02; torchvision's RandomErasing: 0.33).")
+    f.DEFINE_enum("erasing_fill", d.erasing_fill, list(ERASING_FILLS), "Augment: what random erasing writes: "
+                  "noise (uniform 0-255) or mean (the data set's mean grey, as torchvision's RandomErasing(value=0) "
+                  "after Normalize).")
     f.DEFINE_float("mixup", d.mixup, "Augment: mixup with weights from Beta(mixup, mixup), labels mixed "
                    "alike (0 = off; 0.2-1 is usual).")
     f.DEFINE_enum("fill_mode", d.fill_mode, list(FILL_MODES), "Augment: what the shift/rotation/zoom warp puts "
@@ -899,6 +915,7 @@ def define_flags() -> None:
     f.register_validator("rotation", lambda v: 0 <= v <= 180, "--rotation must be in [0, 180]")
     f.register_validator("zoom", lambda v: 0 <= v < 1, "--zoom must be in [0, 1)")
     f.register_validator("erasing", lambda v: 0 <= v <= 1, "--erasing must be in [0, 1]")
+    f.register_validator("erasing_max_area", lambda v: 0.02 < v <= 1, "--erasing_max_area must be in (0.02, 1]")
     f.register_validator("mixup", lambda v: v >= 0, "--mixup must be >= 0")
     f.register_validator("step_epochs", lambda v: all(s.strip().isdigit() and int(s) > 0 for s in v),
                          "--step_epochs must be positive integers, e.g. 30,45")

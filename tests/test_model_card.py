@@ -58,8 +58,17 @@ def test_card_figures_equal_a_fresh_evaluation(trained_run, tmp_path):
     assert ("sgd lr 0.01 onecycle (warm-up 0; momentum 0.95 cycling down to 0.85 at the peak), decoupled"
             in model_card.render_markdown(card))
     assert "mixup=0.0 fill_mode=reflect, precision" in text
-    del card["training"]["config"]["fill_mode"]  # a run from before the flag: it reflected
-    assert "mixup=0.0 fill_mode=reflect, precision" in model_card.render_markdown(card)
+    assert "decoupled weight decay 0.0005 on kernels only, label" in text
+    assert "(fill noise, up to 0.25 of the image) mixup" in text
+    card["training"]["config"].update(decay_norm_and_bias=True, erasing_fill="mean", erasing_max_area=0.33)
+    rendered = model_card.render_markdown(card)
+    assert "weight decay 0.0005 on all parameters, label" in rendered
+    assert "(fill mean, up to 0.33 of the image) mixup" in rendered
+    for key in ("fill_mode", "decay_norm_and_bias", "erasing_fill", "erasing_max_area"):
+        del card["training"]["config"][key]  # a run from before the flags: what it did is their default
+    rendered = model_card.render_markdown(card)
+    assert "mixup=0.0 fill_mode=reflect, precision" in rendered
+    assert "on kernels only" in rendered and "(fill noise, up to 0.25 of the image)" in rendered
 
 
 def test_recipe_must_match_the_run(trained_run, tmp_path):

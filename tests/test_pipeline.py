@@ -8,7 +8,8 @@ import tensorflow as tf
 
 from fer_keras.data import Split
 from fer_keras.errors import ConfigError
-from fer_keras.pipeline import NO_AUGMENT, AugmentConfig, augment_batch, eval_dataset, train_dataset
+from fer_keras.model import FER2013_MEAN
+from fer_keras.pipeline import MEAN_GREY, NO_AUGMENT, AugmentConfig, augment_batch, eval_dataset, train_dataset
 
 
 def make_split(n=40):
@@ -119,6 +120,29 @@ def test_erasing_changes_a_rectangle_only():
         assert len(changed) <= (r1 - r0 + 1) * (c1 - c0 + 1) <= 0.3 * 48 * 48
 
 
+def erased_pixels(fill, max_area, n=64):
+    x = np.full((n, 48, 48, 1), 7, np.uint8)
+    config = AugmentConfig(flip=False, shift=0, rotation=0, zoom=0, erasing=1.0, erasing_fill=fill,
+                           erasing_max_area=max_area)
+    return augment_batch(tf.constant(x), config, tf.constant([0, 9], tf.int64)).numpy()
+
+
+def test_erasing_fill_mean_writes_the_data_sets_mean_grey():
+    out = erased_pixels("mean", 0.25)
+    assert set(np.unique(out)) == {7, MEAN_GREY}
+    assert (out == MEAN_GREY).any(axis=(1, 2, 3)).all()  # erasing=1: every image has its rectangle
+    assert MEAN_GREY == round(255 * FER2013_MEAN)  # torchvision's value=0 after Normalize(mean, std)
+    assert len(np.unique(erased_pixels("noise", 0.25))) > 200
+
+
+def test_erasing_max_area_bounds_the_rectangle():
+    side = 48 * 48
+    small = (erased_pixels("mean", 0.05) == MEAN_GREY).sum(axis=(1, 2, 3))
+    large = (erased_pixels("mean", 0.6) == MEAN_GREY).sum(axis=(1, 2, 3))
+    assert small.min() > 0 and small.max() <= 0.05 * side * 1.3  # pixel-grid rounding of the rectangle's edges
+    assert large.max() > 0.4 * side and large.mean() > 2 * small.mean()
+
+
 def test_no_augment_is_identity_and_dtype_stays_uint8():
     x = tf.constant(make_split(4).images)
     np.testing.assert_array_equal(augment_batch(x, NO_AUGMENT, tf.constant([0, 0], tf.int64)), x)
@@ -159,7 +183,8 @@ def test_mixup_mixes_each_image_and_label_with_its_mirror_in_the_batch():
         np.testing.assert_array_equal(ya.numpy(), yb.numpy())
 
 
-@pytest.mark.parametrize("kwargs", [{"shift": 0.9}, {"rotation": -1}, {"zoom": 1.0}, {"erasing": 2}, {"mixup": -0.1}])
+@pytest.mark.parametrize("kwargs", [{"shift": 0.9}, {"rotation": -1}, {"zoom": 1.0}, {"erasing": 2}, {"mixup": -0.1},
+                                    {"erasing_max_area": 0.02}, {"erasing_max_area": 1.5}, {"erasing_fill": "grey"}])
 def test_bad_augment_values_are_refused(kwargs):
     with pytest.raises(ConfigError):
         AugmentConfig(**kwargs)

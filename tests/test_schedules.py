@@ -112,6 +112,25 @@ def test_weight_decay_5e_3_here_is_pytorchs_5e_4_at_momentum_0_9():
     np.testing.assert_array_equal(np.asarray(bias), 1.0)  # 1-D variables are not decayed
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("decay_all", [False, True])
+def test_decay_norm_and_bias_extends_decay_to_batchnorm_and_biases(optimizer, decay_all):
+    """PyTorch's SGD weight_decay covers every parameter; ours spares 1-D ones unless --decay_norm_and_bias."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="dense"),
+                              keras.layers.BatchNormalization(name="bn")])
+    variables = model.trainable_variables  # kernel, bias, gamma, beta
+    for v in variables:
+        v.assign(np.ones(v.shape, np.float32))
+    opt = train.build_optimizer(config(optimizer=optimizer, schedule="constant", learning_rate=0.01,
+                                       weight_decay=0.1, decay_norm_and_bias=decay_all), steps_per_epoch=1, model=model)
+    for _ in range(10):
+        opt.apply_gradients(zip([keras.ops.zeros_like(v) for v in variables], variables))
+    decayed = (1 - 0.01 * 0.1) ** 10
+    kernel, *one_d = [float(np.asarray(v).ravel()[0]) for v in variables]
+    assert kernel == pytest.approx(decayed, rel=1e-5)
+    np.testing.assert_allclose(one_d, decayed if decay_all else 1.0, rtol=1e-5)
+
+
 # --- Momentum cycling (--cycle_momentum) ----------------------------------------------------------------------
 
 
