@@ -410,7 +410,7 @@ def measure_keras_training(spec: dict) -> dict:
     keras.config.set_dtype_policy(config.precision)
     try:
         model = resnet18(config.stem, config.input_channels, dropout=config.dropout,
-                         fused_batchnorm=spec.get("fused_batchnorm", True))
+                         fused_batchnorm=spec.get("fused_batchnorm", True), input_crop=config.input_crop)
         # The same compile call as train.run, so the measured step is the step users train with.
         model.compile(
             optimizer=train.build_optimizer(config, per_epoch, model),
@@ -598,7 +598,8 @@ def measure_serving(spec: dict) -> dict:
             for precision in spec["precisions"]:
                 keras.utils.set_random_seed(config.seed)
                 keras.config.set_dtype_policy(precision)
-                model = resnet18(config.stem, config.input_channels, dropout=config.dropout)
+                model = resnet18(config.stem, config.input_channels, dropout=config.dropout,
+                                 input_crop=config.input_crop)
                 path = Path(tmp) / f"{precision}.keras"
                 model.save(path)
                 if "saved_model" not in result:

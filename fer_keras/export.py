@@ -30,7 +30,7 @@ from absl import flags
 from fer_keras import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, __version__, cli
 from fer_keras.errors import ConfigError, FerError, ModelError
 from fer_keras.history import best_row, read_data_record, read_history_csv, remove_dead_writers_tmp, tmp_name
-from fer_keras.model import as_float32, load_keras_model
+from fer_keras.model import as_float32, input_crop_of, load_keras_model
 from fer_keras.tta import (
     AUTO,
     DEFAULT_CROP_SIZE,
@@ -39,6 +39,7 @@ from fer_keras.tta import (
     TtaChoice,
     check_tta,
     choose_tta,
+    effective_crop,
     num_views,
     tf_views,
 )
@@ -72,10 +73,11 @@ def serving_function(model: keras.Model, tta: str = "none", crop_size: int = DEF
     check_tta(tta, crop_size)
     names = tf.constant(list(CLASS_NAMES))
     count = num_views(tta)
+    model_crop = input_crop_of(model)
 
     def serve(pixels):
         x = tf.cast(pixels, tf.float32)
-        logits = tf.cast(model(tf_views(x, tta, crop_size), training=False), tf.float32)
+        logits = tf.cast(model(tf_views(x, tta, crop_size, model_crop), training=False), tf.float32)
         logits = tf.reshape(logits, [count, -1, NUM_CLASSES])
         probabilities = tf.reduce_mean(tf.nn.softmax(logits), axis=0)
         logits = tf.reduce_mean(logits, axis=0)
@@ -161,7 +163,8 @@ def export_model(
             "input": "pixels: [N, 48, 48, 1] raw grayscale 0-255 (float32 in serving_default, uint8 in serving_uint8)",
             "outputs": ["probabilities", "class_id", "class_name", "logits"],
             "tta": tta,
-            **({"crop_size": crop_size} if tta == "tencrop" else {}),
+            **({"crop_size": effective_crop(crop_size, input_crop_of(model))} if tta == "tencrop" else {}),
+            "input_crop": input_crop_of(model),
         }
         (tmp / "assets.extra").mkdir(exist_ok=True)
         (tmp / METADATA_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -276,7 +279,8 @@ def define_flags() -> None:
     flags.DEFINE_enum("tta", "none", TTA_MODES + (AUTO,), "Test-time augmentation built into the export: none, "
                       "flip, tencrop (10 model evaluations per image), or auto: the cheapest of them within "
                       "--tta_tolerance of the best on the run's selection split of --data.")
-    flags.DEFINE_integer("crop_size", DEFAULT_CROP_SIZE, "Crop side in pixels for --tta=tencrop.")
+    flags.DEFINE_integer("crop_size", DEFAULT_CROP_SIZE, "Crop side in pixels for --tta=tencrop; a model "
+                         "trained with --input_crop is shown crops of its own size instead.")
     flags.DEFINE_string("data", None, "FER2013 source for --tta=auto (default: the data the run was trained "
                         "on, else the bundled sample); its PublicTest, or the run's hold-out, decides.")
     flags.DEFINE_float("tta_tolerance", DEFAULT_TOLERANCE, "--tta=auto: percentage points by which a costlier "

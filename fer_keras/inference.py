@@ -106,6 +106,15 @@ class Predictor:
             return empty, empty
         return np.concatenate(logits), np.concatenate(probs)
 
+    @property
+    def input_crop(self) -> int:
+        """The central window the model sees (0: the whole image); ten-crop shows it windows of this size."""
+        if self.keras_model is not None:
+            from fer_keras.model import input_crop_of
+
+            return input_crop_of(self.keras_model)
+        return int(self.metadata.get("input_crop", 0))
+
     def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         return self.outputs(images, batch_size)[0]
 
@@ -151,7 +160,7 @@ def load_keras(path: str | os.PathLike | None = None) -> keras.Model:
             model = keras.models.model_from_json(model_json.read_text())
         elif config:
             model = resnet18(config["stem"], int(config["input_channels"]),
-                             dropout=float(config.get("dropout", 0.0)))
+                             dropout=float(config.get("dropout", 0.0)), input_crop=int(config.get("input_crop", 0)))
         else:
             raise ModelError(f"{p}: this export holds no fer_keras model description; pass a .keras model instead")
         loaded = tf.saved_model.load(str(p))

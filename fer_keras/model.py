@@ -10,6 +10,12 @@ normalisation live inside it so that exports and users never pre-process. Stems:
 
 With ``input_channels=3`` the grey image is repeated to three channels by a parameter-free layer, so
 the parameter count equals torchvision's ``resnet18(num_classes=7)``: 11,180,103.
+
+With ``input_crop=C`` the network sees only the central CxC pixels (a ``Cropping2D`` named ``input_crop``),
+as the published recipes' networks see 40x40 crops: its input stays 48x48, so every tool and export takes
+the same images, training draws random CxC windows by shifting the image (:mod:`fer_keras.pipeline`), and
+ten-crop presents the five CxC windows by shifting them into the centre (:mod:`fer_keras.tta`). A 40-pixel
+crop costs (40/48)^2 = 0.69 of the full image.
 """
 
 from __future__ import annotations
@@ -234,6 +240,7 @@ def resnet18(
     std: float = FER2013_STD,
     sync_batchnorm: bool = False,
     fused_batchnorm: bool = True,
+    input_crop: int = 0,
     name: str = "resnet18",
 ) -> keras.Model:
     """Builds ResNet-18 whose input is raw pixels ``(image_size, image_size, 1)`` in 0-255.
@@ -241,7 +248,7 @@ def resnet18(
     ``sync_batchnorm`` computes BatchNorm statistics over the global batch across replicas, so a
     distributed run computes what a single device with the same global batch would.
     ``fused_batchnorm=False`` uses Keras' own BatchNormalization (same function, slower training):
-    the benchmark's A/B baseline.
+    the benchmark's A/B baseline. ``input_crop`` (0: none) keeps the central ``input_crop`` pixels square.
 
     Returns float32 logits of shape ``(N, num_classes)`` whatever the dtype policy, so that the
     loss and softmax stay exact under mixed precision.
@@ -256,10 +263,14 @@ def resnet18(
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     if std <= 0:
         raise ValueError(f"std must be positive, got {std}")
+    check_input_crop(input_crop, image_size)
 
     inputs = keras.Input((image_size, image_size, 1), name="pixels")
+    x = inputs
+    if input_crop:
+        x = layers.Cropping2D((image_size - input_crop) // 2, name=INPUT_CROP_LAYER)(x)
     # x/255 normalised: (x/255 - mean)/std = x * 1/(255 std) - mean/std.
-    x = layers.Rescaling(1.0 / (255.0 * std), offset=-mean / std, name="normalize")(inputs)
+    x = layers.Rescaling(1.0 / (255.0 * std), offset=-mean / std, name="normalize")(x)
     if input_channels == 3:
         x = GrayscaleToRGB(name="to_rgb")(x)
 
@@ -297,6 +308,25 @@ def resnet18(
 
 LAST_CONV_LAYER = "stage4_block2"
 FIRST_CONV_LAYER = "stem_conv"
+INPUT_CROP_LAYER = "input_crop"
+
+
+def check_input_crop(input_crop: int, image_size: int = IMAGE_SIZE) -> None:
+    """A ValueError unless ``input_crop`` is 0 (none) or a centred window: smaller than the image by an even
+    number of pixels, so that it is its own mirror image (flip TTA) and ten-crop's windows are integer shifts."""
+    if input_crop and not (0 < input_crop < image_size and (image_size - input_crop) % 2 == 0):
+        raise ValueError(f"input_crop must be 0 (none) or 1-{image_size - 2} pixels and smaller than the "
+                         f"{image_size}-pixel image by an even number, got {input_crop}")
+
+
+def input_crop_of(model: keras.Model) -> int:
+    """The side of the central window ``model`` sees (its ``input_crop`` layer), or 0 when it sees it all."""
+    try:
+        layer = model.get_layer(INPUT_CROP_LAYER)
+    except ValueError:
+        return 0
+    (top, bottom), (left, right) = layer.cropping
+    return int(model.input_shape[1] - top - bottom)
 
 
 def count_params(model: keras.Model, trainable_only: bool = True) -> int:

@@ -329,7 +329,9 @@ def render_markdown(card: dict) -> str:
     lines = [
         f"# {card['name']} — ResNet-18 for FER2013 (version {card['version']})",
         "",
-        f"A ResNet-18 (`{c['stem']}` stem, {c['input_channels']} input channel(s)) trained by fer_keras "
+        f"A ResNet-18 (`{c['stem']}` stem, {c['input_channels']} input channel(s)"
+        + (f", seeing the central {c['input_crop']}×{c['input_crop']} pixels" if c.get("input_crop") else "")
+        + f") trained by fer_keras "
         f"{card['versions']['fer_keras']} on the FER2013 Training rows only; every choice (epoch, TTA) was made "
         f"on {split}. The withheld PrivateTest rows were never used. Classes: "
         + ", ".join(f"{i} {n}" for i, n in enumerate(CLASS_NAMES)) + ".",

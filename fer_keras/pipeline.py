@@ -6,7 +6,9 @@ resumed at epoch ``e`` therefore sees exactly the batches an uninterrupted run w
 
 Pixels stay uint8 through the pipeline (the model rescales): one affine warp per image covers
 shift, rotation, zoom and horizontal flip in a single resampling, followed by random erasing and,
-optionally, mixup (which also mixes the one-hot labels).
+optionally, mixup (which also mixes the one-hot labels). For a model that sees only a central window
+(``crop``, :func:`fer_keras.model.resnet18`'s ``input_crop``), the warp also shifts each image by a whole
+number of pixels, so that the window is a random crop, and erasing stays inside the window.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class AugmentConfig:
     erasing_fill: str = "noise"  # one of ERASING_FILLS
     mixup: float = 0.0  # alpha of the Beta(alpha, alpha) mixing weight (0 = no mixup)
     fill_mode: str = "reflect"  # one of FILL_MODES, for pixels the warp brings in from outside the image
+    crop: int = 0  # side of the central window the model sees (0: all); the warp then crops it at random
 
     def __post_init__(self):
         if not 0.0 <= self.shift <= 0.5:
@@ -62,12 +65,14 @@ class AugmentConfig:
                               f"got {self.erasing_fill!r}")
         if not self.mixup >= 0.0:
             raise ConfigError(f"augment mixup alpha must be >= 0, got {self.mixup}")
+        if self.crop < 0:
+            raise ConfigError(f"augment crop must be >= 0, got {self.crop}")
         if self.fill_mode not in FILL_MODES:
             raise ConfigError(f"augment fill_mode must be one of {', '.join(FILL_MODES)}, got {self.fill_mode!r}")
 
     @property
     def geometric(self) -> bool:
-        return self.flip or self.shift > 0 or self.rotation > 0 or self.zoom > 0
+        return self.flip or self.shift > 0 or self.rotation > 0 or self.zoom > 0 or self.crop > 0
 
 
 NO_AUGMENT = AugmentConfig(flip=False, shift=0.0, rotation=0.0, zoom=0.0, erasing=0.0)
@@ -87,6 +92,12 @@ def affine_transforms(batch: int, size: int, config: AugmentConfig, seed: tf.Ten
     scale = u(1, 1.0 - config.zoom, 1.0 + config.zoom)
     shift = tf.reshape(tf.random.stateless_uniform([batch * 2], seeds[2], -1.0, 1.0), [batch, 2])
     shift = shift * (config.shift * size)
+    if config.crop:
+        # torchvision's RandomCrop: a window at a whole-pixel offset drawn uniformly; here the image moves instead.
+        margin = (size - config.crop) // 2
+        crop_seed = tf.random.experimental.stateless_fold_in(seed, 0xC40B)  # leaves the other draws as they were
+        offsets = tf.random.stateless_uniform([batch, 2], crop_seed, -margin, margin + 1, dtype=tf.int32)
+        shift = shift + tf.cast(offsets, tf.float32)
     if config.flip:
         flip = tf.where(tf.random.stateless_uniform([batch], seeds[3]) < 0.5, -1.0, 1.0)
     else:
@@ -102,25 +113,34 @@ def affine_transforms(batch: int, size: int, config: AugmentConfig, seed: tf.Ten
 
 
 def random_erasing(
-    images: tf.Tensor, probability: float, seed: tf.Tensor, max_area: float = 0.25, fill: str = "noise"
+    images: tf.Tensor, probability: float, seed: tf.Tensor, max_area: float = 0.25, fill: str = "noise",
+    window: int = 0,
 ) -> tf.Tensor:
     """Erases one rectangle (2 % to ``max_area`` of the image, aspect 0.3-3.3) per image with ``probability``.
 
     ``fill`` is ``noise`` (uniform 0-255) or ``mean`` (:data:`MEAN_GREY`, torchvision's value=0 on normalised input).
+    ``window`` (0: the whole image) confines the rectangle, and the area it is a fraction of, to the central
+    ``window`` pixels square: the crop the model sees, which is what torchvision erases after RandomCrop.
     """
     shape = tf.shape(images)
-    batch, h, w = shape[0], shape[1], shape[2]
+    batch = shape[0]
+    if window:
+        margin = tf.cast((images.shape[1] - window) // 2, tf.float32)
+        h = w = tf.constant(window)
+    else:
+        margin = tf.constant(0.0)
+        h, w = shape[1], shape[2]
     seeds = tf.random.experimental.stateless_split(seed, 6)
     area = tf.random.stateless_uniform([batch], seeds[0], 0.02, max_area) * tf.cast(h * w, tf.float32)
     log_ratio = tf.random.stateless_uniform([batch], seeds[1], math.log(0.3), math.log(3.3))
     ratio = tf.exp(log_ratio)
     eh = tf.minimum(tf.sqrt(area * ratio), tf.cast(h, tf.float32))
     ew = tf.minimum(tf.sqrt(area / ratio), tf.cast(w, tf.float32))
-    top = tf.random.stateless_uniform([batch], seeds[2]) * (tf.cast(h, tf.float32) - eh)
-    left = tf.random.stateless_uniform([batch], seeds[3]) * (tf.cast(w, tf.float32) - ew)
+    top = margin + tf.random.stateless_uniform([batch], seeds[2]) * (tf.cast(h, tf.float32) - eh)
+    left = margin + tf.random.stateless_uniform([batch], seeds[3]) * (tf.cast(w, tf.float32) - ew)
     apply = tf.random.stateless_uniform([batch], seeds[4]) < probability
-    rows = tf.cast(tf.range(h), tf.float32)[None, :, None]
-    cols = tf.cast(tf.range(w), tf.float32)[None, None, :]
+    rows = tf.cast(tf.range(shape[1]), tf.float32)[None, :, None]
+    cols = tf.cast(tf.range(shape[2]), tf.float32)[None, None, :]
     inside = (
         (rows >= top[:, None, None]) & (rows < (top + eh)[:, None, None])
         & (cols >= left[:, None, None]) & (cols < (left + ew)[:, None, None])
@@ -149,7 +169,8 @@ def augment_batch(images: tf.Tensor, config: AugmentConfig, seed: tf.Tensor) -> 
         images = tf.cast(tf.clip_by_value(tf.round(warped), 0.0, 255.0), images.dtype)
         seed = seeds[1]
     if config.erasing > 0:
-        images = random_erasing(images, config.erasing, seed, config.erasing_max_area, config.erasing_fill)
+        images = random_erasing(images, config.erasing, seed, config.erasing_max_area, config.erasing_fill,
+                                window=config.crop)
     return images
 
 

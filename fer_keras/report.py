@@ -817,7 +817,8 @@ def define_flags() -> None:
     flags.DEFINE_string("split", "val", "Labeled split for evaluation, saliency and filters: train, "
                         "val (PublicTest) or test (PrivateTest).")
     flags.DEFINE_enum("tta", "none", TTA_MODES, "Test-time augmentation for the evaluation section.")
-    flags.DEFINE_integer("crop_size", DEFAULT_CROP_SIZE, "Crop side in pixels for --tta=tencrop.")
+    flags.DEFINE_integer("crop_size", DEFAULT_CROP_SIZE, "Crop side in pixels for --tta=tencrop; a model "
+                         "trained with --input_crop is shown crops of its own size instead.")
     flags.DEFINE_string("output_dir", DEFAULT_OUTPUT_DIR, "Folder for report.md, report.html and the figures.")
     flags.DEFINE_list("sections", list(SECTIONS), f"Sections to include, in report order: {', '.join(SECTIONS)}.")
     flags.DEFINE_integer("filter_steps", DEFAULT_FILTER_STEPS, "Activation maximisation steps per layer.")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from absl import flags, logging
 
-from fer_keras import __version__, cli
+from fer_keras import IMAGE_SIZE, __version__, cli
 from fer_keras.errors import ConfigError, FerError, ModelError, WorkerLostError
 from fer_keras.history import (
     atomic_write_text,
@@ -81,6 +81,8 @@ class TrainConfig:
     input_channels: int = 1
     dropout: float = 0.2
     sync_batchnorm: bool = False
+    # The network sees the central input_crop pixels square (0: all 48), trained on random windows of that size.
+    input_crop: int = 0
     # Start from a trained model's weights (a .keras file or a run directory's best.keras) instead of random
     # ones: fine-tuning, or a further learning-rate cycle after a finished run.
     init_from: str = ""
@@ -144,7 +146,8 @@ class TrainConfig:
 
         return AugmentConfig(flip=self.flip, shift=self.shift, rotation=self.rotation, zoom=self.zoom,
                              erasing=self.erasing, erasing_max_area=self.erasing_max_area,
-                             erasing_fill=self.erasing_fill, mixup=self.mixup, fill_mode=self.fill_mode)
+                             erasing_fill=self.erasing_fill, mixup=self.mixup, fill_mode=self.fill_mode,
+                             crop=self.input_crop)
 
     def validate(self) -> None:
         from fer_keras.distribute import STRATEGIES
@@ -163,6 +166,9 @@ class TrainConfig:
             (self.steps_per_execution >= 1, f"steps_per_execution must be >= 1, got {self.steps_per_execution}"),
             (self.stem in STEMS, f"unknown stem {self.stem!r}; choose one of {', '.join(STEMS)}"),
             (self.input_channels in (1, 3), f"input_channels must be 1 or 3, got {self.input_channels}"),
+            (self.input_crop == 0 or (0 < self.input_crop < IMAGE_SIZE and (IMAGE_SIZE - self.input_crop) % 2 == 0),
+             f"input_crop must be 0 (none) or smaller than {IMAGE_SIZE} by an even number of pixels, "
+             f"got {self.input_crop}"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose {', '.join(SCHEDULES)}"),
             (self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose {', '.join(PRECISIONS)}"),
@@ -603,8 +609,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     # A resumed run continues from its checkpoint; the initial model matters only at the start.
     init_source = load_initial_model(config.init_from) if config.init_from and not latest else None
     if init_source is not None:  # a model of another architecture is refused before any output is written
-        copy_weights(init_source[0], resnet18(config.stem, config.input_channels, dropout=config.dropout),
-                     config.init_from, dry_run=True)
+        copy_weights(init_source[0], resnet18(config.stem, config.input_channels, dropout=config.dropout,
+                                              input_crop=config.input_crop), config.init_from, dry_run=True)
     steps = pipeline.steps_per_epoch(len(train_split), config.batch_size)
     if steps == 0:
         raise ConfigError(
@@ -645,7 +651,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
         f"fer_keras {__version__}: {distribute.describe(strategy)}, global batch {config.batch_size} "
         f"({config.batch_size // replicas} per replica), {len(train_split):,} training images "
         f"({steps} steps/epoch), validation on {len(val_split):,} images ({val_name}), "
-        f"stem={config.stem}, {config.optimizer} lr {config.learning_rate:g} {config.schedule}, "
+        f"stem={config.stem}{f', input crop {config.input_crop}' if config.input_crop else ''}, "
+        f"{config.optimizer} lr {config.learning_rate:g} {config.schedule}, "
         + (f"momentum {config.momentum:g} -> {config.base_momentum:g} -> {config.momentum:g}, "
            if config.cycle_momentum else "")
         + f"weight decay {config.weight_decay:g} (decoupled, "
@@ -662,7 +669,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
         with strategy.scope():
             model = resnet18(
                 config.stem, config.input_channels, dropout=config.dropout,
-                sync_batchnorm=config.sync_batchnorm,
+                sync_batchnorm=config.sync_batchnorm, input_crop=config.input_crop,
             )
             if init_source is not None:
                 copy_weights(init_source[0], model, config.init_from)
@@ -818,6 +825,10 @@ def define_flags() -> None:
     f.DEFINE_enum("input_channels", str(d.input_channels), ["1", "3"],
                   "1, or 3 (grey repeated; torchvision's parameter count).")
     f.DEFINE_float("dropout", d.dropout, "Dropout before the classifier.")
+    f.DEFINE_integer("input_crop", d.input_crop, "The network sees only the central INPUT_CROP pixels square "
+                     "(0: all 48), as the published 40x40-crop recipes' networks do, at (INPUT_CROP/48)^2 of the "
+                     "cost: training shifts each image by whole pixels so that the window is a random crop, and "
+                     "ten-crop TTA shows it windows of its own size. Must be smaller than 48 by an even number.")
     f.DEFINE_boolean("sync_batchnorm", d.sync_batchnorm, "BatchNorm statistics over the global batch "
                      "(all replicas) rather than per replica.")
     f.DEFINE_string("init_from", d.init_from, "Start from this model's weights instead of random ones: a .keras "
@@ -902,6 +913,8 @@ def define_flags() -> None:
     f.register_validator("base_momentum", lambda v: 0 < v < 1, "--base_momentum must be in (0, 1)")
     f.register_validator("label_smoothing", lambda v: 0 <= v < 1, "--label_smoothing must be in [0, 1)")
     f.register_validator("dropout", lambda v: 0 <= v < 1, "--dropout must be in [0, 1)")
+    f.register_validator("input_crop", lambda v: v == 0 or (0 < v < 48 and v % 2 == 0),
+                         "--input_crop must be 0 (none) or an even number below 48")
     f.register_validator("val_fraction", lambda v: 0 < v < 1, "--val_fraction must be in (0, 1)")
     f.register_validator("warmup_epochs", lambda v: v >= 0, "--warmup_epochs must be >= 0")
     f.register_validator("cpu_devices", lambda v: v >= 0, "--cpu_devices must be >= 0")

@@ -3,7 +3,9 @@
 * ``none``: the image itself;
 * ``flip``: the image and its horizontal mirror image (faces are roughly left-right symmetric);
 * ``tencrop``: the four corner crops and the centre crop of ``crop_size`` pixels plus their mirror
-  images, each resized back to 48x48 (bilinear) because the model only takes 48x48 inputs.
+  images, each resized back to 48x48 (bilinear) because the model only takes 48x48 inputs. A model
+  trained on crops (``input_crop``) sees only its central window: its ten crops are its own window size,
+  and each is shifted into the centre instead of resized, so the model sees the crop pixel for pixel.
 
 Probabilities (softmax outputs), not logits, are averaged, as in the original report. TensorFlow is
 imported only when views are built, so that the command-line tools can reject bad flags quickly.
@@ -35,7 +37,8 @@ DEFAULT_TOLERANCE = 0.25
 
 
 class ProbabilityModel(Protocol):
-    """What TTA needs from a model: :class:`fer_keras.inference.Predictor` has it."""
+    """What TTA needs from a model: :class:`fer_keras.inference.Predictor` has it (and ``input_crop``, the
+    central window the model sees, 0 when absent)."""
 
     def probabilities(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray: ...
 
@@ -59,17 +62,28 @@ def crop_offsets(crop_size: int, image_size: int = IMAGE_SIZE) -> list[tuple[int
     return [(0, 0), (0, far), (far, 0), (far, far), (centre, centre)]
 
 
-def tf_views(images: tf.Tensor, mode: str, crop_size: int = DEFAULT_CROP_SIZE) -> tf.Tensor:
+def effective_crop(crop_size: int, model_crop: int) -> int:
+    """Ten-crop's crop side: a model that sees only a central window is shown windows of its own size."""
+    return model_crop or crop_size
+
+
+def tf_views(images: tf.Tensor, mode: str, crop_size: int = DEFAULT_CROP_SIZE, model_crop: int = 0) -> tf.Tensor:
     """The views of a float32 ``[N, 48, 48, 1]`` tensor as one batch ``[V * N, 48, 48, 1]``, view-major.
 
     Exports trace it into their serving function and :func:`views` computes with it, so the served TTA is
-    the evaluate tool's TTA.
+    the evaluate tool's TTA. ``model_crop``: the central window the model sees (0: all of it).
     """
     import tensorflow as tf
 
     check_tta(mode, crop_size)
     base = [images]
-    if mode == "tencrop":
+    if mode == "tencrop" and model_crop:
+        # Shift each window into the centre, where the model's crop takes exactly it; what the shift brings in
+        # (zeros) lies outside that crop.
+        margin = (IMAGE_SIZE - model_crop) // 2
+        padded = tf.pad(images, [[0, 0], [margin, margin], [margin, margin], [0, 0]])
+        base = [padded[:, top:top + IMAGE_SIZE, left:left + IMAGE_SIZE, :] for top, left in crop_offsets(model_crop)]
+    elif mode == "tencrop":
         base = [images[:, top:top + crop_size, left:left + crop_size, :] for top, left in crop_offsets(crop_size)]
         if crop_size != IMAGE_SIZE:
             base = [tf.image.resize(crop, (IMAGE_SIZE, IMAGE_SIZE), method="bilinear") for crop in base]
@@ -78,7 +92,7 @@ def tf_views(images: tf.Tensor, mode: str, crop_size: int = DEFAULT_CROP_SIZE) -
     return tf.concat(base, axis=0) if len(base) > 1 else base[0]
 
 
-def views(images: np.ndarray, mode: str, crop_size: int = DEFAULT_CROP_SIZE) -> np.ndarray:
+def views(images: np.ndarray, mode: str, crop_size: int = DEFAULT_CROP_SIZE, model_crop: int = 0) -> np.ndarray:
     """The augmented views of a batch as float32 ``[V, N, 48, 48, 1]`` pixels in 0-255."""
     check_tta(mode, crop_size)
     x = np.asarray(images, np.float32)
@@ -86,7 +100,7 @@ def views(images: np.ndarray, mode: str, crop_size: int = DEFAULT_CROP_SIZE) -> 
         raise ConfigError(f"expected images of shape [N, {IMAGE_SIZE}, {IMAGE_SIZE}, 1], got {list(x.shape)}")
     import tensorflow as tf
 
-    return tf_views(tf.constant(x), mode, crop_size).numpy().reshape((num_views(mode),) + x.shape)
+    return tf_views(tf.constant(x), mode, crop_size, model_crop).numpy().reshape((num_views(mode),) + x.shape)
 
 
 def tta_probabilities(
@@ -100,7 +114,8 @@ def tta_probabilities(
 
     Images are processed ``batch_size`` at a time so that ten-crop never holds ten copies of a whole
     data set in memory. An export with test-time augmentation built in is refused any here: its views' views
-    (ten-crop of ten-crop: 100 passes) are not a view set anyone measured.
+    (ten-crop of ten-crop: 100 passes) are not a view set anyone measured. Ten-crop for a model trained on
+    crops takes the predictor's ``input_crop``.
     """
     check_tta(mode, crop_size)
     built_in = (getattr(predictor, "metadata", None) or {}).get("tta") or "none"
@@ -111,7 +126,7 @@ def tta_probabilities(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     out = []
     for start in range(0, len(images), batch_size):
-        batch = views(images[start:start + batch_size], mode, crop_size)
+        batch = views(images[start:start + batch_size], mode, crop_size, getattr(predictor, "input_crop", 0))
         v, n = batch.shape[:2]
         probs = predictor.probabilities(batch.reshape((v * n,) + batch.shape[2:]), batch_size)
         out.append(np.asarray(probs, np.float32).reshape(v, n, -1).mean(axis=0))
@@ -162,7 +177,8 @@ def choose_tta(
     for mode in TTA_MODES:
         probs = tta_probabilities(predictor, images, mode, crop_size, batch_size)
         accuracy[mode] = float(np.mean(np.argmax(probs, axis=1) == labels))
-    return TtaChoice(cheapest_within(accuracy, tolerance), accuracy, split, len(images), tolerance, crop_size)
+    return TtaChoice(cheapest_within(accuracy, tolerance), accuracy, split, len(images), tolerance,
+                     effective_crop(crop_size, getattr(predictor, "input_crop", 0)))
 
 
 def cheapest_within(accuracy: dict[str, float], tolerance: float) -> str:
@@ -178,7 +194,8 @@ def define_flags() -> None:
 
     flags.DEFINE_enum("tta", "none", TTA_MODES, "Test-time augmentation: none, flip (image + mirror image) or "
                       "tencrop (4 corner + centre crops and their mirror images, averaged).")
-    flags.DEFINE_integer("crop_size", DEFAULT_CROP_SIZE, "Crop side in pixels for --tta=tencrop.")
+    flags.DEFINE_integer("crop_size", DEFAULT_CROP_SIZE, "Crop side in pixels for --tta=tencrop; a model "
+                         "trained with --input_crop is shown crops of its own size instead.")
     flags.DEFINE_integer("batch_size", 256, "Images per model call.")
     flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1")
     flags.register_validator("crop_size", lambda v: 0 < v <= IMAGE_SIZE, f"--crop_size must be in 1-{IMAGE_SIZE}")

@@ -357,6 +357,36 @@ def test_export_cli_names_the_export_after_the_keras_file(tmp_path):
     assert (tmp_path / "out" / "smiles" / "1" / "saved_model.pb").is_file()
 
 
+def test_a_crop_models_ten_crop_shows_it_the_five_windows_pixel_for_pixel(tmp_path):
+    """--input_crop: ten-crop's windows are the model's own size, each seen exactly (not resized), served as the
+    evaluate tool computes it, and the export says so."""
+    from fer_keras.inference import Predictor, load_keras, load_predictor
+    from fer_keras.tta import crop_offsets, tta_probabilities
+
+    crop, margin = 32, 8
+    model = resnet18("imagenet", input_crop=crop)
+    distinct_batchnorm(model)
+    x = np.random.default_rng(5).integers(0, 256, (3, 48, 48, 1)).astype("float32")
+    path = export_model(model, tmp_path, "m", tta="tencrop")
+    import tensorflow as tf
+
+    served = tf.saved_model.load(str(path)).signatures["serving_default"](pixels=tf.constant(x))
+    canvases = []
+    for top, left in crop_offsets(crop):
+        window = x[:, top:top + crop, left:left + crop]
+        for seen in (window, window[:, :, ::-1]):
+            canvas = np.zeros_like(x)  # the model's crop takes the centre; the rest must not matter
+            canvas[:, margin:margin + crop, margin:margin + crop] = seen
+            canvases.append(canvas)
+    expected = np.mean([tf.nn.softmax(model(c)).numpy() for c in canvases], axis=0)
+    np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
+    keras_side = tta_probabilities(Predictor("keras", tmp_path / "m.keras", keras_model=model), x, "tencrop")
+    np.testing.assert_allclose(keras_side, expected, atol=1e-5)
+    predictor = load_predictor(path)
+    assert predictor.metadata["input_crop"] == crop and predictor.metadata["crop_size"] == crop
+    assert predictor.input_crop == crop and load_keras(path).get_layer("input_crop").cropping == ((8, 8), (8, 8))
+
+
 def test_an_export_rebuilds_as_the_same_keras_model(exported):
     from fer_keras.inference import load_keras
 

@@ -16,6 +16,7 @@ from fer_keras.model import (
     FusedBatchNormalization,
     GrayscaleToRGB,
     count_params,
+    input_crop_of,
     load_keras_model,
     resnet18,
 )
@@ -121,6 +122,30 @@ def test_logits_stay_float32_under_mixed_precision():
         assert model(np.zeros((1, 48, 48, 1), "float32")).dtype == "float32"
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def test_input_crop_sees_only_the_central_window_and_round_trips(tmp_path):
+    model = resnet18("imagenet", input_crop=40)
+    assert model.layers[1].name == "input_crop" and input_crop_of(model) == 40 and input_crop_of(resnet18()) == 0
+    assert count_params(model) == count_params(resnet18("imagenet"))
+    x = np.random.default_rng(3).integers(0, 256, (2, 48, 48, 1)).astype("float32")
+    border = x.copy()
+    border[:, :4] = 0
+    border[:, :, 44:] = 255
+    inside = x.copy()
+    inside[:, 4, 4] = 255 - inside[:, 4, 4]
+    np.testing.assert_array_equal(model(x), model(border))
+    assert not np.allclose(model(x), model(inside), rtol=1e-4, atol=1e-4)
+    model.save(tmp_path / "crop.keras")
+    loaded = load_keras_model(str(tmp_path / "crop.keras"))
+    assert input_crop_of(loaded) == 40
+    np.testing.assert_array_equal(model(x), loaded(x))
+
+
+@pytest.mark.parametrize("crop", [41, 48, 50, -2])
+def test_a_crop_that_is_not_a_centred_window_is_refused(crop):
+    with pytest.raises(ValueError, match=f"input_crop must be .* got {crop}"):
+        resnet18("imagenet", input_crop=crop)
 
 
 @pytest.mark.parametrize("kwargs", [{"stem": "vgg"}, {"input_channels": 2}, {"dropout": 1.0}])

@@ -143,6 +143,37 @@ def test_erasing_max_area_bounds_the_rectangle():
     assert large.max() > 0.4 * side and large.mean() > 2 * small.mean()
 
 
+def test_crop_moves_a_random_window_into_the_centre_by_whole_pixels():
+    """input_crop=40: the model sees out[4:44, 4:44], which must be a 40-pixel window of the image at an offset
+    drawn from every whole pixel in [-4, 4], as torchvision's RandomCrop(40) draws its windows."""
+    x = make_split(64).images
+    out = augment_batch(tf.constant(x), AugmentConfig(flip=False, shift=0, rotation=0, zoom=0, crop=40),
+                        tf.constant([0, 4], tf.int64)).numpy()
+    offsets = []
+    for image, moved in zip(x, out):
+        found = [(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)
+                 if np.array_equal(moved[4:44, 4:44], image[4 + dy:44 + dy, 4 + dx:44 + dx])]
+        assert len(found) == 1
+        offsets.append(found[0])
+    dys, dxs = zip(*offsets)
+    assert set(dys) == set(dxs) == set(range(-4, 5))
+    plain = augment_batch(tf.constant(x), AugmentConfig(crop=0), tf.constant([0, 4], tf.int64))
+    with_crop = augment_batch(tf.constant(x), AugmentConfig(crop=40), tf.constant([0, 4], tf.int64))
+    assert not np.array_equal(plain, with_crop)
+
+
+def test_erasing_stays_inside_the_crop_the_model_sees():
+    x = np.full((64, 48, 48, 1), 7, np.uint8)
+    config = AugmentConfig(flip=False, shift=0, rotation=0, zoom=0, crop=32, erasing=1.0, erasing_fill="mean",
+                           erasing_max_area=0.5)
+    erased = augment_batch(tf.constant(x), config, tf.constant([1, 2], tf.int64)).numpy() == MEAN_GREY
+    inside = np.zeros((48, 48, 1), bool)
+    inside[8:40, 8:40] = True
+    assert erased.any(axis=(1, 2, 3)).all() and not (erased & ~inside).any()
+    largest = erased.sum(axis=(1, 2, 3)).max()
+    assert 0.35 * 32 * 32 < largest <= 0.5 * 32 * 32 * 1.3  # up to half the window (pixel-grid rounding aside)
+
+
 def test_no_augment_is_identity_and_dtype_stays_uint8():
     x = tf.constant(make_split(4).images)
     np.testing.assert_array_equal(augment_batch(x, NO_AUGMENT, tf.constant([0, 0], tf.int64)), x)
@@ -184,7 +215,8 @@ def test_mixup_mixes_each_image_and_label_with_its_mirror_in_the_batch():
 
 
 @pytest.mark.parametrize("kwargs", [{"shift": 0.9}, {"rotation": -1}, {"zoom": 1.0}, {"erasing": 2}, {"mixup": -0.1},
-                                    {"erasing_max_area": 0.02}, {"erasing_max_area": 1.5}, {"erasing_fill": "grey"}])
+                                    {"erasing_max_area": 0.02}, {"erasing_max_area": 1.5}, {"erasing_fill": "grey"},
+                                    {"crop": -1}])
 def test_bad_augment_values_are_refused(kwargs):
     with pytest.raises(ConfigError):
         AugmentConfig(**kwargs)

@@ -330,6 +330,7 @@ def test_unwritable_model_dir_is_reported_before_training(tmp_path):
     ({"cpu_devices": 2, "strategy": "multi_worker"}, "splits the CPU for strategy=mirrored only"),
     ({"collective_timeout": -1.0}, "collective_timeout must be >= 0"),
     ({"verbose": 3}, "verbose must be 0, 1 or 2"),
+    ({"input_crop": 41}, "input_crop must be 0 .none. or smaller than 48 by an even number of pixels, got 41"),
 ])
 def test_bad_settings_are_refused(tmp_path, kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -498,6 +499,20 @@ def test_init_from_another_model_is_refused_before_anything_is_written(trained_r
     with pytest.raises(ConfigError, match=message):
         train.run(bad)
     assert not (tmp_path / "run").exists() and not (tmp_path / "exports").exists()
+
+
+def test_an_input_crop_run_trains_on_crops_and_its_export_measures_ten_crop_at_its_size(tmp_path):
+    from fer_keras.inference import export_metadata, load_keras
+    from fer_keras.model import input_crop_of
+
+    config = train.TrainConfig(model_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "exports"),
+                               **dict(SMALL_RUN, epochs=1, input_crop=40))
+    result = train.run(config)
+    assert input_crop_of(load_keras(result.model_dir / "best.keras")) == 40
+    assert "--input_crop=40\n" in (result.model_dir / "flags.txt").read_text()
+    metadata = export_metadata(result.export_path)
+    assert metadata["input_crop"] == 40 and metadata["tta_selection"]["crop_size"] == 40
+    assert metadata["train_config"]["input_crop"] == 40
 
 
 def test_exports_are_named_after_the_run_unless_named(tmp_path):
