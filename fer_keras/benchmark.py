@@ -468,15 +468,19 @@ def measure_torch_training(spec: dict) -> dict:
     split = _train_split(spec["data"], config.seed)
     batch = config.batch_size
     count = max(1, min(8, len(split) // batch)) * batch
-    images = torch.from_numpy(np.ascontiguousarray(_tiled_images(split, count).transpose(0, 3, 1, 2)))
+    pixels = _tiled_images(split, count)
+    if config.input_crop:  # the same work as the Keras model's input_crop layer: the central window only
+        margin = (pixels.shape[1] - config.input_crop) // 2
+        pixels = pixels[:, margin:margin + config.input_crop, margin:margin + config.input_crop]
+    images = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
     labels = torch.from_numpy(split.labels[np.arange(count) % len(split)].astype(np.int64))
     batches = [(images[i:i + batch].contiguous(memory_format=torch.channels_last), labels[i:i + batch])
                for i in range(0, count, batch)]
 
     model = torch_twin.resnet18(config.stem, dropout=config.dropout).to(memory_format=torch.channels_last)
     model.train()
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    decay = [p for p in model.parameters() if p.ndim > 1 or config.decay_norm_and_bias]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1 and not config.decay_norm_and_bias]
     # PyTorch's coupled decay passes through momentum (x 1/(1-m)); Keras' decoupled one does not.
     coupled = config.weight_decay * (1 - config.momentum)
     optimizer = torch.optim.SGD(
