@@ -410,7 +410,7 @@ def measure_keras_training(spec: dict) -> dict:
     keras.config.set_dtype_policy(config.precision)
     try:
         model = resnet18(config.stem, config.input_channels, dropout=config.dropout,
-                         fused_batchnorm=spec.get("fused_batchnorm", True), input_crop=config.input_crop)
+                         fused_batchnorm=spec.get("fused_batchnorm", True))
         # The same compile call as train.run, so the measured step is the step users train with.
         model.compile(
             optimizer=train.build_optimizer(config, per_epoch, model),
@@ -468,19 +468,15 @@ def measure_torch_training(spec: dict) -> dict:
     split = _train_split(spec["data"], config.seed)
     batch = config.batch_size
     count = max(1, min(8, len(split) // batch)) * batch
-    pixels = _tiled_images(split, count)
-    if config.input_crop:  # the same work as the Keras model's input_crop layer: the central window only
-        margin = (pixels.shape[1] - config.input_crop) // 2
-        pixels = pixels[:, margin:margin + config.input_crop, margin:margin + config.input_crop]
-    images = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+    images = torch.from_numpy(np.ascontiguousarray(_tiled_images(split, count).transpose(0, 3, 1, 2)))
     labels = torch.from_numpy(split.labels[np.arange(count) % len(split)].astype(np.int64))
     batches = [(images[i:i + batch].contiguous(memory_format=torch.channels_last), labels[i:i + batch])
                for i in range(0, count, batch)]
 
     model = torch_twin.resnet18(config.stem, dropout=config.dropout).to(memory_format=torch.channels_last)
     model.train()
-    decay = [p for p in model.parameters() if p.ndim > 1 or config.decay_norm_and_bias]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1 and not config.decay_norm_and_bias]
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
     # PyTorch's coupled decay passes through momentum (x 1/(1-m)); Keras' decoupled one does not.
     coupled = config.weight_decay * (1 - config.momentum)
     optimizer = torch.optim.SGD(
@@ -602,8 +598,7 @@ def measure_serving(spec: dict) -> dict:
             for precision in spec["precisions"]:
                 keras.utils.set_random_seed(config.seed)
                 keras.config.set_dtype_policy(precision)
-                model = resnet18(config.stem, config.input_channels, dropout=config.dropout,
-                                 input_crop=config.input_crop)
+                model = resnet18(config.stem, config.input_channels, dropout=config.dropout)
                 path = Path(tmp) / f"{precision}.keras"
                 model.save(path)
                 if "saved_model" not in result:
