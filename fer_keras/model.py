@@ -315,8 +315,8 @@ def check_input_crop(input_crop: int, image_size: int = IMAGE_SIZE) -> None:
     """A ValueError unless ``input_crop`` is 0 (none) or a centred window: smaller than the image by an even
     number of pixels, so that it is its own mirror image (flip TTA) and ten-crop's windows are integer shifts."""
     if input_crop and not (0 < input_crop < image_size and (image_size - input_crop) % 2 == 0):
-        raise ValueError(f"input_crop must be 0 (none) or 1-{image_size - 2} pixels and smaller than the "
-                         f"{image_size}-pixel image by an even number, got {input_crop}")
+        raise ValueError(f"input_crop must be 0 (none) or smaller than the {image_size}-pixel image by an even "
+                         f"number of pixels, got {input_crop}")
 
 
 def input_crop_of(model: keras.Model) -> int:
