@@ -132,6 +132,7 @@ def export_model(
     remove_dead_writers_tmp(base)
     tmp = base / tmp_name(str(version))
     model = as_float32(model)
+    model_crop = input_crop_of(model)
     serve = serving_function(model, tta, crop_size)
     archive = keras.export.ExportArchive()
     # Not archive.track(model): it records the keras.Variable wrappers while the endpoints capture the
@@ -163,8 +164,8 @@ def export_model(
             "input": "pixels: [N, 48, 48, 1] raw grayscale 0-255 (float32 in serving_default, uint8 in serving_uint8)",
             "outputs": ["probabilities", "class_id", "class_name", "logits"],
             "tta": tta,
-            **({"crop_size": effective_crop(crop_size, input_crop_of(model))} if tta == "tencrop" else {}),
-            "input_crop": input_crop_of(model),
+            **({"crop_size": effective_crop(crop_size, model_crop)} if tta == "tencrop" else {}),
+            "input_crop": model_crop,
         }
         (tmp / "assets.extra").mkdir(exist_ok=True)
         (tmp / METADATA_FILE).write_text(json.dumps(info, indent=2) + "\n")

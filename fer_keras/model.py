@@ -15,7 +15,8 @@ With ``input_crop=C`` the network sees only the central CxC pixels (a ``Cropping
 as the published recipes' networks see 40x40 crops: its input stays 48x48, so every tool and export takes
 the same images, training draws random CxC windows by shifting the image (:mod:`fer_keras.pipeline`), and
 ten-crop presents the five CxC windows by shifting them into the centre (:mod:`fer_keras.tta`). A 40-pixel
-crop costs (40/48)^2 = 0.69 of the full image.
+crop saves less than its (40/48)^2 = 0.69 of the pixels where stage 4 ends at 3x3 either way: ``cifar_pool``
+240 against 313 MMAC (0.77), ``cifar`` 866 against 1,247 (0.69), ``imagenet`` 82 against 94 (0.86).
 """
 
 from __future__ import annotations
@@ -315,8 +316,8 @@ def check_input_crop(input_crop: int, image_size: int = IMAGE_SIZE) -> None:
     """A ValueError unless ``input_crop`` is 0 (none) or a centred window: smaller than the image by an even
     number of pixels, so that it is its own mirror image (flip TTA) and ten-crop's windows are integer shifts."""
     if input_crop and not (0 < input_crop < image_size and (image_size - input_crop) % 2 == 0):
-        raise ValueError(f"input_crop must be 0 (none) or smaller than the {image_size}-pixel image by an even "
-                         f"number of pixels, got {input_crop}")
+        raise ValueError(f"input_crop must be 0 (none) or smaller than {image_size} by an even number of pixels, "
+                         f"got {input_crop}")
 
 
 def input_crop_of(model: keras.Model) -> int:
@@ -325,7 +326,7 @@ def input_crop_of(model: keras.Model) -> int:
         layer = model.get_layer(INPUT_CROP_LAYER)
     except ValueError:
         return 0
-    (top, bottom), (left, right) = layer.cropping
+    (top, bottom), _ = layer.cropping
     return int(model.input_shape[1] - top - bottom)
 
 
