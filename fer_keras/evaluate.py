@@ -31,7 +31,14 @@ from fer_keras import data as fer_data
 from fer_keras import tta as tta_lib
 from fer_keras.errors import ConfigError, DataError
 from fer_keras.predict import PROBABILITY_COLUMNS, atomic_write
-from fer_keras.tta import DEFAULT_CROP_SIZE, ProbabilityModel, check_tta, effective_crop, tta_probabilities
+from fer_keras.tta import (
+    DEFAULT_CROP_SIZE,
+    ProbabilityModel,
+    check_tta,
+    effective_crop,
+    model_crop_of,
+    tta_probabilities,
+)
 
 DEFAULT_OUTPUT_DIR = "reports/evaluate"
 
@@ -222,7 +229,7 @@ def evaluate(
         split=key,
         label=split_label,
         tta=tta,
-        crop_size=effective_crop(crop_size, getattr(predictor, "input_crop", 0)) if tta == "tencrop" else None,
+        crop_size=effective_crop(crop_size, model_crop_of(predictor)) if tta == "tencrop" else None,
         ids=np.asarray(split.ids),
         labels=labels,
         probabilities=probabilities,

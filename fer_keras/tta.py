@@ -62,6 +62,12 @@ def crop_offsets(crop_size: int, image_size: int = IMAGE_SIZE) -> list[tuple[int
     return [(0, 0), (0, far), (far, 0), (far, far), (centre, centre)]
 
 
+def model_crop_of(predictor: object) -> int:
+    """The central window ``predictor`` sees (its ``input_crop``), 0 for a model without one or a predictor
+    that does not say, such as a plain callable in a test."""
+    return int(getattr(predictor, "input_crop", 0) or 0)
+
+
 def effective_crop(crop_size: int, model_crop: int) -> int:
     """Ten-crop's crop side: a model that sees only a central window is shown windows of its own size."""
     return model_crop or crop_size
@@ -126,7 +132,7 @@ def tta_probabilities(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     out = []
     for start in range(0, len(images), batch_size):
-        batch = views(images[start:start + batch_size], mode, crop_size, getattr(predictor, "input_crop", 0))
+        batch = views(images[start:start + batch_size], mode, crop_size, model_crop_of(predictor))
         v, n = batch.shape[:2]
         probs = predictor.probabilities(batch.reshape((v * n,) + batch.shape[2:]), batch_size)
         out.append(np.asarray(probs, np.float32).reshape(v, n, -1).mean(axis=0))
@@ -178,7 +184,7 @@ def choose_tta(
         probs = tta_probabilities(predictor, images, mode, crop_size, batch_size)
         accuracy[mode] = float(np.mean(np.argmax(probs, axis=1) == labels))
     return TtaChoice(cheapest_within(accuracy, tolerance), accuracy, split, len(images), tolerance,
-                     effective_crop(crop_size, getattr(predictor, "input_crop", 0)))
+                     effective_crop(crop_size, model_crop_of(predictor)))
 
 
 def cheapest_within(accuracy: dict[str, float], tolerance: float) -> str:

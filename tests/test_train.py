@@ -501,6 +501,23 @@ def test_init_from_another_model_is_refused_before_anything_is_written(trained_r
     assert not (tmp_path / "run").exists() and not (tmp_path / "exports").exists()
 
 
+@pytest.mark.parametrize("source_crop, target_crop", [(0, 40), (40, 0)])
+def test_init_from_carries_every_weight_across_an_input_crop(source_crop, target_crop):
+    # The crop has no weights and the network is fully convolutional up to its global pooling, so a model
+    # trained on 48x48 may be fine-tuned on 40x40 crops and back (FixRes-style); nothing may be left behind.
+    from fer_keras.model import input_crop_of, resnet18
+
+    source = resnet18(input_crop=source_crop)
+    target = resnet18(input_crop=target_crop)
+    for variable in source.weights:
+        variable.assign(np.random.default_rng(len(variable.path)).normal(size=variable.shape).astype("float32"))
+    train.copy_weights(source, target, "source")
+    assert input_crop_of(target) == target_crop
+    assert [v.path for v in source.weights] == [v.path for v in target.weights]
+    for theirs, ours in zip(source.weights, target.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs), err_msg=ours.path)
+
+
 def test_an_input_crop_run_trains_on_crops_and_its_export_measures_ten_crop_at_its_size(tmp_path):
     from fer_keras.inference import export_metadata, load_keras
     from fer_keras.model import input_crop_of
