@@ -63,9 +63,9 @@ def crop_offsets(crop_size: int, image_size: int = IMAGE_SIZE) -> list[tuple[int
 
 
 def model_crop_of(predictor: object) -> int:
-    """The central window ``predictor`` sees (its ``input_crop``), 0 for a model without one or a predictor
-    that does not say, such as a plain callable in a test."""
-    return int(getattr(predictor, "input_crop", 0) or 0)
+    """The central window ``predictor`` sees: :class:`fer_keras.inference.Predictor`'s ``input_crop``, 0 for a
+    :class:`ProbabilityModel` that has only ``probabilities`` (the tests' stand-ins)."""
+    return getattr(predictor, "input_crop", 0)
 
 
 def effective_crop(crop_size: int, model_crop: int) -> int:
