@@ -15,8 +15,8 @@ With ``input_crop=C`` the network sees only the central CxC pixels (a ``Cropping
 as the published recipes' networks see 40x40 crops: its input stays 48x48, so every tool and export takes
 the same images, training draws random CxC windows by shifting the image (:mod:`fer_keras.pipeline`), and
 ten-crop presents the five CxC windows by shifting them into the centre (:mod:`fer_keras.tta`). A 40-pixel
-crop saves less than its (40/48)^2 = 0.69 of the pixels where stage 4 ends at 3x3 either way: ``cifar_pool``
-240 against 313 MMAC (0.77), ``cifar`` 866 against 1,247 (0.69), ``imagenet`` 82 against 94 (0.86).
+crop has 0.69 of the pixels but not always 0.69 of the multiply-adds: ``cifar_pool`` 240 against 313 MMAC
+(0.77: its stage 4 ends at 3x3 either way), ``cifar`` 866 against 1,247 (0.69), ``imagenet`` 82 against 94 (0.86).
 """
 
 from __future__ import annotations
