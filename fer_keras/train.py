@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from absl import flags, logging
 
 from fer_keras import __version__, cli
+from fer_keras.augment import ERASING_FILLS, FILL_MODES, AugmentConfig
 from fer_keras.errors import ConfigError, FerError, ModelError, WorkerLostError
 from fer_keras.history import (
     atomic_write_text,
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
     from fer_keras.data import FerData, Split
-    from fer_keras.pipeline import AugmentConfig
 
 ONEDNN_OFF = ("off (TF_ENABLE_ONEDNN_OPTS=0, or TensorFlow was imported before fer_keras): several times "
               "slower on CPUs")
@@ -141,9 +141,7 @@ class TrainConfig:
         return self.export_name or Path(self.model_dir).resolve().name
 
     def augment_config(self) -> AugmentConfig:
-        """The training pipeline's :class:`fer_keras.pipeline.AugmentConfig` of this run."""
-        from fer_keras.pipeline import AugmentConfig
-
+        """The training pipeline's :class:`fer_keras.augment.AugmentConfig` of this run."""
         return AugmentConfig(flip=self.flip, shift=self.shift, rotation=self.rotation, zoom=self.zoom,
                              erasing=self.erasing, erasing_max_area=self.erasing_max_area,
                              erasing_fill=self.erasing_fill, mixup=self.mixup, fill_mode=self.fill_mode,
@@ -808,8 +806,6 @@ def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val
 
 
 def define_flags() -> None:
-    from fer_keras.pipeline import ERASING_FILLS, FILL_MODES
-
     d = TrainConfig()
     f = flags
     f.DEFINE_string("data", d.data, "FER2013 source: fer2013.csv[.gz], train.csv/test.csv (or their folder), "

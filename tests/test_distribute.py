@@ -50,11 +50,13 @@ def test_fer_keras_turns_onednn_on_unless_the_user_turned_it_off(tmp_path, setti
 
 
 def test_the_library_leaves_tensorflow_unimported_and_entrypoints_print_only_their_error(tmp_path):
-    """``import fer_keras`` stays cheap; ``python -m fer_keras.<tool>`` imports TensorFlow with its start-up lines
-    (written before TF reads TF_CPP_MIN_LOG_LEVEL) held back, so a bad flag prints one line."""
+    """``import fer_keras`` and defining the training flags stay cheap; ``python -m fer_keras.<tool>`` imports
+    TensorFlow with its start-up lines (written before TF reads TF_CPP_MIN_LOG_LEVEL) held back, so a bad flag prints
+    one line."""
     env = cli_env(tmp_path)
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
-    code = "import sys, fer_keras.history, fer_keras.errors\nprint('tensorflow' in sys.modules)"
+    code = ("import sys, fer_keras.history, fer_keras.errors, fer_keras.train\nfer_keras.train.define_flags()\n"
+            "print('tensorflow' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]
     proc = subprocess.run([sys.executable, "-m", "fer_keras.evaluate", "--output_dir="], env=env, cwd=REPO,
