@@ -1,8 +1,8 @@
 """The training augmentation's settings, kept free of TensorFlow.
 
-Flag definitions and config checks need the settings' choices and limits but none of the tf.data code in
-:mod:`fer_keras.pipeline`, so ``fer_keras.train.define_flags`` and ``TrainConfig.validate`` stay fast in a
-process that has not imported TensorFlow.
+Flag definitions need the settings' choices but none of the tf.data code in :mod:`fer_keras.pipeline`, so
+``fer_keras.train.define_flags`` does not import TensorFlow (``TrainConfig.validate`` still does, through the
+stem and strategy names it checks).
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 
 from fer_keras.errors import ConfigError
-
-__all__ = ["AugmentConfig", "ERASING_FILLS", "FILL_MODES", "MEAN_GREY", "NO_AUGMENT"]
 
 # How the warp fills pixels it maps from outside the image: reflect (this project's recipes) or constant black,
 # as torchvision's RandomAffine and RandomResizedCrop fill (fill=0); nearest repeats the edge.
