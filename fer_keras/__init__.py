@@ -83,3 +83,13 @@ __version__ = "0.1.0"
 CLASS_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SIZE = 48
+
+# The ResNet-18's shape and input normalisation, shared by fer_keras.model and its PyTorch twin
+# (fer_keras.torch_twin), which must not import Keras: it would inflate the twin's memory figure.
+STEMS = ("imagenet", "cifar_pool", "cifar")
+STAGE_WIDTHS = (64, 128, 256, 512)
+BLOCKS_PER_STAGE = 2
+# Mean and standard deviation of FER2013 Training pixels scaled to [0, 1].
+FER2013_MEAN = 0.5136
+FER2013_STD = 0.3067
+BN_EPSILON = 1e-5

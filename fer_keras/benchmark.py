@@ -45,14 +45,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import numpy as np
 from absl import flags
 
-from fer_keras import __version__, cli
+from fer_keras import STEMS, __version__, cli
 from fer_keras.errors import ConfigError, FerError
 from fer_keras.history import atomic_write_text
 
 if TYPE_CHECKING:
     import keras
 
-STEMS = ("imagenet", "cifar_pool", "cifar")
 PRECISIONS = ("float32", "mixed_bfloat16")
 DEFAULT_OUTPUT = "reports/benchmark.json"
 TRAIN_TO_FORWARD = 3.0  # backward ~ 2x forward (gradients of activations and of weights)

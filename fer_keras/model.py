@@ -28,20 +28,19 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from fer_keras import (
+from fer_keras import (  # noqa: F401  the architecture constants are part of this module's interface
+    BLOCKS_PER_STAGE,
+    BN_EPSILON,
+    FER2013_MEAN,
+    FER2013_STD,
     IMAGE_SIZE,
     NUM_CLASSES,
-    schedules,  # noqa: F401  registers OneCycle: a run's best.keras names it in its compile config
+    STAGE_WIDTHS,
+    STEMS,
+    schedules,  # registers OneCycle: a run's best.keras names it in its compile config
 )
 
-STEMS = ("imagenet", "cifar_pool", "cifar")
-STAGE_WIDTHS = (64, 128, 256, 512)
-BLOCKS_PER_STAGE = 2
-# Mean and standard deviation of FER2013 Training pixels scaled to [0, 1].
-FER2013_MEAN = 0.5136
-FER2013_STD = 0.3067
 BN_MOMENTUM = 0.9  # PyTorch's momentum=0.1 in Keras' convention.
-BN_EPSILON = 1e-5
 # cuDNN refuses an epsilon below 1e-5, and float32(1e-5) is just below it: TensorFlow's own fused wrapper uses this.
 CUDNN_MIN_EPSILON = 1.001e-5
 

@@ -22,20 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fer_keras import NUM_CLASSES
+from fer_keras import BLOCKS_PER_STAGE, BN_EPSILON, FER2013_MEAN, FER2013_STD, NUM_CLASSES, STAGE_WIDTHS, STEMS
 
 if TYPE_CHECKING:
     import keras
 
-# Copies of fer_keras.model's constants (a test checks they agree): importing that module would load
-# Keras and TensorFlow into the PyTorch measurement process, inflating its memory figure.
-STEMS = ("imagenet", "cifar_pool", "cifar")
-STAGE_WIDTHS = (64, 128, 256, 512)
-BLOCKS_PER_STAGE = 2
-FER2013_MEAN = 0.5136
-FER2013_STD = 0.3067
-BN_MOMENTUM = 0.1
-BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.1  # fer_keras.model's 0.9 in PyTorch's convention (not imported: that module loads Keras)
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:

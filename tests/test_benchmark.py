@@ -52,13 +52,21 @@ def test_twin_with_copied_weights_computes_the_same_logits(stem):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-def test_twin_constants_equal_the_keras_model_constants():
+def test_twin_batchnorm_momentum_is_the_keras_models_in_pytorchs_convention():
     pytest.importorskip("torch")
     from fer_keras import model, torch_twin
 
-    for name in ("STEMS", "STAGE_WIDTHS", "BLOCKS_PER_STAGE", "FER2013_MEAN", "FER2013_STD", "BN_EPSILON"):
-        assert getattr(torch_twin, name) == getattr(model, name), name
     assert torch_twin.BN_MOMENTUM == pytest.approx(1 - model.BN_MOMENTUM)
+
+
+def test_twin_and_benchmark_do_not_load_keras(tmp_path):
+    """The twin's memory figure would include Keras and TensorFlow if importing it loaded them."""
+    pytest.importorskip("torch")
+    code = ("import sys, fer_keras.torch_twin, fer_keras.benchmark; "
+            "print(sorted(m for m in ('keras', 'tensorflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 # --------------------------------------------------------------------------------------------
