@@ -24,7 +24,7 @@ setup(
         # TensorFlow comes in two builds; pick one extra.
         "cpu": ["tensorflow-cpu>=2.21,<2.22"],
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100", "ruff>=0.6"],
         "benchmark": ["torch>=2.9"],
     },
 )
