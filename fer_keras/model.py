@@ -28,7 +28,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from fer_keras import (  # noqa: F401  the architecture constants are part of this module's interface
+from fer_keras import (
     BLOCKS_PER_STAGE,
     BN_EPSILON,
     FER2013_MEAN,
@@ -37,7 +37,7 @@ from fer_keras import (  # noqa: F401  the architecture constants are part of th
     NUM_CLASSES,
     STAGE_WIDTHS,
     STEMS,
-    schedules,  # registers OneCycle: a run's best.keras names it in its compile config
+    schedules,  # noqa: F401  registers OneCycle: a run's best.keras names it in its compile config
 )
 
 BN_MOMENTUM = 0.9  # PyTorch's momentum=0.1 in Keras' convention.

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from absl import flags, logging
 
-from fer_keras import __version__, cli
+from fer_keras import STEMS, __version__, cli
 from fer_keras.augment import ERASING_FILLS, FILL_MODES, AugmentConfig
 from fer_keras.errors import ConfigError, FerError, ModelError, WorkerLostError
 from fer_keras.history import (
@@ -149,7 +149,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         from fer_keras.distribute import STRATEGIES
-        from fer_keras.model import STEMS, check_input_crop
+        from fer_keras.model import check_input_crop
 
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
@@ -817,7 +817,7 @@ def define_flags() -> None:
     f.DEFINE_boolean("use_cache", d.use_cache, "Cache parsed data in $FER_KERAS_CACHE (~/.cache/fer_keras).")
     f.DEFINE_integer("max_train_examples", d.max_train_examples, "Use a stratified subset of this size (0: all).")
     f.DEFINE_integer("max_val_examples", d.max_val_examples, "Use a stratified validation subset (0: all).")
-    f.DEFINE_enum("stem", d.stem, ["imagenet", "cifar_pool", "cifar"],
+    f.DEFINE_enum("stem", d.stem, list(STEMS),
                   "imagenet: 7x7/2 conv + 3x3/2 pool (torchvision); cifar_pool: 3x3 conv + 2x2 pool; cifar: 3x3 conv.")
     f.DEFINE_enum("input_channels", str(d.input_channels), ["1", "3"],
                   "1, or 3 (grey repeated; torchvision's parameter count).")

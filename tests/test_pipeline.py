@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from fer_keras import FER2013_MEAN
 from fer_keras.augment import MEAN_GREY, NO_AUGMENT, AugmentConfig
 from fer_keras.data import Split
 from fer_keras.errors import ConfigError
-from fer_keras.model import FER2013_MEAN
 from fer_keras.pipeline import augment_batch, eval_dataset, train_dataset
 
 
