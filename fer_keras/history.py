@@ -34,6 +34,18 @@ def atomic_write_text(path: Path, content: str | bytes) -> None:
         raise
 
 
+def sha256_files(paths: Sequence[Path]) -> str:
+    """One SHA-256 over the files' bytes in order: a model's identity however its path is spelled."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _umask() -> int:
     """The process umask, read from /proc where it can be: setting it to read it (the only portable way) changes
     it for every thread for a moment, and a file another thread creates meanwhile gets world-writable."""

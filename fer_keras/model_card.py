@@ -122,13 +122,16 @@ def check_recipe_text(recipe: Path, flags_text: str, run_dir: str | os.PathLike)
             recorded[name] = value
     for name in [k for k in wanted if k.startswith("no") and k not in recorded and k[2:] in recorded]:
         wanted[name[2:]] = "False" if _same_value(wanted.pop(name), "True") else "True"
-    # Paths (data, the run a --init_from run started from) differ between machines; they are not the recipe.
-    ignored = {"data", "init_from", "model_dir", "export_dir", "export_name", "export_version", "verbose"}
+    # Paths (data, the run a --init_from run started from, teachers) differ between machines; they are not the recipe.
+    ignored = {"data", "init_from", "teachers", "model_dir", "export_dir", "export_name", "export_version", "verbose"}
     diffs = [f"--{k}: recipe {v}, run {recorded.get(k, '(unset)')}" for k, v in sorted(wanted.items())
              if k not in ignored and not _same_value(v, recorded.get(k, ""))]
     if bool(wanted.get("init_from")) != bool(recorded.get("init_from")):  # the path may differ, not whether
         diffs.append(f"--init_from: recipe {wanted.get('init_from') or '(unset)'}, "
                      f"run {recorded.get('init_from') or '(unset)'}")
+    counts = [len([p for p in d.get("teachers", "").split(",") if p]) for d in (wanted, recorded)]
+    if counts[0] != counts[1]:  # the paths may differ, not how many teachers
+        diffs.append(f"--teachers: recipe {counts[0]}, run {counts[1]} teacher(s)")
     if diffs:
         raise ConfigError(f"{recipe}: the run in {run_dir} was not trained with this recipe ("
                           + "; ".join(diffs) + ")")
@@ -300,6 +303,7 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
             "wall_seconds": wall,
             "epoch_seconds": [min(row["seconds"] for row in history), max(row["seconds"] for row in history)],
             "init": init,
+            "teachers": _teachers(run_dir, config),
             "total_wall_seconds": _total_wall(wall, init),
         },
         "machine": {"cpu": cpu["model"], "cores": cpu["cores"], "simd": cpu["simd"]},
@@ -307,6 +311,39 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
         "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
     }
     return card, served_result
+
+
+def _teachers(run_dir: Path, config: dict) -> list[dict] | None:
+    """The run's teachers (``--teachers``) as ``teachers.json`` records them, or by path alone when it is gone."""
+    if not config.get("teachers"):
+        return None
+    from fer_keras import distill
+
+    try:
+        records = json.loads((run_dir / distill.RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        records = None
+    if isinstance(records, list) and len(records) == len(config["teachers"]) and all(
+            isinstance(r, dict) and r.get("path") for r in records):
+        return records
+    return [{"path": p} for p in config["teachers"]]
+
+
+def _teacher_line(teachers: list[dict], c: dict) -> str:
+    described = []
+    for t in teachers:
+        path = Path(t["path"])
+        name = f"{path.parent.name}/{path.name}" if t.get("kind") == "saved_model" else str(path)
+        facts = [f"TTA {t['tta']}"] if t.get("tta") else []
+        if t.get("val_accuracy") is not None:
+            facts.append(f"{t.get('val_split') or 'its validation split'} {100 * t['val_accuracy']:.1f} % at its "
+                         "selection")
+        facts += [f"SHA-256 {t['sha256'][:12]}…"] if t.get("sha256") else ["not recorded beyond its path"]
+        described.append(f"`{name}` ({'; '.join(facts)})")
+    return (f"- distilled: each training target is {1 - c['distill_weight']:g} × the one-hot label + "
+            f"{c['distill_weight']:g} × the mean probabilities (temperature {c['distill_temperature']:g}) of "
+            f"{len(teachers)} teacher(s), computed once on the un-augmented training images: "
+            + ", ".join(described) + ".")
 
 
 def _pct(entry: dict) -> str:
@@ -424,8 +461,10 @@ def render_markdown(card: dict) -> str:
         f"mixup={c['mixup']} fill_mode={c.get('fill_mode', 'reflect')}, "
         f"precision {c['precision']}, "
         f"seed {c['seed']}; every flag the run used is in `{TRAIN_FLAGS}`.",
+        *([_teacher_line(t["teachers"], c)] if t.get("teachers") else []),
         f"- best epoch {t['best_epoch']} ({split} {100 * t['best_epoch_val_accuracy']:.1f} % during training; "
-        f"final train accuracy {100 * t['final_train_accuracy']:.1f} % on augmented batches).",
+        f"final train accuracy {100 * t['final_train_accuracy']:.1f} % on augmented batches"
+        + (", against the soft targets' top class" if t.get("teachers") else "") + ").",
         f"- wall time {hours:.2f} h, the sum of its epochs' times ({_epoch_range(t)} each; epochs cut short by a "
         f"stop or a kill are not counted) on {card['machine']['cpu']}, "
         f"{card['machine']['cores']} core(s), {card['machine']['simd']}; TensorFlow "

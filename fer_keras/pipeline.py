@@ -167,9 +167,13 @@ def train_dataset(
     initial_epoch: int = 0,
     augment: AugmentConfig = AugmentConfig(),
     deterministic: bool = True,
+    targets: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """Yields ``(uint8 images, one-hot float32 labels)`` for epochs ``initial_epoch..epochs-1``,
-    ``len(split) // global_batch_size`` full batches per epoch, in an order fixed by seed and epoch."""
+    ``len(split) // global_batch_size`` full batches per epoch, in an order fixed by seed and epoch.
+
+    ``targets`` (float32 ``[N, 7]``, rows summing to 1) replaces the one-hot labels: the soft targets of
+    knowledge distillation (:mod:`fer_keras.distill`)."""
     _require_labels(split, "training")
     n = len(split)
     steps = steps_per_epoch(n, global_batch_size)
@@ -179,7 +183,15 @@ def train_dataset(
             "lower --batch_size"
         )
     images = tf.constant(split.images)
-    labels = tf.one_hot(tf.constant(split.labels), NUM_CLASSES, dtype=tf.float32)
+    if targets is None:
+        labels = tf.one_hot(tf.constant(split.labels), NUM_CLASSES, dtype=tf.float32)
+    else:
+        targets = np.asarray(targets, np.float32)
+        valid = targets.shape == (n, NUM_CLASSES) and (targets >= 0).all()
+        if not valid or not np.allclose(targets.sum(axis=1), 1.0, atol=1e-4):
+            raise ConfigError(f"targets must be {n} rows of {NUM_CLASSES} probabilities summing to 1, got shape "
+                              f"{list(targets.shape)}")
+        labels = tf.constant(targets)
     perm_base = tf.constant([seed & 0x7FFFFFFF, 0x0DE5], tf.int64)
 
     def epoch_batches(epoch):

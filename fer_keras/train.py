@@ -9,7 +9,9 @@ into that config. Outputs in ``model_dir``:
 * ``checkpoints/epoch_NNNN/``: weights with optimizer state and the run state, written atomically;
   rerunning the same command resumes after the last completed epoch, even after SIGKILL;
 * ``flags.txt`` and ``config.json``: how the run was made;
-* ``init.json`` (with ``--init_from``): the model whose weights the run started from.
+* ``init.json`` (with ``--init_from``): the model whose weights the run started from;
+* ``teachers.json`` and ``teacher_targets.npz`` (with ``--teachers``): the models it was distilled from and their
+  probabilities on the training images.
 
 At the end the best model is exported for TF Serving (``saved_models/<run folder name>/<next version>``).
 """
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from absl import flags, logging
 
-from fer_keras import STEMS, __version__, cli
+from fer_keras import STEMS, __version__, cli, distill
 from fer_keras.augment import ERASING_FILLS, FILL_MODES, AugmentConfig
 from fer_keras.errors import ConfigError, FerError, ModelError, WorkerLostError
 from fer_keras.history import (
@@ -35,6 +37,7 @@ from fer_keras.history import (
     read_data_record,
     read_run,
     read_start,
+    sha256_files,
     write_history_csv,
 )
 from fer_keras.tta import AUTO, DEFAULT_TOLERANCE, TTA_MODES
@@ -86,6 +89,11 @@ class TrainConfig:
     # Start from a trained model's weights (a .keras file or a run directory's best.keras) instead of random
     # ones: fine-tuning, or a further learning-rate cycle after a finished run.
     init_from: str = ""
+    # Knowledge distillation: targets (1 - distill_weight) * one-hot + distill_weight * the teachers' mean
+    # probabilities (softened by distill_temperature), computed once on the training images (fer_keras.distill).
+    teachers: tuple[str, ...] = ()
+    distill_weight: float = 0.5
+    distill_temperature: float = 1.0
     # Optimisation.
     epochs: int = 10
     batch_size: int = 128
@@ -181,6 +189,11 @@ class TrainConfig:
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
             (0 < self.step_gamma <= 1, f"step_gamma must be in (0, 1], got {self.step_gamma}"),
             (self.num_gpus >= -1, f"num_gpus must be >= -1 (-1: all), got {self.num_gpus}"),
+            (0 <= self.distill_weight <= 1, f"distill_weight must be in [0, 1], got {self.distill_weight}"),
+            (self.distill_temperature > 0, f"distill_temperature must be > 0, got {self.distill_temperature}"),
+            (not self.teachers or self.distill_weight > 0,
+             "teachers with distill_weight 0 would be run over the training images and then ignored"),
+            (all(self.teachers), "teachers: an empty path"),
             (_plain_name(self.resolved_export_name),
              f"export name {self.resolved_export_name!r} must be a plain folder name (--export_name)"),
             (all(0 < e < self.epochs for e in self.step_epochs),
@@ -209,6 +222,7 @@ class TrainConfig:
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["step_epochs"] = list(self.step_epochs)
+        d["teachers"] = list(self.teachers)
         return d
 
     @staticmethod
@@ -259,6 +273,8 @@ def _run_started(model_dir: Path, latest_checkpoint: tuple[Path, dict] | None) -
 def _same_setting(key: str, old, new) -> bool:
     if key == "init_from" and old and new:  # one start model, however its path is spelled
         return os.path.abspath(old) == os.path.abspath(new)
+    if key == "teachers":
+        return distill.same_paths(old, new)
     return old == new
 
 
@@ -417,17 +433,6 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int, model: keras.Mode
     return opt
 
 
-def _sha256(paths: Sequence[Path]) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _run_record(run_dir: Path) -> dict | None:
     """A finished run's epochs, best epoch, wall time, configuration and flags, and the ``init.json`` of the run
     it started from in turn (so a chain of ``--init_from`` runs stays recorded); None if the folder is not a run."""
@@ -509,7 +514,7 @@ def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
                 raise ConfigError(f"--init_from={init_from}: {e}") from None
             metadata = inference.export_metadata(export_dir)
             record = {"path": str(export_dir.resolve()),
-                      "sha256": _sha256(sorted((export_dir / "variables").glob("variables.data-*"))),
+                      "sha256": sha256_files(sorted((export_dir / "variables").glob("variables.data-*"))),
                       "export": {k: metadata.get(k) for k in ("tta", "val_split")}}
             start_run = _export_start_run(export_dir, metadata)
             if start_run is not None:
@@ -520,7 +525,7 @@ def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
     if not path.is_file():
         raise ConfigError(f"--init_from={init_from}: no such .keras file, run directory with a best.keras, or "
                           "SavedModel export")
-    record: dict = {"path": str(path.resolve()), "sha256": _sha256([path])}
+    record: dict = {"path": str(path.resolve()), "sha256": sha256_files([path])}
     # Only a run's best.keras is described by the run's history; another .keras file beside it is not.
     run_dir = run_dir or (path.parent if path.name == "best.keras" else None)
     start_run = _run_record(run_dir) if run_dir is not None else None
@@ -625,7 +630,16 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
         target = export_base / config.resolved_export_name / str(config.export_version)
         if target.exists():  # found now, not after hours of training
             raise ConfigError(f"{target}: export version {config.export_version} exists; it is never overwritten")
+    if config.teachers and not started:  # a wrong path is refused before any output folder exists
+        for teacher in config.teachers:
+            distill.describe_teacher(teacher)
     _preflight(out_dir, export_base)
+    teachers, targets = None, None
+    if config.teachers:
+        teachers, teachers_fresh = distill.prepare(
+            out_dir, config.teachers, train_split.images, train_split.labels, train_split.fingerprint(), started,
+            val_name)
+        targets = teachers.targets(train_split.labels, config.distill_weight, config.distill_temperature)
 
     initial_epoch = latest[1]["epoch"] if latest else 0
     history: list[dict] = list(latest[1]["history"]) if latest else []
@@ -645,6 +659,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
             atomic_write_text(model_dir / "init.json", json.dumps(init_source[1], indent=2) + "\n")
         elif not started:  # a first attempt's start model, not this run's
             (model_dir / "init.json").unlink(missing_ok=True)
+    if teachers is not None and teachers_fresh:
+        distill.save(out_dir, teachers)
 
     print(
         f"fer_keras {__version__}: {distribute.describe(strategy)}, global batch {config.batch_size} "
@@ -657,6 +673,9 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
         + f"weight decay {config.weight_decay:g} (decoupled, "
         f"{'all parameters' if config.decay_norm_and_bias else 'kernels'}), precision={config.precision}, "
         f"oneDNN {'on' if distribute.onednn_enabled() else ONEDNN_OFF}"
+        + (f", distilled from {len(config.teachers)} teacher(s) (weight {config.distill_weight:g}, temperature "
+           f"{config.distill_temperature:g}; training accuracy is agreement with the soft targets' top class)"
+           if config.teachers else "")
     )
 
     previous_policy = keras.config.dtype_policy()
@@ -712,7 +731,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
         if initial_epoch < config.epochs:
             train_ds = pipeline.train_dataset(
                 train_split, config.batch_size, config.seed, config.epochs, initial_epoch,
-                config.augment_config(), deterministic=True,
+                config.augment_config(), deterministic=True, targets=targets,
             )
             val_ds = pipeline.eval_dataset(val_split, config.batch_size)
             try:
@@ -833,6 +852,14 @@ def define_flags() -> None:
                     "file, a run directory (its best.keras) or a TF Serving export such as saved_models/fer_resnet18 "
                     "(its highest version); same --stem and --input_channels. The optimizer "
                     "and schedule start afresh: fine-tuning, or a further learning-rate cycle after a finished run.")
+    f.DEFINE_list("teachers", [], "Knowledge distillation: trained models (each a .keras file, run directory or TF "
+                  "Serving export, as --init_from takes) whose mean probabilities, computed once on the "
+                  "un-augmented training images with each export's built-in TTA, soften the training targets. "
+                  "Empty: one-hot labels.")
+    f.DEFINE_float("distill_weight", d.distill_weight, "--teachers: the teachers' share of each target; "
+                   "(1 - DISTILL_WEIGHT) stays on the image's label.")
+    f.DEFINE_float("distill_temperature", d.distill_temperature, "--teachers: each teacher's probabilities p "
+                   "become p^(1/T), renormalised (its logits divided by T): above 1 softer, below 1 sharper.")
     f.DEFINE_integer("epochs", d.epochs, "Number of epochs.")
     f.DEFINE_integer("batch_size", d.batch_size, "Global batch size (split over replicas; must divide evenly).")
     f.DEFINE_enum("optimizer", d.optimizer, OPTIMIZERS, "sgd (Nesterov momentum) or adamw.")
@@ -911,6 +938,9 @@ def define_flags() -> None:
     f.register_validator("base_momentum", lambda v: 0 < v < 1, "--base_momentum must be in (0, 1)")
     f.register_validator("label_smoothing", lambda v: 0 <= v < 1, "--label_smoothing must be in [0, 1)")
     f.register_validator("dropout", lambda v: 0 <= v < 1, "--dropout must be in [0, 1)")
+    f.register_validator("distill_weight", lambda v: 0 <= v <= 1, "--distill_weight must be in [0, 1]")
+    f.register_validator("distill_temperature", lambda v: v > 0, "--distill_temperature must be > 0")
+    f.register_validator("teachers", lambda v: all(p.strip() for p in v), "--teachers: an empty path")
     f.register_validator("input_crop", lambda v: v == 0 or (0 < v < 48 and v % 2 == 0),
                          "--input_crop must be 0 (none) or an even number below 48")
     f.register_validator("val_fraction", lambda v: 0 < v < 1, "--val_fraction must be in (0, 1)")
@@ -941,6 +971,8 @@ def config_from_flags(values: Any) -> TrainConfig:
             value = int(value)
         elif field.name == "step_epochs":
             value = tuple(int(s) for s in value)
+        elif field.name == "teachers":
+            value = tuple(value)
         kwargs[field.name] = value
     return TrainConfig(**kwargs)
 

@@ -552,6 +552,7 @@ def cli(args, tmp_path, **kw):
     (["--stem=vgg"], "stem"),
     (["--mixup=-1"], "--mixup must be >= 0"),
     (["--erasing_max_area=0"], "--erasing_max_area must be in (0.02, 1]"),
+    (["--teachers=a.keras", "--distill_weight=1.5"], "--distill_weight must be in [0, 1]"),
     # No --cpu_devices: README's main command relies on mirrored splitting a CPU-only machine into 2 replicas.
     (["--strategy=mirrored", "--batch_size=33"], "not divisible by the 2 replicas"),
 ])

@@ -1,0 +1,219 @@
+"""Knowledge distillation: training targets softened by trained teachers (``train --teachers``).
+
+The student learns from ``(1 - weight) * one_hot(label) + weight * teacher``, where ``teacher`` is the mean of
+the teachers' probabilities (each as the model serves it: an export with the test-time augmentation built into
+it), sharpened or softened by a temperature. FER2013's labels are noisy and its classes overlap (fear and
+sad, angry and disgust); a teacher's probabilities say by how much for each face, which a one-hot label cannot.
+
+The teachers' probabilities are computed once, on the un-augmented training images, and kept in the run
+directory (``teacher_targets.npz``; ``teachers.json`` records which models they came from). Online
+distillation, a teacher forward pass on every augmented batch, would add about a third of a training step per
+teacher, for hours per run on a CPU; the augmentation here (shifts, small rotations, flips, erasing) keeps a
+face's expression, so one target per image serves all its augmented views. Mixup mixes the soft targets as it
+mixes labels.
+
+A resumed run reuses its stored targets, so a teacher path that now names another model (``saved_models/NAME``
+resolves to its highest version) does not change a run midway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from absl import logging
+
+from fer_keras import NUM_CLASSES
+from fer_keras.errors import ConfigError, ModelError
+from fer_keras.history import atomic_write_text, sha256_files
+
+TARGETS_FILE = "teacher_targets.npz"
+RECORD_FILE = "teachers.json"
+BATCH_SIZE = 256
+
+
+@dataclasses.dataclass
+class Teachers:
+    """The teachers' probabilities ``[K, N, 7]`` on a training split and their records (path, SHA-256, ...)."""
+
+    probabilities: np.ndarray
+    records: list[dict]
+    fingerprint: str  # of the training split they were computed on
+
+    def targets(self, labels: np.ndarray, weight: float, temperature: float) -> np.ndarray:
+        return soft_targets(labels, self.probabilities, weight, temperature)
+
+
+def soften(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """``p ** (1 / T)`` renormalised: the softmax of the logits divided by ``T`` (T > 1 softer, T < 1 sharper)."""
+    if temperature <= 0:
+        raise ConfigError(f"distill_temperature must be > 0, got {temperature:g}")
+    logp = np.log(np.clip(np.asarray(probabilities, np.float64), 1e-30, None)) / temperature
+    logp -= logp.max(axis=-1, keepdims=True)
+    p = np.exp(logp)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def soft_targets(labels: np.ndarray, probabilities: np.ndarray, weight: float, temperature: float = 1.0) -> np.ndarray:
+    """float32 ``[N, 7]`` rows summing to 1: the one-hot labels mixed with the teachers' mean (softened)
+    probabilities. ``probabilities`` is ``[K, N, 7]`` (K teachers) or ``[N, 7]``."""
+    if not 0 <= weight <= 1:
+        raise ConfigError(f"distill_weight must be in [0, 1], got {weight:g}")
+    probs = np.asarray(probabilities, np.float64)
+    if probs.ndim == 2:
+        probs = probs[None]
+    labels = np.asarray(labels)
+    if probs.ndim != 3 or probs.shape[1:] != (len(labels), NUM_CLASSES):
+        raise ConfigError(f"teacher probabilities of shape {list(probs.shape)} do not fit {len(labels)} labels of "
+                          f"{NUM_CLASSES} classes")
+    teacher = soften(probs, temperature).mean(axis=0)
+    one_hot = np.eye(NUM_CLASSES)[labels]
+    return ((1.0 - weight) * one_hot + weight * teacher).astype(np.float32)
+
+
+def describe_teacher(path: str) -> dict:
+    """What ``teachers.json`` keeps of one teacher: the model it resolved to, its SHA-256 (of the ``.keras`` file
+    or the export's variables), the TTA built into it and what its run selected it on."""
+    from fer_keras import inference
+
+    try:
+        kind, resolved = inference.resolve(path)
+    except ModelError as e:
+        raise ConfigError(f"--teachers: {e}") from None
+    record: dict = {"given": path, "path": str(resolved.resolve()), "kind": kind}
+    if kind == "saved_model":
+        variables = sorted((resolved / "variables").glob("variables.data-*"))
+        if not variables:
+            raise ConfigError(f"--teachers: {resolved}: a SavedModel without variables")
+        record["sha256"] = sha256_files(variables)
+        meta = inference.export_metadata(resolved)
+        record.update(tta=meta.get("tta") or "none", val_split=meta.get("val_split"),
+                      val_accuracy=meta.get("val_accuracy"), best_epoch=meta.get("best_epoch"))
+    else:
+        record["sha256"] = sha256_files([resolved])
+        record["tta"] = "none"
+        run_dir = resolved.parent if resolved.name == "best.keras" else None
+        if run_dir is not None:
+            record.update(_run_selection(run_dir))
+    return record
+
+
+def _run_selection(run_dir: Path) -> dict:
+    """The split a run's best.keras was selected on and its accuracy there, when the run's records say."""
+    from fer_keras.errors import FerError
+    from fer_keras.history import best_row, read_data_record, read_history_csv
+
+    out: dict = {}
+    try:
+        best = best_row(read_history_csv(run_dir / "history.csv"))
+        out.update(val_accuracy=best.get("val_accuracy"), best_epoch=best.get("epoch"))
+    except (OSError, ValueError, FerError):
+        pass
+    data = read_data_record(run_dir)
+    if data and isinstance(data["val"].get("name"), str):
+        out["val_split"] = data["val"]["name"]
+    return out
+
+
+def compute(teachers: Sequence[str], images: np.ndarray, labels: np.ndarray, fingerprint: str,
+            batch_size: int = BATCH_SIZE) -> Teachers:
+    """Runs every teacher over ``images`` (uint8 ``[N, 48, 48, 1]``); the records gain each teacher's accuracy
+    on these (un-augmented) training images."""
+    from fer_keras import inference
+
+    records = [describe_teacher(t) for t in teachers]  # every path checked before the first long pass
+    probs = []
+    for i, record in enumerate(records, start=1):
+        start = time.perf_counter()
+        try:
+            predictor = inference.load_predictor(record["path"])
+        except ModelError as e:
+            raise ConfigError(f"--teachers: {e}") from None
+        p = predictor.probabilities(images, batch_size)
+        if p.shape != (len(images), NUM_CLASSES) or not np.isfinite(p).all():
+            raise ConfigError(f"--teachers: {record['path']}: gave probabilities of shape {list(p.shape)}"
+                              f"{'' if np.isfinite(p).all() else ' with non-finite values'} for {len(images)} images")
+        probs.append(p.astype(np.float32))
+        record["train_accuracy"] = float(np.mean(p.argmax(axis=1) == labels)) if len(labels) else None
+        seconds = time.perf_counter() - start
+        print(f"teacher {i}/{len(records)} {record['path']} (TTA {record['tta']}): {len(images):,} training images "
+              f"in {seconds:.0f} s, accuracy on them {record['train_accuracy']:.1%}")
+    return Teachers(np.stack(probs), records, fingerprint)
+
+
+def save(folder: Path, teachers: Teachers) -> None:
+    """``teacher_targets.npz`` (probabilities and the training split's fingerprint) and ``teachers.json``,
+    each written atomically."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, probabilities=teachers.probabilities, fingerprint=np.array(teachers.fingerprint),
+                        sha256=np.array([r["sha256"] for r in teachers.records]))
+    atomic_write_text(folder / TARGETS_FILE, buffer.getvalue())
+    atomic_write_text(folder / RECORD_FILE, json.dumps(teachers.records, indent=2) + "\n")
+
+
+def load(folder: Path) -> Teachers | None:
+    """The stored teachers of a run, or None when they are missing or unreadable (then computed afresh)."""
+    try:
+        with np.load(folder / TARGETS_FILE, allow_pickle=False) as f:
+            probabilities, fingerprint, sha = f["probabilities"], str(f["fingerprint"]), [str(s) for s in f["sha256"]]
+        records = json.loads((folder / RECORD_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError) as e:
+        logging.warning("%s: unreadable (%s); the teachers' probabilities are computed again", folder / TARGETS_FILE,
+                        e)
+        return None
+    if (not isinstance(records, list) or len(records) != len(sha) or probabilities.ndim != 3
+            or [r.get("sha256") if isinstance(r, dict) else None for r in records] != sha):
+        logging.warning("%s and %s do not match; the teachers' probabilities are computed again",
+                        folder / TARGETS_FILE, RECORD_FILE)
+        return None
+    return Teachers(probabilities, records, fingerprint)
+
+
+def prepare(folder: Path, teachers: Sequence[str], images: np.ndarray, labels: np.ndarray, fingerprint: str,
+            started: bool, val_split: str, batch_size: int = BATCH_SIZE) -> tuple[Teachers, bool]:
+    """The teachers of a run whose outputs go to ``folder``: stored ones that fit, else computed now.
+    Returns ``(teachers, fresh)``; ``fresh`` when computed (the caller saves them once the run is under way).
+
+    A run that has started keeps the probabilities it started with; when they are lost, the teachers must still
+    be the same models (same SHA-256), or the run would change targets midway. A run that has not started
+    reuses stored probabilities only for the same models and training images.
+    """
+    stored = load(folder)
+    if stored is not None and stored.fingerprint == fingerprint and stored.probabilities.shape[:2] == (
+            len(teachers), len(images)):
+        if started:
+            return stored, False
+        if [r["sha256"] for r in stored.records] == [describe_teacher(t)["sha256"] for t in teachers]:
+            return stored, False
+    recorded = None
+    if started:
+        try:
+            recorded = json.loads((folder / RECORD_FILE).read_text())
+        except (OSError, ValueError):
+            recorded = None
+    fresh = compute(teachers, images, labels, fingerprint, batch_size)
+    if started and isinstance(recorded, list):
+        before = [r.get("sha256") if isinstance(r, dict) else None for r in recorded]
+        changed = [r["path"] for r, b in zip(fresh.records, before) if r["sha256"] != b]
+        if changed or len(before) != len(fresh.records):
+            raise ConfigError(f"{folder / TARGETS_FILE} is missing or unreadable and the teachers are not the models "
+                              f"the run started with ({', '.join(changed) or 'their number'} changed): the run would "
+                              "change its targets midway; restore the teachers or use a new --model_dir")
+    for record in fresh.records:
+        if record.get("val_split") and record["val_split"] != val_split:
+            logging.warning("teacher %s was selected on %s, this run selects on %s: the teacher may have trained on "
+                            "images this run holds out", record["path"], record["val_split"], val_split)
+    return fresh, True
+
+
+def same_paths(old: Sequence[str] | None, new: Sequence[str] | None) -> bool:
+    """The same teachers, however their paths are spelled."""
+    return [os.path.abspath(p) for p in old or []] == [os.path.abspath(p) for p in new or []]

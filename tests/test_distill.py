@@ -1,0 +1,209 @@
+"""Knowledge distillation (train --teachers): the soft targets, their pipeline, and a run that keeps them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import SMALL_RUN
+
+from fer_keras import NUM_CLASSES, distill, train
+from fer_keras.errors import ConfigError
+
+
+def _probs(k: int, n: int, seed: int = 0) -> np.ndarray:
+    z = np.random.default_rng(seed).normal(size=(k, n, NUM_CLASSES)) * 2
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def test_soft_targets_mix_the_label_with_the_teachers_mean():
+    labels = np.array([0, 3, 6, 1, 5])
+    probs = _probs(2, 5)
+    one_hot = np.eye(NUM_CLASSES)[labels]
+    np.testing.assert_allclose(distill.soft_targets(labels, probs, 0.0), one_hot)
+    np.testing.assert_allclose(distill.soft_targets(labels, probs, 1.0), probs.mean(axis=0), rtol=1e-6)
+    mixed = distill.soft_targets(labels, probs, 0.3)
+    assert mixed.dtype == np.float32
+    np.testing.assert_allclose(mixed, 0.7 * one_hot + 0.3 * probs.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(mixed.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(distill.soft_targets(labels, probs[0], 1.0), probs[0], rtol=1e-6)  # one teacher
+
+
+def test_temperature_divides_the_teachers_logits():
+    z = np.random.default_rng(1).normal(size=(4, NUM_CLASSES)) * 3
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    for t in (0.5, 1.0, 4.0):
+        expected = np.exp(z / t) / np.exp(z / t).sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(distill.soften(p, t), expected, rtol=1e-9)
+    entropy = [-(q * np.log(q)).sum() for q in (distill.soften(p, t) for t in (0.5, 1.0, 4.0))]
+    assert entropy[0] < entropy[1] < entropy[2]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"weight": 1.5}, r"distill_weight must be in \[0, 1\], got 1.5"),
+    ({"temperature": 0.0}, "distill_temperature must be > 0"),
+    ({"probabilities": _probs(1, 4)}, r"teacher probabilities of shape \[1, 4, 7\] do not fit 5 labels"),
+])
+def test_soft_targets_refuse_bad_settings(kwargs, message):
+    args = {"labels": np.arange(5), "probabilities": _probs(1, 5), "weight": 0.5, "temperature": 1.0, **kwargs}
+    with pytest.raises(ConfigError, match=message):
+        distill.soft_targets(**args)
+
+
+def _split(n: int = 64):
+    from fer_keras.data import Split
+
+    rng = np.random.default_rng(2)
+    return Split(rng.integers(0, 256, (n, 48, 48, 1), dtype=np.uint8), rng.integers(0, NUM_CLASSES, n),
+                 np.arange(n))
+
+
+def test_the_training_stream_carries_each_images_own_soft_target():
+    from fer_keras import pipeline
+    from fer_keras.augment import AugmentConfig
+
+    split = _split()
+    targets = distill.soft_targets(split.labels, _probs(2, len(split), seed=3), 0.6)
+    plain = AugmentConfig(flip=False, shift=0, rotation=0, zoom=0, erasing=0)
+    ds = pipeline.train_dataset(split, 16, seed=0, epochs=2, augment=plain, targets=targets)
+    by_image = {split.images[i].tobytes(): targets[i] for i in range(len(split))}
+    seen = 0
+    for x, y in ds:
+        for image, target in zip(x.numpy(), y.numpy()):
+            np.testing.assert_array_equal(target, by_image[image.tobytes()])
+            seen += 1
+    assert seen == 2 * len(split)
+    # One-hot targets give exactly the stream of the labels themselves.
+    one_hot = np.eye(NUM_CLASSES, dtype=np.float32)[split.labels]
+    for (xa, ya), (xb, yb) in zip(pipeline.train_dataset(split, 16, 0, 1, targets=one_hot),
+                                  pipeline.train_dataset(split, 16, 0, 1), strict=True):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+
+
+@pytest.mark.parametrize("bad", ["shape", "sum", "nan"])
+def test_the_training_stream_refuses_targets_that_are_not_distributions(bad):
+    from fer_keras import pipeline
+
+    split = _split()
+    targets = np.full((len(split), NUM_CLASSES), 1 / NUM_CLASSES, np.float32)
+    targets = {"shape": targets[:-1], "sum": targets * 2, "nan": np.where(np.eye(1, NUM_CLASSES, dtype=bool),
+                                                                           np.nan, targets)}[bad]
+    with pytest.raises(ConfigError, match="targets must be 64 rows of 7 probabilities summing to 1"):
+        pipeline.train_dataset(split, 16, 0, 1, targets=targets)
+
+
+@pytest.fixture(scope="module")
+def teacher_files(tmp_path_factory):
+    """Two different untrained ResNet-18s as .keras teachers (their probabilities differ per image)."""
+    import keras
+
+    from fer_keras.model import resnet18
+
+    root = tmp_path_factory.mktemp("teachers")
+    for i, name in enumerate(["a.keras", "b.keras"]):
+        keras.utils.set_random_seed(10 + i)
+        resnet18("imagenet").save(root / name)
+    return root / "a.keras", root / "b.keras"
+
+
+def test_a_distilled_run_trains_on_its_teachers_targets_and_keeps_them(teacher_files, tmp_path, capsys):
+    a, b = teacher_files
+    teacher = tmp_path / "teacher.keras"
+    shutil.copy(a, teacher)
+    config = train.TrainConfig(model_dir=str(tmp_path / "run"), export=False, teachers=(str(teacher), str(b)),
+                               distill_weight=0.8, distill_temperature=2.0, **{**SMALL_RUN, "epochs": 1})
+    result = train.run(config)
+    out = capsys.readouterr().out
+    assert "distilled from 2 teacher(s) (weight 0.8, temperature 2" in out
+    assert out.count("teacher 1/2 ") == 1 and "teacher 2/2 " in out
+
+    records = json.loads((result.model_dir / distill.RECORD_FILE).read_text())
+    assert [r["path"] for r in records] == [str(teacher.resolve()), str(b.resolve())]
+    assert all(len(r["sha256"]) == 64 and 0 <= r["train_accuracy"] <= 1 for r in records)
+    stored = distill.load(result.model_dir)
+    assert stored.probabilities.shape == (2, SMALL_RUN["max_train_examples"], NUM_CLASSES)
+    # The stored probabilities are the teachers' own on the run's training images.
+    from fer_keras.data import load
+    from fer_keras.inference import load_predictor
+
+    train_split = train.run_splits(load(), config)[0]
+    assert stored.fingerprint == train_split.fingerprint()
+    np.testing.assert_allclose(stored.probabilities[1], load_predictor(b).probabilities(train_split.images),
+                               atol=1e-5)
+    assert "--teachers=" in (result.model_dir / "flags.txt").read_text()
+
+    # Rerun of the finished run: the stored probabilities are used, the teachers not run again, even when one of
+    # them has meanwhile become another model.
+    shutil.copy(b, teacher)
+    train.run(config)
+    assert "teacher 1/2 " not in capsys.readouterr().out
+    # Lost probabilities are computed again only from the same models.
+    (result.model_dir / distill.TARGETS_FILE).unlink()
+    with pytest.raises(ConfigError, match=r"teacher_targets.npz is missing or unreadable and the teachers are not "
+                                          r"the models the run started with \(.*teacher.keras changed\)"):
+        train.run(config)
+    shutil.copy(a, teacher)
+    train.run(config)
+    again = distill.load(result.model_dir)
+    np.testing.assert_allclose(again.probabilities, stored.probabilities, atol=1e-5)
+
+
+def test_other_teachers_are_refused_on_resume_but_not_another_spelling(teacher_files, tmp_path, monkeypatch):
+    a, b = teacher_files
+    config = train.TrainConfig(model_dir=str(tmp_path / "run"), export=False, teachers=(str(a),),
+                               **{**SMALL_RUN, "epochs": 1})
+    train.run(config)
+    with pytest.raises(ConfigError, match=r"other settings \(teachers: \[.*a.keras'\] -> \[.*b.keras'\]\)"):
+        train.run(train.TrainConfig(**{**config.to_json(), "teachers": (str(b),), "step_epochs": ()}))
+    monkeypatch.chdir(a.parent)
+    train.run(train.TrainConfig(**{**config.to_json(), "teachers": ("a.keras",), "step_epochs": ()}))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"teachers": ("nowhere.keras",)}, r"^--teachers: nowhere.keras: no such model file or directory$"),
+    ({"teachers": ("TEACHER",), "distill_weight": 0.0}, "teachers with distill_weight 0 would be run over"),
+    ({"distill_temperature": -1.0}, "distill_temperature must be > 0"),
+])
+def test_bad_teachers_are_refused_before_anything_is_written(teacher_files, tmp_path, change, message):
+    change = {**change, "teachers": tuple(str(teacher_files[0]) if t == "TEACHER" else t
+                                          for t in change.get("teachers", ()))}
+    with pytest.raises(ConfigError, match=message):
+        train.run(train.TrainConfig(model_dir=str(tmp_path / "run"), **{**SMALL_RUN, **change}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_names_how_many_teachers_not_where_they_are(tmp_path):
+    from fer_keras.model_card import check_recipe_text
+
+    recipe = tmp_path / "r.cfg"
+    recipe.write_text("--teachers=saved_models/fer_resnet18/6,runs/x\n--distill_weight=0.5\n")
+    check_recipe_text(recipe, "--teachers=/elsewhere/6,/elsewhere/x\n--distill_weight=0.5\n", tmp_path)
+    with pytest.raises(ConfigError, match=r"--teachers: recipe 2, run 1 teacher\(s\)"):
+        check_recipe_text(recipe, "--teachers=/elsewhere/6\n--distill_weight=0.5\n", tmp_path)
+
+
+def test_the_card_of_a_distilled_model_names_its_teachers(teacher_files, tmp_path):
+    from fer_keras import model_card
+
+    a, b = teacher_files
+    config = train.TrainConfig(model_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "exports"),
+                               teachers=(str(a), str(b)), distill_weight=0.75,
+                               **{**SMALL_RUN, "epochs": 1, "export_tta": "none"})
+    result = train.run(config)
+    text = model_card.write_card(result.model_dir, result.export_path.parent, None, None, ("none",)).read_text()
+    card = json.loads((result.export_path.parent / model_card.CARD_JSON).read_text())
+    records = json.loads((result.model_dir / distill.RECORD_FILE).read_text())
+    assert card["training"]["teachers"] == records
+    assert ("- distilled: each training target is 0.25 × the one-hot label + 0.75 × the mean probabilities "
+            "(temperature 1) of 2 teacher(s), computed once on the un-augmented training images: "
+            f"`{a.resolve()}` (TTA none; SHA-256 {records[0]['sha256'][:12]}…), `{b.resolve()}` (TTA none; "
+            f"SHA-256 {records[1]['sha256'][:12]}…).") in text
+    assert "on augmented batches, against the soft targets' top class)" in text
+    (result.model_dir / distill.RECORD_FILE).unlink()  # the record lost: the card still names the paths
+    card, _ = model_card.build_card(result.model_dir, result.export_path.parent, None, None, ("none",))
+    assert card["training"]["teachers"] == [{"path": str(a)}, {"path": str(b)}]
+    assert "`" + str(a) + "` (not recorded beyond its path)" in model_card.render_markdown(card)
