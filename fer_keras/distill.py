@@ -1,9 +1,10 @@
 """Knowledge distillation: training targets softened by trained teachers (``train --teachers``).
 
 The student learns from ``(1 - weight) * one_hot(label) + weight * teacher``, where ``teacher`` is the mean of
-the teachers' probabilities (each as the model serves it: an export with the test-time augmentation built into
-it), sharpened or softened by a temperature. FER2013's labels are noisy and its classes overlap (fear and
-sad, angry and disgust); a teacher's probabilities say by how much for each face, which a one-hot label cannot.
+the teachers' probabilities, each averaged over test-time augmentation views (an export's own built-in TTA, else
+``--teacher_tta``) and sharpened or softened by a temperature. FER2013's labels are noisy and its classes overlap
+(fear and sad, angry and disgust); a teacher's probabilities say by how much for each face, which a one-hot label
+cannot.
 
 The teachers' probabilities are computed once, on the un-augmented training images, and kept in the run
 directory (``teacher_targets.npz``; ``teachers.json`` records which models they came from). Online
@@ -45,6 +46,7 @@ class Teachers:
     probabilities: np.ndarray
     records: list[dict]
     fingerprint: str  # of the training split they were computed on
+    tta: str  # the views of teachers without TTA of their own
 
     def targets(self, labels: np.ndarray, weight: float, temperature: float) -> np.ndarray:
         return soft_targets(labels, self.probabilities, weight, temperature)
@@ -122,10 +124,12 @@ def _run_selection(run_dir: Path) -> dict:
 
 
 def compute(teachers: Sequence[str], images: np.ndarray, labels: np.ndarray, fingerprint: str,
-            batch_size: int = BATCH_SIZE) -> Teachers:
-    """Runs every teacher over ``images`` (uint8 ``[N, 48, 48, 1]``); the records gain each teacher's accuracy
-    on these (un-augmented) training images."""
+            tta: str = "flip", batch_size: int = BATCH_SIZE) -> Teachers:
+    """Runs every teacher over ``images`` (uint8 ``[N, 48, 48, 1]``), with the TTA built into it or, for a model
+    without, ``tta``; the records gain the TTA used and each teacher's accuracy on these (un-augmented) training
+    images."""
     from fer_keras import inference
+    from fer_keras.tta import tta_probabilities
 
     records = [describe_teacher(t) for t in teachers]  # every path checked before the first long pass
     probs = []
@@ -135,7 +139,10 @@ def compute(teachers: Sequence[str], images: np.ndarray, labels: np.ndarray, fin
             predictor = inference.load_predictor(record["path"])
         except ModelError as e:
             raise ConfigError(f"--teachers: {e}") from None
-        p = predictor.probabilities(images, batch_size)
+        views = tta if record["tta"] == "none" else "none"  # an export's own TTA is not augmented again
+        p = tta_probabilities(predictor, images, views, batch_size=batch_size)
+        if views != "none":
+            record["tta"] = views
         if p.shape != (len(images), NUM_CLASSES) or not np.isfinite(p).all():
             raise ConfigError(f"--teachers: {record['path']}: gave probabilities of shape {list(p.shape)}"
                               f"{'' if np.isfinite(p).all() else ' with non-finite values'} for {len(images)} images")
@@ -144,7 +151,7 @@ def compute(teachers: Sequence[str], images: np.ndarray, labels: np.ndarray, fin
         seconds = time.perf_counter() - start
         print(f"teacher {i}/{len(records)} {record['path']} (TTA {record['tta']}): {len(images):,} training images "
               f"in {seconds:.0f} s, accuracy on them {record['train_accuracy']:.1%}")
-    return Teachers(np.stack(probs), records, fingerprint)
+    return Teachers(np.stack(probs), records, fingerprint, tta)
 
 
 def save(folder: Path, teachers: Teachers) -> None:
@@ -152,7 +159,7 @@ def save(folder: Path, teachers: Teachers) -> None:
     each written atomically."""
     buffer = io.BytesIO()
     np.savez_compressed(buffer, probabilities=teachers.probabilities, fingerprint=np.array(teachers.fingerprint),
-                        sha256=np.array([r["sha256"] for r in teachers.records]))
+                        sha256=np.array([r["sha256"] for r in teachers.records]), tta=np.array(teachers.tta))
     atomic_write_text(folder / TARGETS_FILE, buffer.getvalue())
     atomic_write_text(folder / RECORD_FILE, json.dumps(teachers.records, indent=2) + "\n")
 
@@ -161,7 +168,8 @@ def load(folder: Path) -> Teachers | None:
     """The stored teachers of a run, or None when they are missing or unreadable (then computed afresh)."""
     try:
         with np.load(folder / TARGETS_FILE, allow_pickle=False) as f:
-            probabilities, fingerprint, sha = f["probabilities"], str(f["fingerprint"]), [str(s) for s in f["sha256"]]
+            probabilities, fingerprint, tta = f["probabilities"], str(f["fingerprint"]), str(f["tta"])
+            sha = [str(s) for s in f["sha256"]]
         records = json.loads((folder / RECORD_FILE).read_text())
     except FileNotFoundError:
         return None
@@ -174,21 +182,21 @@ def load(folder: Path) -> Teachers | None:
         logging.warning("%s and %s do not match; the teachers' probabilities are computed again",
                         folder / TARGETS_FILE, RECORD_FILE)
         return None
-    return Teachers(probabilities, records, fingerprint)
+    return Teachers(probabilities, records, fingerprint, tta)
 
 
 def prepare(folder: Path, teachers: Sequence[str], images: np.ndarray, labels: np.ndarray, fingerprint: str,
-            started: bool, val_split: str, batch_size: int = BATCH_SIZE) -> tuple[Teachers, bool]:
+            started: bool, val_split: str, tta: str = "flip", batch_size: int = BATCH_SIZE) -> tuple[Teachers, bool]:
     """The teachers of a run whose outputs go to ``folder``: stored ones that fit, else computed now.
     Returns ``(teachers, fresh)``; ``fresh`` when computed (the caller saves them once the run is under way).
 
     A run that has started keeps the probabilities it started with; when they are lost, the teachers must still
     be the same models (same SHA-256), or the run would change targets midway. A run that has not started
-    reuses stored probabilities only for the same models and training images.
+    reuses stored probabilities only for the same models, views and training images.
     """
     stored = load(folder)
-    if stored is not None and stored.fingerprint == fingerprint and stored.probabilities.shape[:2] == (
-            len(teachers), len(images)):
+    if stored is not None and stored.fingerprint == fingerprint and stored.tta == tta and (
+            stored.probabilities.shape[:2] == (len(teachers), len(images))):
         if started:
             return stored, False
         if [r["sha256"] for r in stored.records] == [describe_teacher(t)["sha256"] for t in teachers]:
@@ -199,7 +207,7 @@ def prepare(folder: Path, teachers: Sequence[str], images: np.ndarray, labels: n
             recorded = json.loads((folder / RECORD_FILE).read_text())
         except (OSError, ValueError):
             recorded = None
-    fresh = compute(teachers, images, labels, fingerprint, batch_size)
+    fresh = compute(teachers, images, labels, fingerprint, tta, batch_size)
     if started and isinstance(recorded, list):
         before = [r.get("sha256") if isinstance(r, dict) else None for r in recorded]
         changed = [r["path"] for r, b in zip(fresh.records, before) if r["sha256"] != b]

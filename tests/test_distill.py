@@ -123,16 +123,21 @@ def test_a_distilled_run_trains_on_its_teachers_targets_and_keeps_them(teacher_f
 
     records = json.loads((result.model_dir / distill.RECORD_FILE).read_text())
     assert [r["path"] for r in records] == [str(teacher.resolve()), str(b.resolve())]
-    assert all(len(r["sha256"]) == 64 and 0 <= r["train_accuracy"] <= 1 for r in records)
+    assert all(len(r["sha256"]) == 64 and 0 <= r["train_accuracy"] <= 1 and r["tta"] == "flip" for r in records)
     stored = distill.load(result.model_dir)
     assert stored.probabilities.shape == (2, SMALL_RUN["max_train_examples"], NUM_CLASSES)
     # The stored probabilities are the teachers' own on the run's training images.
     from fer_keras.data import load
     from fer_keras.inference import load_predictor
+    from fer_keras.tta import tta_probabilities
 
     train_split = train.run_splits(load(), config)[0]
     assert stored.fingerprint == train_split.fingerprint()
-    np.testing.assert_allclose(stored.probabilities[1], load_predictor(b).probabilities(train_split.images),
+    predictor = load_predictor(b)
+    flipped = predictor.probabilities(train_split.images[:, :, ::-1])
+    np.testing.assert_allclose(stored.probabilities[1], tta_probabilities(predictor, train_split.images, "flip"),
+                               atol=1e-5)
+    np.testing.assert_allclose(stored.probabilities[1], (predictor.probabilities(train_split.images) + flipped) / 2,
                                atol=1e-5)
     assert "--teachers=" in (result.model_dir / "flags.txt").read_text()
 
@@ -150,6 +155,24 @@ def test_a_distilled_run_trains_on_its_teachers_targets_and_keeps_them(teacher_f
     train.run(config)
     again = distill.load(result.model_dir)
     np.testing.assert_allclose(again.probabilities, stored.probabilities, atol=1e-5)
+
+
+def test_an_export_teacher_is_run_as_it_serves():
+    # --teacher_tta applies to models without TTA of their own: on an export with flip built in (version 6), ten-crop
+    # would average ten crops of flip-averaged outputs, views nobody measured.
+    from fer_keras.inference import SHIPPED_MODEL, load_predictor
+    from fer_keras.tta import tta_probabilities
+
+    split = _split(16)
+    served = load_predictor(SHIPPED_MODEL)
+    built_in = served.metadata["tta"]
+    other = "tencrop" if built_in != "tencrop" else "flip"
+    teachers = distill.compute([str(SHIPPED_MODEL)], split.images, split.labels, split.fingerprint(), tta=other)
+    assert teachers.records[0]["tta"] == (built_in if built_in != "none" else other)
+    assert teachers.records[0]["val_split"] == "PublicTest" and teachers.records[0]["val_accuracy"] > 0.6
+    expected = served.probabilities(split.images) if built_in != "none" else tta_probabilities(served, split.images,
+                                                                                               other)
+    np.testing.assert_allclose(teachers.probabilities[0], expected, atol=1e-6)
 
 
 def test_other_teachers_are_refused_on_resume_but_not_another_spelling(teacher_files, tmp_path, monkeypatch):
@@ -191,7 +214,7 @@ def test_the_card_of_a_distilled_model_names_its_teachers(teacher_files, tmp_pat
 
     a, b = teacher_files
     config = train.TrainConfig(model_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "exports"),
-                               teachers=(str(a), str(b)), distill_weight=0.75,
+                               teachers=(str(a), str(b)), distill_weight=0.75, teacher_tta="none",
                                **{**SMALL_RUN, "epochs": 1, "export_tta": "none"})
     result = train.run(config)
     text = model_card.write_card(result.model_dir, result.export_path.parent, None, None, ("none",)).read_text()
