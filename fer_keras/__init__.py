@@ -93,3 +93,6 @@ BLOCKS_PER_STAGE = 2
 FER2013_MEAN = 0.5136
 FER2013_STD = 0.3067
 BN_EPSILON = 1e-5
+# tf.distribute strategies of fer_keras.distribute, here so that checking a training configuration needs no
+# TensorFlow.
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")

@@ -1,14 +1,14 @@
 """The training augmentation's settings, kept free of TensorFlow.
 
-Flag definitions need the settings' choices but none of the tf.data code in :mod:`fer_keras.pipeline`, so
-``fer_keras.train.define_flags`` does not import TensorFlow (``TrainConfig.validate`` still does, through the
-stem and strategy names it checks).
+Flag definitions and ``TrainConfig.validate`` need the settings' choices and checks but none of the tf.data code
+in :mod:`fer_keras.pipeline`, so neither imports TensorFlow.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from fer_keras import FER2013_MEAN, IMAGE_SIZE
 from fer_keras.errors import ConfigError
 
 # How the warp fills pixels it maps from outside the image: reflect (this project's recipes) or constant black,
@@ -17,8 +17,16 @@ FILL_MODES = ("reflect", "constant", "nearest")
 # What random erasing writes into its rectangle: uniform noise (this project's recipes) or the data set's mean grey,
 # which is what torchvision's RandomErasing(value=0) writes after Normalize(mean, std).
 ERASING_FILLS = ("noise", "mean")
-# round(255 * FER2013_MEAN) of fer_keras.model (a test checks they agree; importing it here would load Keras).
-MEAN_GREY = 131
+# The data set's mean grey level: torchvision's RandomErasing(value=0) after Normalize(mean, std).
+MEAN_GREY = round(255 * FER2013_MEAN)
+
+
+def check_input_crop(input_crop: int, image_size: int = IMAGE_SIZE) -> None:
+    """A ValueError unless ``input_crop`` is 0 (none) or a centred window: smaller than the image by an even
+    number of pixels, so that it is its own mirror image (flip TTA) and ten-crop's windows are integer shifts."""
+    if input_crop and not (0 < input_crop < image_size and (image_size - input_crop) % 2 == 0):
+        raise ValueError(f"input_crop must be 0 (none) or smaller than {image_size} by an even number of pixels, "
+                         f"got {input_crop}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,9 +14,8 @@ import os
 import tensorflow as tf
 from absl import logging
 
+from fer_keras import STRATEGIES
 from fer_keras.errors import ConfigError
-
-STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 
 
 def configure_cpu_devices(count: int) -> int:

@@ -39,6 +39,7 @@ from fer_keras import (
     STEMS,
     schedules,  # noqa: F401  registers OneCycle: a run's best.keras names it in its compile config
 )
+from fer_keras.augment import check_input_crop
 
 BN_MOMENTUM = 0.9  # PyTorch's momentum=0.1 in Keras' convention.
 # cuDNN refuses an epsilon below 1e-5, and float32(1e-5) is just below it: TensorFlow's own fused wrapper uses this.
@@ -309,14 +310,6 @@ def resnet18(
 LAST_CONV_LAYER = "stage4_block2"
 FIRST_CONV_LAYER = "stem_conv"
 INPUT_CROP_LAYER = "input_crop"
-
-
-def check_input_crop(input_crop: int, image_size: int = IMAGE_SIZE) -> None:
-    """A ValueError unless ``input_crop`` is 0 (none) or a centred window: smaller than the image by an even
-    number of pixels, so that it is its own mirror image (flip TTA) and ten-crop's windows are integer shifts."""
-    if input_crop and not (0 < input_crop < image_size and (image_size - input_crop) % 2 == 0):
-        raise ValueError(f"input_crop must be 0 (none) or smaller than {image_size} by an even number of pixels, "
-                         f"got {input_crop}")
 
 
 def input_crop_of(model: keras.Model) -> int:

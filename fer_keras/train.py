@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from absl import flags, logging
 
-from fer_keras import STEMS, __version__, cli, distill
-from fer_keras.augment import ERASING_FILLS, FILL_MODES, AugmentConfig
+from fer_keras import STEMS, STRATEGIES, __version__, cli, distill
+from fer_keras.augment import ERASING_FILLS, FILL_MODES, AugmentConfig, check_input_crop
 from fer_keras.errors import ConfigError, FerError, ModelError, WorkerLostError
 from fer_keras.history import (
     atomic_write_text,
@@ -159,9 +159,6 @@ class TrainConfig:
                              crop=self.input_crop)
 
     def validate(self) -> None:
-        from fer_keras.distribute import STRATEGIES
-        from fer_keras.model import check_input_crop
-
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),

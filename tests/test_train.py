@@ -362,6 +362,26 @@ def test_every_recipe_in_flags_is_a_valid_configuration(tmp_path):
     assert "flags/fer2013.cfg onecycle 100" in proc.stdout
 
 
+def test_checking_a_configuration_loads_neither_keras_nor_tensorflow(tmp_path):
+    """Flags and TrainConfig.validate catch a bad setting in a second, before TensorFlow's start-up."""
+    code = ("import sys\n"
+            "from absl import flags\n"
+            "from fer_keras import train\n"
+            "train.define_flags()\n"
+            "flags.FLAGS(['train', '--flagfile=flags/fer2013_distill_bf16.cfg'])\n"
+            "train.config_from_flags(flags.FLAGS).validate()\n"
+            "try:\n"
+            "    train.TrainConfig(input_crop=41, strategy='mirrored').validate()\n"
+            "except Exception as e:\n"
+            "    print(e)\n"
+            "print(sorted(m for m in ('keras', 'tensorflow') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(tmp_path), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [
+        "input_crop must be 0 (none) or smaller than 48 by an even number of pixels, got 41", "[]"]
+
+
 def kernels(model_or_path) -> list[np.ndarray]:
     import keras
 
