@@ -132,6 +132,7 @@ def compute(teachers: Sequence[str], images: np.ndarray, labels: np.ndarray, fin
     from fer_keras.tta import tta_probabilities
 
     records = [describe_teacher(t) for t in teachers]  # every path checked before the first long pass
+    print(f"running {len(records)} teacher(s) over {len(images):,} training images (once per run)", flush=True)
     probs = []
     for i, record in enumerate(records, start=1):
         start = time.perf_counter()
@@ -150,7 +151,7 @@ def compute(teachers: Sequence[str], images: np.ndarray, labels: np.ndarray, fin
         record["train_accuracy"] = float(np.mean(p.argmax(axis=1) == labels)) if len(labels) else None
         seconds = time.perf_counter() - start
         print(f"teacher {i}/{len(records)} {record['path']} (TTA {record['tta']}): {len(images):,} training images "
-              f"in {seconds:.0f} s, accuracy on them {record['train_accuracy']:.1%}")
+              f"in {seconds:.0f} s, accuracy on them {record['train_accuracy']:.1%}", flush=True)
     return Teachers(np.stack(probs), records, fingerprint, tta)
 
 

@@ -40,6 +40,7 @@ from fer_keras.history import (
     read_init,
     read_run,
     read_start,
+    sha256_files,
     unrecorded_start,
 )
 from fer_keras.tta import TTA_MODES
@@ -251,6 +252,8 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
             first_flags = Path(start.get("model_dir") or "") / "flags.txt"
             if start.get("model_dir") and first_flags.is_file():
                 start["flags"] = first_flags.read_text()
+            elif record.get("export") and (found := _export_card_run(record)):
+                start.update(found)
             elif depth == 1:
                 origin = (f"the export {record['path']}, which has no model card of that version, of the run in "
                           f"{start.get('model_dir')}, which is not here" if record.get("export") else
@@ -311,6 +314,24 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
         "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
     }
     return card, served_result
+
+
+def _export_card_run(record: dict) -> dict | None:
+    """What the model card beside an export says of its run (epochs, wall time, flags, its own start), when the
+    card came after the ``init.json`` that names the export (the export was copied without it, and it was put
+    back) and the export still holds the same weights; None otherwise."""
+    from fer_keras import inference
+    from fer_keras.train import _export_start_run
+
+    path = Path(record["path"])
+    try:
+        same = sha256_files(sorted((path / "variables").glob("variables.data-*"))) == record.get("sha256")
+    except OSError:
+        return None
+    run = _export_start_run(path, inference.export_metadata(path)) if same else None
+    if not run or not run.get("flags"):
+        return None
+    return {k: run[k] for k in ("epochs", "wall_seconds", "flags", "init") if k in run}
 
 
 def _teachers(run_dir: Path, config: dict) -> list[dict] | None:

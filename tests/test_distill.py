@@ -120,6 +120,7 @@ def test_a_distilled_run_trains_on_its_teachers_targets_and_keeps_them(teacher_f
     out = capsys.readouterr().out
     assert "distilled from 2 teacher(s) (weight 0.8, temperature 2" in out
     assert out.count("teacher 1/2 ") == 1 and "teacher 2/2 " in out
+    assert "running 2 teacher(s) over 128 training images (once per run)" in out
 
     records = json.loads((result.model_dir / distill.RECORD_FILE).read_text())
     assert [r["path"] for r in records] == [str(teacher.resolve()), str(b.resolve())]
@@ -145,7 +146,7 @@ def test_a_distilled_run_trains_on_its_teachers_targets_and_keeps_them(teacher_f
     # them has meanwhile become another model.
     shutil.copy(b, teacher)
     train.run(config)
-    assert "teacher 1/2 " not in capsys.readouterr().out
+    assert "running 2 teacher(s)" not in capsys.readouterr().out
     # Lost probabilities are computed again only from the same models.
     (result.model_dir / distill.TARGETS_FILE).unlink()
     with pytest.raises(ConfigError, match=r"teacher_targets.npz is missing or unreadable and the teachers are not "

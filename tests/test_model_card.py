@@ -313,6 +313,21 @@ def test_card_of_a_run_started_from_an_export_names_it(trained_run, tmp_path):
     with pytest.raises(ConfigError, match=r"cont started from the export .*fer_resnet18/1, which has no model card "
                                           r"of that version, of the run in .*first/run, which is not here"):
         model_card.build_card(second.model_dir, base, None, None, ("none",))
+    # The export's card put beside it after the run started (an export copied without it): the card reads it there,
+    # as long as the export still holds the weights the run started from.
+    exported = json.loads(metadata_file.read_text())
+    (shipped / model_card.CARD_JSON).write_text(json.dumps({"version": 1, "training": {
+        "best_epoch": first.best_epoch, "config": {"model_dir": exported["train_config"]["model_dir"]}, "epochs": 2,
+        "wall_seconds": 12.5, "init": None}}))
+    (shipped / model_card.TRAIN_FLAGS).write_text((first.model_dir / "flags.txt").read_text())
+    card, _ = model_card.build_card(second.model_dir, base, None, None, ("none",))
+    start = card["training"]["init"]["run"]
+    assert (start["epochs"], start["wall_seconds"]) == (2, 12.5)
+    assert start["flags"] == (first.model_dir / "flags.txt").read_text()
+    record["sha256"] = "0" * 64  # another model's weights in that folder now
+    init_json.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="which has no model card of that version"):
+        model_card.build_card(second.model_dir, base, None, None, ("none",))
 
 
 def test_cli_refuses_an_unfinished_run_with_one_line(tmp_path):
