@@ -8,8 +8,10 @@ cannot.
 
 The teachers' probabilities are computed once, on the un-augmented training images, and kept in the run
 directory (``teacher_targets.npz``; ``teachers.json`` records which models they came from). Online
-distillation, a teacher forward pass on every augmented batch, would add about a third of a training step per
-teacher, for hours per run on a CPU; the augmentation here (shifts, small rotations, flips, erasing) keeps a
+distillation, a teacher forward pass on every augmented batch, would add per teacher roughly a third of a training
+step's arithmetic (a forward pass of the three a step makes: forward, and backward for activations and weights),
+hours over a 100-epoch run on a CPU; a pass over the training images with flip took about 3 minutes per teacher
+here (README, Results). The augmentation here (shifts, small rotations, flips, erasing) keeps a
 face's expression, so one target per image serves all its augmented views. Mixup mixes the soft targets as it
 mixes labels.
 
