@@ -34,7 +34,7 @@ from absl import logging
 
 from fer_keras import NUM_CLASSES
 from fer_keras.errors import ConfigError, ModelError
-from fer_keras.history import atomic_write_text, sha256_files
+from fer_keras.history import atomic_write_text
 
 TARGETS_FILE = "teacher_targets.npz"
 RECORD_FILE = "teachers.json"
@@ -88,52 +88,32 @@ def describe_teacher(path: str) -> dict:
 
     try:
         kind, resolved = inference.resolve(path)
+        record: dict = {"given": path, "path": str(resolved.resolve()), "kind": kind,
+                        "sha256": inference.model_sha256(kind, resolved)}
     except ModelError as e:
         raise ConfigError(f"--teachers: {e}") from None
-    record: dict = {"given": path, "path": str(resolved.resolve()), "kind": kind}
     if kind == "saved_model":
-        variables = sorted((resolved / "variables").glob("variables.data-*"))
-        if not variables:
-            raise ConfigError(f"--teachers: {resolved}: a SavedModel without variables")
-        record["sha256"] = sha256_files(variables)
         meta = inference.export_metadata(resolved)
-        record.update(tta=meta.get("tta") or "none", val_split=meta.get("val_split"),
-                      val_accuracy=meta.get("val_accuracy"), best_epoch=meta.get("best_epoch"))
+        record["tta"] = meta.get("tta") or "none"
     else:
-        record["sha256"] = sha256_files([resolved])
+        from fer_keras.export import run_metadata
+
         record["tta"] = "none"
-        run_dir = resolved.parent if resolved.name == "best.keras" else None
-        if run_dir is not None:
-            record.update(_run_selection(run_dir))
+        meta = run_metadata(resolved.parent) if resolved.name == "best.keras" else {}
+    record.update({k: meta.get(k) for k in ("val_split", "val_accuracy", "best_epoch")})
     return record
 
 
-def _run_selection(run_dir: Path) -> dict:
-    """The split a run's best.keras was selected on and its accuracy there, when the run's records say."""
-    from fer_keras.errors import FerError
-    from fer_keras.history import best_row, read_data_record, read_history_csv
-
-    out: dict = {}
-    try:
-        best = best_row(read_history_csv(run_dir / "history.csv"))
-        out.update(val_accuracy=best.get("val_accuracy"), best_epoch=best.get("epoch"))
-    except (OSError, ValueError, FerError):
-        pass
-    data = read_data_record(run_dir)
-    if data and isinstance(data["val"].get("name"), str):
-        out["val_split"] = data["val"]["name"]
-    return out
-
-
-def compute(teachers: Sequence[str], images: np.ndarray, labels: np.ndarray, fingerprint: str,
+def compute(teachers: Sequence[str] | Sequence[dict], images: np.ndarray, labels: np.ndarray, fingerprint: str,
             tta: str = "flip", batch_size: int = BATCH_SIZE) -> Teachers:
-    """Runs every teacher over ``images`` (uint8 ``[N, 48, 48, 1]``), with the TTA built into it or, for a model
-    without, ``tta``; the records gain the TTA used and each teacher's accuracy on these (un-augmented) training
-    images."""
+    """Runs every teacher (a path, or its :func:`describe_teacher` record) over ``images`` (uint8
+    ``[N, 48, 48, 1]``), with the TTA built into it or, for a model without, ``tta``; the records gain the TTA used
+    and each teacher's accuracy on these (un-augmented) training images."""
     from fer_keras import inference
     from fer_keras.tta import tta_probabilities
 
-    records = [describe_teacher(t) for t in teachers]  # every path checked before the first long pass
+    # Every path checked before the first long pass.
+    records = [dict(t) if isinstance(t, dict) else describe_teacher(t) for t in teachers]
     print(f"running {len(records)} teacher(s) over {len(images):,} training images (once per run)", flush=True)
     probs = []
     for i, record in enumerate(records, start=1):
@@ -150,7 +130,7 @@ def compute(teachers: Sequence[str], images: np.ndarray, labels: np.ndarray, fin
             raise ConfigError(f"--teachers: {record['path']}: gave probabilities of shape {list(p.shape)}"
                               f"{'' if np.isfinite(p).all() else ' with non-finite values'} for {len(images)} images")
         probs.append(p.astype(np.float32))
-        record["train_accuracy"] = float(np.mean(p.argmax(axis=1) == labels)) if len(labels) else None
+        record["train_accuracy"] = float(np.mean(p.argmax(axis=1) == labels))
         seconds = time.perf_counter() - start
         print(f"teacher {i}/{len(records)} {record['path']} (TTA {record['tta']}): {len(images):,} training images "
               f"in {seconds:.0f} s, accuracy on them {record['train_accuracy']:.1%}", flush=True)
@@ -188,10 +168,12 @@ def load(folder: Path) -> Teachers | None:
     return Teachers(probabilities, records, fingerprint, tta)
 
 
-def prepare(folder: Path, teachers: Sequence[str], images: np.ndarray, labels: np.ndarray, fingerprint: str,
-            started: bool, val_split: str, tta: str = "flip", batch_size: int = BATCH_SIZE) -> tuple[Teachers, bool]:
-    """The teachers of a run whose outputs go to ``folder``: stored ones that fit, else computed now.
-    Returns ``(teachers, fresh)``; ``fresh`` when computed (the caller saves them once the run is under way).
+def prepare(folder: Path, teachers: Sequence[str] | Sequence[dict], images: np.ndarray, labels: np.ndarray,
+            fingerprint: str, started: bool, val_split: str, tta: str = "flip",
+            batch_size: int = BATCH_SIZE) -> tuple[Teachers, bool]:
+    """The teachers (paths, or their :func:`describe_teacher` records) of a run whose outputs go to ``folder``:
+    stored ones that fit, else computed now. Returns ``(teachers, fresh)``; ``fresh`` when computed (the caller
+    saves them once the run is under way).
 
     A run that has started keeps the probabilities it started with; when they are lost, the teachers must still
     be the same models (same SHA-256), or the run would change targets midway. A run that has not started
@@ -202,7 +184,8 @@ def prepare(folder: Path, teachers: Sequence[str], images: np.ndarray, labels: n
             stored.probabilities.shape[:2] == (len(teachers), len(images))):
         if started:
             return stored, False
-        if [r["sha256"] for r in stored.records] == [describe_teacher(t)["sha256"] for t in teachers]:
+        teachers = [t if isinstance(t, dict) else describe_teacher(t) for t in teachers]
+        if [r["sha256"] for r in stored.records] == [t["sha256"] for t in teachers]:
             return stored, False
     recorded = None
     if started:

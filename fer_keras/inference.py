@@ -64,6 +64,19 @@ def resolve(path: str | os.PathLike | None) -> tuple[str, Path]:
     )
 
 
+def model_sha256(kind: str, path: Path) -> str:
+    """The identity of a resolved model (:func:`resolve`): the SHA-256 of a ``.keras`` file, or of an export's
+    variables (its graph and metadata may be rewritten without changing the weights)."""
+    from fer_keras.history import sha256_files
+
+    if kind == "keras":
+        return sha256_files([path])
+    variables = sorted((path / "variables").glob("variables.data-*"))
+    if not variables:
+        raise ModelError(f"{path}: a SavedModel without variables")
+    return sha256_files(variables)
+
+
 def export_metadata(saved_model_dir: Path) -> dict:
     meta = saved_model_dir / METADATA_FILE
     if not meta.is_file():

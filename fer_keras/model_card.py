@@ -32,7 +32,7 @@ from absl import flags
 
 from fer_keras import CLASS_NAMES, __version__, cli
 from fer_keras import data as fer_data
-from fer_keras.errors import ConfigError
+from fer_keras.errors import ConfigError, ModelError
 from fer_keras.history import (
     atomic_write_text,
     best_row,
@@ -40,7 +40,6 @@ from fer_keras.history import (
     read_init,
     read_run,
     read_start,
-    sha256_files,
     unrecorded_start,
 )
 from fer_keras.tta import TTA_MODES
@@ -325,8 +324,8 @@ def _export_card_run(record: dict) -> dict | None:
 
     path = Path(record["path"])
     try:
-        same = sha256_files(sorted((path / "variables").glob("variables.data-*"))) == record.get("sha256")
-    except OSError:
+        same = inference.model_sha256("saved_model", path) == record.get("sha256")
+    except (OSError, ModelError):
         return None
     run = _export_start_run(path, inference.export_metadata(path)) if same else None
     if not run or not run.get("flags"):

@@ -37,7 +37,6 @@ from fer_keras.history import (
     read_data_record,
     read_run,
     read_start,
-    sha256_files,
     write_history_csv,
 )
 from fer_keras.tta import AUTO, DEFAULT_TOLERANCE, TTA_MODES
@@ -515,7 +514,7 @@ def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
                 raise ConfigError(f"--init_from={init_from}: {e}") from None
             metadata = inference.export_metadata(export_dir)
             record = {"path": str(export_dir.resolve()),
-                      "sha256": sha256_files(sorted((export_dir / "variables").glob("variables.data-*"))),
+                      "sha256": inference.model_sha256(kind, export_dir),
                       "export": {k: metadata.get(k) for k in ("tta", "val_split")}}
             start_run = _export_start_run(export_dir, metadata)
             if start_run is not None:
@@ -526,7 +525,7 @@ def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
     if not path.is_file():
         raise ConfigError(f"--init_from={init_from}: no such .keras file, run directory with a best.keras, or "
                           "SavedModel export")
-    record: dict = {"path": str(path.resolve()), "sha256": sha256_files([path])}
+    record: dict = {"path": str(path.resolve()), "sha256": inference.model_sha256("keras", path)}
     # Only a run's best.keras is described by the run's history; another .keras file beside it is not.
     run_dir = run_dir or (path.parent if path.name == "best.keras" else None)
     start_run = _run_record(run_dir) if run_dir is not None else None
@@ -631,14 +630,14 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
         target = export_base / config.resolved_export_name / str(config.export_version)
         if target.exists():  # found now, not after hours of training
             raise ConfigError(f"{target}: export version {config.export_version} exists; it is never overwritten")
-    if config.teachers and not started:  # a wrong path is refused before any output folder exists
-        for teacher in config.teachers:
-            distill.describe_teacher(teacher)
+    # A new run's teacher paths are checked before any output folder exists; a started run may have its stored
+    # probabilities and need no teacher at all.
+    specs = config.teachers if started else [distill.describe_teacher(t) for t in config.teachers]
     _preflight(out_dir, export_base)
     teachers, targets = None, None
     if config.teachers:
         teachers, teachers_fresh = distill.prepare(
-            out_dir, config.teachers, train_split.images, train_split.labels, train_split.fingerprint(), started,
+            out_dir, specs, train_split.images, train_split.labels, data_record["train"]["sha256"], started,
             val_name, config.teacher_tta)
         targets = teachers.targets(train_split.labels, config.distill_weight, config.distill_temperature)
 
