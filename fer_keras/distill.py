@@ -180,32 +180,38 @@ def prepare(folder: Path, teachers: Sequence[str] | Sequence[dict], images: np.n
     reuses stored probabilities only for the same models, views and training images.
     """
     stored = load(folder)
-    if stored is not None and stored.fingerprint == fingerprint and stored.tta == tta and (
-            stored.probabilities.shape[:2] == (len(teachers), len(images))):
-        if started:
-            return stored, False
-        teachers = [t if isinstance(t, dict) else describe_teacher(t) for t in teachers]
-        if [r["sha256"] for r in stored.records] == [t["sha256"] for t in teachers]:
-            return stored, False
-    recorded = None
+    fits = stored is not None and stored.fingerprint == fingerprint and stored.tta == tta and (
+        stored.probabilities.shape[:2] == (len(teachers), len(images)))
+    if fits and started:
+        return stored, False
+    teachers = [t if isinstance(t, dict) else describe_teacher(t) for t in teachers]
+    if fits and [r["sha256"] for r in stored.records] == [t["sha256"] for t in teachers]:
+        return stored, False
     if started:
-        try:
-            recorded = json.loads((folder / RECORD_FILE).read_text())
-        except (OSError, ValueError):
-            recorded = None
+        _check_started_with(folder, teachers)
     fresh = compute(teachers, images, labels, fingerprint, tta, batch_size)
-    if started and isinstance(recorded, list):
-        before = [r.get("sha256") if isinstance(r, dict) else None for r in recorded]
-        changed = [r["path"] for r, b in zip(fresh.records, before) if r["sha256"] != b]
-        if changed or len(before) != len(fresh.records):
-            raise ConfigError(f"{folder / TARGETS_FILE} is missing or unreadable and the teachers are not the models "
-                              f"the run started with ({', '.join(changed) or 'their number'} changed): the run would "
-                              "change its targets midway; restore the teachers or use a new --model_dir")
     for record in fresh.records:
         if record.get("val_split") and record["val_split"] != val_split:
             logging.warning("teacher %s was selected on %s, this run selects on %s: the teacher may have trained on "
                             "images this run holds out", record["path"], record["val_split"], val_split)
     return fresh, True
+
+
+def _check_started_with(folder: Path, teachers: Sequence[dict]) -> None:
+    """Refuses, before the long teacher pass, teachers other than those a started run recorded in
+    ``teachers.json`` (its targets are lost: computing them from other models would change them midway)."""
+    try:
+        recorded = json.loads((folder / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(recorded, list):
+        return
+    before = [r.get("sha256") if isinstance(r, dict) else None for r in recorded]
+    changed = [t["path"] for t, b in zip(teachers, before) if t["sha256"] != b]
+    if changed or len(before) != len(teachers):
+        raise ConfigError(f"{folder / TARGETS_FILE} is missing or unreadable and the teachers are not the models "
+                          f"the run started with ({', '.join(changed) or 'their number'} changed): the run would "
+                          "change its targets midway; restore the teachers or use a new --model_dir")
 
 
 def same_paths(old: Sequence[str] | None, new: Sequence[str] | None) -> bool:

@@ -36,6 +36,7 @@ from fer_keras.errors import ConfigError, ModelError
 from fer_keras.history import (
     atomic_write_text,
     best_row,
+    export_start_run,
     plot_history,
     read_init,
     read_run,
@@ -320,14 +321,13 @@ def _export_card_run(record: dict) -> dict | None:
     card came after the ``init.json`` that names the export (the export was copied without it, and it was put
     back) and the export still holds the same weights; None otherwise."""
     from fer_keras import inference
-    from fer_keras.train import _export_start_run
 
     path = Path(record["path"])
     try:
         same = inference.model_sha256("saved_model", path) == record.get("sha256")
     except (OSError, ModelError):
         return None
-    run = _export_start_run(path, inference.export_metadata(path)) if same else None
+    run = export_start_run(path, inference.export_metadata(path)) if same else None
     if not run or not run.get("flags"):
         return None
     return {k: run[k] for k in ("epochs", "wall_seconds", "flags", "init") if k in run}

@@ -33,10 +33,9 @@ from fer_keras.augment import ERASING_FILLS, FILL_MODES, AugmentConfig, check_in
 from fer_keras.errors import ConfigError, FerError, ModelError, WorkerLostError
 from fer_keras.history import (
     atomic_write_text,
-    best_row,
+    export_start_run,
     read_data_record,
-    read_run,
-    read_start,
+    run_record,
     write_history_csv,
 )
 from fer_keras.tta import AUTO, DEFAULT_TOLERANCE, TTA_MODES
@@ -433,62 +432,6 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int, model: keras.Mode
     return opt
 
 
-def _run_record(run_dir: Path) -> dict | None:
-    """A finished run's epochs, best epoch, wall time, configuration and flags, and the ``init.json`` of the run
-    it started from in turn (so a chain of ``--init_from`` runs stays recorded); None if the folder is not a run."""
-    try:
-        config, history = read_run(run_dir)
-    except FerError:  # not a run, or its record is damaged: the start is then unrecorded
-        return None
-    best = best_row(history)
-    flags_file = run_dir / "flags.txt"
-    init = read_start(run_dir, config)
-    return {
-        "model_dir": str(run_dir.resolve()),
-        "epochs": len(history),
-        "best_epoch": best["epoch"],
-        "best_val_accuracy": best.get("val_accuracy"),
-        "wall_seconds": sum(row.get("seconds", 0.0) for row in history),
-        "config": config,
-        "flags": flags_file.read_text() if flags_file.is_file() else None,
-        "init": init,
-    }
-
-
-def _export_start_run(export_dir: Path, metadata: dict) -> dict | None:
-    """What is known of the run an export came from: the run directory itself while it is here and still holds
-    the exported epoch, else the export's metadata and, when it describes this export, the model card beside it
-    (epochs, wall time, the run's flags). None for an export of a bare .keras file."""
-    config = metadata.get("train_config")
-    if not isinstance(config, dict):
-        return None
-    if metadata.get("model_dir"):
-        run = _run_record(Path(metadata["model_dir"]))
-        if run is not None and run["best_epoch"] == metadata.get("best_epoch"):
-            return run
-    run = {"model_dir": metadata.get("model_dir"), "epochs": None, "best_epoch": metadata.get("best_epoch"),
-           "best_val_accuracy": metadata.get("val_accuracy"), "wall_seconds": None, "config": config,
-           "flags": None}
-    base = export_dir.parent
-    try:
-        card = json.loads((base / "model_card.json").read_text())
-        flags_text = (base / "train_flags.txt").read_text()
-    except (OSError, ValueError):
-        return run
-    training = card.get("training") if isinstance(card, dict) else None
-    # The card of this very export: a copied or renamed folder keeps it, another version's card does not match.
-    if (isinstance(training, dict) and export_dir.name.isdigit() and card.get("version") == int(export_dir.name)
-            and training.get("best_epoch") == run["best_epoch"]
-            and (training.get("config") or {}).get("model_dir") == config.get("model_dir")):
-        from fer_keras.model_card import card_init_with_flags
-
-        run.update(epochs=training.get("epochs"), wall_seconds=training.get("wall_seconds"), flags=flags_text,
-                   init=card_init_with_flags(training.get("init"), base))
-        if run["best_val_accuracy"] is None:
-            run["best_val_accuracy"] = training.get("best_epoch_val_accuracy")
-    return run
-
-
 def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
     """The model ``--init_from`` names and the record ``init.json`` keeps of it: path, SHA-256 (of the
     ``.keras`` file, or of an export's variables) and what is known of the run that trained it (epochs, best
@@ -516,7 +459,7 @@ def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
             record = {"path": str(export_dir.resolve()),
                       "sha256": inference.model_sha256(kind, export_dir),
                       "export": {k: metadata.get(k) for k in ("tta", "val_split")}}
-            start_run = _export_start_run(export_dir, metadata)
+            start_run = export_start_run(export_dir, metadata)
             if start_run is not None:
                 record["run"] = start_run
             return model, record
@@ -528,7 +471,7 @@ def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
     record: dict = {"path": str(path.resolve()), "sha256": inference.model_sha256("keras", path)}
     # Only a run's best.keras is described by the run's history; another .keras file beside it is not.
     run_dir = run_dir or (path.parent if path.name == "best.keras" else None)
-    start_run = _run_record(run_dir) if run_dir is not None else None
+    start_run = run_record(run_dir) if run_dir is not None else None
     if start_run is not None:
         record["run"] = start_run
     return load_keras_model(str(path)), record

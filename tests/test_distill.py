@@ -147,11 +147,13 @@ def test_a_distilled_run_trains_on_its_teachers_targets_and_keeps_them(teacher_f
     shutil.copy(b, teacher)
     train.run(config)
     assert "running 2 teacher(s)" not in capsys.readouterr().out
-    # Lost probabilities are computed again only from the same models.
+    # Lost probabilities are computed again only from the same models, and other models are refused before the
+    # long teacher pass.
     (result.model_dir / distill.TARGETS_FILE).unlink()
     with pytest.raises(ConfigError, match=r"teacher_targets.npz is missing or unreadable and the teachers are not "
                                           r"the models the run started with \(.*teacher.keras changed\)"):
         train.run(config)
+    assert "running 2 teacher(s)" not in capsys.readouterr().out
     shutil.copy(a, teacher)
     train.run(config)
     again = distill.load(result.model_dir)

@@ -11,7 +11,7 @@ import pytest
 from conftest import SMALL_RUN, run_tool
 
 from fer_keras import data as fer_data
-from fer_keras import inference, model_card, train
+from fer_keras import history, inference, model_card, train
 from fer_keras.errors import ConfigError
 from fer_keras.evaluate import evaluate
 from fer_keras.history import read_history_csv
@@ -196,7 +196,7 @@ def test_card_of_a_chain_of_restarts_states_every_run(trained_run, tmp_path):
     seconds = [r["seconds"] for run in (first, second, third) for r in read_history_csv(run.model_dir / "history.csv")]
     init_json = third.model_dir / "init.json"
     for legacy in (False, True):
-        if legacy:  # as written before _run_record kept the start run's own init.json
+        if legacy:  # as written before run_record kept the start run's own init.json
             record = json.loads(init_json.read_text())
             assert record["run"]["init"]["run"]["model_dir"] == str(first.model_dir.resolve())
             del record["run"]["init"]
@@ -264,7 +264,7 @@ def test_card_of_a_chain_that_began_from_a_bare_keras_file_says_its_origin_is_un
             (middle.model_dir / "init.json").unlink()
         else:
             (middle.model_dir / "init.json").write_text("{")
-        assert train._run_record(middle.model_dir)["init"] == {"path": str(tmp_path / "pretrained.keras")}
+        assert history.run_record(middle.model_dir)["init"] == {"path": str(tmp_path / "pretrained.keras")}
     # The card's own run without its init.json: still not from random weights.
     (last.model_dir / "init.json").unlink()
     text = model_card.write_card(last.model_dir, last.export_path.parent, None, None, ("none",)).read_text()
