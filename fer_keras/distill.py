@@ -83,7 +83,9 @@ def soft_targets(labels: np.ndarray, probabilities: np.ndarray, weight: float, t
 
 def describe_teacher(path: str) -> dict:
     """What ``teachers.json`` keeps of one teacher: the model it resolved to, its SHA-256 (of the ``.keras`` file
-    or the export's variables), the TTA built into it and what its run selected it on."""
+    or the export's variables), the TTA built into it, what its run selected it on, and what is known of that run
+    (epochs, wall time, flags, what it started from: ``run``), so the student's card can say how its teachers
+    were made and what they cost."""
     from fer_keras import inference
 
     try:
@@ -92,16 +94,40 @@ def describe_teacher(path: str) -> dict:
                         "sha256": inference.model_sha256(kind, resolved)}
     except ModelError as e:
         raise ConfigError(f"--teachers: {e}") from None
+    meta, run = _teacher_run(kind, resolved)
+    record["tta"] = (meta.get("tta") or "none") if kind == "saved_model" else "none"
+    record.update({k: meta.get(k) for k in ("val_split", "val_accuracy", "best_epoch")})
+    record["run"] = run
+    return record
+
+
+def teacher_run(record: dict) -> dict | None:
+    """What is known now of the run that trained a ``teachers.json`` record's model (for a record written before
+    ``run`` was kept), when its path still holds the same model (SHA-256); else None."""
+    from fer_keras import inference
+
+    try:
+        kind, resolved = inference.resolve(record["path"])
+        if inference.model_sha256(kind, resolved) != record.get("sha256"):
+            return None
+    except (ModelError, OSError):
+        return None
+    return _teacher_run(kind, resolved)[1]
+
+
+def _teacher_run(kind: str, resolved: Path) -> tuple[dict, dict | None]:
+    """A resolved teacher's export or run metadata, and the record of its run (None for a bare ``.keras`` file)."""
+    from fer_keras import inference
+    from fer_keras.history import export_start_run, run_record
+
     if kind == "saved_model":
         meta = inference.export_metadata(resolved)
-        record["tta"] = meta.get("tta") or "none"
-    else:
-        from fer_keras.export import run_metadata
+        return meta, export_start_run(resolved, meta)
+    if resolved.name != "best.keras":
+        return {}, None
+    from fer_keras.export import run_metadata
 
-        record["tta"] = "none"
-        meta = run_metadata(resolved.parent) if resolved.name == "best.keras" else {}
-    record.update({k: meta.get(k) for k in ("val_split", "val_accuracy", "best_epoch")})
-    return record
+    return run_metadata(resolved.parent), run_record(resolved.parent)
 
 
 def compute(teachers: Sequence[str] | Sequence[dict], images: np.ndarray, labels: np.ndarray, fingerprint: str,

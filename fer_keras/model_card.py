@@ -202,6 +202,31 @@ def _total_wall(wall: float, init: dict | None) -> float | None:
     return None if None in walls or unknown_origin(init, chain) else wall + sum(walls)
 
 
+def _lineage(run: dict) -> list[dict] | None:
+    """A run record and the run records it descends from (``--init_from``); None when one's wall time is not
+    recorded, or the oldest started from weights whose training is not."""
+    init = run.get("init")
+    chain = start_chain(init)
+    runs = [run] + [record["run"] for record in chain]
+    if any(r.get("wall_seconds") is None for r in runs) or unknown_origin(init, chain):
+        return None
+    return runs
+
+
+def _wall_with_teachers(student: dict, teachers: list[dict] | None) -> float | None:
+    """The wall time of every run that went into a distilled model: its own, the runs it descends from, and its
+    teachers' with theirs, each run counted once (a teacher may be the model the student started from); None
+    for a model without teachers, or when one of those runs' time is not recorded."""
+    if not teachers:
+        return None
+    lineages = [_lineage(student)] + [_lineage(t["run"]) if isinstance(t.get("run"), dict) else None
+                                      for t in teachers]
+    if None in lineages:
+        return None
+    runs = {r.get("model_dir") or id(r): r["wall_seconds"] for lineage in lineages for r in lineage}
+    return sum(runs.values())
+
+
 def _check_export_of_run(metadata: dict, export: Path, run_dir: Path, best: dict, selection_name: str) -> None:
     """Refuses an export whose metadata records another run's best model: the card would put this run's recipe and
     history beside that model's accuracy (by epoch, accuracy and split, not by path: run folders move)."""
@@ -284,6 +309,7 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     import tensorflow as tf
 
     cpu = cpu_info()
+    teachers = _teachers(run_dir, config)
     card = {
         "name": export.parent.name,
         "version": int(export.name),
@@ -306,8 +332,10 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
             "wall_seconds": wall,
             "epoch_seconds": [min(row["seconds"] for row in history), max(row["seconds"] for row in history)],
             "init": init,
-            "teachers": _teachers(run_dir, config),
+            "teachers": teachers,
             "total_wall_seconds": _total_wall(wall, init),
+            "wall_seconds_with_teachers": _wall_with_teachers(
+                {"model_dir": str(run_dir.resolve()), "wall_seconds": wall, "init": init}, teachers),
         },
         "machine": {"cpu": cpu["model"], "cores": cpu["cores"], "simd": cpu["simd"]},
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "fer_keras": __version__},
@@ -345,25 +373,44 @@ def _teachers(run_dir: Path, config: dict) -> list[dict] | None:
         records = None
     if isinstance(records, list) and len(records) == len(config["teachers"]) and all(
             isinstance(r, dict) and r.get("path") for r in records):
+        for record in records:
+            if "run" not in record:  # recorded before teachers.json kept it
+                record["run"] = distill.teacher_run(record)
         return records
     return [{"path": p} for p in config["teachers"]]
 
 
-def _teacher_line(teachers: list[dict], c: dict) -> str:
+def teacher_flags_name(index: int) -> str:
+    """The card's file of the flags of the run that trained teacher ``index`` (from 1)."""
+    return f"teacher{index}_{TRAIN_FLAGS}"
+
+
+def _teacher_line(teachers: list[dict], c: dict, t: dict) -> str:
     described = []
-    for t in teachers:
-        path = Path(t["path"])
-        name = f"{path.parent.name}/{path.name}" if t.get("kind") == "saved_model" else str(path)
-        facts = [f"TTA {t['tta']}"] if t.get("tta") else []
-        if t.get("val_accuracy") is not None:
-            facts.append(f"{t.get('val_split') or 'its validation split'} {100 * t['val_accuracy']:.1f} % at its "
+    for t_ in teachers:
+        path = Path(t_["path"])
+        name = f"{path.parent.name}/{path.name}" if t_.get("kind") == "saved_model" else str(path)
+        facts = [f"TTA {t_['tta']}"] if t_.get("tta") else []
+        if t_.get("val_accuracy") is not None:
+            facts.append(f"{t_.get('val_split') or 'its validation split'} {100 * t_['val_accuracy']:.1f} % at its "
                          "selection")
-        facts += [f"SHA-256 {t['sha256'][:12]}…"] if t.get("sha256") else ["not recorded beyond its path"]
+        run = t_.get("run") if isinstance(t_.get("run"), dict) else {}
+        if run.get("epochs") and run.get("best_epoch") is not None:
+            facts.append(f"epoch {run['best_epoch']} of a {run['epochs']}-epoch run"
+                         + (f" of {run['wall_seconds'] / 3600:.2f} h" if run.get("wall_seconds") is not None else "")
+                         + (", started from other weights" if run.get("init") else ""))
+        if run.get("flags_file"):
+            facts.append(f"its flags are in `{run['flags_file']}`")
+        facts += [f"SHA-256 {t_['sha256'][:12]}…"] if t_.get("sha256") else ["not recorded beyond its path"]
         described.append(f"`{name}` ({'; '.join(facts)})")
+    total = t.get("wall_seconds_with_teachers")
+    cost = (f"; this run, the runs it started from and its teachers' runs (with the runs they started from), "
+            f"each counted once, took {total / 3600:.2f} h in all" if total is not None else
+            "; the teachers' training time is not all recorded")
     return (f"- distilled: each training target is {1 - c['distill_weight']:g} × the one-hot label + "
             f"{c['distill_weight']:g} × the mean probabilities (temperature {c['distill_temperature']:g}) of "
             f"{len(teachers)} teacher(s), computed once on the un-augmented training images: "
-            + ", ".join(described) + ".")
+            + ", ".join(described) + cost + ".")
 
 
 def _pct(entry: dict) -> str:
@@ -481,7 +528,7 @@ def render_markdown(card: dict) -> str:
         f"mixup={c['mixup']} fill_mode={c.get('fill_mode', 'reflect')}, "
         f"precision {c['precision']}, "
         f"seed {c['seed']}; every flag the run used is in `{TRAIN_FLAGS}`.",
-        *([_teacher_line(t["teachers"], c)] if t.get("teachers") else []),
+        *([_teacher_line(t["teachers"], c, t)] if t.get("teachers") else []),
         f"- best epoch {t['best_epoch']} ({split} {100 * t['best_epoch_val_accuracy']:.1f} % during training; "
         f"final train accuracy {100 * t['final_train_accuracy']:.1f} % on augmented batches"
         + (", against the soft targets' top class" if t.get("teachers") else "") + ").",
@@ -524,7 +571,14 @@ def write_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
             atomic_write_text(base / init_flags_name(depth), flags_text)
             record["run"]["flags_file"] = init_flags_name(depth)
             written.add(init_flags_name(depth))
-    for stale in base.glob(f"init*_{TRAIN_FLAGS}"):
+    for index, teacher in enumerate(card["training"].get("teachers") or [], start=1):
+        run = teacher.get("run")
+        flags_text = run.pop("flags", None) if isinstance(run, dict) else None
+        if flags_text is not None:
+            atomic_write_text(base / teacher_flags_name(index), flags_text)
+            run["flags_file"] = teacher_flags_name(index)
+            written.add(teacher_flags_name(index))
+    for stale in [*base.glob(f"init*_{TRAIN_FLAGS}"), *base.glob(f"teacher*_{TRAIN_FLAGS}")]:
         if stale.name not in written:
             stale.unlink()  # a previous card's
     for source, name in copies:
@@ -556,7 +610,8 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     path = write_card(Path(f.model_dir), Path(f.export), f.data or None, Path(f.recipe) if f.recipe else None, f.tta,
                       [Path(r) for r in f.init_recipe])
-    more = "".join(f", {p.name}" for p in sorted(path.parent.glob(f"init*_{TRAIN_FLAGS}")))
+    more = "".join(f", {p.name}" for p in sorted([*path.parent.glob(f"init*_{TRAIN_FLAGS}"),
+                                                  *path.parent.glob(f"teacher*_{TRAIN_FLAGS}")]))
     print(f"wrote {path} and {CARD_JSON}, {TRAIN_FLAGS}{more}, history.png, confusion_matrix.png beside it")
 
 

@@ -227,9 +227,54 @@ def test_the_card_of_a_distilled_model_names_its_teachers(teacher_files, tmp_pat
     assert ("- distilled: each training target is 0.25 × the one-hot label + 0.75 × the mean probabilities "
             "(temperature 1) of 2 teacher(s), computed once on the un-augmented training images: "
             f"`{a.resolve()}` (TTA none; SHA-256 {records[0]['sha256'][:12]}…), `{b.resolve()}` (TTA none; "
-            f"SHA-256 {records[1]['sha256'][:12]}…).") in text
+            f"SHA-256 {records[1]['sha256'][:12]}…); the teachers' training time is not all recorded.") in text
+    assert card["training"]["wall_seconds_with_teachers"] is None  # bare .keras teachers: how they were trained?
     assert "on augmented batches, against the soft targets' top class)" in text
     (result.model_dir / distill.RECORD_FILE).unlink()  # the record lost: the card still names the paths
     card, _ = model_card.build_card(result.model_dir, result.export_path.parent, None, None, ("none",))
     assert card["training"]["teachers"] == [{"path": str(a)}, {"path": str(b)}]
     assert "`" + str(a) + "` (not recorded beyond its path)" in model_card.render_markdown(card)
+
+
+def test_the_card_keeps_how_its_teachers_were_trained_and_counts_every_run_once(trained_run, tmp_path):
+    from fer_keras import model_card
+    from fer_keras.history import read_history_csv
+
+    teacher = trained_run[1].model_dir
+    # The student starts from its teacher's weights, as the distilled cycle from version 5 did.
+    config = train.TrainConfig(model_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "exports"),
+                               init_from=str(teacher), teachers=(str(teacher),), teacher_tta="none",
+                               **{**SMALL_RUN, "epochs": 1, "export_tta": "none"})
+    result = train.run(config)
+    records = json.loads((result.model_dir / distill.RECORD_FILE).read_text())
+    assert records[0]["run"]["model_dir"] == str(teacher.resolve()) and records[0]["run"]["epochs"] == 2
+    base = result.export_path.parent
+    text = model_card.write_card(result.model_dir, base, None, None, ("none",)).read_text()
+    card = json.loads((base / model_card.CARD_JSON).read_text())
+    assert (base / "teacher1_train_flags.txt").read_text() == (teacher / "flags.txt").read_text()
+    assert card["training"]["teachers"][0]["run"]["flags_file"] == "teacher1_train_flags.txt"
+    assert "flags" not in card["training"]["teachers"][0]["run"]  # in the file beside the card, not repeated
+    walls = [sum(row["seconds"] for row in read_history_csv(d / "history.csv")) for d in (result.model_dir, teacher)]
+    # The teacher is also the run the student started from: counted once.
+    assert card["training"]["wall_seconds_with_teachers"] == pytest.approx(sum(walls))
+    assert (f"(TTA none; PublicTest {100 * records[0]['val_accuracy']:.1f} % at its selection; epoch "
+            f"{records[0]['best_epoch']} of a 2-epoch run of {walls[1] / 3600:.2f} h; its flags are in "
+            f"`teacher1_train_flags.txt`; SHA-256 {records[0]['sha256'][:12]}…); this run, the runs it started from "
+            f"and its teachers' runs (with the runs they started from), each counted once, took "
+            f"{sum(walls) / 3600:.2f} h in all.") in text
+
+    # A teachers.json written before it kept the runs: the card finds the run while the path holds the same model.
+    for record in records:
+        record.pop("run")
+    (result.model_dir / distill.RECORD_FILE).write_text(json.dumps(records))
+    card, _ = model_card.build_card(result.model_dir, base, None, None, ("none",))
+    assert card["training"]["teachers"][0]["run"]["model_dir"] == str(teacher.resolve())
+    records[0]["sha256"] = "0" * 64
+    (result.model_dir / distill.RECORD_FILE).write_text(json.dumps(records))
+    card, _ = model_card.build_card(result.model_dir, base, None, None, ("none",))
+    assert card["training"]["teachers"][0]["run"] is None
+    assert card["training"]["wall_seconds_with_teachers"] is None
+    assert "the teachers' training time is not all recorded." in model_card.render_markdown(card)
+    # A card written again without the teachers' flags removes the stale file of the previous card.
+    model_card.write_card(result.model_dir, base, None, None, ("none",))
+    assert not (base / "teacher1_train_flags.txt").exists()
