@@ -385,27 +385,30 @@ def teacher_flags_name(index: int) -> str:
     return f"teacher{index}_{TRAIN_FLAGS}"
 
 
-def _teacher_line(teachers: list[dict], c: dict, t: dict) -> str:
+def _teacher_line(training: dict, c: dict) -> str:
+    """The card's line on a distilled model's targets: each teacher, how its run made it, and what all cost."""
     described = []
-    for t_ in teachers:
-        path = Path(t_["path"])
-        name = f"{path.parent.name}/{path.name}" if t_.get("kind") == "saved_model" else str(path)
-        facts = [f"TTA {t_['tta']}"] if t_.get("tta") else []
-        if t_.get("val_accuracy") is not None:
-            facts.append(f"{t_.get('val_split') or 'its validation split'} {100 * t_['val_accuracy']:.1f} % at its "
-                         "selection")
-        run = t_.get("run") if isinstance(t_.get("run"), dict) else {}
+    teachers = training["teachers"]
+    for teacher in teachers:
+        path = Path(teacher["path"])
+        name = f"{path.parent.name}/{path.name}" if teacher.get("kind") == "saved_model" else str(path)
+        facts = [f"TTA {teacher['tta']}"] if teacher.get("tta") else []
+        if teacher.get("val_accuracy") is not None:
+            split = teacher.get("val_split") or "its validation split"
+            facts.append(f"{split} {100 * teacher['val_accuracy']:.1f} % at its selection")
+        run = teacher.get("run") if isinstance(teacher.get("run"), dict) else {}
         if run.get("epochs") and run.get("best_epoch") is not None:
             facts.append(f"epoch {run['best_epoch']} of a {run['epochs']}-epoch run"
                          + (f" of {run['wall_seconds'] / 3600:.2f} h" if run.get("wall_seconds") is not None else "")
                          + (", started from other weights" if run.get("init") else ""))
         if run.get("flags_file"):
             facts.append(f"its flags are in `{run['flags_file']}`")
-        facts += [f"SHA-256 {t_['sha256'][:12]}…"] if t_.get("sha256") else ["not recorded beyond its path"]
+        facts += [f"SHA-256 {teacher['sha256'][:12]}…"] if teacher.get("sha256") else ["not recorded beyond its path"]
         described.append(f"`{name}` ({'; '.join(facts)})")
-    total = t.get("wall_seconds_with_teachers")
-    cost = (f"; this run, the runs it started from and its teachers' runs (with the runs they started from), "
-            f"each counted once, took {total / 3600:.2f} h in all" if total is not None else
+    total = training.get("wall_seconds_with_teachers")
+    runs = "this run, the runs it started from" if training.get("init") else "this run"
+    cost = (f"; {runs} and its teachers' runs (with the runs they started from), each counted once, took "
+            f"{total / 3600:.2f} h in all" if total is not None else
             "; the teachers' training time is not all recorded")
     return (f"- distilled: each training target is {1 - c['distill_weight']:g} × the one-hot label + "
             f"{c['distill_weight']:g} × the mean probabilities (temperature {c['distill_temperature']:g}) of "
@@ -528,7 +531,7 @@ def render_markdown(card: dict) -> str:
         f"mixup={c['mixup']} fill_mode={c.get('fill_mode', 'reflect')}, "
         f"precision {c['precision']}, "
         f"seed {c['seed']}; every flag the run used is in `{TRAIN_FLAGS}`.",
-        *([_teacher_line(t["teachers"], c, t)] if t.get("teachers") else []),
+        *([_teacher_line(t, c)] if t.get("teachers") else []),
         f"- best epoch {t['best_epoch']} ({split} {100 * t['best_epoch_val_accuracy']:.1f} % during training; "
         f"final train accuracy {100 * t['final_train_accuracy']:.1f} % on augmented batches"
         + (", against the soft targets' top class" if t.get("teachers") else "") + ").",
