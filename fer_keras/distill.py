@@ -118,7 +118,8 @@ def teacher_run(record: dict) -> dict | None:
 def _teacher_run(kind: str, resolved: Path) -> tuple[dict, dict | None]:
     """A resolved teacher's export or run metadata, and the record of its run (None for a bare ``.keras`` file)."""
     from fer_keras import inference
-    from fer_keras.history import export_start_run, run_record
+    from fer_keras.history import run_record
+    from fer_keras.model_card import export_start_run
 
     if kind == "saved_model":
         meta = inference.export_metadata(resolved)

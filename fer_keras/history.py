@@ -283,42 +283,6 @@ def run_record(run_dir: str | os.PathLike) -> dict | None:
     }
 
 
-def export_start_run(export_dir: Path, metadata: dict) -> dict | None:
-    """What is known of the run an export came from: the run directory itself while it is here and still holds
-    the exported epoch, else the export's metadata and, when it describes this export, the model card beside it
-    (epochs, wall time, the run's flags). None for an export of a bare .keras file."""
-    import json
-
-    config = metadata.get("train_config")
-    if not isinstance(config, dict):
-        return None
-    if metadata.get("model_dir"):
-        run = run_record(Path(metadata["model_dir"]))
-        if run is not None and run["best_epoch"] == metadata.get("best_epoch"):
-            return run
-    run = {"model_dir": metadata.get("model_dir"), "epochs": None, "best_epoch": metadata.get("best_epoch"),
-           "best_val_accuracy": metadata.get("val_accuracy"), "wall_seconds": None, "config": config,
-           "flags": None}
-    base = export_dir.parent
-    try:
-        card = json.loads((base / "model_card.json").read_text())
-        flags_text = (base / "train_flags.txt").read_text()
-    except (OSError, ValueError):
-        return run
-    training = card.get("training") if isinstance(card, dict) else None
-    # The card of this very export: a copied or renamed folder keeps it, another version's card does not match.
-    if (isinstance(training, dict) and export_dir.name.isdigit() and card.get("version") == int(export_dir.name)
-            and training.get("best_epoch") == run["best_epoch"]
-            and (training.get("config") or {}).get("model_dir") == config.get("model_dir")):
-        from fer_keras.model_card import card_init_with_flags
-
-        run.update(epochs=training.get("epochs"), wall_seconds=training.get("wall_seconds"), flags=flags_text,
-                   init=card_init_with_flags(training.get("init"), base))
-        if run["best_val_accuracy"] is None:
-            run["best_val_accuracy"] = training.get("best_epoch_val_accuracy")
-    return run
-
-
 def plot_history(history: list[dict], path: Path, title: str = "ResNet-18 on FER2013") -> None:
     """Accuracy on the left axis, loss on the right, train and validation per epoch."""
     from fer_keras.vis import new_figure, save_figure

@@ -36,11 +36,11 @@ from fer_keras.errors import ConfigError, ModelError
 from fer_keras.history import (
     atomic_write_text,
     best_row,
-    export_start_run,
     plot_history,
     read_init,
     read_run,
     read_start,
+    run_record,
     unrecorded_start,
 )
 from fer_keras.tta import TTA_MODES
@@ -180,6 +180,38 @@ def card_init_with_flags(init: dict | None, base: Path) -> dict | None:
     return init
 
 
+def export_start_run(export_dir: Path, metadata: dict) -> dict | None:
+    """What is known of the run an export came from: the run directory itself while it is here and still holds
+    the exported epoch, else the export's metadata and, when it describes this export, the model card beside it
+    (epochs, wall time, the run's flags). None for an export of a bare .keras file."""
+    config = metadata.get("train_config")
+    if not isinstance(config, dict):
+        return None
+    if metadata.get("model_dir"):
+        run = run_record(Path(metadata["model_dir"]))
+        if run is not None and run["best_epoch"] == metadata.get("best_epoch"):
+            return run
+    run = {"model_dir": metadata.get("model_dir"), "epochs": None, "best_epoch": metadata.get("best_epoch"),
+           "best_val_accuracy": metadata.get("val_accuracy"), "wall_seconds": None, "config": config,
+           "flags": None}
+    base = export_dir.parent
+    try:
+        card = json.loads((base / CARD_JSON).read_text())
+        flags_text = (base / TRAIN_FLAGS).read_text()
+    except (OSError, ValueError):
+        return run
+    training = card.get("training") if isinstance(card, dict) else None
+    # The card of this very export: a copied or renamed folder keeps it, another version's card does not match.
+    if (isinstance(training, dict) and export_dir.name.isdigit() and card.get("version") == int(export_dir.name)
+            and training.get("best_epoch") == run["best_epoch"]
+            and (training.get("config") or {}).get("model_dir") == config.get("model_dir")):
+        run.update(epochs=training.get("epochs"), wall_seconds=training.get("wall_seconds"), flags=flags_text,
+                   init=card_init_with_flags(training.get("init"), base))
+        if run["best_val_accuracy"] is None:
+            run["best_val_accuracy"] = training.get("best_epoch_val_accuracy")
+    return run
+
+
 def unknown_origin(init: dict | None, chain: list[dict]) -> dict | None:
     """The ``init.json`` record of the weights the oldest known run of ``chain`` (:func:`start_chain` of
     ``init``) started from when their training is not recorded (a bare ``.keras`` file, or a run whose own
@@ -197,9 +229,8 @@ def _start_name(init: dict) -> str:
 def _total_wall(wall: float, init: dict | None) -> float | None:
     """The run's wall time plus those of the runs it descends from; None when one of them is unknown, or when
     the chain starts from weights whose training is not recorded."""
-    chain = start_chain(init)
-    walls = [record["run"].get("wall_seconds") for record in chain]
-    return None if None in walls or unknown_origin(init, chain) else wall + sum(walls)
+    runs = _lineage({"wall_seconds": wall, "init": init})
+    return None if runs is None else sum(r["wall_seconds"] for r in runs)
 
 
 def _lineage(run: dict) -> list[dict] | None:
@@ -568,19 +599,17 @@ def write_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     plot_history(read_run(run_dir)[1], base / "history.png")  # drawn afresh: a run's own plot may be missing
     copies = [(Path(run_dir) / "flags.txt", TRAIN_FLAGS)]
     written = set()
-    for depth, record in enumerate(start_chain(card["training"].get("init")), start=1):
-        flags_text = record["run"].pop("flags", None)  # build_card found them; the JSON need not repeat them
-        if flags_text is not None:
-            atomic_write_text(base / init_flags_name(depth), flags_text)
-            record["run"]["flags_file"] = init_flags_name(depth)
-            written.add(init_flags_name(depth))
-    for index, teacher in enumerate(card["training"].get("teachers") or [], start=1):
-        run = teacher.get("run")
+    # build_card found each run's flags; they go to files beside the card, not into its JSON again.
+    runs = [(init_flags_name(depth), record["run"])
+            for depth, record in enumerate(start_chain(card["training"].get("init")), start=1)]
+    runs += [(teacher_flags_name(index), teacher.get("run"))
+             for index, teacher in enumerate(card["training"].get("teachers") or [], start=1)]
+    for name, run in runs:
         flags_text = run.pop("flags", None) if isinstance(run, dict) else None
         if flags_text is not None:
-            atomic_write_text(base / teacher_flags_name(index), flags_text)
-            run["flags_file"] = teacher_flags_name(index)
-            written.add(teacher_flags_name(index))
+            atomic_write_text(base / name, flags_text)
+            run["flags_file"] = name
+            written.add(name)
     for stale in [*base.glob(f"init*_{TRAIN_FLAGS}"), *base.glob(f"teacher*_{TRAIN_FLAGS}")]:
         if stale.name not in written:
             stale.unlink()  # a previous card's

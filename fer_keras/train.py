@@ -33,7 +33,6 @@ from fer_keras.augment import ERASING_FILLS, FILL_MODES, AugmentConfig, check_in
 from fer_keras.errors import ConfigError, FerError, ModelError, WorkerLostError
 from fer_keras.history import (
     atomic_write_text,
-    export_start_run,
     read_data_record,
     run_record,
     write_history_csv,
@@ -442,6 +441,7 @@ def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:
     """
     from fer_keras import inference
     from fer_keras.model import load_keras_model
+    from fer_keras.model_card import export_start_run
 
     path = Path(init_from)
     run_dir = path if path.is_dir() else None
