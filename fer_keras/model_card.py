@@ -411,9 +411,10 @@ def _teachers(run_dir: Path, config: dict) -> list[dict] | None:
     return [{"path": p} for p in config["teachers"]]
 
 
-def teacher_flags_name(index: int) -> str:
-    """The card's file of the flags of the run that trained teacher ``index`` (from 1)."""
-    return f"teacher{index}_{TRAIN_FLAGS}"
+def teacher_flags_name(index: int, depth: int = 0) -> str:
+    """The card's file of the flags of the run that trained teacher ``index`` (from 1), or of the run ``depth``
+    steps back from it (the run that run started from: 1, ...)."""
+    return f"teacher{index}_{init_flags_name(depth) if depth else TRAIN_FLAGS}"
 
 
 def _teacher_line(training: dict, c: dict) -> str:
@@ -434,6 +435,9 @@ def _teacher_line(training: dict, c: dict) -> str:
                          + (", started from other weights" if run.get("init") else ""))
         if run.get("flags_file"):
             facts.append(f"its flags are in `{run['flags_file']}`")
+        kept = [r["run"]["flags_file"] for r in start_chain(run.get("init")) if r["run"].get("flags_file")]
+        if kept:
+            facts.append("the flags of the runs behind its start are in " + ", ".join(f"`{k}`" for k in kept))
         facts += [f"SHA-256 {teacher['sha256'][:12]}…"] if teacher.get("sha256") else ["not recorded beyond its path"]
         described.append(f"`{name}` ({'; '.join(facts)})")
     total = training.get("wall_seconds_with_teachers")
@@ -602,8 +606,11 @@ def write_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     # build_card found each run's flags; they go to files beside the card, not into its JSON again.
     runs = [(init_flags_name(depth), record["run"])
             for depth, record in enumerate(start_chain(card["training"].get("init")), start=1)]
-    runs += [(teacher_flags_name(index), teacher.get("run"))
-             for index, teacher in enumerate(card["training"].get("teachers") or [], start=1)]
+    for index, teacher in enumerate(card["training"].get("teachers") or [], start=1):
+        run = teacher.get("run") if isinstance(teacher.get("run"), dict) else None
+        runs.append((teacher_flags_name(index), run))
+        runs += [(teacher_flags_name(index, depth), record["run"])
+                 for depth, record in enumerate(start_chain(run and run.get("init")), start=1)]
     for name, run in runs:
         flags_text = run.pop("flags", None) if isinstance(run, dict) else None
         if flags_text is not None:

@@ -263,6 +263,24 @@ def test_the_card_keeps_how_its_teachers_were_trained_and_counts_every_run_once(
             f"and its teachers' runs (with the runs they started from), each counted once, took "
             f"{sum(walls) / 3600:.2f} h in all.") in text
 
+    # A teacher made by a run that started from another run (here: the student's own run, started from the
+    # teacher): the flags of that start go beside the card too, and its wall time is counted once.
+    from fer_keras.history import run_record
+
+    original = json.loads(json.dumps(records))
+    records[0]["run"] = run_record(result.model_dir)
+    (result.model_dir / distill.RECORD_FILE).write_text(json.dumps(records))
+    text = model_card.write_card(result.model_dir, base, None, None, ("none",)).read_text()
+    card = json.loads((base / model_card.CARD_JSON).read_text())
+    assert (base / "teacher1_init_train_flags.txt").read_text() == (teacher / "flags.txt").read_text()
+    assert (base / "teacher1_train_flags.txt").read_text() == (result.model_dir / "flags.txt").read_text()
+    assert card["training"]["teachers"][0]["run"]["init"]["run"]["flags_file"] == "teacher1_init_train_flags.txt"
+    assert "flags" not in card["training"]["teachers"][0]["run"]["init"]["run"]
+    assert card["training"]["wall_seconds_with_teachers"] == pytest.approx(sum(walls))
+    assert ("started from other weights; its flags are in `teacher1_train_flags.txt`; the flags of the runs "
+            "behind its start are in `teacher1_init_train_flags.txt`;") in text
+    records = original
+
     # A teachers.json written before it kept the runs: the card finds the run while the path holds the same model.
     for record in records:
         record.pop("run")
@@ -277,4 +295,4 @@ def test_the_card_keeps_how_its_teachers_were_trained_and_counts_every_run_once(
     assert "the teachers' training time is not all recorded." in model_card.render_markdown(card)
     # A card written again without the teachers' flags removes the stale file of the previous card.
     model_card.write_card(result.model_dir, base, None, None, ("none",))
-    assert not (base / "teacher1_train_flags.txt").exists()
+    assert not (base / "teacher1_train_flags.txt").exists() and not (base / "teacher1_init_train_flags.txt").exists()
