@@ -175,6 +175,7 @@ def _open_text(path: Path) -> tuple[io.TextIOBase, Callable[[], int], Callable[[
         raise DataError(f"{path}: cannot open: {e.strerror or e}") from None
     magic = raw.read(2)
     raw.seek(0)
+    _refuse_archive(path, raw, gzipped=magic == b"\x1f\x8b")
     stream = gzip.GzipFile(fileobj=raw, mode="rb") if magic == b"\x1f\x8b" else raw
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
 
@@ -183,6 +184,24 @@ def _open_text(path: Path) -> tuple[io.TextIOBase, Callable[[], int], Callable[[
         raw.close()
 
     return text, raw.tell, close
+
+
+def _refuse_archive(path: Path, raw: io.BufferedReader, gzipped: bool) -> None:
+    """FER2013 is downloaded as a .tar.gz or a .zip: name that, rather than the archive's bytes as a bad header."""
+    head = raw.read(512)
+    raw.seek(0)
+    kind = "zip" if head.startswith(b"PK\x03\x04") else None
+    if gzipped:
+        try:
+            with gzip.GzipFile(fileobj=io.BytesIO(raw.read(1 << 16)), mode="rb") as z:
+                head = z.read(512)
+        except (OSError, EOFError, zlib.error):
+            head = b""  # a damaged gzip is reported by the reader, on the line it reaches
+        raw.seek(0)
+    if head[257:262] == b"ustar":
+        kind = "tar"
+    if kind:
+        raise DataError(f"{path}: is a {kind} archive, not a CSV file; extract fer2013.csv from it and pass that")
 
 
 _INT = re.compile(r"[+-]?[0-9]+")
@@ -340,6 +359,7 @@ def read_csv(path: str | os.PathLike, skip_bad_rows: bool = False) -> FerData:
         labels: list[int] = []
         usages: list[str] = []
         ids: list[str] = []
+        id_lines: dict[str, int] = {}  # a submission needs each id once
         progress = _Progress(path.name, path.stat().st_size, position)
         rows = 0
         records = 0  # data rows read, skipped ones included: an id without an id column is the row's ordinal
@@ -381,6 +401,13 @@ def read_csv(path: str | os.PathLike, skip_bad_rows: bool = False) -> FerData:
                         )
                 else:
                     usage = "Training" if kind != "course_test" else "PrivateTest"
+                if id_col is not None:
+                    row_id = row[id_col].strip(_WHITESPACE)
+                    if not row_id:
+                        raise DataError(f"{where}: empty id")
+                    if row_id in id_lines:
+                        raise DataError(f"{where}: id {row_id[:20]!r} already used on line {id_lines[row_id]}")
+                    id_lines[row_id] = first_line
             except DataError as e:
                 if not skip_bad_rows:
                     raise
@@ -394,7 +421,7 @@ def read_csv(path: str | os.PathLike, skip_bad_rows: bool = False) -> FerData:
                 filled = 0
             labels.append(label)
             usages.append(usage)
-            ids.append(row[id_col].strip(_WHITESPACE) if id_col is not None else str(records - 1))
+            ids.append(row_id if id_col is not None else str(records - 1))
             rows += 1
             progress.update(rows)
         progress.done(rows)
@@ -488,9 +515,12 @@ def _stray_images(folder: Path) -> list[Path]:
         return []
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
     """Reads one image as uint8 48x48x1; returns it and whether it had to be converted."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -498,7 +528,11 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
     try:
         with Image.open(path) as img:
             img.load()
-            converted = img.mode != "L" or img.size != (IMAGE_SIZE, IMAGE_SIZE)
+            # A camera's orientation tag: the face as it is shown, not as the sensor stored it.
+            rotated = img.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1)
+            if rotated:
+                img = ImageOps.exif_transpose(img)
+            converted = rotated or img.mode != "L" or img.size != (IMAGE_SIZE, IMAGE_SIZE)
             if img.mode.startswith("I;16"):
                 # PIL's own I;16 -> L conversion clips at 255, which turns a 16-bit face white.
                 wide = np.asarray(img, np.uint16).astype(np.float32)
@@ -627,7 +661,8 @@ def detect(path: str | os.PathLike) -> tuple[str, list[Path]]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FER_KERAS_CACHE", Path.home() / ".cache" / "fer_keras"))
+    # Set but empty means unset, not the current directory.
+    return Path(os.environ.get("FER_KERAS_CACHE") or Path.home() / ".cache" / "fer_keras")
 
 
 def _fingerprint(layout: str, files: list[Path], skip_bad_rows: bool) -> str:
@@ -637,10 +672,10 @@ def _fingerprint(layout: str, files: list[Path], skip_bad_rows: bool) -> str:
             for p in sorted(f.rglob("*")):
                 if p.is_file():
                     st = p.stat()
-                    h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+                    h.update(os.fsencode(p.resolve()) + f"|{st.st_size}|{st.st_mtime_ns}".encode())
         else:
             st = f.stat()
-            h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+            h.update(os.fsencode(f.resolve()) + f"|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:20]
 
 
@@ -747,7 +782,8 @@ def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, S
         idx = np.flatnonzero(split.labels == c)
         if idx.size < 2:
             continue
-        n = max(1, int(round(idx.size * fraction)))
+        # At least one image held out, and at least one left to train on.
+        n = min(max(1, int(round(idx.size * fraction))), idx.size - 1)
         val_index.append(rng.permutation(idx)[:n])
     val = np.sort(np.concatenate(val_index)) if val_index else np.zeros(0, np.int64)
     mask = np.ones(len(split), bool)
@@ -768,4 +804,8 @@ def train_val(data: FerData, val_fraction: float = 0.1, seed: int = 0) -> tuple[
         raise DataError(f"{data.source}: the training split has no labels")
     if has_labelled_val(data):
         return train, data.splits["val"]
-    return stratified_split(train, val_fraction, seed)
+    kept, held_out = stratified_split(train, val_fraction, seed)
+    if not len(held_out):
+        raise DataError(f"{data.source}: no class has the 2 training images a stratified hold-out needs (one to "
+                        f"validate on, one to train on); give more images or a source with a PublicTest split")
+    return kept, held_out

@@ -17,14 +17,15 @@ from typing import Sequence
 
 def atomic_write_text(path: Path, content: str | bytes) -> None:
     """Writes ``content`` (UTF-8 text or bytes) to a temporary file beside ``path``, syncs it and renames it
-    into place, so a reader or a kill sees the old file or the new one, never half of one."""
+    into place, so a reader or a kill sees the old file or the new one, never half of one. Text that holds file
+    names which are not UTF-8 (ids of image files) keeps their bytes as the file system has them."""
     path = Path(path)
     remove_dead_writers_tmp(path.parent, tag_prefix=f"{path.name}.")
     _remove_stale_legacy_tmp(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.", suffix=writer_id())
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(content.encode("utf-8") if isinstance(content, str) else content)
+            f.write(content.encode("utf-8", "surrogateescape") if isinstance(content, str) else content)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide configs and reports from other users

@@ -117,6 +117,24 @@ def load_inputs(spec: str, split: str | None = None, skip_bad_rows: bool = False
     return chosen, f"{label} of {data.source}"
 
 
+def check_output(path: str | os.PathLike) -> None:
+    """Refuses an output that would replace anything but an earlier predictions CSV: ``--output`` naming the
+    input data or a model by mistake must not destroy it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, expected an output file name")
+    if not path.exists():
+        return
+    try:
+        with open(path, "rb") as f:
+            header = f.readline(256).rstrip(b"\r\n").split(b",")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the existing file ({e.strerror or e})") from None
+    if header[:2] != [b"id", b"label"]:
+        raise ConfigError(f"{path}: exists and is not a predictions CSV (its first line is not id,label...); "
+                          "choose another --output or remove the file")
+
+
 def write_predictions(
     path: str | os.PathLike,
     ids: np.ndarray,
@@ -158,8 +176,7 @@ def main(argv: Sequence[str]) -> None:
     if f.split:
         fer_data.canonical_split(f.split)
     check_tta(f.tta, f.crop_size)
-    if Path(f.output).is_dir():
-        raise ConfigError(f"{f.output}: is a directory, expected an output file name")
+    check_output(f.output)
     from fer_keras import inference
 
     inference.resolve(f.model)  # a missing model fails before the data is read

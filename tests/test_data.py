@@ -146,7 +146,7 @@ def test_challenge_contiguous_splits_are_exact(tmp_path):
 
 def course_files(folder: Path, gz: bool = False) -> tuple[np.ndarray, list[int], np.ndarray]:
     train_px, test_px = make_images(6, seed=2), make_images(4, seed=3)
-    labels = [6, 5, 4, 3, 2, 1]
+    labels = [6, 5, 3, 3, 2, 1]
     train = "label,feature\n" + "".join(f"{label},{pixel_text(p)}\n" for label, p in zip(labels, train_px))
     test = "id,feature\n" + "".join(f"{100 + i},{pixel_text(p)}\n" for i, p in enumerate(test_px))
     suffix = ".csv.gz" if gz else ".csv"
@@ -169,7 +169,7 @@ def test_course_layout_folder(tmp_path, gz):
     assert not fd.splits["test"].labeled
     # No PublicTest: train_val holds out a stratified part of train.
     train, val = data.train_val(fd, val_fraction=0.3, seed=0)
-    assert len(train) + len(val) == 6
+    assert len(train) == 5 and val.labels.tolist() == [3]  # only class 3 has an image to spare
 
 
 def test_course_layout_files(tmp_path):
@@ -598,6 +598,95 @@ def test_course_folder_with_plain_and_gz(tmp_path):
     with pytest.raises(DataError) as exc:
         data.load(tmp_path)
     check_one_line_error(exc, "train.csv", "train.csv.gz")
+
+
+def test_course_test_ids_are_present_and_unique(tmp_path):
+    """A submission needs one row per id: an empty or repeated id in test.csv names its line (and the first use)."""
+    rows = [f"{i},{pixel_text(p)}" for i, p in zip(["7", "", "9", "7"], make_images(4))]
+    path = write(tmp_path / "test.csv", ("id,feature\n" + "\n".join(rows) + "\n").encode())
+    with pytest.raises(DataError) as exc:
+        data.read_csv(path)
+    check_one_line_error(exc, "test.csv: line 3: empty id")
+    fd = data.read_csv(path, skip_bad_rows=True)
+    assert fd.splits["test"].ids.tolist() == ["7", "9"]
+    assert fd.skipped == [f"{path}: line 3: empty id", f"{path}: line 5: id '7' already used on line 2"]
+    write(path, path.read_bytes().replace(b"\n,", b"\n8,"))
+    with pytest.raises(DataError) as exc:
+        data.read_csv(path)
+    check_one_line_error(exc, "test.csv: line 5: id '7' already used on line 2")
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar", "tar.gz"])
+def test_an_archive_is_named_as_one(tmp_path, cache, kind):
+    """FER2013 is downloaded as an archive: passing the archive itself says so, not "unrecognised header"."""
+    import tarfile
+    import zipfile
+
+    inner = write(tmp_path / "fer2013.csv", challenge_csv(IMAGES9, LABELS9, USAGES9))
+    path = tmp_path / f"fer2013.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+            z.write(inner, "fer2013/fer2013.csv")
+    else:
+        with tarfile.open(path, "w:gz" if kind == "tar.gz" else "w") as t:
+            t.add(inner, "fer2013/fer2013.csv")
+    archive = "zip" if kind == "zip" else "tar"
+    with pytest.raises(DataError) as exc:
+        data.load(path)
+    check_one_line_error(exc, f"{path}: is a {archive} archive, not a CSV file; extract fer2013.csv from it")
+    named_csv = write(tmp_path / "named.csv.gz", path.read_bytes())  # whatever the name says
+    with pytest.raises(DataError, match=f"is a {archive} archive"):
+        data.read_csv(named_csv)
+
+
+def test_a_photo_is_read_as_it_is_shown(tmp_path):
+    """A camera's EXIF orientation is applied: the face as the user sees it, not as the sensor stored it."""
+    from PIL import Image
+
+    stored = np.zeros((48, 48), np.uint8)
+    stored[:24] = 255  # white top half as stored; orientation 6 shows it rotated 90 degrees clockwise
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "phone.png", exif=exif)
+    array, converted = data.read_image(tmp_path / "phone.png")
+    assert converted
+    assert array[:, 24:].min() == 255 and array[:, :24].max() == 0  # white right half as shown
+    save_png(tmp_path / "plain.png", stored)
+    array, converted = data.read_image(tmp_path / "plain.png")
+    assert not converted and (array[:, :, 0] == stored).all()
+
+
+def test_a_hold_out_leaves_every_class_in_training_and_is_never_empty(tmp_path):
+    labels = np.repeat(np.arange(7), 2)
+    split = data.Split(as4d(make_images(14)), labels, np.arange(14).astype(str))
+    train, val = data.stratified_split(split, 0.75, seed=0)
+    assert sorted(train.labels.tolist()) == list(range(7)) and sorted(val.labels.tolist()) == list(range(7))
+    lone = "label,feature\n" + "".join(f"{c},{pixel_text(p)}\n" for c, p in zip(range(7), make_images(7)))
+    path = write(tmp_path / "train.csv", lone.encode())
+    with pytest.raises(DataError) as exc:
+        data.train_val(data.load(path, use_cache=False))
+    check_one_line_error(exc, f"{path}: no class has the 2 training images a stratified hold-out needs")
+
+
+def test_an_empty_cache_variable_means_the_default_folder(monkeypatch):
+    monkeypatch.setenv("FER_KERAS_CACHE", "")
+    assert data.cache_dir() == Path.home() / ".cache" / "fer_keras"
+
+
+def test_file_names_that_are_not_utf8_are_read_and_cached(tmp_path, cache):
+    import os
+
+    try:
+        folder = Path(os.fsdecode(bytes(tmp_path) + b"/faces_\xe9"))
+        save_png(folder / "happy" / os.fsdecode(b"caf\xe9.png"), make_images(1).reshape(48, 48))
+        save_png(folder / "sad" / "b.png", make_images(1, seed=1).reshape(48, 48))
+    except (OSError, UnicodeError):
+        pytest.skip("this file system does not take non-UTF-8 file names")
+    for _ in range(2):  # parsed and cached, then read from the cache
+        fd = data.load(folder)
+        assert [os.fsencode(i) for i in fd.splits["train"].ids] == [b"happy/caf\xe9.png", b"sad/b.png"]
+    assert len(list(cache.iterdir())) == 1
 
 
 def test_unknown_split_name(tmp_path):

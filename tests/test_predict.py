@@ -180,3 +180,46 @@ def test_cli_a_truncated_export_is_one_line(setup, trained_run, tmp_path):
     assert last.startswith(f"error: {export}: cannot load SavedModel (Read less bytes"), proc.stderr
     assert "\n" not in last, proc.stderr  # one line: no TensorFlow start-up or loader lines before it
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_output_never_replaces_the_input_or_a_model(setup, tmp_path):
+    """--output naming the data (or any file that is not an earlier predictions CSV) is refused before anything
+    is read; an earlier predictions CSV is replaced."""
+    import shutil
+
+    data = shutil.copy(setup["test_csv"], tmp_path / "test.csv")
+    before = Path(data).read_bytes()
+    proc = run_tool("predict", f"--model={setup['model']}", f"--data={data}", f"--output={data}")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (f"error: {data}: exists and is not a predictions CSV (its first line is not "
+                                   "id,label...); choose another --output or remove the file"), proc.stderr
+    assert Path(data).read_bytes() == before
+    from fer_keras.predict import check_output
+
+    with pytest.raises(ConfigError, match="level.keras: exists and is not a predictions CSV"):
+        check_output(setup["model"])
+    out = tmp_path / "predictions.csv"
+    for extra in ([], ["--probabilities"], []):  # an earlier submission, with or without probabilities, is replaced
+        proc = run_tool("predict", f"--model={setup['model']}", f"--data={data}", f"--output={out}", *extra)
+        assert proc.returncode == 0, proc.stderr
+    assert read_rows(out) == [["id", "label"]] + [[i, str(c)] for i, c in TEST_ROWS]
+
+
+def test_image_names_that_are_not_utf8_keep_their_bytes(setup, predictor, tmp_path):
+    """File names from archives made elsewhere (Latin-1 bytes) are read and written back byte for byte."""
+    import os
+    import shutil
+
+    from fer_keras.predict import load_inputs, write_predictions
+    from fer_keras.tta import tta_probabilities
+
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    try:
+        shutil.copy(setup["images"] / "b_sad.png", os.fsdecode(bytes(folder) + b"/caf\xe9.png"))
+    except (OSError, UnicodeError):
+        pytest.skip("this file system does not take non-UTF-8 file names")
+    shutil.copy(setup["images"] / "c_fear.jpg", folder / "d.jpg")
+    split, _ = load_inputs(str(folder))
+    out = write_predictions(tmp_path / "p.csv", split.ids, tta_probabilities(predictor, split.images))
+    assert out.read_bytes() == b"id,label\ncaf\xe9.png,4\nd.jpg,2\n"
