@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +32,15 @@ from fer_keras.history import (
 )
 
 CHECKPOINTS_KEPT = 2
+_EPOCH_FOLDER = re.compile(r"epoch_([0-9]{4,})")
+
+
+def epoch_folders(ckpt_dir: Path) -> list[Path]:
+    """The checkpoint folders ``epoch_NNNN`` in epoch order; anything else a user keeps there (a copy named
+    ``epoch_0001.keep``, an archive ``epoch_0001.tar``) is neither resumed from nor pruned."""
+    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("epoch_*")
+             if (m := _EPOCH_FOLDER.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
 
 
 def _state_problem(folder: Path, state: object) -> str | None:
@@ -53,9 +63,7 @@ def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
     for another reason (permissions, I/O) stops with a one-line error rather than resuming from an older epoch."""
     if not ckpt_dir.is_dir():
         return None
-    for folder in sorted(ckpt_dir.glob("epoch_*"), reverse=True):
-        if not folder.is_dir():  # a stray file such as an archive of an epoch
-            continue
+    for folder in reversed(epoch_folders(ckpt_dir)):
         state_file = folder / "state.json"
         try:
             state = json.loads(state_file.read_text())
@@ -116,7 +124,7 @@ def write_checkpoint(model: keras.Model, ckpt_dir: Path, state: dict) -> Path:
     else:
         os.rename(tmp, final)
     fsync_path(ckpt_dir)
-    for old in sorted(ckpt_dir.glob("epoch_*"))[:-CHECKPOINTS_KEPT]:
+    for old in epoch_folders(ckpt_dir)[:-CHECKPOINTS_KEPT]:
         # Renamed out of the epoch_* names first: a kill inside rmtree would leave a half-deleted epoch folder.
         doomed = ckpt_dir / tmp_name(f"pruned_{old.name}")
         try:
@@ -179,7 +187,7 @@ class RunRecorder(keras.callbacks.Callback):
     """
 
     def __init__(self, out_dir: Path, ckpt_dir: Path, chief: bool, guard: NonFiniteLoss,
-                 history: list[dict], best: tuple[int, float], config_json: dict):
+                 history: list[dict], best: tuple[int, float], config_json: dict, replicas: int = 1):
         super().__init__()
         self.out_dir = out_dir
         self.ckpt_dir = ckpt_dir
@@ -188,6 +196,7 @@ class RunRecorder(keras.callbacks.Callback):
         self.history = history
         self.best_epoch, self.best_val = best
         self.config_json = config_json
+        self.replicas = replicas
         self.started = time.monotonic()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -224,6 +233,7 @@ class RunRecorder(keras.callbacks.Callback):
             "best_val_accuracy": self.best_val,
             "history": self.history,
             "config": self.config_json,
+            "replicas": self.replicas,
             "fer_keras_version": __version__,
         }
         write_checkpoint(self.model, self.ckpt_dir, state)

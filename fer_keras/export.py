@@ -16,6 +16,7 @@ half-written version, and an existing version is never overwritten.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ from absl import flags
 from fer_keras import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, __version__, cli
 from fer_keras.errors import ConfigError, FerError, ModelError
 from fer_keras.history import best_row, read_data_record, read_history_csv, remove_dead_writers_tmp, tmp_name
-from fer_keras.model import as_float32, input_crop_of, load_keras_model
+from fer_keras.model import as_float32, check_classifier, input_crop_of, load_keras_model
 from fer_keras.tta import (
     AUTO,
     DEFAULT_CROP_SIZE,
@@ -75,10 +76,16 @@ def serving_function(model: keras.Model, tta: str = "none", crop_size: int = DEF
     count = num_views(tta)
     model_crop = input_crop_of(model)
 
+    def views_logits(x):
+        logits = tf.cast(model(tf_views(x, tta, crop_size, model_crop), training=False), tf.float32)
+        return tf.reshape(logits, [count, -1, NUM_CLASSES])
+
     def serve(pixels):
         x = tf.cast(pixels, tf.float32)
-        logits = tf.cast(model(tf_views(x, tta, crop_size, model_crop), training=False), tf.float32)
-        logits = tf.reshape(logits, [count, -1, NUM_CLASSES])
+        # An empty batch is answered without the model: oneDNN's strided convolution returns the wrong shape for
+        # one (TensorFlow 2.21), and the request would fail instead of getting empty outputs.
+        logits = tf.cond(tf.shape(x)[0] > 0, lambda: views_logits(x),
+                         lambda: tf.zeros([count, 0, NUM_CLASSES], tf.float32))
         probabilities = tf.reduce_mean(tf.nn.softmax(logits), axis=0)
         logits = tf.reduce_mean(logits, axis=0)
         class_id = tf.argmax(probabilities, axis=-1)
@@ -121,8 +128,10 @@ def export_model(
     ``tta`` (none, flip, tencrop with ``crop_size``) is built into both serving signatures.
     """
     check_tta(tta, crop_size)
+    check_classifier(model, f"model {model.name!r}")
     base = Path(base_dir) / name
-    if version is None:
+    automatic = version is None
+    if automatic:
         version = next_version(base)
     if version < 1:
         raise ConfigError(f"export version must be a positive integer, got {version}")
@@ -171,13 +180,29 @@ def export_model(
         (tmp / METADATA_FILE).write_text(json.dumps(info, indent=2) + "\n")
         # Lets fer_keras rebuild the Keras model (for gradients: saliency, filters) from the export.
         (tmp / MODEL_CONFIG_FILE).write_text(model.to_json())
-        os.rename(tmp, target)
+        target = _rename_into_place(tmp, base, target, automatic)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         tf_logger.setLevel(level)
     return target
+
+
+def _rename_into_place(tmp: Path, base: Path, target: Path, automatic: bool) -> Path:
+    """Renames the finished ``tmp`` to ``target``. Another export may have taken that version since it was chosen:
+    an automatic version then moves to the next free one; a version the user named is never overwritten."""
+    while True:
+        try:
+            os.rename(tmp, target)
+            return target
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            if not automatic:
+                raise ConfigError(f"{target}: export version {target.name} was written by another export meanwhile; "
+                                  "it is never overwritten") from None
+            target = base / str(next_version(base))
 
 
 def load_for_export(path: str | os.PathLike) -> keras.Model:

@@ -148,9 +148,28 @@ def load_predictor(path: str | os.PathLike | None = None) -> Predictor:
         signature = loaded.signatures["serving_default"]
     except (*_LOAD_ERRORS, tf.errors.OpError) as e:
         raise ModelError(f"{p}: cannot load SavedModel ({str(e).splitlines()[0][:200]})") from None
+    _check_signature(p, signature)
     predictor = Predictor(kind, p, signature=signature, metadata=export_metadata(p))
     predictor._loaded = loaded  # keep the object (and its variables) alive
     return predictor
+
+
+def _check_signature(path: Path, signature: Callable[..., dict]) -> None:
+    """Refuses a SavedModel whose ``serving_default`` is not fer_keras': ``pixels [N, 48, 48, 1]`` in, ``logits`` and
+    ``probabilities [N, 7]`` out (a Keras ``model.export()`` names its input otherwise)."""
+    from fer_keras import IMAGE_SIZE, NUM_CLASSES
+
+    inputs = signature.structured_input_signature[1]
+    pixels = inputs.get("pixels")
+    if pixels is None or list(pixels.shape)[1:] != [IMAGE_SIZE, IMAGE_SIZE, 1]:
+        found = ", ".join(f"{k} {list(v.shape)}" for k, v in inputs.items()) or "none"
+        raise ModelError(f"{path}: serving_default takes {found}, not pixels [N, {IMAGE_SIZE}, {IMAGE_SIZE}, 1]; "
+                         "is it a fer_keras export?")
+    outputs = signature.structured_outputs
+    for name in ("logits", "probabilities"):
+        if name not in outputs or list(outputs[name].shape)[1:] != [NUM_CLASSES]:
+            raise ModelError(f"{path}: serving_default has no {name} output of shape [N, {NUM_CLASSES}]; is it a "
+                             "fer_keras export?")
 
 
 def load_keras(path: str | os.PathLike | None = None) -> keras.Model:

@@ -21,6 +21,7 @@ crop has 0.69 of the pixels but not always 0.69 of the multiply-adds: ``cifar_po
 
 from __future__ import annotations
 
+import os
 import zipfile
 from typing import Any
 
@@ -67,7 +68,18 @@ class FusedBatchNormalization(layers.BatchNormalization):
 
     Inference, ``synchronized=True``, renorm, masks, float64 and anything other than 4-D channels-last
     input take Keras' own path, so the layer's weights, config and inference graph are Keras'.
+
+    Under a distribution strategy the moving statistics are averaged over the replicas at every update
+    (Keras 3 leaves each replica its own copy and saves only the first replica's): every replica then validates
+    with the statistics that are saved, and a resumed run starts from what every replica had.
     """
+
+    MOVING_STATISTICS = ("moving_mean", "moving_variance")
+
+    def add_weight(self, *args: Any, **kwargs: Any) -> keras.Variable:
+        if kwargs.get("name") in self.MOVING_STATISTICS:
+            kwargs["aggregation"] = "mean"
+        return super().add_weight(*args, **kwargs)
 
     def _fusable(self, inputs: Any, training: Any, mask: Any) -> bool:
         return (
@@ -350,7 +362,7 @@ def load_keras_model(path: str, safe_mode: bool = True) -> keras.Model:
     from fer_keras.errors import ModelError
 
     try:
-        return keras.models.load_model(path, compile=False, safe_mode=safe_mode)
+        model = keras.models.load_model(path, compile=False, safe_mode=safe_mode)
     except ValueError as e:
         msg = str(e)
         if "safe_mode" in msg or "Lambda" in msg or "unsafe" in msg.lower():
@@ -362,3 +374,19 @@ def load_keras_model(path: str, safe_mode: bool = True) -> keras.Model:
     except (OSError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise ModelError(f"{path}: cannot load model: {reason}") from None
+    check_classifier(model, path)
+    return model
+
+
+def check_classifier(model: keras.Model, where: str | os.PathLike) -> None:
+    """Refuses a model that does not map ``[N, 48, 48, 1]`` pixels to 7 logits: its outputs would be misread
+    (an export regroups them into rows of 7, so 7 images could come back as 10 predictions)."""
+    from fer_keras.errors import ModelError
+
+    inputs, outputs = getattr(model, "input_shape", None), getattr(model, "output_shape", None)
+    if not (isinstance(inputs, tuple) and tuple(inputs[1:]) == (IMAGE_SIZE, IMAGE_SIZE, 1)):
+        raise ModelError(f"{where}: the model takes input of shape {inputs}, not [N, {IMAGE_SIZE}, {IMAGE_SIZE}, 1] "
+                         "grayscale pixels")
+    if not (isinstance(outputs, tuple) and len(outputs) == 2 and outputs[-1] == NUM_CLASSES):
+        raise ModelError(f"{where}: the model outputs shape {outputs}, not [N, {NUM_CLASSES}] logits (one per "
+                         "FER2013 class)")

@@ -192,7 +192,7 @@ class TrainConfig:
              "teachers with distill_weight 0 would be run over the training images and then ignored"),
             (all(self.teachers), "teachers: an empty path"),
             (self.teacher_tta in TTA_MODES, f"unknown teacher_tta {self.teacher_tta!r}; choose {', '.join(TTA_MODES)}"),
-            (_plain_name(self.resolved_export_name),
+            (not self.export or _plain_name(self.resolved_export_name),
              f"export name {self.resolved_export_name!r} must be a plain folder name (--export_name)"),
             (all(0 < e < self.epochs for e in self.step_epochs),
              f"step_epochs must be between 1 and epochs - 1 ({self.epochs - 1}), got {list(self.step_epochs)}"),
@@ -395,6 +395,11 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int, model: keras.Mode
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     lr = config.learning_rate
     if config.schedule == "cosine":
+        if warmup >= total:
+            # Allowed, so that the defaults (2 warm-up epochs) work for a 1- or 2-epoch try, but said.
+            logging.warning("--warmup_epochs=%g covers all %d epoch(s): the learning rate rises for the whole run and "
+                            "does not decay; lower --warmup_epochs (e.g. to 0) for a short run", config.warmup_epochs,
+                            config.epochs)
         warmup = min(warmup, total - 1)
         schedule = keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=lr / 10 if warmup else lr,
@@ -547,6 +552,12 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
                           "--model_dir")
     if started:
         _check_resumable(model_dir, config, latest)
+    trained_on = latest[1].get("replicas") if latest else None
+    if trained_on is not None and trained_on != replicas and not config.sync_batchnorm:
+        # Allowed (a run may move to other hardware), but BatchNorm then normalises over other batches.
+        logging.warning("resuming a run trained on %d replica(s) with %d: BatchNorm now normalises over %d images "
+                        "per replica instead of %d (--sync_batchnorm would use the global batch of %d)", trained_on,
+                        replicas, config.batch_size // replicas, config.batch_size // trained_on, config.batch_size)
 
     # Data first: a bad file must not leave new empty output folders behind.
     dataset = data_lib.load(config.data or None, skip_bad_rows=config.skip_bad_rows, use_cache=config.use_cache)
@@ -664,7 +675,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
                     checkpoint.save_best(model, out_dir)  # the run was killed between checkpoint and best.keras
 
         guard = checkpoint.NonFiniteLoss()
-        recorder = checkpoint.RunRecorder(out_dir, ckpt_dir, chief, guard, history, best, config_json)
+        recorder = checkpoint.RunRecorder(out_dir, ckpt_dir, chief, guard, history, best, config_json, replicas)
         callbacks = [
             guard,
             checkpoint.MomentumLog(),  # before the two that record it
@@ -827,7 +838,7 @@ def define_flags() -> None:
                   "cosine to lr/2.5e5; momentum cycles only with --cycle_momentum), step (--step_epochs) or "
                   "constant.")
     f.DEFINE_float("warmup_epochs", d.warmup_epochs, "Epochs of rising learning rate (cosine, onecycle; for "
-                   "onecycle PyTorch's pct_start x epochs).")
+                   "onecycle PyTorch's pct_start x epochs, fewer than --epochs).")
     f.DEFINE_list("step_epochs", [], "Epochs at which the step schedule multiplies the rate by step_gamma.")
     f.DEFINE_float("step_gamma", d.step_gamma, "Step-schedule factor.")
     f.DEFINE_float("label_smoothing", d.label_smoothing, "Label smoothing of the cross-entropy.")

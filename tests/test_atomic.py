@@ -163,6 +163,37 @@ def test_a_kill_while_pruning_old_checkpoints_leaves_no_half_deleted_epoch(tmp_p
         assert (folder / "state.json").is_file() and (folder / "model.weights.h5").is_file(), folder
 
 
+def test_what_a_user_keeps_beside_the_checkpoints_is_neither_pruned_nor_resumed_from(tmp_path):
+    """A copy (``epoch_0001.keep``) or an archive (``epoch_0001.tar``) in checkpoints/ is the user's: pruning keeps
+    it, and a resume does not take it for an epoch."""
+    import shutil
+    import tarfile
+
+    import keras
+
+    from fer_keras import checkpoint
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    target = tmp_path / "checkpoints"
+
+    def write(epoch):
+        return checkpoint.write_checkpoint(model, target, {"epoch": epoch, "history": [], "best_epoch": epoch,
+                                                           "best_val_accuracy": 0.5})
+
+    first = write(1)
+    shutil.copytree(first, target / "epoch_0001.keep")
+    shutil.copytree(first, target / "epoch_9999_old")
+    with tarfile.open(target / "epoch_0001.tar", "w") as t:
+        t.add(first, first.name)
+    for epoch in range(2, checkpoint.CHECKPOINTS_KEPT + 3):
+        write(epoch)
+    kept = [f"epoch_{e:04d}" for e in range(3, checkpoint.CHECKPOINTS_KEPT + 3)]
+    assert sorted(p.name for p in target.iterdir()) == sorted(kept + ["epoch_0001.keep", "epoch_0001.tar",
+                                                                      "epoch_9999_old"])
+    assert [p.name for p in checkpoint.epoch_folders(target)] == kept
+    assert checkpoint.latest_checkpoint(target)[0].name == kept[-1]
+
+
 def test_latest_checkpoint_skips_damaged_states_and_stops_on_unreadable_ones(tmp_path, monkeypatch, caplog):
     """A resume reads a checkpoint's state blind: a damaged one is skipped by name (the epoch before is used), one
     that cannot be read at all is a one-line error, not a silent resume from an older epoch."""

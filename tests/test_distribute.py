@@ -120,6 +120,46 @@ def test_mirrored_two_replicas_match_a_single_device(tmp_path):
     assert worst < 0.15, worst
 
 
+BATCHNORM_REPLICAS = textwrap.dedent("""
+    import json, sys
+    from fer_keras import distribute
+    distribute.configure_cpu_devices(2)  # before TensorFlow initialises
+    import keras, numpy as np, tensorflow as tf
+    from fer_keras.model import FusedBatchNormalization
+    strategy = distribute.create_strategy("mirrored")
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((4, 4, 3)), FusedBatchNormalization(momentum=0.5, name="bn"),
+                                  keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
+        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    # The first replica gets the first half of the batch (all 0), the second the rest (all 10).
+    x = np.concatenate([np.zeros((4, 4, 4, 3)), np.full((4, 4, 4, 3), 10.0)]).astype("float32")
+    model.fit(tf.data.Dataset.from_tensor_slices((x, np.zeros(8, "int64"))).batch(8), epochs=1, verbose=0)
+    bn = model.get_layer("bn")
+    model.save_weights(sys.argv[1])
+    print("RESULT " + json.dumps({
+        "replicas": strategy.num_replicas_in_sync,
+        **{name: [np.asarray(v).tolist() for v in strategy.experimental_local_results(getattr(bn, name).value)]
+           for name in ("moving_mean", "moving_variance")}}))
+""")
+
+
+def test_batchnorm_statistics_are_the_replicas_mean_on_every_replica_and_in_the_saved_weights(tmp_path):
+    """Without --sync_batchnorm each replica normalises its own share of the batch, but the moving statistics
+    (what validation and the export use) are averaged over the replicas at every step: Keras 3's own layer keeps
+    one copy per replica and saves only the first's (here it would save mean 0, and the second replica 5)."""
+    saved = tmp_path / "bn.weights.h5"
+    proc = subprocess.run([sys.executable, "-c", BATCHNORM_REPLICAS, str(saved)], env=cli_env(tmp_path), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["replicas"] == 2
+    # momentum 0.5: 0.5 * 0 + 0.5 * mean(0, 10) and 0.5 * 1 + 0.5 * mean(0, 0) (each replica's batch is constant).
+    assert result["moving_mean"] == [[2.5] * 3] * 2 and result["moving_variance"] == [[0.5] * 3] * 2
+    stored = weights(saved)
+    means = [v for k, v in stored.items() if k.endswith("/vars/2")]  # gamma, beta, moving mean, moving variance
+    assert [m.tolist() for m in means] == [[2.5] * 3], stored.keys()
+
+
 class Cluster:
     """Two-worker clusters on 127.0.0.1 inside a private network namespace: TensorFlow's gRPC server binds
     0.0.0.0 whatever TF_CONFIG says, so only a namespace of their own keeps the workers unreachable from other

@@ -36,9 +36,11 @@ FRESH_PROCESS = textwrap.dedent("""
     x = np.load(sys.argv[2])
     out = loaded.signatures["serving_default"](pixels=tf.constant(x.astype("float32")))
     out8 = loaded.signatures["serving_uint8"](pixels=tf.constant(x.astype("uint8")))
+    empty = loaded.signatures["serving_default"](pixels=tf.zeros([0, 48, 48, 1]))
     np.savez(sys.argv[3], probabilities=out["probabilities"].numpy(), logits=out["logits"].numpy(),
              class_id=out["class_id"].numpy(), class_name=out["class_name"].numpy().astype(str),
-             probabilities8=out8["probabilities"].numpy())
+             probabilities8=out8["probabilities"].numpy(),
+             **{f"empty_{k}": v.numpy().astype(str) if v.dtype == tf.string else v.numpy() for k, v in empty.items()})
 """)
 
 
@@ -68,6 +70,9 @@ def test_export_runs_in_a_process_that_cannot_import_fer_keras_or_keras(exported
     np.testing.assert_array_equal(out["class_id"], logits.argmax(1))
     assert list(out["class_name"]) == [CLASS_NAMES[i] for i in logits.argmax(1)]
     assert path.name == "1" and path.parent.name == "fer"
+    # An empty request gets empty answers (oneDNN's strided convolution alone would fail on it).
+    assert out["empty_probabilities"].shape == out["empty_logits"].shape == (0, 7)
+    assert out["empty_class_id"].shape == out["empty_class_name"].shape == (0,)
 
 
 def test_saved_model_cli_runs_the_export(exported, tmp_path):
@@ -97,6 +102,30 @@ def test_versions_are_added_never_overwritten(tmp_path):
     assert (first / "saved_model.pb").stat().st_mtime_ns == stamp
     meta = json.loads((second / "assets.extra" / "fer_keras.json").read_text())
     assert meta["class_names"] == list(CLASS_NAMES)
+
+
+@pytest.mark.parametrize("automatic", [True, False], ids=["next-free-version", "named-version"])
+def test_a_version_taken_by_another_export_meanwhile(tmp_path, monkeypatch, automatic):
+    """Two exports at once: the one that finishes second moves to the next free version, or, for a version the
+    user named, stops with a one-line error; neither overwrites the other."""
+    import keras
+
+    archive_class = type(keras.export.ExportArchive())
+    write_out = archive_class.write_out
+
+    def another_export_finishes_first(self, path, *args, **kwargs):
+        write_out(self, path, *args, **kwargs)
+        (tmp_path / "m" / "1").mkdir()
+        (tmp_path / "m" / "1" / "saved_model.pb").write_text("the other export")
+
+    monkeypatch.setattr(archive_class, "write_out", another_export_finishes_first)
+    if automatic:
+        assert export_model(resnet18("imagenet"), tmp_path, "m").name == "2"
+    else:
+        with pytest.raises(ConfigError, match=r"m/1: export version 1 was written by another export meanwhile"):
+            export_model(resnet18("imagenet"), tmp_path, "m", version=1)
+    assert (tmp_path / "m" / "1" / "saved_model.pb").read_text() == "the other export"
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == (["1", "2"] if automatic else ["1"])
 
 
 def test_a_failed_write_leaves_no_version_behind(tmp_path, monkeypatch):

@@ -223,3 +223,31 @@ def test_image_names_that_are_not_utf8_keep_their_bytes(setup, predictor, tmp_pa
     split, _ = load_inputs(str(folder))
     out = write_predictions(tmp_path / "p.csv", split.ids, tta_probabilities(predictor, split.images))
     assert out.read_bytes() == b"id,label\ncaf\xe9.png,4\nd.jpg,2\n"
+
+
+def test_a_model_that_is_not_a_fer_classifier_is_refused_in_one_line(setup, tmp_path):
+    """A model of other input or output shape, or a SavedModel that fer_keras did not export, is a one-line error
+    naming it, not a traceback or a CSV of misread outputs (exporting one would regroup its outputs into rows of 7)."""
+    import keras
+
+    from fer_keras.errors import ModelError
+    from fer_keras.export import export_model
+
+    ten = keras.Sequential([keras.Input((48, 48, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    ten.save(tmp_path / "ten.keras")
+    rgb = keras.Sequential([keras.Input((48, 48, 3)), keras.layers.Flatten(), keras.layers.Dense(7)])
+    rgb.save(tmp_path / "rgb.keras")
+    level_model().export(str(tmp_path / "foreign"), verbose=False)  # Keras' own SavedModel: its input is not pixels
+    cases = [("ten.keras", "the model outputs shape (None, 10), not [N, 7] logits"),
+             ("rgb.keras", "the model takes input of shape (None, 48, 48, 3), not [N, 48, 48, 1]"),
+             ("foreign", "serving_default takes keras_tensor")]
+    for name, message in cases:
+        out = tmp_path / f"{name}.csv"
+        proc = run_tool("predict", f"--model={tmp_path / name}", f"--data={setup['test_csv']}", f"--output={out}")
+        assert proc.returncode == 2, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {tmp_path / name}: {message}"), proc.stderr
+        assert "Traceback" not in proc.stderr and not out.exists()
+    with pytest.raises(ModelError, match="outputs shape"):
+        export_model(ten, tmp_path / "exports", "ten")
+    assert not (tmp_path / "exports" / "ten" / "1").exists()

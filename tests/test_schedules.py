@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -81,6 +82,20 @@ def test_build_optimizer_runs_onecycle_over_the_whole_run():
     assert (schedule.total_steps, schedule.warmup_steps, schedule.max_learning_rate) == (200, 60, 0.1)
     with pytest.raises(ConfigError, match="onecycle needs warmup_epochs < epochs"):
         config(schedule="onecycle", warmup_epochs=10).validate()
+
+
+def test_a_cosine_run_that_is_all_warm_up_says_so(caplog):
+    """Cosine with warmup_epochs >= epochs rises for the whole run and never decays: allowed, so that the default
+    warm-up works for a 1-epoch try, but said (onecycle, only ever chosen on purpose, refuses it)."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with caplog.at_level(logging.WARNING):
+        train.build_optimizer(config(epochs=1, warmup_epochs=2), steps_per_epoch=20, model=model)
+    assert ("--warmup_epochs=2 covers all 1 epoch(s): the learning rate rises for the whole run and does not decay; "
+            "lower --warmup_epochs (e.g. to 0) for a short run") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train.build_optimizer(config(epochs=3, warmup_epochs=2), steps_per_epoch=20, model=model)
+    assert "covers all" not in caplog.text
 
 
 def torch_sgd_coupled_decay(w: np.ndarray, lr: float, wd: float, momentum: float, steps: int) -> np.ndarray:

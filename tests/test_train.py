@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -483,6 +485,25 @@ def test_a_run_started_from_a_model_resumes_from_its_own_checkpoint(trained_run,
         train.run(moved)
 
 
+def test_resuming_on_another_number_of_replicas_says_what_changes(trained_run, tmp_path, caplog):
+    """A run may move to other hardware; its checkpoints record the replicas it trained on, and a resume on another
+    number says that BatchNorm now normalises over other batches."""
+    config, result = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(result.model_dir, run)
+    shutil.rmtree(run / "checkpoints" / "epoch_0002")
+    state_file = run / "checkpoints" / "epoch_0001" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["replicas"] == 1
+    state_file.write_text(json.dumps({**state, "replicas": 2}))
+    with caplog.at_level(logging.WARNING):
+        resumed = train.run(dataclasses.replace(config, model_dir=str(run), export=False))
+    assert resumed.resumed_from == 1
+    assert ("resuming a run trained on 2 replica(s) with 1: BatchNorm now normalises over 32 images per replica "
+            "instead of 16 (--sync_batchnorm would use the global batch of 32)") in caplog.text
+    assert json.loads((run / "checkpoints" / "epoch_0002" / "state.json").read_text())["replicas"] == 1
+
+
 def test_dropout_rng_state_is_restored_whatever_keras_numbered_its_generator():
     # Keras numbers seed generators per process; a run started with --init_from builds two models before its
     # own, so its checkpoints name the state seed_generator_2/..., and the resumed process names it otherwise.
@@ -559,6 +580,9 @@ def test_exports_are_named_after_the_run_unless_named(tmp_path):
     assert train.TrainConfig(model_dir=str(tmp_path), export_name="x").resolved_export_name == "x"
     with pytest.raises(ConfigError, match="must be a plain folder name"):
         train.TrainConfig(model_dir=str(tmp_path), export_name=".hidden").validate()
+    with pytest.raises(ConfigError, match="export name '.run' must be a plain folder name"):
+        train.TrainConfig(model_dir=str(tmp_path / ".run")).validate()
+    train.TrainConfig(model_dir=str(tmp_path / ".run"), export=False).validate()  # no export, no name to check
 
 
 def cli(args, tmp_path, **kw):
