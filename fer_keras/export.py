@@ -82,6 +82,13 @@ def serving_function(model: keras.Model, tta: str = "none", crop_size: int = DEF
 
     def serve(pixels):
         x = tf.cast(pixels, tf.float32)
+        # Raw grey levels only: NaN, infinities and values outside 0-255 (a client that scaled or normalised the
+        # image) get an INVALID_ARGUMENT error instead of confident nonsense. NaN fails both comparisons.
+        message = "pixels must be raw grey levels in 0-255 (not scaled or normalised, no NaN)"
+        checks = [tf.debugging.assert_greater_equal(x, 0.0, message=message),
+                  tf.debugging.assert_less_equal(x, 255.0, message=message)]
+        with tf.control_dependencies(checks):
+            x = tf.identity(x)
         # An empty batch is answered without the model: oneDNN's strided convolution returns the wrong shape for
         # one (TensorFlow 2.21), and the request would fail instead of getting empty outputs.
         logits = tf.cond(tf.shape(x)[0] > 0, lambda: views_logits(x),

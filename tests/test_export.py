@@ -64,15 +64,35 @@ def test_export_runs_in_a_process_that_cannot_import_fer_keras_or_keras(exported
     out = np.load(tmp_path / "o.npz")
     shifted = np.exp(logits - logits.max(1, keepdims=True))
     probabilities = shifted / shifted.sum(1, keepdims=True)
-    assert np.abs(out["logits"] - logits).max() <= 1e-5 * max(1.0, np.abs(logits).max())
-    assert np.abs(out["probabilities"] - probabilities).max() <= 1e-5
-    assert np.abs(out["probabilities8"] - probabilities).max() <= 1e-5
+    # Float32 rounding relative to the logits' size (an untrained network's are large); softmax moves no
+    # probability by more than its logits move.
+    tolerance = 1e-5 * max(1.0, np.abs(logits).max())
+    assert np.abs(out["logits"] - logits).max() <= tolerance
+    assert np.abs(out["probabilities"] - probabilities).max() <= tolerance
+    assert np.abs(out["probabilities8"] - probabilities).max() <= tolerance
     np.testing.assert_array_equal(out["class_id"], logits.argmax(1))
     assert list(out["class_name"]) == [CLASS_NAMES[i] for i in logits.argmax(1)]
     assert path.name == "1" and path.parent.name == "fer"
     # An empty request gets empty answers (oneDNN's strided convolution alone would fail on it).
     assert out["empty_probabilities"].shape == out["empty_logits"].shape == (0, 7)
     assert out["empty_class_id"].shape == out["empty_class_name"].shape == (0,)
+
+
+def test_the_export_refuses_pixels_that_are_not_grey_levels(exported):
+    """NaN, infinities and values outside 0-255 are an error the client sees (TF Serving's INVALID_ARGUMENT),
+    not confident predictions from garbage."""
+    import tensorflow as tf
+
+    root, path, x, logits = exported
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    for bad in (np.nan, np.inf, -1.0, 255.5):
+        pixels = x.astype("float32")
+        pixels[1, 5, 7, 0] = bad
+        with pytest.raises(tf.errors.InvalidArgumentError, match="pixels must be raw grey levels in 0-255"):
+            serve(pixels=tf.constant(pixels))
+    edges = x.astype("float32")
+    edges[0, 0, 0, 0], edges[0, 0, 1, 0] = 0.0, 255.0
+    assert serve(pixels=tf.constant(edges))["probabilities"].shape == (len(x), 7)
 
 
 def test_saved_model_cli_runs_the_export(exported, tmp_path):
