@@ -65,6 +65,9 @@ def next_version(base: Path) -> int:
     return versions[-1] + 1 if versions else 1
 
 
+SERVING_CHECKS = ("pixels finite and in 0-255, else INVALID_ARGUMENT", "an empty batch gets empty outputs")
+
+
 def serving_function(model: keras.Model, tta: str = "none", crop_size: int = DEFAULT_CROP_SIZE,
                      ) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
     """Raw pixels -> dict of outputs; the body of both serving signatures.
@@ -179,6 +182,8 @@ def export_model(
             "class_names": list(CLASS_NAMES),
             "input": "pixels: [N, 48, 48, 1] raw grayscale 0-255 (float32 in serving_default, uint8 in serving_uint8)",
             "outputs": ["probabilities", "class_id", "class_name", "logits"],
+            # What the serving graph checks (exports before session 24 had none of it; their metadata lacks this).
+            "serving_checks": list(SERVING_CHECKS),
             "tta": tta,
             **({"crop_size": effective_crop(crop_size, model_crop)} if tta == "tencrop" else {}),
             "input_crop": model_crop,

@@ -346,6 +346,7 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
         "version": int(export.name),
         "export_size_mb": round(_folder_size_mb(export), 1),
         "served_tta": served.metadata.get("tta", "none"),
+        "serving_checks": bool(served.metadata.get("serving_checks")),
         "served_tta_selection": served.metadata.get("tta_selection"),
         "data": source,
         "selection_split": fer_data.split_label(split_name) if selection_name == "PublicTest" else selection_name,
@@ -583,8 +584,10 @@ def render_markdown(card: dict) -> str:
         "",
         f"`{card['name']}/{card['version']}/` is a TF Serving SavedModel ({card['export_size_mb']} MB): "
         "`serving_default` takes float32 `pixels` [N, 48, 48, 1] in 0–255, `serving_uint8` the same as uint8; "
-        "both return `probabilities`, `class_id`, `class_name` and `logits`. fer_keras' tools (evaluate, "
-        "predict, saliency, filters, report) use it when no `--model` is given.",
+        "both return `probabilities`, `class_id`, `class_name` and `logits`. "
+        + ("NaN, infinite or out-of-range pixels (a scaled or normalised image) are refused with `INVALID_ARGUMENT`, "
+           "and an empty batch gets empty outputs. " if card.get("serving_checks") else "")
+        + "fer_keras' tools (evaluate, predict, saliency, filters, report) use it when no `--model` is given.",
         "",
         f"Written by `python -m fer_keras.model_card` on {card['date']}; the figures are in `{CARD_JSON}`.",
         "",

@@ -53,6 +53,9 @@ def test_card_figures_equal_a_fresh_evaluation(trained_run, tmp_path):
     assert (export_base / model_card.TRAIN_FLAGS).read_text() == (result.model_dir / "flags.txt").read_text()
     assert f"--flagfile={model_card.TRAIN_FLAGS}" in text
     assert inference.resolve(export_base) == ("saved_model", export_base / "1")  # still serves the version
+    assert card["serving_checks"]  # the export checks its input, and the card says so; an older export's does not
+    checks = "NaN, infinite or out-of-range pixels (a scaled or normalised image) are refused with `INVALID_ARGUMENT`"
+    assert checks in text and checks not in model_card.render_markdown({**card, "serving_checks": False})
     assert "sgd lr 0.01 cosine (warm-up 0), decoupled" in text  # constant momentum: nothing said of it
     card["training"]["config"].update(schedule="onecycle", cycle_momentum=True, momentum=0.95, base_momentum=0.85)
     assert ("sgd lr 0.01 onecycle (warm-up 0; momentum 0.95 cycling down to 0.85 at the peak), decoupled"
