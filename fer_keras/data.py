@@ -175,7 +175,7 @@ def _open_text(path: Path) -> tuple[io.TextIOBase, Callable[[], int], Callable[[
         raise DataError(f"{path}: cannot open: {e.strerror or e}") from None
     magic = raw.read(2)
     raw.seek(0)
-    _refuse_archive(path, raw, gzipped=magic == b"\x1f\x8b")
+    _refuse_archive(path, raw)
     stream = gzip.GzipFile(fileobj=raw, mode="rb") if magic == b"\x1f\x8b" else raw
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
 
@@ -186,18 +186,17 @@ def _open_text(path: Path) -> tuple[io.TextIOBase, Callable[[], int], Callable[[
     return text, raw.tell, close
 
 
-def _refuse_archive(path: Path, raw: io.BufferedReader, gzipped: bool) -> None:
+def _refuse_archive(path: Path, raw: io.BufferedReader) -> None:
     """FER2013 is downloaded as a .tar.gz or a .zip: name that, rather than the archive's bytes as a bad header."""
-    head = raw.read(512)
+    head = raw.read(1 << 16)
     raw.seek(0)
     kind = "zip" if head.startswith(b"PK\x03\x04") else None
-    if gzipped:
+    if head.startswith(b"\x1f\x8b"):
         try:
-            with gzip.GzipFile(fileobj=io.BytesIO(raw.read(1 << 16)), mode="rb") as z:
+            with gzip.GzipFile(fileobj=io.BytesIO(head), mode="rb") as z:
                 head = z.read(512)
         except (OSError, EOFError, zlib.error):
             head = b""  # a damaged gzip is reported by the reader, on the line it reaches
-        raw.seek(0)
     if head[257:262] == b"ustar":
         kind = "tar"
     if kind:
@@ -668,14 +667,9 @@ def cache_dir() -> Path:
 def _fingerprint(layout: str, files: list[Path], skip_bad_rows: bool) -> str:
     h = hashlib.sha1(f"{_CACHE_FORMAT}|{layout}|{skip_bad_rows}".encode())
     for f in files:
-        if f.is_dir():
-            for p in sorted(f.rglob("*")):
-                if p.is_file():
-                    st = p.stat()
-                    h.update(os.fsencode(p.resolve()) + f"|{st.st_size}|{st.st_mtime_ns}".encode())
-        else:
-            st = f.stat()
-            h.update(os.fsencode(f.resolve()) + f"|{st.st_size}|{st.st_mtime_ns}".encode())
+        for p in sorted(q for q in f.rglob("*") if q.is_file()) if f.is_dir() else [f]:
+            st = p.stat()
+            h.update(os.fsencode(p.resolve()) + f"|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:20]
 
 
