@@ -24,7 +24,7 @@ from absl import flags
 
 from fer_keras import cli
 from fer_keras.errors import ConfigError
-from fer_keras.history import atomic_write_text, best_row, read_run
+from fer_keras.history import atomic_write_text, best_row, check_replaceable, read_run
 from fer_keras.tta import TTA_MODES
 
 if TYPE_CHECKING:
@@ -39,6 +39,8 @@ NOT_RECIPE = frozenset({
     "data", "model_dir", "export", "export_dir", "export_name", "export_version", "export_tta", "verbose",
     "use_cache", "skip_bad_rows", "collective_timeout", "tpu_address",
 })
+
+TABLE_COLUMNS = ("run", "differs from the first run", "epochs", "best epoch", "wall time")
 
 
 @dataclasses.dataclass
@@ -144,8 +146,7 @@ def _minutes(seconds: float) -> str:
 def render_markdown(rows: Sequence[AblationRow]) -> str:
     modes = list(rows[0].accuracy)
     split = rows[0].split_label
-    head = ["run", "differs from the first run", "epochs", "best epoch", "wall time"]
-    head += [f"{split} {'no TTA' if m == 'none' else m}" for m in modes]
+    head = list(TABLE_COLUMNS) + [f"{split} {'no TTA' if m == 'none' else m}" for m in modes]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + " |"]
     for r in rows:
         epochs = f"{r.epochs_done}" if r.epochs_done >= r.epochs_planned else f"{r.epochs_done} of {r.epochs_planned}"
@@ -158,24 +159,33 @@ def render_markdown(rows: Sequence[AblationRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_outputs(path: Path) -> None:
+    """Refuses ``path`` (the table) or the .json beside it if either exists and is not an earlier ablation's."""
+    check_replaceable(path, (("| " + " | ".join(TABLE_COLUMNS) + " |").encode(),), "an ablation table")
+    check_replaceable(path.with_suffix(".json"), (b'[\n  {\n    "run": ',), "an ablation's figures")
+
+
 def define_flags() -> None:
     flags.DEFINE_list("runs", None, "Training run directories, comma-separated; the first is the baseline.")
     flags.DEFINE_string("data", "", "The data to measure the runs on (empty: the data each run recorded, else "
                         "the bundled sample); its PublicTest, or the runs' hold-out of Training, is measured.")
     flags.DEFINE_list("tta", list(TTA_MODES), "TTA modes to measure each run's best.keras with.")
-    flags.DEFINE_string("output", "", "Also write the Markdown table here (and the figures as .json beside it).")
+    flags.DEFINE_string("output", "", "Also write the Markdown table here, a .md file (and the figures as .json "
+                        "beside it); an existing file is replaced only if it is an earlier table.")
     flags.DEFINE_integer("batch_size", 256, "Images per model call.")
     flags.mark_flag_as_required("runs")
     flags.register_validator("tta", lambda v: bool(v) and set(v) <= set(TTA_MODES),
                              f"--tta must be a subset of {', '.join(TTA_MODES)}")
     flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1")
+    flags.register_validator("output", lambda v: not v or v.endswith(".md"), "--output must end with .md")
 
 
 def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     out = Path(f.output) if f.output else None
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)  # before minutes of evaluation, not after
+    if out is not None:  # before minutes of evaluation, not after
+        check_outputs(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
     rows = build_table([Path(r) for r in f.runs], f.data or None, f.tta, f.batch_size)
     table = render_markdown(rows)
     if out is not None:

@@ -47,13 +47,14 @@ from absl import flags
 
 from fer_keras import STEMS, __version__, cli
 from fer_keras.errors import ConfigError, FerError
-from fer_keras.history import atomic_write_text
+from fer_keras.history import atomic_write_text, check_replaceable
 
 if TYPE_CHECKING:
     import keras
 
 PRECISIONS = ("float32", "mixed_bfloat16")
 DEFAULT_OUTPUT = "reports/benchmark.json"
+MARKDOWN_TITLE = "# fer_keras training and serving benchmark"
 TRAIN_TO_FORWARD = 3.0  # backward ~ 2x forward (gradients of activations and of weights)
 PIPELINE_TARGET = 20.0
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
@@ -837,7 +838,7 @@ def render_markdown(report: dict) -> str:
     v = report["versions"]
     s = report["settings"]
     lines = [
-        "# fer_keras training and serving benchmark",
+        MARKDOWN_TITLE,
         "",
         f"- date: {report['date']}; command: `{report['command']}`",
         f"- CPU: {cpu['model']} ({cpu['vendor']}), {cpu['cores']} core(s) / {cpu['logical_cpus']} logical CPU(s)"
@@ -930,6 +931,13 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def check_outputs(output: str | os.PathLike) -> None:
+    """Refuses the report path, or the .md beside it, if either exists and is not an earlier benchmark report."""
+    json_path = Path(output)
+    check_replaceable(json_path, (b'{\n  "command": "python -m fer_keras.benchmark',), "a benchmark report")
+    check_replaceable(json_path.with_suffix(".md"), (MARKDOWN_TITLE.encode(),), "a benchmark report")
+
+
 def write_report(report: dict, output: str | os.PathLike) -> tuple[Path, Path]:
     json_path = Path(output)
     md_path = json_path.with_suffix(".md")
@@ -972,7 +980,8 @@ def define_flags() -> None:
                      "and fit loop without the input pipeline).")
     f.DEFINE_boolean("keras_batchnorm", d.keras_batchnorm, "Also time fer_keras fit with Keras' own "
                      "BatchNormalization in place of the fused layer (the A/B behind model.FusedBatchNormalization).")
-    f.DEFINE_string("output", DEFAULT_OUTPUT, "JSON report path; the Markdown goes beside it with .md.")
+    f.DEFINE_string("output", DEFAULT_OUTPUT, "JSON report path; the Markdown goes beside it with .md. Existing "
+                    "files are replaced only if they are an earlier report.")
 
     for name in ("batch_size", "repeats", "steps", "warmup", "steps_per_execution", "serving_batch_size",
                  "serving_batches", "latency_samples"):
@@ -1001,6 +1010,7 @@ def settings_from_flags(values: Any) -> Settings:
 
 def main(argv: Sequence[str]) -> None:
     settings = settings_from_flags(flags.FLAGS)
+    check_outputs(flags.FLAGS.output)  # before minutes of measurement, not after
     command = shlex.join(["python", "-m", "fer_keras.benchmark", *sys.argv[1:]])
     report = run_benchmark(settings, command, log=lambda s: print(s, file=sys.stderr, flush=True))
     json_path, md_path = write_report(report, flags.FLAGS.output)

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from fer_keras.errors import ConfigError
+
 
 def atomic_write_text(path: Path, content: str | bytes) -> None:
     """Writes ``content`` (UTF-8 text or bytes) to a temporary file beside ``path``, syncs it and renames it
@@ -33,6 +35,23 @@ def atomic_write_text(path: Path, content: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_replaceable(path: str | os.PathLike, heads: Sequence[bytes], what: str) -> None:
+    """Refuses an output file that exists and does not begin like an earlier ``what`` (one of ``heads``): an
+    ``--output`` that names the data, a model or a run's record by mistake must not destroy it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, expected an output file name")
+    if not path.exists():
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(max(len(h) for h in heads))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the existing file ({e.strerror or e})") from None
+    if not any(head.startswith(h) for h in heads):
+        raise ConfigError(f"{path}: exists and is not {what}; choose another --output or remove the file")
 
 
 def sha256_files(paths: Sequence[Path]) -> str:

@@ -24,7 +24,7 @@ from fer_keras import CLASS_NAMES, IMAGE_SIZE, cli
 from fer_keras import data as fer_data
 from fer_keras import tta as tta_lib
 from fer_keras.errors import ConfigError, DataError
-from fer_keras.history import atomic_write_text
+from fer_keras.history import atomic_write_text, check_replaceable
 from fer_keras.tta import check_tta, tta_probabilities
 
 PROBABILITY_COLUMNS = tuple(f"prob_{name}" for name in CLASS_NAMES)
@@ -118,21 +118,9 @@ def load_inputs(spec: str, split: str | None = None, skip_bad_rows: bool = False
 
 
 def check_output(path: str | os.PathLike) -> None:
-    """Refuses an output that would replace anything but an earlier predictions CSV: ``--output`` naming the
-    input data or a model by mistake must not destroy it."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a directory, expected an output file name")
-    if not path.exists():
-        return
-    try:
-        with open(path, "rb") as f:
-            header = f.readline(256).rstrip(b"\r\n").split(b",")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the existing file ({e.strerror or e})") from None
-    if header[:2] != [b"id", b"label"]:
-        raise ConfigError(f"{path}: exists and is not a predictions CSV (its first line is not id,label...); "
-                          "choose another --output or remove the file")
+    """Refuses an output that would replace anything but an earlier predictions CSV."""
+    check_replaceable(path, (b"id,label\n", b"id,label\r\n", b"id,label,"),
+                      "a predictions CSV (its first line is not id,label...)")
 
 
 def write_predictions(

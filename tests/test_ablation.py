@@ -68,6 +68,18 @@ def test_cli_writes_the_table_and_refuses_a_run_without_epochs(two_runs, tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.read_text() == proc.stdout and "| `base` | (baseline) |" in proc.stdout
     assert [r["run"] for r in json.loads(out.with_suffix(".json").read_text())] == ["base", "mixup"]
+    ablation.check_outputs(out)  # an earlier table and its figures may be replaced
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\n")
+    refused = run_tool("ablation", f"--runs={base},{other}", f"--output={notes}", cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == \
+        f"error: {notes}: exists and is not an ablation table; choose another --output or remove the file"
+    assert notes.read_text() == "# my notes\n" and not notes.with_suffix(".json").exists()
+    (tmp_path / "base.json").write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"base.json: exists and is not an ablation's figures"):
+        ablation.check_outputs(tmp_path / "base.md")
+    bad_name = run_tool("ablation", f"--runs={base}", f"--output={base / 'history.csv'}", cwd=tmp_path)
+    assert bad_name.returncode != 0 and "--output must end with .md" in bad_name.stderr
     (tmp_path / "empty").mkdir()
     bad = run_tool("ablation", f"--runs={base},{tmp_path / 'empty'}", cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

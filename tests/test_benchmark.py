@@ -200,6 +200,20 @@ def test_cli_runs_end_to_end_and_writes_json_and_markdown(tmp_path):
     assert report["machine"]["cpu"]["cores"] >= 1
     assert 0 <= report["machine"]["foreign_cpu_share"] <= 1
     assert report["versions"]["onednn_enabled"] is (os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0")
+    benchmark.check_outputs(output)  # an earlier report may be replaced
+
+
+@pytest.mark.parametrize("foreign", ["b.json", "b.md"])
+def test_cli_refuses_to_replace_a_file_that_is_not_a_report(tmp_path, foreign):
+    victim = tmp_path / foreign
+    victim.write_text('{"epoch": 3}\n')  # e.g. a run's record named by mistake
+    proc = subprocess.run([sys.executable, "-m", "fer_keras.benchmark", f"--output={tmp_path / 'b.json'}", *TINY],
+                          cwd=REPO, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: {victim}: exists and is not a benchmark report; "
+                                                    "choose another --output or remove the file")
+    assert victim.read_text() == '{"epoch": 3}\n'
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".json", ".md")) == [foreign]
 
 
 @pytest.mark.parametrize("args, needle", [
