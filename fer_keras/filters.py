@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -40,11 +41,13 @@ from tf_keras_vis.utils.scores import Score
 from fer_keras import CLASS_NAMES, cli
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError
-from fer_keras.history import atomic_write_text
+from fer_keras.history import atomic_write_text, check_json_replaceable
 from fer_keras.model import FIRST_CONV_LAYER, LAST_CONV_LAYER
 from fer_keras.vis import as_batch, check_layer, new_figure, parse_int_list, quiet_keras, save_figure, split_indices
 
 PIXEL_RANGE = (0.0, 255.0)
+# Keys every filters.json has: an existing one is replaced only if it has them.
+REPORT_KEYS = ("layers", "feature_map_image")
 DEFAULT_FILTERS = 16
 DEFAULT_STEPS = 128
 DEFAULT_LEARNING_RATE = 8.0
@@ -376,8 +379,9 @@ def define_flags() -> None:
     for name in ("steps", "batch_size", "top_k"):
         flags.register_validator(name, lambda v: v >= 1, f"--{name} must be >= 1")
     for name in ("tv_weight", "norm_weight", "rotate", "jitter", "image_index"):
-        flags.register_validator(name, lambda v: v >= 0, f"--{name} must be >= 0")
-    flags.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must be > 0")
+        flags.register_validator(name, lambda v: 0 <= v < math.inf, f"--{name} must be a number >= 0")
+    flags.register_validator("learning_rate", lambda v: 0 < v < math.inf, "--learning_rate must be a number > 0")
+    flags.register_validator("output_dir", lambda v: bool(v and v.strip()), "--output_dir must not be empty")
     flags.register_validator("layers", lambda v: bool(v), "--layers needs at least one layer name")
     flags.register_validator("split", lambda v: v.strip().lower() in fer_data.SPLIT_ALIASES,
                              "--split must be train, val (PublicTest) or test (PrivateTest)")
@@ -411,6 +415,7 @@ def main(argv: Sequence[str]) -> None:
             check_filters(sub, layer, filters)
     keras.utils.set_random_seed(f.seed)
     out = Path(f.output_dir)
+    check_json_replaceable(out / "filters.json", REPORT_KEYS, "a filters report")
     out.mkdir(parents=True, exist_ok=True)
     settings = {name: f[name].value for name in ("steps", "learning_rate", "tv_weight", "norm_weight",
                                                    "jitter", "rotate", "top_k", "seed")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import json
 import os
 import re
 import shutil
@@ -52,6 +53,24 @@ def check_replaceable(path: str | os.PathLike, heads: Sequence[bytes], what: str
         raise ConfigError(f"{path}: cannot read the existing file ({e.strerror or e})") from None
     if not any(head.startswith(h) for h in heads):
         raise ConfigError(f"{path}: exists and is not {what}; choose another --output or remove the file")
+
+
+def check_json_replaceable(path: str | os.PathLike, keys: Sequence[str], what: str) -> None:
+    """:func:`check_replaceable` for a JSON report whose first key varies: an existing file is replaced only if it
+    is a JSON object holding all of ``keys``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, expected an output file name")
+    if not path.exists():
+        return
+    try:
+        document = json.loads(path.read_bytes())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the existing file ({e.strerror or e})") from None
+    except ValueError:
+        document = None
+    if not (isinstance(document, dict) and set(keys) <= set(document)):
+        raise ConfigError(f"{path}: exists and is not {what}; choose another --output_dir or remove the file")
 
 
 def sha256_files(paths: Sequence[Path]) -> str:
@@ -190,6 +209,8 @@ def read_history_csv(path: str | os.PathLike) -> list[dict]:
                         parsed[key] = int(value) if key == "epoch" else float(value)
                     except (TypeError, ValueError):
                         raise DataError(f"{path}: line {reader.line_num}: {key} {value!r} is not a number") from None
+                if "epoch" not in parsed:
+                    raise DataError(f"{path}: line {reader.line_num}: no epoch number")
                 rows.append(parsed)
         except (csv.Error, UnicodeDecodeError) as e:
             raise DataError(f"{path}: line {reader.line_num}: {e}") from None

@@ -357,8 +357,31 @@ def as_float32(model: keras.Model) -> keras.Model:
     return clone
 
 
+def output_layer(model: keras.Model) -> keras.layers.Layer:
+    """The layer that makes the model's (first) output."""
+    names = getattr(model, "output_names", None)  # Keras 3 Sequential models have none
+    return model.get_layer(names[0]) if names else model.layers[-1]
+
+
+def as_logits(model: keras.Model) -> keras.Model:
+    """The model without a final softmax, so that it outputs logits like every fer_keras model: the export, TTA,
+    evaluation and distillation apply softmax themselves, and saliency needs logits, whose gradients do not
+    saturate. A model without one is returned as it is; otherwise the caller's model keeps its softmax."""
+    last = output_layer(model)
+    if isinstance(last, layers.Softmax):
+        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs  # a list would warn at every call
+        return keras.Model(inputs, last.input, name=model.name)
+    if getattr(last, "activation", None) is not keras.activations.softmax:
+        return model
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    output_layer(clone).activation = keras.activations.linear
+    return clone
+
+
 def load_keras_model(path: str, safe_mode: bool = True) -> keras.Model:
-    """Loads a ``.keras`` file with Keras safe mode on: a file with a code-carrying Lambda is refused."""
+    """Loads a ``.keras`` file with Keras safe mode on (a file with a code-carrying Lambda is refused), as a
+    classifier that outputs logits (:func:`as_logits`)."""
     from fer_keras.errors import ModelError
 
     try:
@@ -375,7 +398,7 @@ def load_keras_model(path: str, safe_mode: bool = True) -> keras.Model:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise ModelError(f"{path}: cannot load model: {reason}") from None
     check_classifier(model, path)
-    return model
+    return as_logits(model)
 
 
 def check_classifier(model: keras.Model, where: str | os.PathLike) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -33,8 +34,8 @@ from tf_keras_vis.utils.scores import CategoricalScore
 from fer_keras import CLASS_NAMES, NUM_CLASSES, cli
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError, ModelError
-from fer_keras.history import atomic_write_text
-from fer_keras.model import LAST_CONV_LAYER
+from fer_keras.history import atomic_write_text, check_json_replaceable
+from fer_keras.model import LAST_CONV_LAYER, as_logits, output_layer
 from fer_keras.vis import as_batch, check_layer, new_figure, parse_int_list, quiet_keras, save_figure, split_indices
 
 TARGETS = ("pred", "true")
@@ -42,27 +43,24 @@ DEFAULT_OUTPUT_DIR = "reports/saliency"
 DEFAULT_SMOOTH_SAMPLES = 20
 DEFAULT_SMOOTH_NOISE = 0.2
 BATCH_SIZE = 32
+# Keys every saliency.json has: an existing one is replaced only if it has them.
+REPORT_KEYS = ("grid", "images")
 
 
 # --------------------------------------------------------------------------------------------
 # Model and input plumbing
 
 
-def _output_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    names = getattr(model, "output_names", None)  # Keras 3 Sequential models have none
-    if names:
-        return [model.get_layer(name) for name in names]
-    return [model.layers[-1]]
-
-
 def linearize(model: keras.Model) -> keras.Model:
-    """The model with softmax (or any output activation) replaced by linear, via ReplaceToLinear.
+    """The model with a final softmax (layer or activation, :func:`model.as_logits`) or any other output
+    activation removed, via ReplaceToLinear.
 
     Models that already output logits are returned as they are; others are cloned first so the
     caller's model keeps its softmax. Gradients of probabilities saturate, those of logits do not.
     """
+    model = as_logits(model)
     linear = keras.activations.linear
-    if all(getattr(layer, "activation", linear) is linear for layer in _output_layers(model)):
+    if getattr(output_layer(model), "activation", linear) is linear:
         return model
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
@@ -92,7 +90,7 @@ def predict(model: keras.Model, images: np.ndarray) -> tuple[np.ndarray, np.ndar
     """(logits, probabilities) ``[N, classes]``; softmax is applied only if the model lacks one."""
     outputs = np.concatenate([np.asarray(model(as_batch(images[s]), training=False), np.float32)
                               for s in _chunks(len(images))]) if len(images) else np.zeros((0, NUM_CLASSES))
-    last = _output_layers(model)[-1]
+    last = output_layer(model)
     if getattr(last, "activation", None) is keras.activations.softmax or isinstance(last, keras.layers.Softmax):
         return np.log(np.clip(outputs, 1e-12, None)), outputs
     e = np.exp(outputs - outputs.max(axis=1, keepdims=True))
@@ -291,6 +289,8 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
     if tuple(selection.images.shape[1:]) != expected:
         raise ModelError(f"model {model.name!r} takes images of shape {expected}, got {selection.images.shape[1:]}")
     check_layer(model, layer)
+    out = Path(output_dir)
+    check_json_replaceable(out / "saliency.json", REPORT_KEYS, "a saliency report")
     _, probs = predict(model, selection.images)
     model = linearize(model)  # once here, not a clone per map
     preds = probs.argmax(axis=1)
@@ -299,7 +299,6 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
     smooth = smoothgrad(model, selection.images, classes, smooth_samples, smooth_noise)
     cam = gradcam_plus_plus(model, selection.images, classes, layer)
 
-    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = []
     titles = []
@@ -356,7 +355,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Random seed (SmoothGrad noise).")
     flags.register_validator("seed", lambda v: v >= 0, "--seed must be >= 0")
     flags.register_validator("smooth_samples", lambda v: v >= 1, "--smooth_samples must be >= 1")
-    flags.register_validator("smooth_noise", lambda v: v > 0, "--smooth_noise must be > 0")
+    flags.register_validator("smooth_noise", lambda v: 0 < v < math.inf, "--smooth_noise must be a number > 0")
+    flags.register_validator("output_dir", lambda v: bool(v and v.strip()), "--output_dir must not be empty")
     flags.register_validator("split", lambda v: v.strip().lower() in fer_data.SPLIT_ALIASES,
                              "--split must be train, val (PublicTest) or test (PrivateTest)")
 

@@ -18,6 +18,9 @@ from matplotlib.figure import Figure
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError, DataError
 
+# Longest range --indices or --filters take: FER2013's Training split is 28,709 images.
+MAX_RANGE = 100_000
+
 
 @contextmanager
 def quiet_keras() -> Iterator[None]:
@@ -72,6 +75,8 @@ def parse_int_list(values: Sequence[str], what: str) -> list[int]:
             lo, hi = int(m.group(1)), int(m.group(2))
             if hi < lo:
                 raise ConfigError(f"{what}: range {text!r} is empty")
+            if hi - lo >= MAX_RANGE:
+                raise ConfigError(f"{what}: range {text!r} has more than {MAX_RANGE:,} numbers")
             out.extend(range(lo, hi + 1))
         elif re.fullmatch(r"\d+", text):
             out.append(int(text))

@@ -14,6 +14,7 @@ from PIL import Image
 
 from fer_keras import filters as flt
 from fer_keras.errors import ConfigError
+from fer_keras.history import check_json_replaceable
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -143,6 +144,26 @@ def test_cli_writes_grids_and_json(tool_inputs, tmp_path):
             assert_png(Path(p))
     assert "stage4_block2 filters 0,3: step 2/2" in result.stderr
     assert "wrote" in result.stdout
+    check_json_replaceable(out / "filters.json", flt.REPORT_KEYS, "a filters report")  # a rerun may replace it
+
+
+@pytest.mark.parametrize("problem", ["empty_output_dir", "infinite_learning_rate", "foreign_json"])
+def test_cli_refuses_an_output_dir_it_would_damage_and_non_finite_settings(tool_inputs, tmp_path, problem):
+    root, model, csv = tool_inputs
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "filters.json").write_text("[1, 2]\n")
+    args = {"empty_output_dir": ["--output_dir="],
+            "infinite_learning_rate": [f"--output_dir={tmp_path / 'out'}", "--learning_rate=inf"],
+            "foreign_json": [f"--output_dir={tmp_path / 'notes'}"]}[problem]
+    result = run_tool("filters", f"--model={model}", f"--data={csv}", "--steps=1", *args, cwd=tmp_path)
+    expected = {"empty_output_dir": "--output_dir must not be empty",
+                "infinite_learning_rate": "--learning_rate must be a number > 0",
+                "foreign_json": f"{tmp_path / 'notes' / 'filters.json'}: exists and is not a filters report; "
+                                "choose another --output_dir or remove the file"}[problem]
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and last.startswith("error:") and expected in last, result.stderr[-500:]
+    assert (tmp_path / "notes" / "filters.json").read_text() == "[1, 2]\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
 
 
 def test_cli_image_index_out_of_range_is_a_one_line_error(tool_inputs, tmp_path):

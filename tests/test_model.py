@@ -15,6 +15,7 @@ from fer_keras.model import (
     BasicBlock,
     FusedBatchNormalization,
     GrayscaleToRGB,
+    as_logits,
     count_params,
     input_crop_of,
     load_keras_model,
@@ -161,6 +162,29 @@ def test_safe_mode_refuses_a_lambda_with_code(tmp_path):
     keras.Model(inputs, outputs).save(path)
     with pytest.raises(ModelError, match="arbitrary code"):
         load_keras_model(str(path))
+
+
+@pytest.mark.parametrize("head", ["activation", "Softmax"])
+def test_a_classifier_saved_with_a_final_softmax_loads_as_logits(tmp_path, head):
+    """fer_keras applies softmax itself (export, TTA, evaluation, distillation): a model ending in one is loaded
+    without it, or its probabilities would be softmaxed twice."""
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((48, 48, 1))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs))
+    logits = keras.layers.Dense(7, name="logits")(x)
+    if head == "activation":
+        saved = keras.Model(inputs, keras.layers.Dense(7, activation="softmax", name="probs")(x))
+        saved.get_layer("probs").set_weights(keras.Model(inputs, logits).get_layer("logits").get_weights())
+    else:
+        saved = keras.Model(inputs, keras.layers.Softmax()(logits))
+    saved.save(tmp_path / "softmax.keras")
+    loaded = load_keras_model(str(tmp_path / "softmax.keras"))
+    pixels = np.random.default_rng(0).uniform(0, 255, (3, 48, 48, 1)).astype(np.float32)
+    expected = np.asarray(keras.Model(inputs, logits)(pixels))
+    np.testing.assert_allclose(np.asarray(loaded(pixels)), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(saved(pixels)).sum(axis=1), 1.0, rtol=1e-5)
+    plain = resnet18("imagenet")
+    assert as_logits(plain) is plain
 
 
 def test_a_keras_file_with_a_damaged_member_is_a_one_line_error(tmp_path):

@@ -14,6 +14,7 @@ from PIL import Image
 from fer_keras import CLASS_NAMES
 from fer_keras import saliency as sal
 from fer_keras.errors import ConfigError, DataError
+from fer_keras.history import check_json_replaceable
 from fer_keras.vis import parse_int_list
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -144,6 +145,21 @@ def test_linearize_replaces_softmax_on_a_copy():
     assert sal.linearize(logits_model) is logits_model
 
 
+@pytest.mark.parametrize("head", ["activation", "Softmax", "Activation"])
+def test_a_final_softmax_in_any_form_is_explained_through_the_logits(head):
+    """A Softmax layer has no ``activation`` attribute: it must not pass for linear and saturate the maps."""
+    logits_model = conv_model()
+    if head == "activation":
+        model = conv_model(activation="softmax")
+    else:
+        last = keras.layers.Softmax() if head == "Softmax" else keras.layers.Activation("softmax")
+        model = keras.Model(logits_model.input, last(logits_model.output))
+    x, classes = images(3), [0, 3, 6]
+    np.testing.assert_allclose(sal.vanilla_saliency(model, x, classes, normalize=False),
+                               sal.vanilla_saliency(logits_model, x, classes, normalize=False), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(model(x.astype(np.float32))).sum(axis=1), 1.0, rtol=1e-5)
+
+
 def test_class_count_must_match_images():
     with pytest.raises(ConfigError, match="2 target classes for 3 images"):
         sal.vanilla_saliency(left_half_model(), images(3), [0, 1])
@@ -169,6 +185,9 @@ def test_parse_int_list():
         parse_int_list(["x"], "--indices")
     with pytest.raises(ConfigError, match="empty"):
         parse_int_list(["5-3"], "--indices")
+    with pytest.raises(ConfigError, match="--indices: range '0-9999999999' has more than 100,000 numbers"):
+        parse_int_list(["0-9999999999"], "--indices")  # refused before a list of ten billion is built
+    assert len(parse_int_list(["0-28708"], "--indices")) == 28_709
 
 
 def test_split_selection(tmp_path):
@@ -215,6 +234,7 @@ def test_cli_writes_figures_grid_and_json(tool_inputs, tmp_path):
     assert_png(Path(report["grid"]))
     assert len(list(out.glob("*.png"))) == len(CLASS_NAMES) + 1
     assert "wrote 7 figure(s)" in result.stdout
+    check_json_replaceable(out / "saliency.json", sal.REPORT_KEYS, "a saliency report")  # a rerun may replace it
 
 
 def test_cli_index_out_of_range_is_a_one_line_error(tool_inputs, tmp_path):
@@ -228,14 +248,26 @@ def test_cli_index_out_of_range_is_a_one_line_error(tool_inputs, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("problem", ["output_dir_under_a_file", "negative_seed"])
+@pytest.mark.parametrize("problem", ["output_dir_under_a_file", "negative_seed", "empty_output_dir",
+                                     "infinite_noise", "foreign_json"])
 def test_cli_bad_output_dir_or_seed_is_a_one_line_error(tool_inputs, tmp_path, problem):
     root, model, csv = tool_inputs
     (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "saliency.json").write_text('{"mine": 1}\n')
     args = {"output_dir_under_a_file": [f"--output_dir={tmp_path / 'a_file' / 'out'}"],
-            "negative_seed": [f"--output_dir={tmp_path / 'out'}", "--seed=-1"]}[problem]
-    result = run_tool("saliency", f"--model={model}", f"--data={csv}", "--indices=0", *args, cwd=root)
+            "negative_seed": [f"--output_dir={tmp_path / 'out'}", "--seed=-1"],
+            "empty_output_dir": ["--output_dir="],
+            "infinite_noise": [f"--output_dir={tmp_path / 'out'}", "--smooth_noise=inf"],
+            "foreign_json": [f"--output_dir={tmp_path / 'notes'}"]}[problem]
+    result = run_tool("saliency", f"--model={model}", f"--data={csv}", "--indices=0", *args, cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    expected = {"output_dir_under_a_file": "a_file", "negative_seed": "--seed must be >= 0"}[problem]
+    expected = {"output_dir_under_a_file": "a_file", "negative_seed": "--seed must be >= 0",
+                "empty_output_dir": "--output_dir must not be empty",
+                "infinite_noise": "--smooth_noise must be a number > 0",
+                "foreign_json": f"{tmp_path / 'notes' / 'saliency.json'}: exists and is not a saliency report; "
+                                "choose another --output_dir or remove the file"}[problem]
+    assert (tmp_path / "notes" / "saliency.json").read_text() == '{"mine": 1}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "notes"]
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and last.startswith("error:") and expected in last, result.stderr[-500:]

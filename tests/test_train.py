@@ -637,6 +637,9 @@ def test_a_damaged_history_csv_is_named_with_its_line(tmp_path):
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(ConfigError, match=r"config.json: unreadable: "):
         history_lib.read_run(tmp_path)
+    path.write_text("loss,accuracy\n1.2,0.5\n")  # no epoch column: the report and ablation would fail on it
+    with pytest.raises(DataError, match=r"history.csv: line 2: no epoch number"):
+        history_lib.read_history_csv(path)
     path.write_bytes(b"epoch,loss\n1,\xff\xfe\n")  # not UTF-8
     with pytest.raises(DataError, match=r"history.csv: line \d+: 'utf-8' codec can't decode"):
         history_lib.read_history_csv(path)
