@@ -333,8 +333,21 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
         "grid": str(grid),
         "images": records,
     }
+    stale = _earlier_figures(out) - {Path(r["figure"]).name for r in records}
     atomic_write_text(out / "saliency.json", json.dumps(report, indent=2) + "\n")
+    for name in stale:  # an earlier run's figures of other images, which the new saliency.json does not list
+        (out / name).unlink(missing_ok=True)
     return report
+
+
+def _earlier_figures(out: Path) -> set[str]:
+    """Names of the per-image figures an earlier saliency.json in ``out`` lists (it was checked to be ours)."""
+    try:
+        images = json.loads((out / "saliency.json").read_text())["images"]
+        names = {Path(r["figure"]).name for r in images}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {n for n in names if re.fullmatch(r"\d{3}_.*\.png", n)}
 
 
 def define_flags() -> None:

@@ -160,6 +160,18 @@ def test_a_final_softmax_in_any_form_is_explained_through_the_logits(head):
     np.testing.assert_allclose(np.asarray(model(x.astype(np.float32))).sum(axis=1), 1.0, rtol=1e-5)
 
 
+def test_a_rerun_with_fewer_images_removes_the_earlier_runs_other_figures(tmp_path):
+    def selection(n: int) -> sal.Selection:
+        return sal.Selection(images(n), np.arange(n), [f"img{k}" for k in range(n)], ["test"] * n, [None] * n)
+
+    model = conv_model()
+    (tmp_path / "001_mine.png").write_bytes(b"not listed by any saliency.json")
+    first = sal.explain(model, selection(3), tmp_path, layer="features", smooth_samples=1)
+    assert [Path(r["figure"]).name for r in first["images"]] == ["000_img0.png", "001_img1.png", "002_img2.png"]
+    sal.explain(model, selection(1), tmp_path, layer="features", smooth_samples=1)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["000_img0.png", "001_mine.png", "grid.png"]
+
+
 def test_class_count_must_match_images():
     with pytest.raises(ConfigError, match="2 target classes for 3 images"):
         sal.vanilla_saliency(left_half_model(), images(3), [0, 1])
