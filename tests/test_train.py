@@ -361,7 +361,7 @@ def test_every_recipe_in_flags_is_a_valid_configuration(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(proc.stdout.splitlines()) == len(recipes)
-    assert "flags/fer2013.cfg onecycle 100" in proc.stdout
+    assert "flags/fer2013.cfg onecycle 200" in proc.stdout
 
 
 def test_checking_a_configuration_loads_neither_keras_nor_tensorflow(tmp_path):
