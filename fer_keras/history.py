@@ -38,39 +38,42 @@ def atomic_write_text(path: Path, content: str | bytes) -> None:
         raise
 
 
+def _existing_output(path: Path, limit: int = -1) -> bytes | None:
+    """The first ``limit`` bytes (all: -1) of an output file that exists, None if there is none."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, expected an output file name")
+    if not path.exists():
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the existing file ({e.strerror or e})") from None
+
+
 def check_replaceable(path: str | os.PathLike, heads: Sequence[bytes], what: str) -> None:
     """Refuses an output file that exists and does not begin like an earlier ``what`` (one of ``heads``): an
     ``--output`` that names the data, a model or a run's record by mistake must not destroy it."""
     path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a directory, expected an output file name")
-    if not path.exists():
-        return
-    try:
-        with open(path, "rb") as f:
-            head = f.read(max(len(h) for h in heads))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the existing file ({e.strerror or e})") from None
-    if not any(head.startswith(h) for h in heads):
+    head = _existing_output(path, max(len(h) for h in heads))
+    if head is not None and not any(head.startswith(h) for h in heads):
         raise ConfigError(f"{path}: exists and is not {what}; choose another --output or remove the file")
 
 
-def check_json_replaceable(path: str | os.PathLike, keys: Sequence[str], what: str) -> None:
+def check_json_replaceable(path: str | os.PathLike, keys: Sequence[str], what: str) -> dict | None:
     """:func:`check_replaceable` for a JSON report whose first key varies: an existing file is replaced only if it
-    is a JSON object holding all of ``keys``."""
+    is a JSON object holding all of ``keys``. Returns that earlier report (None if there is none)."""
     path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a directory, expected an output file name")
-    if not path.exists():
-        return
+    raw = _existing_output(path)
+    if raw is None:
+        return None
     try:
-        document = json.loads(path.read_bytes())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the existing file ({e.strerror or e})") from None
+        document = json.loads(raw)
     except ValueError:
         document = None
     if not (isinstance(document, dict) and set(keys) <= set(document)):
         raise ConfigError(f"{path}: exists and is not {what}; choose another --output_dir or remove the file")
+    return document
 
 
 def sha256_files(paths: Sequence[Path]) -> str:

@@ -290,7 +290,7 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
         raise ModelError(f"model {model.name!r} takes images of shape {expected}, got {selection.images.shape[1:]}")
     check_layer(model, layer)
     out = Path(output_dir)
-    check_json_replaceable(out / "saliency.json", REPORT_KEYS, "a saliency report")
+    earlier = check_json_replaceable(out / "saliency.json", REPORT_KEYS, "a saliency report")
     _, probs = predict(model, selection.images)
     model = linearize(model)  # once here, not a clone per map
     preds = probs.argmax(axis=1)
@@ -333,19 +333,18 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
         "grid": str(grid),
         "images": records,
     }
-    stale = _earlier_figures(out) - {Path(r["figure"]).name for r in records}
+    stale = _earlier_figures(earlier) - {Path(r["figure"]).name for r in records}
     atomic_write_text(out / "saliency.json", json.dumps(report, indent=2) + "\n")
     for name in stale:  # an earlier run's figures of other images, which the new saliency.json does not list
         (out / name).unlink(missing_ok=True)
     return report
 
 
-def _earlier_figures(out: Path) -> set[str]:
-    """Names of the per-image figures an earlier saliency.json in ``out`` lists (it was checked to be ours)."""
+def _earlier_figures(earlier: dict | None) -> set[str]:
+    """Names of the per-image figures an earlier saliency.json (already checked to be ours) lists."""
     try:
-        images = json.loads((out / "saliency.json").read_text())["images"]
-        names = {Path(r["figure"]).name for r in images}
-    except (OSError, ValueError, KeyError, TypeError):
+        names = {Path(r["figure"]).name for r in (earlier or {}).get("images", [])}
+    except (KeyError, TypeError):
         return set()
     return {n for n in names if re.fullmatch(r"\d{3}_.*\.png", n)}
 
