@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 
 import keras
 import numpy as np
+import tensorflow as tf
 from absl import flags
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -140,9 +141,36 @@ def gradcam_plus_plus(model: keras.Model, images: np.ndarray, classes: Sequence[
     out = []
     with quiet_keras():
         for s in _chunks(int(x.shape[0])):
-            out.append(np.asarray(cam(CategoricalScore(targets[s]), x[s], penultimate_layer=layer,
-                                      seek_penultimate_conv_layer=False, normalize_cam=normalize)))
+            maps = np.asarray(cam(_CenteredScore(targets[s]), x[s], penultimate_layer=layer,
+                                  seek_penultimate_conv_layer=False, normalize_cam=normalize), np.float64)
+            if not normalize:  # the factor exp(score) that _CenteredScore left out, in float64
+                logits, _ = predict(model, x[s])
+                maps *= np.exp(logits[np.arange(len(targets[s])), targets[s]].astype(np.float64))[:, None, None]
+            out.append(maps if not normalize else maps.astype(np.float32))
     return np.concatenate(out).reshape(x.shape[:3]) if out else np.zeros(x.shape[:3], np.float32)
+
+
+class _CenteredScore(CategoricalScore):
+    """The class logit minus its own value held constant: the same gradients, and a score of 0.
+
+    Grad-CAM++ (tf-keras-vis) multiplies the gradients by exp(score) in float32, which overflows to inf above a
+    logit of ~88 (NaN maps) and underflows to 0 below ~-103 (empty maps). The factor is the same for every
+    feature map of an image, so it cancels in the per-image normalised map; a score of exactly 0 makes it 1.
+    """
+
+    def __call__(self, output):
+        score = super().__call__(output)
+        return score - tf.stop_gradient(score)
+
+
+def served_probabilities(model: keras.Model, images: np.ndarray, tta: str = "none") -> np.ndarray:
+    """Probabilities ``[N, classes]`` as served: averaged over the views of ``tta`` (see :mod:`fer_keras.tta`)."""
+    if tta == "none":
+        return predict(model, images)[1]
+    from fer_keras.inference import Predictor
+    from fer_keras.tta import tta_probabilities
+
+    return tta_probabilities(Predictor("keras", Path(model.name), keras_model=as_logits(model)), images, tta)
 
 
 def target_classes(target: str, labels: np.ndarray, predictions: np.ndarray, ids: Sequence[str]) -> np.ndarray:
@@ -282,16 +310,20 @@ def plot_grid(path: str | Path, images: np.ndarray, saliency: np.ndarray, smooth
 
 def explain(model: keras.Model, selection: Selection, output_dir: str | Path, target: str = "pred",
             layer: str = LAST_CONV_LAYER, smooth_samples: int = DEFAULT_SMOOTH_SAMPLES,
-            smooth_noise: float = DEFAULT_SMOOTH_NOISE, metadata: dict | None = None) -> dict:
+            smooth_noise: float = DEFAULT_SMOOTH_NOISE, metadata: dict | None = None, tta: str = "none") -> dict:
     """Computes all maps for a selection, writes the figures and the JSON (with ``metadata`` such as
-    the model and data paths first); returns the JSON dict."""
+    the model and data paths first); returns the JSON dict.
+
+    ``tta`` is the test-time augmentation the model is served with (an export's built-in one): predictions and
+    probabilities then average its views, as users get them; the maps explain the image itself.
+    """
     expected = tuple(model.inputs[0].shape[1:])
     if tuple(selection.images.shape[1:]) != expected:
         raise ModelError(f"model {model.name!r} takes images of shape {expected}, got {selection.images.shape[1:]}")
     check_layer(model, layer)
     out = Path(output_dir)
     earlier = check_json_replaceable(out / "saliency.json", REPORT_KEYS, "a saliency report")
-    _, probs = predict(model, selection.images)
+    probs = served_probabilities(model, selection.images, tta)
     model = linearize(model)  # once here, not a clone per map
     preds = probs.argmax(axis=1)
     classes = target_classes(target, selection.labels, preds, selection.ids)
@@ -330,6 +362,7 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
         "layer": layer,
         "smooth_samples": smooth_samples,
         "smooth_noise": smooth_noise,
+        "prediction_tta": tta,
         "grid": str(grid),
         "images": records,
     }
@@ -384,16 +417,19 @@ def main(argv: Sequence[str]) -> None:
         selection = from_split(f.data, f.split, parse_int_list(f.indices, "--indices") if f.indices else None,
                                f.skip_bad_rows)
         metadata = {"data": f.data or str(fer_data.SAMPLE_PATH), "split": fer_data.canonical_split(f.split)}
-    from fer_keras.inference import load_keras
+    from fer_keras.inference import export_metadata, load_keras, resolve
 
+    kind, path = resolve(f.model)
+    tta = (export_metadata(path).get("tta") or "none") if kind == "saved_model" else "none"
     model = load_keras(f.model)
     keras.utils.set_random_seed(f.seed)
     metadata = {"model": str(Path(f.model).resolve()) if f.model else "shipped model", **metadata}
     report = explain(model, selection, f.output_dir, f.target, f.layer, f.smooth_samples, f.smooth_noise,
-                     metadata)
+                     metadata, tta)
+    served = "" if tta == "none" else f", {tta} TTA as served"
     for r in report["images"]:
         print(f"{r['id']}: true {r['true_label'] or 'unknown'}, pred {r['pred_label']} "
-              f"({r['probabilities'][r['pred_label']]:.0%}) -> {r['figure']}")
+              f"({r['probabilities'][r['pred_label']]:.0%}{served}) -> {r['figure']}")
     print(f"wrote {len(report['images'])} figure(s), {report['grid']} and "
           f"{Path(f.output_dir) / 'saliency.json'}")
 

@@ -104,6 +104,40 @@ def test_gradcam_plus_plus_lights_up_what_drives_the_class():
     assert np.all(sal.gradcam_plus_plus(model, x, [1, 1], layer="features") < 1e-6)
 
 
+def shifted(model: keras.Model, shift: float) -> keras.Model:
+    """A copy of ``model`` whose logits are all ``shift`` higher: the same gradients, other exp(logit)."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    kernel, bias = copy.get_layer("logits").get_weights()
+    copy.get_layer("logits").set_weights([kernel, bias + shift])
+    return copy
+
+
+def test_gradcam_plus_plus_survives_logits_beyond_exp_range():
+    """tf-keras-vis weighs Grad-CAM++ by exp(logit) in float32: inf above ~88, 0 below ~-103. Shifting every logit
+    changes no gradient, so the normalised maps must not change; unnormalised ones scale by exp(shift)."""
+    model, x, classes = conv_model(), images(3, seed=4), [0, 3, 6]
+    base = sal.gradcam_plus_plus(model, x, classes, layer="features")
+    assert base.max() > 0.9
+    for shift in (200.0, -200.0):
+        maps = sal.gradcam_plus_plus(shifted(model, shift), x, classes, layer="features")
+        assert np.isfinite(maps).all()
+        np.testing.assert_allclose(maps, base, atol=1e-5)
+    raw = sal.gradcam_plus_plus(model, x, classes, layer="features", normalize=False)
+    raw_up = sal.gradcam_plus_plus(shifted(model, 5.0), x, classes, layer="features", normalize=False)
+    assert raw.max() > 0
+    np.testing.assert_allclose(raw_up, raw * np.exp(5.0), rtol=1e-4, atol=1e-6 * raw.max() * np.exp(5.0))
+
+
+def test_served_probabilities_average_the_exports_views():
+    """With a TTA built into the export, the report's predictions are the served ones (image and mirror image)."""
+    model, x = conv_model(), images(4, seed=5)
+    logits = np.stack([np.asarray(model(v.astype(np.float32))) for v in (x, x[:, :, ::-1])])
+    probs = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
+    np.testing.assert_allclose(sal.served_probabilities(model, x, "flip"), probs.mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(sal.served_probabilities(model, x), probs[0], atol=1e-5)
+
+
 def test_a_mixed_precision_run_is_explained_in_float32(tmp_path):
     """The best.keras of a --precision=mixed_bfloat16 run: load_keras rebuilds it in float32, with the same
     weights, so tf-keras-vis' float32 scores meet float32 gradients (bfloat16 ones made Grad-CAM++ fail)."""
@@ -283,3 +317,23 @@ def test_cli_bad_output_dir_or_seed_is_a_one_line_error(tool_inputs, tmp_path, p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "notes"]
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and last.startswith("error:") and expected in last, result.stderr[-500:]
+
+
+def test_cli_on_the_shipped_export_reports_what_it_serves(tmp_path):
+    """The shipped export averages its built-in TTA's views: the report's probabilities are its served ones, not
+    those of the bare network whose gradients the maps show."""
+    from fer_keras.inference import SHIPPED_MODEL, load_predictor
+
+    out = tmp_path / "out"
+    result = run_tool("saliency", "--indices=0,1,2", f"--output_dir={out}", "--smooth_samples=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "saliency.json").read_text())
+    served = load_predictor(SHIPPED_MODEL)
+    assert report["model"] == "shipped model" and report["prediction_tta"] == (served.metadata.get("tta") or "none")
+    split = sal.from_split(None, "val", [0, 1, 2])
+    expected = served.probabilities(split.images)
+    got = np.array([[r["probabilities"][name] for name in CLASS_NAMES] for r in report["images"]])
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    assert [r["pred"] for r in report["images"]] == list(expected.argmax(axis=1))
+    if report["prediction_tta"] != "none":
+        assert f"{report['prediction_tta']} TTA as served" in result.stdout
