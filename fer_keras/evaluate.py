@@ -21,7 +21,7 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from absl import flags
@@ -39,6 +39,9 @@ from fer_keras.tta import (
     model_crop_of,
     tta_probabilities,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DEFAULT_OUTPUT_DIR = "reports/evaluate"
 
@@ -258,11 +261,21 @@ def plot_confusion(
     normalized: bool = False,
     class_names: Sequence[str] = CLASS_NAMES,
 ) -> Path:
-    """Draws a confusion matrix (true classes down, predicted across) as an annotated PNG.
+    """Draws a confusion matrix (true classes down, predicted across) as an annotated PNG at ``path``."""
+    from fer_keras.vis import save_figure
 
-    Uses matplotlib's object API with the Agg canvas, so no display or pyplot state is involved.
-    """
-    from fer_keras.vis import new_figure, save_figure
+    return save_figure(confusion_figure(matrix, title, normalized, class_names), path)
+
+
+def confusion_figure(
+    matrix: np.ndarray,
+    title: str,
+    normalized: bool = False,
+    class_names: Sequence[str] = CLASS_NAMES,
+) -> Figure:
+    """The annotated confusion-matrix figure. Uses matplotlib's object API with the Agg canvas, so no display or
+    pyplot state is involved."""
+    from fer_keras.vis import new_figure
 
     matrix = np.asarray(matrix)
     n = len(class_names)
@@ -286,7 +299,7 @@ def plot_confusion(
             ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=9)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
 def _title(result: EvalResult, normalized: bool) -> str:
@@ -313,7 +326,12 @@ def _predictions_csv(result: EvalResult) -> str:
 
 
 def write_report(result: EvalResult, output_dir: str | Path, source: str | None = None) -> dict[str, Path]:
-    """Writes the JSON, CSV, PNGs and text report; returns their paths by kind."""
+    """Writes the JSON, CSV, PNGs and text report; returns their paths by kind.
+
+    Everything is drawn and formatted before the first file is written, and each file replaces its old version
+    atomically, so a rerun stopped part-way mixes old and new files only within milliseconds of writing; the
+    metrics JSON, which lists the set, comes last.
+    """
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a directory")
@@ -325,15 +343,22 @@ def write_report(result: EvalResult, output_dir: str | Path, source: str | None 
         "png_normalized": out / f"{stem}_confusion_normalized.png",
         "report": out / f"{stem}_report.txt",
     }
-    plot_confusion(result.confusion, files["png_counts"], _title(result, False), normalized=False)
-    plot_confusion(result.normalized_confusion, files["png_normalized"], _title(result, True), normalized=True)
-    atomic_write(files["csv"], _predictions_csv(result))
+    from fer_keras.vis import png_bytes
+
     header = f"{result.model} on {result.split_label}, tta {result.tta}\naccuracy {result.accuracy:.4f}\n\n"
-    atomic_write(files["report"], header + result.report)
     payload = result.to_json()
     payload["data"] = source
     payload["files"] = {kind: path.name for kind, path in files.items() if kind != "json"}
-    atomic_write(files["json"], _dump_json(payload))
+    contents = {
+        "png_counts": png_bytes(confusion_figure(result.confusion, _title(result, False), normalized=False)),
+        "png_normalized": png_bytes(confusion_figure(result.normalized_confusion, _title(result, True),
+                                                     normalized=True)),
+        "csv": _predictions_csv(result),
+        "report": header + result.report,
+        "json": _dump_json(payload),
+    }
+    for kind, content in contents.items():
+        atomic_write(files[kind], content)
     return files
 
 

@@ -104,13 +104,18 @@ def new_figure(width: float, height: float, dpi: float | None = None) -> Figure:
     return fig
 
 
-def save_figure(fig: Figure, path: str | Path, dpi: float | None = None) -> Path:
-    """Writes ``fig`` as PNG to ``path`` atomically (:func:`fer_keras.predict.atomic_write`): a kill or a full disk
-    leaves the old picture, not half of a new one."""
+def png_bytes(fig: Figure, dpi: float | None = None) -> bytes:
+    """``fig`` rendered as PNG in memory, for writers that draw everything before they write anything."""
     import io
-
-    from fer_keras.predict import atomic_write
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", **({"dpi": dpi} if dpi else {}))
-    return atomic_write(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: float | None = None) -> Path:
+    """Writes ``fig`` as PNG to ``path`` atomically (:func:`fer_keras.predict.atomic_write`): a kill or a full disk
+    leaves the old picture, not half of a new one."""
+    from fer_keras.predict import atomic_write
+
+    return atomic_write(path, png_bytes(fig, dpi))

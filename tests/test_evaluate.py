@@ -270,6 +270,23 @@ def test_report_files(setup, keras_predictor, tmp_path):
     assert not [p for p in files["json"].parent.iterdir() if p.name.startswith(".")]
 
 
+def test_report_is_drawn_before_anything_is_written(setup, keras_predictor, tmp_path, monkeypatch):
+    """A rerun stopped while drawing leaves the earlier set of files whole; the listing JSON is written last."""
+    from fer_keras import evaluate as ev
+
+    split = fer_data.load(setup["csv"]).split("val")
+    result = ev.evaluate(keras_predictor, split, "none", split_name="val")
+    events = []
+    draw, write = ev.confusion_figure, ev.atomic_write
+    monkeypatch.setattr(ev, "confusion_figure", lambda *a, **k: events.append("draw") or draw(*a, **k))
+    monkeypatch.setattr(ev, "atomic_write",
+                        lambda path, content: events.append(Path(path).name) or write(path, content))
+    files = ev.write_report(result, tmp_path / "out")
+    assert events[:2] == ["draw", "draw"] and "draw" not in events[2:]
+    assert sorted(events[2:]) == sorted(p.name for p in files.values()) and events[-1] == files["json"].name
+    assert sorted(json.loads(files["json"].read_text())["files"].values()) == sorted(events[2:-1])
+
+
 def test_cli_on_flip_export_records_export_tta(setup, tmp_path):
     out = tmp_path / "reports"
     proc = run_tool("evaluate", f"--model={setup['export_flip'].parent}", f"--data={setup['csv']}",
