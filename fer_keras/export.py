@@ -4,7 +4,9 @@ Signatures (both return ``probabilities`` [N,7] float32, ``class_id`` [N] int64,
 string and ``logits`` [N,7] float32):
 
 * ``serving_default``: float32 pixels ``[N, 48, 48, 1]`` in 0-255 (what TF Serving's REST JSON gives);
-* ``serving_uint8``: the same as uint8 (compact gRPC tensors, decoded PNGs).
+* ``serving_uint8``: the same as uint8 (compact gRPC tensors, decoded PNGs);
+* ``serving_no_tta`` (only in an export with TTA built in): float32 pixels, the image alone, for clients to whom
+  one forward pass per image matters more than the TTA's gain (ten-crop costs about five times flip's time).
 
 With ``tta="flip"`` the export averages the probabilities of the image and its mirror image, with
 ``tta="tencrop"`` those of ten crops (:mod:`fer_keras.tta`, the same views as the evaluate tool's);
@@ -65,6 +67,7 @@ def next_version(base: Path) -> int:
     return versions[-1] + 1 if versions else 1
 
 
+NO_TTA_SIGNATURE = "serving_no_tta"
 SERVING_CHECKS = ("pixels finite and in 0-255, else INVALID_ARGUMENT", "an empty batch gets empty outputs")
 
 
@@ -135,7 +138,8 @@ def export_model(
     """Writes ``base_dir/name/version`` atomically and returns its path.
 
     ``version=None`` takes the next free integer; an explicit version that exists is an error.
-    ``tta`` (none, flip, tencrop with ``crop_size``) is built into both serving signatures.
+    ``tta`` (none, flip, tencrop with ``crop_size``) is built into ``serving_default`` and ``serving_uint8``; with
+    one, ``serving_no_tta`` serves the image alone.
     """
     check_tta(tta, crop_size)
     check_classifier(model, f"model {model.name!r}")
@@ -171,6 +175,13 @@ def export_model(
         "serving_uint8", tf.function(serve, autograph=False),
         input_signature=[tf.TensorSpec(shape, tf.uint8, name="pixels")],
     )
+    signatures = ["serving_default", "serving_uint8"]
+    if tta != "none":
+        archive.add_endpoint(
+            NO_TTA_SIGNATURE, tf.function(serving_function(model, "none"), autograph=False),
+            input_signature=[tf.TensorSpec(shape, tf.float32, name="pixels")],
+        )
+        signatures.append(NO_TTA_SIGNATURE)
     tf_logger = tf.get_logger()
     level = tf_logger.level
     tf_logger.setLevel("WARNING")  # SavedModel writing logs one INFO line per captured variable
@@ -184,6 +195,7 @@ def export_model(
             "outputs": ["probabilities", "class_id", "class_name", "logits"],
             # What the serving graph checks (exports before session 24 had none of it; their metadata lacks this).
             "serving_checks": list(SERVING_CHECKS),
+            "signatures": signatures,
             "tta": tta,
             **({"crop_size": effective_crop(crop_size, model_crop)} if tta == "tencrop" else {}),
             "input_crop": model_crop,
@@ -334,8 +346,9 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     path, tta = export_from(f.model, f.export_dir, f.name, f.version, f.tta, f.data, f.crop_size, f.tta_tolerance)
+    no_tta = "" if tta == "none" else f", {NO_TTA_SIGNATURE}: float32 pixels without the TTA"
     print(f"exported {f.model} to {path} with TTA {tta} (serving_default: float32 pixels, serving_uint8: "
-          "uint8 pixels)")
+          f"uint8 pixels{no_tta})")
 
 if __name__ == "__main__":
     define_flags()

@@ -221,6 +221,57 @@ def test_flip_tta_export_averages_the_mirror_image(tmp_path):
     np.testing.assert_allclose(out["logits"].numpy(), (logits + mirrored) / 2, rtol=1e-4, atol=1e-3)
 
 
+NO_TTA_PROCESS = textwrap.dedent("""
+    import sys
+    for blocked in ("fer_keras", "keras", "tf_keras"):
+        sys.modules[blocked] = None
+    import numpy as np, tensorflow as tf
+    loaded = tf.saved_model.load(sys.argv[1])
+    x = tf.constant(np.load(sys.argv[2]))
+    plain, served = loaded.signatures["serving_no_tta"](pixels=x), loaded.signatures["serving_default"](pixels=x)
+    empty = loaded.signatures["serving_no_tta"](pixels=tf.zeros([0, 48, 48, 1]))
+    try:
+        loaded.signatures["serving_no_tta"](pixels=tf.fill([1, 48, 48, 1], 300.0))
+    except tf.errors.InvalidArgumentError as e:
+        refused = "pixels must be raw grey levels in 0-255" in str(e)
+    else:
+        refused = False
+    np.savez(sys.argv[3], logits=plain["logits"].numpy(), probabilities=plain["probabilities"].numpy(),
+             served_logits=served["logits"].numpy(), empty=empty["probabilities"].numpy(), refused=refused,
+             signatures=sorted(loaded.signatures))
+""")
+
+
+@pytest.mark.parametrize("tta", ["flip", "tencrop"])
+def test_an_export_with_tta_also_serves_the_image_alone(tmp_path, tta):
+    """serving_no_tta: one forward pass per image for clients that need the speed, with the same input checks,
+    in a process that cannot import fer_keras or Keras; an export without TTA has no such extra signature."""
+    model = resnet18("imagenet")
+    distinct_batchnorm(model)
+    x = np.random.default_rng(3).integers(0, 256, (4, 48, 48, 1)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    path = export_model(model, tmp_path / "models", "m", tta=tta)
+    proc = subprocess.run([sys.executable, "-c", NO_TTA_PROCESS, str(path), str(tmp_path / "x.npy"),
+                           str(tmp_path / "o.npz")], env=cli_env(tmp_path), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = np.load(tmp_path / "o.npz")
+    logits = np.asarray(model(x, training=False))
+    tolerance = 1e-5 * max(1.0, np.abs(logits).max())
+    assert np.abs(out["logits"] - logits).max() <= tolerance
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    assert np.abs(out["probabilities"] - e / e.sum(1, keepdims=True)).max() <= tolerance
+    assert not np.allclose(out["served_logits"], logits, rtol=1e-3, atol=1e-3)  # the default keeps its TTA
+    assert out["empty"].shape == (0, 7) and bool(out["refused"])
+    assert {"serving_default", "serving_uint8", "serving_no_tta"} <= set(out["signatures"])
+    assert json.loads((path / "assets.extra" / "fer_keras.json").read_text())["signatures"] == [
+        "serving_default", "serving_uint8", "serving_no_tta"]
+    import tensorflow as tf
+
+    plain = export_model(model, tmp_path / "models", "plain", tta="none")
+    assert "serving_no_tta" not in tf.saved_model.load(str(plain)).signatures
+
+
 def test_tencrop_export_serves_the_evaluate_tools_ten_crop(tmp_path):
     from fer_keras.inference import load_predictor
     from fer_keras.tta import tta_probabilities

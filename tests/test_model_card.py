@@ -56,6 +56,11 @@ def test_card_figures_equal_a_fresh_evaluation(trained_run, tmp_path):
     assert card["serving_checks"]  # the export checks its input, and the card says so; an older export's does not
     checks = "NaN, infinite or out-of-range pixels (a scaled or normalised image) are refused with `INVALID_ARGUMENT`"
     assert checks in text and checks not in model_card.render_markdown({**card, "serving_checks": False})
+    no_tta = "`serving_no_tta` takes the same float32 pixels and answers from the image alone, without the built-in"
+    assert (no_tta in text) == (served_tta != "none") == ("serving_no_tta" in card["signatures"])
+    with_tencrop = model_card.render_markdown({**card, "served_tta": "tencrop",
+                                            "signatures": ["serving_default", "serving_uint8", "serving_no_tta"]})
+    assert f"{no_tta} tencrop TTA (one forward pass per image instead of 10)." in with_tencrop
     assert "sgd lr 0.01 cosine (warm-up 0), decoupled" in text  # constant momentum: nothing said of it
     card["training"]["config"].update(schedule="onecycle", cycle_momentum=True, momentum=0.95, base_momentum=0.85)
     assert ("sgd lr 0.01 onecycle (warm-up 0; momentum 0.95 cycling down to 0.85 at the peak), decoupled"
