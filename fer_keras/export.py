@@ -1,6 +1,6 @@
 """Export for TF Serving: ``BASE/NAME/VERSION/`` SavedModels that take raw pixels.
 
-Signatures (both return ``probabilities`` [N,7] float32, ``class_id`` [N] int64, ``class_name`` [N]
+Signatures (each returns ``probabilities`` [N,7] float32, ``class_id`` [N] int64, ``class_name`` [N]
 string and ``logits`` [N,7] float32):
 
 * ``serving_default``: float32 pixels ``[N, 48, 48, 1]`` in 0-255 (what TF Serving's REST JSON gives);
