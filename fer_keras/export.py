@@ -6,7 +6,7 @@ string and ``logits`` [N,7] float32):
 * ``serving_default``: float32 pixels ``[N, 48, 48, 1]`` in 0-255 (what TF Serving's REST JSON gives);
 * ``serving_uint8``: the same as uint8 (compact gRPC tensors, decoded PNGs);
 * ``serving_no_tta`` (only in an export with TTA built in): float32 pixels, the image alone, for clients to whom
-  one forward pass per image matters more than the TTA's gain (ten-crop costs about five times flip's time).
+  one forward pass per image matters more than the TTA's gain (ten-crop's throughput is a fifth of flip's).
 
 With ``tta="flip"`` the export averages the probabilities of the image and its mirror image, with
 ``tta="tencrop"`` those of ten crops (:mod:`fer_keras.tta`, the same views as the evaluate tool's);

@@ -87,6 +87,15 @@ def export_metadata(saved_model_dir: Path) -> dict:
         return {}
 
 
+def served_views(kind: str, path: Path) -> tuple[str, int]:
+    """The test-time augmentation a model is served with and its crop size: an export's built-in ones (recorded in
+    its metadata), ``("none", 40)`` for a ``.keras`` model."""
+    from fer_keras.tta import DEFAULT_CROP_SIZE
+
+    meta = export_metadata(path) if kind == "saved_model" else {}
+    return meta.get("tta") or "none", int(meta.get("crop_size") or DEFAULT_CROP_SIZE)
+
+
 class Predictor:
     """Logits for pixel batches ``[N, 48, 48, 1]`` (0-255), from a Keras model or an export."""
 

@@ -585,7 +585,7 @@ def render_markdown(card: dict) -> str:
         "",
         f"`{card['name']}/{card['version']}/` is a TF Serving SavedModel ({card['export_size_mb']} MB): "
         "`serving_default` takes float32 `pixels` [N, 48, 48, 1] in 0–255, `serving_uint8` the same as uint8; "
-        "both return `probabilities`, `class_id`, `class_name` and `logits`. "
+        "each returns `probabilities`, `class_id`, `class_name` and `logits`. "
         + (f"`serving_no_tta` takes the same float32 pixels and answers from the image alone, without the built-in "
            f"{card['served_tta']} TTA (one forward pass per image instead of {num_views(card['served_tta'])}). "
            if "serving_no_tta" in card.get("signatures", []) else "")

@@ -563,14 +563,17 @@ def section_saliency(ctx: _Context) -> str:
     model = ctx.keras_model()
     layer = LAST_CONV_LAYER if LAST_CONV_LAYER in {lay.name for lay in model.layers} else _feature_layers(model)[1]
     keras.utils.set_random_seed(ctx.seed)
+    tta, crop_size = inference.served_views(ctx.kind, ctx.model_path)
     result = saliency.explain(model, selection, ctx.out / "saliency", target="pred", layer=layer,
-                              smooth_samples=ctx.saliency_samples)
+                              smooth_samples=ctx.saliency_samples, tta=tta, crop_size=crop_size)
     images = result["images"]
+    served = ("" if tta == "none" else
+              f" Predictions and probabilities are the export's as served, averaged over its built-in {tta} views.")
     parts = [
         f"The first image of each class in {ctx.split_label}. Each figure shows the input, the vanilla "
         f"saliency |d logit / d pixel|, SmoothGrad ({_plural(ctx.saliency_samples, 'noisy copy', 'noisy copies')} "
         "averaged) and "
-        f"Grad-CAM++ on `{layer}`, all for the logit of the predicted class.",
+        f"Grad-CAM++ on `{layer}`, all for the logit of the predicted class.{served}",
         "",
         md_table(("#", "image id", "true class", "predicted", "probability"),
                  [(r["index"], r["id"], r["true_label"] or "unknown", r["pred_label"],

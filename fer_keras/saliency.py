@@ -37,6 +37,7 @@ from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError, ModelError
 from fer_keras.history import atomic_write_text, check_json_replaceable
 from fer_keras.model import LAST_CONV_LAYER, as_logits, output_layer
+from fer_keras.tta import DEFAULT_CROP_SIZE
 from fer_keras.vis import as_batch, check_layer, new_figure, parse_int_list, quiet_keras, save_figure, split_indices
 
 TARGETS = ("pred", "true")
@@ -128,7 +129,8 @@ def smoothgrad(model: keras.Model, images: np.ndarray, classes: Sequence[int],
 
 def gradcam_plus_plus(model: keras.Model, images: np.ndarray, classes: Sequence[int],
                       layer: str = LAST_CONV_LAYER, normalize: bool = True) -> np.ndarray:
-    """Grad-CAM++ on ``layer``'s feature maps, resized to the input, ``[N, H, W]``.
+    """Grad-CAM++ on ``layer``'s feature maps, resized to the input, ``[N, H, W]``: float32 in 0-1 with
+    ``normalize``, else float64 (the raw maps carry a factor exp(logit)).
 
     The layer is passed by name because tf-keras-vis only finds top-level Conv layers by itself,
     and ResNet stages are custom BasicBlock layers.
@@ -147,7 +149,8 @@ def gradcam_plus_plus(model: keras.Model, images: np.ndarray, classes: Sequence[
                 logits, _ = predict(model, x[s])
                 maps *= np.exp(logits[np.arange(len(targets[s])), targets[s]].astype(np.float64))[:, None, None]
             out.append(maps if not normalize else maps.astype(np.float32))
-    return np.concatenate(out).reshape(x.shape[:3]) if out else np.zeros(x.shape[:3], np.float32)
+    dtype = np.float32 if normalize else np.float64
+    return np.concatenate(out).reshape(x.shape[:3]) if out else np.zeros(x.shape[:3], dtype)
 
 
 class _CenteredScore(CategoricalScore):
@@ -163,14 +166,17 @@ class _CenteredScore(CategoricalScore):
         return score - tf.stop_gradient(score)
 
 
-def served_probabilities(model: keras.Model, images: np.ndarray, tta: str = "none") -> np.ndarray:
-    """Probabilities ``[N, classes]`` as served: averaged over the views of ``tta`` (see :mod:`fer_keras.tta`)."""
+def served_probabilities(model: keras.Model, images: np.ndarray, tta: str = "none",
+                         crop_size: int = DEFAULT_CROP_SIZE) -> np.ndarray:
+    """Probabilities ``[N, classes]`` as served: averaged over the views of ``tta`` with ten-crop's ``crop_size``
+    (see :mod:`fer_keras.tta`)."""
     if tta == "none":
         return predict(model, images)[1]
     from fer_keras.inference import Predictor
     from fer_keras.tta import tta_probabilities
 
-    return tta_probabilities(Predictor("keras", Path(model.name), keras_model=as_logits(model)), images, tta)
+    return tta_probabilities(Predictor("keras", Path(model.name), keras_model=as_logits(model)), images, tta,
+                             crop_size)
 
 
 def target_classes(target: str, labels: np.ndarray, predictions: np.ndarray, ids: Sequence[str]) -> np.ndarray:
@@ -310,12 +316,14 @@ def plot_grid(path: str | Path, images: np.ndarray, saliency: np.ndarray, smooth
 
 def explain(model: keras.Model, selection: Selection, output_dir: str | Path, target: str = "pred",
             layer: str = LAST_CONV_LAYER, smooth_samples: int = DEFAULT_SMOOTH_SAMPLES,
-            smooth_noise: float = DEFAULT_SMOOTH_NOISE, metadata: dict | None = None, tta: str = "none") -> dict:
+            smooth_noise: float = DEFAULT_SMOOTH_NOISE, metadata: dict | None = None, tta: str = "none",
+            crop_size: int = DEFAULT_CROP_SIZE) -> dict:
     """Computes all maps for a selection, writes the figures and the JSON (with ``metadata`` such as
     the model and data paths first); returns the JSON dict.
 
-    ``tta`` is the test-time augmentation the model is served with (an export's built-in one): predictions and
-    probabilities then average its views, as users get them; the maps explain the image itself.
+    ``tta`` is the test-time augmentation the model is served with (an export's built-in one, with ten-crop's
+    ``crop_size``: :func:`fer_keras.inference.served_views`): predictions and probabilities then average its views,
+    as users get them; the maps explain the image itself.
     """
     expected = tuple(model.inputs[0].shape[1:])
     if tuple(selection.images.shape[1:]) != expected:
@@ -323,7 +331,7 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
     check_layer(model, layer)
     out = Path(output_dir)
     earlier = check_json_replaceable(out / "saliency.json", REPORT_KEYS, "a saliency report")
-    probs = served_probabilities(model, selection.images, tta)
+    probs = served_probabilities(model, selection.images, tta, crop_size)
     model = linearize(model)  # once here, not a clone per map
     preds = probs.argmax(axis=1)
     classes = target_classes(target, selection.labels, preds, selection.ids)
@@ -417,15 +425,14 @@ def main(argv: Sequence[str]) -> None:
         selection = from_split(f.data, f.split, parse_int_list(f.indices, "--indices") if f.indices else None,
                                f.skip_bad_rows)
         metadata = {"data": f.data or str(fer_data.SAMPLE_PATH), "split": fer_data.canonical_split(f.split)}
-    from fer_keras.inference import export_metadata, load_keras, resolve
+    from fer_keras.inference import load_keras, resolve, served_views
 
-    kind, path = resolve(f.model)
-    tta = (export_metadata(path).get("tta") or "none") if kind == "saved_model" else "none"
+    tta, crop_size = served_views(*resolve(f.model))
     model = load_keras(f.model)
     keras.utils.set_random_seed(f.seed)
     metadata = {"model": str(Path(f.model).resolve()) if f.model else "shipped model", **metadata}
     report = explain(model, selection, f.output_dir, f.target, f.layer, f.smooth_samples, f.smooth_noise,
-                     metadata, tta)
+                     metadata, tta, crop_size)
     served = "" if tta == "none" else f", {tta} TTA as served"
     for r in report["images"]:
         print(f"{r['id']}: true {r['true_label'] or 'unknown'}, pred {r['pred_label']} "

@@ -57,6 +57,7 @@ def test_card_figures_equal_a_fresh_evaluation(trained_run, tmp_path):
     checks = "NaN, infinite or out-of-range pixels (a scaled or normalised image) are refused with `INVALID_ARGUMENT`"
     assert checks in text and checks not in model_card.render_markdown({**card, "serving_checks": False})
     no_tta = "`serving_no_tta` takes the same float32 pixels and answers from the image alone, without the built-in"
+    assert card["signatures"] == inference.export_metadata(export_base / "1")["signatures"]
     assert (no_tta in text) == (served_tta != "none") == ("serving_no_tta" in card["signatures"])
     with_tencrop = model_card.render_markdown({**card, "served_tta": "tencrop",
                                             "signatures": ["serving_default", "serving_uint8", "serving_no_tta"]})

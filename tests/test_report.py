@@ -174,3 +174,24 @@ def test_a_run_on_the_course_layout_with_a_bad_row_is_reported_on_its_own_hold_o
     for entry in (card["served"], card["best_keras"]["none"], card["best_keras"]["flip"]):
         assert entry["split_label"] == "val (10% stratified hold-out of train)", entry
     assert card["served"]["num_correct"] == round(result.best_val_accuracy * 7)
+
+
+def test_saliency_of_an_export_reports_its_served_predictions(run_dir, tmp_path):
+    """An export's report shows what it serves: ten-crop with the export's own crop size (44 here, not the
+    default 40), averaged as the export averages it."""
+    import numpy as np
+
+    from fer_keras import data as fer_data
+    from fer_keras.export import export_model
+    from fer_keras.inference import load_keras, load_predictor
+
+    path = export_model(load_keras(run_dir / "best.keras"), tmp_path / "exports", "m", tta="tencrop", crop_size=44)
+    text = report.build_report(path, None, tmp_path / "r", sections="saliency", **TINY).read_text()
+    assert "averaged over its built-in tencrop views" in text
+    saved = json.loads((tmp_path / "r" / "saliency" / "saliency.json").read_text())
+    assert saved["prediction_tta"] == "tencrop"
+    split = fer_data.load(None).split("val")
+    images = split.images[[r["index"] for r in saved["images"]]]
+    names = list(saved["images"][0]["probabilities"])
+    got = np.array([[r["probabilities"][n] for n in names] for r in saved["images"]])
+    np.testing.assert_allclose(got, load_predictor(path).probabilities(images), atol=2e-5)

@@ -138,6 +138,18 @@ def test_served_probabilities_average_the_exports_views():
     np.testing.assert_allclose(sal.served_probabilities(model, x), probs[0], atol=1e-5)
 
 
+def test_served_views_are_the_exports_own(tmp_path):
+    from fer_keras.export import export_model
+    from fer_keras.inference import load_keras, load_predictor, resolve, served_views
+
+    path = export_model(conv_model(), tmp_path, "m", tta="tencrop", crop_size=44)
+    views = served_views(*resolve(path))
+    assert views == ("tencrop", 44) and served_views("keras", tmp_path / "m.keras") == ("none", 40)
+    x = images(3, seed=6)
+    np.testing.assert_allclose(sal.served_probabilities(load_keras(path), x, *views),
+                               load_predictor(path).probabilities(x), atol=2e-5)
+
+
 def test_a_mixed_precision_run_is_explained_in_float32(tmp_path):
     """The best.keras of a --precision=mixed_bfloat16 run: load_keras rebuilds it in float32, with the same
     weights, so tf-keras-vis' float32 scores meet float32 gradients (bfloat16 ones made Grad-CAM++ fail)."""
