@@ -38,6 +38,7 @@ from fer_keras.tta import (
     AUTO,
     DEFAULT_CROP_SIZE,
     DEFAULT_TOLERANCE,
+    NO_TTA_SIGNATURE,
     TTA_MODES,
     TtaChoice,
     check_tta,
@@ -67,7 +68,6 @@ def next_version(base: Path) -> int:
     return versions[-1] + 1 if versions else 1
 
 
-NO_TTA_SIGNATURE = "serving_no_tta"
 SERVING_CHECKS = ("pixels finite and in 0-255, else INVALID_ARGUMENT", "an empty batch gets empty outputs")
 
 
@@ -167,21 +167,12 @@ def export_model(
         raise ModelError("cannot export: the model's variables are not TensorFlow variables")
     archive.add_variable_collection("variables", tf_variables)
     shape = [None, IMAGE_SIZE, IMAGE_SIZE, 1]
-    archive.add_endpoint(
-        "serving_default", tf.function(serve, autograph=False),
-        input_signature=[tf.TensorSpec(shape, tf.float32, name="pixels")],
-    )
-    archive.add_endpoint(
-        "serving_uint8", tf.function(serve, autograph=False),
-        input_signature=[tf.TensorSpec(shape, tf.uint8, name="pixels")],
-    )
-    signatures = ["serving_default", "serving_uint8"]
+    endpoints = {"serving_default": (serve, tf.float32), "serving_uint8": (serve, tf.uint8)}
     if tta != "none":
-        archive.add_endpoint(
-            NO_TTA_SIGNATURE, tf.function(serving_function(model, "none"), autograph=False),
-            input_signature=[tf.TensorSpec(shape, tf.float32, name="pixels")],
-        )
-        signatures.append(NO_TTA_SIGNATURE)
+        endpoints[NO_TTA_SIGNATURE] = (serving_function(model, "none"), tf.float32)
+    for signature, (function, dtype) in endpoints.items():
+        archive.add_endpoint(signature, tf.function(function, autograph=False),
+                             input_signature=[tf.TensorSpec(shape, dtype, name="pixels")])
     tf_logger = tf.get_logger()
     level = tf_logger.level
     tf_logger.setLevel("WARNING")  # SavedModel writing logs one INFO line per captured variable
@@ -195,7 +186,7 @@ def export_model(
             "outputs": ["probabilities", "class_id", "class_name", "logits"],
             # What the serving graph checks (exports before session 24 had none of it; their metadata lacks this).
             "serving_checks": list(SERVING_CHECKS),
-            "signatures": signatures,
+            "signatures": list(endpoints),
             "tta": tta,
             **({"crop_size": effective_crop(crop_size, model_crop)} if tta == "tencrop" else {}),
             "input_crop": model_crop,

@@ -43,7 +43,7 @@ from fer_keras.history import (
     run_record,
     unrecorded_start,
 )
-from fer_keras.tta import TTA_MODES, num_views
+from fer_keras.tta import NO_TTA_SIGNATURE, TTA_MODES, num_views
 
 CARD_JSON = "model_card.json"
 CARD_MD = "README.md"
@@ -347,7 +347,7 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
         "export_size_mb": round(_folder_size_mb(export), 1),
         "served_tta": served.metadata.get("tta", "none"),
         "serving_checks": bool(served.metadata.get("serving_checks")),
-        "signatures": list(served.metadata.get("signatures") or ["serving_default", "serving_uint8"]),
+        "signatures": list(served.metadata.get("signatures", [])),  # not recorded before session 26
         "served_tta_selection": served.metadata.get("tta_selection"),
         "data": source,
         "selection_split": fer_data.split_label(split_name) if selection_name == "PublicTest" else selection_name,
@@ -586,9 +586,9 @@ def render_markdown(card: dict) -> str:
         f"`{card['name']}/{card['version']}/` is a TF Serving SavedModel ({card['export_size_mb']} MB): "
         "`serving_default` takes float32 `pixels` [N, 48, 48, 1] in 0–255, `serving_uint8` the same as uint8; "
         "each returns `probabilities`, `class_id`, `class_name` and `logits`. "
-        + (f"`serving_no_tta` takes the same float32 pixels and answers from the image alone, without the built-in "
-           f"{card['served_tta']} TTA (one forward pass per image instead of {num_views(card['served_tta'])}). "
-           if "serving_no_tta" in card.get("signatures", []) else "")
+        + (f"`{NO_TTA_SIGNATURE}` takes the same float32 pixels and answers from the image alone, without the "
+           f"built-in {card['served_tta']} TTA (one forward pass per image instead of "
+           f"{num_views(card['served_tta'])}). " if NO_TTA_SIGNATURE in card.get("signatures", []) else "")
         + ("NaN, infinite or out-of-range pixels (a scaled or normalised image) are refused with `INVALID_ARGUMENT`, "
            "and an empty batch gets empty outputs. " if card.get("serving_checks") else "")
         + "fer_keras' tools (evaluate, predict, saliency, filters, report) use it when no `--model` is given.",

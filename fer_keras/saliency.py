@@ -88,15 +88,10 @@ def _chunks(n: int, size: int = BATCH_SIZE) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
-def predict(model: keras.Model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, probabilities) ``[N, classes]``; softmax is applied only if the model lacks one."""
-    outputs = np.concatenate([np.asarray(model(as_batch(images[s]), training=False), np.float32)
-                              for s in _chunks(len(images))]) if len(images) else np.zeros((0, NUM_CLASSES))
-    last = output_layer(model)
-    if getattr(last, "activation", None) is keras.activations.softmax or isinstance(last, keras.layers.Softmax):
-        return np.log(np.clip(outputs, 1e-12, None)), outputs
-    e = np.exp(outputs - outputs.max(axis=1, keepdims=True))
-    return outputs, e / e.sum(axis=1, keepdims=True)
+def _logits(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    """Outputs ``[N, classes]`` of a model that ends in logits (:func:`linearize`), a batch at a time."""
+    return np.concatenate([np.asarray(model(as_batch(images[s]), training=False), np.float32)
+                           for s in _chunks(len(images))])
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,13 +139,13 @@ def gradcam_plus_plus(model: keras.Model, images: np.ndarray, classes: Sequence[
     with quiet_keras():
         for s in _chunks(int(x.shape[0])):
             maps = np.asarray(cam(_CenteredScore(targets[s]), x[s], penultimate_layer=layer,
-                                  seek_penultimate_conv_layer=False, normalize_cam=normalize), np.float64)
+                                  seek_penultimate_conv_layer=False, normalize_cam=normalize))
             if not normalize:  # the factor exp(score) that _CenteredScore left out, in float64
-                logits, _ = predict(model, x[s])
-                maps *= np.exp(logits[np.arange(len(targets[s])), targets[s]].astype(np.float64))[:, None, None]
-            out.append(maps if not normalize else maps.astype(np.float32))
-    dtype = np.float32 if normalize else np.float64
-    return np.concatenate(out).reshape(x.shape[:3]) if out else np.zeros(x.shape[:3], dtype)
+                logits = _logits(model, x[s])
+                maps = maps * np.exp(logits[np.arange(len(targets[s])), targets[s]].astype(np.float64))[:, None, None]
+            out.append(maps)
+    return np.concatenate(out).reshape(x.shape[:3]) if out else np.zeros(x.shape[:3], np.float32 if normalize
+                                                                        else np.float64)
 
 
 class _CenteredScore(CategoricalScore):
@@ -169,9 +164,7 @@ class _CenteredScore(CategoricalScore):
 def served_probabilities(model: keras.Model, images: np.ndarray, tta: str = "none",
                          crop_size: int = DEFAULT_CROP_SIZE) -> np.ndarray:
     """Probabilities ``[N, classes]`` as served: averaged over the views of ``tta`` with ten-crop's ``crop_size``
-    (see :mod:`fer_keras.tta`)."""
-    if tta == "none":
-        return predict(model, images)[1]
+    (see :mod:`fer_keras.tta`; ``none`` is the image alone)."""
     from fer_keras.inference import Predictor
     from fer_keras.tta import tta_probabilities
 

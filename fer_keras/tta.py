@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 TTA_MODES = ("none", "flip", "tencrop")  # in order of cost: 1, 2 and 10 model evaluations per image
 AUTO = "auto"
 DEFAULT_CROP_SIZE = 40
+# The signature of an export with TTA built in that serves the image alone (fer_keras.export).
+NO_TTA_SIGNATURE = "serving_no_tta"
 # Percentage points by which a costlier mode must beat a cheaper one to be chosen by choose_tta; 0.25 points
 # is 9 of PublicTest's 3,589 images.
 DEFAULT_TOLERANCE = 0.25
