@@ -13,8 +13,10 @@ median of ``--repeats`` timed windows of ``--steps`` steps each:
 3. the input pipeline alone (cached images -> augmentation -> batches, no model);
 4. model cost from the Keras layers (:func:`count_flops`) and the achieved GFLOP/s against the
    CPU's nominal peak (:func:`cpu_info`, assumptions stated in the output);
-5. serving: the exported SavedModel's ``serving_default`` and the ``.keras`` model, batch-1 latency
-   (p50/p99) and large-batch throughput;
+5. serving: SavedModels exported with each ``--serving_tta`` mode built into ``serving_default`` (1, 2
+   and 10 forward passes per image) and the ``.keras`` model, batch-1 latency (p50/p99) and large-batch
+   throughput; with ``--serving_export``, every float32 signature of a trained export (the shipped one:
+   ``saved_models/fer_resnet18``), so a deployment's cost is measured, not estimated;
 6. peak resident memory of each training measurement.
 
 Every measurement runs in its own subprocess, so each has its own peak memory, TensorFlow and
@@ -48,6 +50,7 @@ from absl import flags
 from fer_keras import STEMS, __version__, cli
 from fer_keras.errors import ConfigError, FerError
 from fer_keras.history import atomic_write_text, check_replaceable
+from fer_keras.tta import TTA_MODES
 
 if TYPE_CHECKING:
     import keras
@@ -79,6 +82,9 @@ class Settings:
     serving_batch_size: int = 256
     serving_batches: int = 3
     latency_samples: int = 200
+    serving_tta: tuple[str, ...] = TTA_MODES
+    serving_export: str = ""
+    skip_training: bool = False
     skip_torch: bool = False
     skip_pipeline: bool = False
     skip_serving: bool = False
@@ -99,10 +105,31 @@ class Settings:
              "thread counts must be >= 0 (0: the library's default)"),
             (min(self.serving_batch_size, self.serving_batches, self.latency_samples) >= 1,
              "serving_batch_size, serving_batches and latency_samples must be >= 1"),
+            (self.serving_tta and set(self.serving_tta) <= set(TTA_MODES),
+             f"serving_tta must be among {', '.join(TTA_MODES)}"),
+            (not (self.skip_training and self.skip_pipeline and self.skip_serving and not self.serving_export),
+             "nothing to measure: training, pipeline and serving all skipped and no serving_export"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.serving_export:
+            resolve_export(self.serving_export)
+
+
+def resolve_export(path: str) -> Path:
+    """The SavedModel that ``--serving_export`` names (an export or a folder of versions: the highest), checked
+    before any measurement starts."""
+    from fer_keras.errors import ModelError
+    from fer_keras.inference import resolve
+
+    try:
+        kind, resolved = resolve(path)
+    except ModelError as e:
+        raise ConfigError(f"--serving_export: {e}") from None
+    if kind != "saved_model":
+        raise ConfigError(f"--serving_export: {resolved} is a .keras model, not a SavedModel export")
+    return resolved
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,21 +604,32 @@ def _inference_figures(fn: Callable, one, batch, latency_samples: int, batches: 
     }
 
 
+def _float32_signatures(loaded) -> dict[str, Callable]:
+    """The signatures of a loaded export that take float32 ``pixels`` (not ``serving_uint8``: the same graph
+    after a cast), in the export's order."""
+    import tensorflow as tf
+
+    return {name: fn for name, fn in loaded.signatures.items()
+            if fn.structured_input_signature[1].get("pixels", tf.TensorSpec(None, tf.string)).dtype == tf.float32}
+
+
 def measure_serving(spec: dict) -> dict:
-    """The exported SavedModel (float32, tta none) and the ``.keras`` model in each precision."""
+    """SavedModels of a random-weight ResNet-18 with each ``serving_tta`` mode built in (float32
+    ``serving_default``) and the ``.keras`` model in each precision."""
     info = _configure_tf(spec)
     import keras
     import tensorflow as tf
 
     from fer_keras import export
     from fer_keras.model import load_keras_model, resnet18
+    from fer_keras.tta import num_views
 
     config = _train_config(spec, "float32")
     split = _train_split(spec["data"], config.seed)
     images = _tiled_images(split, spec["serving_batch_size"]).astype(np.float32)
     one, batch = tf.constant(images[:1]), tf.constant(images)
     args = (spec["latency_samples"], spec["serving_batches"], spec["repeats"])
-    result: dict[str, Any] = {"versions": info, "keras": {}}
+    result: dict[str, Any] = {"versions": info, "exports": {}, "keras": {}}
     previous = keras.config.dtype_policy()
     with tempfile.TemporaryDirectory(prefix="fer_keras_benchmark_") as tmp:
         try:
@@ -601,13 +639,13 @@ def measure_serving(spec: dict) -> dict:
                 model = resnet18(config.stem, config.input_channels, dropout=config.dropout)
                 path = Path(tmp) / f"{precision}.keras"
                 model.save(path)
-                if "saved_model" not in result:
-                    exported = export.export_model(model, Path(tmp) / "exports", tta="none")
-                    loaded = tf.saved_model.load(str(exported))
-                    signature = loaded.signatures["serving_default"]
-                    result["saved_model"] = {
-                        "note": "export.export_model casts to float32 (tta none); serving_default signature",
-                        **_inference_figures(lambda x: signature(pixels=x)["logits"], one, batch, *args),
+                for tta in spec["serving_tta"] if not result["exports"] else ():
+                    exported = export.export_model(model, Path(tmp) / "exports", name=tta, tta=tta)
+                    signature = tf.saved_model.load(str(exported)).signatures["serving_default"]
+                    result["exports"][tta] = {
+                        "note": f"export.export_model casts to float32 (tta {tta}); serving_default signature",
+                        "forward_passes": num_views(tta),
+                        **_inference_figures(lambda x, f=signature: f(pixels=x)["logits"], one, batch, *args),
                     }
                 reloaded = load_keras_model(str(path))
                 predict = tf.function(lambda x, m=reloaded: m(x, training=False), reduce_retracing=True)
@@ -618,11 +656,36 @@ def measure_serving(spec: dict) -> dict:
     return result
 
 
+def measure_serving_export(spec: dict) -> dict:
+    """Every float32 signature of a trained export, as TF Serving runs it (``tf.saved_model.load``)."""
+    info = _configure_tf(spec)
+    import tensorflow as tf
+
+    from fer_keras.inference import export_metadata, served_views
+    from fer_keras.tta import NO_TTA_SIGNATURE, num_views
+
+    path = resolve_export(spec["serving_export"])
+    split = _train_split(spec["data"], spec["seed"])
+    images = _tiled_images(split, spec["serving_batch_size"]).astype(np.float32)
+    one, batch = tf.constant(images[:1]), tf.constant(images)
+    args = (spec["latency_samples"], spec["serving_batches"], spec["repeats"])
+    tta, crop_size = served_views("saved_model", path)
+    signatures = {}
+    for name, fn in _float32_signatures(tf.saved_model.load(str(path))).items():
+        signatures[name] = {"forward_passes": 1 if name == NO_TTA_SIGNATURE else num_views(tta),
+                            **_inference_figures(lambda x, f=fn: f(pixels=x)["logits"], one, batch, *args)}
+    meta = export_metadata(path)
+    return {"path": str(path), "tta": tta, **({"crop_size": crop_size} if tta == "tencrop" else {}),
+            "stem": (meta.get("train_config") or {}).get("stem"), "signatures": signatures, "versions": info,
+            "peak_rss_mb": _peak_rss_mb()}
+
+
 MEASUREMENTS: dict[str, Callable[[dict], dict]] = {
     "keras_train": measure_keras_training,
     "torch_train": measure_torch_training,
     "pipeline": measure_pipeline,
     "serving": measure_serving,
+    "serving_export": measure_serving_export,
 }
 
 
@@ -661,7 +724,8 @@ def run_measurement(kind: str, spec: dict, log: Callable[[str], None] = lambda s
 def _spec(settings: Settings, **extra: Any) -> dict:
     keys = ("batch_size", "repeats", "steps", "warmup", "steps_per_execution", "tf_intra_op_threads",
             "tf_inter_op_threads", "torch_threads", "data", "seed", "serving_batch_size", "serving_batches",
-            "latency_samples")
+            "latency_samples", "serving_export")
+    extra.setdefault("serving_tta", list(settings.serving_tta))
     return {**{k: getattr(settings, k) for k in keys}, **extra}
 
 
@@ -709,9 +773,10 @@ def run_benchmark(settings: Settings, command: str, log: Callable[[str], None] =
     load_before = os.getloadavg()
     busy_before, own_before = _busy_cpu_seconds(), _own_cpu_seconds()
     started = time.monotonic()
-    jobs = len(settings.stems) * len(settings.precisions) * (
+    jobs = 0 if settings.skip_training else len(settings.stems) * len(settings.precisions) * (
         1 + run_torch + settings.keras_cached + settings.keras_batchnorm)
     jobs += (not settings.skip_pipeline) + (0 if settings.skip_serving else len(settings.stems))
+    jobs += bool(settings.serving_export)
     done = 0
 
     def measure(kind: str, label: str, **extra: Any) -> dict:
@@ -726,7 +791,7 @@ def run_benchmark(settings: Settings, command: str, log: Callable[[str], None] =
     rows = []
     serving: dict[str, dict] = {}
     for stem in settings.stems:
-        for precision in settings.precisions:
+        for precision in () if settings.skip_training else settings.precisions:
             row: dict[str, Any] = {"stem": stem, "precision": precision}
             row["keras"] = measure("keras_train", f"fer_keras fit {stem} {precision}",
                                    stem=stem, precision=precision, source="pipeline")
@@ -744,6 +809,8 @@ def run_benchmark(settings: Settings, command: str, log: Callable[[str], None] =
         if not settings.skip_serving:
             serving[stem] = measure("serving", f"serving {stem}", stem=stem, precisions=list(settings.precisions))
     pipeline = None if settings.skip_pipeline else measure("pipeline", "input pipeline alone", stem=STEMS[0])
+    serving_export = (measure("serving_export", f"serving {settings.serving_export}")
+                      if settings.serving_export else None)
 
     flops: dict[str, dict] = {}
     for row in rows:
@@ -764,7 +831,7 @@ def run_benchmark(settings: Settings, command: str, log: Callable[[str], None] =
         row["fraction_of_peak"] = gflops / peak if gflops and peak and math.isfinite(peak) else None
 
     speedups = []
-    if "float32" in settings.precisions and "mixed_bfloat16" in settings.precisions:
+    if rows and "float32" in settings.precisions and "mixed_bfloat16" in settings.precisions:
         by_key = {(r["stem"], r["precision"]): r for r in rows}
         for stem in settings.stems:
             fp32, bf16 = by_key[(stem, "float32")], by_key[(stem, "mixed_bfloat16")]
@@ -775,7 +842,8 @@ def run_benchmark(settings: Settings, command: str, log: Callable[[str], None] =
             })
 
     versions: dict[str, Any] = {"python": platform.python_version(), "fer_keras": __version__}
-    for result in [r.get(k) for r in rows for k in ("keras", "torch")] + [pipeline]:
+    for result in [r.get(k) for r in rows for k in ("keras", "torch")] + [pipeline, *serving.values(),
+                                                                            serving_export]:
         if result and "versions" in result:
             versions.update(result["versions"])
     notes = []
@@ -801,6 +869,7 @@ def run_benchmark(settings: Settings, command: str, log: Callable[[str], None] =
         "bf16_speedup": speedups,
         "pipeline": pipeline,
         "serving": serving,
+        "serving_export": serving_export,
         "targets": {"pipeline_over_keras": PIPELINE_TARGET, "keras_over_torch": 1.0, "keras_bf16_over_fp32": 1.3},
         "notes": notes,
         "seconds": time.monotonic() - started,
@@ -857,13 +926,16 @@ def render_markdown(report: dict) -> str:
         f"at start, {report['machine']['load_average_after'][0]:.2f} at end (with this benchmark's own "
         f"load); other processes used {_fmt(_pct(report['machine'].get('foreign_cpu_share')), '.0f', '%')} "
         "of the CPU meanwhile",
-        "",
-        "## Training throughput (images/s, median)",
-        "",
-        "| stem | precision | fer_keras fit | PyTorch | fer_keras / PyTorch | input pipeline / fer_keras "
-        "| GFLOP/s (% of peak) | peak RSS MB fer_keras / PyTorch |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    if report["training"]:
+        lines += [
+            "",
+            "## Training throughput (images/s, median)",
+            "",
+            "| stem | precision | fer_keras fit | PyTorch | fer_keras / PyTorch | input pipeline / fer_keras "
+            "| GFLOP/s (% of peak) | peak RSS MB fer_keras / PyTorch |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
     cached = any("keras_cached" in r for r in report["training"])
     for r in report["training"]:
         k, t = r["keras"], r.get("torch")
@@ -902,33 +974,46 @@ def render_markdown(report: dict) -> str:
                   f"{_cell(p)} images/s (median; range {_fmt(p.get('min'))}-{_fmt(p.get('max'))}) from the cached "
                   f"images through augmentation ({_describe_augment(p.get('augment'))}) and batching; target >= "
                   f"{report['targets']['pipeline_over_keras']:.0f}x the training throughput."]
-    lines += ["", "## Model cost per image (forward)", "",
-              "| stem | parameters | MMAC | GFLOP (2 x MAC) | other MFLOP | training GFLOP (3 x) |",
-              "|---|---:|---:|---:|---:|---:|"]
-    for stem, f in report["flops"].items():
-        lines.append(f"| {stem} | {f['params']:,} | {f['macs'] / 1e6:,.1f} | {f['flops'] / 1e9:.3f} | "
-                     f"{f['other_flops'] / 1e6:.1f} | {f['training_flops'] / 1e9:.3f} |")
-    lines += ["", f"Counted: {FLOPS_COUNTED}", "",
-              f"Peak: FP32 {_fmt(cpu['peak_fp32_gflops'])} GFLOP/s, BF16 {_fmt(cpu['peak_bf16_gflops'])} GFLOP/s. "
-              f"{cpu['peak_assumptions']}"]
-    if report["serving"]:
+    if report["flops"]:
+        lines += ["", "## Model cost per image (forward)", "",
+                  "| stem | parameters | MMAC | GFLOP (2 x MAC) | other MFLOP | training GFLOP (3 x) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for stem, f in report["flops"].items():
+            lines.append(f"| {stem} | {f['params']:,} | {f['macs'] / 1e6:,.1f} | {f['flops'] / 1e9:.3f} | "
+                         f"{f['other_flops'] / 1e6:.1f} | {f['training_flops'] / 1e9:.3f} |")
+        lines += ["", f"Counted: {FLOPS_COUNTED}", "",
+                  f"Peak: FP32 {_fmt(cpu['peak_fp32_gflops'])} GFLOP/s, BF16 {_fmt(cpu['peak_bf16_gflops'])} "
+                  f"GFLOP/s. {cpu['peak_assumptions']}"]
+    serving_rows = []
+    for stem, result in report["serving"].items():
+        if "error" in result:
+            serving_rows.append(f"| {stem} | error: {result['error']} | | | | | |")
+            continue
+        entries = [(f"SavedModel, tta {tta}: serving_default (float32)", figures)
+                   for tta, figures in result.get("exports", {}).items()]
+        entries += [(f".keras {precision}", figures) for precision, figures in result["keras"].items()]
+        serving_rows += [_serving_row(stem, name, fig) for name, fig in entries]
+    exported = report.get("serving_export")
+    if exported and "error" in exported:
+        serving_rows.append(f"| - | {report['settings']['serving_export']}: error: {exported['error']} | | | | | |")
+    elif exported:
+        built_in = f"tta {exported['tta']}" + (f" {exported['crop_size']}" if "crop_size" in exported else "")
+        serving_rows += [_serving_row(exported.get("stem") or "-", f"{exported['path']} ({built_in}): {name}", fig)
+                         for name, fig in exported["signatures"].items()]
+    if serving_rows:
         lines += ["", "## Serving", "",
-                  "| stem | model | batch-1 p50 ms | batch-1 p99 ms | large batch | images/s |",
-                  "|---|---|---:|---:|---:|---:|"]
-        for stem, result in report["serving"].items():
-            if "error" in result:
-                lines.append(f"| {stem} | error: {result['error']} | | | | |")
-                continue
-            entries = [("SavedModel serving_default (float32)", result.get("saved_model"))]
-            entries += [(f".keras {precision}", figures) for precision, figures in result["keras"].items()]
-            for name, fig in entries:
-                if fig:
-                    lines.append(f"| {stem} | {name} | {fig['batch1_p50_ms']:.1f} | {fig['batch1_p99_ms']:.1f} | "
-                                 f"{fig['batch_size']} | {fig['throughput']['median']:.1f} |")
+                  "| stem | model | forward passes per image | batch-1 p50 ms | batch-1 p99 ms | large batch "
+                  "| images/s |",
+                  "|---|---|---:|---:|---:|---:|---:|", *serving_rows]
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     lines.append("")
     return "\n".join(lines)
+
+
+def _serving_row(stem: str, name: str, fig: dict) -> str:
+    return (f"| {stem} | {name} | {fig.get('forward_passes', 1)} | {fig['batch1_p50_ms']:.1f} | "
+            f"{fig['batch1_p99_ms']:.1f} | {fig['batch_size']} | {fig['throughput']['median']:.1f} |")
 
 
 def check_outputs(output: str | os.PathLike) -> None:
@@ -973,9 +1058,16 @@ def define_flags() -> None:
     f.DEFINE_integer("serving_batch_size", d.serving_batch_size, "Batch size of the serving throughput.")
     f.DEFINE_integer("serving_batches", d.serving_batches, "Large batches per timed serving window.")
     f.DEFINE_integer("latency_samples", d.latency_samples, "Timed batch-1 calls for the latency percentiles.")
+    f.DEFINE_list("serving_tta", list(d.serving_tta), "Test-time augmentations built into the timed exports of "
+                  "each stem (none, flip, tencrop: 1, 2 and 10 forward passes per image).")
+    f.DEFINE_string("serving_export", d.serving_export, "A trained export (saved_models/NAME/VERSION, or "
+                    "saved_models/NAME for its highest version) whose float32 signatures are timed too, "
+                    "e.g. saved_models/fer_resnet18, the shipped model; empty: none.")
+    f.DEFINE_boolean("skip_training", d.skip_training, "Skip the training measurements (fer_keras and PyTorch).")
     f.DEFINE_boolean("skip_torch", d.skip_torch, "Skip PyTorch (also skipped when torch is not installed).")
     f.DEFINE_boolean("skip_pipeline", d.skip_pipeline, "Skip the input-pipeline-alone measurement.")
-    f.DEFINE_boolean("skip_serving", d.skip_serving, "Skip the SavedModel and .keras inference measurements.")
+    f.DEFINE_boolean("skip_serving", d.skip_serving, "Skip the per-stem inference measurements of random-weight "
+                     "exports and .keras models (--serving_export is timed regardless).")
     f.DEFINE_boolean("keras_cached", d.keras_cached, "Also time fer_keras fit on one cached batch (the model "
                      "and fit loop without the input pipeline).")
     f.DEFINE_boolean("keras_batchnorm", d.keras_batchnorm, "Also time fer_keras fit with Keras' own "
@@ -993,6 +1085,8 @@ def define_flags() -> None:
                          f"--stems must be a comma-separated subset of {','.join(STEMS)}")
     f.register_validator("precisions", lambda v: bool(v) and set(v) <= set(PRECISIONS),
                          f"--precisions must be a comma-separated subset of {','.join(PRECISIONS)}")
+    f.register_validator("serving_tta", lambda v: bool(v) and set(v) <= set(TTA_MODES),
+                         f"--serving_tta must be a comma-separated subset of {','.join(TTA_MODES)}")
     f.register_validator("output", lambda v: v.endswith(".json"), "--output must end with .json")
     f.register_multi_flags_validator(
         ["steps", "warmup", "steps_per_execution"],
@@ -1005,6 +1099,7 @@ def settings_from_flags(values: Any) -> Settings:
     kwargs = {field.name: getattr(values, field.name) for field in dataclasses.fields(Settings)}
     kwargs["stems"] = tuple(dict.fromkeys(kwargs["stems"]))
     kwargs["precisions"] = tuple(dict.fromkeys(kwargs["precisions"]))
+    kwargs["serving_tta"] = tuple(dict.fromkeys(kwargs["serving_tta"]))
     return Settings(**kwargs)
 
 
@@ -1017,7 +1112,7 @@ def main(argv: Sequence[str]) -> None:
     print(render_markdown(report))
     print(f"wrote {json_path} and {md_path}")
     failed = [r for r in report["training"] if "error" in r["keras"]]
-    if failed:
+    if failed or "error" in (report["serving_export"] or {}):
         raise SystemExit(1)
 
 

@@ -221,6 +221,10 @@ def test_cli_refuses_to_replace_a_file_that_is_not_a_report(tmp_path, foreign):
     (["--precisions=mixed_float16"], "--precisions must be"),
     (["--steps=3", "--steps_per_execution=2"], "multiples of --steps_per_execution"),
     (["--output={tmp}/report.txt"], "--output must end with .json"),
+    (["--serving_tta=none,fivecrop"], "--serving_tta must be"),
+    (["--serving_export={tmp}/missing"], "error: --serving_export: {tmp}/missing: no such model"),
+    (["--serving_export={tmp}"], "neither a run directory"),
+    (["--skip_training", "--skip_pipeline", "--skip_serving"], "error: nothing to measure"),
 ])
 def test_cli_refuses_bad_flags(tmp_path, args, needle):
     args = [a.format(tmp=tmp_path) for a in args]
@@ -228,7 +232,7 @@ def test_cli_refuses_bad_flags(tmp_path, args, needle):
     proc = subprocess.run([sys.executable, "-m", "fer_keras.benchmark", *output, *args], cwd=REPO,
                           env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert needle in proc.stderr
+    assert needle.format(tmp=tmp_path) in proc.stderr
     assert "Traceback" not in proc.stderr
     written = [p.name for p in tmp_path.rglob("*") if p.suffix in (".json", ".md", ".txt")]
     assert not written, f"a refused benchmark wrote {written}"
@@ -249,8 +253,34 @@ def test_torch_measurement_in_both_precisions():
         assert result["versions"]["torch_threads"] >= 1
 
 
-def test_serving_measures_the_export_and_the_keras_model():
+def test_serving_measures_an_export_per_tta_mode_and_the_keras_model():
     result = benchmark.measure_serving(spec(stem="imagenet", precisions=["float32"]))
-    for figures in (result["saved_model"], result["keras"]["float32"]):
+    assert {tta: e["forward_passes"] for tta, e in result["exports"].items()} == {"none": 1, "flip": 2, "tencrop": 10}
+    for figures in (*result["exports"].values(), result["keras"]["float32"]):
         assert 0 < figures["batch1_p50_ms"] <= figures["batch1_p99_ms"]
         assert figures["batch_size"] == 8 and figures["throughput"]["median"] > 0
+
+
+def test_cli_times_every_float32_signature_of_a_trained_export(tmp_path):
+    """The serving cost of a deployment (its built-in TTA, and serving_no_tta) from the benchmark alone."""
+    from fer_keras import export
+
+    export.export_model(resnet18("cifar_pool"), tmp_path / "exports", name="faces", version=3, tta="flip")
+    output = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fer_keras.benchmark", "--skip_training", "--skip_pipeline", "--skip_serving",
+         "--serving_batch_size=8", "--serving_batches=1", "--latency_samples=3", "--repeats=1",
+         f"--serving_export={tmp_path / 'exports' / 'faces'}", f"--output={output}"],
+        cwd=REPO, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert report["training"] == [] and report["serving"] == {} and report["pipeline"] is None
+    exported = report["serving_export"]
+    assert exported["path"] == str(tmp_path / "exports" / "faces" / "3") and exported["tta"] == "flip"
+    signatures = exported["signatures"]
+    assert {name: s["forward_passes"] for name, s in signatures.items()} == {"serving_default": 2,
+                                                                               "serving_no_tta": 1}
+    assert all(s["throughput"]["median"] > 0 and s["batch_size"] == 8 for s in signatures.values())
+    assert "## Training" not in proc.stdout and "## Model cost" not in proc.stdout
+    assert f"| - | {exported['path']} (tta flip): serving_no_tta | 1 |" in proc.stdout
