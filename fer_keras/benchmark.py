@@ -606,11 +606,12 @@ def _inference_figures(fn: Callable, one, batch, latency_samples: int, batches: 
 
 def _float32_signatures(loaded) -> dict[str, Callable]:
     """The signatures of a loaded export that take float32 ``pixels`` (not ``serving_uint8``: the same graph
-    after a cast), in the export's order."""
+    after a cast), ``serving_default`` first, then by name."""
     import tensorflow as tf
 
-    return {name: fn for name, fn in loaded.signatures.items()
-            if fn.structured_input_signature[1].get("pixels", tf.TensorSpec(None, tf.string)).dtype == tf.float32}
+    found = {name: fn for name, fn in loaded.signatures.items()
+             if fn.structured_input_signature[1].get("pixels", tf.TensorSpec(None, tf.string)).dtype == tf.float32}
+    return dict(sorted(found.items(), key=lambda item: (item[0] != "serving_default", item[0])))
 
 
 def measure_serving(spec: dict) -> dict:
@@ -641,7 +642,8 @@ def measure_serving(spec: dict) -> dict:
                 model.save(path)
                 for tta in spec["serving_tta"] if not result["exports"] else ():
                     exported = export.export_model(model, Path(tmp) / "exports", name=tta, tta=tta)
-                    signature = tf.saved_model.load(str(exported)).signatures["serving_default"]
+                    loaded = tf.saved_model.load(str(exported))  # kept: its signatures read its variables
+                    signature = loaded.signatures["serving_default"]
                     result["exports"][tta] = {
                         "note": f"export.export_model casts to float32 (tta {tta}); serving_default signature",
                         "forward_passes": num_views(tta),
@@ -657,24 +659,31 @@ def measure_serving(spec: dict) -> dict:
 
 
 def measure_serving_export(spec: dict) -> dict:
-    """Every float32 signature of a trained export, as TF Serving runs it (``tf.saved_model.load``)."""
+    """Every float32 signature of a trained export (``spec["serving_export"]``, resolved by :func:`resolve_export`),
+    as TF Serving runs it (``tf.saved_model.load``). Without fer_keras' metadata the built-in TTA, and so the
+    forward passes per image, are unknown (None)."""
     info = _configure_tf(spec)
     import tensorflow as tf
 
     from fer_keras.inference import export_metadata, served_views
     from fer_keras.tta import NO_TTA_SIGNATURE, num_views
 
-    path = resolve_export(spec["serving_export"])
+    path = Path(spec["serving_export"])
+    loaded = tf.saved_model.load(str(path))  # kept: its signatures read its variables
+    functions = _float32_signatures(loaded)
+    if not functions:
+        raise FerError(f"{path}: no signature takes float32 'pixels' (not a fer_keras export?)")
+    meta = export_metadata(path)
+    tta, crop_size = served_views("saved_model", path) if meta else (None, None)
     split = _train_split(spec["data"], spec["seed"])
     images = _tiled_images(split, spec["serving_batch_size"]).astype(np.float32)
     one, batch = tf.constant(images[:1]), tf.constant(images)
     args = (spec["latency_samples"], spec["serving_batches"], spec["repeats"])
-    tta, crop_size = served_views("saved_model", path)
     signatures = {}
-    for name, fn in _float32_signatures(tf.saved_model.load(str(path))).items():
-        signatures[name] = {"forward_passes": 1 if name == NO_TTA_SIGNATURE else num_views(tta),
+    for name, fn in functions.items():
+        passes = 1 if name == NO_TTA_SIGNATURE else (num_views(tta) if tta else None)
+        signatures[name] = {"forward_passes": passes,
                             **_inference_figures(lambda x, f=fn: f(pixels=x)["logits"], one, batch, *args)}
-    meta = export_metadata(path)
     return {"path": str(path), "tta": tta, **({"crop_size": crop_size} if tta == "tencrop" else {}),
             "stem": (meta.get("train_config") or {}).get("stem"), "signatures": signatures, "versions": info,
             "peak_rss_mb": _peak_rss_mb()}
@@ -809,8 +818,10 @@ def run_benchmark(settings: Settings, command: str, log: Callable[[str], None] =
         if not settings.skip_serving:
             serving[stem] = measure("serving", f"serving {stem}", stem=stem, precisions=list(settings.precisions))
     pipeline = None if settings.skip_pipeline else measure("pipeline", "input pipeline alone", stem=STEMS[0])
-    serving_export = (measure("serving_export", f"serving {settings.serving_export}")
-                      if settings.serving_export else None)
+    serving_export = None
+    if settings.serving_export:
+        resolved = str(resolve_export(settings.serving_export))  # the version validated is the one timed
+        serving_export = measure("serving_export", f"serving {resolved}", serving_export=resolved)
 
     flops: dict[str, dict] = {}
     for row in rows:
@@ -902,7 +913,8 @@ def _cell(result: dict | None) -> str:
 
 
 def render_markdown(report: dict) -> str:
-    """The report as Markdown: machine, training table, bf16 speed-up, pipeline, cost, serving."""
+    """The report as Markdown: machine, then the sections measured (training table, bf16 speed-up, pipeline,
+    cost, serving)."""
     cpu = report["machine"]["cpu"]
     v = report["versions"]
     s = report["settings"]
@@ -920,15 +932,15 @@ def render_markdown(report: dict) -> str:
         f"{v.get('torch_interop_threads', '-')}, kernels {v.get('torch_cpu_capability', '-')}); "
         f"TensorFlow oneDNN kernels {'on' if v.get('onednn_enabled') else 'off'} "
         f"(TF_ENABLE_ONEDNN_OPTS={v.get('onednn_opts_env', '-')})",
-        f"- batch {s['batch_size']}, {s['warmup']} warm-up step(s), median of {s['repeats']} window(s) of "
-        f"{s['steps']} step(s); steps_per_execution {s['steps_per_execution']}; data: "
-        f"{s['data'] or 'bundled sample'}; load average {report['machine']['load_average_before'][0]:.2f} "
+        f"- data: {s['data'] or 'bundled sample'}; load average {report['machine']['load_average_before'][0]:.2f} "
         f"at start, {report['machine']['load_average_after'][0]:.2f} at end (with this benchmark's own "
         f"load); other processes used {_fmt(_pct(report['machine'].get('foreign_cpu_share')), '.0f', '%')} "
         "of the CPU meanwhile",
     ]
     if report["training"]:
         lines += [
+            f"- training: batch {s['batch_size']}, {s['warmup']} warm-up step(s), median of {s['repeats']} "
+            f"window(s) of {s['steps']} step(s); steps_per_execution {s['steps_per_execution']}",
             "",
             "## Training throughput (images/s, median)",
             "",
@@ -997,11 +1009,15 @@ def render_markdown(report: dict) -> str:
     if exported and "error" in exported:
         serving_rows.append(f"| - | {report['settings']['serving_export']}: error: {exported['error']} | | | | | |")
     elif exported:
-        built_in = f"tta {exported['tta']}" + (f" {exported['crop_size']}" if "crop_size" in exported else "")
+        built_in = f"tta {exported['tta'] or 'unknown: no fer_keras metadata'}" + (
+            f" {exported['crop_size']}" if "crop_size" in exported else "")
         serving_rows += [_serving_row(exported.get("stem") or "-", f"{exported['path']} ({built_in}): {name}", fig)
                          for name, fig in exported["signatures"].items()]
     if serving_rows:
         lines += ["", "## Serving", "",
+                  f"Batch-1 latency over {s['latency_samples']} single-image calls; throughput: median of "
+                  f"{s['repeats']} window(s) of {s['serving_batches']} batch(es) of {s['serving_batch_size']} "
+                  "images (float32 pixels, after warm-up calls).", "",
                   "| stem | model | forward passes per image | batch-1 p50 ms | batch-1 p99 ms | large batch "
                   "| images/s |",
                   "|---|---|---:|---:|---:|---:|---:|", *serving_rows]
@@ -1012,7 +1028,7 @@ def render_markdown(report: dict) -> str:
 
 
 def _serving_row(stem: str, name: str, fig: dict) -> str:
-    return (f"| {stem} | {name} | {fig.get('forward_passes', 1)} | {fig['batch1_p50_ms']:.1f} | "
+    return (f"| {stem} | {name} | {_fmt(fig.get('forward_passes', 1), 'd')} | {fig['batch1_p50_ms']:.1f} | "
             f"{fig['batch1_p99_ms']:.1f} | {fig['batch_size']} | {fig['throughput']['median']:.1f} |")
 
 
@@ -1112,7 +1128,8 @@ def main(argv: Sequence[str]) -> None:
     print(render_markdown(report))
     print(f"wrote {json_path} and {md_path}")
     failed = [r for r in report["training"] if "error" in r["keras"]]
-    if failed or "error" in (report["serving_export"] or {}):
+    failed += [r for r in [*report["serving"].values(), report["serving_export"]] if r and "error" in r]
+    if failed:
         raise SystemExit(1)
 
 

@@ -3,6 +3,7 @@ right, the machine's peak follows its flags, and the CLI runs end to end with ti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 from conftest import cli_env
 
 from fer_keras import STEMS, benchmark
+from fer_keras.errors import FerError
 from fer_keras.model import count_params, resnet18
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,10 +61,14 @@ def test_twin_batchnorm_momentum_is_the_keras_models_in_pytorchs_convention():
     assert torch_twin.BN_MOMENTUM == pytest.approx(1 - model.BN_MOMENTUM)
 
 
-def test_twin_and_benchmark_do_not_load_keras(tmp_path):
-    """The twin's memory figure would include Keras and TensorFlow if importing it loaded them."""
-    pytest.importorskip("torch")
-    code = ("import sys, fer_keras.torch_twin, fer_keras.benchmark; "
+@pytest.mark.parametrize("module", ["benchmark", "torch_twin"])
+def test_twin_and_benchmark_do_not_load_keras(tmp_path, module):
+    """The twin's memory figure would include Keras and TensorFlow if importing it loaded them; the benchmark's
+    own process (its flags' checks included) stays free of them too, so that its workers alone hold them."""
+    if module == "torch_twin":
+        pytest.importorskip("torch")
+    code = (f"import sys, fer_keras.{module}, fer_keras.benchmark as b\n"
+            "try:\n    b.Settings(serving_export='nowhere').validate()\nexcept b.ConfigError:\n    pass\n"
             "print(sorted(m for m in ('keras', 'tensorflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -224,9 +230,11 @@ def test_cli_refuses_to_replace_a_file_that_is_not_a_report(tmp_path, foreign):
     (["--serving_tta=none,fivecrop"], "--serving_tta must be"),
     (["--serving_export={tmp}/missing"], "error: --serving_export: {tmp}/missing: no such model"),
     (["--serving_export={tmp}"], "neither a run directory"),
+    (["--serving_export={tmp}/m.keras"], "error: --serving_export: {tmp}/m.keras is a .keras model, not a SavedModel"),
     (["--skip_training", "--skip_pipeline", "--skip_serving"], "error: nothing to measure"),
 ])
 def test_cli_refuses_bad_flags(tmp_path, args, needle):
+    (tmp_path / "m.keras").write_bytes(b"")
     args = [a.format(tmp=tmp_path) for a in args]
     output = [] if any(a.startswith("--output=") for a in args) else [f"--output={tmp_path / 'b.json'}"]
     proc = subprocess.run([sys.executable, "-m", "fer_keras.benchmark", *output, *args], cwd=REPO,
@@ -284,3 +292,52 @@ def test_cli_times_every_float32_signature_of_a_trained_export(tmp_path):
     assert all(s["throughput"]["median"] > 0 and s["batch_size"] == 8 for s in signatures.values())
     assert "## Training" not in proc.stdout and "## Model cost" not in proc.stdout
     assert f"| - | {exported['path']} (tta flip): serving_no_tta | 1 |" in proc.stdout
+    assert "Batch-1 latency over 3 single-image calls; throughput: median of 1 window(s) of 1 batch(es) of 8" \
+        in proc.stdout
+
+
+def test_an_export_without_metadata_or_pixels_signature(tmp_path):
+    """Without fer_keras' metadata the TTA is unknown, not guessed; a SavedModel that takes no float32 pixels is
+    an error (the CLI makes it an error row and exit 1), not an empty table."""
+    import tensorflow as tf
+
+    from fer_keras import export
+
+    path = export.export_model(resnet18("imagenet"), tmp_path, name="bare", version=1, tta="tencrop")
+    (path / export.METADATA_FILE).unlink()
+    result = benchmark.measure_serving_export(spec(serving_export=str(path)))
+    assert result["tta"] is None and "crop_size" not in result and result["stem"] is None
+    assert {n: s["forward_passes"] for n, s in result["signatures"].items()} == {"serving_default": None,
+                                                                              "serving_no_tta": 1}
+    report = fake_report(serving_export=result)
+    assert f"| - | {path} (tta unknown: no fer_keras metadata): serving_default | - |" in \
+        benchmark.render_markdown(report)
+
+    module = tf.Module()
+    module.double = tf.function(lambda x: {"y": 2 * x}, input_signature=[tf.TensorSpec([None], tf.float32, "x")])
+    tf.saved_model.save(module, str(tmp_path / "other"), signatures={"serving_default": module.double})
+    with pytest.raises(FerError, match="no signature takes float32 'pixels'"):
+        benchmark.measure_serving_export(spec(serving_export=str(tmp_path / "other")))
+
+
+def fake_report(**overrides) -> dict:
+    """A report as run_benchmark returns it, with nothing measured: for render_markdown's branches."""
+    cpu = benchmark.cpu_info("model name : Test CPU\nvendor_id : Test\ncpu cores : 1\nflags : fma avx2\n", 1e6)
+    report = {
+        "command": "python -m fer_keras.benchmark", "date": "2026-12-02T00:00:00+00:00",
+        "machine": {"cpu": cpu, "load_average_before": [0.0] * 3, "load_average_after": [0.0] * 3,
+                    "foreign_cpu_share": 0.0},
+        "versions": {"python": "3", "fer_keras": "0"}, "settings": dataclasses.asdict(benchmark.Settings()),
+        "flops": {}, "training": [], "bf16_speedup": [], "pipeline": None, "serving": {}, "serving_export": None,
+        "notes": [],
+    }
+    return {**report, **overrides}
+
+
+def test_markdown_shows_failed_serving_measurements_as_rows():
+    report = fake_report(serving={"cifar": {"error": "OOM"}}, serving_export={"error": "no signature"})
+    report["settings"]["serving_export"] = "saved_models/x"
+    text = benchmark.render_markdown(report)
+    assert "| cifar | error: OOM | | | | | |" in text
+    assert "| - | saved_models/x: error: no signature | | | | | |" in text
+    assert "## Training" not in text and "## Model cost" not in text
