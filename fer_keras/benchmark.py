@@ -48,7 +48,7 @@ import numpy as np
 from absl import flags
 
 from fer_keras import STEMS, __version__, cli
-from fer_keras.errors import ConfigError, FerError
+from fer_keras.errors import ConfigError, FerError, ModelError
 from fer_keras.history import atomic_write_text, check_replaceable
 from fer_keras.tta import TTA_MODES
 
@@ -113,14 +113,10 @@ class Settings:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        if self.serving_export:
-            resolve_export(self.serving_export)
 
 
 def resolve_export(path: str) -> Path:
-    """The SavedModel that ``--serving_export`` names (an export or a folder of versions: the highest), checked
-    before any measurement starts."""
-    from fer_keras.errors import ModelError
+    """The SavedModel that ``--serving_export`` names (an export or a folder of versions: the highest)."""
     from fer_keras.inference import resolve
 
     try:
@@ -610,8 +606,13 @@ def _float32_signatures(loaded) -> dict[str, Callable]:
     import tensorflow as tf
 
     found = {name: fn for name, fn in loaded.signatures.items()
-             if fn.structured_input_signature[1].get("pixels", tf.TensorSpec(None, tf.string)).dtype == tf.float32}
+             if getattr(fn.structured_input_signature[1].get("pixels"), "dtype", None) == tf.float32}
     return dict(sorted(found.items(), key=lambda item: (item[0] != "serving_default", item[0])))
+
+
+def _signature_figures(signature: Callable, one, batch, args: tuple) -> dict:
+    """:func:`_inference_figures` of a SavedModel signature called as TF Serving calls it (``pixels``)."""
+    return _inference_figures(lambda x: signature(pixels=x)["logits"], one, batch, *args)
 
 
 def measure_serving(spec: dict) -> dict:
@@ -640,14 +641,13 @@ def measure_serving(spec: dict) -> dict:
                 model = resnet18(config.stem, config.input_channels, dropout=config.dropout)
                 path = Path(tmp) / f"{precision}.keras"
                 model.save(path)
-                for tta in spec["serving_tta"] if not result["exports"] else ():
+                for tta in () if result["exports"] else spec["serving_tta"]:  # from the first precision's model
                     exported = export.export_model(model, Path(tmp) / "exports", name=tta, tta=tta)
                     loaded = tf.saved_model.load(str(exported))  # kept: its signatures read its variables
-                    signature = loaded.signatures["serving_default"]
                     result["exports"][tta] = {
                         "note": f"export.export_model casts to float32 (tta {tta}); serving_default signature",
                         "forward_passes": num_views(tta),
-                        **_inference_figures(lambda x, f=signature: f(pixels=x)["logits"], one, batch, *args),
+                        **_signature_figures(loaded.signatures["serving_default"], one, batch, args),
                     }
                 reloaded = load_keras_model(str(path))
                 predict = tf.function(lambda x, m=reloaded: m(x, training=False), reduce_retracing=True)
@@ -659,8 +659,8 @@ def measure_serving(spec: dict) -> dict:
 
 
 def measure_serving_export(spec: dict) -> dict:
-    """Every float32 signature of a trained export (``spec["serving_export"]``, resolved by :func:`resolve_export`),
-    as TF Serving runs it (``tf.saved_model.load``). Without fer_keras' metadata the built-in TTA, and so the
+    """Every float32 signature of a trained export (``spec["serving_export"]``, a SavedModel directory), as TF
+    Serving runs it (``tf.saved_model.load``). Without fer_keras' metadata the built-in TTA, and so the
     forward passes per image, are unknown (None)."""
     info = _configure_tf(spec)
     import tensorflow as tf
@@ -682,8 +682,7 @@ def measure_serving_export(spec: dict) -> dict:
     signatures = {}
     for name, fn in functions.items():
         passes = 1 if name == NO_TTA_SIGNATURE else (num_views(tta) if tta else None)
-        signatures[name] = {"forward_passes": passes,
-                            **_inference_figures(lambda x, f=fn: f(pixels=x)["logits"], one, batch, *args)}
+        signatures[name] = {"forward_passes": passes, **_signature_figures(fn, one, batch, args)}
     return {"path": str(path), "tta": tta, **({"crop_size": crop_size} if tta == "tencrop" else {}),
             "stem": (meta.get("train_config") or {}).get("stem"), "signatures": signatures, "versions": info,
             "peak_rss_mb": _peak_rss_mb()}
@@ -733,8 +732,7 @@ def run_measurement(kind: str, spec: dict, log: Callable[[str], None] = lambda s
 def _spec(settings: Settings, **extra: Any) -> dict:
     keys = ("batch_size", "repeats", "steps", "warmup", "steps_per_execution", "tf_intra_op_threads",
             "tf_inter_op_threads", "torch_threads", "data", "seed", "serving_batch_size", "serving_batches",
-            "latency_samples", "serving_export")
-    extra.setdefault("serving_tta", list(settings.serving_tta))
+            "latency_samples", "serving_tta", "serving_export")
     return {**{k: getattr(settings, k) for k in keys}, **extra}
 
 
@@ -776,6 +774,8 @@ def _own_cpu_seconds() -> float:
 def run_benchmark(settings: Settings, command: str, log: Callable[[str], None] = lambda s: None) -> dict:
     """Runs every measurement that ``settings`` asks for and returns the report (a JSON-able dict)."""
     settings.validate()
+    # Resolved before any measurement: a bad path fails at once, and the version timed is the one named now.
+    export_path = str(resolve_export(settings.serving_export)) if settings.serving_export else ""
     torch_missing = importlib.util.find_spec("torch") is None
     run_torch = not settings.skip_torch and not torch_missing
     cpu = cpu_info()
@@ -818,10 +818,8 @@ def run_benchmark(settings: Settings, command: str, log: Callable[[str], None] =
         if not settings.skip_serving:
             serving[stem] = measure("serving", f"serving {stem}", stem=stem, precisions=list(settings.precisions))
     pipeline = None if settings.skip_pipeline else measure("pipeline", "input pipeline alone", stem=STEMS[0])
-    serving_export = None
-    if settings.serving_export:
-        resolved = str(resolve_export(settings.serving_export))  # the version validated is the one timed
-        serving_export = measure("serving_export", f"serving {resolved}", serving_export=resolved)
+    serving_export = (measure("serving_export", f"serving {export_path}", serving_export=export_path)
+                      if export_path else None)
 
     flops: dict[str, dict] = {}
     for row in rows:

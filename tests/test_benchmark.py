@@ -68,7 +68,7 @@ def test_twin_and_benchmark_do_not_load_keras(tmp_path, module):
     if module == "torch_twin":
         pytest.importorskip("torch")
     code = (f"import sys, fer_keras.{module}, fer_keras.benchmark as b\n"
-            "try:\n    b.Settings(serving_export='nowhere').validate()\nexcept b.ConfigError:\n    pass\n"
+            "try:\n    b.resolve_export('nowhere')\nexcept b.ConfigError:\n    pass\n"
             "print(sorted(m for m in ('keras', 'tensorflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
