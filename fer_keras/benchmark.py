@@ -665,7 +665,7 @@ def measure_serving_export(spec: dict) -> dict:
     info = _configure_tf(spec)
     import tensorflow as tf
 
-    from fer_keras.inference import export_metadata, served_views
+    from fer_keras.inference import export_metadata, metadata_views
     from fer_keras.tta import NO_TTA_SIGNATURE, num_views
 
     path = Path(spec["serving_export"])
@@ -674,7 +674,7 @@ def measure_serving_export(spec: dict) -> dict:
     if not functions:
         raise FerError(f"{path}: no signature takes float32 'pixels' (not a fer_keras export?)")
     meta = export_metadata(path)
-    tta, crop_size = served_views("saved_model", path) if meta else (None, None)
+    tta, crop_size = metadata_views(meta) if meta else (None, None)
     split = _train_split(spec["data"], spec["seed"])
     images = _tiled_images(split, spec["serving_batch_size"]).astype(np.float32)
     one, batch = tf.constant(images[:1]), tf.constant(images)

@@ -90,9 +90,13 @@ def export_metadata(saved_model_dir: Path) -> dict:
 def served_views(kind: str, path: Path) -> tuple[str, int]:
     """The test-time augmentation a model is served with and its crop size: an export's built-in ones (recorded in
     its metadata), ``("none", 40)`` for a ``.keras`` model."""
+    return metadata_views(export_metadata(path) if kind == "saved_model" else {})
+
+
+def metadata_views(meta: dict) -> tuple[str, int]:
+    """:func:`served_views` from an export's metadata already read (``{}``: none built in)."""
     from fer_keras.tta import DEFAULT_CROP_SIZE
 
-    meta = export_metadata(path) if kind == "saved_model" else {}
     return meta.get("tta") or "none", int(meta.get("crop_size") or DEFAULT_CROP_SIZE)
 
 
