@@ -3,8 +3,9 @@
 Reports accuracy (always named with its split, e.g. ``val (PublicTest)``, because FER2013 accuracies
 are only comparable on the same split), per-class precision/recall/F1 and the confusion matrix, which
 shows the classes the model mixes up (fear/sad, angry/disgust in FER2013). Files in ``--output_dir``,
-prefixed with the split (and the TTA mode when one is used), so that one model's evaluations on several splits
-and TTAs share a folder (another model's evaluation replaces them: give each model its own folder):
+prefixed with the split (and the TTA mode when one is used; suffixed ``_precise-bn`` after ``--precise_bn``),
+so that one model's evaluations on several splits and TTAs share a folder (another model's evaluation replaces
+them: give each model its own folder):
 
 * ``SPLIT_metrics.json``: accuracy, per-class metrics, confusion counts and row-normalised rates,
   split, number of images, model path, TTA (requested, and any built into an export);
@@ -104,6 +105,7 @@ class EvalResult:
     support: np.ndarray
     report: str
     label: str | None = None  # how the split is named when not the source's own (a run's hold-out)
+    precise_bn: str | None = None  # the images BatchNorm's statistics were re-estimated on (fer_keras.precise_bn)
 
     @property
     def split_label(self) -> str:
@@ -152,6 +154,8 @@ class EvalResult:
             "tta": self.tta,
             "crop_size": self.crop_size,
             "export_tta": self.export_tta,
+            "batchnorm_statistics": (f"re-estimated on {self.precise_bn}" if self.precise_bn
+                                     else "the moving averages of training"),
             "accuracy": self.accuracy,
             "num_correct": self.num_correct,
             "macro_f1": self.macro_f1,
@@ -246,6 +250,37 @@ def evaluate(
     )
 
 
+def evaluate_precise_bn(
+    model: str | Path | None,
+    data: fer_data.FerData,
+    split: fer_data.Split,
+    tta: str = "none",
+    batch_size: int = 256,
+    *,
+    split_name: str,
+    crop_size: int = DEFAULT_CROP_SIZE,
+) -> EvalResult:
+    """:func:`evaluate` of ``model`` (as the tools resolve it) after its BatchNorm statistics are re-estimated on
+    the Training images of ``data`` (:mod:`fer_keras.precise_bn`). An export is rebuilt as the Keras network it
+    holds, without the test-time augmentation built around it, so ``tta`` chooses the views for every model alike
+    (the export's own is recorded as ``export_tta``)."""
+    from fer_keras import inference
+    from fer_keras.precise_bn import reestimate
+
+    check_tta(tta, crop_size)
+    kind, path = inference.resolve(model)
+    built_in = inference.served_views(kind, path)[0] if kind == "saved_model" else None
+    train = data.split("train")
+    keras_model = inference.load_keras(model)
+    reestimate(keras_model, train.images, batch_size, name=str(path))
+    result = evaluate(inference.Predictor("keras", path, keras_model=keras_model), split, tta, batch_size,
+                      split_name=split_name, crop_size=crop_size)
+    return dataclasses.replace(
+        result, model_kind=kind, export_tta=built_in,
+        precise_bn=f"{len(train):,} images of {fer_data.split_label('train')}, unaugmented",
+    )
+
+
 def model_name(path: str, kind: str) -> str:
     """A short name for titles: ``NAME/VERSION`` for exports, ``RUN/best.keras`` for runs."""
     p = Path(path)
@@ -336,6 +371,7 @@ def write_report(result: EvalResult, output_dir: str | Path, source: str | None 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a directory")
     stem = result.split if result.tta == "none" else f"{result.split}_tta-{result.tta}"
+    stem += "_precise-bn" if result.precise_bn else ""
     files = {
         "json": out / f"{stem}_metrics.json",
         "csv": out / f"{stem}_predictions.csv",
@@ -375,7 +411,11 @@ def _dump_json(payload: dict) -> str:
 def summary(result: EvalResult) -> str:
     """Three lines: the model, accuracy with its split, and the most confused pair."""
     built_in = ""
-    if result.export_tta not in (None, "none"):
+    if result.precise_bn:
+        if result.export_tta not in (None, "none"):
+            built_in = f"; its network alone, without the {result.export_tta} views the export averages"
+        built_in += f"; BatchNorm statistics re-estimated on {result.precise_bn}"
+    elif result.export_tta not in (None, "none"):
         built_in = f"; the export averages {result.export_tta} views itself"
     lines = [
         f"model: {result.model_kind} {result.model}{built_in}",
@@ -403,6 +443,10 @@ def define_flags() -> None:
     flags.DEFINE_string("split", "val", "Labeled split to evaluate: train, val (PublicTest) or test (PrivateTest).")
     tta_lib.define_flags()
     cli.define_skip_bad_rows()
+    flags.DEFINE_bool("precise_bn", False, "Re-estimate every BatchNorm layer's moving mean and variance on the "
+                      "Training images of --data, unaugmented, before evaluating (precise BatchNorm: statistics of "
+                      "clean faces instead of the moving averages over augmented training batches). An export is "
+                      "rebuilt as its network alone, so --tta applies to it too; files get the suffix _precise-bn.")
     flags.DEFINE_string("output_dir", DEFAULT_OUTPUT_DIR, "Folder for the metrics JSON, predictions CSV, "
                         "confusion-matrix PNGs and text report, named by split and TTA: one folder per model.")
     flags.register_validator("output_dir", lambda v: bool(v), "--output_dir must not be empty")
@@ -421,8 +465,12 @@ def main(argv: Sequence[str]) -> None:
     data = fer_data.load(f.data or None, skip_bad_rows=f.skip_bad_rows)
     split = data.split(split_name)
     _check_labeled(split, f"{data.source}: {fer_data.split_label(split_name)}")
-    predictor = inference.load_predictor(f.model)
-    result = evaluate(predictor, split, f.tta, f.batch_size, split_name=split_name, crop_size=f.crop_size)
+    if f.precise_bn:
+        result = evaluate_precise_bn(f.model, data, split, f.tta, f.batch_size, split_name=split_name,
+                                     crop_size=f.crop_size)
+    else:
+        predictor = inference.load_predictor(f.model)
+        result = evaluate(predictor, split, f.tta, f.batch_size, split_name=split_name, crop_size=f.crop_size)
     files = write_report(result, out, source=data.source)
     print(summary(result))
     print(f"wrote {files['json']} and {', '.join(p.name for k, p in files.items() if k != 'json')}")
