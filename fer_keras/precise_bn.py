@@ -5,8 +5,8 @@ Training leaves each BatchNorm layer with exponential moving averages of the sta
 faces with them. Re-estimating the statistics with the weights fixed, as the average over many batches of clean
 training images (PreciseBN: Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021), removes both differences.
 Whether that serves better is a measurement, not a given: `python -m fer_keras.evaluate --precise_bn` makes it
-(README, Results on FER2013: on the shipped versions 5-8 it moved PublicTest by -15 to +33 images without TTA
-and cost 49-64 with ten-crop).
+(README, Results on FER2013: on the shipped versions 5-8 it moved PublicTest by -15 to +33 images without TTA;
+with ten-crop it cost versions 7 and 8 49 and 64).
 """
 
 from __future__ import annotations
