@@ -1,13 +1,15 @@
 """Resumable training state: atomic checkpoints and the callbacks that write them every epoch.
 
 A checkpoint is ``checkpoints/epoch_NNNN/`` holding ``model.weights.h5`` (weights and optimizer
-state) and ``state.json`` (epoch, best validation accuracy, full history, dropout RNG state). It is
+state), ``state.json`` (epoch, best validation accuracy, full history, dropout RNG state) and, with weight
+averaging, ``average.npz`` (the running mean of the weights and how many epochs it holds). It is
 written to a temporary folder and renamed into place, so a kill at any moment leaves complete
 checkpoints only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -15,12 +17,14 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import keras
 import numpy as np
 from absl import logging
 
 from fer_keras import __version__
+from fer_keras.averaging import WeightAverage
 from fer_keras.errors import ConfigError
 from fer_keras.history import (
     atomic_write_text,
@@ -102,8 +106,10 @@ def restore_rng(model: keras.Model, saved: dict[str, list]) -> int:
     return len(pairs)
 
 
-def write_checkpoint(model: keras.Model, ckpt_dir: Path, state: dict) -> Path:
-    """Weights (with optimizer state) + run state, renamed into place only when complete."""
+def write_checkpoint(model: keras.Model, ckpt_dir: Path, state: dict,
+                     extra: Callable[[Path], None] | None = None) -> Path:
+    """Weights (with optimizer state) + run state, and whatever ``extra`` writes into the folder (the weight
+    average), renamed into place only when complete."""
     epoch = state["epoch"]
     state = {**state, "rng_state": {v.path: np.asarray(v.numpy()).tolist() for v in rng_variables(model)}}
     final = ckpt_dir / f"epoch_{epoch:04d}"
@@ -114,6 +120,8 @@ def write_checkpoint(model: keras.Model, ckpt_dir: Path, state: dict) -> Path:
     tmp.mkdir()
     model.save_weights(str(tmp / "model.weights.h5"))
     fsync_path(tmp / "model.weights.h5")
+    if extra is not None:
+        extra(tmp)
     atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
     fsync_path(tmp)
     if final.exists():  # rewritten: move the old one aside first, so a kill never leaves half of it in place
@@ -187,8 +195,10 @@ class RunRecorder(keras.callbacks.Callback):
     """
 
     def __init__(self, out_dir: Path, ckpt_dir: Path, chief: bool, guard: NonFiniteLoss,
-                 history: list[dict], best: tuple[int, float], config_json: dict, replicas: int = 1):
+                 history: list[dict], best: tuple[int, float], config_json: dict, replicas: int = 1,
+                 averager: WeightAverage | None = None):
         super().__init__()
+        self.averager = averager
         self.out_dir = out_dir
         self.ckpt_dir = ckpt_dir
         self.chief = chief
@@ -218,6 +228,9 @@ class RunRecorder(keras.callbacks.Callback):
         }
         if "momentum" in logs:  # MomentumLog's value; AdamW has none
             row["momentum"] = float(logs["momentum"])
+        if "averaged_epochs" in logs:  # WeightAverage's: val_* are then the average's, val_raw_* the weights'
+            row.update(val_raw_loss=float(logs["val_raw_loss"]), val_raw_accuracy=float(logs["val_raw_accuracy"]),
+                       averaged_epochs=int(logs["averaged_epochs"]))
         bad = [k for k in ("loss", "val_loss") if not math.isfinite(row[k])]
         if bad:
             self.guard.failed_at = (epoch + 1, 0, row[bad[0]], "loss" if bad[0] == "loss" else "validation loss")
@@ -236,9 +249,11 @@ class RunRecorder(keras.callbacks.Callback):
             "replicas": self.replicas,
             "fer_keras_version": __version__,
         }
-        write_checkpoint(self.model, self.ckpt_dir, state)
+        averager = self.averager if self.averager is not None and self.averager.active else None
+        write_checkpoint(self.model, self.ckpt_dir, state, extra=averager.save if averager else None)
         if self.chief and improved:
-            save_best(self.model, self.out_dir)
+            with averager.applied() if averager else contextlib.nullcontext():
+                save_best(self.model, self.out_dir)
         if self.chief:
             write_history_csv(self.out_dir / "history.csv", self.history)
             plot_history(self.history, self.out_dir / "history.png")

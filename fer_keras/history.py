@@ -182,7 +182,9 @@ def fsync_path(path: Path) -> None:
 
 
 # "momentum" is blank for AdamW and in runs written before it was recorded (reading skips blank cells).
-HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "momentum", "seconds")
+# val_raw_*: with weight averaging (train --average_from_epoch), the current weights' figures; val_* are the average's.
+HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "momentum", "seconds",
+                  "val_raw_loss", "val_raw_accuracy", "averaged_epochs")
 
 
 def write_history_csv(path: Path, history: list[dict]) -> None:
@@ -209,7 +211,7 @@ def read_history_csv(path: str | os.PathLike) -> list[dict]:
                     if value in (None, "") or key is None:
                         continue
                     try:
-                        parsed[key] = int(value) if key == "epoch" else float(value)
+                        parsed[key] = int(value) if key in ("epoch", "averaged_epochs") else float(value)
                     except (TypeError, ValueError):
                         raise DataError(f"{path}: line {reader.line_num}: {key} {value!r} is not a number") from None
                 if "epoch" not in parsed:
@@ -338,6 +340,10 @@ def plot_history(history: list[dict], path: Path, title: str = "ResNet-18 on FER
     lines = []
     lines += ax_acc.plot(epochs, [100 * r["accuracy"] for r in history], "C0-", label="train accuracy")
     lines += ax_acc.plot(epochs, [100 * r["val_accuracy"] for r in history], "C1-", label="validation accuracy")
+    raw = [r for r in history if "val_raw_accuracy" in r]
+    if raw:  # weight averaging: val_accuracy is the average's from its first epoch on
+        lines += ax_acc.plot([r["epoch"] for r in raw], [100 * r["val_raw_accuracy"] for r in raw], "C1:",
+                             label="validation accuracy, weights before averaging")
     lines += ax_loss.plot(epochs, [r["loss"] for r in history], "C0--", label="train loss")
     lines += ax_loss.plot(epochs, [r["val_loss"] for r in history], "C1--", label="validation loss")
     ax_acc.set_xlabel("epoch")

@@ -18,6 +18,7 @@ At the end the best model is exported for TF Serving (``saved_models/<run folder
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -112,6 +113,9 @@ class TrainConfig:
     step_epochs: tuple[int, ...] = ()
     step_gamma: float = 0.1
     label_smoothing: float = 0.1
+    # Stochastic weight averaging from this epoch (1-based) on: the model validated, kept and exported is the mean
+    # of the weights at the ends of the epochs since (fer_keras.averaging); 0: off.
+    average_from_epoch: int = 0
     precision: str = "float32"
     steps_per_execution: int = 1
     seed: int = 0
@@ -184,6 +188,8 @@ class TrainConfig:
             (self.max_train_examples >= 0 and self.max_val_examples >= 0, "max_*_examples must be >= 0"),
             (self.export_version >= 0, f"export_version must be >= 0, got {self.export_version}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (0 <= self.average_from_epoch <= self.epochs,
+             f"average_from_epoch must be between 0 (off) and epochs ({self.epochs}), got {self.average_from_epoch}"),
             (0 < self.step_gamma <= 1, f"step_gamma must be in (0, 1], got {self.step_gamma}"),
             (self.num_gpus >= -1, f"num_gpus must be >= -1 (-1: all), got {self.num_gpus}"),
             (0 <= self.distill_weight <= 1, f"distill_weight must be in [0, 1], got {self.distill_weight}"),
@@ -511,7 +517,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     import keras
     import tensorflow as tf
 
-    from fer_keras import checkpoint, distribute, export, pipeline
+    from fer_keras import averaging, checkpoint, distribute, export, pipeline
     from fer_keras import data as data_lib
     from fer_keras.model import resnet18
 
@@ -552,6 +558,11 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
                           "--model_dir")
     if started:
         _check_resumable(model_dir, config, latest)
+    if config.average_from_epoch and latest and latest[1]["epoch"] >= config.average_from_epoch:
+        # Found before anything is rewritten; load() checks the arrays against the model once it is built.
+        average_file = latest[0] / averaging.AVERAGE_FILE
+        if not average_file.is_file():
+            raise ConfigError(f"{average_file}: missing, so the run's weight average is lost; use a new --model_dir")
     trained_on = latest[1].get("replicas") if latest else None
     if trained_on is not None and trained_on != replicas and not config.sync_batchnorm:
         # Allowed (a run may move to other hardware), but BatchNorm then normalises over other batches.
@@ -630,6 +641,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
         + (f", distilled from {len(config.teachers)} teacher(s) (weight {config.distill_weight:g}, temperature "
            f"{config.distill_temperature:g}; training accuracy is agreement with the soft targets' top class)"
            if config.teachers else "")
+        + (f", weights averaged from epoch {config.average_from_epoch} (the average is validated and kept)"
+           if config.average_from_epoch else "")
     )
 
     previous_policy = keras.config.dtype_policy()
@@ -668,17 +681,30 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
                                                     "--model_dir")
                     logging.warning(message)
                 print(f"resuming after epoch {initial_epoch} from {latest[0]}")
-                best_file = out_dir / "best.keras"
-                if chief and best[0] == initial_epoch and (
-                        not best_file.is_file()
-                        or best_file.stat().st_mtime < (latest[0] / "state.json").stat().st_mtime):
-                    checkpoint.save_best(model, out_dir)  # the run was killed between checkpoint and best.keras
 
         guard = checkpoint.NonFiniteLoss()
-        recorder = checkpoint.RunRecorder(out_dir, ckpt_dir, chief, guard, history, best, config_json, replicas)
+        val_ds = pipeline.eval_dataset(val_split, config.batch_size)
+        averager = None
+        if config.average_from_epoch:
+            restored = None
+            if latest and initial_epoch >= config.average_from_epoch:
+                restored = averaging.load(latest[0], model)
+            averager = averaging.WeightAverage(config.average_from_epoch, val_ds, guard, restored)
+            averager.set_model(model)
+        if latest:
+            best_file = out_dir / "best.keras"
+            if chief and best[0] == initial_epoch and (
+                    not best_file.is_file()
+                    or best_file.stat().st_mtime < (latest[0] / "state.json").stat().st_mtime):
+                # The run was killed between checkpoint and best.keras.
+                with averager.applied() if averager else contextlib.nullcontext():
+                    checkpoint.save_best(model, out_dir)
+        recorder = checkpoint.RunRecorder(out_dir, ckpt_dir, chief, guard, history, best, config_json, replicas,
+                                          averager)
         callbacks = [
             guard,
             checkpoint.MomentumLog(),  # before the two that record it
+            *([averager] if averager else []),  # before the two that record the average's validation figures
             keras.callbacks.TensorBoard(str(out_dir / "logs"), update_freq="epoch", write_graph=False, profile_batch=0),
             recorder,
         ]
@@ -687,7 +713,6 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
                 train_split, config.batch_size, config.seed, config.epochs, initial_epoch,
                 config.augment_config(), deterministic=True, targets=targets,
             )
-            val_ds = pipeline.eval_dataset(val_split, config.batch_size)
             try:
                 model.fit(
                     train_ds,
@@ -816,6 +841,11 @@ def define_flags() -> None:
     f.DEFINE_float("distill_temperature", d.distill_temperature, "--teachers: each teacher's probabilities p "
                    "become p^(1/T), renormalised (its logits divided by T): above 1 softer, below 1 sharper.")
     f.DEFINE_integer("epochs", d.epochs, "Number of epochs.")
+    f.DEFINE_integer("average_from_epoch", d.average_from_epoch, "Stochastic weight averaging: from this epoch "
+                     "(1-based) on, the model validated, kept as best.keras and exported is the mean of the weights "
+                     "(BatchNorm statistics included) at the ends of the epochs since, best with a constant or "
+                     "cycled --learning_rate that keeps SGD moving; history.csv keeps the current weights' "
+                     "validation figures as val_raw_*. 0: off.")
     f.DEFINE_integer("batch_size", d.batch_size, "Global batch size (split over replicas; must divide evenly).")
     f.DEFINE_enum("optimizer", d.optimizer, OPTIMIZERS, "sgd (Nesterov momentum) or adamw.")
     f.DEFINE_float("learning_rate", d.learning_rate, "Peak learning rate.")
@@ -916,6 +946,7 @@ def define_flags() -> None:
     f.register_validator("step_epochs", lambda v: all(s.strip().isdigit() and int(s) > 0 for s in v),
                          "--step_epochs must be positive integers, e.g. 30,45")
     f.register_validator("verbose", lambda v: v in (0, 1, 2), "--verbose must be 0, 1 or 2")
+    f.register_validator("average_from_epoch", lambda v: v >= 0, "--average_from_epoch must be >= 0 (0: off)")
 
 
 def config_from_flags(values: Any) -> TrainConfig:

@@ -332,6 +332,7 @@ def test_unwritable_model_dir_is_reported_before_training(tmp_path):
     ({"cpu_devices": 2, "strategy": "multi_worker"}, "splits the CPU for strategy=mirrored only"),
     ({"collective_timeout": -1.0}, "collective_timeout must be >= 0"),
     ({"verbose": 3}, "verbose must be 0, 1 or 2"),
+    ({"average_from_epoch": 5}, r"average_from_epoch must be between 0 \(off\) and epochs \(2\), got 5"),
     ({"input_crop": 41}, "input_crop must be 0 .none. or smaller than 48 by an even number of pixels, got 41"),
 ])
 def test_bad_settings_are_refused(tmp_path, kwargs, message):
@@ -618,7 +619,7 @@ def test_history_csv_keeps_rows_without_momentum(tmp_path):
     new = {**old, "epoch": 2, "momentum": 0.875}
     path = tmp_path / "history.csv"
     history_lib.write_history_csv(path, [old, new])
-    assert path.read_text().splitlines()[:2] == [",".join(history_lib.HISTORY_FIELDS), "1,1.9,0.2,1.8,0.25,0.1,,1.5"]
+    assert path.read_text().splitlines()[:2] == [",".join(history_lib.HISTORY_FIELDS), "1,1.9,0.2,1.8,0.25,0.1,,1.5,,,"]
     assert history_lib.read_history_csv(path) == [old, new]
 
 

@@ -1,0 +1,198 @@
+"""Stochastic weight averaging (train --average_from_epoch): what is averaged, validated, kept and resumed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, SMALL_RUN, cli_env
+
+from fer_keras import averaging, train
+from fer_keras import data as data_lib
+from fer_keras.errors import ConfigError
+from fer_keras.history import read_history_csv
+
+AVERAGED_RUN = {**SMALL_RUN, "average_from_epoch": 1, "export": False}
+
+
+@pytest.fixture(scope="module")
+def averaged_run(tmp_path_factory):
+    """Two epochs, both averaged: epoch 1's average is its own weights, epoch 2's the mean of both epochs'."""
+    run = tmp_path_factory.mktemp("averaged") / "run"
+    config = train.TrainConfig(model_dir=str(run), **AVERAGED_RUN)
+    return config, train.run(config)
+
+
+def network(config: train.TrainConfig):
+    from fer_keras.model import resnet18
+
+    return resnet18(config.stem, config.input_channels, dropout=config.dropout)
+
+
+def epoch_weights(model, run: Path, epoch: int) -> list[np.ndarray]:
+    """The weights training reached at the end of ``epoch`` (its checkpoint keeps them, not the average)."""
+    model.load_weights(str(run / "checkpoints" / f"epoch_{epoch:04d}" / "model.weights.h5"))
+    return model.get_weights()
+
+
+def test_the_average_is_the_mean_of_the_weights_at_each_epochs_end(averaged_run):
+    config, result = averaged_run
+    run, model = Path(config.model_dir), network(config)
+    first, second = epoch_weights(model, run, 1), epoch_weights(model, run, 2)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(first, second)) > 1e-3  # training moved the weights
+    for epoch, expected in ((1, first), (2, [(a + b) / 2 for a, b in zip(first, second)])):
+        average, count = averaging.load(run / "checkpoints" / f"epoch_{epoch:04d}", model)
+        assert count == epoch
+        for a, e in zip(average, expected):
+            np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6)
+
+
+def test_the_average_is_what_is_validated_and_kept_as_best(averaged_run):
+    import keras
+
+    config, result = averaged_run
+    run = Path(config.model_dir)
+    history = read_history_csv(run / "history.csv")
+    assert [r["averaged_epochs"] for r in history] == [1, 2]
+    # Epoch 1's average is its own weights: the same figures twice.
+    assert history[0]["val_accuracy"] == history[0]["val_raw_accuracy"]
+    assert history[0]["val_loss"] == pytest.approx(history[0]["val_raw_loss"], rel=1e-6)
+    # Epoch 2's validation figures are the average's, measured again here from average.npz.
+    model = network(config)
+    average, _ = averaging.load(run / "checkpoints" / "epoch_0002", model)
+    model.set_weights(average)
+    _, val, _ = train.run_splits(data_lib.load(None), config)
+    accuracy = float(np.mean(model.predict(val.images, verbose=0).argmax(axis=1) == val.labels))
+    assert history[1]["val_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    # best.keras holds the average of its epoch, not that epoch's own weights.
+    best = keras.saving.load_model(run / "best.keras")
+    kept, _ = averaging.load(run / "checkpoints" / f"epoch_{result.best_epoch:04d}", model)
+    for b, k in zip(best.get_weights(), kept):
+        np.testing.assert_allclose(b, k, rtol=1e-6, atol=1e-6)
+    if result.best_epoch == 2:
+        own = epoch_weights(network(config), run, 2)
+        assert max(float(np.abs(b - o).max()) for b, o in zip(best.get_weights(), own)) > 1e-3
+
+
+def test_tensorboard_shows_the_average_and_the_weights_before_averaging(averaged_run):
+    from test_train import read_tensorboard
+
+    config, _ = averaged_run
+    history = read_history_csv(Path(config.model_dir) / "history.csv")
+    scalars = read_tensorboard(Path(config.model_dir) / "logs")
+    for tag, key in (("epoch_accuracy", "val_accuracy"), ("epoch_raw_accuracy", "val_raw_accuracy")):
+        assert [v for _, v in scalars[("validation", tag)]] == pytest.approx([r[key] for r in history], rel=1e-5)
+
+
+def test_a_resumed_run_averages_on_from_its_checkpoint(averaged_run, tmp_path):
+    config, _ = averaged_run
+    run = tmp_path / "run"
+    shutil.copytree(config.model_dir, run)
+    shutil.rmtree(run / "checkpoints" / "epoch_0002")  # as if killed during epoch 2
+    model = network(config)
+    before, _ = averaging.load(run / "checkpoints" / "epoch_0001", model)
+    train.run(train.TrainConfig(model_dir=str(run), **AVERAGED_RUN))
+    now = epoch_weights(model, run, 2)
+    average, count = averaging.load(run / "checkpoints" / "epoch_0002", model)
+    assert count == 2
+    for a, b, n in zip(average, before, now):
+        np.testing.assert_allclose(a, (b + n) / 2, rtol=1e-6, atol=1e-6)
+
+
+def test_a_resume_whose_average_is_lost_is_refused_before_anything_is_touched(averaged_run, tmp_path):
+    config, _ = averaged_run
+    run = tmp_path / "run"
+    shutil.copytree(config.model_dir, run)
+    shutil.rmtree(run / "checkpoints" / "epoch_0002")
+    (run / "checkpoints" / "epoch_0001" / averaging.AVERAGE_FILE).unlink()
+    history = (run / "history.csv").read_bytes()
+    best = (run / "best.keras").read_bytes()
+    with pytest.raises(ConfigError, match=r"epoch_0001/average\.npz: missing, so the run's weight average is lost"):
+        train.run(train.TrainConfig(model_dir=str(run), **AVERAGED_RUN))
+    assert (run / "history.csv").read_bytes() == history and (run / "best.keras").read_bytes() == best
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_0001"]
+
+
+def test_an_average_of_another_model_is_named(averaged_run, tmp_path):
+    config, _ = averaged_run
+    folder = tmp_path / "epoch_0001"
+    shutil.copytree(Path(config.model_dir) / "checkpoints" / "epoch_0001", folder)
+    other = train.TrainConfig(**{**AVERAGED_RUN, "stem": "cifar_pool"})
+    with pytest.raises(ConfigError, match=r"average\.npz: holds \d+ arrays averaged over 1 epoch\(s\), which do not "
+                                          r"fit this model's \d+ weights"):
+        averaging.load(folder, network(other))
+
+
+def test_starting_to_average_after_the_first_epochs_keeps_them_unaveraged(tmp_path):
+    config = train.TrainConfig(model_dir=str(tmp_path / "run"), **{**AVERAGED_RUN, "epochs": 3,
+                                                                    "average_from_epoch": 3})
+    result = train.run(config)
+    run = Path(config.model_dir)
+    assert [r.get("averaged_epochs") for r in result.history] == [None, None, 1]
+    assert not (run / "checkpoints" / "epoch_0002" / averaging.AVERAGE_FILE).exists()
+    assert averaging.load(run / "checkpoints" / "epoch_0003", network(config))[1] == 1
+    assert "val_raw_accuracy" not in read_history_csv(run / "history.csv")[1]
+
+
+@pytest.mark.parametrize("value, message", [
+    (3, r"average_from_epoch must be between 0 \(off\) and epochs \(2\), got 3"),
+    (-1, r"average_from_epoch must be between 0 \(off\) and epochs \(2\), got -1"),
+])
+def test_an_averaging_start_outside_the_run_is_refused(tmp_path, value, message):
+    with pytest.raises(ConfigError, match=message):
+        train.run(train.TrainConfig(model_dir=str(tmp_path / "run"), **{**SMALL_RUN, "average_from_epoch": value}))
+    assert not (tmp_path / "run").exists()
+
+
+MIRRORED_AVERAGE = textwrap.dedent("""
+    import json, sys
+    from fer_keras import distribute
+    distribute.configure_cpu_devices(2)  # before TensorFlow initialises
+    import numpy as np, tensorflow as tf
+    from fer_keras import averaging, train
+    config = train.TrainConfig(
+        model_dir=sys.argv[1], stem="imagenet", epochs=2, batch_size=32, max_train_examples=64,
+        max_val_examples=64, learning_rate=0.01, warmup_epochs=0, export=False, verbose=0,
+        strategy="mirrored", average_from_epoch=1)
+    captured = {}
+    original = averaging.WeightAverage.on_epoch_end
+    def spy(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 1:  # after the average was swapped in and out: every replica holds the same, own weights
+            captured["spread"] = [
+                max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                    for a, b in zip(v.value.values, v.value.values[1:]))
+                for v in self.model.weights if hasattr(v.value, "values")]
+            captured["kernel"] = np.asarray(self.model.weights[0]).tolist()
+    averaging.WeightAverage.on_epoch_end = spy
+    result = train.run(config)
+    print("RESULT " + json.dumps({"replicas": result.num_replicas, "history": result.history, **captured}))
+""")
+
+
+@pytest.mark.slow
+def test_averaging_under_a_mirrored_strategy_keeps_the_replicas_in_step(tmp_path):
+    """Under MirroredStrategy over 2 logical CPUs the average is swapped into and out of every replica's copy."""
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", MIRRORED_AVERAGE, str(run)], env=cli_env(tmp_path), cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["replicas"] == 2
+    assert [r["averaged_epochs"] for r in result["history"]] == [1, 2]
+    assert result["spread"] and max(result["spread"]) == 0.0
+    config = train.TrainConfig(stem="imagenet")
+    model = network(config)
+    own = epoch_weights(model, run, 2)
+    np.testing.assert_array_equal(np.asarray(result["kernel"], np.float32), own[0])
+    first = epoch_weights(model, run, 1)
+    average, count = averaging.load(run / "checkpoints" / "epoch_0002", model)
+    assert count == 2
+    for a, f, o in zip(average, first, own):
+        np.testing.assert_allclose(a, (f + o) / 2, rtol=1e-6, atol=1e-6)
