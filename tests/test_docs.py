@@ -1,0 +1,77 @@
+"""The documentation points at things that exist: links and images, flagfiles, modules and the tests the
+Reliability table cites. Renaming a test or a recipe must not leave README describing one that is gone."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "saved_models" / "README.md",
+        ROOT / "saved_models" / "fer_resnet18" / "README.md"]
+RECIPES = sorted((ROOT / "flags").rglob("*.cfg"))  # their comments name other recipes and tools too
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+FLAGFILE = re.compile(r"(?<![\w/])flags/[\w/]+\.cfg")
+PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*")  # flags/X.cfg, flags/RECIPE.cfg: a name for the reader to fill in
+RECIPE_NAME = re.compile(r"`([\w*]+(?:/[\w*]+)*\.cfg)`")  # a recipe named inside flags/, as the recipe table does
+FORMER_NAMES = {"fer2013_long_erasing_decay_bf16.cfg"}  # history names a file as it was then
+MODULE = re.compile(r"python -m fer_keras\.(\w+)")
+TEST_REF = re.compile(r"(?:tests/)?(test_\w+\.py)?::(test_\w+)")
+
+
+def _ids(paths):
+    return [str(p.relative_to(ROOT)) for p in paths]
+
+
+def _test_names(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {node.name for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_")}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_ids(DOCS))
+def test_relative_links_and_images_resolve(doc):
+    missing = []
+    for target in LINK.findall(doc.read_text()):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue  # web addresses and in-page anchors
+        path = (doc.parent / target.split("#")[0]).resolve()
+        if not path.exists():
+            missing.append(target)
+    assert not missing, f"{doc.relative_to(ROOT)} links to missing files: {missing}"
+
+
+@pytest.mark.parametrize("doc", DOCS + RECIPES, ids=_ids(DOCS + RECIPES))
+def test_named_flagfiles_and_tools_exist(doc):
+    text = doc.read_text()
+    named = {f for f in FLAGFILE.findall(text)
+             if not PLACEHOLDER.fullmatch(Path(f).stem) and Path(f).name not in FORMER_NAMES}
+    flagfiles = sorted(f for f in named if not (ROOT / f).is_file())
+    bare = {f for f in RECIPE_NAME.findall(text) if not f.startswith("flags/") and f not in FORMER_NAMES}
+    flagfiles += sorted(f for f in bare if not any((ROOT / "flags").rglob(f)))  # in flags/ or a folder of it
+    modules = sorted({m for m in MODULE.findall(text) if not (ROOT / "fer_keras" / f"{m}.py").is_file()})
+    assert not flagfiles, f"{doc.relative_to(ROOT)} names flagfiles that do not exist: {flagfiles}"
+    assert not modules, f"{doc.relative_to(ROOT)} names tools that do not exist: {modules}"
+
+
+def _cited_tests(text: str) -> list[tuple[str | None, str]]:
+    """``(file, test)`` for every backticked ``test_x.py::test_y`` and ``::test_z`` (the file named before it)."""
+    cited, current = [], None
+    for span in re.findall(r"`([^`]*::[^`]*)`", text):
+        for file, name in TEST_REF.findall(span):
+            current = file or current
+            cited.append((current, name))
+    return cited
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_ids(DOCS))
+def test_every_test_the_docs_cite_exists(doc):
+    names = {p.name: _test_names(p) for p in (ROOT / "tests").glob("test_*.py")}
+    cited = _cited_tests(doc.read_text())
+    if doc.name == "README.md" and doc.parent == ROOT:
+        assert len(cited) > 40, f"only {len(cited)} test references found: has the Reliability table's form changed?"
+    missing = [f"{file}::{name}" for file, name in cited if file not in names or name not in names[file]]
+    assert not missing, f"{doc.relative_to(ROOT)} cites tests that do not exist: {missing}"
