@@ -19,6 +19,10 @@ PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*")  # flags/X.cfg, flags/RECIPE.cfg: a
 RECIPE_NAME = re.compile(r"`([\w*]+(?:/[\w*]+)*\.cfg)`")  # a recipe named inside flags/, as the recipe table does
 FORMER_NAMES = {"fer2013_long_erasing_decay_bf16.cfg"}  # history names a file as it was then
 MODULE = re.compile(r"python -m fer_keras\.(\w+)")
+OPTION = re.compile(r"(?<![\w-])--([a-z][\w-]*)")
+# Options of the other programs the documents show: absl's own, pytest, pip, docker, saved_model_cli, TensorBoard, git.
+FOREIGN_OPTIONS = {"flagfile", "helpfull", "durations", "index-url", "rm", "dir", "tag_set", "signature_def", "inputs",
+                   "logdir", "host", "no-renames", "format", "diff-filter"}
 TEST_REF = re.compile(r"(?:tests/)?(test_\w+\.py)?::(test_\w+)")
 
 
@@ -55,6 +59,22 @@ def test_named_flagfiles_and_tools_exist(doc):
     modules = sorted({m for m in MODULE.findall(text) if not (ROOT / "fer_keras" / f"{m}.py").is_file()})
     assert not flagfiles, f"{doc.relative_to(ROOT)} names flagfiles that do not exist: {flagfiles}"
     assert not modules, f"{doc.relative_to(ROOT)} names tools that do not exist: {modules}"
+
+
+def _defined_flags() -> set[str]:
+    return {name for path in (ROOT / "fer_keras").glob("*.py")
+            for name in re.findall(r'DEFINE_\w+\(\s*"(\w+)"', path.read_text())}
+
+
+@pytest.mark.parametrize("doc", DOCS + RECIPES, ids=_ids(DOCS + RECIPES))
+def test_every_flag_named_is_defined(doc):
+    """A flag renamed or removed must not live on in the documents (``--noNAME`` is a boolean's negation)."""
+    defined = _defined_flags()
+    assert {"data", "tta", "precise_bn", "export_tta"} <= defined, "flag definitions no longer found by the pattern"
+    unknown = sorted({o for o in OPTION.findall(doc.read_text())
+                      if o not in defined and o not in FOREIGN_OPTIONS
+                      and not (o.startswith("no") and o[2:] in defined)})
+    assert not unknown, f"{doc.relative_to(ROOT)} names flags no fer_keras tool defines: {unknown}"
 
 
 def _cited_tests(text: str) -> list[tuple[str | None, str]]:
