@@ -4,6 +4,7 @@ Reliability table cites. Renaming a test or a recipe must not leave README descr
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "saved_models" / "README.md",
         ROOT / "saved_models" / "fer_resnet18" / "README.md"]
-RECIPES = sorted((ROOT / "flags").rglob("*.cfg"))  # their comments name other recipes and tools too
+DOCS += sorted((ROOT / "flags").rglob("*.cfg"))  # the recipes' comments name other recipes, tools and flags too
+IDS = [str(p.relative_to(ROOT)) for p in DOCS]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 FLAGFILE = re.compile(r"(?<![\w/])flags/[\w/]+\.cfg")
 PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*")  # flags/X.cfg, flags/RECIPE.cfg: a name for the reader to fill in
@@ -26,17 +28,15 @@ FOREIGN_OPTIONS = {"flagfile", "helpfull", "durations", "index-url", "rm", "dir"
 TEST_REF = re.compile(r"(?:tests/)?(test_\w+\.py)?::(test_\w+)")
 
 
-def _ids(paths):
-    return [str(p.relative_to(ROOT)) for p in paths]
+@functools.cache
+def _test_names() -> dict[str, set[str]]:
+    """Each test file's test functions, parsed once for every document."""
+    return {path.name: {node.name for node in ast.walk(ast.parse(path.read_text()))
+                        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_")}
+            for path in (ROOT / "tests").glob("test_*.py")}
 
 
-def _test_names(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    return {node.name for node in ast.walk(tree)
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_")}
-
-
-@pytest.mark.parametrize("doc", DOCS, ids=_ids(DOCS))
+@pytest.mark.parametrize("doc", DOCS, ids=IDS)
 def test_relative_links_and_images_resolve(doc):
     missing = []
     for target in LINK.findall(doc.read_text()):
@@ -48,7 +48,7 @@ def test_relative_links_and_images_resolve(doc):
     assert not missing, f"{doc.relative_to(ROOT)} links to missing files: {missing}"
 
 
-@pytest.mark.parametrize("doc", DOCS + RECIPES, ids=_ids(DOCS + RECIPES))
+@pytest.mark.parametrize("doc", DOCS, ids=IDS)
 def test_named_flagfiles_and_tools_exist(doc):
     text = doc.read_text()
     named = {f for f in FLAGFILE.findall(text)
@@ -61,12 +61,14 @@ def test_named_flagfiles_and_tools_exist(doc):
     assert not modules, f"{doc.relative_to(ROOT)} names tools that do not exist: {modules}"
 
 
+@functools.cache
 def _defined_flags() -> set[str]:
+    """Every flag a fer_keras tool defines, read from the sources (importing the tools would import TensorFlow)."""
     return {name for path in (ROOT / "fer_keras").glob("*.py")
             for name in re.findall(r'DEFINE_\w+\(\s*"(\w+)"', path.read_text())}
 
 
-@pytest.mark.parametrize("doc", DOCS + RECIPES, ids=_ids(DOCS + RECIPES))
+@pytest.mark.parametrize("doc", DOCS, ids=IDS)
 def test_every_flag_named_is_defined(doc):
     """A flag renamed or removed must not live on in the documents (``--noNAME`` is a boolean's negation)."""
     defined = _defined_flags()
@@ -87,11 +89,11 @@ def _cited_tests(text: str) -> list[tuple[str | None, str]]:
     return cited
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=_ids(DOCS))
+@pytest.mark.parametrize("doc", DOCS, ids=IDS)
 def test_every_test_the_docs_cite_exists(doc):
-    names = {p.name: _test_names(p) for p in (ROOT / "tests").glob("test_*.py")}
+    names = _test_names()
     cited = _cited_tests(doc.read_text())
-    if doc.name == "README.md" and doc.parent == ROOT:
+    if doc == ROOT / "README.md":
         assert len(cited) > 40, f"only {len(cited)} test references found: has the Reliability table's form changed?"
     missing = [f"{file}::{name}" for file, name in cited if file not in names or name not in names[file]]
     assert not missing, f"{doc.relative_to(ROOT)} cites tests that do not exist: {missing}"
