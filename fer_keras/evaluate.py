@@ -5,10 +5,12 @@ are only comparable on the same split), per-class precision/recall/F1 and the co
 shows the classes the model mixes up (fear/sad, angry/disgust in FER2013). Files in ``--output_dir``,
 prefixed with the split (and the TTA mode when one is used; suffixed ``_precise-bn`` after ``--precise_bn``),
 so that one model's evaluations on several splits and TTAs share a folder (another model's evaluation replaces
-them: give each model its own folder):
+them: give each model its own folder). ``--ensemble=A,B,...`` evaluates several models together instead: their
+probabilities averaged with equal weight, each model seeing its own TTA views.
 
 * ``SPLIT_metrics.json``: accuracy, per-class metrics, confusion counts and row-normalised rates,
-  split, number of images, model path, TTA (requested, and any built into an export);
+  split, number of images, model path, TTA (requested, and any built into an export), and each member
+  model (one for a single model);
 * ``SPLIT_predictions.csv``: one row per image with its true and predicted class and probabilities;
 * ``SPLIT_confusion_counts.png`` and ``SPLIT_confusion_normalized.png``: the confusion matrix;
 * ``SPLIT_report.txt``: scikit-learn's classification report.
@@ -106,6 +108,7 @@ class EvalResult:
     report: str
     label: str | None = None  # how the split is named when not the source's own (a run's hold-out)
     precise_bn: str | None = None  # the images BatchNorm's statistics were re-estimated on (fer_keras.precise_bn)
+    members: list[dict] = dataclasses.field(default_factory=list)  # each model averaged: path, kind, export TTA, crop
 
     @property
     def split_label(self) -> str:
@@ -154,6 +157,7 @@ class EvalResult:
             "tta": self.tta,
             "crop_size": self.crop_size,
             "export_tta": self.export_tta,
+            "members": self.members,
             "batchnorm_statistics": (f"re-estimated on {self.precise_bn}" if self.precise_bn
                                      else "the moving averages of training"),
             "accuracy": self.accuracy,
@@ -225,18 +229,16 @@ def evaluate(
         labels, predictions, labels=present, target_names=[CLASS_NAMES[c] for c in present],
         digits=3, zero_division=0,
     )
-    kind = getattr(predictor, "kind", "model")
-    export_tta = None
-    if kind == "saved_model":
-        export_tta = getattr(predictor, "metadata", {}).get("tta", "unknown")
+    members = [_member(m, tta, crop_size) for m in getattr(predictor, "members", None) or [predictor]]
     return EvalResult(
         model=str(getattr(predictor, "path", predictor)),
-        model_kind=kind,
-        export_tta=export_tta,
+        model_kind=getattr(predictor, "kind", "model"),
+        export_tta=members[0]["export_tta"] if len(members) == 1 else None,
         split=key,
         label=split_label,
         tta=tta,
         crop_size=effective_crop(crop_size, model_crop_of(predictor)) if tta == "tencrop" else None,
+        members=members,
         ids=np.asarray(split.ids),
         labels=labels,
         probabilities=probabilities,
@@ -248,6 +250,17 @@ def evaluate(
         support=np.asarray(support, np.int64),
         report=report,
     )
+
+
+def _member(predictor: ProbabilityModel, tta: str, crop_size: int) -> dict:
+    """What the metrics record of one model: its path, kind, the TTA built into it (exports) and its ten-crop side."""
+    kind = getattr(predictor, "kind", "model")
+    return {
+        "model": str(getattr(predictor, "path", predictor)),
+        "model_kind": kind,
+        "export_tta": getattr(predictor, "metadata", {}).get("tta", "unknown") if kind == "saved_model" else None,
+        "crop_size": effective_crop(crop_size, model_crop_of(predictor)) if tta == "tencrop" else None,
+    }
 
 
 def evaluate_precise_bn(
@@ -276,7 +289,8 @@ def evaluate_precise_bn(
     result = evaluate(inference.Predictor("keras", path, keras_model=keras_model), split, tta, batch_size,
                       split_name=split_name, crop_size=crop_size)
     return dataclasses.replace(
-        result, model_kind=kind, export_tta=built_in,
+        result, model_kind=kind, export_tta=built_in, members=[{**result.members[0], "model_kind": kind,
+                                                                "export_tta": built_in}],
         precise_bn=f"{len(train):,} images of {fer_data.split_label('train')}, unaugmented",
     )
 
@@ -341,9 +355,13 @@ def _title(result: EvalResult, normalized: bool) -> str:
     tta = "" if result.tta == "none" else f", tta {result.tta}"
     if result.export_tta not in (None, "none"):
         tta += f", export tta {result.export_tta}"
+    name = model_name(result.model, result.model_kind)
+    if result.model_kind == "ensemble":
+        name = " + ".join(model_name(m["model"], m["model_kind"]) for m in result.members)
+        tta += f", mean of {len(result.members)} models"
     kind = "row-normalised" if normalized else "counts"
     return (
-        f"{model_name(result.model, result.model_kind)} on {result.split_label}\n"
+        f"{name} on {result.split_label}\n"
         f"accuracy {result.accuracy:.2%} of {result.num_images} images{tta} ({kind})"
     )
 
@@ -417,8 +435,15 @@ def summary(result: EvalResult) -> str:
         built_in += f"; BatchNorm statistics re-estimated on {result.precise_bn}"
     elif result.export_tta not in (None, "none"):
         built_in = f"; the export averages {result.export_tta} views itself"
+    if result.model_kind == "ensemble":
+        own = [f"{model_name(m['model'], m['model_kind'])} {m['export_tta']}" for m in result.members
+               if m["export_tta"] not in (None, "none")]
+        built_in = ", probabilities averaged" + (f"; views built into the exports: {', '.join(own)}" if own else "")
+        model = f"ensemble of {len(result.members)}: {result.model}"
+    else:
+        model = f"{result.model_kind} {result.model}"
     lines = [
-        f"model: {result.model_kind} {result.model}{built_in}",
+        f"model: {model}{built_in}",
         f"{result.split_label}: accuracy {result.accuracy:.2%} ({result.num_correct}/{result.num_images} images), "
         f"macro F1 {result.macro_f1:.3f}, tta {result.tta}",
     ]
@@ -438,6 +463,11 @@ def summary(result: EvalResult) -> str:
 def define_flags() -> None:
     flags.DEFINE_string("model", None, "A .keras file, a training run directory or a SavedModel export "
                         "(default: the shipped saved_models/fer_resnet18).")
+    flags.DEFINE_list("ensemble", [], "Instead of --model: two or more models, comma-separated, evaluated as one by "
+                      "their probabilities averaged with equal weight; --tta applies to each, and an export averages "
+                      "the views built into it.")
+    flags.register_validator("ensemble", lambda v: len(v) != 1 and all(v),
+                             "--ensemble needs two or more models, comma-separated (one model: --model)")
     flags.DEFINE_string("data", None, "FER2013 source: fer2013.csv[.gz], train.csv, an image folder "
                         "(default: the bundled sample).")
     flags.DEFINE_string("split", "val", "Labeled split to evaluate: train, val (PublicTest) or test (PrivateTest).")
@@ -461,15 +491,20 @@ def main(argv: Sequence[str]) -> None:
         raise ConfigError(f"{out}: exists and is not a directory")
     from fer_keras import inference
 
-    inference.resolve(f.model)  # a missing model fails before the data is read
+    if f.ensemble and f["model"].present:
+        raise ConfigError("--model and --ensemble both given; name the models of an ensemble in --ensemble only")
+    if f.ensemble and f.precise_bn:
+        raise ConfigError("--precise_bn re-estimates one model's statistics; it does not take --ensemble")
+    models = f.ensemble or [f.model]
+    inference.resolve_all(models)  # a missing or repeated model fails before the data is read
     data = fer_data.load(f.data or None, skip_bad_rows=f.skip_bad_rows)
     split = data.split(split_name)
     _check_labeled(split, f"{data.source}: {fer_data.split_label(split_name)}")
     if f.precise_bn:
-        result = evaluate_precise_bn(f.model, data, split, f.tta, f.batch_size, split_name=split_name,
+        result = evaluate_precise_bn(models[0], data, split, f.tta, f.batch_size, split_name=split_name,
                                      crop_size=f.crop_size)
     else:
-        predictor = inference.load_predictor(f.model)
+        predictor = inference.load_predictor(models[0]) if len(models) == 1 else inference.load_ensemble(models)
         result = evaluate(predictor, split, f.tta, f.batch_size, split_name=split_name, crop_size=f.crop_size)
     files = write_report(result, out, source=data.source)
     print(summary(result))

@@ -8,7 +8,8 @@ Accepted ``--model`` values:
 * nothing: the model shipped in this repository, ``saved_models/fer_resnet18`` (highest version).
 
 :func:`load_predictor` gives a :class:`Predictor` that returns logits for uint8 or float pixel
-batches (exports are run exactly as TF Serving runs them). :func:`load_keras` gives a Keras model
+batches (exports are run exactly as TF Serving runs them); :func:`load_ensemble` averages several of them.
+:func:`load_keras` gives a Keras model
 for tools that need layers and gradients (saliency, filters); for an export it rebuilds the
 ResNet-18 from the training config stored in the export and copies the exported weights into it.
 """
@@ -166,6 +167,52 @@ def load_predictor(path: str | os.PathLike | None = None) -> Predictor:
     predictor._loaded = loaded  # keep the object (and its variables) alive
     return predictor
 
+
+
+class Ensemble:
+    """Several predictors whose probabilities are averaged with equal weight.
+
+    Test-time augmentation applies to each member on its own (:func:`fer_keras.tta.tta_probabilities`), so a
+    member trained on crops sees crops of its size and an export averages the views built into it.
+    """
+
+    kind = "ensemble"
+
+    def __init__(self, members: list[Predictor]):
+        if len(members) < 2:
+            raise ModelError(f"an ensemble needs at least 2 models, got {len(members)}")
+        self.members = list(members)
+
+    @property
+    def path(self) -> str:
+        return " + ".join(str(m.path) for m in self.members)
+
+    @property
+    def input_crop(self) -> int:
+        """The members' common central window; 0 when they differ (each member keeps its own)."""
+        crops = {m.input_crop for m in self.members}
+        return crops.pop() if len(crops) == 1 else 0
+
+    def probabilities(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        return np.mean([m.probabilities(images, batch_size) for m in self.members], axis=0)
+
+
+def resolve_all(paths: list[str | os.PathLike | None]) -> list[tuple[str, Path]]:
+    """:func:`resolve` of each path; one model named twice (in any spelling) is refused, since in an ensemble it
+    would silently count double."""
+    resolved = [resolve(p) for p in paths]
+    seen: dict[Path, str] = {}
+    for (_, p), given in zip(resolved, paths):
+        key = p.resolve()
+        if key in seen:
+            raise ModelError(f"{given or p}: the same model as {seen[key]}; name each model of an ensemble once")
+        seen[key] = str(given or p)
+    return resolved
+
+
+def load_ensemble(paths: list[str | os.PathLike | None]) -> Ensemble:
+    """An :class:`Ensemble` of the models at ``paths``, each resolved as ``--model`` is."""
+    return Ensemble([load_predictor(p) for _, p in resolve_all(paths)])
 
 def _check_signature(path: Path, signature: Callable[..., dict]) -> None:
     """Refuses a SavedModel whose ``serving_default`` is not fer_keras': ``pixels [N, 48, 48, 1]`` in, ``logits`` and

@@ -307,6 +307,78 @@ def test_cli_on_flip_export_records_export_tta(setup, tmp_path):
         "--tta=tencrop would average views of those views: use --tta=none"]
 
 
+def shifted_level_model(shift: int):
+    """The level model with its classes rotated by ``shift``: it predicts class (c + shift) % 7 where the level
+    model predicts c."""
+    model = level_model()
+    dense = model.get_layer("logits")
+    kernel, bias = dense.get_weights()
+    dense.set_weights([np.roll(kernel, shift, axis=1), np.roll(bias, shift)])
+    return model
+
+
+def test_ensemble_averages_the_members_probabilities_each_with_its_own_views(setup, keras_predictor):
+    """The ensemble's probabilities are the mean of its members' (the members disagree on every image), and
+    each member applies the TTA itself: an export with flip built in is refused flip on top, inside an ensemble
+    as alone."""
+    from fer_keras.evaluate import evaluate, summary
+    from fer_keras.inference import Ensemble, Predictor, load_predictor
+
+    split = fer_data.load(setup["csv"]).split("val")
+    shifted = Predictor("keras", Path("shifted.keras"), keras_model=shifted_level_model(3))
+    ensemble = Ensemble([keras_predictor, shifted])
+    for tta in ("none", "flip"):
+        a = evaluate(keras_predictor, split, tta, split_name="val")
+        b = evaluate(shifted, split, tta, split_name="val")
+        both = evaluate(ensemble, split, tta, split_name="val")
+        assert not np.array_equal(a.predictions, b.predictions)
+        np.testing.assert_allclose(both.probabilities, (a.probabilities + b.probabilities) / 2, atol=1e-6)
+        np.testing.assert_array_equal(both.predictions, np.argmax(a.probabilities + b.probabilities, axis=1))
+    assert both.model_kind == "ensemble" and both.export_tta is None
+    assert [m["model"] for m in both.members] == [str(setup["keras"]), "shifted.keras"]
+    assert "model: ensemble of 2: " in summary(both)
+    with_flip = Ensemble([keras_predictor, load_predictor(setup["export_flip"])])
+    with pytest.raises(ConfigError, match="already averages flip views"):
+        evaluate(with_flip, split, "flip", split_name="val")
+    served = evaluate(with_flip, split, "none", split_name="val")
+    assert [m["export_tta"] for m in served.members] == [None, "flip"]
+    assert "views built into the exports: level_flip/1 flip" in summary(served)
+
+
+def test_cli_evaluates_an_ensemble_of_a_keras_model_and_an_export(setup, tmp_path):
+    """--ensemble of two models: the metrics list both members and the accuracy is the averaged models' (here the
+    same model twice in two forms, so the ensemble's predictions are the model's own)."""
+    out = tmp_path / "reports"
+    proc = run_tool("evaluate", f"--ensemble={setup['keras']},{setup['export']}", f"--data={setup['csv']}",
+                    "--split=PublicTest", f"--output_dir={out}", "--tta=tencrop", "--batch_size=8")
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads((out / "val_tta-tencrop_metrics.json").read_text())
+    assert payload["model_kind"] == "ensemble"
+    assert [(m["model"], m["model_kind"], m["crop_size"]) for m in payload["members"]] == [
+        (str(setup["keras"]), "keras", 40), (str(setup["export"]), "saved_model", 40)]
+    assert payload["confusion_counts"] == EXPECTED_CONFUSION.tolist()
+    assert "model: ensemble of 2: " in proc.stdout and "val (PublicTest): accuracy 58.82%" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ensemble={keras},{root}/../{root_name}/level.keras"], "the same model as {keras}"),
+    (["--ensemble={keras},/no/such/export"], "/no/such/export: no such model"),
+    (["--ensemble={keras}"], "--ensemble needs two or more models"),
+    (["--ensemble={keras},"], "--ensemble needs two or more models"),
+    (["--ensemble={keras},{export}", "--precise_bn"], "--precise_bn re-estimates one model's statistics"),
+    (["--ensemble={keras},{export}", "--model={keras}"], "--model and --ensemble both given"),
+])
+def test_cli_refuses_a_bad_ensemble_in_one_line(setup, tmp_path, args, message):
+    names = {"keras": setup["keras"], "export": setup["export"], "root": setup["root"],
+             "root_name": setup["root"].name}
+    proc = run_tool("evaluate", *(a.format(**names) for a in args), f"--data={setup['csv']}",
+                    f"--output_dir={tmp_path}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message.format(**names) in lines[0], proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model=/no/such/model.keras"], "/no/such/model.keras: no such model"),
     (["--split=holdout"], "unknown split 'holdout'"),
