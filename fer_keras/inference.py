@@ -168,7 +168,6 @@ def load_predictor(path: str | os.PathLike | None = None) -> Predictor:
     return predictor
 
 
-
 class Ensemble:
     """Several predictors whose probabilities are averaged with equal weight.
 
@@ -213,6 +212,7 @@ def resolve_all(paths: list[str | os.PathLike | None]) -> list[tuple[str, Path]]
 def load_ensemble(paths: list[str | os.PathLike | None]) -> Ensemble:
     """An :class:`Ensemble` of the models at ``paths``, each resolved as ``--model`` is."""
     return Ensemble([load_predictor(p) for _, p in resolve_all(paths)])
+
 
 def _check_signature(path: Path, signature: Callable[..., dict]) -> None:
     """Refuses a SavedModel whose ``serving_default`` is not fer_keras': ``pixels [N, 48, 48, 1]`` in, ``logits`` and

@@ -307,6 +307,13 @@ def test_cli_on_flip_export_records_export_tta(setup, tmp_path):
         "--tta=tencrop would average views of those views: use --tta=none"]
 
 
+def assert_one_line_error(proc, message: str) -> None:
+    """The tool exited 2 with one ``error: ...`` line on stderr that contains ``message``."""
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
 def shifted_level_model(shift: int):
     """The level model with its classes rotated by ``shift``: it predicts class (c + shift) % 7 where the level
     model predicts c."""
@@ -373,9 +380,7 @@ def test_cli_refuses_a_bad_ensemble_in_one_line(setup, tmp_path, args, message):
              "root_name": setup["root"].name}
     proc = run_tool("evaluate", *(a.format(**names) for a in args), f"--data={setup['csv']}",
                     f"--output_dir={tmp_path}")
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message.format(**names) in lines[0], proc.stderr
+    assert_one_line_error(proc, message.format(**names))
     assert not list(tmp_path.iterdir())
 
 
@@ -387,8 +392,6 @@ def test_cli_refuses_a_bad_ensemble_in_one_line(setup, tmp_path, args, message):
 def test_cli_bad_input_is_one_line(setup, tmp_path, args, message):
     proc = run_tool("evaluate", f"--model={setup['keras']}", f"--data={setup['csv']}",
                    f"--output_dir={tmp_path}", *args)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert_one_line_error(proc, message)
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.iterdir())
