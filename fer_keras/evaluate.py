@@ -3,14 +3,16 @@
 Reports accuracy (always named with its split, e.g. ``val (PublicTest)``, because FER2013 accuracies
 are only comparable on the same split), per-class precision/recall/F1 and the confusion matrix, which
 shows the classes the model mixes up (fear/sad, angry/disgust in FER2013). Files in ``--output_dir``,
-prefixed with the split (and the TTA mode when one is used; suffixed ``_precise-bn`` after ``--precise_bn``),
-so that one model's evaluations on several splits and TTAs share a folder (another model's evaluation replaces
-them: give each model its own folder). ``--ensemble=A,B,...`` evaluates several models together instead: their
-probabilities averaged with equal weight, each model seeing its own TTA views.
+prefixed with the split (and the TTA mode when one is used; suffixed ``_precise-bn`` after ``--precise_bn``,
+``_network-only`` after ``--network_only``), so that one model's evaluations on several splits and TTAs share a
+folder (another model's evaluation replaces them: give each model its own folder). ``--ensemble=A,B,...``
+evaluates several models together instead: their probabilities averaged with equal weight, each model seeing its
+own TTA views. ``--network_only`` runs each export as its network alone, without the views built into it, so
+that ``--tta`` chooses the views of every model alike.
 
 * ``SPLIT_metrics.json``: accuracy, per-class metrics, confusion counts and row-normalised rates,
-  split, number of images, model path, TTA (requested, and any built into an export), and each member
-  model (one for a single model);
+  split, number of images, model path, TTA (requested, and any built into an export), whether exports ran as
+  their network alone, and each member model (one for a single model);
 * ``SPLIT_predictions.csv``: one row per image with its true and predicted class and probabilities;
 * ``SPLIT_confusion_counts.png`` and ``SPLIT_confusion_normalized.png``: the confusion matrix;
 * ``SPLIT_report.txt``: scikit-learn's classification report.
@@ -109,6 +111,7 @@ class EvalResult:
     label: str | None = None  # how the split is named when not the source's own (a run's hold-out)
     precise_bn: str | None = None  # the images BatchNorm's statistics were re-estimated on (fer_keras.precise_bn)
     members: list[dict] = dataclasses.field(default_factory=list)  # each model averaged: path, kind, export TTA, crop
+    network_only: bool = False  # exports ran as their network alone, without the views built into them
 
     @property
     def split_label(self) -> str:
@@ -157,6 +160,7 @@ class EvalResult:
             "tta": self.tta,
             "crop_size": self.crop_size,
             "export_tta": self.export_tta,
+            "network_only": self.network_only,
             "members": self.members,
             "batchnorm_statistics": (f"re-estimated on {self.precise_bn}" if self.precise_bn
                                      else "the moving averages of training"),
@@ -239,6 +243,7 @@ def evaluate(
         tta=tta,
         crop_size=effective_crop(crop_size, model_crop_of(predictor)) if tta == "tencrop" else None,
         members=members,
+        network_only=any(m["network_only"] for m in members),
         ids=np.asarray(split.ids),
         labels=labels,
         probabilities=probabilities,
@@ -253,12 +258,14 @@ def evaluate(
 
 
 def _member(predictor: ProbabilityModel, tta: str, crop_size: int) -> dict:
-    """What the metrics record of one model: its path, kind, the TTA built into it (exports) and its ten-crop side."""
+    """What the metrics record of one model: its path, kind, the TTA built into it (exports), whether it ran as its
+    network alone without those views, and its ten-crop side."""
     kind = getattr(predictor, "kind", "model")
     return {
         "model": str(getattr(predictor, "path", predictor)),
         "model_kind": kind,
         "export_tta": getattr(predictor, "metadata", {}).get("tta", "unknown") if kind == "saved_model" else None,
+        "network_only": bool(getattr(predictor, "network_only", False)),
         "crop_size": effective_crop(crop_size, model_crop_of(predictor)) if tta == "tencrop" else None,
     }
 
@@ -281,18 +288,12 @@ def evaluate_precise_bn(
     from fer_keras.precise_bn import reestimate
 
     check_tta(tta, crop_size)
-    kind, path = inference.resolve(model)
-    built_in = inference.served_views(kind, path)[0] if kind == "saved_model" else None
+    predictor = inference.load_predictor(model, network_only=True)
     train = data.split("train")
-    keras_model = inference.load_keras(model)
-    reestimate(keras_model, train.images, batch_size, name=str(path))
-    result = evaluate(inference.Predictor("keras", path, keras_model=keras_model), split, tta, batch_size,
-                      split_name=split_name, crop_size=crop_size)
-    return dataclasses.replace(
-        result, model_kind=kind, export_tta=built_in, members=[{**result.members[0], "model_kind": kind,
-                                                                "export_tta": built_in}],
-        precise_bn=f"{len(train):,} images of {fer_data.split_label('train')}, unaugmented",
-    )
+    reestimate(predictor.keras_model, train.images, batch_size, name=str(predictor.path))
+    result = evaluate(predictor, split, tta, batch_size, split_name=split_name, crop_size=crop_size)
+    return dataclasses.replace(result, precise_bn=f"{len(train):,} images of {fer_data.split_label('train')}, "
+                                                  "unaugmented")
 
 
 def model_name(path: str, kind: str) -> str:
@@ -354,7 +355,7 @@ def confusion_figure(
 def _title(result: EvalResult, normalized: bool) -> str:
     tta = "" if result.tta == "none" else f", tta {result.tta}"
     if result.export_tta not in (None, "none"):
-        tta += f", export tta {result.export_tta}"
+        tta += f", export tta {result.export_tta}" + (" left out" if result.network_only else "")
     name = model_name(result.model, result.model_kind)
     if result.model_kind == "ensemble":
         name = " + ".join(model_name(m["model"], m["model_kind"]) for m in result.members)
@@ -389,7 +390,7 @@ def write_report(result: EvalResult, output_dir: str | Path, source: str | None 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a directory")
     stem = result.split if result.tta == "none" else f"{result.split}_tta-{result.tta}"
-    stem += "_precise-bn" if result.precise_bn else ""
+    stem += "_precise-bn" if result.precise_bn else "_network-only" if result.network_only else ""
     files = {
         "json": out / f"{stem}_metrics.json",
         "csv": out / f"{stem}_predictions.csv",
@@ -429,16 +430,17 @@ def _dump_json(payload: dict) -> str:
 def summary(result: EvalResult) -> str:
     """Three lines: the model, accuracy with its split, and the most confused pair."""
     built_in = ""
+    if result.export_tta not in (None, "none"):
+        built_in = (f"; its network alone, without the {result.export_tta} views the export averages"
+                    if result.network_only else f"; the export averages {result.export_tta} views itself")
     if result.precise_bn:
-        if result.export_tta not in (None, "none"):
-            built_in = f"; its network alone, without the {result.export_tta} views the export averages"
         built_in += f"; BatchNorm statistics re-estimated on {result.precise_bn}"
-    elif result.export_tta not in (None, "none"):
-        built_in = f"; the export averages {result.export_tta} views itself"
     if result.model_kind == "ensemble":
         own = [f"{model_name(m['model'], m['model_kind'])} {m['export_tta']}" for m in result.members
                if m["export_tta"] not in (None, "none")]
-        built_in = ", probabilities averaged" + (f"; views built into the exports: {', '.join(own)}" if own else "")
+        where = ("each export's network alone, without the views it serves with" if result.network_only
+                 else "views built into the exports")
+        built_in = ", probabilities averaged" + (f"; {where}: {', '.join(own)}" if own else "")
         model = f"ensemble of {len(result.members)}: {result.model}"
     else:
         model = f"{result.model_kind} {result.model}"
@@ -477,6 +479,11 @@ def define_flags() -> None:
                       "Training images of --data, unaugmented, before evaluating (precise BatchNorm: statistics of "
                       "clean faces instead of the moving averages over augmented training batches). An export is "
                       "rebuilt as its network alone, so --tta applies to it too; files get the suffix _precise-bn.")
+    flags.DEFINE_bool("network_only", False, "Run each export as its network alone, rebuilt without the test-time "
+                      "augmentation built into it, so that --tta chooses the views of every model alike (ten-crop "
+                      "for an export served with flip; one view set across an ensemble of exports built with "
+                      "different ones). No effect on .keras models; the files of an export so run get the suffix "
+                      "_network-only.")
     flags.DEFINE_string("output_dir", DEFAULT_OUTPUT_DIR, "Folder for the metrics JSON, predictions CSV, "
                         "confusion-matrix PNGs and text report, named by split and TTA: one folder per model.")
     flags.register_validator("output_dir", lambda v: bool(v), "--output_dir must not be empty")
@@ -504,7 +511,8 @@ def main(argv: Sequence[str]) -> None:
         result = evaluate_precise_bn(models[0], data, split, f.tta, f.batch_size, split_name=split_name,
                                      crop_size=f.crop_size)
     else:
-        predictor = inference.load_predictor(models[0]) if len(models) == 1 else inference.load_ensemble(models)
+        predictor = (inference.load_predictor(models[0], f.network_only) if len(models) == 1
+                     else inference.load_ensemble(models, f.network_only))
         result = evaluate(predictor, split, f.tta, f.batch_size, split_name=split_name, crop_size=f.crop_size)
     files = write_report(result, out, source=data.source)
     print(summary(result))

@@ -8,7 +8,8 @@ Accepted ``--model`` values:
 * nothing: the model shipped in this repository, ``saved_models/fer_resnet18`` (highest version).
 
 :func:`load_predictor` gives a :class:`Predictor` that returns logits for uint8 or float pixel
-batches (exports are run exactly as TF Serving runs them); :func:`load_ensemble` averages several of them.
+batches (exports are run exactly as TF Serving runs them, or as their network alone with ``network_only``);
+:func:`load_ensemble` averages several of them.
 :func:`load_keras` gives a Keras model
 for tools that need layers and gradients (saliency, filters); for an export it rebuilds the
 ResNet-18 from the training config stored in the export and copies the exported weights into it.
@@ -112,6 +113,17 @@ class Predictor:
         self.signature = signature
         self.metadata = metadata or {}
 
+    @property
+    def built_in_tta(self) -> str:
+        """The views the model averages itself: an export's built-in TTA when it runs as served, ``none`` for a
+        Keras model and for an export's network alone."""
+        return (self.metadata.get("tta") or "none") if self.signature is not None else "none"
+
+    @property
+    def network_only(self) -> bool:
+        """An export run as the Keras network it holds, without the views built around it."""
+        return self.kind == "saved_model" and self.keras_model is not None
+
     def outputs(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """(logits, probabilities); an export's probabilities include the TTA it was built with."""
         import tensorflow as tf
@@ -149,12 +161,17 @@ class Predictor:
         return self.outputs(images, batch_size)[1]
 
 
-def load_predictor(path: str | os.PathLike | None = None) -> Predictor:
+def load_predictor(path: str | os.PathLike | None = None, network_only: bool = False) -> Predictor:
+    """The model at ``path`` (resolved as ``--model`` is). ``network_only``: an export is rebuilt as its network
+    alone (:func:`load_keras`), so the caller chooses its test-time views, as for a Keras model; its metadata
+    still records the views it serves with."""
     kind, p = resolve(path)
     if kind == "keras":
         from fer_keras.model import as_float32, load_keras_model
 
         return Predictor(kind, p, keras_model=as_float32(load_keras_model(str(p))))
+    if network_only:
+        return Predictor(kind, p, keras_model=load_keras(p), metadata=export_metadata(p))
     import tensorflow as tf
 
     try:
@@ -209,9 +226,10 @@ def resolve_all(paths: list[str | os.PathLike | None]) -> list[tuple[str, Path]]
     return resolved
 
 
-def load_ensemble(paths: list[str | os.PathLike | None]) -> Ensemble:
-    """An :class:`Ensemble` of the models at ``paths``, each resolved as ``--model`` is."""
-    return Ensemble([load_predictor(p) for _, p in resolve_all(paths)])
+def load_ensemble(paths: list[str | os.PathLike | None], network_only: bool = False) -> Ensemble:
+    """An :class:`Ensemble` of the models at ``paths``, each resolved as ``--model`` is (``network_only``: as in
+    :func:`load_predictor`)."""
+    return Ensemble([load_predictor(p, network_only) for _, p in resolve_all(paths)])
 
 
 def _check_signature(path: Path, signature: Callable[..., dict]) -> None:

@@ -122,16 +122,17 @@ def tta_probabilities(
 
     Images are processed ``batch_size`` at a time so that ten-crop never holds ten copies of a whole
     data set in memory. An export with test-time augmentation built in is refused any here: its views' views
-    (ten-crop of ten-crop: 100 passes) are not a view set anyone measured. Ten-crop for a model trained on
-    crops takes the predictor's ``input_crop``. An ensemble (a predictor with ``members``) averages its
-    members' results, each computed with its own views.
+    (ten-crop of ten-crop: 100 passes) are not a view set anyone measured (its network alone takes any:
+    ``load_predictor(..., network_only=True)``). Ten-crop for a model trained on crops takes the predictor's
+    ``input_crop``. An ensemble (a predictor with ``members``) averages its members' results, each computed with
+    its own views.
     """
     check_tta(mode, crop_size)
     members = getattr(predictor, "members", None)
     if members:
         return np.mean([tta_probabilities(m, images, mode, crop_size, batch_size) for m in members],
                        axis=0).astype(np.float32)
-    built_in = (getattr(predictor, "metadata", None) or {}).get("tta") or "none"
+    built_in = getattr(predictor, "built_in_tta", "none")
     if mode != "none" and built_in != "none":
         raise ConfigError(f"{getattr(predictor, 'path', 'the model')} already averages {built_in} views (the TTA "
                           f"built into the export); --tta={mode} would average views of those views: use --tta=none")

@@ -367,6 +367,50 @@ def test_cli_evaluates_an_ensemble_of_a_keras_model_and_an_export(setup, tmp_pat
     assert "model: ensemble of 2: " in proc.stdout and "val (PublicTest): accuracy 58.82%" in proc.stdout
 
 
+def test_an_exports_network_alone_takes_the_views_asked_for(setup, keras_predictor):
+    """network_only: the export with flip built in runs as the network it holds, so it takes any TTA and answers
+    as the Keras model it was exported from; its metadata and the result still name the views it serves with."""
+    from fer_keras.evaluate import evaluate, summary
+    from fer_keras.inference import Ensemble, load_predictor
+
+    split = fer_data.load(setup["csv"]).split("val")
+    served = load_predictor(setup["export_flip"])
+    alone = load_predictor(setup["export_flip"], network_only=True)
+    assert (served.built_in_tta, served.network_only) == ("flip", False)
+    assert (alone.built_in_tta, alone.network_only, alone.metadata["tta"]) == ("none", True, "flip")
+    assert not load_predictor(setup["keras"], network_only=True).network_only
+    for tta in ("none", "tencrop"):
+        a = evaluate(keras_predictor, split, tta, split_name="val")
+        b = evaluate(alone, split, tta, split_name="val")
+        np.testing.assert_allclose(b.probabilities, a.probabilities, atol=1e-5)
+        np.testing.assert_array_equal(b.confusion, a.confusion)
+    assert (b.model_kind, b.export_tta, b.network_only, a.network_only) == ("saved_model", "flip", True, False)
+    assert "its network alone, without the flip views the export averages" in summary(b)
+    mixed = evaluate(Ensemble([keras_predictor, alone]), split, "tencrop", split_name="val")
+    assert [(m["export_tta"], m["network_only"]) for m in mixed.members] == [(None, False), ("flip", True)]
+    assert mixed.network_only
+    assert "each export's network alone, without the views it serves with: level_flip/1 flip" in summary(mixed)
+    np.testing.assert_allclose(mixed.probabilities, a.probabilities, atol=1e-5)
+
+
+def test_cli_network_only_scores_an_export_with_other_views(setup, tmp_path):
+    """--network_only --tta=tencrop on an export served with flip: refused without the flag, written beside the
+    served evaluation with it, under its own name."""
+    out = tmp_path / "reports"
+    args = [f"--data={setup['csv']}", "--split=PublicTest", f"--output_dir={out}", "--tta=tencrop", "--batch_size=8"]
+    assert run_tool("evaluate", f"--model={setup['export_flip']}", *args).returncode == 2
+    proc = run_tool("evaluate", f"--model={setup['export_flip']}", "--network_only", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"val_tta-tencrop_network-only_{kind}" for kind in ("metrics.json", "predictions.csv", "report.txt",
+                                                            "confusion_counts.png", "confusion_normalized.png"))
+    payload = json.loads((out / "val_tta-tencrop_network-only_metrics.json").read_text())
+    assert (payload["network_only"], payload["export_tta"], payload["tta"]) == (True, "flip", "tencrop")
+    assert payload["members"][0]["network_only"] and payload["members"][0]["crop_size"] == 40
+    assert payload["confusion_counts"] == EXPECTED_CONFUSION.tolist()
+    assert "without the flip views the export averages" in proc.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["--ensemble={keras},{root}/../{root_name}/level.keras"], "the same model as {keras}"),
     (["--ensemble={keras},/no/such/export"], "/no/such/export: no such model"),
