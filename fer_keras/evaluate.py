@@ -358,13 +358,23 @@ def _title(result: EvalResult, normalized: bool) -> str:
         tta += f", export tta {result.export_tta}" + (" left out" if result.network_only else "")
     name = model_name(result.model, result.model_kind)
     if result.model_kind == "ensemble":
-        name = " + ".join(model_name(m["model"], m["model_kind"]) for m in result.members)
+        names = [model_name(m["model"], m["model_kind"]) + _built_in_note(m) for m in result.members]
+        name = " + ".join(names)
+        name = " +\n".join(names) if len(name) > 80 else name  # one line per member when one line overflows
         tta += f", mean of {len(result.members)} models"
     kind = "row-normalised" if normalized else "counts"
     return (
         f"{name} on {result.split_label}\n"
         f"accuracy {result.accuracy:.2%} of {result.num_images} images{tta} ({kind})"
     )
+
+
+def _built_in_note(member: dict) -> str:
+    """`` (flip)`` after an ensemble member that averages views itself, `` (flip left out)`` when it ran as its
+    network alone; nothing for a member without built-in views."""
+    if member["export_tta"] in (None, "none"):
+        return ""
+    return f" ({member['export_tta']}{' left out' if member['network_only'] else ''})"
 
 
 def _predictions_csv(result: EvalResult) -> str:

@@ -328,7 +328,7 @@ def test_ensemble_averages_the_members_probabilities_each_with_its_own_views(set
     """The ensemble's probabilities are the mean of its members' (the members disagree on every image), and
     each member applies the TTA itself: an export with flip built in is refused flip on top, inside an ensemble
     as alone."""
-    from fer_keras.evaluate import evaluate, summary
+    from fer_keras.evaluate import _title, evaluate, summary
     from fer_keras.inference import Ensemble, Predictor, load_predictor
 
     split = fer_data.load(setup["csv"]).split("val")
@@ -350,6 +350,7 @@ def test_ensemble_averages_the_members_probabilities_each_with_its_own_views(set
     served = evaluate(with_flip, split, "none", split_name="val")
     assert [m["export_tta"] for m in served.members] == [None, "flip"]
     assert "views built into the exports: level_flip/1 flip" in summary(served)
+    assert _title(served, False).startswith("level.keras + level_flip/1 (flip) on val (PublicTest)\n")
 
 
 def test_cli_evaluates_an_ensemble_of_a_keras_model_and_an_export(setup, tmp_path):
@@ -370,7 +371,7 @@ def test_cli_evaluates_an_ensemble_of_a_keras_model_and_an_export(setup, tmp_pat
 def test_an_exports_network_alone_takes_the_views_asked_for(setup, keras_predictor):
     """network_only: the export with flip built in runs as the network it holds, so it takes any TTA and answers
     as the Keras model it was exported from; its metadata and the result still name the views it serves with."""
-    from fer_keras.evaluate import evaluate, summary
+    from fer_keras.evaluate import _title, evaluate, summary
     from fer_keras.inference import Ensemble, load_predictor
 
     split = fer_data.load(setup["csv"]).split("val")
@@ -390,6 +391,7 @@ def test_an_exports_network_alone_takes_the_views_asked_for(setup, keras_predict
     assert [(m["export_tta"], m["network_only"]) for m in mixed.members] == [(None, False), ("flip", True)]
     assert mixed.network_only
     assert "each export's network alone, without the views it serves with: level_flip/1 flip" in summary(mixed)
+    assert _title(mixed, True).startswith("level.keras + level_flip/1 (flip left out) on val (PublicTest)\n")
     np.testing.assert_allclose(mixed.probabilities, a.probabilities, atol=1e-5)
 
 
