@@ -4,7 +4,8 @@ at the ends of the epochs since a given one.
 SGD at a constant or cycled learning rate moves around a wide region of low training loss without settling in
 it; the mean of the points it visits lies nearer that region's centre and generalises better than any one of
 them (Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization", 2018). It costs one
-extra pass over the selection split per epoch and a copy of the weights, no extra training step.
+extra pass over the selection split per averaged epoch after the first and a copy of the weights, no extra
+training step.
 
 The BatchNorm moving statistics are averaged with the weights, as exponential-moving-average implementations of
 the same idea do; ``evaluate --precise_bn`` measures re-estimating them instead (the paper's choice). Training
@@ -67,8 +68,12 @@ class WeightAverage(keras.callbacks.Callback):
                 a += (w.astype(np.float32) - a) / self.count
         if logs is None:
             return
-        with self.applied():
-            result = self.model.evaluate(self.val_data, verbose=0, return_dict=True)
+        if self.count == 1 and "val_loss" in logs and "val_accuracy" in logs:
+            # The mean of one epoch is that epoch's weights, which fit has just validated on the same data.
+            result = {"loss": logs["val_loss"], "accuracy": logs["val_accuracy"]}
+        else:
+            with self.applied():
+                result = self.model.evaluate(self.val_data, verbose=0, return_dict=True)
         logs["val_raw_loss"] = logs.get("val_loss", math.nan)
         logs["val_raw_accuracy"] = logs.get("val_accuracy", math.nan)
         logs["val_loss"] = float(result["loss"])

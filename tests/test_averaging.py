@@ -140,6 +140,32 @@ def test_starting_to_average_after_the_first_epochs_keeps_them_unaveraged(tmp_pa
     assert "val_raw_accuracy" not in read_history_csv(run / "history.csv")[1]
 
 
+def test_the_first_averaged_epoch_reuses_fits_validation_and_later_ones_validate_the_mean():
+    """An average of one epoch is that epoch's weights: fit's validation figures are copied, not measured again;
+    from the second epoch on, the mean is swapped in and validated."""
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    kernel = model.layers[0].kernel
+    seen = []
+    model.evaluate = lambda data, **kwargs: seen.append(np.asarray(kernel).copy()) or {"loss": 0.5, "accuracy": 0.25}
+    averager = averaging.WeightAverage(1, val_data="val")
+    averager.set_model(model)
+    first = np.asarray(kernel).copy()
+    logs = {"val_loss": 1.5, "val_accuracy": 0.75}
+    averager.on_epoch_end(0, logs)
+    assert seen == [] and logs == {"val_loss": 1.5, "val_accuracy": 0.75, "val_raw_loss": 1.5,
+                                   "val_raw_accuracy": 0.75, "averaged_epochs": 1}
+    kernel.assign(first + 2.0)
+    logs = {"val_loss": 1.25, "val_accuracy": 0.5}
+    averager.on_epoch_end(1, logs)
+    assert logs == {"val_loss": 0.5, "val_accuracy": 0.25, "val_raw_loss": 1.25, "val_raw_accuracy": 0.5,
+                    "averaged_epochs": 2}
+    assert len(seen) == 1
+    np.testing.assert_allclose(seen[0], first + 1.0, rtol=1e-6)  # the mean of both epochs was validated
+    np.testing.assert_allclose(np.asarray(kernel), first + 2.0, rtol=1e-6)  # and the own weights came back
+
+
 @pytest.mark.parametrize("value, message", [
     (3, r"average_from_epoch must be between 0 \(off\) and epochs \(2\), got 3"),
     (-1, r"average_from_epoch must be between 0 \(off\) and epochs \(2\), got -1"),
