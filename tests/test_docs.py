@@ -63,9 +63,17 @@ def test_named_flagfiles_and_tools_exist(doc):
 
 @functools.cache
 def _defined_flags() -> set[str]:
-    """Every flag a fer_keras tool defines, read from the sources (importing the tools would import TensorFlow)."""
-    return {name for path in (ROOT / "fer_keras").glob("*.py")
-            for name in re.findall(r'DEFINE_\w+\(\s*"(\w+)"', path.read_text())}
+    """Every flag a fer_keras tool defines: the name given to each ``flags.DEFINE_*`` call, found in the parsed
+    sources (importing the tools would import TensorFlow)."""
+    names = set()
+    for path in (ROOT / "fer_keras").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")).startswith(
+                    "DEFINE_"):
+                name = node.args[0] if node.args else next((k.value for k in node.keywords if k.arg == "name"), None)
+                if isinstance(name, ast.Constant) and isinstance(name.value, str):
+                    names.add(name.value)
+    return names
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=IDS)
