@@ -111,7 +111,11 @@ class EvalResult:
     label: str | None = None  # how the split is named when not the source's own (a run's hold-out)
     precise_bn: str | None = None  # the images BatchNorm's statistics were re-estimated on (fer_keras.precise_bn)
     members: list[dict] = dataclasses.field(default_factory=list)  # each model averaged: path, kind, export TTA, crop
-    network_only: bool = False  # exports ran as their network alone, without the views built into them
+
+    @property
+    def network_only(self) -> bool:
+        """Exports ran as their network alone, without the views built into them."""
+        return any(m.get("network_only") for m in self.members)
 
     @property
     def split_label(self) -> str:
@@ -243,7 +247,6 @@ def evaluate(
         tta=tta,
         crop_size=effective_crop(crop_size, model_crop_of(predictor)) if tta == "tencrop" else None,
         members=members,
-        network_only=any(m["network_only"] for m in members),
         ids=np.asarray(split.ids),
         labels=labels,
         probabilities=probabilities,

@@ -117,7 +117,7 @@ class Predictor:
     def built_in_tta(self) -> str:
         """The views the model averages itself: an export's built-in TTA when it runs as served, ``none`` for a
         Keras model and for an export's network alone."""
-        return (self.metadata.get("tta") or "none") if self.signature is not None else "none"
+        return "none" if self.kind != "saved_model" or self.network_only else self.metadata.get("tta") or "none"
 
     @property
     def network_only(self) -> bool:
