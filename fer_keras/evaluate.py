@@ -372,12 +372,13 @@ def _title(result: EvalResult, normalized: bool) -> str:
     )
 
 
-def _built_in_note(member: dict) -> str:
+def _built_in_note(member: dict, left_out: bool = True) -> str:
     """`` (flip)`` after an ensemble member that averages views itself, `` (flip left out)`` when it ran as its
-    network alone; nothing for a member without built-in views."""
+    network alone (``left_out=False`` where the sentence says so already); nothing for a member without
+    built-in views. The title and the summary both name members this way."""
     if member["export_tta"] in (None, "none"):
         return ""
-    return f" ({member['export_tta']}{' left out' if member['network_only'] else ''})"
+    return f" ({member['export_tta']}{' left out' if left_out and member['network_only'] else ''})"
 
 
 def _predictions_csv(result: EvalResult) -> str:
@@ -449,7 +450,7 @@ def summary(result: EvalResult) -> str:
     if result.precise_bn:
         built_in += f"; BatchNorm statistics re-estimated on {result.precise_bn}"
     if result.model_kind == "ensemble":
-        own = [f"{model_name(m['model'], m['model_kind'])} {m['export_tta']}" for m in result.members
+        own = [model_name(m["model"], m["model_kind"]) + _built_in_note(m, left_out=False) for m in result.members
                if m["export_tta"] not in (None, "none")]
         where = ("each export's network alone, without the views it serves with" if result.network_only
                  else "views built into the exports")

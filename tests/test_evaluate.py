@@ -349,7 +349,7 @@ def test_ensemble_averages_the_members_probabilities_each_with_its_own_views(set
         evaluate(with_flip, split, "flip", split_name="val")
     served = evaluate(with_flip, split, "none", split_name="val")
     assert [m["export_tta"] for m in served.members] == [None, "flip"]
-    assert "views built into the exports: level_flip/1 flip" in summary(served)
+    assert "views built into the exports: level_flip/1 (flip)" in summary(served)
     assert _title(served, False).startswith("level.keras + level_flip/1 (flip) on val (PublicTest)\n")
 
 
@@ -390,7 +390,7 @@ def test_an_exports_network_alone_takes_the_views_asked_for(setup, keras_predict
     mixed = evaluate(Ensemble([keras_predictor, alone]), split, "tencrop", split_name="val")
     assert [(m["export_tta"], m["network_only"]) for m in mixed.members] == [(None, False), ("flip", True)]
     assert mixed.network_only
-    assert "each export's network alone, without the views it serves with: level_flip/1 flip" in summary(mixed)
+    assert "each export's network alone, without the views it serves with: level_flip/1 (flip)" in summary(mixed)
     assert _title(mixed, True).startswith("level.keras + level_flip/1 (flip left out) on val (PublicTest)\n")
     np.testing.assert_allclose(mixed.probabilities, a.probabilities, atol=1e-5)
 

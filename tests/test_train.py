@@ -803,3 +803,35 @@ def test_a_damaged_data_json_is_reported_for_rewriting(tmp_path):
     (tmp_path / "data.json").write_text(json.dumps(other))
     with pytest.raises(ConfigError, match=r"trained on other data \(.*: \? training and 63 validation images\)"):
         train._check_same_data(tmp_path, dataset.source, train_split, val_split, val_name)
+
+
+def _cpu(flags: str) -> dict:
+    from fer_keras import benchmark
+
+    text = (f"processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: Test EPYC\ncpu MHz\t\t: 2450.000\n"
+            f"flags\t\t: {flags}\n")
+    return benchmark.cpu_info(text, max_khz=0)
+
+
+def test_precision_advice_warns_of_emulated_bf16_only():
+    avx2, amx = _cpu("avx avx2 fma"), _cpu("avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile")
+    advice = train.precision_advice("mixed_bfloat16", avx2)
+    assert advice.startswith("--precision=mixed_bfloat16 on a CPU without bf16 arithmetic (Test EPYC, AVX2 FMA)")
+    assert advice.endswith("use --precision=float32 on this machine")
+    assert train.precision_advice("mixed_bfloat16", amx) is None
+    assert train.precision_advice("mixed_bfloat16", _cpu("avx2 fma avx512f avx512_bf16")) is None
+    assert train.precision_advice("float32", avx2) is None
+
+
+def test_training_in_emulated_bf16_says_so_before_it_starts(tmp_path, monkeypatch, caplog):
+    """The *_bf16 recipes crawl on CPUs without bf16 units; the run says so at its start instead of leaving the
+    user to find out from the epoch times."""
+    from fer_keras import benchmark
+
+    avx2 = _cpu("avx avx2 fma")
+    monkeypatch.setattr(benchmark, "cpu_info", lambda: avx2)
+    config = train.TrainConfig(**{**SMALL_RUN, "epochs": 1, "max_train_examples": 32, "max_val_examples": 32},
+                               precision="mixed_bfloat16", model_dir=str(tmp_path / "run"), export=False)
+    with caplog.at_level(logging.WARNING):
+        train.run(config)
+    assert "--precision=mixed_bfloat16 on a CPU without bf16 arithmetic (Test EPYC, AVX2 FMA)" in caplog.text
