@@ -821,6 +821,7 @@ def test_precision_advice_warns_of_emulated_bf16_only():
     assert train.precision_advice("mixed_bfloat16", amx) is None
     assert train.precision_advice("mixed_bfloat16", _cpu("avx2 fma avx512f avx512_bf16")) is None
     assert train.precision_advice("float32", avx2) is None
+    assert train.precision_advice("mixed_bfloat16", _cpu("")) is None  # flags unknown: no claim about the CPU
 
 
 def test_training_in_emulated_bf16_says_so_before_it_starts(tmp_path, monkeypatch, caplog):
