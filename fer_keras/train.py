@@ -514,10 +514,11 @@ def copy_weights(source: keras.Model, target: keras.Model, source_name: str, dry
 def precision_advice(precision: str, cpu: dict) -> str | None:
     """A warning when training on the CPU in ``precision`` will be much slower than float32, else None.
 
-    Without bf16 arithmetic (AMX or AVX512_BF16) TensorFlow converts every bf16 operand to float32 and back, so
-    the ``*_bf16`` recipes, written for the machines that have it, crawl on others: 3.2 against 54.6 img/s
-    (17x) on an AVX2 AMD EPYC (README, Speed). ``cpu`` is ``benchmark.cpu_info()``; where it found none of the
-    SIMD flags it looks for (no /proc/cpuinfo, as on macOS) the CPU is unknown and nothing is said.
+    Without bf16 arithmetic (AMX or AVX512_BF16) oneDNN declines bf16 and TensorFlow falls back to Eigen kernels
+    that emulate it (its log says so), so the ``*_bf16`` recipes, written for the machines that have it, crawl on
+    others: 3.2 against 54.6 img/s (17x) on an AVX2 AMD EPYC (README, Speed). ``cpu`` is
+    ``benchmark.cpu_info()``; where it found none of the SIMD flags it looks for (no /proc/cpuinfo, as on macOS)
+    the CPU is unknown and nothing is said.
     """
     if precision == "mixed_bfloat16" and cpu["relevant_flags"] and cpu["bf16_unit"].startswith("none"):
         return (f"--precision=mixed_bfloat16 on a CPU without bf16 arithmetic ({cpu['model']}, {cpu['simd']}): "

@@ -140,3 +140,9 @@ def distinct_batchnorm(layer, seed: int = 1) -> int:
             w.assign(rng.normal(0.0, 0.2, w.shape).astype("float32"))
             assigned += 1
     return assigned
+
+
+def cpuinfo(flags: str, mhz: str = "2000.000", model: str = "Test CPU") -> str:
+    """A /proc/cpuinfo text of two logical CPUs on one core, for ``benchmark.cpu_info``."""
+    return (f"processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: {model}\ncpu MHz\t\t: {mhz}\n"
+            f"siblings\t: 2\ncpu cores\t: 1\nflags\t\t: fpu {flags}\n\nprocessor\t: 1\nflags\t\t: other\n")

@@ -13,7 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import cli_env
+from conftest import cli_env, cpuinfo
 
 from fer_keras import STEMS, benchmark
 from fer_keras.errors import FerError
@@ -142,11 +142,6 @@ def test_a_layer_with_weights_it_cannot_cost_is_listed_not_ignored():
 
 # --------------------------------------------------------------------------------------------
 # Machine peak
-
-
-def cpuinfo(flags: str, mhz: str = "2000.000") -> str:
-    return (f"processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Test CPU\ncpu MHz\t\t: {mhz}\n"
-            f"siblings\t: 2\ncpu cores\t: 1\nflags\t\t: fpu {flags}\n\nprocessor\t: 1\nflags\t\t: other\n")
 
 
 def test_peak_follows_the_simd_and_bf16_flags(monkeypatch):

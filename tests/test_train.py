@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, SMALL_RUN, cli_env
+from conftest import REPO, SMALL_RUN, cli_env, cpuinfo
 
 from fer_keras import history as history_lib
 from fer_keras import train
@@ -808,9 +808,7 @@ def test_a_damaged_data_json_is_reported_for_rewriting(tmp_path):
 def _cpu(flags: str) -> dict:
     from fer_keras import benchmark
 
-    text = (f"processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: Test EPYC\ncpu MHz\t\t: 2450.000\n"
-            f"flags\t\t: {flags}\n")
-    return benchmark.cpu_info(text, max_khz=0)
+    return benchmark.cpu_info(cpuinfo(flags, model="Test EPYC"), max_khz=0)
 
 
 def test_precision_advice_warns_of_emulated_bf16_only():
