@@ -381,7 +381,8 @@ def _built_in_note(member: dict, left_out: bool = True) -> str:
     return f" ({member['export_tta']}{' left out' if left_out and member['network_only'] else ''})"
 
 
-def _predictions_csv(result: EvalResult) -> str:
+def predictions_csv(result: EvalResult) -> str:
+    """One row per image: its id (row of the source), true and predicted class, and the probabilities."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["id", "label", "label_name", "predicted", "predicted_name", "correct", *PROBABILITY_COLUMNS])
@@ -422,7 +423,7 @@ def write_report(result: EvalResult, output_dir: str | Path, source: str | None 
         "png_counts": png_bytes(confusion_figure(result.confusion, _title(result, False), normalized=False)),
         "png_normalized": png_bytes(confusion_figure(result.normalized_confusion, _title(result, True),
                                                      normalized=True)),
-        "csv": _predictions_csv(result),
+        "csv": predictions_csv(result),
         "report": header + result.report,
         "json": _dump_json(payload),
     }

@@ -8,6 +8,8 @@ validation split the run selected its epoch on (PublicTest), and writes beside t
 * ``model_card.json``: every figure, with split, image count and TTA;
 * ``README.md``: the card (command, recipe, epochs, wall time, machine, accuracy table, figures);
 * ``history.png`` and ``train_flags.txt`` (from the run), ``confusion_matrix.png`` (of the served export);
+* ``served_predictions.csv``: the served export's prediction for every image of that split, in the evaluate
+  tool's format, so that a check of the card can re-run a sample of images instead of the whole split;
 * ``init_train_flags.txt``: for a run started with ``--init_from`` another run (or its export), that run's
   flags; ``init2_train_flags.txt``, ... for the runs before it, when that run had started from one too.
 
@@ -48,6 +50,7 @@ from fer_keras.tta import NO_TTA_SIGNATURE, TTA_MODES, num_views
 CARD_JSON = "model_card.json"
 CARD_MD = "README.md"
 TRAIN_FLAGS = "train_flags.txt"
+SERVED_PREDICTIONS = "served_predictions.csv"
 INIT_FLAGS = "init_train_flags.txt"
 
 # Published figures the card and README.md compare against (issue "Accuracy"): (what, accuracy %, split, note).
@@ -354,6 +357,7 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
         "served": _accuracy_entry(served_result),
         "best_keras": per_tta,
         "per_class_served": served_result.to_json()["per_class"],
+        "served_predictions": SERVED_PREDICTIONS,  # written beside the card by write_card
         "training": {
             "recipe": str(recipe) if recipe else None,
             "recipe_flags": recipe_flags,
@@ -581,6 +585,10 @@ def render_markdown(card: dict) -> str:
         "",
         f"![confusion matrix of the served export on {split}](confusion_matrix.png)",
         "",
+        *([f"`{card['served_predictions']}` holds the served export's prediction for each of the "
+           f"{card['served']['num_images']:,} images of {split}, in the evaluate tool's columns: `id` numbers the data "
+           "file's records from 0, then come the true and predicted class and the seven probabilities.", ""]
+          if card.get("served_predictions") else []),
         "## Serving",
         "",
         f"`{card['name']}/{card['version']}/` is a TF Serving SavedModel ({card['export_size_mb']} MB): "
@@ -602,7 +610,7 @@ def render_markdown(card: dict) -> str:
 def write_card(run_dir: Path, export: Path, data: str | None, recipe: Path | None,
                tta_modes: Sequence[str] = TTA_MODES, init_recipe: Path | Sequence[Path] | None = None) -> Path:
     """Measures and writes the card files next to the export's versions; returns the README path."""
-    from fer_keras.evaluate import plot_confusion
+    from fer_keras.evaluate import plot_confusion, predictions_csv
 
     card, served = build_card(run_dir, export, data, recipe, tta_modes, init_recipe=init_recipe)
     base = Path(export)
@@ -631,6 +639,7 @@ def write_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
         atomic_write_text(base / name, source.read_bytes())
     plot_confusion(served.confusion, base / "confusion_matrix.png", normalized=True,
                    title=f"served export on {card['selection_split']}: accuracy {100 * served.accuracy:.1f} %")
+    atomic_write_text(base / SERVED_PREDICTIONS, predictions_csv(served))
     atomic_write_text(base / CARD_JSON, json.dumps(card, indent=2) + "\n")
     atomic_write_text(base / CARD_MD, render_markdown(card))
     return base / CARD_MD
