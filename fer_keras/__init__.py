@@ -24,59 +24,106 @@ if "TF_ENABLE_ONEDNN_OPTS" not in _os.environ and "tensorflow" in _sys.modules:
 _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
-def _import_tensorflow_quietly() -> None:
-    """Imports TensorFlow with stderr (fd 2) passed through a filter that drops the C++ log lines below
-    ``TF_CPP_MIN_LOG_LEVEL``: TF 2.21 writes its start-up lines (the oneDNN notice, absl's "before
-    InitializeLog" warning) before it reads that variable, so they would precede our one-line errors.
+class _QuietTensorFlowLoader:
+    """TensorFlow's own loader, its module body run with stderr (fd 2) passed through a filter that drops the C++ log
+    lines below ``TF_CPP_MIN_LOG_LEVEL``: TF 2.21 writes its start-up lines (the oneDNN notice, absl's "before
+    InitializeLog" warning) before it reads that variable, so they would precede our one-line errors. Lines are
+    forwarded as they come, so a crash inside the import still shows its message."""
 
-    Only for ``python -m fer_keras.<tool>`` (``sys.argv[0]`` is ``-m`` while the package is imported), whose
-    modules import TensorFlow anyway; a library user's ``import fer_keras`` stays free of it. Lines are forwarded
-    as they come, so a crash inside the import still shows its message.
-    """
-    import re
-    import threading
+    def __init__(self, loader, level: int) -> None:
+        self.loader = loader
+        self.level = level
 
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        try:
+            with _stderr_filtered(self.level):
+                self.loader.exec_module(module)
+        finally:
+            module.__loader__ = module.__spec__.loader = self.loader  # the wrapper's work is done
+
+
+class _QuietTensorFlowFinder:
+    """Wraps TensorFlow's loader the first time ``tensorflow`` is imported, then leaves ``sys.meta_path``.
+
+    Installed only for ``python -m fer_keras.<tool>`` (``sys.argv[0]`` is ``-m`` while the package is imported): a
+    library user's ``import fer_keras`` imports nothing and changes nothing. Tools import TensorFlow after their
+    flags are parsed, so a bad flag is answered in a second, not after TensorFlow's ~8 s start-up."""
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "tensorflow":
+            return None
+        _sys.meta_path.remove(self)
+        import importlib.util
+
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietTensorFlowLoader(spec.loader, self.level)
+        return spec
+
+
+class _stderr_filtered:
+    """fd 2 through a pipe whose reader thread drops C++ log lines below ``level`` (and absl's notice)."""
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+        self.saved = None
+
+    def __enter__(self) -> None:
+        import re
+        import threading
+
+        severity = {b"I": 0, b"W": 1, b"E": 2, b"F": 3}
+        log_line = re.compile(rb"([IWEF])\d{4} \S+ +\d+ [^\]\s]+\] ")
+        absl_notice = b"WARNING: All log messages before absl::InitializeLog() is called"
+        try:
+            _sys.stderr.flush()
+            saved = _os.dup(2)
+        except (OSError, ValueError, AttributeError):  # no usable stderr: nothing to tidy
+            return
+        try:
+            read_end, write_end = _os.pipe()
+        except OSError:
+            _os.close(saved)
+            return
+
+        def forward() -> None:
+            with open(read_end, "rb") as pipe:
+                for line in pipe:
+                    match = log_line.match(line)
+                    if not (match and severity[match.group(1)] < self.level) and not line.startswith(absl_notice):
+                        _os.write(saved, line)
+
+        self.forwarder = threading.Thread(target=forward, name="fer_keras-stderr-filter", daemon=True)
+        self.forwarder.start()
+        _os.dup2(write_end, 2)
+        _os.close(write_end)
+        self.saved = saved
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is None:
+            return
+        _sys.stderr.flush()
+        _os.dup2(self.saved, 2)  # closes the pipe's last write end: the forwarder reads to the end and stops
+        self.forwarder.join(timeout=10)
+        _os.close(self.saved)
+
+
+def _quiet_tensorflow_start_up() -> None:
     try:
         level = int(_os.environ.get("TF_CPP_MIN_LOG_LEVEL") or 0)
     except ValueError:
         level = 0
-    if level < 1 or "tensorflow" in _sys.modules or _sys.argv[:1] != ["-m"]:
-        return
-    severity = {b"I": 0, b"W": 1, b"E": 2, b"F": 3}
-    log_line = re.compile(rb"([IWEF])\d{4} \S+ +\d+ [^\]\s]+\] ")
-    absl_notice = b"WARNING: All log messages before absl::InitializeLog() is called"
-    try:
-        _sys.stderr.flush()
-        saved = _os.dup(2)
-    except (OSError, ValueError, AttributeError):  # no usable stderr: nothing to tidy
-        return
-    try:
-        read_end, write_end = _os.pipe()
-    except OSError:
-        _os.close(saved)
-        return
-
-    def forward() -> None:
-        with open(read_end, "rb") as pipe:
-            for line in pipe:
-                match = log_line.match(line)
-                if not (match and severity[match.group(1)] < level) and not line.startswith(absl_notice):
-                    _os.write(saved, line)
-
-    forwarder = threading.Thread(target=forward, name="fer_keras-stderr-filter", daemon=True)
-    forwarder.start()
-    _os.dup2(write_end, 2)
-    _os.close(write_end)
-    try:
-        import tensorflow  # noqa: F401
-    finally:
-        _sys.stderr.flush()
-        _os.dup2(saved, 2)  # closes the pipe's last write end: the forwarder reads to the end and stops
-        forwarder.join(timeout=10)
-        _os.close(saved)
+    if level >= 1 and "tensorflow" not in _sys.modules and _sys.argv[:1] == ["-m"]:
+        _sys.meta_path.insert(0, _QuietTensorFlowFinder(level))
 
 
-_import_tensorflow_quietly()
+_quiet_tensorflow_start_up()
 
 __version__ = "0.1.0"
 

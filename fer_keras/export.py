@@ -171,8 +171,9 @@ def export_model(
     if tta != "none":
         endpoints[NO_TTA_SIGNATURE] = (serving_function(model, "none"), tf.float32)
     for signature, (function, dtype) in endpoints.items():
-        archive.add_endpoint(signature, tf.function(function, autograph=False),
-                             input_signature=[tf.TensorSpec(shape, dtype, name="pixels")])
+        # The plain function: add_endpoint makes the tf.function (autograph off) itself, and one of ours inside it
+        # would be traced again, the whole network twice per signature.
+        archive.add_endpoint(signature, function, input_signature=[tf.TensorSpec(shape, dtype, name="pixels")])
     tf_logger = tf.get_logger()
     level = tf_logger.level
     tf_logger.setLevel("WARNING")  # SavedModel writing logs one INFO line per captured variable
@@ -223,6 +224,8 @@ def _rename_into_place(tmp: Path, base: Path, target: Path, automatic: bool) -> 
 def load_for_export(path: str | os.PathLike) -> keras.Model:
     """A ``.keras`` file, or a training run directory (its ``best.keras``)."""
     path = Path(path)
+    if not path.exists():
+        raise FerError(f"{path}: no such model file or directory")
     if path.is_dir():
         if (path / "best.keras").is_file():
             path = path / "best.keras"

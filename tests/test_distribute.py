@@ -50,19 +50,27 @@ def test_fer_keras_turns_onednn_on_unless_the_user_turned_it_off(tmp_path, setti
 
 
 def test_the_library_leaves_tensorflow_unimported_and_entrypoints_print_only_their_error(tmp_path):
-    """``import fer_keras`` and defining the training flags stay cheap; ``python -m fer_keras.<tool>`` imports
-    TensorFlow with its start-up lines (written before TF reads TF_CPP_MIN_LOG_LEVEL) held back, so a bad flag prints
-    one line."""
+    """``import fer_keras`` and defining the training flags stay cheap; a tool answers a bad flag before it imports
+    TensorFlow (~8 s); a tool that imports TensorFlow holds back its start-up lines (written before TF reads
+    TF_CPP_MIN_LOG_LEVEL), so its errors are one line too."""
     env = cli_env(tmp_path)
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     code = ("import sys, fer_keras.history, fer_keras.errors, fer_keras.train\nfer_keras.train.define_flags()\n"
             "print('tensorflow' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]
-    proc = subprocess.run([sys.executable, "-m", "fer_keras.evaluate", "--output_dir="], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
-    assert proc.stderr.startswith("error: flag --output_dir=: --output_dir must not be empty")
+    as_python_m = ("import atexit, runpy, sys\natexit.register(lambda: print('tensorflow' in sys.modules))\n"
+                   "sys.argv = ['-m', *sys.argv[1:]]\nrunpy.run_module(sys.argv.pop(1), run_name='__main__')")
+    for tool, args, error, imported in [
+        ("fer_keras.evaluate", ["--output_dir="], "error: flag --output_dir=: --output_dir must not be empty", False),
+        ("fer_keras.export", ["--model=x.keras", "--tta_tolerance=-1"], "error: flag --tta_tolerance=-1.0: "
+                                                                         "--tta_tolerance must be >= 0", True),
+    ]:
+        proc = subprocess.run([sys.executable, "-c", as_python_m, tool, *args], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+        assert proc.stderr.startswith(error), proc.stderr
+        assert proc.stdout.strip() == str(imported)
 
 
 @pytest.mark.parametrize("tensorflow_default", ["0", None], ids=["onednn_off", "cpu_default"])

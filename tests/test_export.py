@@ -448,6 +448,15 @@ def test_export_cli_refuses_a_negative_tta_tolerance(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_missing_model_is_named_as_missing(tmp_path):
+    """Not Keras' "File format not supported" (it would send the user looking at the file's format)."""
+    from fer_keras.errors import FerError
+    from fer_keras.export import load_for_export
+
+    with pytest.raises(FerError, match=r"/missing: no such model file or directory$"):
+        load_for_export(tmp_path / "missing")
+
+
 def test_export_cli_names_the_export_after_the_keras_file(tmp_path):
     resnet18("imagenet").save(tmp_path / "smiles.keras")
     proc = subprocess.run([sys.executable, "-m", "fer_keras.export", f"--model={tmp_path / 'smiles.keras'}",
