@@ -136,6 +136,9 @@ IMAGE_SIZE = 48
 STEMS = ("imagenet", "cifar_pool", "cifar")
 STAGE_WIDTHS = (64, 128, 256, 512)
 BLOCKS_PER_STAGE = 2
+# The first convolution and the last residual block (Grad-CAM++'s feature maps), by layer name.
+FIRST_CONV_LAYER = "stem_conv"
+LAST_CONV_LAYER = "stage4_block2"
 # Mean and standard deviation of FER2013 Training pixels scaled to [0, 1].
 FER2013_MEAN = 0.5136
 FER2013_STD = 0.3067

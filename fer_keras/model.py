@@ -29,12 +29,14 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from fer_keras import (
+from fer_keras import (  # noqa: F401  FIRST_CONV_LAYER and LAST_CONV_LAYER: the layer names, also from here
     BLOCKS_PER_STAGE,
     BN_EPSILON,
     FER2013_MEAN,
     FER2013_STD,
+    FIRST_CONV_LAYER,
     IMAGE_SIZE,
+    LAST_CONV_LAYER,
     NUM_CLASSES,
     STAGE_WIDTHS,
     STEMS,
@@ -319,8 +321,6 @@ def resnet18(
     return keras.Model(inputs, outputs, name=name)
 
 
-LAST_CONV_LAYER = "stage4_block2"
-FIRST_CONV_LAYER = "stem_conv"
 INPUT_CROP_LAYER = "input_crop"
 
 

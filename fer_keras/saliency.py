@@ -19,24 +19,15 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
-import keras
 import numpy as np
-import tensorflow as tf
 from absl import flags
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from tf_keras_vis.gradcam_plus_plus import GradcamPlusPlus
-from tf_keras_vis.saliency import Saliency
-from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
-from tf_keras_vis.utils.scores import CategoricalScore
 
-from fer_keras import CLASS_NAMES, NUM_CLASSES, cli
+from fer_keras import CLASS_NAMES, LAST_CONV_LAYER, NUM_CLASSES, cli
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError, ModelError
 from fer_keras.history import atomic_write_text, check_json_replaceable
-from fer_keras.model import LAST_CONV_LAYER, as_logits, output_layer
 from fer_keras.tta import DEFAULT_CROP_SIZE
 from fer_keras.vis import as_batch, check_layer, new_figure, parse_int_list, quiet_keras, save_figure, split_indices
 
@@ -47,6 +38,11 @@ DEFAULT_SMOOTH_NOISE = 0.2
 BATCH_SIZE = 32
 # Keys every saliency.json has: an existing one is replaced only if it has them.
 REPORT_KEYS = ("grid", "images")
+
+if TYPE_CHECKING:  # Keras, TensorFlow and tf-keras-vis are imported where used: a bad flag is answered without them
+    import keras
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,6 +56,11 @@ def linearize(model: keras.Model) -> keras.Model:
     Models that already output logits are returned as they are; others are cloned first so the
     caller's model keeps its softmax. Gradients of probabilities saturate, those of logits do not.
     """
+    import keras
+    from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
+
+    from fer_keras.model import as_logits, output_layer
+
     model = as_logits(model)
     linear = keras.activations.linear
     if getattr(output_layer(model), "activation", linear) is linear:
@@ -110,6 +111,9 @@ def smoothgrad(model: keras.Model, images: np.ndarray, classes: Sequence[int],
                normalize: bool = True) -> np.ndarray:
     """Saliency averaged over ``samples`` noisy copies (noise std = ``noise`` x the image's value
     range), ``[N, H, W]``: removes the speckle of single gradients. ``samples=0`` is vanilla."""
+    from tf_keras_vis.saliency import Saliency
+    from tf_keras_vis.utils.scores import CategoricalScore
+
     x = as_batch(images)
     model = linearize(model)
     targets = _class_list(classes, int(x.shape[0]), int(model.outputs[0].shape[-1]))
@@ -130,17 +134,20 @@ def gradcam_plus_plus(model: keras.Model, images: np.ndarray, classes: Sequence[
     The layer is passed by name because tf-keras-vis only finds top-level Conv layers by itself,
     and ResNet stages are custom BasicBlock layers.
     """
+    from tf_keras_vis.gradcam_plus_plus import GradcamPlusPlus
+
     x = as_batch(images)
     model = linearize(model)
     check_layer(model, layer)
     targets = _class_list(classes, int(x.shape[0]), int(model.outputs[0].shape[-1]))
     cam = GradcamPlusPlus(model, clone=False)
+    centered_score = _centered_score_class()
     out = []
     with quiet_keras():
         for s in _chunks(int(x.shape[0])):
-            maps = np.asarray(cam(_CenteredScore(targets[s]), x[s], penultimate_layer=layer,
+            maps = np.asarray(cam(centered_score(targets[s]), x[s], penultimate_layer=layer,
                                   seek_penultimate_conv_layer=False, normalize_cam=normalize))
-            if not normalize:  # the factor exp(score) that _CenteredScore left out, in float64
+            if not normalize:  # the factor exp(score) that the centred score left out, in float64
                 logits = _logits(model, x[s])
                 maps = maps * np.exp(logits[np.arange(len(targets[s])), targets[s]].astype(np.float64))[:, None, None]
             out.append(maps)
@@ -148,17 +155,23 @@ def gradcam_plus_plus(model: keras.Model, images: np.ndarray, classes: Sequence[
                                                                         else np.float64)
 
 
-class _CenteredScore(CategoricalScore):
-    """The class logit minus its own value held constant: the same gradients, and a score of 0.
+def _centered_score_class() -> type:
+    """tf-keras-vis' CategoricalScore for the class logit minus its own value held constant: the same gradients, and
+    a score of 0.
 
     Grad-CAM++ (tf-keras-vis) multiplies the gradients by exp(score) in float32, which overflows to inf above a
     logit of ~88 (NaN maps) and underflows to 0 below ~-103 (empty maps). The factor is the same for every
     feature map of an image, so it cancels in the per-image normalised map; a score of exactly 0 makes it 1.
     """
+    import tensorflow as tf
+    from tf_keras_vis.utils.scores import CategoricalScore
 
-    def __call__(self, output):
-        score = super().__call__(output)
-        return score - tf.stop_gradient(score)
+    class CenteredScore(CategoricalScore):
+        def __call__(self, output):
+            score = super().__call__(output)
+            return score - tf.stop_gradient(score)
+
+    return CenteredScore
 
 
 def served_probabilities(model: keras.Model, images: np.ndarray, tta: str = "none",
@@ -166,6 +179,7 @@ def served_probabilities(model: keras.Model, images: np.ndarray, tta: str = "non
     """Probabilities ``[N, classes]`` as served: averaged over the views of ``tta`` with ten-crop's ``crop_size``
     (see :mod:`fer_keras.tta`; ``none`` is the image alone)."""
     from fer_keras.inference import Predictor
+    from fer_keras.model import as_logits
     from fer_keras.tta import tta_probabilities
 
     return tta_probabilities(Predictor("keras", Path(model.name), keras_model=as_logits(model)), images, tta,
@@ -418,6 +432,8 @@ def main(argv: Sequence[str]) -> None:
         selection = from_split(f.data, f.split, parse_int_list(f.indices, "--indices") if f.indices else None,
                                f.skip_bad_rows)
         metadata = {"data": f.data or str(fer_data.SAMPLE_PATH), "split": fer_data.canonical_split(f.split)}
+    import keras
+
     from fer_keras.inference import load_keras, resolve, served_views
 
     tta, crop_size = served_views(*resolve(f.model))

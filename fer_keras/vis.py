@@ -7,16 +7,18 @@ import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
-import keras
 import numpy as np
-import tensorflow as tf
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # imported where used, so that the tools answer a bad flag without them
+    import keras
+    import tensorflow as tf
 
 # Longest range --indices or --filters take: FER2013's Training split is 28,709 images.
 MAX_RANGE = 100_000
@@ -41,6 +43,8 @@ def as_batch(images: np.ndarray) -> tf.Tensor:
         array = array[..., None]
     if array.ndim != 4:
         raise ConfigError(f"expected images of shape [N, H, W, C], got {array.shape}")
+    import tensorflow as tf
+
     return tf.convert_to_tensor(array.astype(np.float32))
 
 
