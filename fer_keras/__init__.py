@@ -39,7 +39,7 @@ class _QuietTensorFlowLoader:
 
     def exec_module(self, module) -> None:
         try:
-            with _stderr_filtered(self.level):
+            with _StderrFiltered(self.level):
                 self.loader.exec_module(module)
         finally:
             module.__loader__ = module.__spec__.loader = self.loader  # the wrapper's work is done
@@ -50,7 +50,7 @@ class _QuietTensorFlowFinder:
 
     Installed only for ``python -m fer_keras.<tool>`` (``sys.argv[0]`` is ``-m`` while the package is imported): a
     library user's ``import fer_keras`` imports nothing and changes nothing. Tools import TensorFlow after their
-    flags are parsed, so a bad flag is answered in a second, not after TensorFlow's ~8 s start-up."""
+    flags are parsed, so a bad flag is answered in a second, not after TensorFlow's 5–8 s start-up."""
 
     def __init__(self, level: int) -> None:
         self.level = level
@@ -67,7 +67,7 @@ class _QuietTensorFlowFinder:
         return spec
 
 
-class _stderr_filtered:
+class _StderrFiltered:
     """fd 2 through a pipe whose reader thread drops C++ log lines below ``level`` (and absl's notice)."""
 
     def __init__(self, level: int) -> None:

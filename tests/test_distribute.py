@@ -51,7 +51,7 @@ def test_fer_keras_turns_onednn_on_unless_the_user_turned_it_off(tmp_path, setti
 
 def test_the_library_leaves_tensorflow_unimported_and_entrypoints_print_only_their_error(tmp_path):
     """``import fer_keras`` and defining the training flags stay cheap; a tool answers a bad flag before it imports
-    TensorFlow (~8 s); a tool that imports TensorFlow holds back its start-up lines (written before TF reads
+    TensorFlow (5–8 s here); a tool that imports TensorFlow holds back its start-up lines (written before TF reads
     TF_CPP_MIN_LOG_LEVEL), so its errors are one line too."""
     env = cli_env(tmp_path)
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
