@@ -1,5 +1,6 @@
 """fer_keras: a ResNet-18 facial-expression classifier for FER2013 in TensorFlow 2 / Keras 3."""
 
+import contextlib as _contextlib
 import os as _os
 import sys as _sys
 
@@ -39,7 +40,7 @@ class _QuietTensorFlowLoader:
 
     def exec_module(self, module) -> None:
         try:
-            with _StderrFiltered(self.level):
+            with _stderr_filtered(self.level):
                 self.loader.exec_module(module)
         finally:
             module.__loader__ = module.__spec__.loader = self.loader  # the wrapper's work is done
@@ -67,51 +68,46 @@ class _QuietTensorFlowFinder:
         return spec
 
 
-class _StderrFiltered:
+@_contextlib.contextmanager
+def _stderr_filtered(level: int):
     """fd 2 through a pipe whose reader thread drops C++ log lines below ``level`` (and absl's notice)."""
+    import re
+    import threading
 
-    def __init__(self, level: int) -> None:
-        self.level = level
-        self.saved = None
-
-    def __enter__(self) -> None:
-        import re
-        import threading
-
-        severity = {b"I": 0, b"W": 1, b"E": 2, b"F": 3}
-        log_line = re.compile(rb"([IWEF])\d{4} \S+ +\d+ [^\]\s]+\] ")
-        absl_notice = b"WARNING: All log messages before absl::InitializeLog() is called"
-        try:
-            _sys.stderr.flush()
-            saved = _os.dup(2)
-        except (OSError, ValueError, AttributeError):  # no usable stderr: nothing to tidy
-            return
-        try:
-            read_end, write_end = _os.pipe()
-        except OSError:
-            _os.close(saved)
-            return
-
-        def forward() -> None:
-            with open(read_end, "rb") as pipe:
-                for line in pipe:
-                    match = log_line.match(line)
-                    if not (match and severity[match.group(1)] < self.level) and not line.startswith(absl_notice):
-                        _os.write(saved, line)
-
-        self.forwarder = threading.Thread(target=forward, name="fer_keras-stderr-filter", daemon=True)
-        self.forwarder.start()
-        _os.dup2(write_end, 2)
-        _os.close(write_end)
-        self.saved = saved
-
-    def __exit__(self, *exc) -> None:
-        if self.saved is None:
-            return
+    severity = {b"I": 0, b"W": 1, b"E": 2, b"F": 3}
+    log_line = re.compile(rb"([IWEF])\d{4} \S+ +\d+ [^\]\s]+\] ")
+    absl_notice = b"WARNING: All log messages before absl::InitializeLog() is called"
+    try:
         _sys.stderr.flush()
-        _os.dup2(self.saved, 2)  # closes the pipe's last write end: the forwarder reads to the end and stops
-        self.forwarder.join(timeout=10)
-        _os.close(self.saved)
+        saved = _os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable stderr: nothing to tidy
+        yield
+        return
+    try:
+        read_end, write_end = _os.pipe()
+    except OSError:
+        _os.close(saved)
+        yield
+        return
+
+    def forward() -> None:
+        with open(read_end, "rb") as pipe:
+            for line in pipe:
+                match = log_line.match(line)
+                if not (match and severity[match.group(1)] < level) and not line.startswith(absl_notice):
+                    _os.write(saved, line)
+
+    forwarder = threading.Thread(target=forward, name="fer_keras-stderr-filter", daemon=True)
+    forwarder.start()
+    _os.dup2(write_end, 2)
+    _os.close(write_end)
+    try:
+        yield
+    finally:
+        _sys.stderr.flush()
+        _os.dup2(saved, 2)  # closes the pipe's last write end: the forwarder reads to the end and stops
+        forwarder.join(timeout=10)
+        _os.close(saved)
 
 
 def _quiet_tensorflow_start_up() -> None:

@@ -22,6 +22,12 @@ from fer_keras.tta import TTA_MODES
 SHIPPED = Path(__file__).resolve().parents[1] / "saved_models" / "fer_resnet18"
 
 
+def served_record(base: Path, card: dict) -> list[dict]:
+    """The rows of the per-image record a card names (the evaluate tool's predictions CSV)."""
+    with open(base / card["served_predictions"], newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def test_card_figures_equal_a_fresh_evaluation(trained_run, tmp_path):
     config, result = trained_run
     export_base = tmp_path / result.export_path.parent.name  # a copy: the run's fixture is shared
@@ -52,8 +58,7 @@ def test_card_figures_equal_a_fresh_evaluation(trained_run, tmp_path):
     assert f"points of the best (none {100 * compared['none']:.2f} %, flip {100 * compared['flip']:.2f} %" in text
     for name in ("history.png", "confusion_matrix.png"):
         assert (export_base / name).read_bytes().startswith(b"\x89PNG")
-    with open(export_base / card["served_predictions"], newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = served_record(export_base, card)
     assert [r["id"] for r in rows] == val.ids.tolist()
     assert [int(r["predicted"]) for r in rows] == fresh.predictions.tolist()
     assert f"`{model_card.SERVED_PREDICTIONS}` holds the served export's prediction for each of the {len(val)}" in text
@@ -364,7 +369,7 @@ def test_the_shipped_model_is_the_default_and_has_learned():
     assert majority < 0.25 and result.accuracy > 0.45, result.accuracy
 
 
-SAMPLE = 240  # of PublicTest's 3,589: all of them take the served ten-crop 160 s alone here, 320 s in the suite
+SAMPLE = 240  # of PublicTest's 3,589: all of them took the served ten-crop 319 s in the suite here (AVX2 EPYC)
 
 
 @pytest.mark.needs_data
@@ -375,8 +380,7 @@ def test_shipped_card_states_what_the_shipped_model_scores(fer2013_path):
     assert card_path.is_file(), "no model card beside the shipped model"
     card = json.loads(card_path.read_text())
     val = fer_data.load(fer2013_path).split("val")
-    with open(SHIPPED / card["served_predictions"], newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = served_record(SHIPPED, card)
     assert [r["id"] for r in rows] == val.ids.tolist()
     assert [int(r["label"]) for r in rows] == val.labels.tolist()
     probabilities = np.array([[float(r[column]) for column in PROBABILITY_COLUMNS] for r in rows])

@@ -203,7 +203,8 @@ def test_output_never_replaces_the_input_or_a_model(setup, tmp_path):
     for extra in (["--probabilities"], []):
         proc = run_tool("predict", f"--model={setup['model']}", f"--data={data}", f"--output={out}", *extra)
         assert proc.returncode == 0, proc.stderr
-        assert read_rows(out)[0][:2] == ["id", "label"] and len(read_rows(out)[0]) == (9 if extra else 2)
+        header = read_rows(out)[0]
+        assert header[:2] == ["id", "label"] and len(header) == (9 if extra else 2)
     assert read_rows(out) == [["id", "label"]] + [[i, str(c)] for i, c in TEST_ROWS]
 
 
