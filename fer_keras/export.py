@@ -26,14 +26,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-import keras
-import tensorflow as tf
 from absl import flags
 
 from fer_keras import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, __version__, cli
 from fer_keras.errors import ConfigError, FerError, ModelError
 from fer_keras.history import best_row, read_data_record, read_history_csv, remove_dead_writers_tmp, tmp_name
-from fer_keras.model import as_float32, check_classifier, input_crop_of, load_keras_model
 from fer_keras.tta import (
     AUTO,
     DEFAULT_CROP_SIZE,
@@ -49,7 +46,9 @@ from fer_keras.tta import (
 )
 
 if TYPE_CHECKING:
+    import keras
     import numpy as np
+    import tensorflow as tf
 
     from fer_keras.data import Split
 
@@ -77,6 +76,10 @@ def serving_function(model: keras.Model, tta: str = "none", crop_size: int = DEF
 
     All views go through the model as one batch; probabilities and logits are their means.
     """
+    import tensorflow as tf
+
+    from fer_keras.model import input_crop_of
+
     check_tta(tta, crop_size)
     names = tf.constant(list(CLASS_NAMES))
     count = num_views(tta)
@@ -141,6 +144,11 @@ def export_model(
     ``tta`` (none, flip, tencrop with ``crop_size``) is built into ``serving_default`` and ``serving_uint8``; with
     one, ``serving_no_tta`` serves the image alone.
     """
+    import keras
+    import tensorflow as tf
+
+    from fer_keras.model import as_float32, check_classifier, input_crop_of
+
     check_tta(tta, crop_size)
     check_classifier(model, f"model {model.name!r}")
     base = Path(base_dir) / name
@@ -231,6 +239,8 @@ def load_for_export(path: str | os.PathLike) -> keras.Model:
             path = path / "best.keras"
         else:
             raise FerError(f"{path}: no best.keras in this directory (is it a training run's --model_dir?)")
+    from fer_keras.model import load_keras_model
+
     return load_keras_model(str(path))
 
 
@@ -298,6 +308,8 @@ def export_from(model_path: str | os.PathLike, export_dir: str | os.PathLike = "
     """Exports a run directory or ``.keras`` file; returns (the version folder, the TTA built in). The name
     defaults to the run's folder (or the file's stem); ``tta="auto"`` chooses on the split that chose the
     run's epoch, measuring the model in float32 as it will be served."""
+    from fer_keras.model import as_float32
+
     model = as_float32(load_for_export(model_path))
     source = Path(model_path).resolve()
     # A run's record describes its best.keras only, not other .keras files that may lie beside it.

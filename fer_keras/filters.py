@@ -20,29 +20,22 @@ one set of regulariser weights suit both a pre-activation stem conv and a deep R
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import keras
 import numpy as np
-import tensorflow as tf
 from absl import flags, logging
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from tf_keras_vis.activation_maximization import ActivationMaximization
-from tf_keras_vis.activation_maximization.callbacks import Callback
-from tf_keras_vis.activation_maximization.input_modifiers import Jitter, Rotate2D
-from tf_keras_vis.activation_maximization.regularizers import Norm, TotalVariation2D
-from tf_keras_vis.utils.scores import Score
 
-from fer_keras import CLASS_NAMES, cli
+from fer_keras import CLASS_NAMES, FIRST_CONV_LAYER, LAST_CONV_LAYER, cli
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError
 from fer_keras.history import atomic_write_text, check_json_replaceable
-from fer_keras.model import FIRST_CONV_LAYER, LAST_CONV_LAYER
 from fer_keras.vis import as_batch, check_layer, new_figure, parse_int_list, quiet_keras, save_figure, split_indices
 
 PIXEL_RANGE = (0.0, 255.0)
@@ -58,6 +51,11 @@ DEFAULT_NORM_WEIGHT = 0.0005
 RANDOM_PROBES = 32
 SCAN_BATCH = 128
 
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
+    from tf_keras_vis.activation_maximization.callbacks import Callback
+
 
 # --------------------------------------------------------------------------------------------
 # Activations
@@ -65,6 +63,8 @@ SCAN_BATCH = 128
 
 def filter_model(model: keras.Model, layer: str) -> keras.Model:
     """A model from the input to ``layer``'s feature maps; shares weights with ``model``."""
+    import keras
+
     found = check_layer(model, layer)
     return keras.Model(model.inputs, found.output, name=f"{model.name}_{layer}")
 
@@ -117,41 +117,60 @@ def top_k_images(model: keras.Model, layer: str, images: np.ndarray, filters: Se
 # Activation maximisation
 
 
-class FilterScore(Score):
-    """Mean activation of filter ``filters[i]`` for batch element i, divided by ``scale[i]``.
+@functools.cache
+def _tf_keras_vis_classes() -> dict[str, type]:
+    """``FilterScore`` and ``StderrProgress``, defined on first use: they subclass tf-keras-vis classes, whose import
+    loads TensorFlow, which a tool answering a bad flag should not wait for."""
+    import tensorflow as tf
+    from tf_keras_vis.activation_maximization.callbacks import Callback
+    from tf_keras_vis.utils.scores import Score
 
-    Like ``CategoricalScore`` but averaged over positions and scaled, so that a batch optimises
-    several filters at once and regulariser weights mean the same for every layer.
-    """
+    class FilterScore(Score):
+        """Mean activation of filter ``filters[i]`` for batch element i, divided by ``scale[i]``.
 
-    def __init__(self, filters: Sequence[int], scale: Sequence[float] | None = None):
-        super().__init__("FilterScore")
-        self.filters = tf.constant(list(filters), tf.int32)
-        self.scale = tf.constant(np.ones(len(filters)) if scale is None else np.asarray(scale), tf.float32)
+        Like ``CategoricalScore`` but averaged over positions and scaled, so that a batch optimises
+        several filters at once and regulariser weights mean the same for every layer.
+        """
 
-    def __call__(self, output: tf.Tensor) -> tf.Tensor:
-        means = tf.reduce_mean(tf.cast(output, tf.float32), axis=list(range(1, len(output.shape) - 1)))
-        return tf.gather(means, self.filters[:, None], axis=1, batch_dims=1)[:, 0] / self.scale
+        def __init__(self, filters: Sequence[int], scale: Sequence[float] | None = None):
+            super().__init__("FilterScore")
+            self.filters = tf.constant(list(filters), tf.int32)
+            self.scale = tf.constant(np.ones(len(filters)) if scale is None else np.asarray(scale), tf.float32)
+
+        def __call__(self, output: tf.Tensor) -> tf.Tensor:
+            means = tf.reduce_mean(tf.cast(output, tf.float32), axis=list(range(1, len(output.shape) - 1)))
+            return tf.gather(means, self.filters[:, None], axis=1, batch_dims=1)[:, 0] / self.scale
+
+    class StderrProgress(Callback):
+        """One line per ``every`` steps on stderr, so long runs show they are alive without a progress
+        bar that garbles logs."""
+
+        def __init__(self, label: str, every: int = 16):
+            self.label = label
+            self.every = max(1, every)
+            self.steps = 0
+
+        def on_begin(self, steps: int | None = None, **kwargs) -> None:
+            self.steps = int(steps or 0)
+
+        def __call__(self, i, values, grads, scores, model_outputs, **kwargs) -> None:
+            step = i + 1
+            if step % self.every == 0 or step == self.steps:
+                score = float(np.mean([np.mean(np.asarray(s)) for s in scores]))
+                print(f"{self.label}: step {step}/{self.steps}, score {score:.3g} (mean activation / random-input std)",
+                      file=sys.stderr, flush=True)
+
+    classes = (FilterScore, StderrProgress)
+    for cls in classes:
+        cls.__qualname__ = cls.__name__
+    return {cls.__name__: cls for cls in classes}
 
 
-class StderrProgress(Callback):
-    """One line per ``every`` steps on stderr, so long runs show they are alive without a progress
-    bar that garbles logs."""
-
-    def __init__(self, label: str, every: int = 16):
-        self.label = label
-        self.every = max(1, every)
-        self.steps = 0
-
-    def on_begin(self, steps: int | None = None, **kwargs) -> None:
-        self.steps = int(steps or 0)
-
-    def __call__(self, i, values, grads, scores, model_outputs, **kwargs) -> None:
-        step = i + 1
-        if step % self.every == 0 or step == self.steps:
-            score = float(np.mean([np.mean(np.asarray(s)) for s in scores]))
-            print(f"{self.label}: step {step}/{self.steps}, score {score:.3g} (mean activation / random-input std)",
-                  file=sys.stderr, flush=True)
+def __getattr__(name: str) -> Any:
+    """``fer_keras.filters.FilterScore`` and ``.StderrProgress`` (PEP 562), built by :func:`_tf_keras_vis_classes`."""
+    if name in ("FilterScore", "StderrProgress"):
+        return _tf_keras_vis_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _describe(filters: Sequence[int]) -> str:
@@ -163,6 +182,8 @@ def _describe(filters: Sequence[int]) -> str:
 
 
 def _clip_to_pixels(x: tf.Tensor) -> tf.Tensor:
+    import tensorflow as tf
+
     return tf.clip_by_value(x, *PIXEL_RANGE)
 
 
@@ -201,6 +222,13 @@ def maximize_filters(
     resamples, i.e. blurs, the image every step; a shift breaks the phase of strided convolutions).
     ``progress(label)`` may return a tf-keras-vis callback per batch.
     """
+    import keras
+    import tensorflow as tf
+    from tf_keras_vis.activation_maximization import ActivationMaximization
+    from tf_keras_vis.activation_maximization.input_modifiers import Jitter, Rotate2D
+    from tf_keras_vis.activation_maximization.regularizers import Norm, TotalVariation2D
+
+    filter_score = _tf_keras_vis_classes()["FilterScore"]
     sub = filter_model(model, layer)
     filters = check_filters(sub, layer, filters)
     rng = np.random.default_rng(seed)
@@ -230,7 +258,7 @@ def maximize_filters(
         seed_input = tf.constant(rng.uniform(*PIXEL_RANGE, (len(chunk),) + shape).astype(np.float32))
         with quiet_keras():
             result = visualizer(
-                FilterScore(chunk, scale[start:start + len(chunk)]),
+                filter_score(chunk, scale[start:start + len(chunk)]),
                 seed_input,
                 input_range=PIXEL_RANGE,
                 input_modifiers=modifiers,
@@ -406,6 +434,8 @@ def main(argv: Sequence[str]) -> None:
         image_title = f"({fer_data.canonical_split(f.split)} #{i}, id {split.ids[i]})"
     if f.top_k > len(split):
         logging.warning("--top_k %d exceeds the %d images of %s; showing all", f.top_k, len(split), f.split)
+    import keras
+
     from fer_keras.inference import load_keras
 
     model = load_keras(f.model)
@@ -427,10 +457,11 @@ def main(argv: Sequence[str]) -> None:
         "settings": settings,
         "layers": {},
     }
+    progress = _tf_keras_vis_classes()["StderrProgress"]
     for layer in f.layers:
         report["layers"][layer] = analyse_layer(
             model, layer, filters, split, image, image_title, out, f.top_k,
-            progress=lambda label: StderrProgress(label, every=max(1, f.steps // 8)),
+            progress=lambda label: progress(label, every=max(1, f.steps // 8)),
             steps=f.steps, learning_rate=f.learning_rate, tv_weight=f.tv_weight, norm_weight=f.norm_weight,
             jitter=f.jitter, rotate=f.rotate, batch_size=f.batch_size, seed=f.seed,
         )

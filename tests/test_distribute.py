@@ -51,8 +51,8 @@ def test_fer_keras_turns_onednn_on_unless_the_user_turned_it_off(tmp_path, setti
 
 def test_the_library_leaves_tensorflow_unimported_and_entrypoints_print_only_their_error(tmp_path):
     """``import fer_keras`` and defining the training flags stay cheap; a tool answers a bad flag before it imports
-    TensorFlow (5–8 s here); a tool that imports TensorFlow holds back its start-up lines (written before TF reads
-    TF_CPP_MIN_LOG_LEVEL), so its errors are one line too."""
+    TensorFlow (5–8 s here); once a tool has imported TensorFlow (here to load a model) it has held back TF's
+    start-up lines (written before TF reads TF_CPP_MIN_LOG_LEVEL), so its errors are one line too."""
     env = cli_env(tmp_path)
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     code = ("import sys, fer_keras.history, fer_keras.errors, fer_keras.train\nfer_keras.train.define_flags()\n"
@@ -61,10 +61,15 @@ def test_the_library_leaves_tensorflow_unimported_and_entrypoints_print_only_the
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]
     as_python_m = ("import atexit, runpy, sys\natexit.register(lambda: print('tensorflow' in sys.modules))\n"
                    "sys.argv = ['-m', *sys.argv[1:]]\nrunpy.run_module(sys.argv.pop(1), run_name='__main__')")
+    junk = tmp_path / "junk.keras"
+    junk.write_text("not a model\n")
     for tool, args, error, imported in [
         ("fer_keras.evaluate", ["--output_dir="], "error: flag --output_dir=: --output_dir must not be empty", False),
         ("fer_keras.export", ["--model=x.keras", "--tta_tolerance=-1"], "error: flag --tta_tolerance=-1.0: "
-                                                                         "--tta_tolerance must be >= 0", True),
+                                                                         "--tta_tolerance must be >= 0", False),
+        ("fer_keras.filters", ["--steps=0"], "error: flag --steps=0: --steps must be >= 1", False),
+        ("fer_keras.export", [f"--model={junk}", f"--export_dir={tmp_path / 'exports'}"],
+         f"error: {junk}: cannot load model: not a .keras file (a zip archive)", True),
     ]:
         proc = subprocess.run([sys.executable, "-c", as_python_m, tool, *args], env=env, cwd=REPO,
                               capture_output=True, text=True, timeout=120)
