@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -248,21 +249,44 @@ def workers(tmp_path):
         cluster.stop()
 
 
+def assert_listening_only_inside(workers: Cluster, procs: list[subprocess.Popen], port: int) -> None:
+    """Worker 0's port opens inside the cluster's namespace (bounded wait) and is closed on this host's own network,
+    where the tests run."""
+    deadline = time.monotonic() + 120
+    listening = False
+    while time.monotonic() < deadline and not listening and all(p.poll() is None for p in procs):
+        probe = subprocess.run([*workers.netns, sys.executable, "-c",
+                                "import socket; s = socket.socket(); s.settimeout(1); "
+                                f"print(s.connect_ex(('127.0.0.1', {port})))"],
+                               capture_output=True, text=True, timeout=30)
+        listening = probe.stdout.strip() == "0"
+        time.sleep(0.2)
+    assert listening, "worker 0 never listened inside its namespace"
+    with socket.socket() as outside:
+        outside.settimeout(1)
+        assert outside.connect_ex(("127.0.0.1", port)) != 0
+
+
 @pytest.mark.slow
 def test_multi_worker_two_processes_on_localhost_match_a_single_process(tmp_path, workers):
     """Two workers with a global batch of 32 take the steps one process takes with batch 32: each worker gets its
     half of every global batch, the gradients are all-reduced to the global mean (not summed) and BatchNorm is
     synchronised (so moving statistics agree across workers too, not just the weights). Without all-reduce the
-    workers' halves would pull their weights apart, and a summed gradient would double every update."""
+    workers' halves would pull their weights apart, and a summed gradient would double every update. While they
+    train, their ports are open inside the cluster's namespace only."""
     model_dir = tmp_path / "run"
     plain = ["--flip=false", "--shift=0", "--rotation=0", "--zoom=0", "--erasing=0", "--dropout=0", "--sync_batchnorm",
              "--epochs=1"]
     procs = workers.start(model_dir, plain)
-    single = subprocess.run(
-        [sys.executable, "-m", "fer_keras.train", "--flagfile=flags/smoke.cfg", "--max_train_examples=128",
-         f"--model_dir={tmp_path / 'single'}", "--export=false", *plain], env=cli_env(tmp_path), cwd=REPO,
-        capture_output=True, text=True, timeout=900)
-    assert single.returncode == 0, single.stderr[-3000:]
+    single_err = tmp_path / "single.err"
+    with open(single_err, "w") as stderr:
+        single = subprocess.Popen(
+            [sys.executable, "-m", "fer_keras.train", "--flagfile=flags/smoke.cfg", "--max_train_examples=128",
+             f"--model_dir={tmp_path / 'single'}", "--export=false", *plain], env=cli_env(tmp_path), cwd=REPO,
+            stdout=subprocess.DEVNULL, stderr=stderr)
+    workers.procs.append(single)
+    assert_listening_only_inside(workers, procs, port=20000)
+    assert single.wait(timeout=900) == 0, single_err.read_text()[-3000:]
     outputs = [workers.finish(p, timeout=900) for p in procs]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
@@ -288,7 +312,6 @@ def test_multi_worker_two_processes_on_localhost_match_a_single_process(tmp_path
 @pytest.mark.slow
 def test_multi_worker_losing_a_worker_fails_clearly_and_both_resume(tmp_path, workers):
     import signal
-    import time
 
     model_dir = tmp_path / "run"
     extra = ["--epochs=2", "--collective_timeout=20", "--export=false"]
@@ -336,27 +359,6 @@ def test_workers_that_would_resume_after_different_epochs_are_refused(tmp_path, 
             "the run's checkpoints (a worker one epoch ahead after a kill: move its newest checkpoints/epoch_NNNN "
             "folder away)"], err[-3000:]
     assert not (tmp_path / "elsewhere").exists()
-
-
-@pytest.mark.slow
-def test_the_workers_listen_only_inside_their_namespace(tmp_path, workers):
-    """The cluster's ports are not open on this host's own network (where the tests run)."""
-    procs = workers.start(tmp_path / "run", ["--epochs=1", "--export=false"])
-    import time
-
-    deadline = time.monotonic() + 120
-    listening = False
-    while time.monotonic() < deadline and not listening and all(p.poll() is None for p in procs):
-        probe = subprocess.run([*workers.netns, sys.executable, "-c",
-                                "import socket; s = socket.socket(); s.settimeout(1); "
-                                "print(s.connect_ex(('127.0.0.1', 20000)))"],
-                               capture_output=True, text=True, timeout=30)
-        listening = probe.stdout.strip() == "0"
-        time.sleep(0.2)
-    assert listening, "worker 0 never listened inside its namespace"
-    with socket.socket() as outside:
-        outside.settimeout(1)
-        assert outside.connect_ex(("127.0.0.1", 20000)) != 0
 
 
 @pytest.mark.parametrize("cluster, task, expected", [
