@@ -119,10 +119,11 @@ def top_k_images(model: keras.Model, layer: str, images: np.ndarray, filters: Se
 
 @functools.cache
 def _tf_keras_vis_classes() -> dict[str, type]:
-    """``FilterScore`` and ``StderrProgress``, defined on first use: they subclass tf-keras-vis classes, whose import
-    loads TensorFlow, which a tool answering a bad flag should not wait for."""
+    """``FilterScore``, ``StderrProgress`` and ``RmsNorm``, defined on first use: they subclass tf-keras-vis classes,
+    whose import loads TensorFlow, which a tool answering a bad flag should not wait for."""
     import tensorflow as tf
     from tf_keras_vis.activation_maximization.callbacks import Callback
+    from tf_keras_vis.activation_maximization.regularizers import Regularizer
     from tf_keras_vis.utils.scores import Score
 
     class FilterScore(Score):
@@ -160,15 +161,30 @@ def _tf_keras_vis_classes() -> dict[str, type]:
                 print(f"{self.label}: step {step}/{self.steps}, score {score:.3g} (mean activation / random-input std)",
                       file=sys.stderr, flush=True)
 
-    classes = (FilterScore, StderrProgress)
+    class RmsNorm(Regularizer):
+        """``weight`` times the images' root mean square, as tf-keras-vis' ``Norm(weight, p=2)``, but with a finite
+        gradient at an all-black image: ``Norm``'s ``tf.norm`` has 0/0 there, so a filter that prefers dark input,
+        driven to 0 by the clipping, came out as NaN pixels (stem_conv filters 8 and 10 of the shipped model)."""
+
+        def __init__(self, weight: float, epsilon: float = 1e-6):
+            super().__init__("RmsNorm")
+            self.weight = float(weight)
+            self.epsilon = float(epsilon)
+
+        def __call__(self, input_value: tf.Tensor) -> tf.Tensor:
+            squares = tf.reshape(tf.square(tf.cast(input_value, tf.float32)), (tf.shape(input_value)[0], -1))
+            return self.weight * tf.sqrt(tf.reduce_mean(squares, axis=1) + self.epsilon)
+
+    classes = (FilterScore, StderrProgress, RmsNorm)
     for cls in classes:
         cls.__qualname__ = cls.__name__
     return {cls.__name__: cls for cls in classes}
 
 
 def __getattr__(name: str) -> Any:
-    """``fer_keras.filters.FilterScore`` and ``.StderrProgress`` (PEP 562), built by :func:`_tf_keras_vis_classes`."""
-    if name in ("FilterScore", "StderrProgress"):
+    """``fer_keras.filters.FilterScore``, ``.StderrProgress`` and ``.RmsNorm`` (PEP 562), built by
+    :func:`_tf_keras_vis_classes`."""
+    if name in ("FilterScore", "StderrProgress", "RmsNorm"):
         return _tf_keras_vis_classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -226,9 +242,10 @@ def maximize_filters(
     import tensorflow as tf
     from tf_keras_vis.activation_maximization import ActivationMaximization
     from tf_keras_vis.activation_maximization.input_modifiers import Jitter, Rotate2D
-    from tf_keras_vis.activation_maximization.regularizers import Norm, TotalVariation2D
+    from tf_keras_vis.activation_maximization.regularizers import TotalVariation2D
 
-    filter_score = _tf_keras_vis_classes()["FilterScore"]
+    classes = _tf_keras_vis_classes()
+    filter_score = classes["FilterScore"]
     sub = filter_model(model, layer)
     filters = check_filters(sub, layer, filters)
     rng = np.random.default_rng(seed)
@@ -245,9 +262,11 @@ def maximize_filters(
     if jitter > 0:
         modifiers.append(Jitter(jitter))
     if rotate > 0:
-        modifiers.append(Rotate2D(rotate))
+        rotation = Rotate2D(rotate)
+        rotation.random_generator = np.random.default_rng(rng.integers(2**63))  # its own is seeded by the OS
+        modifiers.append(rotation)
     modifiers.append(_clip_to_pixels)
-    regularizers = [TotalVariation2D(tv_weight), Norm(norm_weight, p=2)]
+    regularizers = [TotalVariation2D(tv_weight), classes["RmsNorm"](norm_weight)]
 
     images = []
     visualizer = ActivationMaximization(sub, clone=False)
@@ -393,7 +412,8 @@ def define_flags() -> None:
     flags.DEFINE_float("learning_rate", DEFAULT_LEARNING_RATE,
                        "Adam learning rate, about the pixel change (0-255) per step.")
     flags.DEFINE_float("tv_weight", DEFAULT_TV_WEIGHT, "TotalVariation2D weight: higher = smoother images.")
-    flags.DEFINE_float("norm_weight", DEFAULT_NORM_WEIGHT, "L2 Norm weight: higher = darker, lower-contrast images.")
+    flags.DEFINE_float("norm_weight", DEFAULT_NORM_WEIGHT, "Weight of the images' RMS (L2 norm): higher = "
+                       "darker, lower-contrast images.")
     flags.DEFINE_integer("jitter", 0, "tf-keras-vis Jitter: random shift in pixels per step (0 = off). "
                          "Smoother, more natural images at the cost of activation.")
     flags.DEFINE_float("rotate", 0.0, "tf-keras-vis Rotate2D: random rotation in degrees per step (0 = off; blurs).")

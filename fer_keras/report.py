@@ -488,7 +488,7 @@ def section_history(ctx: _Context) -> str:
         "",
         md_table(
             ("best epoch", "validation split", "train loss", "train accuracy", "val loss", "val accuracy",
-             "learning rate", "seconds"),
+             "learning rate at its end", "seconds"),
             [(best["epoch"], val_name, f"{value('loss'):.4f}", _pct(value("accuracy")), f"{value('val_loss'):.4f}",
               _pct(value("val_accuracy")), f"{value('learning_rate'):.3g}", f"{value('seconds'):.1f}")],
             right=(0, 2, 3, 4, 5, 6, 7),
@@ -609,15 +609,18 @@ def section_filters(ctx: _Context) -> str:
 
     model = ctx.keras_model()
     names = {layer.name for layer in model.layers}
-    layers = ((FIRST_CONV_LAYER, LAST_CONV_LAYER) if {FIRST_CONV_LAYER, LAST_CONV_LAYER} <= names
-              else _feature_layers(model))
+    ours = {FIRST_CONV_LAYER, LAST_CONV_LAYER} <= names
+    layers = (FIRST_CONV_LAYER, LAST_CONV_LAYER) if ours else _feature_layers(model)
     split = ctx.split_data()
     image_title = f"({ctx.split_label} #0, id {split.ids[0]})"
+    which = (f"of the first convolution (`{FIRST_CONV_LAYER}`) and of the last residual block (`{LAST_CONV_LAYER}`, "
+             "whose channels are its convolution path and shortcut added, after ReLU)" if ours
+             else f"of `{layers[0]}` and `{layers[1]}`, the first and the last layer with weights and feature maps")
     parts = [
-        f"The first {ctx.num_filters} filters of the first and the last convolutional layer. Activation "
+        f"The first {ctx.num_filters} filters (channels) {which}. Activation "
         f"maximisation optimises an input per filter for {_plural(ctx.filter_steps, 'step', 'steps')} "
         "(from uniform noise, "
-        "with total-variation and L2 regularisers); the activation reached is the filter's mean over "
+        "with total-variation and L2 (RMS) regularisers); the activation reached is the filter's mean over "
         f"positions, next to its mean on random images. Feature maps are those of image #0 of "
         f"{ctx.split_label}; the top-{ctx.top_k} images are the {ctx.split_label} images with the "
         "highest mean activation.",

@@ -132,9 +132,12 @@ def gradcam_plus_plus(model: keras.Model, images: np.ndarray, classes: Sequence[
     ``normalize``, else float64 (the raw maps carry a factor exp(logit)).
 
     The layer is passed by name because tf-keras-vis only finds top-level Conv layers by itself,
-    and ResNet stages are custom BasicBlock layers.
+    and ResNet stages are custom BasicBlock layers. The maps are resized here (:func:`place_cam`), not by tf-keras-vis,
+    whose corner-aligned zoom moves each cell's value outwards onto the image's edge.
     """
     from tf_keras_vis.gradcam_plus_plus import GradcamPlusPlus
+
+    from fer_keras.model import input_crop_of
 
     x = as_batch(images)
     model = linearize(model)
@@ -145,8 +148,9 @@ def gradcam_plus_plus(model: keras.Model, images: np.ndarray, classes: Sequence[
     out = []
     with quiet_keras():
         for s in _chunks(int(x.shape[0])):
-            maps = np.asarray(cam(centered_score(targets[s]), x[s], penultimate_layer=layer,
-                                  seek_penultimate_conv_layer=False, normalize_cam=normalize))
+            cells = np.asarray(cam(centered_score(targets[s]), x[s], penultimate_layer=layer,
+                                   seek_penultimate_conv_layer=False, normalize_cam=normalize, expand_cam=False))
+            maps = place_cam(cells, int(x.shape[1]), input_crop_of(model))
             if not normalize:  # the factor exp(score) that the centred score left out, in float64
                 logits = _logits(model, x[s])
                 maps = maps * np.exp(logits[np.arange(len(targets[s])), targets[s]].astype(np.float64))[:, None, None]
@@ -172,6 +176,24 @@ def _centered_score_class() -> type:
             return score - tf.stop_gradient(score)
 
     return CenteredScore
+
+
+def place_cam(cells: np.ndarray, size: int, crop: int = 0) -> np.ndarray:
+    """Class activation maps ``[N, h, w]`` laid over ``size``-pixel images, ``[N, size, size]``.
+
+    Bilinear with half-pixel centres, as the network's strided layers tile the input: each cell's value sits at the
+    centre of the block of pixels it covers, and edge blocks keep their cell's value (a 2x2 map lights a quarter of
+    the image, not a ramp from one corner). A model with ``input_crop`` sees only the central ``crop`` pixels; its
+    map covers that window and the border it never sees is 0.
+    """
+    import tensorflow as tf
+
+    window = crop or size
+    resized = tf.image.resize(tf.constant(np.asarray(cells, np.float32)[..., None]), (window, window),
+                              method="bilinear").numpy()[..., 0]
+    offset = (size - window) // 2
+    pad = ((0, 0), (offset, size - window - offset), (offset, size - window - offset))
+    return np.pad(resized, pad).astype(np.float32)
 
 
 def served_probabilities(model: keras.Model, images: np.ndarray, tta: str = "none",

@@ -104,6 +104,46 @@ def test_gradcam_plus_plus_lights_up_what_drives_the_class():
     assert np.all(sal.gradcam_plus_plus(model, x, [1, 1], layer="features") < 1e-6)
 
 
+def quadrant_model(crop: int = 0) -> keras.Model:
+    """A brightness detector on a 2x2 grid of cells (the imagenet stem's last stage), each cell pooling the block of
+    the (cropped) image it covers; the logit is their sum."""
+    inputs = keras.Input((48, 48, 1))
+    x = keras.layers.Cropping2D((48 - crop) // 2, name="input_crop")(inputs) if crop else inputs
+    x = keras.layers.Conv2D(1, 1, activation="relu", kernel_initializer="ones", name="bright")(x)
+    x = keras.layers.AveragePooling2D((crop or 48) // 2)(x)
+    x = keras.layers.Conv2D(1, 1, activation="relu", kernel_initializer="ones", name="cells")(x)
+    return keras.Model(inputs, keras.layers.Dense(7, kernel_initializer="ones")(keras.layers.Flatten()(x)))
+
+
+@pytest.mark.parametrize("crop", [0, 32])
+def test_gradcam_plus_plus_cells_light_the_pixels_they_cover(crop):
+    """The top-left cell lights its own block, not a ramp from the image's corner (tf-keras-vis' corner-aligned
+    zoom put the quadrant's centre at 0.55); a model with ``input_crop`` is mapped onto the window it sees."""
+    side = crop or 48
+    offset = (48 - side) // 2
+    block = slice(offset, offset + side // 2)
+    x = np.zeros((1, 48, 48, 1), np.uint8)
+    x[0, block, block] = 255
+    cam = sal.gradcam_plus_plus(quadrant_model(crop), x, [0], layer="cells")[0]
+    inner = slice(offset, offset + side // 4)  # the block's outer half: its cell's value alone
+    np.testing.assert_allclose(cam[inner, inner], 1.0)
+    assert cam[block, block].mean() > 0.75 and cam[offset + side // 2:offset + side, offset + side // 2:].max() < 0.3
+    if crop:
+        border = np.ones((48, 48), bool)
+        border[offset:offset + side, offset:offset + side] = False
+        assert np.all(cam[border] == 0.0)
+
+
+def test_place_cam_keeps_edge_cells_and_centres_the_window():
+    cells = np.array([[[1.0, 0.0], [0.0, 0.0]]], np.float32)
+    full = sal.place_cam(cells, 48)
+    assert full.shape == (1, 48, 48) and full[0, :12, :12].min() == 1.0 and full[0, 36:, :].max() == 0.0
+    ramp = full[0, 11:37, 0]  # from the first cell's centre to the next's: 1 down to 0
+    assert ramp[0] == 1.0 and ramp[-1] == 0.0 and np.all(np.diff(ramp) < 0)
+    windowed = sal.place_cam(cells, 48, crop=40)
+    assert windowed[0, 4:14, 4:14].min() == 1.0 and windowed[0, :4].max() == 0.0 and windowed[0, :, 44:].max() == 0.0
+
+
 def shifted(model: keras.Model, shift: float) -> keras.Model:
     """A copy of ``model`` whose logits are all ``shift`` higher: the same gradients, other exp(logit)."""
     copy = keras.models.clone_model(model)
