@@ -55,7 +55,9 @@ class Teachers:
 
 
 def soften(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """``p ** (1 / T)`` renormalised: the softmax of the logits divided by ``T`` (T > 1 softer, T < 1 sharper)."""
+    """``p ** (1 / T)`` renormalised (T > 1 softer, T < 1 sharper). For the probabilities of one view that is the
+    softmax of its logits divided by ``T``; for probabilities averaged over TTA views (what is stored) it is not, as
+    the views' logits are gone."""
     if temperature <= 0:
         raise ConfigError(f"distill_temperature must be > 0, got {temperature:g}")
     logp = np.log(np.clip(np.asarray(probabilities, np.float64), 1e-30, None)) / temperature

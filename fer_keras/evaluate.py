@@ -334,6 +334,8 @@ def confusion_figure(
     n = len(class_names)
     if matrix.shape != (n, n):
         raise ValueError(f"matrix has shape {matrix.shape}, expected ({n}, {n})")
+    if normalized and not (matrix.min() >= 0.0 and matrix.max() <= 1.0 + 1e-9):
+        raise ValueError("a normalised confusion matrix holds fractions of each true class (0-1), not counts")
     fig = new_figure(7.5, 6.5, dpi=120)
     ax = fig.add_subplot()
     vmax = 1.0 if normalized else max(float(matrix.max()), 1.0)

@@ -295,6 +295,9 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     kind, export = inference.resolve(export)
     if kind != "saved_model":
         raise ConfigError(f"{export}: --export must be a SavedModel export, not a .keras file")
+    if not export.name.isdigit():  # the card goes beside the versions, into NAME/
+        raise ConfigError(f"{export}: not a version folder of TF Serving's NAME/VERSION layout (VERSION a number); "
+                          "give --export=NAME or NAME/VERSION")
     config = TrainConfig.recorded(recorded)
     recipe_flags = check_recipe(recipe, run_dir / "flags.txt") if recipe else None
     best = best_row(history)
@@ -637,7 +640,7 @@ def write_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
             stale.unlink()  # a previous card's
     for source, name in copies:
         atomic_write_text(base / name, source.read_bytes())
-    plot_confusion(served.confusion, base / "confusion_matrix.png", normalized=True,
+    plot_confusion(served.normalized_confusion, base / "confusion_matrix.png", normalized=True,
                    title=f"served export on {card['selection_split']}: accuracy {100 * served.accuracy:.1f} %")
     atomic_write_text(base / SERVED_PREDICTIONS, predictions_csv(served))
     atomic_write_text(base / CARD_JSON, json.dumps(card, indent=2) + "\n")

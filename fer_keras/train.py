@@ -863,7 +863,8 @@ def define_flags() -> None:
     f.DEFINE_float("distill_weight", d.distill_weight, "--teachers: the teachers' share of each target; "
                    "(1 - DISTILL_WEIGHT) stays on the image's label.")
     f.DEFINE_float("distill_temperature", d.distill_temperature, "--teachers: each teacher's probabilities p "
-                   "become p^(1/T), renormalised (its logits divided by T): above 1 softer, below 1 sharper.")
+                   "(averaged over its views) become p^(1/T), renormalised (for one view, its logits divided by T): "
+                   "above 1 softer, below 1 sharper.")
     f.DEFINE_integer("epochs", d.epochs, "Number of epochs.")
     f.DEFINE_integer("average_from_epoch", d.average_from_epoch, "Stochastic weight averaging: from this epoch "
                      "(1-based) on, the model validated, kept as best.keras and exported is the mean of the weights "

@@ -124,6 +124,16 @@ def test_confusion_matrix_function_counts_by_hand():
         confusion_matrix(np.array([0, 7]), np.array([0, 1]))
 
 
+def test_a_normalised_figure_refuses_counts():
+    """The model card once drew counts on the 0-1 scale of fractions: every cell dark, each labelled 296.00."""
+    from fer_keras.evaluate import confusion_figure
+
+    rates = EXPECTED_CONFUSION / np.maximum(EXPECTED_CONFUSION.sum(axis=1, keepdims=True), 1)
+    assert confusion_figure(rates, "rates", normalized=True) is not None
+    with pytest.raises(ValueError, match="not counts"):
+        confusion_figure(EXPECTED_CONFUSION, "counts", normalized=True)
+
+
 def test_normalize_and_most_confused():
     from fer_keras.evaluate import most_confused, normalize_rows
 

@@ -144,6 +144,10 @@ def test_card_refuses_an_export_of_another_run(trained_run, tmp_path):
     metadata_file.write_text(json.dumps({k: v for k, v in metadata.items() if k != "best_epoch"}))
     with pytest.raises(ConfigError, match="its metadata does not say which run's epoch it holds"):
         model_card.build_card(run, export_base, None, None)
+    candidate = tmp_path / "candidate"  # a version folder copied out of NAME/: the card would land in tmp_path
+    shutil.copytree(result.export_path, candidate)
+    with pytest.raises(ConfigError, match="candidate: not a version folder of TF Serving's NAME/VERSION layout"):
+        model_card.build_card(run, candidate, None, None)
 
 
 def test_card_of_a_run_started_from_another_states_both_runs(trained_run, tmp_path):
