@@ -14,6 +14,7 @@ gradient also pushes the other classes down and saturates for confident predicti
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -145,12 +146,13 @@ def gradcam_plus_plus(model: keras.Model, images: np.ndarray, classes: Sequence[
     targets = _class_list(classes, int(x.shape[0]), int(model.outputs[0].shape[-1]))
     cam = GradcamPlusPlus(model, clone=False)
     centered_score = _centered_score_class()
+    crop = input_crop_of(model)
     out = []
     with quiet_keras():
         for s in _chunks(int(x.shape[0])):
             cells = np.asarray(cam(centered_score(targets[s]), x[s], penultimate_layer=layer,
                                    seek_penultimate_conv_layer=False, normalize_cam=normalize, expand_cam=False))
-            maps = place_cam(cells, int(x.shape[1]), input_crop_of(model))
+            maps = place_cam(cells, int(x.shape[1]), crop)
             if not normalize:  # the factor exp(score) that the centred score left out, in float64
                 logits = _logits(model, x[s])
                 maps = maps * np.exp(logits[np.arange(len(targets[s])), targets[s]].astype(np.float64))[:, None, None]
@@ -159,6 +161,7 @@ def gradcam_plus_plus(model: keras.Model, images: np.ndarray, classes: Sequence[
                                                                         else np.float64)
 
 
+@functools.cache
 def _centered_score_class() -> type:
     """tf-keras-vis' CategoricalScore for the class logit minus its own value held constant: the same gradients, and
     a score of 0.
