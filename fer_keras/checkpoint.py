@@ -174,6 +174,22 @@ class MomentumLog(keras.callbacks.Callback):
             logs["momentum"] = momentum
 
 
+class PaddedValidationLoss(keras.callbacks.Callback):
+    """Rescales the validation loss of a padded validation set (:func:`fer_keras.pipeline.eval_dataset`'s
+    ``pad_to_batch``) to the mean over its real images. Keras weights each batch's loss by its image count,
+    padding included, while the padding's weight-0 losses add nothing: the logged mean is ``real / padded``
+    times the true one. Placed after the weight average's callback, which evaluates the same padded set."""
+
+    def __init__(self, num_real: int, num_padded: int):
+        super().__init__()
+        self.scale = num_padded / num_real
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key in ("val_loss", "val_raw_loss"):
+            if logs is not None and key in logs:
+                logs[key] = float(logs[key]) * self.scale
+
+
 def save_best(model: keras.Model, out_dir: Path) -> None:
     """``best.keras``, written under a hidden name and renamed into place."""
     remove_dead_writers_tmp(out_dir, ".keras")

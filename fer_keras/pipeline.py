@@ -218,13 +218,34 @@ def train_dataset(
     return ds.with_options(_options(deterministic)).prefetch(AUTOTUNE)
 
 
-def eval_dataset(split: Split, global_batch_size: int, with_labels: bool = True) -> tf.data.Dataset:
-    """Batches a split in order, last batch partial; labels one-hot as in training."""
+def padded_size(num_examples: int, global_batch_size: int) -> int:
+    """``num_examples`` rounded up to whole global batches: the length of a padded :func:`eval_dataset`."""
+    return -(-num_examples // global_batch_size) * global_batch_size
+
+
+def eval_dataset(split: Split, global_batch_size: int, with_labels: bool = True,
+                 pad_to_batch: bool = False) -> tf.data.Dataset:
+    """Batches a split in order, last batch partial; labels one-hot as in training.
+
+    ``pad_to_batch`` fills the last batch up with black images of weight 0, yielding ``(images, labels,
+    weights)``: a global batch split over replicas would otherwise give a replica no image at all when the last
+    batch is short (1 image on 2 replicas), and oneDNN's strided convolutions return a wrongly shaped empty
+    tensor, which stops the run at its first validation. Accuracy weighted so is exact; Keras' loss averages over
+    the padded count (:class:`fer_keras.checkpoint.PaddedValidationLoss` scales it back)."""
     if with_labels:
         _require_labels(split, "evaluation")
-        ds = tf.data.Dataset.from_tensor_slices(
-            (split.images, np.eye(NUM_CLASSES, dtype=np.float32)[split.labels])
-        )
+        images, labels = split.images, np.eye(NUM_CLASSES, dtype=np.float32)[split.labels]
+        if pad_to_batch:
+            n = len(split)
+            extra = padded_size(n, global_batch_size) - n
+            weights = np.concatenate([np.ones(n, np.float32), np.zeros(extra, np.float32)])
+            images = np.concatenate([images, np.zeros((extra, *images.shape[1:]), images.dtype)])
+            labels = np.concatenate([labels, np.zeros((extra, NUM_CLASSES), np.float32)])
+            ds = tf.data.Dataset.from_tensor_slices((images, labels, weights))
+        else:
+            ds = tf.data.Dataset.from_tensor_slices((images, labels))
     else:
+        if pad_to_batch:
+            raise ValueError("pad_to_batch needs labels: the padding is marked by weight 0")
         ds = tf.data.Dataset.from_tensor_slices(split.images)
     return ds.batch(global_batch_size).with_options(_options(True)).prefetch(AUTOTUNE)

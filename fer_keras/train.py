@@ -685,7 +685,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
             model.compile(
                 optimizer=optimizer,
                 loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing),
-                metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+                # Weighted: a padded validation set marks its padding by weight 0 (pipeline.eval_dataset).
+                weighted_metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
                 steps_per_execution=config.steps_per_execution,
                 jit_compile=False,
             )
@@ -707,7 +708,9 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
                 print(f"resuming after epoch {initial_epoch} from {latest[0]}")
 
         guard = checkpoint.NonFiniteLoss()
-        val_ds = pipeline.eval_dataset(val_split, config.batch_size)
+        # One device takes a short last batch whole; split over replicas it may leave one with no image.
+        padded = replicas > 1 and len(val_split) % config.batch_size != 0
+        val_ds = pipeline.eval_dataset(val_split, config.batch_size, pad_to_batch=padded)
         averager = None
         if config.average_from_epoch:
             restored = None
@@ -729,6 +732,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
             guard,
             checkpoint.MomentumLog(),  # before the two that record it
             *([averager] if averager else []),  # before the two that record the average's validation figures
+            *([checkpoint.PaddedValidationLoss(len(val_split), pipeline.padded_size(len(val_split), config.batch_size))]
+              if padded else []),
             keras.callbacks.TensorBoard(str(out_dir / "logs"), update_freq="epoch", write_graph=False, profile_batch=0),
             recorder,
         ]

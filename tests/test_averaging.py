@@ -184,7 +184,7 @@ MIRRORED_AVERAGE = textwrap.dedent("""
     from fer_keras import averaging, train
     config = train.TrainConfig(
         model_dir=sys.argv[1], stem="imagenet", epochs=2, batch_size=32, max_train_examples=64,
-        max_val_examples=64, learning_rate=0.01, warmup_epochs=0, export=False, verbose=0,
+        max_val_examples=65, learning_rate=0.01, warmup_epochs=0, export=False, verbose=0,
         strategy="mirrored", average_from_epoch=1)
     captured = {}
     original = averaging.WeightAverage.on_epoch_end
@@ -222,3 +222,16 @@ def test_averaging_under_a_mirrored_strategy_keeps_the_replicas_in_step(tmp_path
     assert count == 2
     for a, f, o in zip(average, first, own):
         np.testing.assert_allclose(a, (f + o) / 2, rtol=1e-6, atol=1e-6)
+    # 65 images leave one in the last batch of 32, padded to share it between the replicas: epoch 2's figures (the
+    # average's, and the epoch's own weights' as raw) are still those of the 65 real images on one device.
+    import keras
+
+    val = train.run_splits(data_lib.load(None), train.TrainConfig(max_val_examples=65))[1]
+    loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing)
+    second = result["history"][1]
+    for weights, prefix in ((average, "val_"), (own, "val_raw_")):
+        model.set_weights(weights)
+        logits = model.predict(val.images, verbose=0)
+        assert second[prefix + "accuracy"] == pytest.approx(float(np.mean(logits.argmax(1) == val.labels)), abs=1e-6)
+        expected = float(loss(np.eye(7, dtype=np.float32)[val.labels], logits))
+        assert second[prefix + "loss"] == pytest.approx(expected, rel=1e-4), prefix

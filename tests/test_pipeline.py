@@ -10,7 +10,7 @@ from fer_keras import FER2013_MEAN
 from fer_keras.augment import MEAN_GREY, NO_AUGMENT, AugmentConfig
 from fer_keras.data import Split
 from fer_keras.errors import ConfigError
-from fer_keras.pipeline import augment_batch, eval_dataset, train_dataset
+from fer_keras.pipeline import augment_batch, eval_dataset, padded_size, train_dataset
 
 
 def make_split(n=40):
@@ -186,6 +186,21 @@ def test_eval_dataset_keeps_order_and_partial_batch():
     xs = [x.numpy() for x, _ in eval_dataset(split, 4)]
     assert [len(x) for x in xs] == [4, 4, 2]
     np.testing.assert_array_equal(np.concatenate(xs), split.images)
+
+
+def test_a_padded_eval_dataset_fills_the_last_batch_with_weight_zero_images():
+    split = make_split(9)
+    batches = list(eval_dataset(split, 4, pad_to_batch=True))
+    assert [len(x) for x, _, _ in batches] == [4, 4, 4]
+    x, y, w = (np.concatenate([b[i].numpy() for b in batches]) for i in range(3))
+    np.testing.assert_array_equal(x[:9], split.images)
+    np.testing.assert_array_equal(y[:9].argmax(1), split.labels)
+    assert w.tolist() == [1.0] * 9 + [0.0] * 3
+    assert not x[9:].any() and not y[9:].any()
+    assert padded_size(9, 4) == 12 and padded_size(8, 4) == 8
+    assert [len(b[0]) for b in eval_dataset(make_split(8), 4, pad_to_batch=True)] == [4, 4]
+    with pytest.raises(ValueError, match="needs labels"):
+        eval_dataset(split, 4, with_labels=False, pad_to_batch=True)
 
 
 def test_mixup_mixes_each_image_and_label_with_its_mirror_in_the_batch():
