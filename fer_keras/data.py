@@ -55,7 +55,7 @@ USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "val", "PrivateTest": "test
 SPLIT_TO_USAGE = {v: k for k, v in USAGE_TO_SPLIT.items()}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Bump when parsing changes so stale caches are not reused.
-_CACHE_FORMAT = 4
+_CACHE_FORMAT = 5
 _CHUNK_ROWS = 4096
 
 
@@ -720,6 +720,16 @@ def _load_cache(target: Path) -> FerData | None:
     return data
 
 
+def _read_course_role(path: Path, skip_bad_rows: bool) -> FerData:
+    """A course folder's file, in the role its name gives it: a ``test.csv`` with labels (``label,feature``, the
+    training header) is the labelled test split, never more training images."""
+    part = read_csv(path, skip_bad_rows)
+    if path.name.lower().startswith("test.") and part.layout == "course" and "train" in part.splits:
+        logging.info("%s: labelled (label,feature): read as the test split, not as training images", path)
+        return dataclasses.replace(part, splits={"test": part.splits["train"]})
+    return part
+
+
 def _merge(parts: list[FerData], source: str) -> FerData:
     splits: dict[str, Split] = {}
     for part in parts:
@@ -754,7 +764,8 @@ def load(path: str | os.PathLike | None = None, skip_bad_rows: bool = False, use
         data = dataclasses.replace(data, source=str(path))  # as this caller names it, not as the first one did
     else:
         if layout == "csv":
-            data = _merge([read_csv(f, skip_bad_rows) for f in files], str(path))
+            data = _merge([_read_course_role(f, skip_bad_rows) if path.is_dir() else read_csv(f, skip_bad_rows)
+                           for f in files], str(path))
         else:
             data = read_image_folder(files[0], skip_bad_rows)
         if use_cache:

@@ -172,6 +172,21 @@ def test_course_layout_folder(tmp_path, gz):
     assert len(train) == 5 and val.labels.tolist() == [3]  # only class 3 has an image to spare
 
 
+def test_a_labelled_test_csv_in_a_course_folder_is_the_test_split_not_training(tmp_path):
+    train_px, labels, _ = course_files(tmp_path)
+    test_px, test_labels = make_images(4, seed=4), [0, 4, 4, 6]
+    write(tmp_path / "test.csv", ("label,feature\n" + "".join(
+        f"{label},{pixel_text(p)}\n" for label, p in zip(test_labels, test_px))).encode())
+    fd = data.load(tmp_path, use_cache=False)
+    np.testing.assert_array_equal(fd.splits["train"].images, as4d(train_px))
+    np.testing.assert_array_equal(fd.splits["train"].labels, labels)
+    np.testing.assert_array_equal(fd.splits["test"].images, as4d(test_px))
+    np.testing.assert_array_equal(fd.splits["test"].labels, test_labels)
+    assert fd.splits["test"].ids.tolist() == ["0", "1", "2", "3"]
+    # Named on its own, a file is what its header says, as the course's train.csv is.
+    assert set(data.load(tmp_path / "test.csv", use_cache=False).splits) == {"train"}
+
+
 def test_course_layout_files(tmp_path):
     train_px, labels, test_px = course_files(tmp_path)
     fd = data.load(tmp_path / "train.csv", use_cache=False)
