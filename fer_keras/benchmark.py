@@ -1068,7 +1068,7 @@ def define_flags() -> None:
     f.DEFINE_integer("tf_inter_op_threads", d.tf_inter_op_threads, "TF inter-op threads (0: TF default).")
     f.DEFINE_integer("torch_threads", d.torch_threads, "torch.set_num_threads (0: PyTorch default).")
     f.DEFINE_string("data", d.data, "Training data as train --data takes it; empty: the bundled sample.")
-    f.DEFINE_integer("seed", d.seed, "Seed of weights, data order and augmentation.")
+    cli.define_seed(d.seed, "Seed of weights, data order and augmentation.")
     f.DEFINE_integer("serving_batch_size", d.serving_batch_size, "Batch size of the serving throughput.")
     f.DEFINE_integer("serving_batches", d.serving_batches, "Large batches per timed serving window.")
     f.DEFINE_integer("latency_samples", d.latency_samples, "Timed batch-1 calls for the latency percentiles.")
@@ -1094,7 +1094,6 @@ def define_flags() -> None:
         f.register_validator(name, lambda v: v >= 1, f"--{name} must be >= 1")
     for name in ("tf_intra_op_threads", "tf_inter_op_threads", "torch_threads"):
         f.register_validator(name, lambda v: v >= 0, f"--{name} must be >= 0 (0: the library default)")
-    f.register_validator("seed", lambda v: v >= 0, "--seed must be >= 0")
     f.register_validator("stems", lambda v: bool(v) and set(v) <= set(STEMS),
                          f"--stems must be a comma-separated subset of {','.join(STEMS)}")
     f.register_validator("precisions", lambda v: bool(v) and set(v) <= set(PRECISIONS),

@@ -1,15 +1,16 @@
 """Resumable training state: atomic checkpoints and the callbacks that write them every epoch.
 
-A checkpoint is ``checkpoints/epoch_NNNN/`` holding ``model.weights.h5`` (weights and optimizer
-state), ``state.json`` (epoch, best validation accuracy, full history, dropout RNG state) and, with weight
-averaging, ``average.npz`` (the running mean of the weights and how many epochs it holds). It is
-written to a temporary folder and renamed into place, so a kill at any moment leaves complete
+A checkpoint is ``checkpoints/epoch_NNNN/`` holding ``model.weights.h5`` (weights and optimizer state),
+``state.json`` (epoch, best validation accuracy, full history, dropout RNG state, the other files' sizes and
+SHA-256) and, with weight averaging, ``average.npz`` (the running mean of the weights and how many epochs it
+holds). It is written to a temporary folder and renamed into place, so a kill at any moment leaves complete
 checkpoints only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -58,13 +59,36 @@ def _state_problem(folder: Path, state: object) -> str | None:
         return "no history list"
     if not isinstance(state.get("best_epoch"), int) or not isinstance(state.get("best_val_accuracy"), (int, float)):
         return "no best epoch"
+    files = state.get("files", {})  # checkpoints written before session 40 record none
+    if not isinstance(files, dict):
+        return "no file list"
+    for name, written in files.items():
+        if not isinstance(written, dict) or not isinstance(written.get("bytes"), int):
+            return f"a damaged file list ({name})"
+        path = folder / name
+        if not path.is_file():
+            return f"no {name}"
+        size = path.stat().st_size
+        if size != written.get("bytes"):
+            return f"{name} is {size:,} bytes, {written['bytes']:,} when written (cut short or overwritten)"
+        if _sha256(path) != written.get("sha256"):
+            return f"{name} has changed since it was written (its SHA-256 differs)"
     return None
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint, or None. A folder whose state.json is missing, cut or damaged (a copy gone
-    wrong: the writer renames complete folders only) is skipped with a warning naming it; one that cannot be read
-    for another reason (permissions, I/O) stops with a one-line error rather than resuming from an older epoch."""
+    """The newest complete checkpoint, or None. A folder whose state.json is missing, cut or damaged, or whose
+    files differ in size or hash from what state.json recorded (a copy gone wrong: the writer renames complete
+    folders only), is skipped with a warning naming it; one that cannot be read for another reason (permissions,
+    I/O) stops with a one-line error rather than resuming from an older epoch."""
     if not ckpt_dir.is_dir():
         return None
     for folder in reversed(epoch_folders(ckpt_dir)):
@@ -76,8 +100,8 @@ def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
         except (FileNotFoundError, ValueError) as e:
             problem = f"unreadable state.json ({type(e).__name__})"
         except OSError as e:
-            raise ConfigError(f"{state_file}: cannot be read ({e.strerror or e}); fix it or move the folder "
-                              "away to resume from the epoch before") from None
+            raise ConfigError(f"{e.filename or state_file}: cannot be read ({e.strerror or e}); fix it or move the "
+                              "folder away to resume from the epoch before") from None
         if problem is None:
             return folder, state
         logging.warning("%s: skipped, %s; resuming from an earlier checkpoint", folder, problem)
@@ -122,6 +146,9 @@ def write_checkpoint(model: keras.Model, ckpt_dir: Path, state: dict,
     fsync_path(tmp / "model.weights.h5")
     if extra is not None:
         extra(tmp)
+    # A copy cut short (a full disk, an interrupted rsync) keeps its name: the sizes and hashes tell.
+    state["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                      for p in sorted(tmp.iterdir()) if p.is_file()}
     atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
     fsync_path(tmp)
     if final.exists():  # rewritten: move the old one aside first, so a kill never leaves half of it in place

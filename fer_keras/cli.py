@@ -21,6 +21,22 @@ def define_skip_bad_rows(note: str = "") -> None:
                          "stopping at the first." + (f" {note}" if note else ""))
 
 
+# The pipeline's stateless seeds keep 31 bits of it (a larger seed would repeat a smaller one's data order), and
+# Keras' set_random_seed refuses 2**32 and more, after a run has written its first files.
+MAX_SEED = 2**31 - 1
+
+
+def check_seed(seed: int) -> str | None:
+    """What is wrong with a seed, or None."""
+    return None if 0 <= seed <= MAX_SEED else f"seed must be in [0, {MAX_SEED}], got {seed}"
+
+
+def define_seed(default: int, help: str) -> None:
+    """``--seed``, checked before the tool imports TensorFlow."""
+    flags.DEFINE_integer("seed", default, help)
+    flags.register_validator("seed", lambda v: check_seed(v) is None, f"--seed must be in [0, {MAX_SEED}]")
+
+
 def run(main: Callable[[Sequence[str]], None]) -> None:
     """Run ``main`` under absl, turning :class:`FerError` and file-system errors (unwritable or missing
     folders) into one line on stderr and exit 2."""

@@ -422,8 +422,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("image_index", 0, "Index in --split of the image whose feature maps are drawn.")
     flags.DEFINE_string("image", None, "An image file for the feature maps instead of --image_index.")
     flags.DEFINE_string("output_dir", "reports/filters", "Folder for the PNGs and filters.json.")
-    flags.DEFINE_integer("seed", 0, "Random seed (seeds, jitter).")
-    flags.register_validator("seed", lambda v: v >= 0, "--seed must be >= 0")
+    cli.define_seed(0, "Random seed (seeds, jitter).")
     for name in ("steps", "batch_size", "top_k"):
         flags.register_validator(name, lambda v: v >= 1, f"--{name} must be >= 1")
     for name in ("tv_weight", "norm_weight", "rotate", "jitter", "image_index"):

@@ -719,9 +719,8 @@ def run_all(output_dir: str | Path, seed: int = 0) -> Report:
 
 def define_flags() -> None:
     flags.DEFINE_string("output_dir", "reports/gradcheck", "Folder for gradcheck.json and gradcheck.md.")
-    flags.DEFINE_integer("seed", 0, "Seed of the random inputs, parameters and upstream gradients.")
+    cli.define_seed(0, "Seed of the random inputs, parameters and upstream gradients.")
     flags.register_validator("output_dir", lambda v: bool(v and v.strip()), "--output_dir must not be empty")
-    flags.register_validator("seed", lambda v: v >= 0, "--seed must be >= 0")
 
 
 def main(argv: Sequence[str]) -> None:

@@ -831,11 +831,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("saliency_samples", DEFAULT_SALIENCY_SAMPLES, "Noisy copies averaged by SmoothGrad.")
     flags.DEFINE_integer("num_filters", DEFAULT_NUM_FILTERS, "Filters shown per layer (the first ones).")
     flags.DEFINE_integer("top_k", DEFAULT_TOP_K, "Top-activating images shown per filter.")
-    flags.DEFINE_integer("seed", 0, "Random seed of SmoothGrad noise, activation maximisation and gradcheck inputs.")
+    cli.define_seed(0, "Random seed of SmoothGrad noise, activation maximisation and gradcheck inputs.")
     cli.define_skip_bad_rows("On by itself for a run trained with --skip_bad_rows.")
     for name in ("filter_steps", "saliency_samples", "num_filters", "top_k"):
         flags.register_validator(name, lambda v: v >= 1, f"--{name} must be >= 1")
-    flags.register_validator("seed", lambda v: v >= 0, "--seed must be >= 0")
     flags.register_validator("output_dir", lambda v: bool(v and v.strip()), "--output_dir must not be empty")
 
 

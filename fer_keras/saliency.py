@@ -437,8 +437,7 @@ def define_flags() -> None:
     flags.DEFINE_float("smooth_noise", DEFAULT_SMOOTH_NOISE,
                        "SmoothGrad noise std as a fraction of the image's value range.")
     flags.DEFINE_string("output_dir", DEFAULT_OUTPUT_DIR, "Folder for the PNGs and saliency.json.")
-    flags.DEFINE_integer("seed", 0, "Random seed (SmoothGrad noise).")
-    flags.register_validator("seed", lambda v: v >= 0, "--seed must be >= 0")
+    cli.define_seed(0, "Random seed (SmoothGrad noise).")
     flags.register_validator("smooth_samples", lambda v: v >= 1, "--smooth_samples must be >= 1")
     flags.register_validator("smooth_noise", lambda v: 0 < v < math.inf, "--smooth_noise must be a number > 0")
     flags.register_validator("output_dir", lambda v: bool(v and v.strip()), "--output_dir must not be empty")

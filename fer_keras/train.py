@@ -187,7 +187,7 @@ class TrainConfig:
             (self.verbose in (0, 1, 2), f"verbose must be 0, 1 or 2, got {self.verbose}"),
             (self.max_train_examples >= 0 and self.max_val_examples >= 0, "max_*_examples must be >= 0"),
             (self.export_version >= 0, f"export_version must be >= 0, got {self.export_version}"),
-            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (cli.check_seed(self.seed) is None, cli.check_seed(self.seed)),
             (0 <= self.average_from_epoch <= self.epochs,
              f"average_from_epoch must be between 0 (off) and epochs ({self.epochs}), got {self.average_from_epoch}"),
             (0 < self.step_gamma <= 1, f"step_gamma must be in (0, 1], got {self.step_gamma}"),
@@ -272,6 +272,32 @@ def _run_started(model_dir: Path, latest_checkpoint: tuple[Path, dict] | None) -
     start-up line, an out-of-memory error - may be rerun in the same folder with other flags."""
     return (latest_checkpoint is not None
             or (model_dir / "best.keras").is_file() or (model_dir / "history.csv").is_file())
+
+
+def _refuse_foreign_files(model_dir: Path) -> None:
+    """A new run writes config.json, data.json and flags.txt: in a folder that already holds files of those names
+    that no fer_keras run wrote (a project's own config.json), it stops rather than overwrite them. A started run's
+    files are compared by the resume checks instead."""
+    def json_object(path: Path) -> dict | None:
+        try:
+            value = json.loads(path.read_text())
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    for name, ours in (
+        ("config.json", lambda p: {"stem", "epochs", "batch_size"} <= set(json_object(p) or ())),
+        ("data.json", lambda p: {"source", "train", "val"} <= set(json_object(p) or ())),
+        ("flags.txt", lambda p: all(line.startswith("--") for line in p.read_text().splitlines() if line.strip())),
+    ):
+        path = model_dir / name
+        try:
+            if path.is_file() and not ours(path):
+                raise ConfigError(f"{path}: exists and is not a fer_keras run's; use another --model_dir or move "
+                                  "the file away")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e}); use another "
+                              "--model_dir") from None
 
 
 def _same_setting(key: str, old, new) -> bool:
@@ -527,6 +553,18 @@ def precision_advice(precision: str, cpu: dict) -> str | None:
     return None
 
 
+def load_checkpoint_weights(model, folder: Path) -> None:
+    """A checkpoint's weights and optimizer state; a file that cannot be read (one written before checkpoints
+    recorded their hashes, damaged since) is named in one line, with the way back to the epoch before."""
+    path = folder / "model.weights.h5"
+    try:
+        model.load_weights(str(path))
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"{path}: cannot be loaded ({first}); move {folder.name} out of {folder.parent} to "
+                          "resume from the epoch before") from None
+
+
 def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> TrainResult:
     """Trains (or resumes) per ``config`` under ``strategy`` (built from the config if None)."""
     config.validate()
@@ -580,6 +618,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
                           "--model_dir")
     if started:
         _check_resumable(model_dir, config, latest)
+    elif chief:
+        _refuse_foreign_files(model_dir)
     if config.average_from_epoch and latest and latest[1]["epoch"] >= config.average_from_epoch:
         # Found before anything is rewritten; load() checks the arrays against the model once it is built.
         average_file = latest[0] / averaging.AVERAGE_FILE
@@ -695,7 +735,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
             # (once to create them, once without): 6 of a small run's 25 s.
             model.optimizer.build(model.trainable_variables)
             if latest:
-                model.load_weights(str(latest[0] / "model.weights.h5"))
+                load_checkpoint_weights(model, latest[0])
                 restored = checkpoint.restore_rng(model, latest[1].get("rng_state", {}))
                 expected = len(checkpoint.rng_variables(model))
                 if restored < expected:  # dropout then draws other masks than the uninterrupted run would
@@ -905,7 +945,7 @@ def define_flags() -> None:
     f.DEFINE_enum("precision", d.precision, PRECISIONS, "Keras dtype policy; logits stay float32.")
     f.DEFINE_integer("steps_per_execution", d.steps_per_execution, "Training steps per tf.function call; must divide "
                      "the steps of an epoch (checked once the data is read).")
-    f.DEFINE_integer("seed", d.seed, "Seed of weights, data order and augmentation.")
+    cli.define_seed(d.seed, "Seed of weights, data order and augmentation.")
     f.DEFINE_boolean("deterministic", d.deterministic, "Enable TF op determinism (bit-identical reruns).")
     f.DEFINE_boolean("flip", d.flip, "Augment: random horizontal flip.")
     f.DEFINE_float("shift", d.shift, "Augment: max shift as a fraction of the side (0 = off).")
@@ -963,7 +1003,6 @@ def define_flags() -> None:
     f.register_validator("cpu_devices", lambda v: v >= 0, "--cpu_devices must be >= 0")
     f.register_validator("collective_timeout", lambda v: v >= 0, "--collective_timeout must be >= 0")
     f.register_validator("export_version", lambda v: v >= 0, "--export_version must be >= 0")
-    f.register_validator("seed", lambda v: v >= 0, "--seed must be >= 0")
     f.register_validator("step_gamma", lambda v: 0 < v <= 1, "--step_gamma must be in (0, 1]")
     f.register_validator("num_gpus", lambda v: v >= -1, "--num_gpus must be >= -1 (-1: all)")
     f.register_validator("export_tta_tolerance", lambda v: v >= 0, "--export_tta_tolerance must be >= 0")

@@ -233,6 +233,43 @@ def test_latest_checkpoint_skips_damaged_states_and_stops_on_unreadable_ones(tmp
         checkpoint.latest_checkpoint(tmp_path)
 
 
+def test_a_checkpoint_whose_files_changed_since_written_is_skipped_by_name(tmp_path, caplog):
+    """state.json records each file's size and SHA-256: a weights file cut short or altered in place (a copy gone
+    wrong keeps its name) sends the resume to the epoch before, with a warning that says which file and how."""
+    import keras
+
+    from fer_keras import checkpoint
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    target = tmp_path / "checkpoints"
+
+    def write(epoch):
+        return checkpoint.write_checkpoint(
+            model, target, {"epoch": epoch, "history": [], "best_epoch": epoch, "best_val_accuracy": 0.5},
+            extra=lambda folder: (folder / "average.npz").write_bytes(b"average"))
+
+    first, second = write(1), write(2)
+    recorded = json.loads((second / "state.json").read_text())["files"]
+    weights = second / "model.weights.h5"
+    assert sorted(recorded) == ["average.npz", "model.weights.h5"]
+    assert recorded["model.weights.h5"]["bytes"] == weights.stat().st_size
+    assert checkpoint.latest_checkpoint(target)[0] == second
+    data = weights.read_bytes()
+    for damaged, problem in [
+        (data[: len(data) // 2], f"model.weights.h5 is {len(data) // 2:,} bytes, {len(data):,} when written"),
+        (data[:-1] + bytes([data[-1] ^ 1]), "model.weights.h5 has changed since it was written"),
+    ]:
+        weights.write_bytes(damaged)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert checkpoint.latest_checkpoint(target)[0] == first
+        assert f"epoch_0002: skipped, {problem}" in caplog.text
+    weights.write_bytes(data)
+    (second / "average.npz").unlink()
+    assert checkpoint.latest_checkpoint(target)[0] == first
+    assert "epoch_0002: skipped, no average.npz" in caplog.text
+
+
 def test_figures_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     """The picture tools write through vis.save_figure: a failure while drawing leaves the old picture."""
     from fer_keras.vis import new_figure, save_figure

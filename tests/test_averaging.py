@@ -105,16 +105,28 @@ def test_a_resumed_run_averages_on_from_its_checkpoint(averaged_run, tmp_path):
         np.testing.assert_allclose(a, (b + n) / 2, rtol=1e-6, atol=1e-6)
 
 
-def test_a_resume_whose_average_is_lost_is_refused_before_anything_is_touched(averaged_run, tmp_path):
+@pytest.mark.parametrize("recorded", [True, False], ids=["file_list", "before_file_lists"])
+def test_a_resume_whose_average_is_lost_is_refused_before_anything_is_touched(averaged_run, tmp_path, caplog,
+                                                                             recorded):
+    """A checkpoint that lists its files is incomplete without the average (skipped, and here no other is left);
+    one written before checkpoints listed them is refused at the average."""
     config, _ = averaged_run
     run = tmp_path / "run"
     shutil.copytree(config.model_dir, run)
     shutil.rmtree(run / "checkpoints" / "epoch_0002")
-    (run / "checkpoints" / "epoch_0001" / averaging.AVERAGE_FILE).unlink()
+    folder = run / "checkpoints" / "epoch_0001"
+    (folder / averaging.AVERAGE_FILE).unlink()
+    if not recorded:
+        state = json.loads((folder / "state.json").read_text())
+        del state["files"]
+        (folder / "state.json").write_text(json.dumps(state))
     history = (run / "history.csv").read_bytes()
     best = (run / "best.keras").read_bytes()
-    with pytest.raises(ConfigError, match=r"epoch_0001/average\.npz: missing, so the run's weight average is lost"):
+    expected = (r"holds finished epochs \(history.csv or best.keras\) but no usable checkpoint" if recorded
+                else r"epoch_0001/average\.npz: missing, so the run's weight average is lost")
+    with caplog.at_level("WARNING"), pytest.raises(ConfigError, match=expected):
         train.run(train.TrainConfig(model_dir=str(run), **AVERAGED_RUN))
+    assert ("epoch_0001: skipped, no average.npz" in caplog.text) is recorded
     assert (run / "history.csv").read_bytes() == history and (run / "best.keras").read_bytes() == best
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_0001"]
 

@@ -360,7 +360,7 @@ def test_cli_bad_output_dir_or_seed_is_a_one_line_error(tool_inputs, tmp_path, p
             "foreign_json": [f"--output_dir={tmp_path / 'notes'}"]}[problem]
     result = run_tool("saliency", f"--model={model}", f"--data={csv}", "--indices=0", *args, cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    expected = {"output_dir_under_a_file": "a_file", "negative_seed": "--seed must be >= 0",
+    expected = {"output_dir_under_a_file": "a_file", "negative_seed": "--seed must be in [0, 2147483647]",
                 "empty_output_dir": "--output_dir must not be empty",
                 "infinite_noise": "--smooth_noise must be a number > 0",
                 "foreign_json": f"{tmp_path / 'notes' / 'saliency.json'}: exists and is not a saliency report; "

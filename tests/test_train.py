@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
@@ -324,7 +325,8 @@ def test_unwritable_model_dir_is_reported_before_training(tmp_path):
     ({"strategy": "horovod"}, "unknown strategy"),
     ({"schedule": "step"}, "needs --step_epochs"),
     ({"mixup": -0.5}, "mixup alpha must be >= 0"),
-    ({"seed": -1}, "seed must be >= 0"),
+    ({"seed": -1}, r"seed must be in \[0, 2147483647\], got -1"),
+    ({"seed": 2**31}, r"seed must be in \[0, 2147483647\], got 2147483648"),
     ({"schedule": "step", "step_epochs": (1,), "step_gamma": 0.0}, "step_gamma must be in"),
     ({"num_gpus": -2}, "num_gpus must be >= -1"),
     ({"export_tta": "fivecrop"}, "unknown export_tta"),
@@ -597,6 +599,8 @@ def cli(args, tmp_path, **kw):
     (["--strategy=horovod"], "strategy"),
     (["--stem=vgg"], "stem"),
     (["--mixup=-1"], "--mixup must be >= 0"),
+    # Keras refused it only after the run folder was written; and the pipeline kept 31 bits, aliasing smaller seeds.
+    (["--seed=4294967296"], "--seed must be in [0, 2147483647]"),
     (["--erasing_max_area=0"], "--erasing_max_area must be in (0.02, 1]"),
     (["--teachers=a.keras", "--distill_weight=1.5"], "--distill_weight must be in [0, 1]"),
     # No --cpu_devices: README's main command relies on mirrored splitting a CPU-only machine into 2 replicas.
@@ -833,3 +837,46 @@ def test_training_in_emulated_bf16_says_so_before_it_starts(tmp_path, monkeypatc
     with caplog.at_level(logging.WARNING):
         train.run(config)
     assert "--precision=mixed_bfloat16 on a CPU without bf16 arithmetic (Test EPYC, AVX2 FMA)" in caplog.text
+
+
+def test_a_checkpoint_weights_file_that_cannot_be_read_is_named_in_one_line(tmp_path):
+    """A checkpoint written before state.json recorded hashes is not checked on resume; damaged, its weights file
+    is named, with the way back to the epoch before, not h5py's message alone."""
+    import keras
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    folder = tmp_path / "checkpoints" / "epoch_0003"
+    folder.mkdir(parents=True)
+    model.save_weights(str(folder / "model.weights.h5"))
+    train.load_checkpoint_weights(model, folder)
+    data = (folder / "model.weights.h5").read_bytes()
+    (folder / "model.weights.h5").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError) as e:
+        train.load_checkpoint_weights(model, folder)
+    message = str(e.value)
+    assert message.startswith(f"{folder / 'model.weights.h5'}: cannot be loaded (") and "\n" not in message
+    assert message.endswith(f"move epoch_0003 out of {folder.parent} to resume from the epoch before")
+
+
+@pytest.mark.parametrize("name, text", [
+    ("config.json", '{"model_type": "bert", "hidden_size": 768}\n'),
+    ("config.json", "model: resnet\n"),
+    ("data.json", '{"images": "faces/"}\n'),
+    ("flags.txt", "remember to buy milk\n"),
+], ids=["foreign_config", "yaml_config", "foreign_data", "foreign_flags"])
+def test_a_new_run_does_not_overwrite_files_it_did_not_write(tmp_path, name, text):
+    run_dir = tmp_path / "project"
+    run_dir.mkdir()
+    (run_dir / name).write_text(text)
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(run_dir / name))}: exists and is not a fer_keras run's"):
+        train.run(train.TrainConfig(model_dir=str(run_dir), **SMALL_RUN))
+    assert [p.name for p in run_dir.iterdir()] == [name] and (run_dir / name).read_text() == text
+
+
+def test_a_first_attempts_own_files_are_not_foreign(tmp_path):
+    """A first attempt that stopped before its first epoch left its files; a rerun may replace them."""
+    config = train.TrainConfig(model_dir=str(tmp_path), **SMALL_RUN)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_json()))
+    (tmp_path / "data.json").write_text(json.dumps({"source": "x", "train": {}, "val": {}}))
+    (tmp_path / "flags.txt").write_text("--epochs=2\n\n--stem=imagenet\n")
+    train._refuse_foreign_files(tmp_path)
