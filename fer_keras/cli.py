@@ -21,7 +21,7 @@ def define_skip_bad_rows(note: str = "") -> None:
                          "stopping at the first." + (f" {note}" if note else ""))
 
 
-# The pipeline's stateless seeds keep 31 bits of it (a larger seed would repeat a smaller one's data order), and
+# The pipeline's stateless seeds take 31 bits (it refuses more; masking made 2**31 repeat seed 0's data order), and
 # Keras' set_random_seed refuses 2**32 and more, after a run has written its first files.
 MAX_SEED = 2**31 - 1
 

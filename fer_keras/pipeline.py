@@ -26,8 +26,16 @@ from fer_keras.errors import ConfigError
 AUTOTUNE = tf.data.AUTOTUNE
 
 
+def _seed_word(seed: int) -> int:
+    """The run's seed as the first word of a stateless seed pair; out of range it is refused, not cut to 31 bits
+    (which made seed 2**31 repeat seed 0's data order)."""
+    if not 0 <= seed <= 0x7FFFFFFF:
+        raise ValueError(f"seed must be in [0, {0x7FFFFFFF}], got {seed}")
+    return seed
+
+
 def batch_seed(seed: int, epoch: tf.Tensor | int, step: tf.Tensor | int) -> tf.Tensor:
-    base = tf.constant([seed & 0x7FFFFFFF, 0x5EED], tf.int64)
+    base = tf.constant([_seed_word(seed), 0x5EED], tf.int64)
     s = tf.random.experimental.stateless_fold_in(base, tf.cast(epoch, tf.int64))
     return tf.random.experimental.stateless_fold_in(s, tf.cast(step, tf.int64))
 
@@ -192,7 +200,7 @@ def train_dataset(
             raise ConfigError(f"targets must be {n} rows of {NUM_CLASSES} probabilities summing to 1, got shape "
                               f"{list(targets.shape)}")
         labels = tf.constant(targets)
-    perm_base = tf.constant([seed & 0x7FFFFFFF, 0x0DE5], tf.int64)
+    perm_base = tf.constant([_seed_word(seed), 0x0DE5], tf.int64)
 
     def epoch_batches(epoch):
         key = tf.random.experimental.stateless_fold_in(perm_base, epoch)

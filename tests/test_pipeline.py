@@ -252,3 +252,8 @@ def test_unlabelled_images_are_refused_for_training_and_evaluation():
     with pytest.raises(ConfigError, match="evaluation needs labelled images"):
         eval_dataset(split, 8)
     assert len(list(eval_dataset(split, 8, with_labels=False))) == 2
+
+
+def test_a_seed_beyond_31_bits_is_refused_not_aliased():
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2147483647\], got 2147483648"):
+        train_dataset(make_split(), 8, seed=2**31, epochs=1)
