@@ -11,6 +11,7 @@ import gzip
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tracemalloc
@@ -1010,3 +1011,18 @@ def test_parse_memory(tmp_path, record_property):
     np.testing.assert_array_equal(fd.splits["val"].images[7], block[(4507) % 50].reshape(48, 48, 1))
     # A float64 or int64 copy of the pixels alone would be 8x.
     assert peak < 3 * size + (4 << 20)  # the brief allows 4x; measured ~2.1x
+
+
+def test_a_folder_and_its_test_csv_named_alone_have_their_own_cache_entries(tmp_path, monkeypatch):
+    """Read first as a folder's labelled test split, the file named alone is still read by its header (train),
+    and the other way round: one cache entry must not decide the other's splits."""
+    monkeypatch.setenv("FER_KERAS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "c"
+    px = make_images(3, seed=5)
+    rows = "".join(f"{i},{pixel_text(p)}\n" for i, p in enumerate(px))
+    write(folder / "test.csv", ("label,feature\n" + rows).encode())
+    for first in (folder, folder / "test.csv"):
+        for path in (first, folder / "test.csv" if first == folder else folder):
+            expected = {"test"} if path == folder else {"train"}
+            assert set(data.load(path).splits) == expected, (first, path)
+        shutil.rmtree(tmp_path / "cache")
