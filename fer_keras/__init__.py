@@ -142,3 +142,6 @@ BN_EPSILON = 1e-5
 # tf.distribute strategies of fer_keras.distribute, here so that checking a training configuration needs no
 # TensorFlow.
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+# Largest --seed: the pipeline's stateless seeds take 31 bits, and Keras' set_random_seed refuses 2**32 and more
+# (in train.run, after the run's folder is written).
+MAX_SEED = 2**31 - 1

@@ -10,7 +10,6 @@ checkpoints only.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from fer_keras.history import (
     fsync_path,
     plot_history,
     remove_dead_writers_tmp,
+    sha256_files,
     tmp_name,
     write_history_csv,
 )
@@ -69,19 +69,11 @@ def _state_problem(folder: Path, state: object) -> str | None:
         if not path.is_file():
             return f"no {name}"
         size = path.stat().st_size
-        if size != written.get("bytes"):
+        if size != written["bytes"]:
             return f"{name} is {size:,} bytes, {written['bytes']:,} when written (cut short or overwritten)"
-        if _sha256(path) != written.get("sha256"):
+        if sha256_files([path]) != written.get("sha256"):
             return f"{name} has changed since it was written (its SHA-256 differs)"
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
@@ -147,7 +139,7 @@ def write_checkpoint(model: keras.Model, ckpt_dir: Path, state: dict,
     if extra is not None:
         extra(tmp)
     # A copy cut short (a full disk, an interrupted rsync) keeps its name: the sizes and hashes tell.
-    state["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    state["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_files([p])}
                       for p in sorted(tmp.iterdir()) if p.is_file()}
     atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
     fsync_path(tmp)

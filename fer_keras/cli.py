@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 from absl import app, flags, logging
 
+from fer_keras import MAX_SEED
 from fer_keras.errors import ConfigError, FerError
 
 
@@ -19,11 +20,6 @@ def define_skip_bad_rows(note: str = "") -> None:
     """``--skip_bad_rows`` for the tools that read data: the data a run was trained with that flag needs it."""
     flags.DEFINE_boolean("skip_bad_rows", False, "Skip malformed data rows or images (each reported) instead of "
                          "stopping at the first." + (f" {note}" if note else ""))
-
-
-# The pipeline's stateless seeds take 31 bits (it refuses more; masking made 2**31 repeat seed 0's data order), and
-# Keras' set_random_seed refuses 2**32 and more, after a run has written its first files.
-MAX_SEED = 2**31 - 1
 
 
 def check_seed(seed: int) -> str | None:

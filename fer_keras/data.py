@@ -315,8 +315,11 @@ def _check_header(path: Path, header: list[str]) -> str:
     raise DataError(f"{where}: unrecognised header {shown!r}{detail}; expected {_EXPECTED_HEADERS}")
 
 
-def read_csv(path: str | os.PathLike, skip_bad_rows: bool = False) -> FerData:
+def read_csv(path: str | os.PathLike, skip_bad_rows: bool = False, course_test: bool = False) -> FerData:
     """Reads a challenge or course CSV (plain or .gz); the header decides which.
+
+    ``course_test`` (a course folder's ``test.csv``) makes a course-layout file the test split even when it has labels
+    (``label,feature``, the training header): a labelled test set is never more training images.
 
     Every bad row raises :class:`DataError` naming the file and line, unless ``skip_bad_rows``,
     which skips it and records the message in ``FerData.skipped``. A damaged file (truncated or
@@ -350,6 +353,7 @@ def read_csv(path: str | os.PathLike, skip_bad_rows: bool = False) -> FerData:
             id_col = cols.index("id") if kind == "course_test" else None
             usage_col = None
         ncols = len(header)
+        default_usage = "PrivateTest" if kind == "course_test" or (course_test and kind != "challenge") else "Training"
 
         # Rows go straight into uint8 blocks: no per-row Python objects and no wide copies.
         chunks: list[np.ndarray] = []
@@ -399,7 +403,7 @@ def read_csv(path: str | os.PathLike, skip_bad_rows: bool = False) -> FerData:
                             f"{where}: Usage {usage[:20]!r} is not Training, PublicTest or PrivateTest"
                         )
                 else:
-                    usage = "Training" if kind != "course_test" else "PrivateTest"
+                    usage = default_usage
                 if id_col is not None:
                     row_id = row[id_col].strip(_WHITESPACE)
                     if not row_id:
@@ -720,16 +724,6 @@ def _load_cache(target: Path) -> FerData | None:
     return data
 
 
-def _read_course_role(path: Path, skip_bad_rows: bool) -> FerData:
-    """A course folder's file, in the role its name gives it: a ``test.csv`` with labels (``label,feature``, the
-    training header) is the labelled test split, never more training images."""
-    part = read_csv(path, skip_bad_rows)
-    if path.name.lower().startswith("test.") and part.layout == "course" and "train" in part.splits:
-        logging.info("%s: labelled (label,feature): read as the test split, not as training images", path)
-        return dataclasses.replace(part, splits={"test": part.splits["train"]})
-    return part
-
-
 def _merge(parts: list[FerData], source: str) -> FerData:
     splits: dict[str, Split] = {}
     for part in parts:
@@ -765,7 +759,7 @@ def load(path: str | os.PathLike | None = None, skip_bad_rows: bool = False, use
         data = dataclasses.replace(data, source=str(path))  # as this caller names it, not as the first one did
     else:
         if layout == "csv":
-            data = _merge([_read_course_role(f, skip_bad_rows) if path.is_dir() else read_csv(f, skip_bad_rows)
+            data = _merge([read_csv(f, skip_bad_rows, course_test=path.is_dir() and f.name.lower().startswith("test."))
                            for f in files], str(path))
         else:
             data = read_image_folder(files[0], skip_bad_rows)

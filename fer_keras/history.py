@@ -51,16 +51,17 @@ def _existing_output(path: Path, limit: int = -1) -> bytes | None:
         raise ConfigError(f"{path}: cannot read the existing file ({e.strerror or e})") from None
 
 
-def check_replaceable(path: str | os.PathLike, heads: Sequence[bytes], what: str) -> None:
+def check_replaceable(path: str | os.PathLike, heads: Sequence[bytes], what: str, flag: str = "--output") -> None:
     """Refuses an output file that exists and does not begin like an earlier ``what`` (one of ``heads``): an
     ``--output`` that names the data, a model or a run's record by mistake must not destroy it."""
     path = Path(path)
     head = _existing_output(path, max(len(h) for h in heads))
     if head is not None and not any(head.startswith(h) for h in heads):
-        raise ConfigError(f"{path}: exists and is not {what}; choose another --output or remove the file")
+        raise ConfigError(f"{path}: exists and is not {what}; choose another {flag} or remove the file")
 
 
-def check_json_replaceable(path: str | os.PathLike, keys: Sequence[str], what: str) -> dict | None:
+def check_json_replaceable(path: str | os.PathLike, keys: Sequence[str], what: str,
+                           flag: str = "--output_dir") -> dict | None:
     """:func:`check_replaceable` for a JSON report whose first key varies: an existing file is replaced only if it
     is a JSON object holding all of ``keys``. Returns that earlier report (None if there is none)."""
     path = Path(path)
@@ -72,7 +73,7 @@ def check_json_replaceable(path: str | os.PathLike, keys: Sequence[str], what: s
     except ValueError:
         document = None
     if not (isinstance(document, dict) and set(keys) <= set(document)):
-        raise ConfigError(f"{path}: exists and is not {what}; choose another --output_dir or remove the file")
+        raise ConfigError(f"{path}: exists and is not {what}; choose another {flag} or remove the file")
     return document
 
 

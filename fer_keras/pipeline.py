@@ -18,7 +18,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from fer_keras import NUM_CLASSES
+from fer_keras import MAX_SEED, NUM_CLASSES
 from fer_keras.augment import MEAN_GREY, AugmentConfig
 from fer_keras.data import Split
 from fer_keras.errors import ConfigError
@@ -29,8 +29,8 @@ AUTOTUNE = tf.data.AUTOTUNE
 def _seed_word(seed: int) -> int:
     """The run's seed as the first word of a stateless seed pair; out of range it is refused, not cut to 31 bits
     (which made seed 2**31 repeat seed 0's data order)."""
-    if not 0 <= seed <= 0x7FFFFFFF:
-        raise ValueError(f"seed must be in [0, {0x7FFFFFFF}], got {seed}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, {MAX_SEED}], got {seed}")
     return seed
 
 
@@ -237,9 +237,10 @@ def eval_dataset(split: Split, global_batch_size: int, with_labels: bool = True,
 
     ``pad_to_batch`` fills the last batch up with black images of weight 0, yielding ``(images, labels,
     weights)``: a global batch split over replicas would otherwise give a replica no image at all when the last
-    batch is short (1 image on 2 replicas), and oneDNN's strided convolutions return a wrongly shaped empty
-    tensor, which stops the run at its first validation. Accuracy weighted so is exact; Keras' loss averages over
-    the padded count (:class:`fer_keras.checkpoint.PaddedValidationLoss` scales it back)."""
+    batch is short (1 image on 2 replicas), and on CPU devices that stops the run at its first validation
+    ("Incompatible shapes: [128] vs. [0,24,24,64]" in ``stage2_block1``'s shortcut BatchNorm). Accuracy
+    weighted so is exact; Keras' loss averages over the padded count
+    (:class:`fer_keras.checkpoint.PaddedValidationLoss` scales it back)."""
     if with_labels:
         _require_labels(split, "evaluation")
         images, labels = split.images, np.eye(NUM_CLASSES, dtype=np.float32)[split.labels]

@@ -34,6 +34,8 @@ from fer_keras.augment import ERASING_FILLS, FILL_MODES, AugmentConfig, check_in
 from fer_keras.errors import ConfigError, FerError, ModelError, WorkerLostError
 from fer_keras.history import (
     atomic_write_text,
+    check_json_replaceable,
+    check_replaceable,
     read_data_record,
     run_record,
     write_history_csv,
@@ -278,26 +280,10 @@ def _refuse_foreign_files(model_dir: Path) -> None:
     """A new run writes config.json, data.json and flags.txt: in a folder that already holds files of those names
     that no fer_keras run wrote (a project's own config.json), it stops rather than overwrite them. A started run's
     files are compared by the resume checks instead."""
-    def json_object(path: Path) -> dict | None:
-        try:
-            value = json.loads(path.read_text())
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
-
-    for name, ours in (
-        ("config.json", lambda p: {"stem", "epochs", "batch_size"} <= set(json_object(p) or ())),
-        ("data.json", lambda p: {"source", "train", "val"} <= set(json_object(p) or ())),
-        ("flags.txt", lambda p: all(line.startswith("--") for line in p.read_text().splitlines() if line.strip())),
-    ):
-        path = model_dir / name
-        try:
-            if path.is_file() and not ours(path):
-                raise ConfigError(f"{path}: exists and is not a fer_keras run's; use another --model_dir or move "
-                                  "the file away")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e}); use another "
-                              "--model_dir") from None
+    what, flag = "a fer_keras run's {}", "--model_dir"
+    check_json_replaceable(model_dir / "config.json", ("stem", "epochs", "batch_size"), what.format("config"), flag)
+    check_json_replaceable(model_dir / "data.json", ("source", "train", "val"), what.format("data record"), flag)
+    check_replaceable(model_dir / "flags.txt", (b"--",), what.format("flags"), flag)
 
 
 def _same_setting(key: str, old, new) -> bool:
