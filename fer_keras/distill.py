@@ -26,6 +26,8 @@ import io
 import json
 import os
 import time
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -185,7 +187,7 @@ def load(folder: Path) -> Teachers | None:
         records = json.loads((folder / RECORD_FILE).read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         logging.warning("%s: unreadable (%s); the teachers' probabilities are computed again", folder / TARGETS_FILE,
                         e)
         return None

@@ -160,6 +160,31 @@ def test_a_distilled_run_trains_on_its_teachers_targets_and_keeps_them(teacher_f
     np.testing.assert_allclose(again.probabilities, stored.probabilities, atol=1e-5)
 
 
+def _stored_teachers(folder) -> distill.Teachers:
+    teachers = distill.Teachers(_probs(2, 300).astype(np.float32),
+                                [{"path": f"t{i}.keras", "sha256": f"{i}" * 64} for i in range(2)], "f" * 64, "flip")
+    distill.save(folder, teachers)
+    return teachers
+
+
+@pytest.mark.parametrize("damage", ["cut", "flipped_bytes", "not_a_zip", "json"])
+def test_damaged_stored_targets_are_computed_again_not_a_traceback(tmp_path, damage):
+    teachers = _stored_teachers(tmp_path)
+    np.testing.assert_array_equal(distill.load(tmp_path).probabilities, teachers.probabilities)
+    npz = tmp_path / distill.TARGETS_FILE
+    data = npz.read_bytes()
+    if damage == "cut":
+        npz.write_bytes(data[: len(data) // 2])
+    elif damage == "flipped_bytes":
+        middle = len(data) // 2
+        npz.write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 64]) + data[middle + 64:])
+    elif damage == "not_a_zip":
+        npz.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    else:
+        (tmp_path / distill.RECORD_FILE).write_text("[{")
+    assert distill.load(tmp_path) is None
+
+
 def test_an_export_teacher_is_run_as_it_serves():
     # --teacher_tta applies to models without TTA of their own: on an export with flip built in (version 6), ten-crop
     # would average ten crops of flip-averaged outputs, views nobody measured.
