@@ -55,9 +55,10 @@ class Tolerance:
 
 # float64 round-off in these small graphs is ~1e-15; a wrong term is off by >= ~1e-3.
 GRADIENT_TOLERANCE = Tolerance(abs=1e-10, rel=1e-8)
-# float32 GradientTape against float64 formulas: measured 1.5e-7-2.5e-7 relative (4e-6 absolute), so
-# ~10x margin; the wrong formulas of the tests are off by >= 1.7e-2.
-FLOAT32_TOLERANCE = Tolerance(abs=4e-5, rel=2e-6)
+# float32 GradientTape against float64 formulas, relative to the summed term magnitudes: worst over seeds
+# 0-3999 2.0e-7 relative, 1.3e-5 absolute (session 41), so 10x and 7.7x margins; the wrong formulas of the
+# tests are off by >= 1.3e-3 relative and 3.0e-2 absolute at seeds 0-299.
+FLOAT32_TOLERANCE = Tolerance(abs=1e-4, rel=2e-6)
 # Shapes are integers: any difference is a failure.
 SHAPE_TOLERANCE = Tolerance(abs=0.0, rel=0.0)
 
@@ -107,8 +108,11 @@ def _worst_of(name: str, rows: list[dict[str, Any]], tolerance: Tolerance, detai
                        passed=_within(max_abs, max_rel, tolerance), details={**details, "per_shape": rows})
 
 
-def _errors(actual: Any, expected: Any) -> tuple[float, float]:
-    """(max |a - e|, max |a - e| / max |e|); infinite when the shapes differ."""
+def _errors(actual: Any, expected: Any, magnitude: Any = None) -> tuple[float, float]:
+    """(max |a - e|, max |a - e| / max |e|); infinite when the shapes differ.
+
+    ``magnitude`` replaces ``|e|`` in the denominator: for float32 sums it is the sum of the terms' magnitudes,
+    since a sum that cancels to near zero keeps the round-off of its large terms."""
     a = np.asarray(actual, dtype=np.float64)
     e = np.asarray(expected, dtype=np.float64)
     if a.shape != e.shape:
@@ -116,7 +120,7 @@ def _errors(actual: Any, expected: Any) -> tuple[float, float]:
     if a.size == 0:
         return 0.0, 0.0
     max_abs = float(np.max(np.abs(a - e)))
-    scale = float(np.max(np.abs(e)))
+    scale = float(np.max(np.abs(e) if magnitude is None else np.asarray(magnitude, dtype=np.float64)))
     if scale == 0.0:
         return max_abs, 0.0 if max_abs == 0.0 else math.inf
     return max_abs, max_abs / scale
@@ -499,6 +503,23 @@ def check_batchnorm(
 FUSED_BATCHNORM_QUANTITIES = ("dx", "dgamma", "dbeta")
 
 
+def batchnorm_term_magnitudes(x: np.ndarray, gamma: np.ndarray, upstream: np.ndarray,
+                              epsilon: float) -> dict[str, np.ndarray]:
+    """Per quantity, the sum of the magnitudes of the terms float32 adds up: what its round-off scales with.
+
+    dbeta = sum G cancels to near zero for some draws while each term keeps its float32 error, so an error
+    relative to |dbeta| alone failed correct formulas (seeds 920, 1506, 3547 of 4,000)."""
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axis=axes)
+    inv_std = 1.0 / np.sqrt(x.var(axis=axes) + epsilon)
+    x_hat = (x - mean) * inv_std
+    dbeta = np.abs(upstream).sum(axis=axes)
+    dgamma = np.abs(upstream * x_hat).sum(axis=axes)
+    n = x.size // x.shape[-1]
+    dx = np.abs(gamma) * inv_std * (np.abs(upstream) + dbeta / n + np.abs(x_hat) * dgamma / n)
+    return {"dx": dx, "dgamma": dgamma, "dbeta": dbeta}
+
+
 def check_fused_batchnorm(
     shapes: Sequence[Sequence[int]] = tuple(s for s in BATCHNORM_SHAPES if len(s) == 4),
     epsilon: float = 1e-3,
@@ -529,8 +550,10 @@ def check_fused_batchnorm(
         taped = dict(zip(FUSED_BATCHNORM_QUANTITIES, tape.gradient(loss, [x32, layer.gamma, layer.beta])))
         hand = backward(tf.constant(x, tf.float64), tf.constant(gamma, tf.float64),
                         tf.constant(upstream, tf.float64), epsilon)
+        magnitudes = batchnorm_term_magnitudes(x.astype(np.float64), gamma.astype(np.float64),
+                                               upstream.astype(np.float64), epsilon)
         for q in FUSED_BATCHNORM_QUANTITIES:
-            max_abs, max_rel = _errors(getattr(hand, q), tf.convert_to_tensor(taped[q]))
+            max_abs, max_rel = _errors(getattr(hand, q), tf.convert_to_tensor(taped[q]), magnitudes[q])
             per_quantity[q].append({"shape": list(shape), "max_abs_err": max_abs, "max_rel_err": max_rel})
     return [
         _worst_of(f"fused batchnorm dL/{q}", rows, tolerance, {
@@ -538,6 +561,7 @@ def check_fused_batchnorm(
             "reference": "GradientTape through fer_keras.model.FusedBatchNormalization (training=True, float32)",
             "loss": "sum(G * y), G ~ N(0, 1)",
             "epsilon": epsilon,
+            "relative_to": "the largest sum of term magnitudes (batchnorm_term_magnitudes)",
         })
         for q, rows in per_quantity.items()
     ]
@@ -661,7 +685,9 @@ def _markdown(report: Report) -> str:
         "",
         f"Overall: **{'pass' if report.passed else 'FAIL'}** ({len(report.failed)} of {len(report.results)} "
         "checks failed). A check passes when both its max absolute error and its max relative error "
-        "(max absolute error / max magnitude of the reference) are within the tolerance.",
+        "(max absolute error / max magnitude of the reference; for the float32 fused checks, / the largest sum "
+        "of the magnitudes of the terms added up, since a sum that cancels keeps its terms' round-off) are within "
+        "the tolerance.",
         "",
         format_table(report.results),
         "",

@@ -133,8 +133,11 @@ def test_wrong_batchnorm_formula_fails(backward, failing):
     assert all(results[q].max_rel_err > 1e-4 for q in failing)
 
 
-def test_fused_batchnorm_layer_matches_the_hand_formulas_in_float32():
-    results = by_quantity(gradcheck.check_fused_batchnorm())
+@pytest.mark.parametrize("seed", [0, 920, 1506, 3547])
+def test_fused_batchnorm_layer_matches_the_hand_formulas_in_float32(seed):
+    # 920, 1506 and 3547 draw a dgamma or dbeta that cancels to near zero: relative to |dgamma| or |dbeta| alone
+    # their float32 round-off was 2.1e-6-3.3e-6 and failed the correct formulas.
+    results = by_quantity(gradcheck.check_fused_batchnorm(seed=seed))
     assert set(results) == {"dx", "dgamma", "dbeta"}
     for r in results.values():
         assert r.passed and r.tolerance == gradcheck.FLOAT32_TOLERANCE, (r.name, r.max_abs_err, r.max_rel_err)
@@ -206,7 +209,7 @@ def test_cli_writes_json_and_markdown(tmp_path):
     assert len(names) == 15 and all(c["passed"] for c in payload["checks"])
     assert any("disagrees" in n for n in names)
     assert payload["tolerances"]["gradient"] == {"abs": 1e-10, "rel": 1e-8}
-    assert payload["tolerances"]["float32_gradient"] == {"abs": 4e-5, "rel": 2e-6}
+    assert payload["tolerances"]["float32_gradient"] == {"abs": 1e-4, "rel": 2e-6}
     assert sum(n.startswith("fused batchnorm") for n in names) == 3
     table = (out / "gradcheck.md").read_text()
     assert "| batchnorm dL/dx " in table and "FAIL" not in table
