@@ -53,7 +53,8 @@ SPLIT_ALIASES = {
 }
 USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
 SPLIT_TO_USAGE = {v: k for k, v in USAGE_TO_SPLIT.items()}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm",
+                  ".ppm", ".pbm", ".pnm")
 # Bump when parsing changes so stale caches are not reused.
 _CACHE_FORMAT = 5
 _CHUNK_ROWS = 4096
@@ -640,6 +641,22 @@ def read_image_folder(root: str | os.PathLike, skip_bad_rows: bool = False) -> F
 # Detection, caching, loading
 
 
+def _refuse_unlisted_image(path: Path) -> None:
+    """An image under a suffix not in IMAGE_SUFFIXES would otherwise be parsed as a CSV ("unrecognised header")."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) == b"\x1f\x8b":  # gzip: a compressed CSV
+                return
+        with Image.open(path) as img:
+            kind = img.format
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        return
+    raise DataError(f"{path}: a {kind} image, but {path.suffix or 'no suffix'} is not an image suffix fer_keras "
+                    f"reads ({', '.join(IMAGE_SUFFIXES)}); rename it")
+
+
 def detect(path: str | os.PathLike) -> tuple[str, list[Path]]:
     """Returns (layout, files) for a path: ``challenge``/``course`` CSV files or ``images``."""
     path = Path(path)
@@ -648,6 +665,7 @@ def detect(path: str | os.PathLike) -> tuple[str, list[Path]]:
     if path.is_file():
         if path.suffix.lower() in IMAGE_SUFFIXES:
             return "image", [path]
+        _refuse_unlisted_image(path)
         return "csv", [path]
     for name in ("fer2013.csv", "fer2013.csv.gz"):
         if (path / name).is_file():

@@ -35,6 +35,7 @@ from fer_keras import CLASS_NAMES, NUM_CLASSES, __version__, cli
 from fer_keras import data as fer_data
 from fer_keras import tta as tta_lib
 from fer_keras.errors import ConfigError, DataError
+from fer_keras.history import check_creatable
 from fer_keras.predict import PROBABILITY_COLUMNS, atomic_write
 from fer_keras.tta import (
     DEFAULT_CROP_SIZE,
@@ -282,21 +283,45 @@ def evaluate_precise_bn(
     *,
     split_name: str,
     crop_size: int = DEFAULT_CROP_SIZE,
+    split_label: str | None = None,
+    train: fer_data.Split | None = None,
 ) -> EvalResult:
     """:func:`evaluate` of ``model`` (as the tools resolve it) after its BatchNorm statistics are re-estimated on
-    the Training images of ``data`` (:mod:`fer_keras.precise_bn`). An export is rebuilt as the Keras network it
-    holds, without the test-time augmentation built around it, so ``tta`` chooses the views for every model alike
-    (the export's own is recorded as ``export_tta``)."""
+    the Training images of ``data`` (:mod:`fer_keras.precise_bn`), or on ``train`` when the split is a run's
+    hold-out (whose images must not be among them). An export is rebuilt as the Keras network it holds, without
+    the test-time augmentation built around it, so ``tta`` chooses the views for every model alike (the export's
+    own is recorded as ``export_tta``)."""
     from fer_keras import inference
     from fer_keras.precise_bn import reestimate
 
     check_tta(tta, crop_size)
     predictor = inference.load_predictor(model, network_only=True)
-    train = data.split("train")
+    train = data.split("train") if train is None else train
     reestimate(predictor.keras_model, train.images, batch_size, name=str(predictor.path))
-    result = evaluate(predictor, split, tta, batch_size, split_name=split_name, crop_size=crop_size)
-    return dataclasses.replace(result, precise_bn=f"{len(train):,} images of {fer_data.split_label('train')}, "
+    result = evaluate(predictor, split, tta, batch_size, split_name=split_name, crop_size=crop_size,
+                      split_label=split_label)
+    where = " without the run's hold-out" if split_label else ""
+    return dataclasses.replace(result, precise_bn=f"{len(train):,} images of {fer_data.split_label('train')}{where}, "
                                                   "unaugmented")
+
+
+def run_holdout(data: fer_data.FerData, split_name: str,
+                models: Sequence[str | None]) -> tuple[fer_data.Split, fer_data.Split, str] | None:
+    """``(train, val, label)`` of the run behind the one model in ``models`` when ``val`` is asked of data without a
+    labelled val split (the course layout, image folders): the hold-out the run chose its epoch on, rebuilt from
+    its recorded settings. None when the data has its own val split or no run is known."""
+    from fer_keras import inference
+
+    if fer_data.canonical_split(split_name) != "val" or fer_data.has_labelled_val(data) or len(models) != 1:
+        return None
+    kind, path = inference.resolve(models[0])
+    config = inference.training_config(kind, path, inference.find_run_dir(models[0]))
+    if not config:
+        return None
+    from fer_keras.train import run_splits_of
+
+    train, val, name = run_splits_of(data, config)
+    return train, val, f"val ({name} of train)"
 
 
 def model_name(path: str, kind: str) -> str:
@@ -510,9 +535,7 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     split_name = fer_data.canonical_split(f.split)
     check_tta(f.tta, f.crop_size)
-    out = Path(f.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a directory")
+    check_creatable(f.output_dir, "--output_dir", folder=True)
     from fer_keras import inference
 
     if f.ensemble and f["model"].present:
@@ -522,16 +545,21 @@ def main(argv: Sequence[str]) -> None:
     models = f.ensemble or [f.model]
     inference.resolve_all(models)  # a missing or repeated model fails before the data is read
     data = fer_data.load(f.data or None, skip_bad_rows=f.skip_bad_rows)
-    split = data.split(split_name)
-    _check_labeled(split, f"{data.source}: {fer_data.split_label(split_name)}")
+    holdout = run_holdout(data, split_name, models)
+    if holdout is None:
+        split, label, train = data.split(split_name), None, None
+    else:
+        train, split, label = holdout
+    _check_labeled(split, f"{data.source}: {label or fer_data.split_label(split_name)}")
     if f.precise_bn:
         result = evaluate_precise_bn(models[0], data, split, f.tta, f.batch_size, split_name=split_name,
-                                     crop_size=f.crop_size)
+                                     crop_size=f.crop_size, split_label=label, train=train)
     else:
         predictor = (inference.load_predictor(models[0], f.network_only) if len(models) == 1
                      else inference.load_ensemble(models, f.network_only))
-        result = evaluate(predictor, split, f.tta, f.batch_size, split_name=split_name, crop_size=f.crop_size)
-    files = write_report(result, out, source=data.source)
+        result = evaluate(predictor, split, f.tta, f.batch_size, split_name=split_name, crop_size=f.crop_size,
+                          split_label=label)
+    files = write_report(result, Path(f.output_dir), source=data.source)
     print(summary(result))
     print(f"wrote {files['json']} and {', '.join(p.name for k, p in files.items() if k != 'json')}")
 

@@ -51,6 +51,24 @@ def _existing_output(path: Path, limit: int = -1) -> bytes | None:
         raise ConfigError(f"{path}: cannot read the existing file ({e.strerror or e})") from None
 
 
+def check_creatable(path: str | os.PathLike, flag: str, folder: bool = False) -> None:
+    """Refuses, before any long work, an output ``path`` (a file, or a ``folder``) that could not be written at the
+    end: its nearest existing ancestor is a file or not writable, or the path is the wrong kind of thing."""
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise ConfigError(f"{path}: exists and is not a directory; choose another {flag}")
+        if not folder and path.is_dir():
+            raise ConfigError(f"{path}: is a directory, expected an output file name; choose another {flag}")
+    ancestor = path if folder and path.is_dir() else path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{path}: cannot be created, {ancestor} is a file; choose another {flag}")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{path}: cannot be created, {ancestor} is not writable; choose another {flag}")
+
+
 def check_replaceable(path: str | os.PathLike, heads: Sequence[bytes], what: str, flag: str = "--output") -> None:
     """Refuses an output file that exists and does not begin like an earlier ``what`` (one of ``heads``): an
     ``--output`` that names the data, a model or a run's record by mistake must not destroy it."""

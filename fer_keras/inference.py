@@ -66,6 +66,32 @@ def resolve(path: str | os.PathLike | None) -> tuple[str, Path]:
     )
 
 
+def find_run_dir(model_path: str | os.PathLike | None) -> Path | None:
+    """The training run directory behind ``model_path``: the path itself when it holds best.keras,
+    or the folder of a ``best.keras`` file that sits in a run (has config.json); else None."""
+    if model_path is None or str(model_path) == "":
+        return None
+    p = Path(model_path).expanduser()
+    if p.is_dir() and (p / "best.keras").is_file():
+        return p
+    if p.is_file() and p.name == "best.keras" and (p.parent / "config.json").is_file():
+        return p.parent
+    return None
+
+
+def training_config(kind: str, model_path: Path, run_dir: Path | None) -> dict | None:
+    """The settings a model was trained with: its run's ``config.json``, else those an export records; None when
+    neither is known (a ``.keras`` file on its own)."""
+    if run_dir is not None and (run_dir / "config.json").is_file():
+        try:
+            return json.loads((run_dir / "config.json").read_text())
+        except ValueError:
+            return None
+    if kind == "saved_model":
+        return export_metadata(model_path).get("train_config") or None
+    return None
+
+
 def model_sha256(kind: str, path: Path) -> str:
     """The identity of a resolved model (:func:`resolve`): the SHA-256 of a ``.keras`` file, or of an export's
     variables (its graph and metadata may be rewritten without changing the weights)."""

@@ -24,7 +24,7 @@ from fer_keras import CLASS_NAMES, IMAGE_SIZE, cli
 from fer_keras import data as fer_data
 from fer_keras import tta as tta_lib
 from fer_keras.errors import ConfigError, DataError
-from fer_keras.history import atomic_write_text, check_replaceable
+from fer_keras.history import atomic_write_text, check_creatable, check_replaceable
 from fer_keras.tta import check_tta, tta_probabilities
 
 PROBABILITY_COLUMNS = tuple(f"prob_{name}" for name in CLASS_NAMES)
@@ -47,21 +47,35 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in fer_data.IMAGE_SUFFIXES
 
 
-def read_images(paths: Sequence[Path]) -> fer_data.Split:
+def read_images(paths: Sequence[Path], skip_bad: bool = False) -> fer_data.Split:
     """Reads image files as an unlabeled split whose ids are the file names.
 
     When two files share a name (from different folders) the ids are the paths as given instead,
-    so that every row of a submission can be traced back to one file.
+    so that every row of a submission can be traced back to one file. ``skip_bad`` leaves unreadable
+    images out, each reported, instead of stopping at the first.
     """
     if not paths:
         raise DataError("no image files given")
-    arrays, converted = [], 0
+    arrays, kept, skipped, converted = [], [], [], 0
     for p in paths:
-        array, conv = fer_data.read_image(p)
+        try:
+            array, conv = fer_data.read_image(p)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            skipped.append(str(e))
+            continue
         arrays.append(array)
+        kept.append(p)
         converted += conv
+    if skipped and not kept:
+        raise DataError(f"none of the {len(paths)} image file(s) could be read; first: {skipped[0]}")
+    if skipped:  # as data.load reports skipped rows
+        more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+        logging.warning("skipped %d unreadable image(s): %s%s", len(skipped), "; ".join(skipped[:5]), more)
     if converted:
         logging.warning("%d image(s) were not %dx%d grayscale and were converted", converted, IMAGE_SIZE, IMAGE_SIZE)
+    paths = kept
     names = [p.name for p in paths]
     ids = names if len(set(names)) == len(names) else [str(p) for p in paths]
     return fer_data.Split(np.stack(arrays), np.full(len(paths), -1, np.int64), np.asarray(ids))
@@ -73,6 +87,10 @@ def _flat_image_folder(folder: Path) -> list[Path] | None:
     if subdirs & (set(CLASS_NAMES) | {"train", "test", "val"}):
         return None
     images = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and _is_image(p))
+    nested = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if images and nested:
+        logging.warning("%s: predicting the %d image(s) directly inside; sub-folder(s) %s are not read (name them "
+                        "in --data to predict theirs)", folder, len(images), ", ".join(nested))
     return images or None
 
 
@@ -90,7 +108,7 @@ def choose_split(data: fer_data.FerData, split: str | None) -> tuple[fer_data.Sp
 
 def load_inputs(spec: str, split: str | None = None, skip_bad_rows: bool = False) -> tuple[fer_data.Split, str]:
     """Reads ``--data`` and returns the split to predict with a description for messages; ``skip_bad_rows``
-    leaves malformed CSV rows (or images of a FER2013 folder layout) out, each reported."""
+    leaves malformed CSV rows and unreadable images out, each reported."""
     if not spec:
         raise ConfigError("--data is empty: give a test.csv, an image folder or image files")
     path = Path(spec).expanduser()
@@ -101,24 +119,29 @@ def load_inputs(spec: str, split: str | None = None, skip_bad_rows: bool = False
                 raise DataError(f"{p}: no such image file")
         if split:
             raise ConfigError("--split does not apply to a list of image files")
-        return read_images(paths), f"{len(paths)} image file(s)"
+        split = read_images(paths, skip_bad_rows)
+        return split, f"{len(split)} image file(s)"
     if path.is_dir() and fer_data.detect(path)[0] == "images":
         images = _flat_image_folder(path)
         if images is not None:
             if split:
                 raise ConfigError(f"{path}: --split does not apply to a folder of images")
-            return read_images(images), f"{len(images)} image(s) in {path}"
+            split = read_images(images, skip_bad_rows)
+            return split, f"{len(split)} image(s) in {path}"
     data = fer_data.load(path, skip_bad_rows=skip_bad_rows)
     if data.layout == "image":
         if split:
             raise ConfigError(f"{path}: --split does not apply to an image file")
         return data.splits["test"], str(path)
     chosen, label = choose_split(data, split)
+    if data.layout == "course":  # the course's own split, not FER2013's Usage of that name
+        label = label.split(" (")[0]
     return chosen, f"{label} of {data.source}"
 
 
 def check_output(path: str | os.PathLike) -> None:
-    """Refuses an output that would replace anything but an earlier predictions CSV."""
+    """Refuses an output that could not be written or would replace anything but an earlier predictions CSV."""
+    check_creatable(path, "--output")
     check_replaceable(path, (b"id,label\n", b"id,label\r\n", b"id,label,"),
                       "a predictions CSV (its first line is not id,label...)")
 
@@ -154,7 +177,7 @@ def define_flags() -> None:
     flags.DEFINE_string("output", "predictions.csv", "Output CSV (id,label), written atomically.")
     flags.DEFINE_boolean("probabilities", False, "Add one probability column per class (prob_angry, ...).")
     tta_lib.define_flags()
-    cli.define_skip_bad_rows("CSV files and FER2013 folder layouts; the rows kept keep their ids.")
+    cli.define_skip_bad_rows("CSV files, image folders and lists of images; the rows kept keep their ids.")
     flags.mark_flag_as_required("data")
     flags.register_validator("output", lambda v: bool(v), "--output must not be empty")
 
@@ -175,7 +198,8 @@ def main(argv: Sequence[str]) -> None:
     counts = np.bincount(np.argmax(probabilities, axis=1), minlength=len(CLASS_NAMES))
     spread = ", ".join(f"{CLASS_NAMES[c]} {counts[c]}" for c in np.argsort(-counts, kind="stable") if counts[c])
     print(f"model: {predictor.kind} {predictor.path}")
-    print(f"wrote {len(split)} predictions for {description} (tta: {f.tta}) to {path}")
+    views = f.tta if predictor.built_in_tta == "none" else f"{predictor.built_in_tta}, built into the export"
+    print(f"wrote {len(split)} predictions for {description} (tta: {views}) to {path}")
     print(f"predicted classes: {spread}")
 
 

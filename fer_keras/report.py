@@ -256,19 +256,6 @@ def parse_sections(sections: str | Sequence[str] | None) -> list[str]:
     return [s for s in SECTIONS if s in names]
 
 
-def find_run_dir(model_path: str | os.PathLike | None) -> Path | None:
-    """The training run directory behind ``model_path``: the path itself when it holds best.keras,
-    or the folder of a ``best.keras`` file that sits in a run (has config.json); else None."""
-    if model_path is None or str(model_path) == "":
-        return None
-    p = Path(model_path).expanduser()
-    if p.is_dir() and (p / "best.keras").is_file():
-        return p
-    if p.is_file() and p.name == "best.keras" and (p.parent / "config.json").is_file():
-        return p.parent
-    return None
-
-
 class KerasModelUnavailable(ModelError):
     """An export without the training config needed to rebuild its Keras layers: the sections that
     need layers are then omitted with this message instead of failing the whole report."""
@@ -343,19 +330,6 @@ class _Context:
         """A link to ``path`` relative to the report, as Markdown and HTML both need it."""
         rel = os.path.relpath(Path(path).resolve(), self.out.resolve())
         return quote(Path(rel).as_posix(), safe="/._-")
-
-
-def _load_train_config(kind: str, model_path: Path, run_dir: Path | None) -> dict | None:
-    import json
-
-    if run_dir is not None and (run_dir / "config.json").is_file():
-        try:
-            return json.loads((run_dir / "config.json").read_text())
-        except ValueError:
-            return None
-    if kind == "saved_model":
-        return inference.export_metadata(model_path).get("train_config") or None
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -756,8 +730,8 @@ def build_report(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a directory")
     kind, resolved = inference.resolve(model_path)
-    run_dir = find_run_dir(model_path)
-    train_config = _load_train_config(kind, resolved, run_dir)
+    run_dir = inference.find_run_dir(model_path)
+    train_config = inference.training_config(kind, resolved, run_dir)
     ctx = _Context(
         kind=kind, model_path=resolved,
         run_dir=run_dir, train_config=train_config,

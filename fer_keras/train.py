@@ -342,11 +342,16 @@ def run_splits(dataset: FerData, config: TrainConfig) -> tuple[Split, Split, str
 
 def selection_split_of(dataset: FerData, run_config: dict) -> tuple[Split, str]:
     """The split a recorded run selected its epoch on, rebuilt from ``dataset``, and its name."""
+    _, val, name = run_splits_of(dataset, run_config)
+    return val, name
+
+
+def run_splits_of(dataset: FerData, run_config: dict) -> tuple[Split, Split, str]:
+    """:func:`run_splits` of a recorded run (its ``config.json``), rebuilt from ``dataset``."""
     recorded = TrainConfig.recorded(run_config)
     config = TrainConfig(**{k: recorded[k] for k in ("val_fraction", "seed", "max_train_examples",
                                                        "max_val_examples")})
-    _, val, name = run_splits(dataset, config)
-    return val, name
+    return run_splits(dataset, config)
 
 
 def _check_same_data(model_dir: Path, source: str, train_split, val_split, val_name: str,

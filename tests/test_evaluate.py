@@ -451,3 +451,31 @@ def test_cli_bad_input_is_one_line(setup, tmp_path, args, message):
     assert_one_line_error(proc, message)
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_scores_a_course_runs_own_hold_out(tmp_path):
+    """train.csv of the course has no PublicTest: --split=val of a run is the hold-out that chose its epoch,
+    rebuilt from the run's settings and named so; precise BatchNorm then re-estimates on the run's training part
+    only, never on the hold-out's images."""
+    from fer_keras import train
+
+    rng = np.random.default_rng(0)
+    rows = [f"{i % 7}," + " ".join(map(str, rng.integers(0, 256, IMAGE_SIZE * IMAGE_SIZE))) for i in range(77)]
+    data = tmp_path / "train.csv"
+    data.write_text("label,feature\n" + "\n".join(rows) + "\n")
+    result = train.run(train.TrainConfig(model_dir=str(tmp_path / "run"), data=str(data), export=False,
+                                         stem="imagenet", epochs=1, batch_size=32, verbose=0))
+    out = tmp_path / "eval"
+    proc = run_tool("evaluate", f"--model={result.model_dir}", f"--data={data}", "--split=val",
+                    f"--output_dir={out}")
+    assert proc.returncode == 0, proc.stderr
+    correct = round(result.best_val_accuracy * 7)
+    assert f"val (10% stratified hold-out of train): accuracy {correct / 7:.2%} ({correct}/7 images)" in proc.stdout
+    proc = run_tool("evaluate", f"--model={result.model_dir}", f"--data={data}", "--split=val", "--precise_bn",
+                    f"--output_dir={out}")
+    assert proc.returncode == 0, proc.stderr
+    assert "re-estimated on 70 images of train (Training) without the run's hold-out, unaugmented" in proc.stdout
+    alone = tmp_path / "alone.keras"
+    alone.write_bytes((result.model_dir / "best.keras").read_bytes())  # no run to rebuild the hold-out from
+    proc = run_tool("evaluate", f"--model={alone}", f"--data={data}", "--split=val", f"--output_dir={out}")
+    assert proc.returncode == 2 and "val" in proc.stderr.strip().splitlines()[-1], proc.stderr

@@ -54,7 +54,9 @@ def setup(tmp_path_factory):
     for name, cls, size, mode in (("b_sad.png", 4, 48, "L"), ("a_happy.png", 3, 64, "RGB"), ("c_fear.jpg", 2, 48, "L")):
         Image.new(mode, (size, size), (int(LEVELS[cls]),) * (3 if mode == "RGB" else 1)).save(images / name)
     (images / "notes.txt").write_text("not an image\n")
-    return {"root": root, "model": model_path, "test_csv": test_csv, "images": images}
+    labelled_csv = root / "fer2013.csv"
+    labelled_csv.write_text("emotion,pixels,Usage\n" + "".join(f"{c},{pixels(c)},PublicTest\n" for _, c in TEST_ROWS))
+    return {"root": root, "model": model_path, "test_csv": test_csv, "images": images, "labelled_csv": labelled_csv}
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def test_course_test_csv_keeps_ids_and_order(setup, predictor, tmp_path):
 
     split, description = load_inputs(str(setup["test_csv"]))
     assert split.ids.tolist() == [i for i, _ in TEST_ROWS]
-    assert description.startswith("test (PrivateTest) of ")
+    assert description.startswith("test of ")  # the course's test split, not FER2013's PrivateTest
     probabilities = tta_probabilities(predictor, split.images, "flip")
     out = write_predictions(tmp_path / "sub" / "predictions.csv", split.ids, probabilities)
     rows = read_rows(out)
@@ -110,6 +112,55 @@ def test_image_inputs(setup):
     assert single.ids.tolist() == ["b_sad.png"] and (single.labels == -1).all()
     with pytest.raises(DataError, match="missing.png: no such image file"):
         load_inputs(f"{setup['images'] / 'b_sad.png'},{setup['images'] / 'missing.png'}")
+
+
+def test_unreadable_images_are_left_out_with_skip_bad_rows_in_folders_and_lists(setup, tmp_path):
+    import shutil
+
+    from fer_keras.predict import load_inputs
+
+    folder = tmp_path / "faces"
+    shutil.copytree(setup["images"], folder)
+    (folder / "broken.png").write_bytes(b"not a png")
+    for spec in (str(folder), f"{folder / 'broken.png'},{folder / 'b_sad.png'}"):
+        with pytest.raises(DataError, match=r"broken.png: unreadable image"):
+            load_inputs(spec)
+        split, description = load_inputs(spec, skip_bad_rows=True)
+        assert "broken.png" not in split.ids.tolist() and "b_sad.png" in split.ids.tolist()
+        assert description.startswith(f"{len(split)} image")
+    with pytest.raises(DataError, match=r"none of the 1 image file\(s\) could be read; first: .*broken.png"):
+        load_inputs(f"{folder / 'broken.png'},", skip_bad_rows=True)
+
+
+def test_a_flat_folder_names_the_sub_folders_it_does_not_read(setup, tmp_path, caplog):
+    import shutil
+
+    from fer_keras.predict import load_inputs
+
+    folder = tmp_path / "faces"
+    shutil.copytree(setup["images"], folder)
+    shutil.copytree(setup["images"], folder / "scratch")
+    split, _ = load_inputs(str(folder))
+    assert len(split) == 3
+    assert "sub-folder(s) scratch are not read" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["face.jfif", "face.pgm", "face.dat"])
+def test_an_image_is_never_parsed_as_a_csv(setup, tmp_path, name):
+    """A known image suffix is read as an image; an image under another suffix is named as one, not reported as a
+    CSV with an unrecognised header."""
+    from PIL import Image
+
+    from fer_keras.predict import load_inputs
+
+    path = tmp_path / name
+    Image.new("L", (48, 48), int(LEVELS[4])).save(path, format="PPM" if name.endswith((".pgm", ".dat")) else "JPEG")
+    if name.endswith(".dat"):
+        with pytest.raises(DataError, match=r"face.dat: a PPM image, but .dat is not an image suffix fer_keras reads"):
+            load_inputs(str(path))
+    else:
+        split, _ = load_inputs(str(path))
+        assert split.ids.tolist() == [name] and abs(int(split.images.mean()) - LEVELS[4]) <= 1
 
 
 def test_split_choice(tmp_path):
@@ -148,7 +199,7 @@ def test_cli_writes_submission(setup, tmp_path):
     assert rows[0][:2] == ["id", "label"] and len(rows[0]) == 9
     assert [r[:2] for r in rows[1:]] == [[i, str(c)] for i, c in TEST_ROWS]
     np.testing.assert_allclose([sum(map(float, r[2:])) for r in rows[1:]], 1.0, atol=1e-4)
-    assert f"wrote {len(TEST_ROWS)} predictions for test (PrivateTest)" in proc.stdout
+    assert f"wrote {len(TEST_ROWS)} predictions for test of {setup['test_csv']} (tta: tencrop)" in proc.stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -163,6 +214,17 @@ def test_cli_bad_input_is_one_line(setup, tmp_path, args, message):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_cli_names_the_views_an_export_averages_itself(setup, tmp_path):
+    from fer_keras.export import export_model
+
+    export = export_model(level_model(), tmp_path / "exports", "level", tta="flip")
+    out = tmp_path / "p.csv"
+    proc = run_tool("predict", f"--model={export}", f"--data={setup['test_csv']}", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"(tta: flip, built into the export) to {out}" in proc.stdout
+    assert [r[:2] for r in read_rows(out)[1:]] == [[i, str(c)] for i, c in TEST_ROWS]
 
 
 def test_cli_a_truncated_export_is_one_line(setup, trained_run, tmp_path):
@@ -180,6 +242,19 @@ def test_cli_a_truncated_export_is_one_line(setup, trained_run, tmp_path):
     assert last.startswith(f"error: {export}: cannot load SavedModel (Read less bytes"), proc.stderr
     assert "\n" not in last, proc.stderr  # one line: no TensorFlow start-up or loader lines before it
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("tool", ["predict", "evaluate"])
+def test_an_output_that_cannot_be_created_is_refused_before_the_model_runs(setup, tmp_path, tool):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file where a folder would be\n")
+    flag, target = ("--output", blocker / "p.csv") if tool == "predict" else ("--output_dir", blocker / "eval")
+    data = setup["test_csv"] if tool == "predict" else setup["labelled_csv"]
+    proc = run_tool(tool, f"--model={setup['model']}", f"--data={data}", f"{flag}={target}")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"error: {target}: cannot be created, {blocker} is a file; choose another {flag}"
+    assert "model:" not in proc.stdout  # refused before loading anything
+    assert blocker.read_text() == "a file where a folder would be\n"
 
 
 def test_output_never_replaces_the_input_or_a_model(setup, tmp_path):
