@@ -114,9 +114,13 @@ def load_inputs(spec: str, split: str | None = None, skip_bad_rows: bool = False
     path = Path(spec).expanduser()
     if not path.exists() and "," in spec:
         paths = [Path(s.strip()).expanduser() for s in spec.split(",") if s.strip()]
+        seen: dict[Path, Path] = {}
         for p in paths:
             if not p.is_file():
                 raise DataError(f"{p}: no such image file")
+            first = seen.setdefault(p.resolve(), p)
+            if first is not p:  # its two rows would share one id
+                raise ConfigError(f"{p}: named twice in --data" + (f" (also as {first})" if first != p else ""))
         if split:
             raise ConfigError("--split does not apply to a list of image files")
         split = read_images(paths, skip_bad_rows)

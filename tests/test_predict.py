@@ -110,6 +110,9 @@ def test_image_inputs(setup):
     assert listed.ids.tolist() == ["c_fear.jpg", "b_sad.png"]
     single, _ = load_inputs(str(setup["images"] / "b_sad.png"))
     assert single.ids.tolist() == ["b_sad.png"] and (single.labels == -1).all()
+    twice = f"{setup['images'] / 'b_sad.png'},{setup['images'] / 'c_fear.jpg'},{setup['images'] / '.' / 'b_sad.png'}"
+    with pytest.raises(ConfigError, match=r"b_sad.png: named twice in --data"):
+        load_inputs(twice)
     with pytest.raises(DataError, match="missing.png: no such image file"):
         load_inputs(f"{setup['images'] / 'b_sad.png'},{setup['images'] / 'missing.png'}")
 
