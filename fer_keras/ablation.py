@@ -6,8 +6,10 @@ For each run directory the table gives what its recipe changes relative to the f
 runs' ``config.json``), epochs done, the best epoch, the wall time of its epochs (``history.csv``) and
 the accuracy of its ``best.keras`` on the runs' selection split (FER2013 PublicTest, or the hold-out of
 Training the runs chose their epochs on) without TTA, with flip and with ten-crop. All runs must share
-that split, so the table compares like with like. Nothing is typed in: a run still training shows the
-epochs it has. Evaluations are cached in each run directory (``ablation_eval.json``, keyed by
+that split, and the data must give every run the training and selection images its ``data.json`` records
+(a run trained on other data, or measured on data it was not trained on, is refused), so the table compares
+like with like and its footer states the split the runs record. Nothing is typed in: a run still training
+shows the epochs it has. Evaluations are cached in each run directory (``ablation_eval.json``, keyed by
 ``best.keras``'s size and time and by the split's images and labels), so adding a run to the table only
 measures that run.
 """
@@ -20,15 +22,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from absl import flags
+from absl import flags, logging
 
 from fer_keras import cli
 from fer_keras.errors import ConfigError
-from fer_keras.history import atomic_write_text, best_row, check_replaceable, read_run
+from fer_keras.history import atomic_write_text, best_row, check_replaceable, read_data_record, read_run
 from fer_keras.tta import TTA_MODES
 
 if TYPE_CHECKING:
-    from fer_keras.data import Split
+    from fer_keras.data import FerData, Split
 
 EVAL_CACHE = "ablation_eval.json"
 # Part of every cache key: measurements made another way are not reused (before "float32", a mixed-precision
@@ -54,6 +56,9 @@ class AblationRow:
     split_label: str
     num_images: int
     accuracy: dict[str, float]
+    # Images of the split the run's data.json says it chose its best epoch on (fewer than num_images after
+    # --max_val_examples); None: no data.json, so neither its data nor that split could be checked.
+    selected_on: int | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -97,33 +102,80 @@ def measure_accuracy(run_dir: Path, split: Split, split_name: str, tta_modes: Se
     return {mode: cache[keys[mode]] for mode in tta_modes}
 
 
+def recorded_selection(run_dir: Path, config: dict, dataset: FerData, hint: str) -> tuple[str, int] | None:
+    """The selection split a run's ``data.json`` records: its name and how many images chose the best epoch.
+
+    Refuses ``dataset`` when it does not give the run (under its own seed, hold-out and example limits) the
+    training and selection images the record fingerprints: a row measured on other data, or of a run trained on
+    other data than the rest, would not compare. None when the run records none (older than data.json, or a
+    damaged one): then nothing can be checked.
+    """
+    from fer_keras.train import run_splits_of
+
+    path = run_dir / "data.json"
+    try:
+        record = read_data_record(run_dir)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if record is None or not all(record[k].get("sha256") for k in ("train", "val")):
+        return None
+    train, val, name = run_splits_of(dataset, config)
+    differs = [what for what, split, key in (("training", train, "train"), ("selection", val, "val"))
+               if split.fingerprint() != record[key]["sha256"]]
+    recorded_name = record["val"].get("name") if isinstance(record["val"].get("name"), str) else name
+    if differs:
+        def count(part: dict) -> str:
+            return f"{part['images']:,}" if isinstance(part.get("images"), int) else "?"
+
+        raise ConfigError(
+            f"{run_dir}: {dataset.source} does not give it the {' and '.join(differs)} images its data.json records "
+            f"({count(record['train'])} training and {count(record['val'])} {recorded_name} images of "
+            f"{record.get('source')}; {dataset.source} gives {len(train):,} and {len(val):,} {name}); {hint}"
+        )
+    return recorded_name, len(val)
+
+
 def build_table(run_dirs: Sequence[Path], data: str | None, tta_modes: Sequence[str] = TTA_MODES,
                 batch_size: int = 256) -> list[AblationRow]:
     """One measured row per run; the first run is the baseline the others' changes are stated against.
 
-    ``data`` None measures each run on the data it recorded. Runs selected on different splits (other
-    data, or another hold-out seed or fraction) are refused: their accuracies would not compare.
+    ``data`` None measures the runs on the data the first run recorded (the bundled sample if none). Runs
+    selected on different splits of it (another hold-out seed or fraction), or whose ``data.json`` records other
+    training or selection images than it gives them, are refused: their accuracies would not compare.
     """
-    from fer_keras.export import selection_split
+    from fer_keras import data as fer_data
+    from fer_keras.train import TrainConfig, selection_split_of
 
     if not run_dirs:
         raise ConfigError("no runs given (--runs=DIR,DIR,...)")
     runs = [(Path(d), *read_run(Path(d))) for d in run_dirs]
+    first = TrainConfig.recorded(runs[0][1])
+    # One data set for all: per-run data would let runs trained on different images share a table.
+    dataset = fer_data.load(data or first["data"] or None, skip_bad_rows=bool(first["skip_bad_rows"]),
+                            use_cache=bool(first["use_cache"]))
     # Whole splits: a run that selected on a --max_val_examples subset is measured on all of it, like the rest.
-    splits = [selection_split(data, {**config, "max_val_examples": 0}) for _, config, _ in runs]
-    first_split, first_name, first_source = splits[0]
+    splits = [selection_split_of(dataset, {**config, "max_val_examples": 0}) for _, config, _ in runs]
+    first_split, first_name = splits[0]
     first_print = first_split.fingerprint()
-    for (run_dir, _, _), (split, name, source) in zip(runs[1:], splits[1:]):
+    for (run_dir, _, _), (split, name) in zip(runs[1:], splits[1:]):
         if split.fingerprint() != first_print:
             raise ConfigError(
-                f"{run_dir}: selected on {name} ({len(split):,} images of {source}), not on {runs[0][0].name}'s "
-                f"{first_name} ({len(first_split):,} images of {first_source}); an ablation compares runs on one "
+                f"{run_dir}: selected on {name} ({len(split):,} images of {dataset.source}), not on "
+                f"{runs[0][0].name}'s {first_name} ({len(first_split):,} images); an ablation compares runs on one "
                 "split (give --data, or compare runs of the same data and hold-out)"
             )
-    label = "val (PublicTest)" if first_name == "PublicTest" else f"val ({first_name})"
+    hint = ("give --data the data the runs were trained on" if data else
+            f"one table's runs must be trained on one data set, here {runs[0][0].name}'s (give --data the data they "
+            "were trained on)")
+    recorded = [recorded_selection(run_dir, config, dataset, hint) for run_dir, config, _ in runs]
+    for (run_dir, _, _), record in zip(runs, recorded):
+        if record is None:
+            logging.warning("%s: no usable data.json, so the data it was trained and selected on is not checked",
+                            run_dir)
+    label = f"val ({next((r[0] for r in recorded if r), first_name)})"
     baseline = runs[0][1]
     rows = []
-    for run_dir, config, history in runs:
+    for (run_dir, config, history), record in zip(runs, recorded):
         best = best_row(history)
         rows.append(AblationRow(
             run=run_dir.name,
@@ -135,6 +187,7 @@ def build_table(run_dirs: Sequence[Path], data: str | None, tta_modes: Sequence[
             split_label=label,
             num_images=len(first_split),
             accuracy=measure_accuracy(run_dir, first_split, "val", tta_modes, batch_size, first_print),
+            selected_on=record[1] if record else None,
         ))
     return rows
 
@@ -154,9 +207,31 @@ def render_markdown(rows: Sequence[AblationRow]) -> str:
                  _minutes(r.wall_seconds)] + [f"{100 * r.accuracy[m]:.1f} %" for m in modes]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Accuracy of each run's best.keras on {split}, {rows[0].num_images:,} images, the split that also "
-                 "picked its best epoch; wall time is the sum of its epochs' times in history.csv.")
+    lines.append(f"Accuracy of each run's best.keras on {split}, {rows[0].num_images:,} images{selection_note(rows)}; "
+                 "wall time is the sum of its epochs' times in history.csv.")
     return "\n".join(lines) + "\n"
+
+
+def _names(rows: Sequence[AblationRow]) -> str:
+    names = [f"`{r.run}`" for r in rows]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def selection_note(rows: Sequence[AblationRow]) -> str:
+    """The footer's claim about the split that picked each run's best epoch, as the runs' data.json record it."""
+    if all(r.selected_on == r.num_images for r in rows):
+        return ", the split that also picked each run's best epoch (as its data.json records)"
+    clauses = []
+    for count in dict.fromkeys(r.selected_on for r in rows if r.selected_on is not None):  # in the runs' order
+        where = "all of them" if count == rows[0].num_images else f"{count:,} of them (--max_val_examples)"
+        verb = "" if clauses else "picked the best epoch "
+        clauses.append(f"{_names([r for r in rows if r.selected_on == count])} {verb}on {where}")
+    unknown = [r for r in rows if r.selected_on is None]
+    note = "; by their data.json, " + ", ".join(clauses) if clauses else ""
+    if unknown:
+        note += (f"; {_names(unknown)} {'has' if len(unknown) == 1 else 'have'} no usable data.json, so neither the "
+                 "data nor the split that picked the best epoch is known")
+    return note
 
 
 def check_outputs(path: Path) -> None:
@@ -167,8 +242,9 @@ def check_outputs(path: Path) -> None:
 
 def define_flags() -> None:
     flags.DEFINE_list("runs", None, "Training run directories, comma-separated; the first is the baseline.")
-    flags.DEFINE_string("data", "", "The data to measure the runs on (empty: the data each run recorded, else "
-                        "the bundled sample); its PublicTest, or the runs' hold-out of Training, is measured.")
+    flags.DEFINE_string("data", "", "The data to measure the runs on (empty: the data the first run recorded, else "
+                        "the bundled sample); its PublicTest, or the runs' hold-out of Training, is measured. It "
+                        "must give every run the training and selection images its data.json records.")
     flags.DEFINE_list("tta", list(TTA_MODES), "TTA modes to measure each run's best.keras with.")
     flags.DEFINE_string("output", "", "Also write the Markdown table here, a .md file (and the figures as .json "
                         "beside it); an existing file is replaced only if it is an earlier table.")

@@ -1,10 +1,14 @@
 """Knowledge distillation: training targets softened by trained teachers (``train --teachers``).
 
-The student learns from ``(1 - weight) * one_hot(label) + weight * teacher``, where ``teacher`` is the mean of
-the teachers' probabilities, each averaged over test-time augmentation views (an export's own built-in TTA, else
-``--teacher_tta``) and sharpened or softened by a temperature. FER2013's labels are noisy and its classes overlap
-(fear and sad, angry and disgust); a teacher's probabilities say by how much for each face, which a one-hot label
-cannot.
+The soft target is ``(1 - weight) * one_hot(label) + weight * teacher``, where ``teacher`` is the mean of the
+teachers' probabilities, each averaged over test-time augmentation views (an export's own built-in TTA, else
+``--teacher_tta``) and sharpened or softened by a temperature. The training loss then smooths it as it smooths a
+one-hot label: with ``--label_smoothing`` s the cross-entropy's target is ``(1 - s) * soft_target + s / 7``, so
+with every recipe's s = 0.1 the student learns from ``0.9 * [(1 - w) * one_hot + w * teacher] + 0.1 / 7``: the
+teachers' share is 0.9 w, not w, and every class gets 1/70 more. That is the recipe that made version 8 (w = 0.5:
+0.45 label, 0.45 teachers, 0.1 spread over the 7 classes), kept rather than changed. FER2013's labels are noisy
+and its classes overlap (fear and sad, angry and disgust); a teacher's probabilities say by how much for each face,
+which a one-hot label cannot.
 
 The teachers' probabilities are computed once, on the un-augmented training images, and kept in the run
 directory (``teacher_targets.npz``; ``teachers.json`` records which models they came from). Online
@@ -70,7 +74,11 @@ def soften(probabilities: np.ndarray, temperature: float) -> np.ndarray:
 
 def soft_targets(labels: np.ndarray, probabilities: np.ndarray, weight: float, temperature: float = 1.0) -> np.ndarray:
     """float32 ``[N, 7]`` rows summing to 1: the one-hot labels mixed with the teachers' mean (softened)
-    probabilities. ``probabilities`` is ``[K, N, 7]`` (K teachers) or ``[N, 7]``."""
+    probabilities. ``probabilities`` is ``[K, N, 7]`` (K teachers) or ``[N, 7]``.
+
+    These are the targets before the loss's label smoothing (and mixup, which mixes them): training's
+    cross-entropy with ``label_smoothing`` s fits ``(1 - s) * targets + s / 7``, the same smoothing one-hot labels get.
+    """
     if not 0 <= weight <= 1:
         raise ConfigError(f"distill_weight must be in [0, 1], got {weight:g}")
     probs = np.asarray(probabilities, np.float64)
@@ -199,12 +207,49 @@ def load(folder: Path) -> Teachers | None:
     return Teachers(probabilities, records, fingerprint, tta)
 
 
+def hold_out_risk(record: dict, val_split: str, val_fraction: float | None = None,
+                  seed: int | None = None) -> str | None:
+    """Why the teacher of a :func:`describe_teacher` record may have trained on images a student selecting on
+    ``val_split`` holds out, or None when its record shows it did not.
+
+    A hold-out of Training is named by its fraction alone, so a teacher's of the same name may still hold out
+    other images: another ``seed``, or a fraction that rounds to the same percentage. Whatever the record does not
+    say (the teacher's split, how its hold-out was drawn, what the weights it started from were trained on) counts
+    as a risk: a warning too many costs less than a selection split the student has seen through its teacher.
+    The data themselves are not compared: a record holds their path at most.
+    """
+    from fer_keras.history import unrecorded_start
+    from fer_keras.train import TrainConfig
+
+    teacher_split = record.get("val_split")
+    if not teacher_split:
+        return "the split it was selected on is not recorded"
+    if teacher_split != val_split:
+        return f"it was selected on {teacher_split}, this run selects on {val_split}"
+    if val_split == "PublicTest":  # a fixed split of the data, never trained on
+        return None
+    run = record.get("run") if isinstance(record.get("run"), dict) else {}
+    if not isinstance(run.get("config"), dict) or val_fraction is None or seed is None:
+        return f"how its {teacher_split} was drawn (fraction and seed) is not recorded"
+    config = TrainConfig.recorded(run["config"])
+    if (config["val_fraction"], config["seed"]) != (val_fraction, seed):
+        return (f"its {teacher_split} was drawn with fraction {config['val_fraction']:g} and seed {config['seed']}, "
+                f"this run's with fraction {val_fraction:g} and seed {seed}")
+    start = run.get("init") or unrecorded_start(config)
+    if start:
+        return f"it started from other weights ({start.get('path')}), whose training images are not known"
+    return None
+
+
 def prepare(folder: Path, teachers: Sequence[str] | Sequence[dict], images: np.ndarray, labels: np.ndarray,
             fingerprint: str, started: bool, val_split: str, tta: str = "flip",
-            batch_size: int = BATCH_SIZE) -> tuple[Teachers, bool]:
+            batch_size: int = BATCH_SIZE, *, val_fraction: float | None = None,
+            seed: int | None = None) -> tuple[Teachers, bool]:
     """The teachers (paths, or their :func:`describe_teacher` records) of a run whose outputs go to ``folder``:
     stored ones that fit, else computed now. Returns ``(teachers, fresh)``; ``fresh`` when computed (the caller
-    saves them once the run is under way).
+    saves them once the run is under way). Teachers that may have trained on the run's selection split
+    (``val_split``; for a hold-out, drawn with ``val_fraction`` and ``seed``) are warned about
+    (:func:`hold_out_risk`).
 
     A run that has started keeps the probabilities it started with; when they are lost, the teachers must still
     be the same models (same SHA-256), or the run would change targets midway. A run that has not started
@@ -222,9 +267,10 @@ def prepare(folder: Path, teachers: Sequence[str] | Sequence[dict], images: np.n
         _check_started_with(folder, teachers)
     fresh = compute(teachers, images, labels, fingerprint, tta, batch_size)
     for record in fresh.records:
-        if record.get("val_split") and record["val_split"] != val_split:
-            logging.warning("teacher %s was selected on %s, this run selects on %s: the teacher may have trained on "
-                            "images this run holds out", record["path"], record["val_split"], val_split)
+        risk = hold_out_risk(record, val_split, val_fraction, seed)
+        if risk:
+            logging.warning("teacher %s: %s: the teacher may have trained on images this run holds out",
+                            record["path"], risk)
     return fresh, True
 
 

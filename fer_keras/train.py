@@ -90,7 +90,8 @@ class TrainConfig:
     # ones: fine-tuning, or a further learning-rate cycle after a finished run.
     init_from: str = ""
     # Knowledge distillation: targets (1 - distill_weight) * one-hot + distill_weight * the teachers' mean
-    # probabilities (softened by distill_temperature), computed once on the training images (fer_keras.distill).
+    # probabilities (softened by distill_temperature), computed once on the training images (fer_keras.distill);
+    # the loss then applies label_smoothing s to them as to one-hot labels: (1 - s) * target + s / 7.
     teachers: tuple[str, ...] = ()
     distill_weight: float = 0.5
     distill_temperature: float = 1.0
@@ -656,7 +657,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     if config.teachers:
         teachers, teachers_fresh = distill.prepare(
             out_dir, specs, train_split.images, train_split.labels, data_record["train"]["sha256"], started,
-            val_name, config.teacher_tta)
+            val_name, config.teacher_tta, val_fraction=config.val_fraction, seed=config.seed)
         targets = teachers.targets(train_split.labels, config.distill_weight, config.distill_temperature)
 
     initial_epoch = latest[1]["epoch"] if latest else 0
@@ -897,7 +898,9 @@ def define_flags() -> None:
     f.DEFINE_enum("teacher_tta", d.teacher_tta, list(TTA_MODES), "--teachers: the test-time augmentation averaged "
                   "for a teacher without its own (an export with TTA built in is run as it serves).")
     f.DEFINE_float("distill_weight", d.distill_weight, "--teachers: the teachers' share of each target; "
-                   "(1 - DISTILL_WEIGHT) stays on the image's label.")
+                   "(1 - DISTILL_WEIGHT) stays on the image's label. --label_smoothing then applies to this target "
+                   "as to a one-hot label: the loss fits (1 - S) x target + S/7, S = LABEL_SMOOTHING (0.1 in the "
+                   "recipes: 0.9 x [(1 - W) x label + W x teachers] + 0.1/7).")
     f.DEFINE_float("distill_temperature", d.distill_temperature, "--teachers: each teacher's probabilities p "
                    "(averaged over its views) become p^(1/T), renormalised (for one view, its logits divided by T): "
                    "above 1 softer, below 1 sharper.")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -50,6 +52,10 @@ def test_rows_are_measured_and_name_what_changed(two_runs, monkeypatch):
     table = ablation.render_markdown(rows)
     assert "| `mixup` | `mixup=0.2` | 2 |" in table and "(baseline)" in table
     assert f"{100 * rows[1].accuracy['none']:.1f} %" in table
+    # The shared run chose its epoch on 63 of PublicTest's 256 images (--max_val_examples), as its data.json says.
+    assert [r.selected_on for r in rows] == [63, 63]
+    assert ("on val (PublicTest), 256 images; by their data.json, `base` and `mixup` picked the best epoch on 63 of "
+            "them (--max_val_examples); wall time") in table
 
     # A second table reads the cache; a new best.keras is measured again.
     monkeypatch.setattr("fer_keras.evaluate.evaluate", lambda *a, **k: pytest.fail("cache not used"))
@@ -109,10 +115,14 @@ def test_runs_are_measured_on_their_recorded_data_and_on_one_shared_split(two_ru
 
     record(base, data=str(csv), seed=0)
     record(other, data=str(csv), seed=0)
+    for run in (base, other):  # as if trained on that data
+        write_data_record(run, fer_data.load(csv))
     rows = ablation.build_table([base, other], None, ("none",))
     _, hold_out = fer_data.train_val(fer_data.load(csv), 0.1, 0)  # no PublicTest: the runs' 10 % hold-out
-    assert [r.num_images for r in rows] == [len(hold_out), len(hold_out)] == [7, 7]
+    assert [r.num_images for r in rows] == [r.selected_on for r in rows] == [len(hold_out), len(hold_out)] == [7, 7]
     assert rows[0].split_label == "val (10% stratified hold-out)"
+    assert ("on val (10% stratified hold-out), 7 images, the split that also picked each run's best epoch (as its "
+            "data.json records); wall time") in ablation.render_markdown(rows)
     assert rows[1].accuracy["none"] == evaluate(load_predictor(other / "best.keras"), hold_out, "none",
                                                 split_name="val").accuracy
 
@@ -120,6 +130,57 @@ def test_runs_are_measured_on_their_recorded_data_and_on_one_shared_split(two_ru
     with pytest.raises(ConfigError, match=r"mixup: selected on 10% stratified hold-out \(7 images of .*\), "
                                           r"not on base's 10% stratified hold-out"):
         ablation.build_table([base, other], None, ("none",))
-    # Named data with PublicTest decides for both runs, whatever they recorded.
-    rows = ablation.build_table([base, other], str(fer_data.SAMPLE_PATH), ("none",))
-    assert [r.num_images for r in rows] == [256, 256] and rows[0].split_label == "val (PublicTest)"
+    # Named data is measured only when it is the data the runs recorded: the sample's PublicTest never chose
+    # these runs' epochs (the table used to measure them on it all the same).
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(base))}: .*fer2013_sample.csv.gz does not give it the "
+                                          r"training and selection images its data.json records \(63 training and 7 "
+                                          r"10% stratified hold-out images of .*training_only.csv; .* gives 128 and 63 "
+                                          r"PublicTest\); give --data the data the runs were trained on$"):
+        ablation.build_table([base, other], str(fer_data.SAMPLE_PATH), ("none",))
+
+
+def write_data_record(run, dataset) -> None:
+    """The data.json a run of this config.json would have written had it trained on ``dataset``."""
+    from fer_keras.train import run_splits_of
+
+    train, val, name = run_splits_of(dataset, json.loads((run / "config.json").read_text()))
+    (run / "data.json").write_text(json.dumps({
+        "source": dataset.source, "train": {"images": len(train), "sha256": train.fingerprint()},
+        "val": {"images": len(val), "name": name, "sha256": val.fingerprint()}}))
+
+
+def test_runs_trained_on_other_data_than_measured_are_refused(two_runs, tmp_path):
+    base, other = two_runs
+    # The sample with every Training image inverted: the same PublicTest, so the runs' selection split is the same
+    # and only their data.json tells that they never trained on these images.
+    lines = gzip.open(fer_data.SAMPLE_PATH, "rt").read().splitlines()
+    inverted = tmp_path / "inverted_training.csv"
+    inverted.write_text("\n".join(lines[:1] + [
+        f"{label},{' '.join(str(255 - int(v)) for v in pixels.split())},{usage}" if usage == "Training" else line
+        for line in lines[1:] for label, pixels, usage in [line.split(",")]]) + "\n")
+    message = (rf"^{re.escape(str(base))}: .*inverted_training.csv does not give it the training images its "
+               r"data.json records \(128 training and 63 PublicTest images of .*fer2013_sample.csv.gz; .* gives 128 "
+               r"and 63 PublicTest\); give --data the data the runs were trained on$")
+    with pytest.raises(ConfigError, match=message):
+        ablation.build_table([base, other], str(inverted), ("none",))
+    proc = run_tool("ablation", f"--runs={base},{other}", f"--data={inverted}", "--tta=none", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not proc.stdout
+    assert re.match(message.replace("^", "^error: ", 1), proc.stderr.strip().splitlines()[-1])
+
+    # Data left to the runs: a run whose data.json records other training images than the first run's data
+    # gives it (another file with the same PublicTest) is refused, not measured beside it.
+    record = json.loads((other / "data.json").read_text())
+    (other / "data.json").write_text(json.dumps({**record, "train": {**record["train"], "sha256": "0" * 64}}))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(other))}: .* does not give it the training images its "
+                                          r"data.json records .*; one table's runs must be trained on one data set, "
+                                          r"here base's \(give --data the data they were trained on\)$"):
+        ablation.build_table([base, other], None, ("none",))
+
+    # A run without data.json cannot be checked: measured, and the footer says so instead of naming its split.
+    (other / "data.json").write_text(json.dumps(record))
+    (base / "data.json").unlink()
+    rows = ablation.build_table([base, other], None, ("none",))
+    assert [r.selected_on for r in rows] == [None, 63]
+    assert ("on val (PublicTest), 256 images; by their data.json, `mixup` picked the best epoch on 63 of them "
+            "(--max_val_examples); `base` has no usable data.json, so neither the data nor the split that picked the "
+            "best epoch is known; wall time") in ablation.render_markdown(rows)

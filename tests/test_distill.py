@@ -110,13 +110,32 @@ def teacher_files(tmp_path_factory):
     return root / "a.keras", root / "b.keras"
 
 
-def test_a_distilled_run_trains_on_its_teachers_targets_and_keeps_them(teacher_files, tmp_path, capsys):
+def _loss_spy(seen: list):
+    """The training loss class, keeping every batch's targets, logits and per-image loss as the model is fit."""
+    import keras
+    import tensorflow as tf
+
+    class Spy(keras.losses.CategoricalCrossentropy):
+        def call(self, y_true, y_pred):
+            loss = super().call(y_true, y_pred)
+            tf.numpy_function(lambda *arrays: seen.append(arrays) or np.float32(0), [y_true, y_pred, loss], tf.float32)
+            return loss
+
+    return Spy
+
+
+def test_a_distilled_run_trains_on_its_teachers_targets_and_keeps_them(teacher_files, tmp_path, capsys, monkeypatch):
+    import keras
+
     a, b = teacher_files
     teacher = tmp_path / "teacher.keras"
     shutil.copy(a, teacher)
     config = train.TrainConfig(model_dir=str(tmp_path / "run"), export=False, teachers=(str(teacher), str(b)),
                                distill_weight=0.8, distill_temperature=2.0, **{**SMALL_RUN, "epochs": 1})
-    result = train.run(config)
+    seen: list = []
+    with monkeypatch.context() as patch:
+        patch.setattr(keras.losses, "CategoricalCrossentropy", _loss_spy(seen))
+        result = train.run(config)
     out = capsys.readouterr().out
     assert "distilled from 2 teacher(s) (weight 0.8, temperature 2" in out
     assert out.count("teacher 1/2 ") == 1 and "teacher 2/2 " in out
@@ -141,6 +160,20 @@ def test_a_distilled_run_trains_on_its_teachers_targets_and_keeps_them(teacher_f
     np.testing.assert_allclose(stored.probabilities[1], (predictor.probabilities(train_split.images) + flipped) / 2,
                                atol=1e-5)
     assert "--teachers=" in (result.model_dir / "flags.txt").read_text()
+
+    # The loss label-smooths the soft targets as it does one-hot labels (the recipe that made version 8): each
+    # training image's target is 0.9 * [(1 - w) * one-hot + w * teachers] + 0.1 / 7, label_smoothing 0.1.
+    assert config.label_smoothing == 0.1
+    soft = distill.soft_targets(train_split.labels, stored.probabilities, 0.8, 2.0)
+    one_hot = np.eye(NUM_CLASSES)[train_split.labels]
+    teachers_mean = distill.soften(stored.probabilities, 2.0).mean(axis=0)
+    np.testing.assert_allclose(soft, 0.2 * one_hot + 0.8 * teachers_mean, rtol=1e-6)
+    y_true, logits, loss = (np.concatenate(parts) for parts in zip(*seen))
+    fitted = ~np.isin(y_true, (0.0, 1.0)).all(axis=1)  # validation batches carry one-hot labels
+    assert fitted.sum() == len(train_split) == 128  # one epoch: every training image once, by its own soft target
+    assert sorted(map(bytes, y_true[fitted])) == sorted(map(bytes, soft))
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(loss, -((0.9 * y_true + 0.1 / NUM_CLASSES) * log_p).sum(axis=1), rtol=1e-5, atol=1e-6)
 
     # Rerun of the finished run: the stored probabilities are used, the teachers not run again, even when one of
     # them has meanwhile become another model.
@@ -321,3 +354,54 @@ def test_the_card_keeps_how_its_teachers_were_trained_and_counts_every_run_once(
     # A card written again without the teachers' flags removes the stale file of the previous card.
     model_card.write_card(result.model_dir, base, None, None, ("none",))
     assert not (base / "teacher1_train_flags.txt").exists() and not (base / "teacher1_init_train_flags.txt").exists()
+
+
+HOLD_OUT = "10% stratified hold-out"
+
+
+@pytest.mark.parametrize("teacher, student, risk", [
+    ({"val_split": "PublicTest"}, ("PublicTest", 0.1, 0), None),
+    ({"val_split": HOLD_OUT, "run": {"config": {"val_fraction": 0.1, "seed": 3}, "init": None}}, (HOLD_OUT, 0.1, 3),
+     None),
+    ({"val_split": HOLD_OUT, "run": {"config": {"val_fraction": 0.1}}}, (HOLD_OUT, 0.1, 0), None),  # seed predated
+    ({"val_split": "PublicTest"}, (HOLD_OUT, 0.1, 0), f"it was selected on PublicTest, this run selects on {HOLD_OUT}"),
+    ({"val_split": HOLD_OUT, "run": {"config": {"val_fraction": 0.1, "seed": 1}}}, (HOLD_OUT, 0.1, 0),
+     f"its {HOLD_OUT} was drawn with fraction 0.1 and seed 1, this run's with fraction 0.1 and seed 0"),
+    ({"val_split": HOLD_OUT, "run": {"config": {"val_fraction": 0.104, "seed": 0}}}, (HOLD_OUT, 0.1, 0),
+     f"its {HOLD_OUT} was drawn with fraction 0.104 and seed 0, this run's with fraction 0.1 and seed 0"),
+    ({"val_split": None, "run": None}, ("PublicTest", 0.1, 0), "the split it was selected on is not recorded"),
+    ({"val_split": HOLD_OUT, "run": None}, (HOLD_OUT, 0.1, 0),
+     f"how its {HOLD_OUT} was drawn (fraction and seed) is not recorded"),
+    ({"val_split": HOLD_OUT, "run": {"config": {"val_fraction": 0.1, "seed": 0}}}, (HOLD_OUT, None, None),
+     f"how its {HOLD_OUT} was drawn (fraction and seed) is not recorded"),
+    ({"val_split": HOLD_OUT, "run": {"config": {"val_fraction": 0.1, "seed": 0, "init_from": "runs/a"}}},
+     (HOLD_OUT, 0.1, 0), "it started from other weights (runs/a), whose training images are not known"),
+    ({"val_split": HOLD_OUT, "run": {"config": {"val_fraction": 0.1, "seed": 0}, "init": {"path": "b.keras"}}},
+     (HOLD_OUT, 0.1, 0), "it started from other weights (b.keras), whose training images are not known"),
+])
+def test_a_teacher_whose_hold_out_may_differ_from_the_students_is_a_risk(teacher, student, risk):
+    assert distill.hold_out_risk(teacher, *student) == risk
+
+
+def test_a_run_warns_of_a_teacher_that_held_out_other_images(trained_run, tmp_path, caplog):
+    # The teacher: a run on data without PublicTest whose 10 % hold-out was drawn with seed 1 (the shared run,
+    # relabelled so; its model does not matter here), and a student on such data holding out 10 % with seed 0: a
+    # split of the same name, other images, which the teacher may have trained on.
+    teacher = tmp_path / "teacher"
+    shutil.copytree(trained_run[1].model_dir, teacher, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    record = json.loads((teacher / "data.json").read_text())
+    (teacher / "data.json").write_text(json.dumps({**record, "val": {**record["val"], "name": HOLD_OUT}}))
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "seed": 1}))
+    rng = np.random.default_rng(5)
+    csv = tmp_path / "training_only.csv"
+    csv.write_text("\n".join(["emotion,pixels,Usage"] + [
+        f"{c},{' '.join(map(str, rng.integers(0, 256, 2304)))},Training" for c in range(7) for _ in range(10)]) + "\n")
+    student = train.TrainConfig(model_dir=str(tmp_path / "student"), export=False, data=str(csv), seed=0,
+                                teachers=(str(teacher),), teacher_tta="none", **{**SMALL_RUN, "epochs": 1})
+    with caplog.at_level("WARNING"):
+        train.run(student)
+    warnings = [r.getMessage() for r in caplog.records if "teacher" in r.getMessage()]
+    assert warnings == [f"teacher {(teacher / 'best.keras').resolve()}: its {HOLD_OUT} was drawn with fraction 0.1 "
+                        f"and seed 1, this run's with fraction 0.1 and seed 0: the teacher may have trained on images "
+                        "this run holds out"]
