@@ -289,14 +289,14 @@ class _Context:
     def load_data(self) -> None:
         """Reads the data; ``--split=val`` on data without a labelled val split (the course layout, image
         folders) is the hold-out the run chose its epoch on, rebuilt from the run's recorded settings."""
-        self.data = fer_data.load(self.data_arg, skip_bad_rows=self.skip_bad_rows)
-        if self.split == "val" and not fer_data.has_labelled_val(self.data) and self.train_config:
-            from fer_keras.train import selection_split_of
+        from fer_keras.evaluate import run_holdout
 
-            self._split, name = selection_split_of(self.data, self.train_config)
-            self.holdout_label = f"val ({name} of train)"
-        else:
+        self.data = fer_data.load(self.data_arg, skip_bad_rows=self.skip_bad_rows)
+        holdout = run_holdout(self.data, self.split, [str(self.model_path)])
+        if holdout is None:
             self._split = self.data.split(self.split)
+        else:
+            _, self._split, self.holdout_label = holdout
 
     @property
     def split_label(self) -> str:
