@@ -102,16 +102,15 @@ def measure_accuracy(run_dir: Path, split: Split, split_name: str, tta_modes: Se
     return {mode: cache[keys[mode]] for mode in tta_modes}
 
 
-def recorded_selection(run_dir: Path, config: dict, dataset: FerData, hint: str) -> tuple[str, int] | None:
+def recorded_selection(run_dir: Path, dataset: FerData, train: Split, val: Split, name: str,
+                       hint: str) -> tuple[str, int] | None:
     """The selection split a run's ``data.json`` records: its name and how many images chose the best epoch.
 
-    Refuses ``dataset`` when it does not give the run (under its own seed, hold-out and example limits) the
-    training and selection images the record fingerprints: a row measured on other data, or of a run trained on
-    other data than the rest, would not compare. None when the run records none (older than data.json, or a
-    damaged one): then nothing can be checked.
+    Refuses ``dataset`` when the run's own splits of it (``train`` and ``val``, under the run's seed, hold-out and
+    example limits) are not the training and selection images the record fingerprints: a row measured on other
+    data, or of a run trained on other data than the rest, would not compare. None when the run records none
+    (older than data.json, or a damaged one): then nothing can be checked.
     """
-    from fer_keras.train import run_splits_of
-
     path = run_dir / "data.json"
     try:
         record = read_data_record(run_dir)
@@ -119,7 +118,6 @@ def recorded_selection(run_dir: Path, config: dict, dataset: FerData, hint: str)
         raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
     if record is None or not all(record[k].get("sha256") for k in ("train", "val")):
         return None
-    train, val, name = run_splits_of(dataset, config)
     differs = [what for what, split, key in (("training", train, "train"), ("selection", val, "val"))
                if split.fingerprint() != record[key]["sha256"]]
     recorded_name = record["val"].get("name") if isinstance(record["val"].get("name"), str) else name
@@ -144,7 +142,7 @@ def build_table(run_dirs: Sequence[Path], data: str | None, tta_modes: Sequence[
     training or selection images than it gives them, are refused: their accuracies would not compare.
     """
     from fer_keras import data as fer_data
-    from fer_keras.train import TrainConfig, selection_split_of
+    from fer_keras.train import TrainConfig, run_splits_of, selection_subset_of
 
     if not run_dirs:
         raise ConfigError("no runs given (--runs=DIR,DIR,...)")
@@ -153,11 +151,12 @@ def build_table(run_dirs: Sequence[Path], data: str | None, tta_modes: Sequence[
     # One data set for all: per-run data would let runs trained on different images share a table.
     dataset = fer_data.load(data or first["data"] or None, skip_bad_rows=bool(first["skip_bad_rows"]),
                             use_cache=bool(first["use_cache"]))
-    # Whole splits: a run that selected on a --max_val_examples subset is measured on all of it, like the rest.
-    splits = [selection_split_of(dataset, {**config, "max_val_examples": 0}) for _, config, _ in runs]
-    first_split, first_name = splits[0]
+    # Whole selection splits: a run that selected on a --max_val_examples subset is measured on all of it, like
+    # the rest; the subset is cut from it only to check the run's data.json.
+    splits = [run_splits_of(dataset, {**config, "max_val_examples": 0}) for _, config, _ in runs]
+    _, first_split, first_name = splits[0]
     first_print = first_split.fingerprint()
-    for (run_dir, _, _), (split, name) in zip(runs[1:], splits[1:]):
+    for (run_dir, _, _), (_, split, name) in zip(runs[1:], splits[1:]):
         if split.fingerprint() != first_print:
             raise ConfigError(
                 f"{run_dir}: selected on {name} ({len(split):,} images of {dataset.source}), not on "
@@ -167,7 +166,8 @@ def build_table(run_dirs: Sequence[Path], data: str | None, tta_modes: Sequence[
     hint = ("give --data the data the runs were trained on" if data else
             f"one table's runs must be trained on one data set, here {runs[0][0].name}'s (give --data the data they "
             "were trained on)")
-    recorded = [recorded_selection(run_dir, config, dataset, hint) for run_dir, config, _ in runs]
+    recorded = [recorded_selection(run_dir, dataset, train, selection_subset_of(val, config), name, hint)
+                for (run_dir, config, _), (train, val, name) in zip(runs, splits)]
     for (run_dir, _, _), record in zip(runs, recorded):
         if record is None:
             logging.warning("%s: no usable data.json, so the data it was trained and selected on is not checked",

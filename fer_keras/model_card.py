@@ -454,9 +454,13 @@ def _teacher_line(training: dict, c: dict) -> str:
     cost = (f"; {runs} and its teachers' runs (with the runs they started from), each counted once, took "
             f"{total / 3600:.2f} h in all" if total is not None else
             "; the teachers' training time is not all recorded")
-    return (f"- distilled: each training target is {1 - c['distill_weight']:g} × the one-hot label + "
-            f"{c['distill_weight']:g} × the mean probabilities (temperature {c['distill_temperature']:g}) of "
-            f"{len(teachers)} teacher(s), computed once on the un-augmented training images: "
+    w, s = c["distill_weight"], c.get("label_smoothing") or 0.0
+    # Label smoothing applies to the soft target as to a one-hot label: (1 - s) x target + s / 7.
+    smoothed = (f", then label smoothing {s:g} makes it {(1 - s) * (1 - w):g} × the label + {(1 - s) * w:g} × the "
+                f"teachers' probabilities + {s / 7:.4g} on every class" if s else "")
+    return (f"- distilled: each training target is {1 - w:g} × the one-hot label + "
+            f"{w:g} × the mean probabilities (temperature {c['distill_temperature']:g}) of "
+            f"{len(teachers)} teacher(s), computed once on the un-augmented training images{smoothed}: "
             + ", ".join(described) + cost + ".")
 
 

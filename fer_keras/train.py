@@ -355,6 +355,12 @@ def run_splits_of(dataset: FerData, run_config: dict) -> tuple[Split, Split, str
     return run_splits(dataset, config)
 
 
+def selection_subset_of(val_split: Split, run_config: dict) -> Split:
+    """The ``--max_val_examples`` subset of a whole selection split that a recorded run chose its epoch on."""
+    recorded = TrainConfig.recorded(run_config)
+    return _subset(val_split, recorded["max_val_examples"], recorded["seed"])
+
+
 def _check_same_data(model_dir: Path, source: str, train_split, val_split, val_name: str,
                      enforce: bool = True) -> tuple[dict, bool]:
     """Refuses to resume (or to call finished) a run on other data than it was trained on; the path may

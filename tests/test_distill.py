@@ -283,7 +283,9 @@ def test_the_card_of_a_distilled_model_names_its_teachers(teacher_files, tmp_pat
     records = json.loads((result.model_dir / distill.RECORD_FILE).read_text())
     assert card["training"]["teachers"] == records
     assert ("- distilled: each training target is 0.25 × the one-hot label + 0.75 × the mean probabilities "
-            "(temperature 1) of 2 teacher(s), computed once on the un-augmented training images: "
+            "(temperature 1) of 2 teacher(s), computed once on the un-augmented training images, then label "
+            "smoothing 0.1 makes it 0.225 × the label + 0.675 × the teachers' probabilities + 0.01429 on every "
+            "class: "
             f"`{a.resolve()}` (TTA none; SHA-256 {records[0]['sha256'][:12]}…), `{b.resolve()}` (TTA none; "
             f"SHA-256 {records[1]['sha256'][:12]}…); the teachers' training time is not all recorded.") in text
     assert card["training"]["wall_seconds_with_teachers"] is None  # bare .keras teachers: how they were trained?

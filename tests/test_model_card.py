@@ -400,6 +400,13 @@ def test_shipped_card_states_what_the_shipped_model_scores(fer2013_path):
     assert difference.max() < 1e-3, sample[difference.max(axis=1).argmax()]
 
 
+def test_the_shipped_cards_readme_is_rendered_from_its_json():
+    """The shipped README is written by model_card from model_card.json; a wording change must re-render it."""
+    card = json.loads((SHIPPED / model_card.CARD_JSON).read_text())
+    assert (SHIPPED / model_card.CARD_MD).read_text() == model_card.render_markdown(card), (
+        "saved_models/fer_resnet18/README.md differs from model_card.render_markdown(model_card.json); re-render it")
+
+
 def test_readme_carries_the_reference_table_of_the_model_card():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     start, end = "<!-- references -->\n", "\n<!-- /references -->"
