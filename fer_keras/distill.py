@@ -108,7 +108,7 @@ def describe_teacher(path: str) -> dict:
         raise ConfigError(f"--teachers: {e}") from None
     meta, run = _teacher_run(kind, resolved)
     record["tta"] = (meta.get("tta") or "none") if kind == "saved_model" else "none"
-    record.update({k: meta.get(k) for k in ("val_split", "val_accuracy", "best_epoch")})
+    record.update({k: meta.get(k) for k in ("val_split", "val_accuracy", "best_epoch", "data")})
     record["run"] = run
     return record
 
@@ -207,16 +207,28 @@ def load(folder: Path) -> Teachers | None:
     return Teachers(probabilities, records, fingerprint, tta)
 
 
+def _fingerprints(record) -> tuple[str, str] | None:
+    """The (training, selection) image fingerprints of a ``data.json`` record, or None when it holds none."""
+    try:
+        train, val = record["train"]["sha256"], record["val"]["sha256"]
+    except (KeyError, TypeError):
+        return None
+    return (train, val) if isinstance(train, str) and isinstance(val, str) else None
+
+
 def hold_out_risk(record: dict, val_split: str, val_fraction: float | None = None,
-                  seed: int | None = None) -> str | None:
+                  seed: int | None = None, data: dict | None = None) -> str | None:
     """Why the teacher of a :func:`describe_teacher` record may have trained on images a student selecting on
     ``val_split`` holds out, or None when its record shows it did not.
 
     A hold-out of Training is named by its fraction alone, so a teacher's of the same name may still hold out
-    other images: another ``seed``, or a fraction that rounds to the same percentage. Whatever the record does not
-    say (the teacher's split, how its hold-out was drawn, what the weights it started from were trained on) counts
-    as a risk: a warning too many costs less than a selection split the student has seen through its teacher.
-    The data themselves are not compared: a record holds their path at most.
+    other images: another ``seed``, a fraction that rounds to the same percentage, or another data file. When
+    both the teacher's record and the student's ``data`` (its ``data.json`` record) hold image fingerprints, they
+    decide: the teacher did not train on the student's hold-out when it selected on those very images or trained
+    on the student's very training images. Else the fraction and seed its run recorded are compared. Whatever the
+    record does not say (the teacher's split, how its hold-out was drawn, what the weights it started from were
+    trained on) counts as a risk: a warning too many costs less than a selection split the student has seen
+    through its teacher.
     """
     from fer_keras.history import unrecorded_start
     from fer_keras.train import TrainConfig
@@ -229,13 +241,19 @@ def hold_out_risk(record: dict, val_split: str, val_fraction: float | None = Non
     if val_split == "PublicTest":  # a fixed split of the data, never trained on
         return None
     run = record.get("run") if isinstance(record.get("run"), dict) else {}
-    if not isinstance(run.get("config"), dict) or val_fraction is None or seed is None:
+    config = TrainConfig.recorded(run["config"]) if isinstance(run.get("config"), dict) else None
+    theirs, ours = _fingerprints(record.get("data")), _fingerprints(data)
+    if theirs and ours:
+        if theirs[0] != ours[0] and theirs[1] != ours[1]:
+            source = record["data"].get("source")
+            return (f"its training and {teacher_split} images (of {source}) are, by their fingerprints, neither "
+                    f"this run's training nor its {val_split} images")
+    elif config is None or val_fraction is None or seed is None:
         return f"how its {teacher_split} was drawn (fraction and seed) is not recorded"
-    config = TrainConfig.recorded(run["config"])
-    if (config["val_fraction"], config["seed"]) != (val_fraction, seed):
+    elif (config["val_fraction"], config["seed"]) != (val_fraction, seed):
         return (f"its {teacher_split} was drawn with fraction {config['val_fraction']:g} and seed {config['seed']}, "
                 f"this run's with fraction {val_fraction:g} and seed {seed}")
-    start = run.get("init") or unrecorded_start(config)
+    start = run.get("init") or (unrecorded_start(config) if config else None)
     if start:
         return f"it started from other weights ({start.get('path')}), whose training images are not known"
     return None
@@ -244,12 +262,12 @@ def hold_out_risk(record: dict, val_split: str, val_fraction: float | None = Non
 def prepare(folder: Path, teachers: Sequence[str] | Sequence[dict], images: np.ndarray, labels: np.ndarray,
             fingerprint: str, started: bool, val_split: str, tta: str = "flip",
             batch_size: int = BATCH_SIZE, *, val_fraction: float | None = None,
-            seed: int | None = None) -> tuple[Teachers, bool]:
+            seed: int | None = None, data: dict | None = None) -> tuple[Teachers, bool]:
     """The teachers (paths, or their :func:`describe_teacher` records) of a run whose outputs go to ``folder``:
     stored ones that fit, else computed now. Returns ``(teachers, fresh)``; ``fresh`` when computed (the caller
     saves them once the run is under way). Teachers that may have trained on the run's selection split
-    (``val_split``; for a hold-out, drawn with ``val_fraction`` and ``seed``) are warned about
-    (:func:`hold_out_risk`).
+    (``val_split``; for a hold-out, drawn with ``val_fraction`` and ``seed``, the images ``data``, the run's
+    ``data.json`` record, fingerprints) are warned about (:func:`hold_out_risk`).
 
     A run that has started keeps the probabilities it started with; when they are lost, the teachers must still
     be the same models (same SHA-256), or the run would change targets midway. A run that has not started
@@ -267,7 +285,7 @@ def prepare(folder: Path, teachers: Sequence[str] | Sequence[dict], images: np.n
         _check_started_with(folder, teachers)
     fresh = compute(teachers, images, labels, fingerprint, tta, batch_size)
     for record in fresh.records:
-        risk = hold_out_risk(record, val_split, val_fraction, seed)
+        risk = hold_out_risk(record, val_split, val_fraction, seed, data)
         if risk:
             logging.warning("teacher %s: %s: the teacher may have trained on images this run holds out",
                             record["path"], risk)

@@ -258,6 +258,8 @@ def run_metadata(run_dir: Path) -> dict:
     record = _data_record(run_dir)  # the split val_accuracy was measured on, as training's exports record it
     if record and isinstance(record["val"].get("name"), str):
         info["val_split"] = record["val"]["name"]
+    if record:
+        info["data"] = record
     return info
 
 

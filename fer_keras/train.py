@@ -663,7 +663,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     if config.teachers:
         teachers, teachers_fresh = distill.prepare(
             out_dir, specs, train_split.images, train_split.labels, data_record["train"]["sha256"], started,
-            val_name, config.teacher_tta, val_fraction=config.val_fraction, seed=config.seed)
+            val_name, config.teacher_tta, val_fraction=config.val_fraction, seed=config.seed,
+            data=data_record)
         targets = teachers.targets(train_split.labels, config.distill_weight, config.distill_temperature)
 
     initial_epoch = latest[1]["epoch"] if latest else 0
@@ -819,7 +820,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     export_path = None
     best_epoch, best_val = recorder.best_epoch, recorder.best_val
     if chief and export_base is not None and (model_dir / "best.keras").is_file():
-        export_path = _export_once(model_dir, config, best_epoch, best_val, val_split, val_name, export)
+        export_path = _export_once(model_dir, config, best_epoch, best_val, val_split, val_name, export,
+                                   data_record)
     if chief:
         print(
             f"best validation accuracy {best_val:.2%} ({val_name}) at epoch {best_epoch}; "
@@ -829,7 +831,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
 
 
 def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val: float, val_split,
-                 val_name: str, export_mod) -> Path:
+                 val_name: str, export_mod, data_record: dict) -> Path:
     """Exports best.keras once per run and export settings: a rerun of a finished run adds no version, unless
     it asks for another export folder, name, version or TTA."""
     marker = model_dir / "export.json"
@@ -854,6 +856,7 @@ def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val
         "val_accuracy": best_val,
         "val_split": val_name,
         "train_config": config.to_json(),
+        "data": data_record,  # the images it trained and selected on, by fingerprint: distill.hold_out_risk
     }
     tta = export_mod.resolve_tta(model, config.export_tta, val_split, val_name, metadata,
                                  tolerance=config.export_tta_tolerance)

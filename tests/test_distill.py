@@ -385,6 +385,35 @@ def test_a_teacher_whose_hold_out_may_differ_from_the_students_is_a_risk(teacher
     assert distill.hold_out_risk(teacher, *student) == risk
 
 
+def _data(train: str, val: str) -> dict:
+    return {"source": "a.csv", "train": {"images": 9, "sha256": train}, "val": {"images": 1, "name": HOLD_OUT,
+                                                                              "sha256": val}}
+
+
+SEED_1 = {"config": {"val_fraction": 0.1, "seed": 1}, "init": None}
+SEED_0 = {"config": {"val_fraction": 0.1, "seed": 0}, "init": None}
+
+
+@pytest.mark.parametrize("teacher, student, risk", [
+    # The images' fingerprints decide over the fraction and seed when both sides record them.
+    ({"run": SEED_1, "data": _data("t", "v")}, _data("t", "v"), None),
+    ({"run": SEED_1, "data": _data("t", "w")}, _data("t", "v"), None),  # same training images: never saw ours
+    ({"run": SEED_1, "data": _data("u", "v")}, _data("t", "v"), None),  # selected on our very hold-out
+    ({"run": SEED_0, "data": _data("u", "w")}, _data("t", "v"),
+     f"its training and {HOLD_OUT} images (of a.csv) are, by their fingerprints, neither this run's training nor "
+     f"its {HOLD_OUT} images"),
+    ({"run": {**SEED_1, "init": {"path": "b.keras"}}, "data": _data("t", "v")}, _data("t", "v"),
+     "it started from other weights (b.keras), whose training images are not known"),
+    # One side without fingerprints (an export made before they were kept): the fraction and seed decide.
+    ({"run": SEED_1, "data": None}, _data("t", "v"),
+     f"its {HOLD_OUT} was drawn with fraction 0.1 and seed 1, this run's with fraction 0.1 and seed 0"),
+    ({"run": SEED_0, "data": {"train": {}, "val": {"sha256": "v"}}}, _data("t", "v"), None),
+    ({"run": SEED_0, "data": _data("u", "w")}, None, None),
+])
+def test_recorded_image_fingerprints_decide_a_teachers_hold_out_risk(teacher, student, risk):
+    assert distill.hold_out_risk({"val_split": HOLD_OUT, **teacher}, HOLD_OUT, 0.1, 0, student) == risk
+
+
 def test_a_run_warns_of_a_teacher_that_held_out_other_images(trained_run, tmp_path, caplog):
     # The teacher: a run on data without PublicTest whose 10 % hold-out was drawn with seed 1 (the shared run,
     # relabelled so; its model does not matter here), and a student on such data holding out 10 % with seed 0: a
@@ -404,6 +433,13 @@ def test_a_run_warns_of_a_teacher_that_held_out_other_images(trained_run, tmp_pa
     with caplog.at_level("WARNING"):
         train.run(student)
     warnings = [r.getMessage() for r in caplog.records if "teacher" in r.getMessage()]
-    assert warnings == [f"teacher {(teacher / 'best.keras').resolve()}: its {HOLD_OUT} was drawn with fraction 0.1 "
-                        f"and seed 1, this run's with fraction 0.1 and seed 0: the teacher may have trained on images "
-                        "this run holds out"]
+    # The teacher's data.json fingerprints images of the sample, not of this file: they decide.
+    assert warnings == [f"teacher {(teacher / 'best.keras').resolve()}: its training and {HOLD_OUT} images (of "
+                        f"{record['source']}) are, by their fingerprints, neither this run's training nor its "
+                        f"{HOLD_OUT} images: the teacher may have trained on images this run holds out"]
+    # A teacher whose record names its split but fingerprints no images: the seeds its run recorded decide.
+    (teacher / "data.json").write_text(json.dumps({"source": record["source"], "train": {},
+                                                   "val": {"name": HOLD_OUT}}))
+    ours = json.loads((tmp_path / "student" / "data.json").read_text())
+    assert distill.hold_out_risk(distill.describe_teacher(str(teacher)), HOLD_OUT, 0.1, 0, ours) == (
+        f"its {HOLD_OUT} was drawn with fraction 0.1 and seed 1, this run's with fraction 0.1 and seed 0")

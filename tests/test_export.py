@@ -307,8 +307,12 @@ def test_export_cli_from_a_run_dir_and_refusing_an_existing_version(trained_run,
     assert info["tta"] == "flip" and info["train_config"]["stem"] == config.stem
     assert info["best_epoch"] == result.best_epoch
     assert info["val_accuracy"] == pytest.approx(result.best_val_accuracy, abs=5e-6)  # history.csv's 6 digits
-    # The split that accuracy was measured on, as training's own export records it.
-    assert info["val_split"] == json.loads((Path(config.model_dir) / "data.json").read_text())["val"]["name"]
+    # The split that accuracy was measured on, and the images it trained and selected on, as training's own export
+    # records them (distill.hold_out_risk compares a teacher's with its student's).
+    record = json.loads((Path(config.model_dir) / "data.json").read_text())
+    assert info["val_split"] == record["val"]["name"]
+    assert info["data"] == record
+    assert json.loads((result.export_path / "assets.extra" / "fer_keras.json").read_text())["data"] == record
     # Refused before --tta=auto spends minutes measuring the model.
     again = subprocess.run(args + ["--version=1", "--tta=auto"], env=cli_env(tmp_path), capture_output=True,
                            text=True, timeout=300)
