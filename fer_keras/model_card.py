@@ -674,7 +674,8 @@ def main(argv: Sequence[str]) -> None:
                       [Path(r) for r in f.init_recipe])
     more = "".join(f", {p.name}" for p in sorted([*path.parent.glob(f"init*_{TRAIN_FLAGS}"),
                                                   *path.parent.glob(f"teacher*_{TRAIN_FLAGS}")]))
-    print(f"wrote {path} and {CARD_JSON}, {TRAIN_FLAGS}{more}, history.png, confusion_matrix.png beside it")
+    print(f"wrote {path} and {CARD_JSON}, {TRAIN_FLAGS}{more}, history.png, confusion_matrix.png, "
+          f"{SERVED_PREDICTIONS} beside it")
 
 
 if __name__ == "__main__":
