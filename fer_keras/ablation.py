@@ -26,7 +26,14 @@ from absl import flags, logging
 
 from fer_keras import cli
 from fer_keras.errors import ConfigError
-from fer_keras.history import atomic_write_text, best_row, check_replaceable, read_data_record, read_run
+from fer_keras.history import (
+    atomic_write_text,
+    best_row,
+    check_replaceable,
+    data_fingerprints,
+    read_data_record,
+    read_run,
+)
 from fer_keras.tta import TTA_MODES
 
 if TYPE_CHECKING:
@@ -116,10 +123,11 @@ def recorded_selection(run_dir: Path, dataset: FerData, train: Split, val: Split
         record = read_data_record(run_dir)
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
-    if record is None or not all(record[k].get("sha256") for k in ("train", "val")):
+    fingerprints = data_fingerprints(record)
+    if fingerprints is None:
         return None
-    differs = [what for what, split, key in (("training", train, "train"), ("selection", val, "val"))
-               if split.fingerprint() != record[key]["sha256"]]
+    differs = [what for what, split, recorded in zip(("training", "selection"), (train, val), fingerprints)
+               if split.fingerprint() != recorded]
     recorded_name = record["val"].get("name") if isinstance(record["val"].get("name"), str) else name
     if differs:
         def count(part: dict) -> str:

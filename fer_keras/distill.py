@@ -207,15 +207,6 @@ def load(folder: Path) -> Teachers | None:
     return Teachers(probabilities, records, fingerprint, tta)
 
 
-def _fingerprints(record) -> tuple[str, str] | None:
-    """The (training, selection) image fingerprints of a ``data.json`` record, or None when it holds none."""
-    try:
-        train, val = record["train"]["sha256"], record["val"]["sha256"]
-    except (KeyError, TypeError):
-        return None
-    return (train, val) if isinstance(train, str) and isinstance(val, str) else None
-
-
 def hold_out_risk(record: dict, val_split: str, val_fraction: float | None = None,
                   seed: int | None = None, data: dict | None = None) -> str | None:
     """Why the teacher of a :func:`describe_teacher` record may have trained on images a student selecting on
@@ -230,7 +221,7 @@ def hold_out_risk(record: dict, val_split: str, val_fraction: float | None = Non
     trained on) counts as a risk: a warning too many costs less than a selection split the student has seen
     through its teacher.
     """
-    from fer_keras.history import unrecorded_start
+    from fer_keras.history import data_fingerprints, unrecorded_start
     from fer_keras.train import TrainConfig
 
     teacher_split = record.get("val_split")
@@ -242,7 +233,7 @@ def hold_out_risk(record: dict, val_split: str, val_fraction: float | None = Non
         return None
     run = record.get("run") if isinstance(record.get("run"), dict) else {}
     config = TrainConfig.recorded(run["config"]) if isinstance(run.get("config"), dict) else None
-    theirs, ours = _fingerprints(record.get("data")), _fingerprints(data)
+    theirs, ours = data_fingerprints(record.get("data")), data_fingerprints(data)
     if theirs and ours:
         if theirs[0] != ours[0] and theirs[1] != ours[1]:
             source = record["data"].get("source")

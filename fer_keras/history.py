@@ -306,6 +306,16 @@ def read_data_record(run_dir: str | os.PathLike) -> dict | None:
     return record if valid else None
 
 
+def data_fingerprints(record) -> tuple[str, str] | None:
+    """The (training, selection) image fingerprints a ``data.json`` record holds, or None when it holds none
+    (a record older than them, a damaged one, or no record)."""
+    try:
+        train, val = record["train"]["sha256"], record["val"]["sha256"]
+    except (KeyError, TypeError):
+        return None
+    return (train, val) if all(isinstance(f, str) and f for f in (train, val)) else None
+
+
 def read_start(run_dir: str | os.PathLike | None, config: dict | None) -> dict | None:
     """What a run started from: its ``init.json``, or, when that is gone, unreadable or damaged,
     :func:`unrecorded_start` of its configuration (a chain of runs reads on past a damaged record)."""
