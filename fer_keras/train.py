@@ -411,7 +411,8 @@ def _subset(split, limit: int, seed: int):
 
 
 def build_optimizer(config: TrainConfig, steps_per_epoch: int, model: keras.Model) -> keras.Optimizer:
-    """The optimizer and learning-rate schedule ``config`` names, over ``config.epochs * steps_per_epoch`` steps.
+    """The optimizer and learning-rate schedule ``config`` names, over ``config.epochs * steps_per_epoch`` steps;
+    for ``mixed_float16``, wrapped for loss scaling that holds across replicas (:mod:`fer_keras.precision`).
 
     Validates ``config`` first, so a caller that built it by hand gets the same error as the flags would give
     instead of, say, an unknown optimizer silently becoming AdamW.
@@ -463,7 +464,9 @@ def build_optimizer(config: TrainConfig, steps_per_epoch: int, model: keras.Mode
     if not config.decay_norm_and_bias:
         # Decay conv and dense kernels only: BatchNorm scales/offsets and biases are 1-D.
         opt.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
-    return opt
+    from fer_keras.precision import for_precision
+
+    return for_precision(opt, config.precision)
 
 
 def load_initial_model(init_from: str) -> tuple[keras.Model, dict]:

@@ -191,6 +191,65 @@ def test_batchnorm_statistics_are_the_replicas_mean_on_every_replica_and_in_the_
     assert [m.tolist() for m in means] == [[2.5] * 3], stored.keys()
 
 
+LOSS_SCALE_OVERFLOW = textwrap.dedent("""
+    import json, sys
+    from fer_keras import distribute
+    distribute.configure_cpu_devices(2)  # before TensorFlow initialises
+    import keras, numpy as np, tensorflow as tf
+    from fer_keras.precision import ReplicaSafeLossScaleOptimizer
+    keras.config.set_dtype_policy("mixed_float16")
+    strategy = distribute.create_strategy("mirrored")
+    # The first replica gets the first two rows, the second the last two; inputs of 3e3 overflow float16 gradients
+    # at the initial loss scale (2 ** 15).
+    small, big = np.full((2, 4), 1e-3, "float32"), np.full((2, 4), 3e3, "float32")
+    y = np.tile(np.array([[1, 0]], "float32"), (4, 1))
+    out = {}
+    for case, rows in {"none": [small, small], "replica 0": [big, small], "replica 1": [small, big]}.items():
+        data = tf.data.Dataset.from_tensors((np.concatenate(rows), y))
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            inputs = keras.Input((4,))
+            model = keras.Model(inputs, keras.layers.Dense(2, dtype="float32")(keras.layers.Dense(4)(inputs)))
+            model.compile(ReplicaSafeLossScaleOptimizer(keras.optimizers.SGD(0.01)), loss="mse")
+
+        def finite(x, y):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(x) - y)) * 2.0 ** 15
+            grads = tape.gradient(loss, model.trainable_variables)
+            return tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+
+        batch = next(iter(strategy.experimental_distribute_dataset(data)))
+        flags = strategy.experimental_local_results(strategy.run(finite, args=batch))
+        before = model.get_weights()
+        model.fit(data, epochs=1, verbose=0)
+        after = model.get_weights()
+        out[case] = {
+            "replicas finite": [bool(f) for f in flags],
+            "finite": all(bool(np.isfinite(w).all()) for w in after),
+            "stepped": any(not np.array_equal(a, b) for a, b in zip(after, before)),
+            "scale": float(np.asarray(model.optimizer.dynamic_scale)),
+        }
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_mixed_float16_skips_a_step_that_overflowed_on_any_replica(tmp_path):
+    """Dynamic loss scaling skips a step whose scaled gradients overflowed and halves the scale. Keras 3.15's
+    LossScaleOptimizer asks only the first replica: an overflow on the second reached every weight (measured in
+    session 43 with this script and Keras' wrapper: non-finite weights, the scale unchanged). fer_keras's wrapper,
+    which training uses for --precision=mixed_float16, skips it on every replica and leaves finite steps alone.
+    The replicas' own gradients (computed before the step) show where each case overflows."""
+    proc = subprocess.run([sys.executable, "-c", LOSS_SCALE_OVERFLOW], env=cli_env(tmp_path), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result == {
+        "none": {"replicas finite": [True, True], "finite": True, "stepped": True, "scale": 2.0 ** 15},
+        "replica 0": {"replicas finite": [False, True], "finite": True, "stepped": False, "scale": 2.0 ** 14},
+        "replica 1": {"replicas finite": [True, False], "finite": True, "stepped": False, "scale": 2.0 ** 14},
+    }
+
+
 class Cluster:
     """Two-worker clusters on 127.0.0.1 inside a private network namespace: TensorFlow's gRPC server binds
     0.0.0.0 whatever TF_CONFIG says, so only a namespace of their own keeps the workers unreachable from other
@@ -219,8 +278,16 @@ class Cluster:
         pytest.skip(f"cannot make a private network namespace ({'; '.join(problems)})")
 
     def start(self, model_dir: Path, extra: list[str], other_model_dir: Path | None = None) -> list[subprocess.Popen]:
-        """Two workers; ``other_model_dir`` gives worker 1 another folder (no shared file system). Fresh ports each
-        time: the namespace has no other listeners."""
+        """Two training workers; ``other_model_dir`` gives worker 1 another folder (no shared file system)."""
+        return self.start_commands(lambda index: [
+            "-m", "fer_keras.train", "--flagfile=flags/smoke.cfg", "--strategy=multi_worker",
+            f"--model_dir={other_model_dir if index and other_model_dir else model_dir}",
+            f"--export_dir={self.tmp_path / 'exports'}", "--max_train_examples=128", "--export_tta=none", *extra,
+        ])
+
+    def start_commands(self, python_args) -> list[subprocess.Popen]:
+        """Two workers running ``python *python_args(index)``. Fresh ports each time: the namespace has no other
+        listeners."""
         base = 20000 + 2 * self.started
         self.started += 1
         cluster = {"worker": [f"127.0.0.1:{base + i}" for i in range(2)]}
@@ -228,11 +295,7 @@ class Cluster:
         for index in range(2):
             env = cli_env(self.tmp_path)
             env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-            args = [
-                *self.netns, sys.executable, "-m", "fer_keras.train", "--flagfile=flags/smoke.cfg",
-                "--strategy=multi_worker", f"--model_dir={other_model_dir if index and other_model_dir else model_dir}",
-                f"--export_dir={self.tmp_path / 'exports'}", "--max_train_examples=128", "--export_tta=none", *extra,
-            ]
+            args = [*self.netns, sys.executable, *python_args(index)]
             out, err = (self.tmp_path / f"worker{self.started}_{index}.{kind}" for kind in ("out", "err"))
             with open(out, "w") as stdout, open(err, "w") as stderr:
                 proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=stdout, stderr=stderr)
@@ -376,6 +439,44 @@ def test_workers_that_would_resume_after_different_epochs_are_refused(tmp_path, 
             "the run's checkpoints (a worker one epoch ahead after a kill: move its newest checkpoints/epoch_NNNN "
             "folder away)"], err[-3000:]
     assert not (tmp_path / "elsewhere").exists()
+
+
+MULTI_WORKER_OVERFLOW = textwrap.dedent("""
+    import json, os, sys
+    from fer_keras import distribute
+    strategy = distribute.create_strategy("multi_worker", collective_timeout=60)
+    import keras, numpy as np, tensorflow as tf
+    from fer_keras.precision import ReplicaSafeLossScaleOptimizer
+    worker = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    keras.config.set_dtype_policy("mixed_float16")
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        inputs = keras.Input((4,))
+        model = keras.Model(inputs, keras.layers.Dense(2, dtype="float32")(keras.layers.Dense(4)(inputs)))
+        model.compile(ReplicaSafeLossScaleOptimizer(keras.optimizers.SGD(0.01)), loss="mse")
+    before = model.get_weights()
+    # Worker 1's inputs overflow float16 gradients at the initial loss scale; worker 0's do not.
+    x = np.full((4, 4), 3e3 if worker == 1 else 1e-3, "float32")
+    model.fit(tf.data.Dataset.from_tensors((x, np.tile(np.array([[1, 0]], "float32"), (4, 1)))), epochs=1, verbose=0)
+    after = model.get_weights()
+    print("RESULT " + json.dumps({
+        "stepped": any(not np.array_equal(a, b) for a, b in zip(after, before)),
+        "finite": all(bool(np.isfinite(w).all()) for w in after),
+        "scale": float(np.asarray(model.optimizer.dynamic_scale)),
+    }))
+""")
+
+
+@pytest.mark.slow
+def test_mixed_float16_workers_agree_to_skip_a_step_that_overflowed_on_one(tmp_path, workers):
+    """With Keras 3.15's own LossScaleOptimizer the worker whose gradients overflowed skips the step while the other
+    waits for it in the gradient all-reduce until the collective timeout (measured: both failed after 31 s at a
+    30-second timeout). fer_keras's wrapper sums the workers' overflow flags first, so both skip it."""
+    procs = workers.start_commands(lambda index: ["-c", MULTI_WORKER_OVERFLOW])
+    outputs = [workers.finish(p, timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+        assert json.loads(out.split("RESULT ", 1)[1]) == {"stepped": False, "finite": True, "scale": 2.0 ** 14}
 
 
 @pytest.mark.parametrize("cluster, task, expected", [
