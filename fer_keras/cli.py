@@ -66,9 +66,29 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
 
 
 def _parse_flags(argv: Sequence[str]) -> list[str]:
-    """absl's parser, with a bad flag value reported as one ``error:`` line (absl adds a usage hint line)."""
+    """absl's parser, with a bad flag value or an unreadable flagfile reported as one ``error:`` line (absl adds
+    a usage hint line, and a flagfile that is not text would end in a traceback)."""
     try:
         return flags.FLAGS(list(argv))
     except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {str(e).removeprefix('ERROR:: ')}", file=sys.stderr)
         sys.exit(2)
+    except UnicodeDecodeError as e:
+        print(f"error: {_undecodable_flagfile(argv)}: not UTF-8 text ({e.reason} at byte {e.start}); a --flagfile "
+              "holds one --flag=value per line", file=sys.stderr)
+        sys.exit(2)
+
+
+def _undecodable_flagfile(argv: Sequence[str]) -> str:
+    """The first ``--flagfile`` named on the command line that is not UTF-8 (absl's error does not name it), or
+    a description when it is one those name in turn."""
+    named = [arg.split("=", 1)[1] for arg in argv if arg.lstrip("-").startswith("flagfile=")]
+    for path in named:
+        try:
+            with open(path, encoding="utf-8") as f:
+                f.read()
+        except UnicodeDecodeError:
+            return path
+        except OSError:
+            continue
+    return f"a flagfile that {', '.join(named) or 'the command line'} names"

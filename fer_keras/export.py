@@ -30,7 +30,14 @@ from absl import flags
 
 from fer_keras import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, __version__, cli
 from fer_keras.errors import ConfigError, FerError, ModelError
-from fer_keras.history import best_row, read_data_record, read_history_csv, remove_dead_writers_tmp, tmp_name
+from fer_keras.history import (
+    best_row,
+    read_config,
+    read_data_record,
+    read_history_csv,
+    remove_dead_writers_tmp,
+    tmp_name,
+)
 from fer_keras.tta import (
     AUTO,
     DEFAULT_CROP_SIZE,
@@ -246,11 +253,10 @@ def load_for_export(path: str | os.PathLike) -> keras.Model:
 
 def run_metadata(run_dir: Path) -> dict:
     """What a training run directory tells about its best model, for the export's fer_keras.json."""
-    info: dict = {"model_dir": str(run_dir.resolve())}
+    info: dict = {"model_dir": str(run_dir.resolve()), "train_config": read_config(run_dir)}
     try:
-        info["train_config"] = json.loads((run_dir / "config.json").read_text())
         rows = read_history_csv(run_dir / "history.csv")
-    except (OSError, ValueError, FerError):  # a damaged record: the export then says less about its run
+    except (OSError, ValueError, FerError):  # a damaged history: the export then says less about its run
         return info
     if rows:
         best = best_row(rows)
@@ -347,8 +353,8 @@ def define_flags() -> None:
     flags.mark_flag_as_required("model")
     flags.register_validator("version", lambda v: v >= 0, "--version must be >= 0")
     flags.register_validator("crop_size", lambda v: 0 < v <= IMAGE_SIZE, f"--crop_size must be in 1-{IMAGE_SIZE}")
-    flags.register_validator("name", lambda v: not v or ("/" not in v and not v.startswith(".")),
-                             "--name must be a plain folder name")
+    flags.register_validator("name", lambda v: not v or (v == v.strip() and "/" not in v and not v.startswith(".")),
+                             "--name must be a plain folder name (no spaces around it)")
 
 
 def main(argv: Sequence[str]) -> None:

@@ -245,7 +245,6 @@ def read_run(run_dir: str | os.PathLike, needed: Sequence[str] = ("best.keras", 
              ) -> tuple[dict, list[dict]]:
     """A training run's config.json and history.csv; one-line ConfigErrors for a folder that is not a run
     with a finished epoch, or whose files are unreadable."""
-    import json
 
     from fer_keras.errors import ConfigError
 
@@ -253,19 +252,31 @@ def read_run(run_dir: str | os.PathLike, needed: Sequence[str] = ("best.keras", 
     for name in needed:
         if not (run_dir / name).is_file():
             raise ConfigError(f"{run_dir}: not a training run with a finished epoch (no {name})")
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{run_dir / 'config.json'}: unreadable: {e}") from None
+    config = read_config(run_dir)
     try:
         history = read_history_csv(run_dir / "history.csv")
     except OSError as e:
         raise ConfigError(f"{run_dir / 'history.csv'}: unreadable: {e}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{run_dir}/config.json: expected a JSON object")
     if not history or any("epoch" not in row for row in history):
         raise ConfigError(f"{run_dir}/history.csv: no finished epoch")
     return config, history
+
+
+def read_config(run_dir: str | os.PathLike) -> dict:
+    """A run's ``config.json``; a one-line ConfigError naming it when it cannot be read or is not a JSON object
+    (the tools would otherwise go on without the run's settings: its crop, its hold-out, its data options)."""
+    import json
+
+    from fer_keras.errors import ConfigError
+
+    path = Path(run_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable: {e}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return config
 
 
 def read_init(run_dir: str | os.PathLike) -> dict | None:
@@ -353,9 +364,20 @@ def run_record(run_dir: str | os.PathLike) -> dict | None:
         "best_val_accuracy": best.get("val_accuracy"),
         "wall_seconds": sum(row.get("seconds", 0.0) for row in history),
         "config": config,
-        "flags": flags_file.read_text() if flags_file.is_file() else None,
+        "flags": read_flags_text(flags_file) if flags_file.is_file() else None,
         "init": init,
     }
+
+
+def read_flags_text(path: Path) -> str:
+    """A run's ``flags.txt``; a ConfigError naming it when it is not UTF-8 text (edited in another encoding)."""
+    from fer_keras.errors import ConfigError
+
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); it records the run's flags, "
+                          "one --flag=value per line: save it as UTF-8") from None
 
 
 def plot_history(history: list[dict], path: Path, title: str = "ResNet-18 on FER2013") -> None:

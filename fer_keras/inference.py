@@ -83,12 +83,12 @@ def training_config(kind: str, model_path: Path, run_dir: Path | None) -> dict |
     """The settings a model was trained with: its run's ``config.json``, else those an export records; None when
     neither is known (a ``.keras`` file on its own)."""
     if run_dir is not None and (run_dir / "config.json").is_file():
-        try:
-            return json.loads((run_dir / "config.json").read_text())
-        except ValueError:
-            return None
+        from fer_keras.history import read_config
+
+        return read_config(run_dir)
     if kind == "saved_model":
-        return export_metadata(model_path).get("train_config") or None
+        config = export_metadata(model_path).get("train_config")
+        return config if isinstance(config, dict) and config else None
     return None
 
 

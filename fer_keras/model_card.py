@@ -39,6 +39,7 @@ from fer_keras.history import (
     atomic_write_text,
     best_row,
     plot_history,
+    read_flags_text,
     read_init,
     read_run,
     read_start,
@@ -82,9 +83,11 @@ def _flag_lines(path: Path, including: tuple[Path, ...] = ()) -> dict[str, str]:
         raise ConfigError(f"{path}: flagfile includes itself")
     including = (*including, path.resolve())
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read recipe flagfile: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a recipe flagfile (not UTF-8 text: {e.reason} at byte {e.start})") from None
     values: dict[str, str] = {}
     for number, raw in enumerate(lines, 1):
         line = raw.strip()
@@ -112,7 +115,7 @@ def _same_value(a: str, b: str) -> bool:
 
 def check_recipe(recipe: Path, run_flags: Path) -> dict[str, str]:
     """The recipe's flags; a ConfigError listing every flag where the run (its ``flags.txt``) used another value."""
-    return check_recipe_text(recipe, run_flags.read_text(), run_flags.parent)
+    return check_recipe_text(recipe, read_flags_text(run_flags), run_flags.parent)
 
 
 def check_recipe_text(recipe: Path, flags_text: str, run_dir: str | os.PathLike) -> dict[str, str]:
@@ -179,7 +182,7 @@ def card_init_with_flags(init: dict | None, base: Path) -> dict | None:
     for depth, record in enumerate(start_chain(init), start=1):
         path = Path(base) / (record["run"].get("flags_file") or init_flags_name(depth))
         if record["run"].get("flags") is None and path.is_file():
-            record["run"]["flags"] = path.read_text()
+            record["run"]["flags"] = read_flags_text(path)
     return init
 
 
@@ -313,7 +316,7 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
         if not start.get("flags"):  # not recorded at the start (an older init.json, or an export without its card)
             first_flags = Path(start.get("model_dir") or "") / "flags.txt"
             if start.get("model_dir") and first_flags.is_file():
-                start["flags"] = first_flags.read_text()
+                start["flags"] = read_flags_text(first_flags)
             elif record.get("export") and (found := _export_card_run(record)):
                 start.update(found)
             elif depth == 1:

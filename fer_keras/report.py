@@ -810,6 +810,7 @@ def define_flags() -> None:
     for name in ("filter_steps", "saliency_samples", "num_filters", "top_k"):
         flags.register_validator(name, lambda v: v >= 1, f"--{name} must be >= 1")
     flags.register_validator("output_dir", lambda v: bool(v and v.strip()), "--output_dir must not be empty")
+    flags.register_validator("crop_size", lambda v: 0 < v <= IMAGE_SIZE, f"--crop_size must be in 1-{IMAGE_SIZE}")
 
 
 def main(argv: Sequence[str]) -> None:

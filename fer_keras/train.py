@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -64,7 +65,7 @@ RESUMABLE_FIELDS = {
 
 
 def _plain_name(name: str) -> bool:
-    return bool(name) and "/" not in name and not name.startswith(".")
+    return bool(name.strip()) and name == name.strip() and "/" not in name and not name.startswith(".")
 
 
 @dataclasses.dataclass
@@ -206,6 +207,11 @@ class TrainConfig:
             (all(0 < e < self.epochs for e in self.step_epochs),
              f"step_epochs must be between 1 and epochs - 1 ({self.epochs - 1}), got {list(self.step_epochs)}"),
         ]
+        for name in FLOAT_FIELDS:
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if not self.model_dir.strip():
+            raise ConfigError("model_dir must name a folder (empty would train into the current directory)")
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -1022,6 +1028,13 @@ def define_flags() -> None:
                          "--step_epochs must be positive integers, e.g. 30,45")
     f.register_validator("verbose", lambda v: v in (0, 1, 2), "--verbose must be 0, 1 or 2")
     f.register_validator("average_from_epoch", lambda v: v >= 0, "--average_from_epoch must be >= 0 (0: off)")
+    for name in FLOAT_FIELDS:  # absl's float parser takes inf and nan, which no setting here means
+        f.register_validator(name, math.isfinite, f"--{name} must be a finite number")
+    f.register_validator("model_dir", lambda v: bool(v.strip()), "--model_dir must name a folder (empty would "
+                         "train into the current directory)")
+
+
+FLOAT_FIELDS = tuple(field.name for field in dataclasses.fields(TrainConfig) if field.type == "float")
 
 
 def config_from_flags(values: Any) -> TrainConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -446,9 +447,13 @@ def test_export_cli_auto_tta_defaults_to_the_data_the_run_was_trained_on(trained
     assert "TTA chosen on PublicTest (21 images)" in proc.stdout
 
 
-def test_export_cli_refuses_a_negative_tta_tolerance(tmp_path):
-    proc = run_tool("export", "--model=x.keras", "--tta=auto", "--tta_tolerance=-1", env=cli_env(tmp_path))
-    assert proc.returncode != 0 and "--tta_tolerance must be >= 0" in proc.stderr
+@pytest.mark.parametrize("args, message", [
+    (["--tta=auto", "--tta_tolerance=-1"], "--tta_tolerance must be >= 0"),
+    (["--name= "], "--name must be a plain folder name"),  # was exported into a folder named " "
+])
+def test_export_cli_refuses_bad_flags_in_one_line(tmp_path, args, message):
+    proc = run_tool("export", "--model=x.keras", *args, env=cli_env(tmp_path))
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr
 
 
@@ -588,3 +593,32 @@ def test_export_auto_tta_refuses_data_other_than_the_runs(trained_run, tmp_path)
                                           r"\(data.json\); pass the data the run was trained on as --data"):
         export_from(config.model_dir, tmp_path / "exports", tta="auto", data=str(tmp_path / "other.csv"))
     assert not (tmp_path / "exports").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (b"[1, 2]", "expected a JSON object"),
+    (b'{"stem": "imag', "unreadable: "),
+    ('{"stem": "\u00e9"}'.encode("latin-1"), "unreadable: 'utf-8' codec can't decode"),
+])
+def test_a_runs_damaged_config_json_is_named_instead_of_ignored(trained_run, tmp_path, damage, message):
+    """Exporting a run records its settings, and --tta=auto rebuilds its selection split from them; the tools read
+    its crop and data options there too. Dropped silently, a damaged config.json sent the user after the data
+    (and a JSON list crashed the report); now the file is named, and nothing is exported."""
+    import shutil
+
+    from fer_keras import inference
+    from fer_keras.errors import ConfigError
+    from fer_keras.export import export_from
+
+    config, _ = trained_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("best.keras", "history.csv", "data.json"):
+        shutil.copy(Path(config.model_dir) / name, run / name)
+    (run / "config.json").write_bytes(damage)
+    pattern = re.escape(f"{run / 'config.json'}: {message}")
+    with pytest.raises(ConfigError, match=pattern):
+        export_from(str(run), tmp_path / "exports", tta="none")
+    assert not (tmp_path / "exports").exists()
+    with pytest.raises(ConfigError, match=pattern):
+        inference.training_config("keras", run / "best.keras", inference.find_run_dir(run))

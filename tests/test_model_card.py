@@ -113,6 +113,26 @@ def test_recipe_must_match_the_run(trained_run, tmp_path):
         model_card.check_recipe(loop, result.model_dir / "flags.txt")
 
 
+def test_flagfiles_that_are_not_text_are_named_in_one_line(trained_run, tmp_path):
+    """A recipe or a run's flags.txt saved in another encoding (or a binary file given by mistake) was a
+    UnicodeDecodeError traceback from model_card and from --init_from's record of the run."""
+    config, result = trained_run
+    recipe = tmp_path / "recipe.cfg"
+    recipe.write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(ConfigError, match=r"recipe.cfg: not a recipe flagfile \(not UTF-8 text: invalid start byte "
+                                          r"at byte 0\)"):
+        model_card.check_recipe(recipe, result.model_dir / "flags.txt")
+    run = tmp_path / "run"
+    shutil.copytree(result.model_dir, run, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    (run / "flags.txt").write_bytes("# \u00e9t\u00e9\n--epochs=2\n".encode("latin-1"))
+    recipe.write_text("--epochs=2\n")
+    message = rf"{run / 'flags.txt'}: not UTF-8 text \(invalid continuation byte at byte 2\)"
+    with pytest.raises(ConfigError, match=message):
+        model_card.check_recipe(recipe, run / "flags.txt")
+    with pytest.raises(ConfigError, match=message):
+        history.run_record(run)
+
+
 def test_card_refuses_other_data_and_draws_a_missing_history_plot(trained_run, tmp_path):
     from conftest import write_challenge_csv
 

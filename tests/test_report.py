@@ -115,6 +115,15 @@ def test_bad_input_is_a_one_line_error(run_dir, tmp_path):
         report.build_report(tmp_path, None, tmp_path / "file", sections="architecture")
 
 
+def test_cli_refuses_a_crop_size_outside_the_image(tmp_path):
+    """evaluate, predict and export refused it; report took --crop_size=-5 when its TTA was not ten-crop."""
+    proc = subprocess.run([sys.executable, "-m", "fer_keras.report", "--crop_size=-5", f"--output_dir={tmp_path}"],
+                          cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "--crop_size must be in 1-48" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_cli_missing_model_dir_exits_2_without_traceback(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(

@@ -337,10 +337,16 @@ def test_unwritable_model_dir_is_reported_before_training(tmp_path):
     ({"verbose": 3}, "verbose must be 0, 1 or 2"),
     ({"average_from_epoch": 5}, r"average_from_epoch must be between 0 \(off\) and epochs \(2\), got 5"),
     ({"input_crop": 41}, "input_crop must be 0 .none. or smaller than 48 by an even number of pixels, got 41"),
+    # inf passed every range check: --warmup_epochs=inf crashed, --learning_rate=inf trained an epoch of NaN.
+    ({"warmup_epochs": float("inf")}, "warmup_epochs must be a finite number, got inf"),
+    ({"learning_rate": float("inf")}, "learning_rate must be a finite number, got inf"),
+    ({"distill_temperature": float("nan")}, "distill_temperature must be a finite number, got nan"),
+    ({"model_dir": " "}, "model_dir must name a folder"),
+    ({"export_name": " "}, "export name ' ' must be a plain folder name"),
 ])
 def test_bad_settings_are_refused(tmp_path, kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        train.run(train.TrainConfig(model_dir=str(tmp_path), **{**SMALL_RUN, **kwargs}))
+        train.run(train.TrainConfig(**{"model_dir": str(tmp_path), **SMALL_RUN, **kwargs}))
 
 
 def test_every_recipe_in_flags_is_a_valid_configuration(tmp_path):
@@ -605,8 +611,17 @@ def cli(args, tmp_path, **kw):
     (["--teachers=a.keras", "--distill_weight=1.5"], "--distill_weight must be in [0, 1]"),
     # No --cpu_devices: README's main command relies on mirrored splitting a CPU-only machine into 2 replicas.
     (["--strategy=mirrored", "--batch_size=33"], "not divisible by the 2 replicas"),
+    (["--warmup_epochs=inf"], "--warmup_epochs must be a finite number"),
+    (["--mixup=nan"], "--mixup must be"),
+    # An unset shell variable (--model_dir=$RUN) trained into the current directory.
+    (["--model_dir="], "--model_dir must name a folder"),
+    (["--flagfile=latin1.cfg"], "latin1.cfg: not UTF-8 text (invalid continuation byte at byte 2)"),
+    (["--flagfile=missing.cfg"], "error: Unable to open flagfile"),
 ])
 def test_cli_bad_flags_exit_non_zero_with_one_line(tmp_path, args, needle):
+    (tmp_path / "latin1.cfg").write_bytes("# \u00e9t\u00e9\n--epochs=1\n".encode("latin-1"))
+    args = [a.replace("=latin1.cfg", f"={tmp_path / 'latin1.cfg'}").replace("=missing.cfg", f"={tmp_path / 'no.cfg'}")
+            for a in args]
     proc = cli(["--flagfile=flags/smoke.cfg", f"--model_dir={tmp_path / 'run'}", *args], tmp_path,
                cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2
