@@ -245,6 +245,31 @@ class GrayscaleToRGB(layers.Layer):
         return tuple(input_shape[:-1]) + (3,)
 
 
+@keras.saving.register_keras_serializable(package="fer_keras")
+class ReplicaDropout(layers.Dropout):
+    """Dropout that draws other masks on every replica.
+
+    Keras 3.15's Dropout keeps its random state in a variable copied to each replica, all equal, so under a
+    strategy with several replicas (workers included) every replica drew the same masks at every step, each for
+    its own share of the batch: with 8 replicas and batch 128, 16 distinct masks a step instead of 128. This folds
+    the replica's id into the seed of each draw. On one replica it is Keras' Dropout, draw for draw, and its
+    weights (the random state) are Keras' too, so checkpoints and ``--init_from`` models of either load.
+    """
+
+    def call(self, inputs, training=False):
+        replica = tf.distribute.get_replica_context()
+        if not training or self.rate == 0 or replica is None or replica.num_replicas_in_sync == 1:
+            return super().call(inputs, training=training)
+        seed = tf.random.experimental.stateless_fold_in(
+            tf.cast(self.seed_generator.next(), tf.int64), tf.cast(replica.replica_id_in_sync_group, tf.int64))
+        noise_shape = None
+        if self.noise_shape is not None:
+            noise_shape = [tf.shape(inputs)[i] if d is None else d for i, d in enumerate(self.noise_shape)]
+        # Keras' TensorFlow backend folds its int64 seeds into int32 the same way.
+        seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
+        return tf.nn.experimental.stateless_dropout(inputs, rate=self.rate, noise_shape=noise_shape, seed=seed)
+
+
 def resnet18(
     stem: str = "cifar_pool",
     input_channels: int = 1,
@@ -316,7 +341,7 @@ def resnet18(
 
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     if dropout > 0:
-        x = layers.Dropout(dropout, name="dropout")(x)
+        x = ReplicaDropout(dropout, name="dropout")(x)
     outputs = layers.Dense(num_classes, dtype="float32", name="logits")(x)
     return keras.Model(inputs, outputs, name=name)
 

@@ -250,6 +250,47 @@ def test_mixed_float16_skips_a_step_that_overflowed_on_any_replica(tmp_path):
     }
 
 
+DROPOUT_REPLICAS = textwrap.dedent("""
+    import json
+    from fer_keras import distribute
+    distribute.configure_cpu_devices(2)  # before TensorFlow initialises
+    import keras, numpy as np, tensorflow as tf
+    from fer_keras.model import ReplicaDropout, resnet18
+    strategy = distribute.create_strategy("mirrored")
+    with strategy.scope():
+        layer = ReplicaDropout(0.5, name="dropout")
+        layer.build((4, 64))
+
+    def step(layer):
+        out = tf.function(lambda: strategy.run(lambda: layer(tf.ones((4, 64)), training=True)))()
+        return [np.asarray(m) != 0 for m in strategy.experimental_local_results(out)]
+
+    ours = [step(layer) for _ in range(2)]
+    keras.utils.set_random_seed(7)
+    one, plain, x = ReplicaDropout(0.5, seed=3), keras.layers.Dropout(0.5, seed=3), tf.ones((8, 64))
+    print("RESULT " + json.dumps({
+        "replicas_differ": [bool((a != b).any()) for a, b in ours],
+        "steps_differ": bool((ours[0][0] != ours[1][0]).any()),
+        "kept": float(np.mean(ours)),
+        "one_device_as_keras": all(bool(np.array_equal(one(x, training=True), plain(x, training=True)))
+                                   for _ in range(3)),
+        "model_uses_it": type(resnet18("imagenet", dropout=0.2).get_layer("dropout")).__name__,
+    }))
+""")
+
+
+def test_dropout_draws_other_masks_on_every_replica(tmp_path):
+    """Keras 3.15's Dropout copies one random state to every replica, so all drew the same masks (measured in session
+    43); fer_keras's draws its own on each, new ones each step, and is Keras' own on one device."""
+    proc = subprocess.run([sys.executable, "-c", DROPOUT_REPLICAS], env=cli_env(tmp_path), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["replicas_differ"] == [True, True] and result["steps_differ"]
+    assert 0.4 < result["kept"] < 0.6  # 512 draws at rate 0.5
+    assert result["one_device_as_keras"] and result["model_uses_it"] == "ReplicaDropout"
+
+
 class Cluster:
     """Two-worker clusters on 127.0.0.1 inside a private network namespace: TensorFlow's gRPC server binds
     0.0.0.0 whatever TF_CONFIG says, so only a namespace of their own keeps the workers unreachable from other
