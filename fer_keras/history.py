@@ -245,7 +245,6 @@ def read_run(run_dir: str | os.PathLike, needed: Sequence[str] = ("best.keras", 
              ) -> tuple[dict, list[dict]]:
     """A training run's config.json and history.csv; one-line ConfigErrors for a folder that is not a run
     with a finished epoch, or whose files are unreadable."""
-
     from fer_keras.errors import ConfigError
 
     run_dir = Path(run_dir)

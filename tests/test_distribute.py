@@ -192,7 +192,7 @@ def test_batchnorm_statistics_are_the_replicas_mean_on_every_replica_and_in_the_
 
 
 LOSS_SCALE_OVERFLOW = textwrap.dedent("""
-    import json, sys
+    import json
     from fer_keras import distribute
     distribute.configure_cpu_devices(2)  # before TensorFlow initialises
     import keras, numpy as np, tensorflow as tf
