@@ -220,8 +220,14 @@ def read_history_csv(path: str | os.PathLike) -> list[dict]:
     a cell that is not a number."""
     from fer_keras.errors import DataError
 
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # decoded whole, so the line is the one holding the bad byte
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text ({e.reason})") from None
     rows = []
-    with open(path, newline="") as f:
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         try:
             for row in reader:
@@ -236,7 +242,7 @@ def read_history_csv(path: str | os.PathLike) -> list[dict]:
                 if "epoch" not in parsed:
                     raise DataError(f"{path}: line {reader.line_num}: no epoch number")
                 rows.append(parsed)
-        except (csv.Error, UnicodeDecodeError) as e:
+        except csv.Error as e:
             raise DataError(f"{path}: line {reader.line_num}: {e}") from None
     return rows
 

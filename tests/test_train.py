@@ -661,8 +661,8 @@ def test_a_damaged_history_csv_is_named_with_its_line(tmp_path):
     path.write_text("loss,accuracy\n1.2,0.5\n")  # no epoch column: the report and ablation would fail on it
     with pytest.raises(DataError, match=r"history.csv: line 2: no epoch number"):
         history_lib.read_history_csv(path)
-    path.write_bytes(b"epoch,loss\n1,\xff\xfe\n")  # not UTF-8
-    with pytest.raises(DataError, match=r"history.csv: line \d+: 'utf-8' codec can't decode"):
+    path.write_bytes(b"epoch,loss\n1,0.5\n2,\xff\xfe\n")  # not UTF-8, on the last line (reported as line 0 once)
+    with pytest.raises(DataError, match=r"history.csv: line 3: not UTF-8 text \(invalid start byte\)"):
         history_lib.read_history_csv(path)
 
 
