@@ -65,7 +65,7 @@ RESUMABLE_FIELDS = {
 
 
 def _plain_name(name: str) -> bool:
-    return bool(name.strip()) and name == name.strip() and "/" not in name and not name.startswith(".")
+    return bool(name) and name == name.strip() and "/" not in name and not name.startswith(".")
 
 
 @dataclasses.dataclass

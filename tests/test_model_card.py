@@ -116,7 +116,7 @@ def test_recipe_must_match_the_run(trained_run, tmp_path):
 def test_flagfiles_that_are_not_text_are_named_in_one_line(trained_run, tmp_path):
     """A recipe or a run's flags.txt saved in another encoding (or a binary file given by mistake) was a
     UnicodeDecodeError traceback from model_card and from --init_from's record of the run."""
-    config, result = trained_run
+    _, result = trained_run
     recipe = tmp_path / "recipe.cfg"
     recipe.write_bytes(b"\x89PNG\r\n")
     with pytest.raises(ConfigError, match=r"recipe.cfg: not a recipe flagfile \(not UTF-8 text: invalid start byte "
