@@ -236,19 +236,23 @@ def _rename_into_place(tmp: Path, base: Path, target: Path, automatic: bool) -> 
             target = base / str(next_version(base))
 
 
-def load_for_export(path: str | os.PathLike) -> keras.Model:
-    """A ``.keras`` file, or a training run directory (its ``best.keras``)."""
+def model_file(path: str | os.PathLike) -> Path:
+    """The ``.keras`` file that ``path`` names: itself, or a training run directory's ``best.keras``."""
     path = Path(path)
     if not path.exists():
         raise FerError(f"{path}: no such model file or directory")
     if path.is_dir():
-        if (path / "best.keras").is_file():
-            path = path / "best.keras"
-        else:
+        if not (path / "best.keras").is_file():
             raise FerError(f"{path}: no best.keras in this directory (is it a training run's --model_dir?)")
+        path = path / "best.keras"
+    return path
+
+
+def load_for_export(path: str | os.PathLike) -> keras.Model:
+    """A ``.keras`` file, or a training run directory (its ``best.keras``)."""
     from fer_keras.model import load_keras_model
 
-    return load_keras_model(str(path))
+    return load_keras_model(str(model_file(path)))
 
 
 def run_metadata(run_dir: Path) -> dict:
@@ -318,7 +322,7 @@ def export_from(model_path: str | os.PathLike, export_dir: str | os.PathLike = "
     run's epoch, measuring the model in float32 as it will be served."""
     from fer_keras.model import as_float32
 
-    model = as_float32(load_for_export(model_path))
+    model_file(model_path)  # a missing model is named before the run's records are read
     source = Path(model_path).resolve()
     # A run's record describes its best.keras only, not other .keras files that may lie beside it.
     in_run = source.name == "best.keras" and (source.parent / "config.json").is_file()
@@ -327,6 +331,8 @@ def export_from(model_path: str | os.PathLike, export_dir: str | os.PathLike = "
     metadata = {"source": str(source), **(run_metadata(run_dir) if run_dir else {})}
     if version:  # export_model refuses it too, but only after minutes of --tta=auto measuring
         _refuse_existing(Path(export_dir) / name / str(version))
+    # Loaded only after the run's records and the version pass: a damaged config.json is refused in milliseconds.
+    model = as_float32(load_for_export(model_path))
     if tta == AUTO:
         split, label, _ = selection_split(data, metadata.get("train_config", {}), run_dir)
         tta = resolve_tta(model, tta, split, label, metadata, crop_size, tolerance)
@@ -363,6 +369,7 @@ def main(argv: Sequence[str]) -> None:
     no_tta = "" if tta == "none" else f", {NO_TTA_SIGNATURE}: float32 pixels without the TTA"
     print(f"exported {f.model} to {path} with TTA {tta} (serving_default: float32 pixels, serving_uint8: "
           f"uint8 pixels{no_tta})")
+
 
 if __name__ == "__main__":
     define_flags()

@@ -600,15 +600,22 @@ def test_export_auto_tta_refuses_data_other_than_the_runs(trained_run, tmp_path)
     (b'{"stem": "imag', "unreadable: "),
     ('{"stem": "\u00e9"}'.encode("latin-1"), "unreadable: 'utf-8' codec can't decode"),
 ])
-def test_a_runs_damaged_config_json_is_named_instead_of_ignored(trained_run, tmp_path, damage, message):
+def test_a_runs_damaged_config_json_is_named_instead_of_ignored(trained_run, tmp_path, monkeypatch, damage,
+                                                                message):
     """Exporting a run records its settings, and --tta=auto rebuilds its selection split from them; the tools read
     its crop and data options there too. Dropped silently, a damaged config.json sent the user after the data
-    (and a JSON list crashed the report); now the file is named, and nothing is exported."""
+    (and a JSON list crashed the report); now the file is named, and nothing is exported, before the model is
+    loaded."""
     import shutil
 
-    from fer_keras import inference
+    from fer_keras import export, inference
     from fer_keras.errors import ConfigError
     from fer_keras.export import export_from
+
+    def no_load(path):
+        raise AssertionError(f"loaded {path} before refusing its run's config.json")
+
+    monkeypatch.setattr(export, "load_for_export", no_load)
 
     config, _ = trained_run
     run = tmp_path / "run"
