@@ -36,7 +36,16 @@ from fer_keras import CLASS_NAMES, FIRST_CONV_LAYER, LAST_CONV_LAYER, cli
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError
 from fer_keras.history import atomic_write_text, check_json_replaceable
-from fer_keras.vis import as_batch, check_layer, new_figure, parse_int_list, quiet_keras, save_figure, split_indices
+from fer_keras.vis import (
+    as_batch,
+    check_layer,
+    new_figure,
+    parse_int_list,
+    png_bytes,
+    quiet_keras,
+    save_figure,
+    split_indices,
+)
 
 PIXEL_RANGE = (0.0, 255.0)
 # Keys every filters.json has: an existing one is replaced only if it has them.
@@ -119,10 +128,11 @@ def top_k_images(model: keras.Model, layer: str, images: np.ndarray, filters: Se
 
 @functools.cache
 def _tf_keras_vis_classes() -> dict[str, type]:
-    """``FilterScore``, ``StderrProgress`` and ``RmsNorm``, defined on first use: they subclass tf-keras-vis classes,
-    whose import loads TensorFlow, which a tool answering a bad flag should not wait for."""
+    """``FilterScore``, ``StderrProgress``, ``RmsNorm`` and ``SeededJitter``, defined on first use: they subclass
+    tf-keras-vis classes, whose import loads TensorFlow, which a tool answering a bad flag should not wait for."""
     import tensorflow as tf
     from tf_keras_vis.activation_maximization.callbacks import Callback
+    from tf_keras_vis.activation_maximization.input_modifiers import Jitter
     from tf_keras_vis.activation_maximization.regularizers import Regularizer
     from tf_keras_vis.utils.scores import Score
 
@@ -175,7 +185,20 @@ def _tf_keras_vis_classes() -> dict[str, type]:
             squares = tf.reshape(tf.square(tf.cast(input_value, tf.float32)), (tf.shape(input_value)[0], -1))
             return self.weight * tf.sqrt(tf.reduce_mean(squares, axis=1) + self.epsilon)
 
-    classes = (FilterScore, StderrProgress, RmsNorm)
+    class SeededJitter(Jitter):
+        """tf-keras-vis' ``Jitter`` with its shifts drawn from ``rng``: its own come from numpy's global generator,
+        which ``maximize_filters``' ``seed`` would not reach. The same draw: ``randint(-jitter, jitter)`` per axis."""
+
+        def __init__(self, jitter: int, rng: np.random.Generator):
+            super().__init__(jitter)
+            self.rng = rng
+
+        def __call__(self, seed_input: tf.Tensor) -> tf.Tensor:
+            axes = tuple(range(1, len(seed_input.shape) - 1))
+            shifts = tuple(int(v) for v in self.rng.integers(-self.jitter, self.jitter, len(axes)))
+            return tf.roll(seed_input, shift=shifts, axis=axes)
+
+    classes = (FilterScore, StderrProgress, RmsNorm, SeededJitter)
     for cls in classes:
         cls.__qualname__ = cls.__name__
     return {cls.__name__: cls for cls in classes}
@@ -241,7 +264,7 @@ def maximize_filters(
     import keras
     import tensorflow as tf
     from tf_keras_vis.activation_maximization import ActivationMaximization
-    from tf_keras_vis.activation_maximization.input_modifiers import Jitter, Rotate2D
+    from tf_keras_vis.activation_maximization.input_modifiers import Rotate2D
     from tf_keras_vis.activation_maximization.regularizers import TotalVariation2D
 
     classes = _tf_keras_vis_classes()
@@ -260,7 +283,7 @@ def maximize_filters(
 
     modifiers: list = []
     if jitter > 0:
-        modifiers.append(Jitter(jitter))
+        modifiers.append(classes["SeededJitter"](jitter, np.random.default_rng(rng.integers(2**63))))
     if rotate > 0:
         rotation = Rotate2D(rotate)
         rotation.random_generator = np.random.default_rng(rng.integers(2**63))  # its own is seeded by the OS
@@ -314,24 +337,29 @@ def _panels(n: int) -> tuple[Figure, list[Axes]]:
     return fig, axes[:n]
 
 
-def _save(fig: Figure, path: str | Path, title: str) -> Path:
+def _save(fig: Figure, path: str | Path, title: str, rendered: dict[Path, bytes] | None) -> Path:
+    """Writes the figure to ``path`` or, given ``rendered``, keeps its PNG there for the caller to write."""
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return save_figure(fig, path, dpi=90)
+    if rendered is None:
+        return save_figure(fig, path, dpi=90)
+    rendered[Path(path)] = png_bytes(fig, dpi=90)
+    return Path(path)
 
 
-def plot_maximization(path: str | Path, layer: str, result: Maximization) -> Path:
+def plot_maximization(path: str | Path, layer: str, result: Maximization,
+                      rendered: dict[Path, bytes] | None = None) -> Path:
     """Optimised inputs in a grid, each titled with its activation and the random baseline."""
     fig, axes = _panels(len(result.filters))
     panels = zip(axes, result.filters, result.images, result.activations, result.random_mean)
     for ax, f, image, act, base in panels:
         ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"filter {f}\n{act:.3g} (random {base:.2g})", fontsize=7)
-    return _save(fig, path, f"{layer}: inputs maximising mean activation")
+    return _save(fig, path, f"{layer}: inputs maximising mean activation", rendered)
 
 
 def plot_feature_maps(path: str | Path, layer: str, image: np.ndarray, filters: Sequence[int],
-                      maps: np.ndarray, title: str = "") -> Path:
+                      maps: np.ndarray, title: str = "", rendered: dict[Path, bytes] | None = None) -> Path:
     """The input followed by each filter's feature map (own colour scale, max in the title)."""
     fig, axes = _panels(len(filters) + 1)
     axes[0].imshow(np.asarray(image, np.float32)[..., 0], cmap="gray", vmin=0, vmax=255)
@@ -339,11 +367,11 @@ def plot_feature_maps(path: str | Path, layer: str, image: np.ndarray, filters: 
     for ax, f, fmap in zip(axes[1:], filters, maps):
         ax.imshow(fmap, cmap="viridis", interpolation="nearest")
         ax.set_title(f"filter {f}\nmax {float(fmap.max()):.3g}", fontsize=7)
-    return _save(fig, path, f"{layer} feature maps {maps.shape[1]}x{maps.shape[2]}  {title}")
+    return _save(fig, path, f"{layer} feature maps {maps.shape[1]}x{maps.shape[2]}  {title}", rendered)
 
 
 def plot_top_k(path: str | Path, layer: str, filters: Sequence[int], images: np.ndarray, ids: np.ndarray,
-               indices: np.ndarray, values: np.ndarray) -> Path:
+               indices: np.ndarray, values: np.ndarray, rendered: dict[Path, bytes] | None = None) -> Path:
     """One row per filter: its top-k images, titled with image id and mean activation."""
     rows, cols = len(filters), indices.shape[1]
     fig = new_figure(1.5 * cols + 0.6, 1.6 * rows + 0.5)
@@ -356,7 +384,7 @@ def plot_top_k(path: str | Path, layer: str, filters: Sequence[int], images: np.
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][0].set_ylabel(f"filter {f}", fontsize=7)
-    return _save(fig, path, f"{layer}: top-{cols} images per filter (mean activation)")
+    return _save(fig, path, f"{layer}: top-{cols} images per filter (mean activation)", rendered)
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,19 +393,22 @@ def plot_top_k(path: str | Path, layer: str, filters: Sequence[int], images: np.
 
 def analyse_layer(model: keras.Model, layer: str, filters: Sequence[int] | None, split: fer_data.Split,
                   image: np.ndarray, image_title: str, output_dir: Path, top_k: int,
-                  progress: Callable[[str], Callback | None] | None = None, **maximize_kwargs) -> dict:
-    """All three views of one layer; returns its part of ``filters.json``."""
+                  progress: Callable[[str], Callback | None] | None = None,
+                  rendered: dict[Path, bytes] | None = None, **maximize_kwargs) -> dict:
+    """All three views of one layer; returns its part of ``filters.json``. The figures are written to
+    ``output_dir``, or with ``rendered`` kept there as PNG bytes by path (see :func:`analyse_layers`)."""
     sub = filter_model(model, layer)
     channels = int(sub.outputs[0].shape[-1])
     filters = check_filters(sub, layer, filters if filters else range(min(DEFAULT_FILTERS, channels)))
     result = maximize_filters(model, layer, filters, progress=progress, **maximize_kwargs)
-    max_png = plot_maximization(output_dir / f"{layer}_maximization.png", layer, result)
+    max_png = plot_maximization(output_dir / f"{layer}_maximization.png", layer, result, rendered)
     maps = feature_maps(model, layer, image, filters)
-    maps_png = plot_feature_maps(output_dir / f"{layer}_feature_maps.png", layer, image, filters, maps, image_title)
+    maps_png = plot_feature_maps(output_dir / f"{layer}_feature_maps.png", layer, image, filters, maps, image_title,
+                                 rendered)
     print(f"{layer}: scanning {len(split)} images for the top {top_k}", file=sys.stderr, flush=True)
     indices, values = top_k_images(model, layer, split.images, filters, top_k)
     top_png = plot_top_k(output_dir / f"{layer}_top{indices.shape[1]}.png", layer, filters, split.images,
-                         split.ids, indices, values)
+                         split.ids, indices, values, rendered)
     return {
         "output_shape": [None] + [int(d) for d in sub.outputs[0].shape[1:]],
         "figures": {"maximization": str(max_png), "feature_maps": str(maps_png), "top_k": str(top_png)},
@@ -398,6 +429,25 @@ def analyse_layer(model: keras.Model, layer: str, filters: Sequence[int] | None,
             for j, f in enumerate(filters)
         ],
     }
+
+
+def analyse_layers(model: keras.Model, layers: Sequence[str], filters: Sequence[int] | None, split: fer_data.Split,
+                   image: np.ndarray, image_title: str, output_dir: Path, top_k: int,
+                   progress: Callable[[str], Callback | None] | None = None, **maximize_kwargs) -> dict[str, dict]:
+    """:func:`analyse_layer` of each layer; the figures are written only once every layer is done, so a run stopped
+    midway leaves the figures of the run before it, which its ``filters.json`` describes."""
+    from fer_keras.predict import atomic_write
+
+    rendered: dict[Path, bytes] = {}
+    entries = {}
+    for layer in layers:
+        entries[layer] = entry = analyse_layer(model, layer, filters, split, image, image_title, output_dir, top_k,
+                                               progress, rendered, **maximize_kwargs)
+        gains = [r["max_activation"] for r in entry["filters"]]
+        print(f"{layer}: {len(gains)} filters, activation reached {min(gains):.3g}-{max(gains):.3g}", flush=True)
+    for path, content in rendered.items():
+        atomic_write(path, content)
+    return entries
 
 
 def define_flags() -> None:
@@ -477,19 +527,15 @@ def main(argv: Sequence[str]) -> None:
         "layers": {},
     }
     progress = _tf_keras_vis_classes()["StderrProgress"]
-    for layer in f.layers:
-        report["layers"][layer] = analyse_layer(
-            model, layer, filters, split, image, image_title, out, f.top_k,
-            progress=lambda label: progress(label, every=max(1, f.steps // 8)),
-            steps=f.steps, learning_rate=f.learning_rate, tv_weight=f.tv_weight, norm_weight=f.norm_weight,
-            jitter=f.jitter, rotate=f.rotate, batch_size=f.batch_size, seed=f.seed,
-        )
-        entry = report["layers"][layer]
-        gains = [r["max_activation"] for r in entry["filters"]]
-        print(f"{layer}: {len(gains)} filters, activation reached {min(gains):.3g}-{max(gains):.3g}; "
-              f"{', '.join(Path(p).name for p in entry['figures'].values())}")
+    report["layers"] = analyse_layers(
+        model, f.layers, filters, split, image, image_title, out, f.top_k,
+        progress=lambda label: progress(label, every=max(1, f.steps // 8)),
+        steps=f.steps, learning_rate=f.learning_rate, tv_weight=f.tv_weight, norm_weight=f.norm_weight,
+        jitter=f.jitter, rotate=f.rotate, batch_size=f.batch_size, seed=f.seed,
+    )
     atomic_write_text(out / "filters.json", json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out / 'filters.json'}")
+    figures = [Path(p).name for entry in report["layers"].values() for p in entry["figures"].values()]
+    print(f"wrote {', '.join(figures)} and filters.json to {out}")
 
 
 if __name__ == "__main__":

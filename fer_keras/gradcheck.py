@@ -40,7 +40,7 @@ from absl import flags
 
 from fer_keras import __version__, cli
 from fer_keras.errors import ConfigError
-from fer_keras.history import atomic_write_text
+from fer_keras.history import atomic_write_text, check_json_replaceable, check_replaceable
 
 DTYPE = "float64"
 
@@ -679,9 +679,13 @@ def format_table(results: Sequence[CheckResult]) -> str:
     return "\n".join(lines)
 
 
+MARKDOWN_TITLE = "# Gradient and shape checks"
+REPORT_KEYS = ("passed", "checks")
+
+
 def _markdown(report: Report) -> str:
     notes = [
-        "# Gradient and shape checks",
+        MARKDOWN_TITLE,
         "",
         f"Overall: **{'pass' if report.passed else 'FAIL'}** ({len(report.failed)} of {len(report.results)} "
         "checks failed). A check passes when both its max absolute error and its max relative error "
@@ -712,11 +716,14 @@ def _markdown(report: Report) -> str:
 
 
 def run_all(output_dir: str | Path, seed: int = 0) -> Report:
-    """Runs every check with the report's formulas and writes gradcheck.json and gradcheck.md."""
+    """Runs every check with the report's formulas and writes gradcheck.json and gradcheck.md; files of those names
+    that an earlier run did not write (a user's notes) are refused before the checks run, not overwritten."""
     import keras
     import tensorflow as tf
 
     output_dir = Path(output_dir)
+    check_json_replaceable(output_dir / "gradcheck.json", REPORT_KEYS, "a gradcheck report")
+    check_replaceable(output_dir / "gradcheck.md", (MARKDOWN_TITLE.encode(),), "a gradcheck report", "--output_dir")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -39,6 +39,8 @@ DEFAULT_SMOOTH_NOISE = 0.2
 BATCH_SIZE = 32
 # Keys every saliency.json has: an existing one is replaced only if it has them.
 REPORT_KEYS = ("grid", "images")
+MAPS_FILE = "maps.npz"
+MAPS_KEYS = ("ids", "targets", "saliency", "smoothgrad", "gradcam_plus_plus")
 
 if TYPE_CHECKING:  # Keras, TensorFlow and tf-keras-vis are imported where used: a bad flag is answered without them
     import keras
@@ -350,8 +352,9 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
             layer: str = LAST_CONV_LAYER, smooth_samples: int = DEFAULT_SMOOTH_SAMPLES,
             smooth_noise: float = DEFAULT_SMOOTH_NOISE, metadata: dict | None = None, tta: str = "none",
             crop_size: int = DEFAULT_CROP_SIZE) -> dict:
-    """Computes all maps for a selection, writes the figures and the JSON (with ``metadata`` such as
-    the model and data paths first); returns the JSON dict.
+    """Computes all maps for a selection, writes the figures, the maps themselves (``maps.npz``: the normalised
+    ``saliency``, ``smoothgrad`` and ``gradcam_plus_plus`` maps ``[N, H, W]``, with the ``ids`` and the ``targets``
+    they explain) and the JSON (with ``metadata`` such as the model and data paths first); returns the JSON dict.
 
     ``tta`` is the test-time augmentation the model is served with (an export's built-in one, with ten-crop's
     ``crop_size``: :func:`fer_keras.inference.served_views`): predictions and probabilities then average its views,
@@ -363,6 +366,7 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
     check_layer(model, layer)
     out = Path(output_dir)
     earlier = check_json_replaceable(out / "saliency.json", REPORT_KEYS, "a saliency report")
+    check_maps_replaceable(out / MAPS_FILE)
     probs = served_probabilities(model, selection.images, tta, crop_size)
     model = linearize(model)  # once here, not a clone per map
     preds = probs.argmax(axis=1)
@@ -396,6 +400,8 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
         })
     grid = plot_grid(out / "grid.png", selection.images, saliency, smooth, cam, selection.labels, preds,
                      probs[np.arange(len(preds)), preds], titles)
+    maps = write_maps(out / MAPS_FILE, ids=np.asarray(selection.ids, str), targets=np.asarray(classes, np.int64),
+                      saliency=saliency, smoothgrad=smooth, gradcam_plus_plus=cam)
     report = {
         **(metadata or {}),
         "target": target,
@@ -404,6 +410,7 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
         "smooth_noise": smooth_noise,
         "prediction_tta": tta,
         "grid": str(grid),
+        "maps": str(maps),
         "images": records,
     }
     stale = _earlier_figures(earlier) - {Path(r["figure"]).name for r in records}
@@ -411,6 +418,32 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
     for name in stale:  # an earlier run's figures of other images, which the new saliency.json does not list
         (out / name).unlink(missing_ok=True)
     return report
+
+
+def check_maps_replaceable(path: Path) -> None:
+    """Refuses a ``maps.npz`` that an earlier run did not write (another tool's or a user's arrays)."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, expected an output file name")
+    if not path.exists():
+        return
+    try:
+        with np.load(path, allow_pickle=False) as existing:
+            ours = set(MAPS_KEYS) <= set(existing.files)
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise ConfigError(f"{path}: exists and is not saliency maps; choose another --output_dir or remove the file")
+
+
+def write_maps(path: Path, **arrays: np.ndarray) -> Path:
+    """The arrays as an ``.npz``, written atomically (a kill leaves the earlier file)."""
+    import io
+
+    from fer_keras.predict import atomic_write
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return atomic_write(path, buffer.getvalue())
 
 
 def _earlier_figures(earlier: dict | None) -> set[str]:
@@ -470,7 +503,7 @@ def main(argv: Sequence[str]) -> None:
     for r in report["images"]:
         print(f"{r['id']}: true {r['true_label'] or 'unknown'}, pred {r['pred_label']} "
               f"({r['probabilities'][r['pred_label']]:.0%}{served}) -> {r['figure']}")
-    print(f"wrote {len(report['images'])} figure(s), {report['grid']} and "
+    print(f"wrote {len(report['images'])} figure(s), {report['grid']}, {report['maps']} and "
           f"{Path(f.output_dir) / 'saliency.json'}")
 
 

@@ -12,6 +12,7 @@ import tensorflow as tf
 from conftest import run_tool
 from PIL import Image
 
+from fer_keras import data as fer_data
 from fer_keras import filters as flt
 from fer_keras.errors import ConfigError
 from fer_keras.history import check_json_replaceable
@@ -81,10 +82,12 @@ def test_a_filter_that_prefers_black_gets_a_black_image_not_nan():
     assert result.images[0].min() > 200.0 and result.activations[0] > 9 * 200.0
 
 
-def test_rotation_is_reproducible_by_seed():
-    """tf-keras-vis' Rotate2D draws its angles from a generator seeded by the OS; ours is seeded by ``seed``."""
+@pytest.mark.parametrize("modifier", [{"rotate": 10.0}, {"jitter": 4}])
+def test_rotation_and_jitter_are_reproducible_by_seed(modifier):
+    """tf-keras-vis' Rotate2D draws its angles from a generator seeded by the OS, its Jitter its shifts from numpy's
+    global one; ours are seeded by ``seed``, so a library call is reproducible without seeding numpy."""
     model = zero_mean_conv_model()
-    runs = [flt.maximize_filters(model, "conv1", [0, 1], steps=8, seed=seed, rotate=10.0).images for seed in (3, 3, 4)]
+    runs = [flt.maximize_filters(model, "conv1", [0, 1], steps=8, seed=seed, **modifier).images for seed in (3, 3, 4)]
     np.testing.assert_array_equal(runs[0], runs[1])
     assert not np.array_equal(runs[0], runs[2])
 
@@ -142,6 +145,34 @@ def test_feature_maps_of_a_constant_image():
     assert maps.shape == (2, 46, 46)
     np.testing.assert_allclose(maps[0], -90.0)
     np.testing.assert_allclose(maps[1], 90.0)
+
+
+def test_a_run_stopped_midway_leaves_the_figures_its_report_describes(tmp_path, monkeypatch):
+    """Figures are written only once every layer is done: a run stopped on its second layer leaves the first
+    layer's figures of the run before, which the old filters.json still describes, rather than a mix."""
+    model = zero_mean_conv_model()
+    images = np.random.default_rng(0).integers(0, 256, (4, 48, 48, 1)).astype(np.uint8)
+    split = fer_data.Split(images, np.arange(4) % 7, np.array([str(i) for i in range(4)]))
+    kwargs = {"split": split, "image": images[0], "image_title": "#0", "output_dir": tmp_path, "top_k": 2,
+              "steps": 2}
+    entries = flt.analyse_layers(model, ["conv1", "conv2"], [0, 1], **kwargs)
+    written = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(p.name for p in written) == sorted(Path(p).name for e in entries.values()
+                                                    for p in e["figures"].values())
+    for path in written:
+        assert_png(path)
+
+    analyse_layer = flt.analyse_layer
+
+    def stopped_on_conv2(model, layer, *args, **kw):
+        if layer == "conv2":
+            raise KeyboardInterrupt
+        return analyse_layer(model, layer, *args, **kw)
+
+    monkeypatch.setattr(flt, "analyse_layer", stopped_on_conv2)
+    with pytest.raises(KeyboardInterrupt):
+        flt.analyse_layers(model, ["conv1", "conv2"], [2, 3], **kwargs)
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == written
 
 
 # --------------------------------------------------------------------------------------------

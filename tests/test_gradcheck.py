@@ -154,6 +154,24 @@ def test_wrong_formula_fails_against_the_fused_layer(backward, failing):
     assert {q for q, r in results.items() if not r.passed} == failing
 
 
+def dx_off_by_2e_5(x, gamma, dy, epsilon):
+    """dL/dx 0.002 % too large: within float32's absolute tolerance, ten times its relative one."""
+    g = gradcheck.hand_batchnorm_backward(x, gamma, dy, epsilon)
+    return g._replace(dx=g.dx * (1 + 2e-5))
+
+
+def test_the_relative_tolerance_fails_an_error_the_absolute_one_lets_through():
+    """A check passes only when both errors are within bounds. The fused check's absolute bound (1e-4) is loose
+    enough to let a formula 2e-5 off pass on |dx| of a few units; its relative bound (2e-6) catches it."""
+    dx = by_quantity(gradcheck.check_fused_batchnorm(backward=dx_off_by_2e_5))["dx"]
+    assert dx.max_abs_err < gradcheck.FLOAT32_TOLERANCE.abs and dx.max_rel_err > gradcheck.FLOAT32_TOLERANCE.rel
+    assert not dx.passed
+    tol = gradcheck.GRADIENT_TOLERANCE
+    assert gradcheck._within(tol.abs, tol.rel, tol)
+    assert not gradcheck._within(tol.abs / 10, tol.rel * 10, tol)
+    assert not gradcheck._within(tol.abs * 10, tol.rel / 10, tol)
+
+
 # --- softmax + cross-entropy ---------------------------------------------------------------------
 
 
@@ -214,6 +232,23 @@ def test_cli_writes_json_and_markdown(tmp_path):
     table = (out / "gradcheck.md").read_text()
     assert "| batchnorm dL/dx " in table and "FAIL" not in table
     assert "| check" in proc.stdout and "softmax-CE" in proc.stdout
+
+
+@pytest.mark.parametrize("foreign", ["gradcheck.json", "gradcheck.md"])
+def test_cli_refuses_to_overwrite_report_files_it_did_not_write(tmp_path, foreign):
+    """saliency and filters refuse an --output_dir holding a report they did not write; gradcheck replaced a user's
+    gradcheck.json or gradcheck.md silently. Refused before the checks run; both files are left as they were."""
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / foreign).write_text({"gradcheck.json": '{"mine": 1}\n', "gradcheck.md": "# My notes\n"}[foreign])
+    if foreign == "gradcheck.md":  # an earlier report beside it, so that only the notes are foreign
+        (out / "gradcheck.json").write_text('{"passed": true, "checks": []}\n')
+    before = {p.name: p.read_text() for p in out.iterdir()}
+    proc = run_tool("gradcheck", f"--output_dir={out}", cwd=tmp_path)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last == (f"error: {out / foreign}: exists and is not a gradcheck report; choose "
+                                             "another --output_dir or remove the file"), proc.stderr[-1000:]
+    assert {p.name: p.read_text() for p in out.iterdir()} == before
 
 
 def test_main_exits_1_after_the_table_when_a_check_fails(tmp_path, monkeypatch, capsys):
