@@ -505,7 +505,8 @@ def _image_files(folder: Path, ignored: list[Path]) -> list[Path]:
     except OSError as e:
         raise DataError(f"{folder}: cannot list folder: {e.strerror or e}") from None
     ignored.extend(p for p in entries if p.is_dir())
-    return [p for p in entries if p.is_file()]
+    # A link to a file that is gone is an image that cannot be read (named by read_image), not nothing.
+    return [p for p in entries if p.is_file() or (p.is_symlink() and not p.exists())]
 
 
 def _stray_images(folder: Path) -> list[Path]:
@@ -686,12 +687,38 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FER_KERAS_CACHE") or Path.home() / ".cache" / "fer_keras")
 
 
+def _tree_files(root: Path) -> list[Path]:
+    """Every file under ``root``, through linked folders as the image reader goes (``Path.rglob`` does not follow
+    them before Python 3.13), each real folder once (a link cycle ends), and links to files that are gone."""
+    files, seen, folders = [], set(), [root]
+    while folders:
+        folder = folders.pop()
+        real = folder.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            entries = list(folder.iterdir())
+        except OSError:  # the reader names the folder it cannot list
+            continue
+        for p in entries:
+            if p.is_dir():
+                folders.append(p)
+            elif p.is_file() or p.is_symlink():
+                files.append(p)
+    return sorted(files)
+
+
 def _fingerprint(layout: str, files: list[Path], skip_bad_rows: bool) -> str:
     h = hashlib.sha1(f"{_CACHE_FORMAT}|{layout}|{skip_bad_rows}".encode())
     for f in files:
-        for p in sorted(q for q in f.rglob("*") if q.is_file()) if f.is_dir() else [f]:
-            st = p.stat()
-            h.update(os.fsencode(p.resolve()) + f"|{st.st_size}|{st.st_mtime_ns}".encode())
+        for p in _tree_files(f) if f.is_dir() else [f]:
+            try:
+                st = p.stat()
+                state = f"|{st.st_size}|{st.st_mtime_ns}"
+            except OSError:  # a link to a file that is gone: the key changes when the file comes back
+                state = "|missing"
+            h.update(os.fsencode(p.resolve()) + state.encode())
     return h.hexdigest()[:20]
 
 

@@ -685,6 +685,18 @@ def test_a_hold_out_leaves_every_class_in_training_and_is_never_empty(tmp_path):
     check_one_line_error(exc, f"{path}: no class has the 2 training images a stratified hold-out needs")
 
 
+def test_a_hold_out_is_drawn_at_random_by_the_seed_from_every_class():
+    """The same seed holds out the same images, another seed others; they are not the first of each class; and a
+    class of three still gives one at 10 %, as the docstring promises (round(0.3) would give none)."""
+    labels = np.concatenate([np.repeat(np.arange(6), 40), [6, 6, 6]])
+    split = data.Split(as4d(make_images(len(labels))), labels, np.arange(len(labels)).astype(str))
+    val, again, other = (data.stratified_split(split, 0.1, seed=seed)[1] for seed in (0, 0, 1))
+    assert val.ids.tolist() == again.ids.tolist() and val.ids.tolist() != other.ids.tolist()
+    assert np.bincount(val.labels, minlength=7).tolist() == [4] * 6 + [1]
+    firsts = [str(i) for c in range(6) for i in np.flatnonzero(labels == c)[:4]]
+    assert sorted(set(val.ids) & set(firsts)) != sorted(firsts)
+
+
 def test_an_empty_cache_variable_means_the_default_folder(monkeypatch):
     monkeypatch.setenv("FER_KERAS_CACHE", "")
     assert data.cache_dir() == Path.home() / ".cache" / "fer_keras"
@@ -743,6 +755,8 @@ def test_skip_bad_rows(tmp_path, cache, monkeypatch):
     # A cached load names the file as its caller does, not as the first caller did.
     monkeypatch.chdir(tmp_path)
     assert data.load("ten.csv", skip_bad_rows=True).source == "ten.csv"
+    with pytest.raises(DataError):  # the skipping load's cache is not served to a strict one
+        data.load(path)
 
 
 def test_skip_bad_rows_all_bad(tmp_path):
@@ -857,6 +871,37 @@ def test_image_folder_cache_sees_new_files(tmp_path, cache):
     save_png(root / "sad" / "b.png", make_images(1, seed=2).reshape(48, 48))
     fd = data.load(root)
     assert len(fd.splits["train"]) == 2 and sorted(fd.splits["train"].labels) == [0, 4]
+
+
+def test_image_folder_cache_sees_changes_behind_a_linked_class_folder(tmp_path, cache):
+    """The reader follows a class folder that is a link; the cache key must too, or images added or rewritten
+    behind it were served from the old cache."""
+    import os
+
+    store, root = tmp_path / "store", tmp_path / "faces"
+    save_png(root / "happy" / "a.png", make_images(1, seed=1).reshape(48, 48))
+    save_png(store / "sad" / "b.png", make_images(1, seed=2).reshape(48, 48))
+    os.symlink(store / "sad", root / "sad")
+    assert len(data.load(root).splits["train"]) == 2
+    save_png(store / "sad" / "c.png", make_images(1, seed=3).reshape(48, 48))
+    os.symlink(root, store / "sad" / "loop")  # a link cycle: the key's walk ends, the reader ignores the sub-folder
+    fd = data.load(root)
+    assert fd.splits["train"].ids.tolist() == ["happy/a.png", "sad/b.png", "sad/c.png"]
+
+
+def test_a_link_to_a_missing_image_is_named_not_dropped(tmp_path, cache):
+    import os
+
+    root = tmp_path / "faces"
+    save_png(root / "happy" / "a.png", make_images(1, seed=1).reshape(48, 48))
+    os.symlink(tmp_path / "gone.png", root / "happy" / "b.png")
+    with pytest.raises(DataError) as exc:
+        data.load(root)
+    check_one_line_error(exc, "b.png")
+    fd = data.load(root, skip_bad_rows=True)
+    assert fd.splits["train"].ids.tolist() == ["happy/a.png"] and len(fd.skipped) == 1 and "b.png" in fd.skipped[0]
+    save_png(tmp_path / "gone.png", make_images(1, seed=2).reshape(48, 48))  # the file comes back: a new cache key
+    assert data.load(root).splits["train"].ids.tolist() == ["happy/a.png", "happy/b.png"]
 
 
 # ------------------------------------------------------------------------------------------------

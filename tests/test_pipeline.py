@@ -10,7 +10,7 @@ from fer_keras import FER2013_MEAN
 from fer_keras.augment import MEAN_GREY, NO_AUGMENT, AugmentConfig
 from fer_keras.data import Split
 from fer_keras.errors import ConfigError
-from fer_keras.pipeline import augment_batch, eval_dataset, padded_size, train_dataset
+from fer_keras.pipeline import affine_transforms, augment_batch, eval_dataset, padded_size, train_dataset
 
 
 def make_split(n=40):
@@ -110,6 +110,53 @@ def test_warp_rounds_rather_than_truncates():
     assert abs(diff.mean()) < 0.01
 
 
+def transforms(n: int = 512, **kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The linear parts ``[n, 2, 2]``, the translations ``[n, 2]`` of affine_transforms' output-to-input maps, and
+    where each map sends the image centre."""
+    config = AugmentConfig(**{"flip": False, "shift": 0.0, "rotation": 0.0, "zoom": 0.0, **kwargs})
+    t = affine_transforms(n, 48, config, tf.constant([4, 2], tf.int64)).numpy().astype(np.float64)
+    linear = t[:, [0, 1, 3, 4]].reshape(n, 2, 2)
+    offset = t[:, [2, 5]]
+    return linear, offset, linear @ np.array([23.5, 23.5]) + offset
+
+
+def test_the_warp_turns_and_scales_about_the_centre_and_shifts_it():
+    """Rotation, zoom and flip keep the centre where it is, and the shift moves it by up to shift x 48 pixels,
+    drawn for x and y apart. The linear part is a rotation within +-rotation degrees, with a mirror when flipped,
+    over the drawn scale: its columns are orthogonal and of length 1 / scale, not sheared."""
+    linear, _, centre = transforms(rotation=10.0, zoom=0.1, flip=True)
+    np.testing.assert_allclose(centre, 23.5, atol=1e-4)
+    gram = np.einsum("nki,nkj->nij", linear, linear)  # M^T M = I / scale^2 for a scaled rotation or mirror
+    np.testing.assert_allclose(gram[:, 0, 1], 0.0, atol=1e-6)
+    np.testing.assert_allclose(gram[:, 0, 0], gram[:, 1, 1], rtol=1e-5)
+    assert np.all((1 / 1.1**2 - 1e-5 <= gram[:, 0, 0]) & (gram[:, 0, 0] <= 1 / 0.9**2 + 1e-5))
+    mirrored = np.linalg.det(linear) < 0
+    assert 0.4 < mirrored.mean() < 0.6
+    angles = np.degrees(np.arctan2(linear[:, 1, 0] * np.where(mirrored, -1, 1), linear[:, 1, 1]))
+    assert np.abs(angles).max() <= 10.0 + 1e-4 and np.abs(angles).max() > 9.0
+    _, _, centre = transforms(shift=0.1)
+    moved = centre - 23.5
+    assert np.abs(moved).max() <= 4.8 + 1e-4 and np.abs(moved).max(axis=0).min() > 4.5
+    assert abs(np.corrcoef(moved[:, 0], moved[:, 1])[0, 1]) < 0.15  # x and y drawn apart
+
+
+def test_erasing_applies_to_each_image_with_its_probability():
+    x = np.full((400, 48, 48, 1), 7, np.uint8)
+    out = augment_batch(tf.constant(x), AugmentConfig(flip=False, shift=0, rotation=0, zoom=0, erasing=0.5),
+                        tf.constant([1, 3], tf.int64)).numpy()
+    erased = (out != 7).any(axis=(1, 2, 3)).mean()
+    assert 0.42 < erased < 0.58  # 400 draws: 4 standard deviations around 0.5
+
+
+def test_the_same_images_are_augmented_anew_every_epoch():
+    """The augmentation of epoch e is a function of (seed, e): identical images, so the shuffle cannot tell
+    epochs apart, still come out differently in each epoch."""
+    image = make_split(1).images[0]
+    split = Split(np.repeat(image[None], 16, axis=0), np.zeros(16, np.int64), np.asarray([str(i) for i in range(16)]))
+    batches = [x.numpy() for x, _ in train_dataset(split, 16, seed=2, epochs=2, augment=AugmentConfig(erasing=0.5))]
+    assert len(batches) == 2 and not np.array_equal(batches[0], batches[1])
+
+
 def test_erasing_changes_a_rectangle_only():
     x = np.full((8, 48, 48, 1), 7, np.uint8)
     out = augment_batch(tf.constant(x), AugmentConfig(flip=False, shift=0, rotation=0, zoom=0, erasing=1.0),
@@ -126,6 +173,12 @@ def erased_pixels(fill, max_area, n=64):
     config = AugmentConfig(flip=False, shift=0, rotation=0, zoom=0, erasing=1.0, erasing_fill=fill,
                            erasing_max_area=max_area)
     return augment_batch(tf.constant(x), config, tf.constant([0, 9], tf.int64)).numpy()
+
+
+def test_erasing_noise_covers_every_grey_level():
+    out = erased_pixels("noise", 0.25)
+    levels = np.unique(out[out != 7])
+    assert levels.min() == 0 and levels.max() == 255 and len(levels) == 255  # 0-255 but the background's 7
 
 
 def test_erasing_fill_mean_writes_the_data_sets_mean_grey():
