@@ -309,18 +309,39 @@ def run_holdout(data: fer_data.FerData, split_name: str,
                 models: Sequence[str | None]) -> tuple[fer_data.Split, fer_data.Split, str] | None:
     """``(train, val, label)`` of the run behind the one model in ``models`` when ``val`` is asked of data without a
     labelled val split (the course layout, image folders): the hold-out the run chose its epoch on, rebuilt from
-    its recorded settings. None when the data has its own val split or no run is known."""
+    its recorded settings. None when the data has its own val split or no run is known.
+
+    Refused when the model's record says it chose its epoch on another split (PublicTest: it may have trained on
+    every image of the rebuilt hold-out) or on other images than those rebuilt (by their fingerprint)."""
     from fer_keras import inference
+    from fer_keras.history import data_fingerprints, read_data_record
 
     if fer_data.canonical_split(split_name) != "val" or fer_data.has_labelled_val(data) or len(models) != 1:
         return None
     kind, path = inference.resolve(models[0])
-    config = inference.training_config(kind, path, inference.find_run_dir(models[0]))
+    run_dir = inference.find_run_dir(models[0])
+    config = inference.training_config(kind, path, run_dir)
     if not config:
         return None
     from fer_keras.train import run_splits_of
 
+    if run_dir is not None:
+        try:
+            record = read_data_record(run_dir)
+        except OSError:
+            record = None
+        chose_on = record["val"].get("name") if record else None
+    else:  # an export, which records both (a .keras file alone has no settings and returned above)
+        metadata = inference.export_metadata(path)
+        record, chose_on = metadata.get("data"), metadata.get("val_split")
+    if isinstance(chose_on, str) and "hold-out" not in chose_on:
+        raise ConfigError(f"{path}: chose its epoch on {chose_on}, not on a hold-out of {data.source}; --split=val "
+                          "there would score images it may have trained on (give data with a PublicTest split)")
     train, val, name = run_splits_of(data, config)
+    fingerprints = data_fingerprints(record)
+    if fingerprints and fingerprints[1] != val.fingerprint():
+        raise ConfigError(f"{data.source}: its {name} differs from the images {path} chose its epoch on (data.json "
+                          "fingerprints); pass the data the run was trained on")
     return train, val, f"val ({name} of train)"
 
 
@@ -454,6 +475,9 @@ def write_report(result: EvalResult, output_dir: str | Path, source: str | None 
         "report": header + result.report,
         "json": _dump_json(payload),
     }
+    for path in files.values():  # before the first write: a folder in the way of the last left a mixed set
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a directory, expected an output file name; choose another --output_dir")
     for kind, content in contents.items():
         atomic_write(files[kind], content)
     return files

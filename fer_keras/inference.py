@@ -105,14 +105,22 @@ def model_sha256(kind: str, path: Path) -> str:
     return sha256_files(variables)
 
 
+UNKNOWN_TTA = "unknown"  # an export with a view-free signature whose metadata, naming its views, is gone
+
+
 def export_metadata(saved_model_dir: Path) -> dict:
+    """An export's ``assets.extra/fer_keras.json``, ``{}`` when it has none. A damaged one is a ModelError naming
+    it: read as ``{}``, the export's built-in TTA would pass for none, and the tools would add theirs on top."""
     meta = saved_model_dir / METADATA_FILE
     if not meta.is_file():
         return {}
     try:
-        return json.loads(meta.read_text())
-    except ValueError:
-        return {}
+        info = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise ModelError(f"{meta}: damaged export metadata ({e}); export the model again") from None
+    if not isinstance(info, dict):
+        raise ModelError(f"{meta}: damaged export metadata (not a JSON object); export the model again")
+    return info
 
 
 def served_views(kind: str, path: Path) -> tuple[str, int]:
@@ -206,7 +214,12 @@ def load_predictor(path: str | os.PathLike | None = None, network_only: bool = F
     except (*_LOAD_ERRORS, tf.errors.OpError) as e:
         raise ModelError(f"{p}: cannot load SavedModel ({str(e).splitlines()[0][:200]})") from None
     _check_signature(p, signature)
-    predictor = Predictor(kind, p, signature=signature, metadata=export_metadata(p))
+    from fer_keras.tta import NO_TTA_SIGNATURE
+
+    metadata = export_metadata(p)
+    if "tta" not in metadata and NO_TTA_SIGNATURE in loaded.signatures:  # its views are built in, but which?
+        metadata["tta"] = UNKNOWN_TTA
+    predictor = Predictor(kind, p, signature=signature, metadata=metadata)
     predictor._loaded = loaded  # keep the object (and its variables) alive
     return predictor
 

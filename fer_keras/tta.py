@@ -134,8 +134,10 @@ def tta_probabilities(
                        axis=0).astype(np.float32)
     built_in = getattr(predictor, "built_in_tta", "none")
     if mode != "none" and built_in != "none":
-        raise ConfigError(f"{getattr(predictor, 'path', 'the model')} already averages {built_in} views (the TTA "
-                          f"built into the export); --tta={mode} would average views of those views: use --tta=none")
+        which = (f"{built_in} views (the TTA built into the export)" if built_in != "unknown" else
+                 "views built into the export, which its missing metadata (assets.extra/fer_keras.json) named")
+        raise ConfigError(f"{getattr(predictor, 'path', 'the model')} already averages {which}; --tta={mode} would "
+                          "average views of those views: use --tta=none")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     out = []

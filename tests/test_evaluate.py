@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import run_tool
 
-from fer_keras import IMAGE_SIZE
+from fer_keras import CLASS_NAMES, IMAGE_SIZE
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError, DataError
 
@@ -160,6 +160,19 @@ def test_evaluate_known_predictions(setup, keras_predictor):
     assert result.recall[2] == pytest.approx(1 / 3) and result.precision[2] == pytest.approx(1 / 3)
     assert result.support.tolist() == [3, 2, 3, 4, 2, 1, 2]
     assert result.export_tta is None
+    # Every class by hand from the confusion matrix (rows: true, columns: predicted).
+    hits = np.diag(EXPECTED_CONFUSION).astype(float)
+    precision, recall = hits / EXPECTED_CONFUSION.sum(axis=0), hits / EXPECTED_CONFUSION.sum(axis=1)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(7), where=precision + recall > 0)
+    np.testing.assert_allclose(result.precision, precision)
+    np.testing.assert_allclose(result.recall, recall)
+    assert result.precision[1] == 1.0 and result.recall[1] == 0.5  # disgust: they differ
+    assert result.macro_f1 == pytest.approx(f1.mean())
+    assert result.weighted_f1 == pytest.approx((f1 * result.support).sum() / 17)
+    # Without its one image, surprise is neither a label nor a prediction: the macro F1 is over the other six.
+    without = evaluate(keras_predictor, split.take(np.flatnonzero(split.labels != 5)), split_name="PublicTest")
+    assert without.present_classes.tolist() == [0, 1, 2, 3, 4, 6]
+    assert without.macro_f1 == pytest.approx(np.delete(f1, 5).mean())
     text = summary(result)
     assert "val (PublicTest): accuracy 58.82% (10/17 images)" in text
     assert "most confused: fear -> sad (2 images, 66.7% of fear)" in text
@@ -213,8 +226,10 @@ def test_tencrop_views_are_corner_and_centre_crops_with_mirrors():
     image = (columns + 48 * columns.T)[None, :, :, None]  # value = 48*row + column
     v = views(image, "tencrop", crop_size=40)
     assert v.shape == (10, 1, 48, 48, 1) and v.dtype == np.float32
-    centre = tf.image.resize(image[:, 4:44, 4:44], (48, 48), method="bilinear").numpy()
-    np.testing.assert_allclose(v[4], centre, atol=1e-4)
+    corners = [(0, 0), (0, 8), (8, 0), (8, 8), (4, 4)]  # top-left, top-right, bottom-left, bottom-right, centre
+    for k, (top, left) in enumerate(corners):  # each view by hand: its window sliced out and resized back to 48
+        crop = tf.image.resize(image[:, top:top + 40, left:left + 40], (48, 48), method="bilinear").numpy()
+        np.testing.assert_allclose(v[k], crop, atol=1e-4, err_msg=f"view {k}")
     means = v.reshape(10, -1).mean(axis=1)
     top_left, top_right, bottom_left, bottom_right = means[:4]
     assert top_left < top_right < bottom_left < bottom_right  # 8 columns right, then 8 rows down
@@ -273,9 +288,17 @@ def test_report_files(setup, keras_predictor, tmp_path):
     assert payload["confusion_normalized"][2][4] == pytest.approx(2 / 3)
     assert payload["per_class"]["fear"]["support"] == 3
     assert payload["model"] == str(setup["keras"])
+    assert payload["per_class"]["disgust"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3),
+                                               "support": 2}
+    assert payload["most_confused"] == {"true": "fear", "predicted": "sad", "count": 2, "rate": pytest.approx(2 / 3)}
     lines = files["csv"].read_text().splitlines()
     assert lines[0].startswith("id,label,label_name,predicted,predicted_name,correct,prob_angry")
     assert len(lines) == 18
+    rows = [line.split(",")[1:6] for line in lines[1:]]
+    assert [(int(r[0]), int(r[2])) for r in rows] == VAL_ROWS
+    for label, label_name, pred, pred_name, correct in rows:
+        assert (label_name, pred_name, int(correct)) == (CLASS_NAMES[int(label)], CLASS_NAMES[int(pred)],
+                                                         int(label == pred))
     assert "fear" in files["report"].read_text()
     assert not [p for p in files["json"].parent.iterdir() if p.name.startswith(".")]
 
@@ -295,6 +318,11 @@ def test_report_is_drawn_before_anything_is_written(setup, keras_predictor, tmp_
     assert events[:2] == ["draw", "draw"] and "draw" not in events[2:]
     assert sorted(events[2:]) == sorted(p.name for p in files.values()) and events[-1] == files["json"].name
     assert sorted(json.loads(files["json"].read_text())["files"].values()) == sorted(events[2:-1])
+    (tmp_path / "in_the_way" / "val_report.txt").mkdir(parents=True)  # the last file's name taken by a folder
+    events.clear()
+    with pytest.raises(ConfigError, match=r"val_report.txt: is a directory, expected an output file name"):
+        ev.write_report(result, tmp_path / "in_the_way")
+    assert "draw" in events and not [e for e in events if e != "draw"]  # refused before anything was written
 
 
 def test_cli_on_flip_export_records_export_tta(setup, tmp_path):
@@ -315,6 +343,33 @@ def test_cli_on_flip_export_records_export_tta(setup, tmp_path):
     assert stacked.stderr.strip().splitlines() == [
         f"error: {setup['export_flip']} already averages flip views (the TTA built into the export); "
         "--tta=tencrop would average views of those views: use --tta=none"]
+
+
+def test_an_export_whose_metadata_is_gone_or_damaged_gets_no_tta_on_top(setup, tmp_path):
+    """The metadata names the views an export averages itself. Gone, a view-free signature still shows that it
+    averages some, so TTA on top is refused as for a named one; damaged, it is named, not read as "none" (either
+    way flip or ten-crop used to be applied on top of the export's flip)."""
+    import shutil
+
+    from fer_keras.errors import ModelError
+    from fer_keras.evaluate import evaluate
+    from fer_keras.inference import load_predictor
+
+    split = fer_data.load(setup["csv"]).split("val")
+    bare = tmp_path / "bare" / "1"
+    shutil.copytree(setup["export_flip"], bare)
+    metadata = bare / "assets.extra" / "fer_keras.json"
+    metadata.unlink()
+    predictor = load_predictor(bare)
+    assert predictor.built_in_tta == "unknown"
+    with pytest.raises(ConfigError, match=r"already averages views built into the export, which its missing metadata "
+                                          r"\(assets.extra/fer_keras.json\) named; --tta=flip would average views"):
+        evaluate(predictor, split, "flip", split_name="val")
+    assert evaluate(predictor, split, "none", split_name="val").export_tta == "unknown"
+    for damage in ('{"tta": "fl', "[1]"):
+        metadata.write_text(damage)
+        with pytest.raises(ModelError, match=f"{metadata}: damaged export metadata"):
+            load_predictor(bare)
 
 
 def assert_one_line_error(proc, message: str) -> None:
@@ -479,3 +534,27 @@ def test_cli_scores_a_course_runs_own_hold_out(tmp_path):
     alone.write_bytes((result.model_dir / "best.keras").read_bytes())  # no run to rebuild the hold-out from
     proc = run_tool("evaluate", f"--model={alone}", f"--data={data}", "--split=val", f"--output_dir={out}")
     assert proc.returncode == 2 and "val" in proc.stderr.strip().splitlines()[-1], proc.stderr
+    from fer_keras.evaluate import run_holdout
+
+    other = tmp_path / "other" / "train.csv"  # other images: their hold-out is not the one the run chose on
+    other.parent.mkdir()
+    other.write_text("label,feature\n" + "\n".join(rows[::-1]) + "\n")
+    with pytest.raises(ConfigError, match=r"other/train.csv: its 10% stratified hold-out differs from the images "
+                                          r".* chose its epoch on \(data.json fingerprints\)"):
+        run_holdout(fer_data.load(str(other), use_cache=False), "val", [str(result.model_dir)])
+
+
+def test_the_hold_out_is_not_rebuilt_for_a_model_that_chose_on_public_test(tmp_path):
+    """The shipped model chose its epoch on PublicTest and trained on every Training image: a hold-out rebuilt
+    from its settings out of Training images (here the bundled sample's, as a course train.csv) would be images it
+    trained on, scored as unseen. The sample's Training rows scored 90 % that way."""
+    from fer_keras.evaluate import run_holdout
+
+    sample = fer_data.load(None)
+    train = sample.split("train")
+    course = tmp_path / "train.csv"
+    course.write_text("label,feature\n" + "".join(f"{label},{' '.join(map(str, image.ravel()))}\n"
+                                                    for label, image in zip(train.labels, train.images)))
+    with pytest.raises(ConfigError, match=r"fer_resnet18/8: chose its epoch on PublicTest, not on a hold-out of "
+                                          r".*train.csv; --split=val there would score images it may have trained on"):
+        run_holdout(fer_data.load(str(course), use_cache=False), "val", [None])

@@ -123,6 +123,12 @@ def test_versions_are_added_never_overwritten(tmp_path):
     assert (first / "saved_model.pb").stat().st_mtime_ns == stamp
     meta = json.loads((second / "assets.extra" / "fer_keras.json").read_text())
     assert meta["class_names"] == list(CLASS_NAMES)
+    from fer_keras.inference import resolve
+
+    assert resolve(tmp_path / "m") == ("saved_model", second)  # the tools take the newest version
+    (tmp_path / "m" / "10").mkdir()
+    (tmp_path / "m" / "10" / "saved_model.pb").write_bytes((second / "saved_model.pb").read_bytes())
+    assert resolve(tmp_path / "m") == ("saved_model", tmp_path / "m" / "10")  # by number: 10 after 2
 
 
 @pytest.mark.parametrize("automatic", [True, False], ids=["next-free-version", "named-version"])

@@ -117,6 +117,21 @@ def test_image_inputs(setup):
         load_inputs(f"{setup['images'] / 'b_sad.png'},{setup['images'] / 'missing.png'}")
 
 
+def test_images_of_the_same_name_in_two_folders_keep_their_paths_as_ids(setup, tmp_path):
+    """A submission row must lead back to one file: when names repeat, every id is the path as given."""
+    import shutil
+
+    from fer_keras.predict import load_inputs
+
+    for folder in ("monday", "tuesday"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(setup["images"] / "b_sad.png", tmp_path / folder / "face.png")
+    shutil.copy(setup["images"] / "c_fear.jpg", tmp_path / "other.jpg")
+    named = [tmp_path / "monday" / "face.png", tmp_path / "tuesday" / "face.png", tmp_path / "other.jpg"]
+    split, _ = load_inputs(",".join(map(str, named)))
+    assert split.ids.tolist() == [str(p) for p in named]
+
+
 def test_unreadable_images_are_left_out_with_skip_bad_rows_in_folders_and_lists(setup, tmp_path):
     import shutil
 
