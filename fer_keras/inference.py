@@ -105,9 +105,6 @@ def model_sha256(kind: str, path: Path) -> str:
     return sha256_files(variables)
 
 
-UNKNOWN_TTA = "unknown"  # an export with a view-free signature whose metadata, naming its views, is gone
-
-
 def export_metadata(saved_model_dir: Path) -> dict:
     """An export's ``assets.extra/fer_keras.json``, ``{}`` when it has none. A damaged one is a ModelError naming
     it: read as ``{}``, the export's built-in TTA would pass for none, and the tools would add theirs on top."""
@@ -214,7 +211,7 @@ def load_predictor(path: str | os.PathLike | None = None, network_only: bool = F
     except (*_LOAD_ERRORS, tf.errors.OpError) as e:
         raise ModelError(f"{p}: cannot load SavedModel ({str(e).splitlines()[0][:200]})") from None
     _check_signature(p, signature)
-    from fer_keras.tta import NO_TTA_SIGNATURE
+    from fer_keras.tta import NO_TTA_SIGNATURE, UNKNOWN_TTA
 
     metadata = export_metadata(p)
     if "tta" not in metadata and NO_TTA_SIGNATURE in loaded.signatures:  # its views are built in, but which?

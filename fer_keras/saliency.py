@@ -426,10 +426,12 @@ def check_maps_replaceable(path: Path) -> None:
         raise ConfigError(f"{path}: is a directory, expected an output file name")
     if not path.exists():
         return
+    import zipfile
+
     try:
         with np.load(path, allow_pickle=False) as existing:
             ours = set(MAPS_KEYS) <= set(existing.files)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         ours = False
     if not ours:
         raise ConfigError(f"{path}: exists and is not saliency maps; choose another --output_dir or remove the file")

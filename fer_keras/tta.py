@@ -33,6 +33,7 @@ AUTO = "auto"
 DEFAULT_CROP_SIZE = 40
 # The signature of an export with TTA built in that serves the image alone (fer_keras.export).
 NO_TTA_SIGNATURE = "serving_no_tta"
+UNKNOWN_TTA = "unknown"  # an export with a view-free signature whose metadata, naming its views, is gone
 # Percentage points by which a costlier mode must beat a cheaper one to be chosen by choose_tta. On PublicTest's
 # 3,589 images a gain of 8 images (0.223 points) is within it and one of 9 (0.251 points) is not.
 DEFAULT_TOLERANCE = 0.25
@@ -134,7 +135,7 @@ def tta_probabilities(
                        axis=0).astype(np.float32)
     built_in = getattr(predictor, "built_in_tta", "none")
     if mode != "none" and built_in != "none":
-        which = (f"{built_in} views (the TTA built into the export)" if built_in != "unknown" else
+        which = (f"{built_in} views (the TTA built into the export)" if built_in != UNKNOWN_TTA else
                  "views built into the export, which its missing metadata (assets.extra/fer_keras.json) named")
         raise ConfigError(f"{getattr(predictor, 'path', 'the model')} already averages {which}; --tta={mode} would "
                           "average views of those views: use --tta=none")

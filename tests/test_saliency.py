@@ -309,10 +309,11 @@ def test_the_maps_explain_the_target_class_and_are_saved(tmp_path):
 
     other = tmp_path / "other"
     other.mkdir()
-    (other / sal.MAPS_FILE).write_bytes(b"my own arrays")
-    with pytest.raises(ConfigError, match=r"maps.npz: exists and is not saliency maps; choose another --output_dir"):
-        sal.explain(model, chosen, other, layer="features", smooth_samples=1)
-    assert [p.name for p in other.iterdir()] == [sal.MAPS_FILE]
+    for mine in (b"my own arrays", b"PK\x03\x04 a damaged zip archive"):
+        (other / sal.MAPS_FILE).write_bytes(mine)
+        with pytest.raises(ConfigError, match=r"maps.npz: exists and is not saliency maps; choose another "):
+            sal.explain(model, chosen, other, layer="features", smooth_samples=1)
+        assert [p.name for p in other.iterdir()] == [sal.MAPS_FILE]
 
 
 def test_class_count_must_match_images():
