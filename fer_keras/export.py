@@ -322,7 +322,7 @@ def export_from(model_path: str | os.PathLike, export_dir: str | os.PathLike = "
     run's epoch, measuring the model in float32 as it will be served."""
     from fer_keras.model import as_float32
 
-    model_file(model_path)  # a missing model is named before the run's records are read
+    keras_file = model_file(model_path)  # a missing model is named before the run's records are read
     source = Path(model_path).resolve()
     # A run's record describes its best.keras only, not other .keras files that may lie beside it.
     in_run = source.name == "best.keras" and (source.parent / "config.json").is_file()
@@ -332,7 +332,7 @@ def export_from(model_path: str | os.PathLike, export_dir: str | os.PathLike = "
     if version:  # export_model refuses it too, but only after minutes of --tta=auto measuring
         _refuse_existing(Path(export_dir) / name / str(version))
     # Loaded only after the run's records and the version pass: a damaged config.json is refused in milliseconds.
-    model = as_float32(load_for_export(model_path))
+    model = as_float32(load_for_export(keras_file))
     if tta == AUTO:
         split, label, _ = selection_split(data, metadata.get("train_config", {}), run_dir)
         tta = resolve_tta(model, tta, split, label, metadata, crop_size, tolerance)

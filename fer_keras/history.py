@@ -95,6 +95,25 @@ def check_json_replaceable(path: str | os.PathLike, keys: Sequence[str], what: s
     return document
 
 
+def check_npz_replaceable(path: str | os.PathLike, keys: Sequence[str], what: str, flag: str = "--output_dir") -> None:
+    """:func:`check_json_replaceable` for a NumPy ``.npz`` output: an existing file is replaced only if it is an
+    archive holding all of ``keys``."""
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    if _existing_output(path, 0) is None:
+        return
+    try:
+        with np.load(path, allow_pickle=False) as existing:
+            ours = set(keys) <= set(existing.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        ours = False
+    if not ours:
+        raise ConfigError(f"{path}: exists and is not {what}; choose another {flag} or remove the file")
+
+
 def sha256_files(paths: Sequence[Path]) -> str:
     """One SHA-256 over the files' bytes in order: a model's identity however its path is spelled."""
     import hashlib

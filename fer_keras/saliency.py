@@ -28,7 +28,7 @@ from absl import flags
 from fer_keras import CLASS_NAMES, LAST_CONV_LAYER, NUM_CLASSES, cli
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError, ModelError
-from fer_keras.history import atomic_write_text, check_json_replaceable
+from fer_keras.history import atomic_write_text, check_json_replaceable, check_npz_replaceable
 from fer_keras.tta import DEFAULT_CROP_SIZE
 from fer_keras.vis import as_batch, check_layer, new_figure, parse_int_list, quiet_keras, save_figure, split_indices
 
@@ -366,7 +366,7 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
     check_layer(model, layer)
     out = Path(output_dir)
     earlier = check_json_replaceable(out / "saliency.json", REPORT_KEYS, "a saliency report")
-    check_maps_replaceable(out / MAPS_FILE)
+    check_npz_replaceable(out / MAPS_FILE, MAPS_KEYS, "saliency maps")
     probs = served_probabilities(model, selection.images, tta, crop_size)
     model = linearize(model)  # once here, not a clone per map
     preds = probs.argmax(axis=1)
@@ -418,23 +418,6 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
     for name in stale:  # an earlier run's figures of other images, which the new saliency.json does not list
         (out / name).unlink(missing_ok=True)
     return report
-
-
-def check_maps_replaceable(path: Path) -> None:
-    """Refuses a ``maps.npz`` that an earlier run did not write (another tool's or a user's arrays)."""
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a directory, expected an output file name")
-    if not path.exists():
-        return
-    import zipfile
-
-    try:
-        with np.load(path, allow_pickle=False) as existing:
-            ours = set(MAPS_KEYS) <= set(existing.files)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        ours = False
-    if not ours:
-        raise ConfigError(f"{path}: exists and is not saliency maps; choose another --output_dir or remove the file")
 
 
 def write_maps(path: Path, **arrays: np.ndarray) -> Path:
