@@ -30,7 +30,16 @@ from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError, ModelError
 from fer_keras.history import atomic_write_text, check_json_replaceable, check_npz_replaceable
 from fer_keras.tta import DEFAULT_CROP_SIZE
-from fer_keras.vis import as_batch, check_layer, new_figure, parse_int_list, quiet_keras, save_figure, split_indices
+from fer_keras.vis import (
+    as_batch,
+    check_layer,
+    new_figure,
+    numpy_seeded,
+    parse_int_list,
+    quiet_keras,
+    save_figure,
+    split_indices,
+)
 
 TARGETS = ("pred", "true")
 DEFAULT_OUTPUT_DIR = "reports/saliency"
@@ -111,9 +120,12 @@ def vanilla_saliency(model: keras.Model, images: np.ndarray, classes: Sequence[i
 
 def smoothgrad(model: keras.Model, images: np.ndarray, classes: Sequence[int],
                samples: int = DEFAULT_SMOOTH_SAMPLES, noise: float = DEFAULT_SMOOTH_NOISE,
-               normalize: bool = True) -> np.ndarray:
+               normalize: bool = True, seed: int | None = None) -> np.ndarray:
     """Saliency averaged over ``samples`` noisy copies (noise std = ``noise`` x the image's value
-    range), ``[N, H, W]``: removes the speckle of single gradients. ``samples=0`` is vanilla."""
+    range), ``[N, H, W]``: removes the speckle of single gradients. ``samples=0`` is vanilla.
+
+    The noise comes from numpy's global generator (tf-keras-vis' choice); a ``seed`` makes the maps reproducible
+    and leaves that generator's state as it was."""
     from tf_keras_vis.saliency import Saliency
     from tf_keras_vis.utils.scores import CategoricalScore
 
@@ -122,7 +134,7 @@ def smoothgrad(model: keras.Model, images: np.ndarray, classes: Sequence[int],
     targets = _class_list(classes, int(x.shape[0]), int(model.outputs[0].shape[-1]))
     saliency = Saliency(model, clone=False)
     out = []
-    with quiet_keras():
+    with quiet_keras(), numpy_seeded(seed):
         for s in _chunks(int(x.shape[0])):
             out.append(np.asarray(saliency(CategoricalScore(targets[s]), x[s], smooth_samples=samples,
                                            smooth_noise=noise, normalize_map=normalize)))
@@ -351,14 +363,14 @@ def plot_grid(path: str | Path, images: np.ndarray, saliency: np.ndarray, smooth
 def explain(model: keras.Model, selection: Selection, output_dir: str | Path, target: str = "pred",
             layer: str = LAST_CONV_LAYER, smooth_samples: int = DEFAULT_SMOOTH_SAMPLES,
             smooth_noise: float = DEFAULT_SMOOTH_NOISE, metadata: dict | None = None, tta: str = "none",
-            crop_size: int = DEFAULT_CROP_SIZE) -> dict:
+            crop_size: int = DEFAULT_CROP_SIZE, seed: int | None = None) -> dict:
     """Computes all maps for a selection, writes the figures, the maps themselves (``maps.npz``: the normalised
     ``saliency``, ``smoothgrad`` and ``gradcam_plus_plus`` maps ``[N, H, W]``, with the ``ids`` and the ``targets``
     they explain) and the JSON (with ``metadata`` such as the model and data paths first); returns the JSON dict.
 
     ``tta`` is the test-time augmentation the model is served with (an export's built-in one, with ten-crop's
     ``crop_size``: :func:`fer_keras.inference.served_views`): predictions and probabilities then average its views,
-    as users get them; the maps explain the image itself.
+    as users get them; the maps explain the image itself. ``seed`` seeds SmoothGrad's noise (:func:`smoothgrad`).
     """
     expected = tuple(model.inputs[0].shape[1:])
     if tuple(selection.images.shape[1:]) != expected:
@@ -372,7 +384,7 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
     preds = probs.argmax(axis=1)
     classes = target_classes(target, selection.labels, preds, selection.ids)
     saliency = vanilla_saliency(model, selection.images, classes)
-    smooth = smoothgrad(model, selection.images, classes, smooth_samples, smooth_noise)
+    smooth = smoothgrad(model, selection.images, classes, smooth_samples, smooth_noise, seed=seed)
     cam = gradcam_plus_plus(model, selection.images, classes, layer)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -408,6 +420,7 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
         "layer": layer,
         "smooth_samples": smooth_samples,
         "smooth_noise": smooth_noise,
+        "smooth_seed": seed,
         "prediction_tta": tta,
         "grid": str(grid),
         "maps": str(maps),
@@ -474,16 +487,13 @@ def main(argv: Sequence[str]) -> None:
         selection = from_split(f.data, f.split, parse_int_list(f.indices, "--indices") if f.indices else None,
                                f.skip_bad_rows)
         metadata = {"data": f.data or str(fer_data.SAMPLE_PATH), "split": fer_data.canonical_split(f.split)}
-    import keras
-
     from fer_keras.inference import load_keras, resolve, served_views
 
     tta, crop_size = served_views(*resolve(f.model))
     model = load_keras(f.model)
-    keras.utils.set_random_seed(f.seed)
     metadata = {"model": str(Path(f.model).resolve()) if f.model else "shipped model", **metadata}
     report = explain(model, selection, f.output_dir, f.target, f.layer, f.smooth_samples, f.smooth_noise,
-                     metadata, tta, crop_size)
+                     metadata, tta, crop_size, f.seed)
     served = "" if tta == "none" else f", {tta} TTA as served"
     for r in report["images"]:
         print(f"{r['id']}: true {r['true_label'] or 'unknown'}, pred {r['pred_label']} "

@@ -36,6 +36,24 @@ def quiet_keras() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def numpy_seeded(seed: int | None) -> Iterator[None]:
+    """Seeds numpy's global generator for the block and restores its state after it (``None``: leaves it alone).
+
+    tf-keras-vis draws SmoothGrad's noise from that generator; a library call with a seed is then reproducible
+    without changing what the caller's own ``np.random`` draws next.
+    """
+    if seed is None:
+        yield
+        return
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
 def as_batch(images: np.ndarray) -> tf.Tensor:
     """float32 ``[N, H, W, C]``: tf-keras-vis cannot take gradients w.r.t. uint8 tensors."""
     array = np.asarray(images)

@@ -94,13 +94,26 @@ def test_smoothgrad_averages_the_gradients_of_noisy_copies(noise, below):
     model = threshold_model()
     vanilla = sal.vanilla_saliency(model, image, [2], normalize=False)
     assert np.all(vanilla[:, :, :24] == 1.0) and np.all(vanilla[:, :, 24:] == 0.0)
-    np.random.seed(0)  # tf-keras-vis draws SmoothGrad's noise from numpy's global generator
-    smooth = sal.smoothgrad(model, image, [2], samples=20, noise=noise, normalize=False)
+    smooth = sal.smoothgrad(model, image, [2], samples=20, noise=noise, normalize=False, seed=0)
     np.testing.assert_allclose(smooth[:, :, :24].mean(), 1 - below, rtol=0.03)
     np.testing.assert_allclose(smooth[:, :, 24:].mean(), below, rtol=0.3 if below < 0.05 else 0.1)
-    np.random.seed(0)
-    np.testing.assert_array_equal(sal.smoothgrad(model, image, [2], samples=20, noise=noise, normalize=False),
-                                  smooth)
+
+
+def test_smoothgrad_seed_reproduces_the_maps_and_leaves_numpys_generator_alone():
+    """tf-keras-vis draws the noise from numpy's global generator: a seed gives the same maps twice and other ones
+    for another seed, and the caller's next ``np.random`` draw is the one it would have been without the call."""
+    image = np.full((1, 48, 48, 1), 77.5, np.float32)
+    image[:, :, :24] = 177.5
+    model = threshold_model()
+    np.random.seed(11)
+    expected_next = np.random.random(3)
+    np.random.seed(11)
+    first = sal.smoothgrad(model, image, [2], samples=5, noise=0.5, normalize=False, seed=0)
+    np.testing.assert_array_equal(np.random.random(3), expected_next)
+    np.testing.assert_array_equal(sal.smoothgrad(model, image, [2], samples=5, noise=0.5, normalize=False, seed=0),
+                                  first)
+    assert not np.array_equal(sal.smoothgrad(model, image, [2], samples=5, noise=0.5, normalize=False, seed=1),
+                              first)
 
 
 def test_gradcam_plus_plus_has_the_input_shape():
@@ -397,8 +410,8 @@ def test_cli_writes_figures_grid_and_json(tool_inputs, tmp_path):
 
 
 def test_main_seed_makes_smoothgrad_reproducible(tool_inputs, tmp_path, monkeypatch, capsys):
-    """SmoothGrad's noise comes from numpy's global generator, which ``--seed`` seeds: the same seed gives the same
-    maps, another seed other ones. main reads absl's parsed flags; the test stands in for them."""
+    """``--seed`` seeds SmoothGrad's noise: the same seed gives the same maps, another seed other ones. main reads
+    absl's parsed flags; the test stands in for them."""
     from types import SimpleNamespace
 
     root, model, csv = tool_inputs
@@ -412,6 +425,7 @@ def test_main_seed_makes_smoothgrad_reproducible(tool_inputs, tmp_path, monkeypa
         sal.main(["saliency"])
         with np.load(out / sal.MAPS_FILE) as saved:
             maps.append(saved["smoothgrad"])
+        assert json.loads((out / "saliency.json").read_text())["smooth_seed"] == seed
     assert "saliency.json" in capsys.readouterr().out
     np.testing.assert_array_equal(maps[0], maps[1])
     assert not np.array_equal(maps[0], maps[2])
