@@ -69,16 +69,34 @@ def _patch_collective_reduce(strategy: tf.distribute.Strategy) -> tf.distribute.
     return strategy
 
 
+def check_tf_config(text: str) -> None:
+    """Refuses a TF_CONFIG that does not place this process in a cluster of workers. TensorFlow turns one without
+    a cluster (``{}``, a misspelt key) into a strategy of this process alone, the chief, so every worker would
+    train its own run into the same --model_dir; and it rejects a task outside the cluster with a traceback."""
+    if not text:
+        raise ConfigError("--strategy=multi_worker needs TF_CONFIG (cluster and task) in the environment")
+    try:
+        config = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"TF_CONFIG is not valid JSON: {e}") from None
+    cluster = config.get("cluster") if isinstance(config, dict) else None
+    roles = {role: cluster.get(role) for role in ("chief", "worker")} if isinstance(cluster, dict) else {}
+    roles = {role: len(tasks) for role, tasks in roles.items() if isinstance(tasks, list) and tasks}
+    if not roles:
+        raise ConfigError(f"TF_CONFIG names no cluster of workers ({text[:200]}); without one every worker would "
+                          'train alone as chief: give {"cluster": {"worker": ["host:port", ...]}, "task": {"type": '
+                          '"worker", "index": N}}')
+    task = config.get("task")
+    kind, index = (task.get("type"), task.get("index")) if isinstance(task, dict) else (None, None)
+    if type(index) is not int or not 0 <= index < roles.get(kind, 0):
+        raise ConfigError(f"TF_CONFIG's task {task!r} is not one of its cluster's "
+                          f"({', '.join(f'{n} {role}' for role, n in roles.items())})")
+
+
 def _multi_worker(all_reduce: str, collective_timeout: float) -> tf.distribute.Strategy:
     """MultiWorkerMirroredStrategy from TF_CONFIG; it must be created before TensorFlow
     initialises (hence physical, not logical, device listing here)."""
-    tf_config = os.environ.get("TF_CONFIG", "")
-    if not tf_config:
-        raise ConfigError("--strategy=multi_worker needs TF_CONFIG (cluster and task) in the environment")
-    try:
-        json.loads(tf_config)
-    except ValueError as e:
-        raise ConfigError(f"TF_CONFIG is not valid JSON: {e}") from None
+    check_tf_config(os.environ.get("TF_CONFIG", ""))
     gpus = tf.config.list_physical_devices("GPU")
     implementation = tf.distribute.experimental.CommunicationImplementation
     options = tf.distribute.experimental.CommunicationOptions(

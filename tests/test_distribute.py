@@ -531,3 +531,43 @@ def test_the_chief_follows_tensorflows_rule(cluster, task, expected):
     from fer_keras.distribute import chief_task
 
     assert chief_task(cluster, *task) is expected
+
+
+WORKERS = {"worker": ["127.0.0.1:12345", "127.0.0.1:12346"]}
+
+
+@pytest.mark.parametrize("tf_config, message", [
+    ("", "needs TF_CONFIG"),
+    ("{", "not valid JSON"),
+    # TensorFlow made these a strategy of the process alone, the chief: every worker trained its own run.
+    ("{}", "names no cluster of workers"),
+    ("[]", "names no cluster of workers"),
+    (json.dumps({"clusters": WORKERS, "task": {"type": "worker", "index": 0}}), "names no cluster of workers"),
+    (json.dumps({"cluster": {"worker": []}, "task": {"type": "worker", "index": 0}}), "names no cluster of workers"),
+    # TensorFlow raised these as ValueError tracebacks.
+    (json.dumps({"cluster": WORKERS}), r"task None is not one of its cluster's \(2 worker\)"),
+    *[(json.dumps({"cluster": WORKERS, "task": task}), "task .* is not one of its cluster's") for task in (
+        {"type": "worker", "index": 2}, {"type": "worker", "index": -1}, {"type": "worker", "index": "0"},
+        {"type": "evaluator", "index": 0})],
+    (json.dumps({"cluster": {"chief": ["c:1"], **WORKERS}, "task": {"type": "chief", "index": 1}}),
+     r"is not one of its cluster's \(1 chief, 2 worker\)"),
+])
+def test_a_tf_config_that_places_no_worker_in_a_cluster_is_refused_in_one_line(monkeypatch, tf_config, message):
+    from fer_keras import distribute
+    from fer_keras.errors import ConfigError
+
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+    with pytest.raises(ConfigError, match=message):
+        distribute.create_strategy("multi_worker")
+
+
+@pytest.mark.parametrize("cluster, task", [
+    (WORKERS, {"type": "worker", "index": 1}),
+    ({"chief": ["c:1"], **WORKERS}, {"type": "chief", "index": 0}),
+    ({"chief": ["c:1"], **WORKERS}, {"type": "worker", "index": 1}),
+    ({"worker": ["127.0.0.1:12345"]}, {"type": "worker", "index": 0}),
+])
+def test_a_tf_config_that_places_this_worker_in_its_cluster_is_accepted(cluster, task):
+    from fer_keras.distribute import check_tf_config
+
+    check_tf_config(json.dumps({"cluster": cluster, "task": task}))
