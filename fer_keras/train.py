@@ -1024,7 +1024,7 @@ def define_flags() -> None:
     f.register_validator("erasing", lambda v: 0 <= v <= 1, "--erasing must be in [0, 1]")
     f.register_validator("erasing_max_area", lambda v: 0.02 < v <= 1, "--erasing_max_area must be in (0.02, 1]")
     f.register_validator("mixup", lambda v: v >= 0, "--mixup must be >= 0")
-    f.register_validator("step_epochs", lambda v: all(s.strip().isdigit() and int(s) > 0 for s in v),
+    f.register_validator("step_epochs", lambda v: all(s.strip().isdecimal() and int(s) > 0 for s in v),
                          "--step_epochs must be positive integers, e.g. 30,45")
     f.register_validator("verbose", lambda v: v in (0, 1, 2), "--verbose must be 0, 1 or 2")
     f.register_validator("average_from_epoch", lambda v: v >= 0, "--average_from_epoch must be >= 0 (0: off)")

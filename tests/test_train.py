@@ -617,6 +617,8 @@ def cli(args, tmp_path, **kw):
     (["--model_dir="], "--model_dir must name a folder"),
     (["--flagfile=latin1.cfg"], "latin1.cfg: not UTF-8 text (invalid continuation byte at byte 2)"),
     (["--flagfile=missing.cfg"], "error: Unable to open flagfile"),
+    # A digit to str.isdigit but not to int(): the validator itself raised.
+    (["--schedule=step", "--step_epochs=1\u00b2"], "--step_epochs must be positive integers"),
 ])
 def test_cli_bad_flags_exit_non_zero_with_one_line(tmp_path, args, needle):
     (tmp_path / "latin1.cfg").write_bytes("# \u00e9t\u00e9\n--epochs=1\n".encode("latin-1"))
