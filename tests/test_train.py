@@ -343,6 +343,21 @@ def test_unwritable_model_dir_is_reported_before_training(tmp_path):
     ({"distill_temperature": float("nan")}, "distill_temperature must be a finite number, got nan"),
     ({"model_dir": " "}, "model_dir must name a folder"),
     ({"export_name": " "}, "export name ' ' must be a plain folder name"),
+    # A TrainConfig built in code meets no flag validator: these are its only check.
+    ({"learning_rate": 0.0}, "learning_rate must be > 0, got 0"),
+    ({"weight_decay": -1e-4}, "weight_decay must be >= 0, got -0.0001"),
+    ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\), got 1.0"),
+    ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+    ({"warmup_epochs": -1.0}, "warmup_epochs must be >= 0, got -1.0"),
+    ({"val_fraction": 1.0}, r"val_fraction must be in \(0, 1\), got 1.0"),
+    ({"steps_per_execution": 0}, "steps_per_execution must be >= 1, got 0"),
+    ({"input_channels": 2}, "input_channels must be 1 or 3, got 2"),
+    ({"precision": "float16"}, "unknown precision 'float16'"),
+    ({"cpu_devices": -1}, "cpu_devices must be >= 0, got -1"),
+    ({"max_val_examples": -1}, "max_.*_examples must be >= 0"),
+    ({"export_version": -1}, "export_version must be >= 0, got -1"),
+    ({"teachers": ("",)}, "teachers: an empty path"),
+    ({"teachers": ("a.keras",), "teacher_tta": "fivecrop"}, "unknown teacher_tta 'fivecrop'"),
 ])
 def test_bad_settings_are_refused(tmp_path, kwargs, message):
     with pytest.raises(ConfigError, match=message):
