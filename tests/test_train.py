@@ -211,6 +211,51 @@ def test_a_non_finite_validation_loss_is_named_as_such(tmp_path):
     assert not (tmp_path / "checkpoints").exists() and model.stop_training
 
 
+def test_best_keras_is_replaced_only_by_a_better_epoch_also_after_a_resume(tmp_path):
+    """A tie or a worse epoch keeps the earlier best, in best.keras and in the state a resumed recorder starts from;
+    a worker that is not the chief writes its checkpoints only."""
+    import keras
+
+    from fer_keras import checkpoint
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+
+    def epoch_end(recorder, epoch: int, val_accuracy: float) -> None:
+        model.layers[0].kernel.assign(np.full((2, 1), epoch, np.float32))  # each epoch's weights tell it apart
+        recorder.on_epoch_end(epoch - 1, {"loss": 1.0, "accuracy": 0.5, "val_loss": 1.0, "val_accuracy": val_accuracy})
+
+    def best_kernel() -> float:
+        return float(keras.models.load_model(tmp_path / "best.keras").layers[0].kernel[0, 0])
+
+    recorder = checkpoint.RunRecorder(tmp_path, tmp_path / "checkpoints", True, checkpoint.NonFiniteLoss(), [],
+                                      (0, -1.0), {})
+    recorder.set_model(model)
+    for epoch, val_accuracy in [(1, 0.5), (2, 0.5), (3, 0.4)]:
+        epoch_end(recorder, epoch, val_accuracy)
+    assert (recorder.best_epoch, recorder.best_val) == (1, 0.5) and best_kernel() == 1
+    latest, state = checkpoint.latest_checkpoint(tmp_path / "checkpoints")
+    assert latest.name == "epoch_0003" and (state["best_epoch"], state["best_val_accuracy"]) == (1, 0.5)
+    assert [r["epoch"] for r in history_lib.read_history_csv(tmp_path / "history.csv")] == [1, 2, 3]
+
+    resumed = checkpoint.RunRecorder(tmp_path, tmp_path / "checkpoints", True, checkpoint.NonFiniteLoss(),
+                                     list(state["history"]), (state["best_epoch"], state["best_val_accuracy"]), {})
+    resumed.set_model(model)
+    epoch_end(resumed, 4, 0.45)
+    assert (resumed.best_epoch, best_kernel()) == (1, 1)
+    epoch_end(resumed, 5, 0.6)
+    assert (resumed.best_epoch, best_kernel()) == (5, 5)
+    assert [r["epoch"] for r in history_lib.read_history_csv(tmp_path / "history.csv")] == [1, 2, 3, 4, 5]
+
+    worker = tmp_path / "workers" / "worker_1"
+    other = checkpoint.RunRecorder(worker, worker / "checkpoints", False, checkpoint.NonFiniteLoss(), [], (0, -1.0),
+                                   {})
+    other.set_model(model)
+    epoch_end(other, 1, 0.5)
+    assert sorted(p.name for p in worker.iterdir()) == ["checkpoints"]
+    assert checkpoint.latest_checkpoint(worker / "checkpoints")[1]["best_epoch"] == 1
+
+
 def test_changed_settings_are_refused_before_anything_is_touched(trained_run, tmp_path):
     config, _ = trained_run
     before = {p: p.read_bytes() for p in Path(config.model_dir).rglob("*") if p.is_file()}
