@@ -84,6 +84,17 @@ def test_build_optimizer_runs_onecycle_over_the_whole_run():
         config(schedule="onecycle", warmup_epochs=10).validate()
 
 
+def test_cosine_rises_linearly_from_a_tenth_of_the_peak_and_reaches_zero_at_the_runs_end():
+    """The default schedule (flag help: linear warm-up from lr/10, cosine to 0): 10 epochs of 20 steps, 2 of warm-up."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    warm = train.build_optimizer(config(schedule="cosine", warmup_epochs=2), steps_per_epoch=20, model=model)
+    rates = [float(warm._learning_rate(step)) for step in (0, 20, 40, 120, 200)]  # CosineDecay takes one step
+    np.testing.assert_allclose(rates, [0.01, 0.055, 0.1, 0.05, 0.0], atol=1e-7)
+    cold = train.build_optimizer(config(schedule="cosine", warmup_epochs=0), steps_per_epoch=20, model=model)
+    np.testing.assert_allclose([float(cold._learning_rate(step)) for step in (0, 100, 200)], [0.1, 0.05, 0.0],
+                               atol=1e-7)
+
+
 def test_a_cosine_run_that_is_all_warm_up_says_so(caplog):
     """Cosine with warmup_epochs >= epochs rises for the whole run and never decays: allowed, so that the default
     warm-up works for a 1-epoch try, but said (onecycle, only ever chosen on purpose, refuses it)."""
