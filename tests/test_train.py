@@ -330,6 +330,23 @@ def test_a_kill_between_checkpoint_and_best_keras_is_mended_on_rerun(tmp_path):
             np.testing.assert_array_equal(a, b)
 
 
+def test_a_rerun_leaves_the_best_keras_of_an_earlier_epoch_alone(trained_run, tmp_path):
+    """best.keras is older than the latest checkpoint whenever the best epoch came before it: only a best epoch
+    equal to the checkpoint's says that the kill fell between the two writes, else its weights would replace the
+    best epoch's."""
+    config, _ = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(config.model_dir, run)
+    state_file = run / "checkpoints" / "epoch_0002" / "state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "best_epoch": 1}))
+    best_file = run / "best.keras"
+    os.utime(best_file, ns=(state_file.stat().st_mtime_ns - 10**9,) * 2)
+    before = best_file.read_bytes(), best_file.stat().st_mtime_ns
+    result = train.run(dataclasses.replace(config, model_dir=str(run), export=False))
+    assert (result.resumed_from, result.best_epoch) == (2, 1)
+    assert (best_file.read_bytes(), best_file.stat().st_mtime_ns) == before
+
+
 def test_a_diverging_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
     import h5py
     import keras
