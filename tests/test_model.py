@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 from conftest import distinct_batchnorm
 
+from fer_keras import BN_EPSILON, FER2013_MEAN, FER2013_STD
 from fer_keras.errors import ModelError
 from fer_keras.model import (
     BasicBlock,
@@ -48,6 +49,34 @@ def test_stems_set_the_resolution_of_stage1(stem, before_stage1):
         -(-before_stage1 // 8), -(-before_stage1 // 8), 512)
 
 
+@pytest.mark.parametrize("stem", ["imagenet", "cifar_pool", "cifar"])
+def test_stem_matches_reference_computation(stem):
+    """torchvision's Normalize then the stem as the PyTorch twin builds it, recomputed with plain ops: imagenet's
+    7x7/2 conv pads 3 on every side and its 3x3/2 max-pool 1, the cifar stems' 3x3/1 conv 1, cifar_pool's 2x2/2
+    max-pool none. Runs where torch is not installed (the twin's own comparison skips there)."""
+    model = resnet18(stem)
+    distinct_batchnorm(model)
+    x = np.random.default_rng(6).integers(0, 256, (2, 48, 48, 1)).astype("float32")
+    last = "stem_relu" if stem == "cifar" else "stem_pool"
+    got = np.asarray(keras.Model(model.input, model.get_layer(last).output)(x, training=False))
+
+    conv_layer, bn = model.get_layer("stem_conv"), model.get_layer("stem_bn")
+    v = (x / 255.0 - FER2013_MEAN) / FER2013_STD
+    pad, stride = (3, 2) if stem == "imagenet" else (1, 1)
+    v = np.pad(v, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    v = np.asarray(keras.ops.conv(v, conv_layer.kernel, strides=stride, padding="valid"))
+    v = (v - bn.moving_mean.numpy()) / np.sqrt(bn.moving_variance.numpy() + BN_EPSILON) * bn.gamma.numpy() \
+        + bn.beta.numpy()
+    v = np.maximum(v, 0)
+    if stem != "cifar":
+        size, pad = (3, 1) if stem == "imagenet" else (2, 0)
+        v = np.pad(v, ((0, 0), (pad, pad), (pad, pad), (0, 0)))  # zeros act as -inf: v >= 0 after the ReLU
+        windows = np.lib.stride_tricks.sliding_window_view(v, (size, size), axis=(1, 2))[:, ::2, ::2]
+        v = windows.max(axis=(-2, -1))
+    assert got.shape == v.shape == (2, *{"imagenet": (12, 12), "cifar_pool": (24, 24), "cifar": (48, 48)}[stem], 64)
+    np.testing.assert_allclose(got, v, rtol=1e-4, atol=1e-4 * np.abs(v).max())
+
+
 def test_shortcut_projection_only_where_shape_changes():
     model = resnet18("imagenet")
     for stage in range(1, 5):
@@ -58,19 +87,39 @@ def test_shortcut_projection_only_where_shape_changes():
 
 
 def test_block_config_round_trip():
-    block = BasicBlock(128, strides=2, bn_momentum=0.8, synchronized=True, name="b")
+    """Every argument away from its default, so that one missing from get_config comes back as the default (a
+    .keras reload of a block with another epsilon would compute something else)."""
+    block = BasicBlock(128, strides=2, bn_momentum=0.8, bn_epsilon=1e-3, kernel_initializer="glorot_uniform",
+                       synchronized=True, fused_batchnorm=False, name="b")
     config = block.get_config()
     clone = BasicBlock.from_config(config)
     assert clone.get_config() == config
-    assert (clone.filters, clone.strides, clone.bn_momentum, clone.synchronized) == (128, 2, 0.8, True)
+    assert (clone.filters, clone.strides, clone.bn_momentum, clone.bn_epsilon, clone.synchronized,
+            clone.fused_batchnorm) == (128, 2, 0.8, 1e-3, True, False)
+    assert isinstance(clone.kernel_initializer, keras.initializers.GlorotUniform)
+    clone.build((None, 8, 8, 64))
+    for bn in (clone.bn1, clone.bn2, clone.shortcut_bn):
+        assert (bn.momentum, bn.epsilon, bn.synchronized) == (0.8, 1e-3, True), bn.name
 
 
-def test_block_matches_reference_computation():
-    """conv-BN-ReLU-conv-BN + projected shortcut, add, ReLU: recomputed with plain ops."""
-    block = BasicBlock(8, strides=2)
-    x = np.random.default_rng(0).normal(size=(2, 6, 6, 4)).astype("float32")
+def test_every_batchnorm_is_pytorchs():
+    """momentum 0.1 in PyTorch's convention (0.9 in Keras') and eps 1e-5, in the stem and in every block; Keras'
+    own defaults are 0.99 and 1e-3."""
+    layers_ = resnet18("imagenet")._flatten_layers()
+    bns = [layer for layer in layers_ if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(bns) == 20
+    assert {(bn.momentum, bn.epsilon) for bn in bns} == {(0.9, BN_EPSILON)}
+
+
+@pytest.mark.parametrize("strides, channels, projected", [(2, 4, True), (1, 4, True), (1, 8, False)])
+def test_block_matches_reference_computation(strides, channels, projected):
+    """conv-BN-ReLU-conv-BN + shortcut, add, ReLU: recomputed with plain ops. The shortcut is projected (1x1 conv +
+    BN) when the stride or the width changes, else the identity."""
+    block = BasicBlock(8, strides=strides)
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, channels)).astype("float32")
     block.build(x.shape)
-    assert distinct_batchnorm(block) == 12  # 4 per BatchNorm: bn1, bn2, shortcut_bn
+    assert distinct_batchnorm(block) == (12 if projected else 8)  # 4 per BatchNorm: bn1, bn2 (, shortcut_bn)
+    assert (block.shortcut_conv is not None) == projected
     y = np.asarray(block(x, training=False))
 
     def conv(layer, v, pad):
@@ -83,9 +132,10 @@ def test_block_matches_reference_computation():
 
     h = np.maximum(bn(block.bn1, conv(block.conv1, x, 1)), 0)
     h = bn(block.bn2, conv(block.conv2, h, 1))
-    s = bn(block.shortcut_bn, conv(block.shortcut_conv, x, 0))
+    s = bn(block.shortcut_bn, conv(block.shortcut_conv, x, 0)) if projected else x
     np.testing.assert_allclose(y, np.maximum(h + s, 0), atol=1e-5)
-    assert y.shape == (2, 3, 3, 8) == block.compute_output_shape(x.shape)
+    side = 6 // strides
+    assert y.shape == (2, side, side, 8) == block.compute_output_shape(x.shape)
 
 
 def test_model_config_round_trip():
