@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -113,7 +114,7 @@ def load(folder: Path, model: keras.Model) -> tuple[list[np.ndarray], int]:
             average = [np.asarray(f[k], np.float32) for k in names]
     except FileNotFoundError:
         raise ConfigError(f"{path}: missing, so the run's weight average is lost; use a new --model_dir") from None
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # truncated, empty, a bad CRC
         raise ConfigError(f"{path}: unreadable ({e}); use a new --model_dir") from None
     shapes = [tuple(w.shape) for w in model.weights]
     if count < 1 or [a.shape for a in average] != shapes:

@@ -247,3 +247,24 @@ def test_averaging_under_a_mirrored_strategy_keeps_the_replicas_in_step(tmp_path
         assert second[prefix + "accuracy"] == pytest.approx(float(np.mean(logits.argmax(1) == val.labels)), abs=1e-6)
         expected = float(loss(np.eye(7, dtype=np.float32)[val.labels], logits))
         assert second[prefix + "loss"] == pytest.approx(expected, rel=1e-4), prefix
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "empty"])
+def test_a_damaged_average_is_a_one_line_error_naming_it(tmp_path, damage):
+    """A resume from a checkpoint written before checkpoints recorded their files' hashes reads average.npz
+    unchecked: a damaged one is named, not a BadZipFile or EOFError traceback."""
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    averager = averaging.WeightAverage(1, val_data=None)
+    averager.set_model(model)
+    averager.on_epoch_end(0)
+    averager.save(tmp_path)
+    path = tmp_path / averaging.AVERAGE_FILE
+    assert averaging.load(tmp_path, model)[1] == 1
+    raw = path.read_bytes()
+    damaged = {"truncated": raw[:len(raw) // 2], "empty": b"",
+               "flipped byte": raw[:100] + bytes([raw[100] ^ 0xFF]) + raw[101:]}[damage]
+    path.write_bytes(damaged)
+    with pytest.raises(ConfigError, match=rf"^{path}: unreadable \(.+\); use a new --model_dir$"):
+        averaging.load(tmp_path, model)
