@@ -16,7 +16,7 @@ from conftest import cli_env, distinct_batchnorm, run_tool
 
 from fer_keras import CLASS_NAMES
 from fer_keras.errors import ConfigError
-from fer_keras.export import export_model
+from fer_keras.export import export_model, next_version
 from fer_keras.model import resnet18
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,6 +129,8 @@ def test_versions_are_added_never_overwritten(tmp_path):
     (tmp_path / "m" / "10").mkdir()
     (tmp_path / "m" / "10" / "saved_model.pb").write_bytes((second / "saved_model.pb").read_bytes())
     assert resolve(tmp_path / "m") == ("saved_model", tmp_path / "m" / "10")  # by number: 10 after 2
+    # A new export must be the newest, or TF Serving keeps serving version 10: 11, not 3 (after 1 and 2) or 4.
+    assert next_version(tmp_path / "m") == 11
 
 
 @pytest.mark.parametrize("automatic", [True, False], ids=["next-free-version", "named-version"])
@@ -226,6 +228,50 @@ def test_flip_tta_export_averages_the_mirror_image(tmp_path):
     # Probabilities may saturate, so show with the logits that the mirror image was averaged in.
     assert not np.allclose(mirrored, logits, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(out["logits"].numpy(), (logits + mirrored) / 2, rtol=1e-4, atol=1e-3)
+
+
+def mirror_sensitive_classifier():
+    """48x48 pixels -> 7 logits: (0, 10, 0, -30, ...) for an image brighter on its left half, (0, -20, -1, -30, ...)
+    for its mirror image. Flip TTA then averages the probabilities to ~(0.37, 0.50, 0.13, 0, ...): class 1, where
+    averaging the logits, (0, -5, -0.5, -30, ...), would give class 0."""
+    import keras
+
+    side = np.where(np.arange(48) < 24, 1.0, -1.0) / (24 * 48 * 255)
+    left_minus_right = np.broadcast_to(side[None, :], (48, 48)).reshape(-1)
+    inputs = keras.Input((48, 48, 1))
+    hidden = keras.layers.Dense(2, activation="relu", use_bias=False)(keras.layers.Flatten()(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(7, name="logits")(hidden))
+    model.layers[2].set_weights([np.stack([left_minus_right, -left_minus_right], axis=1)])
+    kernel = np.array([[0, 10, 0, -30, -30, -30, -30], [0, -20, -1, -30, -30, -30, -30]], np.float32)
+    model.layers[3].set_weights([kernel, np.zeros(7, np.float32)])
+    return model
+
+
+def test_flip_tta_serves_the_class_of_the_averaged_probabilities(tmp_path):
+    """A known answer: the served probabilities are the mean of the image's and its mirror image's softmax, and
+    class_id / class_name their argmax, in both signatures."""
+    import tensorflow as tf
+
+    model = mirror_sensitive_classifier()
+    x = np.zeros((2, 48, 48, 1), np.float32)
+    x[0, :, :24] = 255  # brighter on the left
+    x[1] = 128  # symmetric: all its logits are 0 (class 0), so rows of different images cannot pass for each other
+    logits = np.asarray(model(np.concatenate([x, x[:, :, ::-1]])))
+    np.testing.assert_allclose(logits[0], [0, 10, 0, -30, -30, -30, -30], atol=1e-4)
+    np.testing.assert_allclose(logits[2], [0, -20, -1, -30, -30, -30, -30], atol=1e-4)
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities = e / e.sum(1, keepdims=True)
+    expected = (probabilities[:2] + probabilities[2:]) / 2
+    path = export_model(model, tmp_path, "m", tta="flip")
+    loaded = tf.saved_model.load(str(path))
+    for signature, pixels in (("serving_default", x), ("serving_uint8", x.astype(np.uint8))):
+        out = loaded.signatures[signature](pixels=tf.constant(pixels))
+        np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-6)
+        np.testing.assert_allclose(out["logits"].numpy(), (logits[:2] + logits[2:]) / 2, atol=1e-4)
+        assert out["class_id"].numpy().tolist() == [1, 0]
+        assert out["class_name"].numpy().astype(str).tolist() == [CLASS_NAMES[1], CLASS_NAMES[0]]
+    assert expected[0, 1] == pytest.approx(0.5, abs=1e-4) and expected[0].argmax() == 1
+    assert ((logits[0] + logits[2]) / 2).argmax() == 0  # averaged logits would name class 0
 
 
 NO_TTA_PROCESS = textwrap.dedent("""
