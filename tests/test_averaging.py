@@ -268,3 +268,28 @@ def test_a_damaged_average_is_a_one_line_error_naming_it(tmp_path, damage):
     path.write_bytes(damaged)
     with pytest.raises(ConfigError, match=rf"^{path}: unreadable \(.+\); use a new --model_dir$"):
         averaging.load(tmp_path, model)
+
+
+def test_an_epoch_that_failed_or_left_non_finite_weights_is_not_averaged_in():
+    """The average must stay what best.keras and the checkpoint can keep: an epoch whose loss the guard caught as
+    non-finite, or whose weights are NaN, leaves it (and the logs) as they were."""
+    import keras
+
+    from fer_keras.checkpoint import NonFiniteLoss
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    kernel = model.layers[0].kernel
+    model.evaluate = lambda data, **kwargs: {"loss": 0.5, "accuracy": 0.25}
+    guard = NonFiniteLoss()
+    averager = averaging.WeightAverage(1, val_data="val", guard=guard)
+    averager.set_model(model)
+    first = np.asarray(kernel).copy()
+    averager.on_epoch_end(0, {"val_loss": 1.0, "val_accuracy": 0.5})
+    kernel.assign(np.full(first.shape, np.nan, np.float32))
+    logs = {"val_loss": 1.0, "val_accuracy": 0.5}
+    averager.on_epoch_end(1, logs)
+    kernel.assign(first + 2.0)
+    guard.failed_at = (3, 7, float("nan"), "loss")
+    averager.on_epoch_end(2, logs)
+    assert averager.count == 1 and logs == {"val_loss": 1.0, "val_accuracy": 0.5}
+    np.testing.assert_array_equal(averager.average[0], first)
