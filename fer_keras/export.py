@@ -64,9 +64,10 @@ MODEL_CONFIG_FILE = "assets.extra/keras_model.json"
 
 
 def existing_versions(base: Path) -> list[int]:
+    """The version numbers taken in ``base``: by folders, and by files too, which a new version could not replace."""
     if not base.is_dir():
         return []
-    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted(int(p.name) for p in base.iterdir() if p.name.isdecimal())
 
 
 def next_version(base: Path) -> int:

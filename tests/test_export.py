@@ -133,6 +133,19 @@ def test_versions_are_added_never_overwritten(tmp_path):
     assert next_version(tmp_path / "m") == 11
 
 
+def test_a_file_named_like_a_version_is_passed_over_not_a_reason_to_refuse(tmp_path):
+    """A stray file ``1`` (not a version: TF Serving reads folders) cannot be overwritten by a folder either; the next
+    automatic version is 2, where the export was refused with "version 1 exists" although none was asked for."""
+    import keras
+
+    inputs = keras.Input((48, 48, 1))
+    model = keras.Model(inputs, keras.layers.Dense(7, name="logits")(keras.layers.Flatten()(inputs)))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "1").write_text("notes")
+    assert export_model(model, tmp_path, "m") == tmp_path / "m" / "2"
+    assert (tmp_path / "m" / "1").read_text() == "notes"
+
+
 @pytest.mark.parametrize("automatic", [True, False], ids=["next-free-version", "named-version"])
 def test_a_version_taken_by_another_export_meanwhile(tmp_path, monkeypatch, automatic):
     """Two exports at once: the one that finishes second moves to the next free version, or, for a version the
