@@ -36,7 +36,7 @@ from absl import flags
 from fer_keras import CLASS_NAMES, IMAGE_SIZE, __version__, cli, inference
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError, DataError, FerError, ModelError
-from fer_keras.history import atomic_write_text
+from fer_keras.history import atomic_write_text, check_replaceable
 from fer_keras.tta import DEFAULT_CROP_SIZE, TTA_MODES, check_tta
 
 SECTIONS = ("architecture", "history", "evaluation", "saliency", "filters", "gradcheck")
@@ -696,6 +696,14 @@ def _check_positive(**values: int) -> None:
             raise ConfigError(f"{name} must be >= 1, got {value}")
 
 
+def check_outputs(out: Path) -> None:
+    """Refuses, before minutes of sections, a ``report.md`` or ``report.html`` in ``out`` that is not an earlier
+    report: an ``--output_dir`` naming a folder of the user's own must not lose their files."""
+    page_head = markdown_to_html("").split("</title>")[0] + "</title>"
+    check_replaceable(out / "report.md", (f"# {REPORT_TITLE}\n".encode(),), "a fer_keras report", "--output_dir")
+    check_replaceable(out / "report.html", (page_head.encode(),), "a fer_keras report", "--output_dir")
+
+
 def build_report(
     model_path: str | os.PathLike | None,
     data: str | os.PathLike | None = None,
@@ -729,6 +737,7 @@ def build_report(
     out = Path(output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a directory")
+    check_outputs(out)
     kind, resolved = inference.resolve(model_path)
     run_dir = inference.find_run_dir(model_path)
     train_config = inference.training_config(kind, resolved, run_dir)

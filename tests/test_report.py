@@ -115,6 +115,24 @@ def test_bad_input_is_a_one_line_error(run_dir, tmp_path):
         report.build_report(tmp_path, None, tmp_path / "file", sections="architecture")
 
 
+def test_files_of_the_users_own_in_the_output_folder_are_not_replaced(tool_inputs, tmp_path):
+    _, model, _ = tool_inputs
+    out = tmp_path / "notes"
+    out.mkdir()
+    for name, text in (("report.md", "# my notes\n"), ("report.html", "<p>my page</p>\n")):
+        (out / name).write_text(text)
+        proc = subprocess.run([sys.executable, "-m", "fer_keras.report", f"--model_dir={model}", f"--output_dir={out}",
+                               "--sections=architecture"], cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == (f"error: {out / name}: exists and is not a fer_keras report; "
+                                                        "choose another --output_dir or remove the file")
+        assert (out / name).read_text() == text and sorted(p.name for p in out.iterdir()) == [name]
+        (out / name).unlink()
+    first = report.build_report(model, None, out, sections="architecture").read_text()
+    assert report.build_report(model, None, out, sections="history").read_text() != first  # its own are replaced
+
+
 def test_cli_refuses_a_crop_size_outside_the_image(tmp_path):
     """evaluate, predict and export refused it; report took --crop_size=-5 when its TTA was not ten-crop."""
     proc = subprocess.run([sys.executable, "-m", "fer_keras.report", "--crop_size=-5", f"--output_dir={tmp_path}"],
