@@ -93,6 +93,24 @@ def test_cli_writes_the_table_and_refuses_a_run_without_epochs(two_runs, tmp_pat
                                                   "finished epoch (no best.keras)"
 
 
+def test_epochs_best_epoch_and_wall_time_are_read_from_each_runs_history(two_runs):
+    base, other = two_runs
+    header = "epoch,loss,accuracy,val_loss,val_accuracy,learning_rate,seconds\n"
+    # A tie at the best accuracy: best.keras holds the earlier epoch, as training keeps only a strictly better one.
+    (base / "history.csv").write_text(header + "1,2,0.3,2,0.5,0.1,100\n2,1,0.5,1,0.6,0.1,200\n"
+                                      "3,1,0.6,1,0.6,0.1,300.5\n")
+    (other / "history.csv").write_text(header + "1,2,0.3,2,0.4,0.1,3000\n2,1,0.5,1,0.7,0.1,3000\n")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "epochs": 5}))  # still training: 3 of 5
+    rows = ablation.build_table([base, other], None, ("none",))
+    assert [(r.epochs_done, r.epochs_planned, r.best_epoch, r.wall_seconds) for r in rows] == \
+        [(3, 5, 2, 600.5), (2, 2, 2, 6000.0)]
+    assert rows[1].changes == ["epochs=2", "mixup=0.2"]
+    table = ablation.render_markdown(rows)
+    assert "| `base` | (baseline) | 3 of 5 | 2 | 10 min |" in table
+    assert "| `mixup` | `epochs=2`, `mixup=0.2` | 2 | 2 | 1.67 h |" in table
+
+
 def test_an_empty_history_is_a_clear_error(two_runs):
     base, _ = two_runs
     (base / "history.csv").write_text("epoch,loss,accuracy,val_loss,val_accuracy,learning_rate,seconds\n")
