@@ -171,6 +171,43 @@ def test_foreign_cpu_share_subtracts_the_benchmarks_own_cpu_time():
 # Measurements and the CLI
 
 
+def test_each_ratio_divides_the_measurements_it_names(monkeypatch):
+    """Ratios, achieved GFLOP/s and the bf16 speed-ups from known medians (images/s): each divides the figures its
+    name says, of the same stem and precision."""
+    medians = {("keras_train", "float32", "pipeline", True): 100.0, ("keras_train", "float32", "cached", True): 120.0,
+               ("keras_train", "float32", "pipeline", False): 80.0, ("torch_train", "float32"): 200.0,
+               ("keras_train", "mixed_bfloat16", "pipeline", True): 150.0,
+               ("keras_train", "mixed_bfloat16", "cached", True): 180.0,
+               ("keras_train", "mixed_bfloat16", "pipeline", False): 100.0, ("torch_train", "mixed_bfloat16"): 250.0,
+               ("pipeline",): 4000.0}
+
+    def measured(kind: str, spec: dict, log) -> dict:
+        key = {"keras_train": (kind, spec.get("precision"), spec.get("source"), spec.get("fused_batchnorm", True)),
+               "torch_train": (kind, spec.get("precision"))}.get(kind, (kind,))
+        flops = {"macs": 8e7, "flops": 1.6e8, "other_flops": 0, "training_flops": 5e8}
+        extra = {"flops": flops, "params": 1} if kind == "keras_train" else {}
+        return {"median": medians[key], "seconds": 1.0, **extra}
+
+    cpu = {**benchmark.cpu_info(), "peak_fp32_gflops": 100.0, "peak_bf16_gflops": 1000.0}
+    monkeypatch.setattr(benchmark, "run_measurement", measured)
+    monkeypatch.setattr(benchmark, "cpu_info", lambda: cpu)
+    monkeypatch.setattr(benchmark.importlib.util, "find_spec", lambda name: object())  # as if torch were installed
+    settings = benchmark.Settings(stems=("imagenet",), keras_cached=True, keras_batchnorm=True, skip_serving=True)
+    report = benchmark.run_benchmark(settings, "python -m fer_keras.benchmark")
+    fp32, bf16 = report["training"]
+    assert fp32["ratios"] == {"keras_over_torch": 0.5, "keras_cached_over_torch": 0.6,
+                              "fused_over_keras_batchnorm": 1.25, "pipeline_over_keras": 40.0}
+    assert bf16["ratios"] == {"keras_over_torch": 0.6, "keras_cached_over_torch": 0.72,
+                              "fused_over_keras_batchnorm": 1.5, "pipeline_over_keras": pytest.approx(4000 / 150)}
+    # 5e8 training FLOPs per image: 100 img/s are 50 GFLOP/s, half the float32 peak; bf16 against the bf16 peak.
+    assert (fp32["achieved_gflops"], fp32["fraction_of_peak"]) == (50.0, 0.5)
+    assert (bf16["achieved_gflops"], bf16["fraction_of_peak"]) == (75.0, 0.075)
+    assert report["bf16_speedup"] == [{"stem": "imagenet", "keras_bf16_over_fp32": 1.5, "torch_bf16_over_fp32": 1.25}]
+    text = benchmark.render_markdown(report)
+    assert "| imagenet | float32 | 100.0 | 200.0 | 0.50x | 40.0x | 50.0 (50.0%) |" in text
+    assert "| imagenet | 1.50x | 1.25x |" in text
+
+
 def test_cli_runs_end_to_end_and_writes_json_and_markdown(tmp_path):
     output = tmp_path / "out" / "bench.json"
     proc = subprocess.run(
