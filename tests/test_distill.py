@@ -218,6 +218,32 @@ def test_damaged_stored_targets_are_computed_again_not_a_traceback(tmp_path, dam
     assert distill.load(tmp_path) is None
 
 
+def test_stored_targets_are_reused_only_for_the_same_teachers_views_and_training_images(tmp_path, monkeypatch):
+    # A first attempt that finished no epoch may be rerun on other images of the same count (another seed or
+    # hold-out): its stored probabilities belong to the old images and must be computed again.
+    stored = _stored_teachers(tmp_path)
+    computed = []
+
+    def compute(teachers, images, labels, fingerprint, tta, batch_size):
+        computed.append((fingerprint, tta, [t["sha256"] for t in teachers]))
+        return distill.Teachers(np.zeros_like(stored.probabilities), list(teachers), fingerprint, tta)
+
+    monkeypatch.setattr(distill, "compute", compute)
+    images, labels = np.zeros((300, 48, 48, 1), np.uint8), np.zeros(300, np.int64)
+
+    def prepare(fingerprint="f" * 64, tta="flip", records=stored.records):
+        return distill.prepare(tmp_path, records, images, labels, fingerprint, False, "PublicTest", tta)
+
+    reused, fresh = prepare()
+    assert not fresh and not computed
+    np.testing.assert_array_equal(reused.probabilities, stored.probabilities)
+    assert prepare(fingerprint="e" * 64)[1] and computed[-1][0] == "e" * 64
+    assert prepare(tta="tencrop")[1] and computed[-1][1] == "tencrop"
+    other = [stored.records[0], {**stored.records[1], "sha256": "9" * 64}]
+    assert prepare(records=other)[1] and computed[-1][2] == ["0" * 64, "9" * 64]
+    assert len(computed) == 3
+
+
 def test_an_export_teacher_is_run_as_it_serves():
     # --teacher_tta applies to models without TTA of their own: on an export with flip built in (version 6), ten-crop
     # would average ten crops of flip-averaged outputs, views nobody measured.
