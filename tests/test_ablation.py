@@ -111,6 +111,18 @@ def test_epochs_best_epoch_and_wall_time_are_read_from_each_runs_history(two_run
     assert "| `mixup` | `epochs=2`, `mixup=0.2` | 2 | 2 | 1.67 h |" in table
 
 
+def test_a_cached_accuracy_is_reused_only_for_the_same_images_and_labels(two_runs):
+    # A run without data.json may be measured on other data: the accuracy cached for one split is not another's.
+    _, other = two_runs
+    val = fer_data.load(None).split("val")
+    relabelled = fer_data.Split(val.images, (val.labels + 1) % 7, val.ids)
+    predictor = load_predictor(other / "best.keras")
+    for split in (val, relabelled, val):
+        fresh = evaluate(predictor, split, "none", split_name="val").accuracy
+        assert ablation.measure_accuracy(other, split, "val", ("none",)) == {"none": fresh}
+    assert len(json.loads((other / ablation.EVAL_CACHE).read_text())) == 2
+
+
 def test_an_empty_history_is_a_clear_error(two_runs):
     base, _ = two_runs
     (base / "history.csv").write_text("epoch,loss,accuracy,val_loss,val_accuracy,learning_rate,seconds\n")
