@@ -282,6 +282,16 @@ def _check_export_of_run(metadata: dict, export: Path, run_dir: Path, best: dict
                           f"{', '.join(differ)}; pass the export made from this run")
 
 
+def history_facts(history: list[dict]) -> dict:
+    """What the card states of a run's history.csv: its epochs, the best epoch (the one best.keras holds) and its
+    validation accuracy, the last epoch's training accuracy, and the wall time of its epochs with their range."""
+    best = best_row(history)
+    seconds = [row["seconds"] for row in history]
+    return {"epochs": len(history), "best_epoch": best["epoch"], "best_epoch_val_accuracy": best["val_accuracy"],
+            "final_train_accuracy": history[-1]["accuracy"], "wall_seconds": sum(seconds),
+            "epoch_seconds": [min(seconds), max(seconds)]}
+
+
 def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | None,
                tta_modes: Sequence[str] = TTA_MODES, batch_size: int = 256,
                init_recipe: Path | Sequence[Path] | None = None) -> tuple[dict, object]:
@@ -303,7 +313,7 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
                           "give --export=NAME or NAME/VERSION")
     config = TrainConfig.recorded(recorded)
     recipe_flags = check_recipe(recipe, run_dir / "flags.txt") if recipe else None
-    best = best_row(history)
+    facts = history_facts(history)
     init = read_init(run_dir) or unrecorded_start(recorded)  # init.json gone: the run still did not start afresh
     chain = start_chain(init)
     init_recipes = [init_recipe] if isinstance(init_recipe, (str, Path)) else list(init_recipe or [])
@@ -330,14 +340,14 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
                                   "were not recorded, so the recipe cannot be checked")
             start["recipe"] = str(init_recipes[depth - 1])
             start["recipe_flags"] = check_recipe_text(init_recipes[depth - 1], start["flags"], start["model_dir"])
-    wall = sum(row["seconds"] for row in history)
+    wall = facts["wall_seconds"]
 
     from fer_keras.export import selection_split
 
     split, selection_name, source = selection_split(data, recorded, run_dir)
     split_name = "val"
     served = inference.load_predictor(export)
-    _check_export_of_run(served.metadata, export, run_dir, best, selection_name)
+    _check_export_of_run(served.metadata, export, run_dir, best_row(history), selection_name)
     # A run on data without PublicTest chose its epoch on its own hold-out: every figure names that, as the report.
     label = None if selection_name == "PublicTest" else f"val ({selection_name} of train)"
     served_result = evaluate(served, split, "none", batch_size, split_name=split_name, split_label=label)
@@ -368,12 +378,7 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
             "recipe": str(recipe) if recipe else None,
             "recipe_flags": recipe_flags,
             "config": config,
-            "epochs": len(history),
-            "best_epoch": best["epoch"],
-            "best_epoch_val_accuracy": best["val_accuracy"],
-            "final_train_accuracy": history[-1]["accuracy"],
-            "wall_seconds": wall,
-            "epoch_seconds": [min(row["seconds"] for row in history), max(row["seconds"] for row in history)],
+            **facts,
             "init": init,
             "teachers": teachers,
             "total_wall_seconds": _total_wall(wall, init),

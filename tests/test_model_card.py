@@ -92,6 +92,15 @@ def test_card_figures_equal_a_fresh_evaluation(trained_run, tmp_path):
     assert "on kernels only" in rendered and "(fill noise, up to 0.25 of the image)" in rendered
 
 
+def test_the_card_states_the_best_epoch_of_a_tie_the_last_epochs_training_accuracy_and_every_epochs_time():
+    rows = [{"epoch": 1, "accuracy": 0.3, "val_accuracy": 0.5, "seconds": 100.0},
+            {"epoch": 2, "accuracy": 0.5, "val_accuracy": 0.6, "seconds": 250.0},
+            {"epoch": 3, "accuracy": 0.7, "val_accuracy": 0.6, "seconds": 120.5}]
+    assert model_card.history_facts(rows) == {
+        "epochs": 3, "best_epoch": 2, "best_epoch_val_accuracy": 0.6, "final_train_accuracy": 0.7,
+        "wall_seconds": 470.5, "epoch_seconds": [100.0, 250.0]}
+
+
 def test_recipe_must_match_the_run(trained_run, tmp_path):
     config, result = trained_run
     base = tmp_path / "base.cfg"
