@@ -89,6 +89,24 @@ def test_sections_flag_limits_the_report(run_dir, tmp_path):
     assert "<h2" in (tmp_path / "r" / "report.html").read_text()
 
 
+def test_history_section_states_the_best_epoch_of_a_tie_and_the_epochs_planned(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "history.csv").write_text(
+        "epoch,loss,accuracy,val_loss,val_accuracy,learning_rate,seconds\n1,2.0,0.3,1.9,0.5,0.1,100\n"
+        "2,1.5,0.45,1.25,0.625,0.05,200\n3,1.0,0.6,1.5,0.625,0.01,300\n")
+    config = {"epochs": 5, "max_val_examples": 32}  # still training, selecting on part of the sample's PublicTest
+    ctx = report._Context(kind="keras", model_path=run / "best.keras", run_dir=run, train_config=config,
+                          data_arg=None, split="val", tta="none", crop_size=40, out=tmp_path / "out", seed=0, **TINY)
+    text = report.section_history(ctx)
+    assert "3 epochs trained of 5 planned. The best epoch" in text
+    assert ("| 2 | val (PublicTest), stratified subset of at most 32 images | 1.5000 | 45.00% | 1.2500 | 62.50% | "
+            "0.05 | 200.0 |") in text
+    assert (tmp_path / "out" / "history" / "history.png").read_bytes()[:8] == PNG_MAGIC
+    config["epochs"] = 3
+    assert "3 epochs trained. The best epoch" in report.section_history(ctx)
+
+
 def test_keras_file_outside_a_run_omits_history_with_a_note(run_dir, tmp_path):
     model = tmp_path / "model.keras"
     shutil.copyfile(run_dir / "best.keras", model)
