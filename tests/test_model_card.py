@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -177,6 +178,23 @@ def test_card_refuses_an_export_of_another_run(trained_run, tmp_path):
     shutil.copytree(result.export_path, candidate)
     with pytest.raises(ConfigError, match="candidate: not a version folder of TF Serving's NAME/VERSION layout"):
         model_card.build_card(run, candidate, None, None)
+
+
+def test_an_export_is_the_runs_by_its_epoch_accuracy_and_selection_split():
+    best = {"epoch": 7, "val_accuracy": 0.6942}
+    ours = {"best_epoch": 7, "val_accuracy": 0.694204, "val_split": "PublicTest"}  # history.csv keeps 6 digits
+
+    def check(**changes):
+        model_card._check_export_of_run({**ours, **changes}, Path("e/1"), Path("run"), best, "PublicTest")
+
+    check()
+    check(val_split=None)  # an export made before it recorded the split
+    for changes, differ in [({"best_epoch": 8}, "best_epoch 8 (run: 7)"),
+                            ({"val_accuracy": 0.6945}, "val_accuracy 0.6945 (run: 0.6942)"),
+                            ({"val_split": "10% stratified hold-out"},
+                             "val_split '10% stratified hold-out' (run: 'PublicTest')")]:
+        with pytest.raises(ConfigError, match=rf"^e/1 holds another model than run's best epoch: {re.escape(differ)};"):
+            check(**changes)
 
 
 def test_card_of_a_run_started_from_another_states_both_runs(trained_run, tmp_path):
