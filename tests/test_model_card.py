@@ -54,6 +54,11 @@ def test_card_figures_equal_a_fresh_evaluation(trained_run, tmp_path):
     assert f"{100 * fresh.accuracy:.1f} % ({fresh.num_correct:,} / {len(val)})" in text
     low, high = f"{min(seconds):,.0f}", f"{max(seconds):,.0f}"
     assert f"the sum of its epochs' times ({low if low == high else f'{low}–{high}'} s each;" in text
+    facts = model_card.history_facts(read_history_csv(result.model_dir / "history.csv"))
+    assert {key: card["training"][key] for key in facts} == facts
+    assert (f"- best epoch {facts['best_epoch']} (val (PublicTest) {100 * facts['best_epoch_val_accuracy']:.1f} % "
+            f"during training; final train accuracy {100 * facts['final_train_accuracy']:.1f} % on augmented "
+            f"batches).\n- wall time {sum(seconds) / 3600:.2f} h, the sum of its epochs' times") in text
     assert "was chosen by `--export_tta=auto` on PublicTest" in text
     compared = inference.export_metadata(export_base / "1")["tta_selection"]["accuracy"]
     assert f"points of the best (none {100 * compared['none']:.2f} %, flip {100 * compared['flip']:.2f} %" in text
