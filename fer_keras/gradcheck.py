@@ -715,6 +715,12 @@ def _markdown(report: Report) -> str:
     return "\n".join(notes) + "\n"
 
 
+def check_outputs(output_dir: Path) -> None:
+    """Refuses a ``gradcheck.json`` or ``gradcheck.md`` in ``output_dir`` that an earlier run did not write."""
+    check_json_replaceable(output_dir / "gradcheck.json", REPORT_KEYS, "a gradcheck report")
+    check_replaceable(output_dir / "gradcheck.md", (MARKDOWN_TITLE.encode(),), "a gradcheck report", "--output_dir")
+
+
 def run_all(output_dir: str | Path, seed: int = 0) -> Report:
     """Runs every check with the report's formulas and writes gradcheck.json and gradcheck.md; files of those names
     that an earlier run did not write (a user's notes) are refused before the checks run, not overwritten."""
@@ -722,8 +728,7 @@ def run_all(output_dir: str | Path, seed: int = 0) -> Report:
     import tensorflow as tf
 
     output_dir = Path(output_dir)
-    check_json_replaceable(output_dir / "gradcheck.json", REPORT_KEYS, "a gradcheck report")
-    check_replaceable(output_dir / "gradcheck.md", (MARKDOWN_TITLE.encode(),), "a gradcheck report", "--output_dir")
+    check_outputs(output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

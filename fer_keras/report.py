@@ -36,7 +36,7 @@ from absl import flags
 from fer_keras import CLASS_NAMES, IMAGE_SIZE, __version__, cli, inference
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError, DataError, FerError, ModelError
-from fer_keras.history import atomic_write_text, check_replaceable
+from fer_keras.history import atomic_write_text, check_json_replaceable, check_npz_replaceable, check_replaceable
 from fer_keras.tta import DEFAULT_CROP_SIZE, TTA_MODES, check_tta
 
 SECTIONS = ("architecture", "history", "evaluation", "saliency", "filters", "gradcheck")
@@ -696,12 +696,23 @@ def _check_positive(**values: int) -> None:
             raise ConfigError(f"{name} must be >= 1, got {value}")
 
 
-def check_outputs(out: Path) -> None:
+def check_outputs(out: Path, sections: Sequence[str] = SECTIONS) -> None:
     """Refuses, before minutes of sections, a ``report.md`` or ``report.html`` in ``out`` that is not an earlier
-    report: an ``--output_dir`` naming a folder of the user's own must not lose their files."""
+    report, and the files of the chosen sections that their tools would refuse (a ``saliency.json``, ``maps.npz``,
+    ``gradcheck.json`` or ``gradcheck.md`` they did not write): an ``--output_dir`` naming a folder of the user's
+    own must not lose their files, nor fail only after the sections before it have run."""
     page_head = markdown_to_html("").split("</title>")[0] + "</title>"
     check_replaceable(out / "report.md", (f"# {REPORT_TITLE}\n".encode(),), "a fer_keras report", "--output_dir")
     check_replaceable(out / "report.html", (page_head.encode(),), "a fer_keras report", "--output_dir")
+    if "saliency" in sections:
+        from fer_keras import saliency
+
+        check_json_replaceable(out / "saliency" / "saliency.json", saliency.REPORT_KEYS, "a saliency report")
+        check_npz_replaceable(out / "saliency" / saliency.MAPS_FILE, saliency.MAPS_KEYS, "saliency maps")
+    if "gradcheck" in sections:
+        from fer_keras import gradcheck
+
+        gradcheck.check_outputs(out / "gradcheck")
 
 
 def build_report(
@@ -737,7 +748,7 @@ def build_report(
     out = Path(output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a directory")
-    check_outputs(out)
+    check_outputs(out, chosen)
     kind, resolved = inference.resolve(model_path)
     run_dir = inference.find_run_dir(model_path)
     train_config = inference.training_config(kind, resolved, run_dir)

@@ -151,6 +151,23 @@ def test_files_of_the_users_own_in_the_output_folder_are_not_replaced(tool_input
     assert report.build_report(model, None, out, sections="history").read_text() != first  # its own are replaced
 
 
+@pytest.mark.parametrize("section, name", [("saliency", "saliency.json"), ("saliency", "maps.npz"),
+                                           ("gradcheck", "gradcheck.json"), ("gradcheck", "gradcheck.md")])
+def test_a_sections_file_of_the_users_own_is_refused_before_any_section_runs(tool_inputs, tmp_path, section, name):
+    """The section's tool would refuse the file only when the section runs, after the evaluation and the others
+    before it had taken minutes; the report refuses it first, and only when that section is asked for."""
+    _, model, _ = tool_inputs
+    out = tmp_path / "out"
+    (out / section).mkdir(parents=True)
+    (out / section / name).write_text("my own notes\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{out / section / name}: exists and is not ")):
+        report.build_report(model, None, out, sections=f"architecture,evaluation,{section}")
+    assert sorted(p.name for p in out.iterdir()) == [section]
+    assert (out / section / name).read_text() == "my own notes\n"
+    report.build_report(model, None, out, sections="architecture")
+    assert (out / "report.md").is_file() and (out / section / name).read_text() == "my own notes\n"
+
+
 def test_cli_refuses_a_crop_size_outside_the_image(tmp_path):
     """evaluate, predict and export refused it; report took --crop_size=-5 when its TTA was not ten-crop."""
     proc = subprocess.run([sys.executable, "-m", "fer_keras.report", "--crop_size=-5", f"--output_dir={tmp_path}"],
