@@ -83,6 +83,10 @@ def recipe_changes(config: dict, baseline: dict) -> list[str]:
     return [f"{k}={config.get(k, '(unset)')}" for k in keys if config.get(k) != baseline.get(k)]
 
 
+def _is_accuracy(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
 def measure_accuracy(run_dir: Path, split: Split, split_name: str, tta_modes: Sequence[str],
                      batch_size: int = 256, fingerprint: str | None = None) -> dict[str, float]:
     """Accuracy of the run's best.keras per TTA mode, from the cache when best.keras and the split are unchanged."""
@@ -94,10 +98,12 @@ def measure_accuracy(run_dir: Path, split: Split, split_name: str, tta_modes: Se
         cache = json.loads(cache_path.read_text())
     except (OSError, ValueError):
         cache = {}
+    if not isinstance(cache, dict):  # damaged or hand-edited: measured again and rewritten
+        cache = {}
     stat = (run_dir / "best.keras").stat()
     fingerprint = fingerprint or split.fingerprint()
     keys = {mode: json.dumps([EVAL_METHOD, stat.st_size, stat.st_mtime_ns, fingerprint, mode]) for mode in tta_modes}
-    missing = [mode for mode in tta_modes if keys[mode] not in cache]
+    missing = [mode for mode in tta_modes if not _is_accuracy(cache.get(keys[mode]))]
     if missing:
         predictor = load_predictor(run_dir / "best.keras")
         for mode in missing:

@@ -123,6 +123,20 @@ def test_a_cached_accuracy_is_reused_only_for_the_same_images_and_labels(two_run
     assert len(json.loads((other / ablation.EVAL_CACHE).read_text())) == 2
 
 
+def test_a_damaged_cache_is_measured_again(two_runs):
+    """A cache that is not a JSON object, or whose entry is no accuracy, was a TypeError or a wrong figure."""
+    _, other = two_runs
+    val = fer_data.load(None).split("val")
+    fresh = evaluate(load_predictor(other / "best.keras"), val, "none", split_name="val").accuracy
+    cache = other / ablation.EVAL_CACHE
+    assert ablation.measure_accuracy(other, val, "val", ("none",)) == {"none": fresh}
+    (key,) = json.loads(cache.read_text())
+    for damaged in ("[]", json.dumps({key: "0.9"}), json.dumps({key: 7.0}), json.dumps({key: None})):
+        cache.write_text(damaged)
+        assert ablation.measure_accuracy(other, val, "val", ("none",)) == {"none": fresh}
+        assert json.loads(cache.read_text()) == {key: fresh}
+
+
 def test_an_empty_history_is_a_clear_error(two_runs):
     base, _ = two_runs
     (base / "history.csv").write_text("epoch,loss,accuracy,val_loss,val_accuracy,learning_rate,seconds\n")
