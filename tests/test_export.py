@@ -131,6 +131,8 @@ def test_versions_are_added_never_overwritten(tmp_path):
     assert resolve(tmp_path / "m") == ("saved_model", tmp_path / "m" / "10")  # by number: 10 after 2
     # A new export must be the newest, or TF Serving keeps serving version 10: 11, not 3 (after 1 and 2) or 4.
     assert next_version(tmp_path / "m") == 11
+    (tmp_path / "m" / "12").mkdir()  # a version still being copied in: no saved_model.pb yet
+    assert resolve(tmp_path / "m") == ("saved_model", tmp_path / "m" / "10")
 
 
 def test_a_file_named_like_a_version_is_passed_over_not_a_reason_to_refuse(tmp_path):
