@@ -150,6 +150,22 @@ def test_unreadable_images_are_left_out_with_skip_bad_rows_in_folders_and_lists(
         load_inputs(f"{folder / 'broken.png'},", skip_bad_rows=True)
 
 
+def test_a_comma_in_a_path_and_hidden_files_in_a_folder(setup, tmp_path):
+    """A file or folder whose name holds a comma is that one path, not a list; a folder's hidden files (macOS' ``._``
+    AppleDouble companions, which are no images) are not read."""
+    import shutil
+
+    from fer_keras.predict import load_inputs
+
+    folder = tmp_path / "faces, monday"
+    shutil.copytree(setup["images"], folder)
+    (folder / "._a_happy.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    split, _ = load_inputs(str(folder))
+    assert split.ids.tolist() == ["a_happy.png", "b_sad.png", "c_fear.jpg"]
+    single, _ = load_inputs(str(shutil.copy(setup["images"] / "b_sad.png", tmp_path / "me, sad.png")))
+    assert single.ids.tolist() == ["me, sad.png"]
+
+
 def test_a_flat_folder_names_the_sub_folders_it_does_not_read(setup, tmp_path, caplog):
     import shutil
 
@@ -193,6 +209,11 @@ def test_split_choice(tmp_path):
     assert len(split) == 2 and description.startswith("val (PublicTest)")
     with pytest.raises(DataError, match="has no 'test' split"):
         load_inputs(str(path), "test")
+    everything = tmp_path / "all.csv"  # FER2013 as distributed: its PrivateTest rows are the ones predicted
+    everything.write_text("emotion,pixels,Usage\n" + "".join(
+        f"{c},{pixels(c)},{usage}\n" for c, usage in ((1, "Training"), (2, "PublicTest"), (5, "PrivateTest"))))
+    split, description = load_inputs(str(everything))
+    assert len(split) == 1 and description.startswith("test (PrivateTest)")
 
 
 def test_write_predictions_with_probabilities(tmp_path):
@@ -218,6 +239,7 @@ def test_cli_writes_submission(setup, tmp_path):
     assert [r[:2] for r in rows[1:]] == [[i, str(c)] for i, c in TEST_ROWS]
     np.testing.assert_allclose([sum(map(float, r[2:])) for r in rows[1:]], 1.0, atol=1e-4)
     assert f"wrote {len(TEST_ROWS)} predictions for test of {setup['test_csv']} (tta: tencrop)" in proc.stdout
+    assert "predicted classes: happy 2, angry 1, fear 1, neutral 1\n" in proc.stdout  # most frequent first
 
 
 @pytest.mark.parametrize("args, message", [
