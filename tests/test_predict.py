@@ -313,6 +313,9 @@ def test_output_never_replaces_the_input_or_a_model(setup, tmp_path):
 
     with pytest.raises(ConfigError, match="level.keras: exists and is not a predictions CSV"):
         check_output(setup["model"])
+    windows = tmp_path / "excel.csv"  # an earlier submission saved again with Windows line ends
+    windows.write_bytes(b"id,label\r\n0,3\r\n")
+    check_output(windows)
     out = tmp_path / "predictions.csv"
     out.write_text("id,label\n0,3\n")  # an earlier submission, then one with probabilities: each is replaced
     for extra in (["--probabilities"], []):
