@@ -116,8 +116,9 @@ def load_inputs(spec: str, split: str | None = None, skip_bad_rows: bool = False
         paths = [Path(s.strip()).expanduser() for s in spec.split(",") if s.strip()]
         seen: dict[Path, Path] = {}
         for p in paths:
-            if not p.is_file():
-                raise DataError(f"{p}: no such image file")
+            if not p.is_file():  # a folder among them is named as one, not as missing
+                problem = "a folder; a list names image files" if p.is_dir() else "no such image file"
+                raise DataError(f"{p}: {problem}")
             first = seen.setdefault(p.resolve(), p)
             if first is not p:  # its two rows would share one id
                 raise ConfigError(f"{p}: named twice in --data" + (f" (also as {first})" if first != p else ""))

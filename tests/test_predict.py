@@ -115,6 +115,8 @@ def test_image_inputs(setup):
         load_inputs(twice)
     with pytest.raises(DataError, match="missing.png: no such image file"):
         load_inputs(f"{setup['images'] / 'b_sad.png'},{setup['images'] / 'missing.png'}")
+    with pytest.raises(DataError, match="images: a folder; a list names image files"):
+        load_inputs(f"{setup['images'] / 'b_sad.png'},{setup['images']}")
 
 
 def test_images_of_the_same_name_in_two_folders_keep_their_paths_as_ids(setup, tmp_path):
