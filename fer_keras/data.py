@@ -563,6 +563,13 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
     return array.reshape(IMAGE_SIZE, IMAGE_SIZE, 1), converted
 
 
+def warn_converted(source: str | os.PathLike, count: int) -> None:
+    """Says that ``count`` images were converted, so that a photo squeezed to 48x48 never passes unnoticed."""
+    if count:
+        logging.warning("%s: %d image(s) were not %dx%d grayscale and were converted", source, count,
+                        IMAGE_SIZE, IMAGE_SIZE)
+
+
 def _read_folder(
     root: Path, classes: dict[int, Path], skip_bad: bool, skipped: list[str], ignored: list[Path]
 ) -> tuple[Split, int]:
@@ -626,8 +633,7 @@ def read_image_folder(root: str | os.PathLike, skip_bad_rows: bool = False) -> F
         splits["train"], converted = _read_folder(root, classes, skip_bad_rows, skipped, ignored)
     if not any(len(s) for s in splits.values()):
         raise DataError(f"{root}: no images found")
-    if converted:
-        logging.warning("%s: %d image(s) were not 48x48 grayscale and were converted", root, converted)
+    warn_converted(root, converted)
     if ignored:
         shown = ", ".join(str(p.relative_to(root)) for p in ignored[:5])
         more = f" (and {len(ignored) - 5} more)" if len(ignored) > 5 else ""
@@ -792,7 +798,8 @@ def load(path: str | os.PathLike | None = None, skip_bad_rows: bool = False, use
     path = Path(path).expanduser()
     layout, files = detect(path)
     if layout == "image":
-        array, _ = read_image(files[0])
+        array, converted = read_image(files[0])
+        warn_converted(files[0], converted)
         split = Split(array[None], np.asarray([-1]), np.asarray([files[0].name]))
         return FerData(str(path), "image", {"test": split})
     # A folder's test.csv is read in its named role, the same file named alone by its header: two cache entries.

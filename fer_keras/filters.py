@@ -492,7 +492,8 @@ def main(argv: Sequence[str]) -> None:
     data = fer_data.load(f.data, skip_bad_rows=f.skip_bad_rows)
     split = data.split(f.split)
     if f.image:
-        image, _ = fer_data.read_image(f.image)
+        image, converted = fer_data.read_image(f.image)
+        fer_data.warn_converted(f.image, converted)
         image_info = {"source": f.image}
         image_title = Path(f.image).name
     else:

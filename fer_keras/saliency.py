@@ -277,12 +277,14 @@ def from_split(data_path: str | None, split_name: str, indices: Sequence[int] | 
 
 def from_files(paths: Sequence[str]) -> Selection:
     """Image files; a parent folder named after a class (``happy/x.png``) gives the true label."""
-    images, labels = [], []
+    images, labels, converted = [], [], 0
     for p in paths:
-        array, _ = fer_data.read_image(p)
+        array, conv = fer_data.read_image(p)
         images.append(array)
+        converted += conv
         parent = Path(p).parent.name.lower()
         labels.append(CLASS_NAMES.index(parent) if parent in CLASS_NAMES else -1)
+    fer_data.warn_converted(paths[0] if len(paths) == 1 else "--images", converted)
     return Selection(np.stack(images), np.asarray(labels, np.int64), [Path(p).name for p in paths],
                      [str(p) for p in paths], [None] * len(paths))
 

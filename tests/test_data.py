@@ -673,6 +673,21 @@ def test_a_photo_is_read_as_it_is_shown(tmp_path):
     assert not converted and (array[:, :, 0] == stored).all()
 
 
+def test_a_single_image_that_had_to_be_converted_says_so(tmp_path, caplog):
+    """A photo squeezed to 48x48 grey is reported by name, as the images of a folder or a list are."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((90, 120, 3), np.uint8)).save(tmp_path / "photo.jpg")
+    save_png(tmp_path / "face.png", make_images(1).reshape(48, 48))
+    with caplog.at_level(logging.WARNING):
+        data.load(tmp_path / "face.png")
+    assert not [r for r in caplog.records if "converted" in r.getMessage()]
+    with caplog.at_level(logging.WARNING):
+        data.load(tmp_path / "photo.jpg")
+    assert [r.getMessage() for r in caplog.records if "converted" in r.getMessage()] == [
+        f"{tmp_path / 'photo.jpg'}: 1 image(s) were not 48x48 grayscale and were converted"]
+
+
 def test_a_hold_out_leaves_every_class_in_training_and_is_never_empty(tmp_path):
     labels = np.repeat(np.arange(7), 2)
     split = data.Split(as4d(make_images(14)), labels, np.arange(14).astype(str))

@@ -179,6 +179,16 @@ def test_a_run_stopped_midway_leaves_the_figures_its_report_describes(tmp_path, 
 # CLI
 
 
+def test_cli_says_when_the_feature_map_image_was_converted(tool_inputs, tmp_path):
+    root, model, csv = tool_inputs
+    Image.fromarray(np.zeros((90, 120, 3), np.uint8)).save(tmp_path / "photo.jpg")
+    result = run_tool("filters", f"--model={model}", f"--data={csv}", f"--output_dir={tmp_path / 'out'}",
+                      "--layers=stem_conv", "--filters=0", "--steps=1", "--top_k=1",
+                      f"--image={tmp_path / 'photo.jpg'}", cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{tmp_path / 'photo.jpg'}: 1 image(s) were not 48x48 grayscale and were converted" in result.stderr
+
+
 def test_cli_writes_grids_and_json(tool_inputs, tmp_path):
     root, model, csv = tool_inputs
     out = tmp_path / "out"

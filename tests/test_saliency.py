@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import keras
@@ -371,11 +372,13 @@ def test_split_selection(tmp_path):
         sal.from_split(str(csv), "val", [14])
 
 
-def test_file_selection_takes_labels_from_class_folders(tmp_path):
+def test_file_selection_takes_labels_from_class_folders(tmp_path, caplog):
     (tmp_path / "happy").mkdir()
     Image.fromarray(images(1)[0, :, :, 0]).save(tmp_path / "happy" / "a.png")
     Image.fromarray(images(1, seed=1)[0, :, :, 0]).resize((64, 64)).convert("RGB").save(tmp_path / "b.jpg")
-    chosen = sal.from_files([str(tmp_path / "happy" / "a.png"), str(tmp_path / "b.jpg")])
+    with caplog.at_level(logging.WARNING):
+        chosen = sal.from_files([str(tmp_path / "happy" / "a.png"), str(tmp_path / "b.jpg")])
+    assert "--images: 1 image(s) were not 48x48 grayscale and were converted" in caplog.text
     assert chosen.images.shape == (2, 48, 48, 1)
     assert chosen.labels.tolist() == [CLASS_NAMES.index("happy"), -1]
     with pytest.raises(DataError, match="missing.png: no such file"):
