@@ -285,6 +285,7 @@ class _Context:
     _predictor: Any = None
     _split: fer_data.Split | None = None
     holdout_label: str | None = None  # set when the split is a run's hold-out, not one of the source's own
+    progress: Callable[[str], None] | None = None
 
     def load_data(self) -> None:
         """Reads the data; ``--split=val`` on data without a labelled val split (the course layout, image
@@ -478,6 +479,8 @@ def section_evaluation(ctx: _Context) -> str:
     result = evaluate.evaluate(predictor, ctx.split_data(), ctx.tta, split_name=ctx.split, crop_size=ctx.crop_size,
                                split_label=ctx.holdout_label)
     files = evaluate.write_report(result, ctx.out / "evaluation", source=ctx.data.source if ctx.data else None)
+    if ctx.progress:  # the figure a user runs the report for, stated with its split as the evaluate tool does
+        ctx.progress(evaluate.summary(result).splitlines()[1])
     tta = f"test-time augmentation {result.tta}" if result.tta != "none" else "no test-time augmentation"
     if result.export_tta not in (None, "none"):
         tta += f" (the export itself averages {result.export_tta} views)"
@@ -758,7 +761,7 @@ def build_report(
         data_arg=None if data is None or str(data) == "" else str(data), split=split_key, tta=tta,
         crop_size=crop_size, out=out, filter_steps=filter_steps, saliency_samples=saliency_samples,
         num_filters=num_filters, top_k=top_k, seed=seed,
-        skip_bad_rows=skip_bad_rows or bool((train_config or {}).get("skip_bad_rows")),
+        skip_bad_rows=skip_bad_rows or bool((train_config or {}).get("skip_bad_rows")), progress=progress,
     )
     if DATA_SECTIONS.intersection(chosen):
         ctx.load_data()
