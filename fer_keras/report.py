@@ -521,8 +521,6 @@ def section_evaluation(ctx: _Context) -> str:
 
 
 def section_saliency(ctx: _Context) -> str:
-    import keras
-
     from fer_keras import saliency
     from fer_keras.model import LAST_CONV_LAYER
 
@@ -539,10 +537,9 @@ def section_saliency(ctx: _Context) -> str:
     )
     model = ctx.keras_model()
     layer = LAST_CONV_LAYER if LAST_CONV_LAYER in {lay.name for lay in model.layers} else _feature_layers(model)[1]
-    keras.utils.set_random_seed(ctx.seed)
     tta, crop_size = inference.served_views(ctx.kind, ctx.model_path)
     result = saliency.explain(model, selection, ctx.out / "saliency", target="pred", layer=layer,
-                              smooth_samples=ctx.saliency_samples, tta=tta, crop_size=crop_size)
+                              smooth_samples=ctx.saliency_samples, tta=tta, crop_size=crop_size, seed=ctx.seed)
     images = result["images"]
     served = ("" if tta == "none" else
               f" Predictions and probabilities are the export's as served, averaged over its built-in {tta} views.")
