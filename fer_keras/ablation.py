@@ -28,9 +28,9 @@ from fer_keras import cli
 from fer_keras.errors import ConfigError
 from fer_keras.history import (
     atomic_write_text,
-    best_row,
     check_replaceable,
     data_fingerprints,
+    history_facts,
     read_data_record,
     read_run,
 )
@@ -190,14 +190,14 @@ def build_table(run_dirs: Sequence[Path], data: str | None, tta_modes: Sequence[
     baseline = runs[0][1]
     rows = []
     for (run_dir, config, history), record in zip(runs, recorded):
-        best = best_row(history)
+        facts = history_facts(history)
         rows.append(AblationRow(
             run=run_dir.name,
             changes=recipe_changes(config, baseline),
-            epochs_done=len(history),
+            epochs_done=facts["epochs"],
             epochs_planned=int(config.get("epochs", len(history))),
-            best_epoch=best["epoch"],
-            wall_seconds=sum(r.get("seconds", 0.0) for r in history),
+            best_epoch=facts["best_epoch"],
+            wall_seconds=facts["wall_seconds"],
             split_label=label,
             num_images=len(first_split),
             accuracy=measure_accuracy(run_dir, first_split, "val", tta_modes, batch_size, first_print),

@@ -368,6 +368,17 @@ def best_row(history: list[dict]) -> dict:
     return max(history, key=lambda r: (r.get("val_accuracy", float("-inf")), -r["epoch"]))
 
 
+def history_facts(history: list[dict]) -> dict:
+    """What a run's history.csv says of it: its epochs, the best epoch (the one best.keras holds) and its validation
+    accuracy, the last epoch's training accuracy, and the wall time of its epochs with their range (an epoch whose
+    seconds cell is empty counts 0 s)."""
+    best = best_row(history)
+    seconds = [row.get("seconds", 0.0) for row in history]
+    return {"epochs": len(history), "best_epoch": best["epoch"], "best_epoch_val_accuracy": best.get("val_accuracy"),
+            "final_train_accuracy": history[-1].get("accuracy"), "wall_seconds": sum(seconds),
+            "epoch_seconds": [min(seconds), max(seconds)]}
+
+
 def run_record(run_dir: str | os.PathLike) -> dict | None:
     """A finished run's epochs, best epoch, wall time, configuration and flags, and the ``init.json`` of the run
     it started from in turn (so a chain of ``--init_from`` runs stays recorded); None if the folder is not a run."""
@@ -378,15 +389,15 @@ def run_record(run_dir: str | os.PathLike) -> dict | None:
         config, history = read_run(run_dir)
     except FerError:  # not a run, or its record is damaged: the start is then unrecorded
         return None
-    best = best_row(history)
+    facts = history_facts(history)
     flags_file = run_dir / "flags.txt"
     init = read_start(run_dir, config)
     return {
         "model_dir": str(run_dir.resolve()),
-        "epochs": len(history),
-        "best_epoch": best["epoch"],
-        "best_val_accuracy": best.get("val_accuracy"),
-        "wall_seconds": sum(row.get("seconds", 0.0) for row in history),
+        "epochs": facts["epochs"],
+        "best_epoch": facts["best_epoch"],
+        "best_val_accuracy": facts["best_epoch_val_accuracy"],
+        "wall_seconds": facts["wall_seconds"],
         "config": config,
         "flags": read_flags_text(flags_file) if flags_file.is_file() else None,
         "init": init,

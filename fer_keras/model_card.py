@@ -38,6 +38,7 @@ from fer_keras.errors import ConfigError, ModelError
 from fer_keras.history import (
     atomic_write_text,
     best_row,
+    history_facts,
     plot_history,
     read_flags_text,
     read_init,
@@ -280,16 +281,6 @@ def _check_export_of_run(metadata: dict, export: Path, run_dir: Path, best: dict
     if differ:
         raise ConfigError(f"{export} holds another model than {run_dir}'s best epoch: "
                           f"{', '.join(differ)}; pass the export made from this run")
-
-
-def history_facts(history: list[dict]) -> dict:
-    """What the card states of a run's history.csv: its epochs, the best epoch (the one best.keras holds) and its
-    validation accuracy, the last epoch's training accuracy, and the wall time of its epochs with their range."""
-    best = best_row(history)
-    seconds = [row["seconds"] for row in history]
-    return {"epochs": len(history), "best_epoch": best["epoch"], "best_epoch_val_accuracy": best["val_accuracy"],
-            "final_train_accuracy": history[-1]["accuracy"], "wall_seconds": sum(seconds),
-            "epoch_seconds": [min(seconds), max(seconds)]}
 
 
 def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | None,
