@@ -36,7 +36,7 @@ from absl import flags
 from fer_keras import CLASS_NAMES, IMAGE_SIZE, __version__, cli, inference
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError, DataError, FerError, ModelError
-from fer_keras.history import atomic_write_text, check_json_replaceable, check_npz_replaceable, check_replaceable
+from fer_keras.history import atomic_write_text, check_replaceable
 from fer_keras.tta import DEFAULT_CROP_SIZE, TTA_MODES, check_tta
 
 SECTIONS = ("architecture", "history", "evaluation", "saliency", "filters", "gradcheck")
@@ -707,8 +707,7 @@ def check_outputs(out: Path, sections: Sequence[str] = SECTIONS) -> None:
     if "saliency" in sections:
         from fer_keras import saliency
 
-        check_json_replaceable(out / "saliency" / "saliency.json", saliency.REPORT_KEYS, "a saliency report")
-        check_npz_replaceable(out / "saliency" / saliency.MAPS_FILE, saliency.MAPS_KEYS, "saliency maps")
+        saliency.check_outputs(out / "saliency")
     if "gradcheck" in sections:
         from fer_keras import gradcheck
 

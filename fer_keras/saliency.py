@@ -362,6 +362,14 @@ def plot_grid(path: str | Path, images: np.ndarray, saliency: np.ndarray, smooth
 # Entrypoint
 
 
+def check_outputs(out: Path) -> dict | None:
+    """Refuses a ``saliency.json`` or ``maps.npz`` in ``out`` that an earlier run did not write; returns that earlier
+    report (None if there is none)."""
+    earlier = check_json_replaceable(out / "saliency.json", REPORT_KEYS, "a saliency report")
+    check_npz_replaceable(out / MAPS_FILE, MAPS_KEYS, "saliency maps")
+    return earlier
+
+
 def explain(model: keras.Model, selection: Selection, output_dir: str | Path, target: str = "pred",
             layer: str = LAST_CONV_LAYER, smooth_samples: int = DEFAULT_SMOOTH_SAMPLES,
             smooth_noise: float = DEFAULT_SMOOTH_NOISE, metadata: dict | None = None, tta: str = "none",
@@ -379,8 +387,7 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
         raise ModelError(f"model {model.name!r} takes images of shape {expected}, got {selection.images.shape[1:]}")
     check_layer(model, layer)
     out = Path(output_dir)
-    earlier = check_json_replaceable(out / "saliency.json", REPORT_KEYS, "a saliency report")
-    check_npz_replaceable(out / MAPS_FILE, MAPS_KEYS, "saliency maps")
+    earlier = check_outputs(out)
     probs = served_probabilities(model, selection.images, tta, crop_size)
     model = linearize(model)  # once here, not a clone per map
     preds = probs.argmax(axis=1)
