@@ -20,15 +20,17 @@ arguments. TensorFlow is imported only when a section needs it, so bad flags fai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import html
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import quote
 
 from absl import flags
@@ -36,7 +38,7 @@ from absl import flags
 from fer_keras import CLASS_NAMES, IMAGE_SIZE, __version__, cli, inference
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError, DataError, FerError, ModelError
-from fer_keras.history import atomic_write_text, check_replaceable
+from fer_keras.history import atomic_write_text, check_replaceable, remove_dead_writers_tmp, tmp_name
 from fer_keras.tta import DEFAULT_CROP_SIZE, TTA_MODES, check_tta
 
 SECTIONS = ("architecture", "history", "evaluation", "saliency", "filters", "gradcheck")
@@ -49,6 +51,7 @@ TITLES = {
     "gradcheck": "Gradient checks",
 }
 DATA_SECTIONS = frozenset({"evaluation", "saliency", "filters"})
+REPORT_PAGES = ("report.md", "report.html")
 DEFAULT_OUTPUT_DIR = "reports/report"
 DEFAULT_FILTER_STEPS = 64
 DEFAULT_SALIENCY_SAMPLES = 20
@@ -732,7 +735,7 @@ def build_report(
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Writes ``report.md`` and ``report.html`` with their figures to ``output_dir``; returns the
-    Markdown file's path.
+    Markdown file's path. A run that fails or is interrupted leaves the earlier report there as it was.
 
     ``model_path`` is a training run directory, a ``.keras`` file or an export (None: the shipped
     model). Everything that can be checked without TensorFlow (sections, split, TTA, the model path,
@@ -769,22 +772,64 @@ def build_report(
     except OSError as e:
         raise ConfigError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
 
+    with _previous_kept(out, chosen):
+        _write_sections(ctx, chosen)
+    return out / "report.md"
+
+
+@contextlib.contextmanager
+def _previous_kept(out: Path, sections: Sequence[str]) -> Iterator[None]:
+    """Keeps the report already in ``out`` until the new one is complete: its pages are moved into a hidden folder,
+    and the chosen sections' folders copied there, while the sections run, and all are put back if the run fails.
+    So a failed or interrupted run leaves the earlier report as it was, and a killed one no report.md rather than
+    one describing other figures (its hidden folder is removed by the next run)."""
+    remove_dead_writers_tmp(out)
+    backup = out / tmp_name("report")
+    backup.mkdir()
+    added = [name for name in sections if not (out / name).exists()]
+    copied: list[str] = []
+    moved: list[str] = []
+    try:
+        for name in sections:
+            if (out / name).is_dir():
+                shutil.copytree(out / name, backup / name, symlinks=True)
+                copied.append(name)
+        for name in REPORT_PAGES:
+            if (out / name).exists():
+                os.replace(out / name, backup / name)
+                moved.append(name)
+        yield
+    except BaseException:
+        for name in added:
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in copied:
+            shutil.rmtree(out / name, ignore_errors=True)
+            os.replace(backup / name, out / name)
+        for name in moved:  # last: a report.md is back only beside its own figures
+            os.replace(backup / name, out / name)
+        shutil.rmtree(backup, ignore_errors=True)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _write_sections(ctx: _Context, chosen: Sequence[str]) -> None:
+    """Runs the chosen sections into ``ctx.out`` and writes ``report.md`` and ``report.html`` describing them."""
     import keras
     import tensorflow as tf
 
     bodies = []
     started = time.monotonic()
     for number, name in enumerate(chosen, start=1):
-        if progress:
-            progress(f"[{number}/{len(chosen)}] {TITLES[name].lower()}")
+        if ctx.progress:
+            ctx.progress(f"[{number}/{len(chosen)}] {TITLES[name].lower()}")
         try:
             body = SECTION_BUILDERS[name](ctx)
         except KerasModelUnavailable as e:
             body = f"Omitted: this section needs the model's Keras layers. {e}."
         bodies.append(f"## {TITLES[name]}\n\n{body}")
-    model_text = f"`{resolved}` ({'Keras model' if kind == 'keras' else 'SavedModel export'})"
-    if run_dir is not None:
-        model_text += f" of the training run `{run_dir}`"
+    model_text = f"`{ctx.model_path}` ({'Keras model' if ctx.kind == 'keras' else 'SavedModel export'})"
+    if ctx.run_dir is not None:
+        model_text += f" of the training run `{ctx.run_dir}`"
     data_text = f" Data: `{ctx.data.source}`, split {ctx.split_label}." if ctx.data is not None else ""
     stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     header = [
@@ -800,9 +845,8 @@ def build_report(
     markdown = "\n".join(header) + "\n\n" + "\n\n".join(bodies) + "\n"
     from fer_keras.predict import atomic_write
 
-    md_path = atomic_write(out / "report.md", markdown)
-    atomic_write(out / "report.html", markdown_to_html(markdown))
-    return md_path
+    atomic_write(ctx.out / "report.html", markdown_to_html(markdown))
+    atomic_write(ctx.out / "report.md", markdown)
 
 
 # --------------------------------------------------------------------------------------------

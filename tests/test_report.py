@@ -14,7 +14,7 @@ from urllib.parse import unquote
 import pytest
 
 from fer_keras import report
-from fer_keras.errors import ConfigError, DataError, ModelError
+from fer_keras.errors import ConfigError, DataError, FerError, ModelError
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -261,3 +261,44 @@ def test_saliency_of_an_export_reports_its_served_predictions(run_dir, tmp_path)
     names = list(saved["images"][0]["probabilities"])
     got = np.array([[r["probabilities"][n] for n in names] for r in saved["images"]])
     np.testing.assert_allclose(got, load_predictor(path).probabilities(images), atol=2e-5)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("failure", [FerError("the section failed"), KeyboardInterrupt()], ids=["error", "interrupt"])
+def test_a_failed_run_leaves_the_earlier_report_and_its_figures_as_they_were(tool_inputs, tmp_path, monkeypatch,
+                                                                          failure):
+    """A section failing after the ones before it (and its own tool) had written left the old report.md beside new
+    figures, which it silently misdescribed. While the sections run there is no report.md, so a kill leaves none
+    rather than such a one; the next run removes what the killed one set aside."""
+    import socket
+
+    _, model, data = tool_inputs
+    out = tmp_path / "out"
+    report.build_report(model, data, out, sections="architecture,gradcheck", seed=0)
+    before = _tree(out)
+    gradcheck = report.section_gradcheck
+    seen = []
+
+    def failing(ctx):
+        gradcheck(ctx)  # gradcheck.json of seed 1 written
+        seen.extend(p.name for p in out.iterdir() if not p.name.startswith("."))
+        raise failure
+
+    monkeypatch.setitem(report.SECTION_BUILDERS, "gradcheck", failing)
+    with pytest.raises(type(failure)):
+        report.build_report(model, data, out, sections="saliency,gradcheck", seed=1, **TINY)
+    assert sorted(seen) == ["gradcheck", "saliency"]
+    assert _tree(out) == before
+    assert sorted(p.name for p in out.iterdir()) == ["gradcheck", "report.html", "report.md"]
+    monkeypatch.undo()
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    killed = out / f".tmp-report-{socket.gethostname()}-{dead.pid}"
+    (killed / "gradcheck").mkdir(parents=True)
+    text = report.build_report(model, data, out, sections="saliency,gradcheck", seed=1, **TINY).read_text()
+    assert headings(text) == ["Saliency maps", "Gradient checks"]
+    assert json.loads((out / "gradcheck" / "gradcheck.json").read_text())["seed"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["gradcheck", "report.html", "report.md", "saliency"]
