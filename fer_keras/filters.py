@@ -43,7 +43,6 @@ from fer_keras.vis import (
     parse_int_list,
     png_bytes,
     quiet_keras,
-    save_figure,
     split_indices,
 )
 
@@ -337,42 +336,37 @@ def _panels(n: int) -> tuple[Figure, list[Axes]]:
     return fig, axes[:n]
 
 
-def _save(fig: Figure, path: str | Path, title: str, rendered: dict[Path, bytes] | None) -> Path:
-    """Writes the figure to ``path`` or, given ``rendered``, keeps its PNG there for the caller to write."""
+def _png(fig: Figure, title: str) -> bytes:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    if rendered is None:
-        return save_figure(fig, path, dpi=90)
-    rendered[Path(path)] = png_bytes(fig, dpi=90)
-    return Path(path)
+    return png_bytes(fig, dpi=90)
 
 
-def plot_maximization(path: str | Path, layer: str, result: Maximization,
-                      rendered: dict[Path, bytes] | None = None) -> Path:
-    """Optimised inputs in a grid, each titled with its activation and the random baseline."""
+def plot_maximization(layer: str, result: Maximization) -> bytes:
+    """Optimised inputs in a grid, each titled with its activation and the random baseline; as PNG."""
     fig, axes = _panels(len(result.filters))
     panels = zip(axes, result.filters, result.images, result.activations, result.random_mean)
     for ax, f, image, act, base in panels:
         ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"filter {f}\n{act:.3g} (random {base:.2g})", fontsize=7)
-    return _save(fig, path, f"{layer}: inputs maximising mean activation", rendered)
+    return _png(fig, f"{layer}: inputs maximising mean activation")
 
 
-def plot_feature_maps(path: str | Path, layer: str, image: np.ndarray, filters: Sequence[int],
-                      maps: np.ndarray, title: str = "", rendered: dict[Path, bytes] | None = None) -> Path:
-    """The input followed by each filter's feature map (own colour scale, max in the title)."""
+def plot_feature_maps(layer: str, image: np.ndarray, filters: Sequence[int], maps: np.ndarray,
+                      title: str = "") -> bytes:
+    """The input followed by each filter's feature map (own colour scale, max in the title); as PNG."""
     fig, axes = _panels(len(filters) + 1)
     axes[0].imshow(np.asarray(image, np.float32)[..., 0], cmap="gray", vmin=0, vmax=255)
     axes[0].set_title("input", fontsize=7)
     for ax, f, fmap in zip(axes[1:], filters, maps):
         ax.imshow(fmap, cmap="viridis", interpolation="nearest")
         ax.set_title(f"filter {f}\nmax {float(fmap.max()):.3g}", fontsize=7)
-    return _save(fig, path, f"{layer} feature maps {maps.shape[1]}x{maps.shape[2]}  {title}", rendered)
+    return _png(fig, f"{layer} feature maps {maps.shape[1]}x{maps.shape[2]}  {title}")
 
 
-def plot_top_k(path: str | Path, layer: str, filters: Sequence[int], images: np.ndarray, ids: np.ndarray,
-               indices: np.ndarray, values: np.ndarray, rendered: dict[Path, bytes] | None = None) -> Path:
-    """One row per filter: its top-k images, titled with image id and mean activation."""
+def plot_top_k(layer: str, filters: Sequence[int], images: np.ndarray, ids: np.ndarray, indices: np.ndarray,
+               values: np.ndarray) -> bytes:
+    """One row per filter: its top-k images, titled with image id and mean activation; as PNG."""
     rows, cols = len(filters), indices.shape[1]
     fig = new_figure(1.5 * cols + 0.6, 1.6 * rows + 0.5)
     axes = fig.subplots(max(rows, 1), max(cols, 1), squeeze=False)
@@ -384,7 +378,7 @@ def plot_top_k(path: str | Path, layer: str, filters: Sequence[int], images: np.
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][0].set_ylabel(f"filter {f}", fontsize=7)
-    return _save(fig, path, f"{layer}: top-{cols} images per filter (mean activation)", rendered)
+    return _png(fig, f"{layer}: top-{cols} images per filter (mean activation)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,24 +388,27 @@ def plot_top_k(path: str | Path, layer: str, filters: Sequence[int], images: np.
 def analyse_layer(model: keras.Model, layer: str, filters: Sequence[int] | None, split: fer_data.Split,
                   image: np.ndarray, image_title: str, output_dir: Path, top_k: int,
                   progress: Callable[[str], Callback | None] | None = None,
-                  rendered: dict[Path, bytes] | None = None, **maximize_kwargs) -> dict:
-    """All three views of one layer; returns its part of ``filters.json``. The figures are written to
-    ``output_dir``, or with ``rendered`` kept there as PNG bytes by path (see :func:`analyse_layers`)."""
+                  **maximize_kwargs) -> tuple[dict, dict[Path, bytes]]:
+    """All three views of one layer: its part of ``filters.json``, and its figures as PNG bytes by the path in
+    ``output_dir`` they are for. Nothing is written: the caller writes them (:func:`analyse_layers`)."""
     sub = filter_model(model, layer)
     channels = int(sub.outputs[0].shape[-1])
     filters = check_filters(sub, layer, filters if filters else range(min(DEFAULT_FILTERS, channels)))
     result = maximize_filters(model, layer, filters, progress=progress, **maximize_kwargs)
-    max_png = plot_maximization(output_dir / f"{layer}_maximization.png", layer, result, rendered)
     maps = feature_maps(model, layer, image, filters)
-    maps_png = plot_feature_maps(output_dir / f"{layer}_feature_maps.png", layer, image, filters, maps, image_title,
-                                 rendered)
     print(f"{layer}: scanning {len(split)} images for the top {top_k}", file=sys.stderr, flush=True)
     indices, values = top_k_images(model, layer, split.images, filters, top_k)
-    top_png = plot_top_k(output_dir / f"{layer}_top{indices.shape[1]}.png", layer, filters, split.images,
-                         split.ids, indices, values, rendered)
-    return {
+    paths = {"maximization": output_dir / f"{layer}_maximization.png",
+             "feature_maps": output_dir / f"{layer}_feature_maps.png",
+             "top_k": output_dir / f"{layer}_top{indices.shape[1]}.png"}
+    figures = {
+        paths["maximization"]: plot_maximization(layer, result),
+        paths["feature_maps"]: plot_feature_maps(layer, image, filters, maps, image_title),
+        paths["top_k"]: plot_top_k(layer, filters, split.images, split.ids, indices, values),
+    }
+    entry = {
         "output_shape": [None] + [int(d) for d in sub.outputs[0].shape[1:]],
-        "figures": {"maximization": str(max_png), "feature_maps": str(maps_png), "top_k": str(top_png)},
+        "figures": {kind: str(path) for kind, path in paths.items()},
         "filters": [
             {
                 "filter": f,
@@ -429,6 +426,15 @@ def analyse_layer(model: keras.Model, layer: str, filters: Sequence[int] | None,
             for j, f in enumerate(filters)
         ],
     }
+    return entry, figures
+
+
+def write_figures(figures: dict[Path, bytes]) -> None:
+    """Writes PNG bytes to their paths, each atomically."""
+    from fer_keras.predict import atomic_write
+
+    for path, content in figures.items():
+        atomic_write(path, content)
 
 
 def analyse_layers(model: keras.Model, layers: Sequence[str], filters: Sequence[int] | None, split: fer_data.Split,
@@ -436,17 +442,15 @@ def analyse_layers(model: keras.Model, layers: Sequence[str], filters: Sequence[
                    progress: Callable[[str], Callback | None] | None = None, **maximize_kwargs) -> dict[str, dict]:
     """:func:`analyse_layer` of each layer; the figures are written only once every layer is done, so a run stopped
     midway leaves the figures of the run before it, which its ``filters.json`` describes."""
-    from fer_keras.predict import atomic_write
-
-    rendered: dict[Path, bytes] = {}
+    figures: dict[Path, bytes] = {}
     entries = {}
     for layer in layers:
-        entries[layer] = entry = analyse_layer(model, layer, filters, split, image, image_title, output_dir, top_k,
-                                               progress, rendered, **maximize_kwargs)
-        gains = [r["max_activation"] for r in entry["filters"]]
+        entries[layer], layer_figures = analyse_layer(model, layer, filters, split, image, image_title, output_dir,
+                                                      top_k, progress, **maximize_kwargs)
+        figures.update(layer_figures)
+        gains = [r["max_activation"] for r in entries[layer]["filters"]]
         print(f"{layer}: {len(gains)} filters, activation reached {min(gains):.3g}-{max(gains):.3g}", flush=True)
-    for path, content in rendered.items():
-        atomic_write(path, content)
+    write_figures(figures)
     return entries
 
 

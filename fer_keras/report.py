@@ -606,10 +606,11 @@ def section_filters(ctx: _Context) -> str:
         channels = int(filters.filter_model(model, layer).outputs[0].shape[-1])
         chosen = list(range(min(ctx.num_filters, channels)))
         keras.utils.set_random_seed(ctx.seed)
-        entry = filters.analyse_layer(
-            model, layer, chosen, split, split.images[0], image_title, _mkdir(ctx.out / "filters"),
+        entry, pngs = filters.analyse_layer(
+            model, layer, chosen, split, split.images[0], image_title, ctx.out / "filters",
             ctx.top_k, progress=None, steps=ctx.filter_steps, seed=ctx.seed,
         )
+        filters.write_figures(pngs)
         shape = " x ".join(str(d) for d in entry["output_shape"][1:])
         rows = [(r["filter"], f"{r['max_activation']:.3g}", f"{r['random_mean_activation']:.3g}",
                  ", ".join(f"{t['id']} ({CLASS_NAMES[t['label']] if 0 <= t['label'] < len(CLASS_NAMES) else '?'})"
