@@ -302,3 +302,42 @@ def test_a_failed_run_leaves_the_earlier_report_and_its_figures_as_they_were(too
     assert headings(text) == ["Saliency maps", "Gradient checks"]
     assert json.loads((out / "gradcheck" / "gradcheck.json").read_text())["seed"] == 1
     assert sorted(p.name for p in out.iterdir()) == ["gradcheck", "report.html", "report.md", "saliency"]
+
+
+def test_the_sections_run_with_the_reports_settings(tool_inputs, tmp_path):
+    """The report's own flags reach each section's tool: ten-crop's crop size, SmoothGrad's samples and seed, the
+    number of filters; and the validation caveat is stated for the split epochs were chosen on, not for others."""
+    _, model, data = tool_inputs
+    out = tmp_path / "r"
+    text = report.build_report(model, data, out, sections="evaluation,saliency,filters", tta="tencrop", crop_size=44,
+                               seed=3, **TINY).read_text()
+    metrics = json.loads((out / "evaluation" / "val_tta-tencrop_metrics.json").read_text())
+    assert (metrics["tta"], metrics["crop_size"]) == ("tencrop", 44)
+    assert "slightly optimistic" in text
+    saved = json.loads((out / "saliency" / "saliency.json").read_text())
+    assert (saved["smooth_samples"], saved["smooth_seed"]) == (1, 3)
+    for layer in ("stem_conv", "stage4_block2"):
+        table = text.split(f"### `{layer}`")[1].split("###")[0]
+        assert re.findall(r"^\| (\d+) \|", table, flags=re.M) == ["0", "1"], layer
+    text = report.build_report(model, data, tmp_path / "t", sections="evaluation", split="train").read_text()
+    assert "accuracy" in text and "slightly optimistic" not in text
+
+
+@pytest.mark.parametrize("stem, channels", [("imagenet", 3), ("cifar_pool", 1), ("cifar", 1)])
+def test_the_stem_of_a_model_without_its_training_config_is_read_from_its_layers(tmp_path, stem, channels):
+    from fer_keras.model import resnet18
+
+    ctx = report._Context(kind="keras", model_path=tmp_path / "m.keras", run_dir=None, train_config=None,
+                          data_arg=None, split="val", tta="none", crop_size=40, out=tmp_path, seed=0,
+                          _model=resnet18(stem, input_channels=channels), **TINY)
+    text = report.section_architecture(ctx)
+    assert f"Stem: **{stem}** ({report.STEM_DESCRIPTIONS[stem]}); {channels} input channel" in text
+
+
+@pytest.mark.parametrize("setting", ["filter_steps", "saliency_samples", "num_filters", "top_k"])
+def test_settings_below_one_are_refused_before_anything_runs(tmp_path, setting):
+    """The flags' validators guard the command, the library checks them itself: num_filters=0 would draw the
+    default 16 filters under a text saying 0."""
+    with pytest.raises(ConfigError, match=f"^{setting} must be >= 1, got 0$"):
+        report.build_report(None, None, tmp_path / "r", **{setting: 0})
+    assert not (tmp_path / "r").exists()
