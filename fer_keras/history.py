@@ -180,29 +180,37 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_dead_writers_tmp(folder: Path, suffix: str = "", tag_prefix: str = "") -> list[Path]:
-    """Deletes :func:`tmp_name` leftovers of killed writers on this host from ``folder``; with ``tag_prefix``
-    only those whose tag is that prefix and ``mkstemp``'s 8-character random part, i.e. the temporaries
-    of one target. Best effort: what cannot be removed stays.
+def dead_writers_tmp(folder: Path, suffix: str = "", tag_prefix: str = "") -> list[Path]:
+    """The :func:`tmp_name` leftovers in ``folder`` of writers on this host that are no longer alive; with
+    ``tag_prefix`` only those whose tag is that prefix and ``mkstemp``'s 8-character random part, i.e. the
+    temporaries of one target.
 
-    Another host's (shared file system) or a live process's unfinished write is left alone.
+    Another host's (shared file system) or a live process's unfinished write is not among them.
     """
-    removed = []
     # Exact tokens, so that a hyphenated host name ending in this host's name cannot pass for it: mkstemp's
     # random part after a target's prefix, else a tmp_name tag (they have no hyphen).
     tag = rf"{re.escape(tag_prefix)}[a-z0-9_]{{8}}" if tag_prefix else "[^-]+"
     pattern = re.compile(rf"\.tmp-{tag}-{re.escape(socket.gethostname())}-(\d+){re.escape(suffix)}")
-    for tmp in Path(folder).glob(f".tmp-{glob.escape(tag_prefix)}*{suffix}"):
+    dead = []
+    for tmp in sorted(Path(folder).glob(f".tmp-{glob.escape(tag_prefix)}*{suffix}")):
         match = pattern.fullmatch(tmp.name)
         if match and not _pid_alive(int(match.group(1))):
-            try:
-                if tmp.is_dir():
-                    shutil.rmtree(tmp)
-                else:
-                    tmp.unlink(missing_ok=True)
-            except OSError:
-                continue
-            removed.append(tmp)
+            dead.append(tmp)
+    return dead
+
+
+def remove_dead_writers_tmp(folder: Path, suffix: str = "", tag_prefix: str = "") -> list[Path]:
+    """Deletes :func:`dead_writers_tmp` from ``folder``. Best effort: what cannot be removed stays."""
+    removed = []
+    for tmp in dead_writers_tmp(folder, suffix, tag_prefix):
+        try:
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink(missing_ok=True)
+        except OSError:
+            continue
+        removed.append(tmp)
     return removed
 
 

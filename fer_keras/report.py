@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import datetime
 import html
+import json
 import os
 import re
 import shutil
@@ -38,7 +39,13 @@ from absl import flags
 from fer_keras import CLASS_NAMES, IMAGE_SIZE, __version__, cli, inference
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError, DataError, FerError, ModelError
-from fer_keras.history import atomic_write_text, check_replaceable, remove_dead_writers_tmp, tmp_name
+from fer_keras.history import (
+    atomic_write_text,
+    check_replaceable,
+    dead_writers_tmp,
+    remove_dead_writers_tmp,
+    tmp_name,
+)
 from fer_keras.tta import DEFAULT_CROP_SIZE, TTA_MODES, check_tta
 
 SECTIONS = ("architecture", "history", "evaluation", "saliency", "filters", "gradcheck")
@@ -52,6 +59,7 @@ TITLES = {
 }
 DATA_SECTIONS = frozenset({"evaluation", "saliency", "filters"})
 REPORT_PAGES = ("report.md", "report.html")
+ADDED_RECORD = "added.json"  # in the folder a run sets the earlier report aside in
 DEFAULT_OUTPUT_DIR = "reports/report"
 DEFAULT_FILTER_STEPS = 64
 DEFAULT_SALIENCY_SAMPLES = 20
@@ -751,6 +759,8 @@ def build_report(
     out = Path(output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a directory")
+    if out.is_dir():
+        _restore_killed(out)
     check_outputs(out, chosen)
     kind, resolved = inference.resolve(model_path)
     run_dir = inference.find_run_dir(model_path)
@@ -783,33 +793,53 @@ def _previous_kept(out: Path, sections: Sequence[str]) -> Iterator[None]:
     """Keeps the report already in ``out`` until the new one is complete: its pages are moved into a hidden folder,
     and the chosen sections' folders copied there, while the sections run, and all are put back if the run fails.
     So a failed or interrupted run leaves the earlier report as it was, and a killed one no report.md rather than
-    one describing other figures (its hidden folder is removed by the next run)."""
+    one describing other figures (:func:`_restore_killed`)."""
     remove_dead_writers_tmp(out)
     backup = out / tmp_name("report")
     backup.mkdir()
     added = [name for name in sections if not (out / name).exists()]
-    copied: list[str] = []
-    moved: list[str] = []
     try:
         for name in sections:
             if (out / name).is_dir():
                 shutil.copytree(out / name, backup / name, symlinks=True)
-                copied.append(name)
+        atomic_write_text(backup / ADDED_RECORD, json.dumps(added))  # also marks the copies complete
         for name in REPORT_PAGES:
             if (out / name).exists():
                 os.replace(out / name, backup / name)
-                moved.append(name)
         yield
     except BaseException:
-        for name in added:
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in copied:
-            shutil.rmtree(out / name, ignore_errors=True)
-            os.replace(backup / name, out / name)
-        for name in moved:  # last: a report.md is back only beside its own figures
-            os.replace(backup / name, out / name)
-        shutil.rmtree(backup, ignore_errors=True)
+        _put_back(out, backup)
         raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _restore_killed(out: Path) -> None:
+    """Puts back the reports that killed runs of :func:`_previous_kept` set aside in ``out``, before anything
+    checks or changes it."""
+    for killed in dead_writers_tmp(out):
+        if killed.name.startswith(".tmp-report-") and killed.is_dir():
+            _put_back(out, killed)
+
+
+def _put_back(out: Path, backup: Path) -> None:
+    """Restores the report :func:`_previous_kept` set aside in ``backup``: the section folders the run added are
+    removed and the copied ones replace theirs, and the pages come back last, so a report.md is back only beside
+    its own figures. Nothing is restored while ``out`` has a report.md: the run had not begun the sections (or not
+    finished copying, as the missing record of added folders says), or it had written its report."""
+    try:
+        added = json.loads((backup / ADDED_RECORD).read_text())
+    except (OSError, ValueError):
+        added = None
+    if isinstance(added, list) and not (out / "report.md").exists():
+        for name in added:
+            if name in SECTIONS:
+                shutil.rmtree(out / name, ignore_errors=True)
+        for folder in sorted(p for p in backup.iterdir() if p.is_dir() and p.name in SECTIONS):
+            shutil.rmtree(out / folder.name, ignore_errors=True)
+            os.replace(folder, out / folder.name)
+        for name in REPORT_PAGES:
+            if (backup / name).exists():
+                os.replace(backup / name, out / name)
     shutil.rmtree(backup, ignore_errors=True)
 
 

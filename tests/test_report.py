@@ -272,7 +272,7 @@ def test_a_failed_run_leaves_the_earlier_report_and_its_figures_as_they_were(too
                                                                           failure):
     """A section failing after the ones before it (and its own tool) had written left the old report.md beside new
     figures, which it silently misdescribed. While the sections run there is no report.md, so a kill leaves none
-    rather than such a one; the next run removes what the killed one set aside."""
+    rather than such a one, and the next run puts the killed run's earlier report back first."""
     import socket
 
     _, model, data = tool_inputs
@@ -293,11 +293,35 @@ def test_a_failed_run_leaves_the_earlier_report_and_its_figures_as_they_were(too
     assert sorted(seen) == ["gradcheck", "saliency"]
     assert _tree(out) == before
     assert sorted(p.name for p in out.iterdir()) == ["gradcheck", "report.html", "report.md"]
+
+    def killed_run() -> Path:
+        dead = subprocess.Popen([sys.executable, "-c", ""])
+        dead.wait()
+        return out / f".tmp-report-{socket.gethostname()}-{dead.pid}"
+
+    # Killed in its sections: the earlier pages set aside, gradcheck copied, saliency added, gradcheck rewritten.
+    killed = killed_run()
+    shutil.copytree(out / "gradcheck", killed / "gradcheck")
+    (killed / report.ADDED_RECORD).write_text('["saliency"]')
+    for page in report.REPORT_PAGES:
+        os.replace(out / page, killed / page)
+    (out / "gradcheck" / "gradcheck.json").write_text("{}")
+    (out / "saliency").mkdir()
+    with pytest.raises(type(failure)):
+        report.build_report(model, data, out, sections="gradcheck", seed=1)
+    assert _tree(out) == before
+    assert sorted(p.name for p in out.iterdir()) == ["gradcheck", "report.html", "report.md"]
+    # Killed after writing its report (here the earlier one): what it set aside is older and stays aside.
+    finished = killed_run()
+    finished.mkdir()
+    (finished / report.ADDED_RECORD).write_text("[]")
+    (finished / "report.md").write_text("# an older report")
+    with pytest.raises(type(failure)):
+        report.build_report(model, data, out, sections="gradcheck", seed=1)
+    assert _tree(out) == before
+    assert sorted(p.name for p in out.iterdir()) == ["gradcheck", "report.html", "report.md"]
     monkeypatch.undo()
-    dead = subprocess.Popen([sys.executable, "-c", ""])
-    dead.wait()
-    killed = out / f".tmp-report-{socket.gethostname()}-{dead.pid}"
-    (killed / "gradcheck").mkdir(parents=True)
+    (killed_run() / "gradcheck").mkdir(parents=True)  # killed while copying: no record, nothing changed yet
     text = report.build_report(model, data, out, sections="saliency,gradcheck", seed=1, **TINY).read_text()
     assert headings(text) == ["Saliency maps", "Gradient checks"]
     assert json.loads((out / "gradcheck" / "gradcheck.json").read_text())["seed"] == 1
