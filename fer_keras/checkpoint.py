@@ -25,11 +25,13 @@ from absl import logging
 
 from fer_keras import __version__
 from fer_keras.averaging import WeightAverage
-from fer_keras.errors import ConfigError
+from fer_keras.errors import ConfigError, FerError
 from fer_keras.history import (
     atomic_write_text,
+    best_row,
     fsync_path,
     plot_history,
+    read_history_csv,
     remove_dead_writers_tmp,
     sha256_files,
     tmp_name,
@@ -219,6 +221,38 @@ def save_best(model: keras.Model, out_dir: Path) -> None:
         os.replace(tmp, out_dir / "best.keras")
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def set_aside_lost_best(out_dir: Path, state: dict) -> Path | None:
+    """Renames ``best.keras`` to ``best_epoch_NNNN_before_resume.keras`` when history.csv says it holds an epoch
+    after the checkpoint resumed from (``state``: a newer one was damaged) that beat that checkpoint's best. The
+    resumed run's history drops that epoch, so left in place best.keras would be no epoch of the history, and the
+    first epoch beating the checkpoint's best would replace it however much worse. Returns the new path, or None
+    when best.keras is the checkpoint's best epoch's (or unknown: no readable history.csv)."""
+    best_file = out_dir / "best.keras"
+    if not best_file.is_file():
+        return None
+    try:
+        lost = [r for r in read_history_csv(out_dir / "history.csv") if r["epoch"] > state["epoch"]]
+    except (FerError, OSError):  # rewritten from the checkpoint in a moment
+        return None
+    top = best_row(lost) if lost else {}
+    if top.get("val_accuracy", -math.inf) <= state["best_val_accuracy"]:  # RunRecorder's test: a tie was not written
+        return None
+    name = f"best_epoch_{top['epoch']:04d}_before_resume"
+    aside, n = out_dir / f"{name}.keras", 1
+    while aside.exists():  # an earlier resume's: never replaced
+        n += 1
+        aside = out_dir / f"{name}_{n}.keras"
+    os.rename(best_file, aside)
+    fsync_path(out_dir)
+    logging.warning(
+        "%s held epoch %d (validation accuracy %.2f%%), whose checkpoint is damaged: kept as %s. Resuming after epoch "
+        "%d, whose best is epoch %d (%.2f%%): %s", best_file, top["epoch"], 100 * top["val_accuracy"], aside.name,
+        state["epoch"], state["best_epoch"], 100 * state["best_val_accuracy"],
+        "best.keras is written again from that checkpoint" if state["best_epoch"] == state["epoch"]
+        else "that epoch's model is gone, so best.keras is written again by the first epoch better than it")
+    return aside
 
 
 class RunRecorder(keras.callbacks.Callback):

@@ -688,6 +688,8 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
             f"--{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}\n"
             for k, v in config_json.items()
         ))
+        if latest:
+            _forget_lost_epochs(model_dir, latest[1])
         if history:
             write_history_csv(model_dir / "history.csv", history)
         if init_source is not None:
@@ -832,11 +834,30 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
         export_path = _export_once(model_dir, config, best_epoch, best_val, val_split, val_name, export,
                                    data_record)
     if chief:
+        best_file = model_dir / "best.keras"
         print(
             f"best validation accuracy {best_val:.2%} ({val_name}) at epoch {best_epoch}; "
-            f"model: {model_dir / 'best.keras'}" + (f"; export: {export_path}" if export_path else "")
+            + (f"model: {best_file}" if best_file.is_file() else "no best.keras: that epoch's model was replaced by "
+               "an epoch whose checkpoint was damaged (see the warning at the start)")
+            + (f"; export: {export_path}" if export_path else "")
         )
     return TrainResult(model_dir, history, best_epoch, best_val, export_path, initial_epoch, replicas)
+
+
+def _forget_lost_epochs(model_dir: Path, state: dict) -> None:
+    """Before a resume from ``state`` rewrites history.csv: the best.keras of an epoch after it (its checkpoint
+    damaged) is set aside, and an export.json naming such an epoch is removed so that the rerun exports its own
+    best model (the export stays)."""
+    from fer_keras import checkpoint
+
+    checkpoint.set_aside_lost_best(model_dir, state)
+    marker = model_dir / "export.json"
+    try:
+        exported = json.loads(marker.read_text()).get("best_epoch")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(exported, int) and exported > state["epoch"]:
+        marker.unlink()
 
 
 def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val: float, val_split,

@@ -330,6 +330,101 @@ def test_a_kill_between_checkpoint_and_best_keras_is_mended_on_rerun(tmp_path):
             np.testing.assert_array_equal(a, b)
 
 
+def test_best_keras_of_an_epoch_after_the_resumed_checkpoint_is_set_aside_only_when_it_beat_it(tmp_path, caplog):
+    """best.keras is written before history.csv: a row after the checkpoint resumed from that beat the checkpoint's
+    best says best.keras holds that epoch; a worse or tied one was never written to it."""
+    from fer_keras import checkpoint
+
+    def row(epoch: int, val_accuracy: float) -> dict:
+        return {"epoch": epoch, "loss": 1.0, "accuracy": 0.5, "val_loss": 1.0, "val_accuracy": val_accuracy,
+                "learning_rate": 0.1, "seconds": 1.0}
+
+    state = {"epoch": 4, "history": [row(1, 0.3), row(2, 0.5), row(3, 0.4), row(4, 0.45)], "best_epoch": 2,
+             "best_val_accuracy": 0.5}
+    best = tmp_path / "best.keras"
+    best.write_bytes(b"epoch 2")
+    history_lib.write_history_csv(tmp_path / "history.csv", [*state["history"], row(5, 0.5)])
+    assert checkpoint.set_aside_lost_best(tmp_path, state) is None and best.read_bytes() == b"epoch 2"
+
+    best.write_bytes(b"epoch 5")
+    history_lib.write_history_csv(tmp_path / "history.csv", [*state["history"], row(5, 0.6), row(6, 0.55)])
+    with caplog.at_level(logging.WARNING):
+        aside = checkpoint.set_aside_lost_best(tmp_path, state)
+    assert aside.name == "best_epoch_0005_before_resume.keras" and aside.read_bytes() == b"epoch 5"
+    assert not best.exists()
+    assert ("best.keras held epoch 5 (validation accuracy 60.00%), whose checkpoint is damaged: kept as "
+            "best_epoch_0005_before_resume.keras. Resuming after epoch 4, whose best is epoch 2 (50.00%): that "
+            "epoch's model is gone") in caplog.text
+    best.write_bytes(b"epoch 5 again")  # lost a second time: the first copy is kept
+    assert checkpoint.set_aside_lost_best(tmp_path, state).name == "best_epoch_0005_before_resume_2.keras"
+    assert aside.read_bytes() == b"epoch 5"
+
+    best.write_bytes(b"epoch 5 once more")
+    (tmp_path / "history.csv").write_text("epoch,val_accuracy\n5,x\n")  # unreadable: nothing to go by
+    assert checkpoint.set_aside_lost_best(tmp_path, state) is None and best.is_file()
+
+
+def test_a_better_best_keras_whose_checkpoint_is_damaged_is_kept_and_the_rerun_agrees_with_its_history(
+        tmp_path, capsys):
+    """The newest checkpoint damaged, the run resumes from the one before, whose history lacks the epoch that wrote
+    best.keras: that model is kept under another name instead of being replaced by the first epoch to beat the
+    older checkpoint's best, and best.keras, history.csv and the export all describe the rerun's best epoch (or,
+    when that epoch's model was the one replaced and no rerun epoch beats it, there is no best.keras, and the
+    run says so)."""
+    import keras
+
+    from fer_keras import data as fer_data
+    from fer_keras.evaluate import evaluate
+    from fer_keras.inference import load_predictor
+
+    config = train.TrainConfig(model_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "exports"),
+                               **{**SMALL_RUN, "epochs": 3, "export_tta": "none"})
+    train.run(config)
+    run = tmp_path / "run"
+    # As if epoch 3 had scored 99 % and been exported, its model told apart by one weight.
+    lost = keras.models.load_model(run / "best.keras")
+    lost.weights[0].assign(np.full(lost.weights[0].shape, 7.0, "float32"))
+    lost.save(run / "best.keras")
+    rows = history_lib.read_history_csv(run / "history.csv")
+    history_lib.write_history_csv(run / "history.csv", [*rows[:2], {**rows[2], "val_accuracy": 0.99}])
+    (run / "export.json").write_text(json.dumps({**json.loads((run / "export.json").read_text()), "best_epoch": 3}))
+    weights = run / "checkpoints" / "epoch_0003" / "model.weights.h5"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    unbeaten = tmp_path / "unbeaten" / "run"
+    shutil.copytree(run, unbeaten)
+
+    def resume_from(run_dir: Path, val_accuracies: list[float]) -> train.TrainResult:
+        """Resumes after epoch 2 once its checkpoint records these accuracies for epochs 1 and 2."""
+        state_file = run_dir / "checkpoints" / "epoch_0002" / "state.json"
+        state = json.loads(state_file.read_text())
+        history = [{**r, "val_accuracy": v} for r, v in zip(state["history"], val_accuracies)]
+        best = history_lib.best_row(history)
+        state_file.write_text(json.dumps({**state, "history": history, "best_epoch": best["epoch"],
+                                          "best_val_accuracy": best["val_accuracy"]}))
+        capsys.readouterr()
+        result = train.run(dataclasses.replace(config, model_dir=str(run_dir)))
+        assert result.resumed_from == 2
+        kept = keras.models.load_model(run_dir / "best_epoch_0003_before_resume.keras")
+        np.testing.assert_array_equal(kept.weights[0], lost.weights[0])
+        rows = history_lib.read_history_csv(run_dir / "history.csv")
+        assert [r["epoch"] for r in rows] == [1, 2, 3] and history_lib.best_row(rows)["epoch"] == result.best_epoch
+        assert rows[result.best_epoch - 1]["val_accuracy"] == pytest.approx(result.best_val_accuracy, abs=1e-6)
+        return result
+
+    result = resume_from(run, [0.0, 0.0])  # any rerun epoch 3 beats it: it gets at least one image right
+    assert result.best_epoch == 3
+    _, val, _ = train.run_splits(fer_data.load(None), config)
+    rescored = evaluate(load_predictor(run / "best.keras"), val, "none", split_name="val").accuracy
+    assert rescored == pytest.approx(result.best_val_accuracy, abs=1e-6)
+    assert result.export_path.name == "2" and (result.export_path.parent / "1").is_dir()
+    info = json.loads((result.export_path / "assets.extra" / "fer_keras.json").read_text())
+    assert (info["best_epoch"], info["val_accuracy"]) == (3, result.best_val_accuracy)
+
+    result = resume_from(unbeaten, [0.9, 0.5])
+    assert (result.best_epoch, result.export_path) == (1, None) and not (unbeaten / "best.keras").exists()
+    assert "at epoch 1; no best.keras: that epoch's model was replaced" in capsys.readouterr().out
+
+
 def test_a_rerun_leaves_the_best_keras_of_an_earlier_epoch_alone(trained_run, tmp_path):
     """best.keras is older than the latest checkpoint whenever the best epoch came before it: only a best epoch
     equal to the checkpoint's says that the kill fell between the two writes, else its weights would replace the
