@@ -320,20 +320,21 @@ def run_holdout(data: fer_data.FerData, split_name: str,
         return None
     kind, path = inference.resolve(models[0])
     run_dir = inference.find_run_dir(models[0])
-    config = inference.training_config(kind, path, run_dir)
-    if not config:
-        return None
-    from fer_keras.train import run_splits_of
-
     if run_dir is not None:
+        config = inference.training_config(kind, path, run_dir)
         try:
             record = read_data_record(run_dir)
         except OSError:
             record = None
         chose_on = record["val"].get("name") if record else None
-    else:  # an export, which records both (a .keras file alone has no settings and returned above)
-        metadata = inference.export_metadata(path)
+    else:  # an export records all three in its metadata; a .keras file alone records none
+        metadata = inference.export_metadata(path) if kind == "saved_model" else {}
+        config = metadata.get("train_config")
         record, chose_on = metadata.get("data"), metadata.get("val_split")
+    if not isinstance(config, dict) or not config:
+        return None
+    from fer_keras.train import run_splits_of
+
     if isinstance(chose_on, str) and "hold-out" not in chose_on:
         raise ConfigError(f"{path}: chose its epoch on {chose_on}, not on a hold-out of {data.source}; --split=val "
                           "there would score images it may have trained on (give data with a PublicTest split)")
