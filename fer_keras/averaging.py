@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -26,7 +25,7 @@ import keras
 import numpy as np
 
 from fer_keras.errors import ConfigError
-from fer_keras.history import atomic_write_text
+from fer_keras.history import NPZ_ERRORS, atomic_write_text
 
 AVERAGE_FILE = "average.npz"
 
@@ -114,7 +113,7 @@ def load(folder: Path, model: keras.Model) -> tuple[list[np.ndarray], int]:
             average = [np.asarray(f[k], np.float32) for k in names]
     except FileNotFoundError:
         raise ConfigError(f"{path}: missing, so the run's weight average is lost; use a new --model_dir") from None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # truncated, empty, a bad CRC
+    except NPZ_ERRORS as e:
         raise ConfigError(f"{path}: unreadable ({e}); use a new --model_dir") from None
     shapes = [tuple(w.shape) for w in model.weights]
     if count < 1 or [a.shape for a in average] != shapes:

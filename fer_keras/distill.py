@@ -30,7 +30,6 @@ import io
 import json
 import os
 import time
-import zipfile
 import zlib
 from pathlib import Path
 from typing import Sequence
@@ -40,7 +39,7 @@ from absl import logging
 
 from fer_keras import NUM_CLASSES
 from fer_keras.errors import ConfigError, ModelError
-from fer_keras.history import atomic_write_text
+from fer_keras.history import NPZ_ERRORS, atomic_write_text
 
 TARGETS_FILE = "teacher_targets.npz"
 RECORD_FILE = "teachers.json"
@@ -195,7 +194,7 @@ def load(folder: Path) -> Teachers | None:
         records = json.loads((folder / RECORD_FILE).read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    except (*NPZ_ERRORS, zlib.error) as e:  # its arrays are compressed: a damaged stream too
         logging.warning("%s: unreadable (%s); the teachers' probabilities are computed again", folder / TARGETS_FILE,
                         e)
         return None

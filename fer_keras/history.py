@@ -12,10 +12,14 @@ import shutil
 import socket
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
 from fer_keras.errors import ConfigError
+
+# What reading a damaged or foreign .npz raises: cut short, empty or no zip archive, a bad CRC, an array missing.
+NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 
 def atomic_write_text(path: Path, content: str | bytes) -> None:
@@ -98,8 +102,6 @@ def check_json_replaceable(path: str | os.PathLike, keys: Sequence[str], what: s
 def check_npz_replaceable(path: str | os.PathLike, keys: Sequence[str], what: str, flag: str = "--output_dir") -> None:
     """:func:`check_json_replaceable` for a NumPy ``.npz`` output: an existing file is replaced only if it is an
     archive holding all of ``keys``."""
-    import zipfile
-
     import numpy as np
 
     path = Path(path)
@@ -108,7 +110,7 @@ def check_npz_replaceable(path: str | os.PathLike, keys: Sequence[str], what: st
     try:
         with np.load(path, allow_pickle=False) as existing:
             ours = set(keys) <= set(existing.files)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+    except NPZ_ERRORS:
         ours = False
     if not ours:
         raise ConfigError(f"{path}: exists and is not {what}; choose another {flag} or remove the file")
