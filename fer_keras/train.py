@@ -880,6 +880,7 @@ def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val
 
     # The TTA is chosen on the model as it will be served: float32 even when trained in mixed precision.
     model = as_float32(load_keras_model(str(model_dir / "best.keras")))
+    # export.run_metadata's fields, from the run itself: it would read them back from history.csv, to 6 digits.
     metadata = {
         "model_dir": str(model_dir.resolve()),
         "best_epoch": best_epoch,
