@@ -32,14 +32,17 @@ import os
 import time
 import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from absl import logging
 
 from fer_keras import NUM_CLASSES
-from fer_keras.errors import ConfigError, ModelError
+from fer_keras.errors import ConfigError, FerError, ModelError
 from fer_keras.history import NPZ_ERRORS, atomic_write_text
+
+if TYPE_CHECKING:
+    from fer_keras.data import FerData, Split
 
 TARGETS_FILE = "teacher_targets.npz"
 RECORD_FILE = "teachers.json"
@@ -207,7 +210,8 @@ def load(folder: Path) -> Teachers | None:
 
 
 def hold_out_risk(record: dict, val_split: str, val_fraction: float | None = None,
-                  seed: int | None = None, data: dict | None = None) -> str | None:
+                  seed: int | None = None, data: dict | None = None, dataset: FerData | None = None,
+                  selection: Split | None = None) -> str | None:
     """Why the teacher of a :func:`describe_teacher` record may have trained on images a student selecting on
     ``val_split`` holds out, or None when its record shows it did not.
 
@@ -215,10 +219,13 @@ def hold_out_risk(record: dict, val_split: str, val_fraction: float | None = Non
     other images: another ``seed``, a fraction that rounds to the same percentage, or another data file. When
     both the teacher's record and the student's ``data`` (its ``data.json`` record) hold image fingerprints, they
     decide: the teacher did not train on the student's hold-out when it selected on those very images or trained
-    on the student's very training images. Else the fraction and seed its run recorded are compared. Whatever the
-    record does not say (the teacher's split, how its hold-out was drawn, what the weights it started from were
-    trained on) counts as a risk: a warning too many costs less than a selection split the student has seen
-    through its teacher.
+    on the student's very training images. Runs that differ in ``--max_*_examples`` fingerprint other subsets of
+    the same splits: given the student's ``dataset`` and ``selection`` images, the teacher's recorded settings
+    rebuild its training images from them, and when those are the very images its fingerprints name, the teacher
+    is a risk only if it trained on one of ``selection``. Else the fraction and seed its run recorded are compared.
+    Whatever the record does not say (the teacher's split, how its hold-out was drawn, what the weights it started
+    from were trained on) counts as a risk: a warning too many costs less than a selection split the student has
+    seen through its teacher.
     """
     from fer_keras.history import data_fingerprints, unrecorded_start
     from fer_keras.train import TrainConfig
@@ -235,9 +242,13 @@ def hold_out_risk(record: dict, val_split: str, val_fraction: float | None = Non
     theirs, ours = data_fingerprints(record.get("data")), data_fingerprints(data)
     if theirs and ours:
         if theirs[0] != ours[0] and theirs[1] != ours[1]:
-            source = record["data"].get("source")
-            return (f"its training and {teacher_split} images (of {source}) are, by their fingerprints, neither "
-                    f"this run's training nor its {val_split} images")
+            seen = _selection_trained_on(config, theirs, dataset, selection)
+            if seen is None:
+                source = record["data"].get("source")
+                return (f"its training and {teacher_split} images (of {source}) are, by their fingerprints, neither "
+                        f"this run's training nor its {val_split} images")
+            if seen:
+                return f"it trained on {seen} of the {len(selection)} images of this run's {val_split}"
     elif config is None or val_fraction is None or seed is None:
         return f"how its {teacher_split} was drawn (fraction and seed) is not recorded"
     elif (config["val_fraction"], config["seed"]) != (val_fraction, seed):
@@ -249,15 +260,35 @@ def hold_out_risk(record: dict, val_split: str, val_fraction: float | None = Non
     return None
 
 
+def _selection_trained_on(config: dict | None, fingerprints: tuple[str, str], dataset: FerData | None,
+                          selection: Split | None) -> int | None:
+    """How many ``selection`` images a teacher trained on, when its recorded settings rebuild from ``dataset`` the
+    very training and selection images its ``fingerprints`` name; None when they do not (other data, other rows
+    skipped) or there is nothing to rebuild from."""
+    if config is None or dataset is None or selection is None:
+        return None
+    from fer_keras.train import run_splits_of
+
+    try:
+        trained, selected, _ = run_splits_of(dataset, config)
+    except FerError:  # its hold-out cannot be drawn from these images: not its data
+        return None
+    if (trained.fingerprint(), selected.fingerprint()) != fingerprints:
+        return None
+    return int(np.isin(selection.ids, trained.ids).sum())
+
+
 def prepare(folder: Path, teachers: Sequence[str] | Sequence[dict], images: np.ndarray, labels: np.ndarray,
             fingerprint: str, started: bool, val_split: str, tta: str = "flip",
             batch_size: int = BATCH_SIZE, *, val_fraction: float | None = None,
-            seed: int | None = None, data: dict | None = None) -> tuple[Teachers, bool]:
+            seed: int | None = None, data: dict | None = None, dataset: FerData | None = None,
+            selection: Split | None = None) -> tuple[Teachers, bool]:
     """The teachers (paths, or their :func:`describe_teacher` records) of a run whose outputs go to ``folder``:
     stored ones that fit, else computed now. Returns ``(teachers, fresh)``; ``fresh`` when computed (the caller
     saves them once the run is under way). Teachers that may have trained on the run's selection split
     (``val_split``; for a hold-out, drawn with ``val_fraction`` and ``seed``, the images ``data``, the run's
-    ``data.json`` record, fingerprints) are warned about (:func:`hold_out_risk`).
+    ``data.json`` record, fingerprints; the ``dataset`` and ``selection`` images it was drawn from) are warned
+    about (:func:`hold_out_risk`).
 
     A run that has started keeps the probabilities it started with; when they are lost, the teachers must still
     be the same models (same SHA-256), or the run would change targets midway. A run that has not started
@@ -275,7 +306,7 @@ def prepare(folder: Path, teachers: Sequence[str] | Sequence[dict], images: np.n
         _check_started_with(folder, teachers)
     fresh = compute(teachers, images, labels, fingerprint, tta, batch_size)
     for record in fresh.records:
-        risk = hold_out_risk(record, val_split, val_fraction, seed, data)
+        risk = hold_out_risk(record, val_split, val_fraction, seed, data, dataset, selection)
         if risk:
             logging.warning("teacher %s: %s: the teacher may have trained on images this run holds out",
                             record["path"], risk)

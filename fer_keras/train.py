@@ -673,7 +673,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
         teachers, teachers_fresh = distill.prepare(
             out_dir, specs, train_split.images, train_split.labels, data_record["train"]["sha256"], started,
             val_name, config.teacher_tta, val_fraction=config.val_fraction, seed=config.seed,
-            data=data_record)
+            data=data_record, dataset=dataset, selection=val_split)
         targets = teachers.targets(train_split.labels, config.distill_weight, config.distill_temperature)
 
     initial_epoch = latest[1]["epoch"] if latest else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -438,6 +439,87 @@ SEED_0 = {"config": {"val_fraction": 0.1, "seed": 0}, "init": None}
 ])
 def test_recorded_image_fingerprints_decide_a_teachers_hold_out_risk(teacher, student, risk):
     assert distill.hold_out_risk({"val_split": HOLD_OUT, **teacher}, HOLD_OUT, 0.1, 0, student) == risk
+
+
+def _write_csv(path, usages: dict[str, int]) -> None:
+    """A FER2013 CSV of random faces: per class, that many rows of each Usage."""
+    rng = np.random.default_rng(5)
+    path.write_text("\n".join(["emotion,pixels,Usage"] + [
+        f"{c},{' '.join(map(str, rng.integers(0, 256, 2304)))},{usage}"
+        for c in range(7) for usage, n in usages.items() for _ in range(n)]) + "\n")
+
+
+def _run_record(dataset, **settings) -> tuple[dict, dict, object]:
+    """A run's config.json and data.json records on ``dataset`` with these settings, and its selection split."""
+    config = train.TrainConfig(**settings)
+    train_split, val_split, name = train.run_splits(dataset, config)
+    data = {"source": dataset.source, "train": {"images": len(train_split), "sha256": train_split.fingerprint()},
+            "val": {"images": len(val_split), "name": name, "sha256": val_split.fingerprint()}}
+    return config.to_json(), data, val_split
+
+
+def test_teachers_on_other_subsets_of_the_same_splits_are_no_risk_unlike_ones_that_trained_on_ours(tmp_path):
+    """Runs that differ in --max_train_examples and --max_val_examples fingerprint other images of the same
+    splits: the teacher's settings rebuild its training images from the student's data, and it is a risk only when
+    it trained on images the student selects on (another seed), or on PublicTest rows."""
+    from fer_keras import data as fer_data
+
+    _write_csv(tmp_path / "training_only.csv", {"Training": 20})
+    dataset = fer_data.load(str(tmp_path / "training_only.csv"), use_cache=False)
+
+    def risk(teacher: dict, student: dict) -> str | None:
+        config, data, _ = _run_record(dataset, **teacher)
+        ours, our_data, selection = _run_record(dataset, **student)
+        record = {"val_split": HOLD_OUT, "run": {"config": config, "init": None}, "data": data}
+        return distill.hold_out_risk(record, HOLD_OUT, ours["val_fraction"], ours["seed"], our_data, dataset,
+                                     selection)
+
+    assert risk({"max_train_examples": 60, "max_val_examples": 7}, {}) is None
+    assert risk({}, {"max_train_examples": 50, "max_val_examples": 5}) is None
+    assert risk({"max_train_examples": 60, "max_val_examples": 7}, {"max_train_examples": 50, "max_val_examples": 5},
+                ) is None
+    assert re.fullmatch(rf"it trained on [1-9]\d* of the 14 images of this run's {HOLD_OUT}",
+                        risk({"seed": 1, "max_train_examples": 60, "max_val_examples": 7}, {}))
+    # Another data file's fingerprints are not rebuilt from this one: the recorded images decide, as before.
+    _write_csv(tmp_path / "other.csv", {"Training": 21})
+    config, data, _ = _run_record(fer_data.load(str(tmp_path / "other.csv"), use_cache=False),
+                                  max_train_examples=60, max_val_examples=7)
+    ours, our_data, selection = _run_record(dataset)
+    assert distill.hold_out_risk({"val_split": HOLD_OUT, "run": {"config": config, "init": None}, "data": data},
+                                 HOLD_OUT, 0.1, 0, our_data, dataset, selection).startswith("its training and")
+    # A teacher trained on a copy whose PublicTest rows are Training rows, with limits, selected on its hold-out.
+    _write_csv(tmp_path / "with_public_test.csv", {"Training": 20, "PublicTest": 2})
+    student = fer_data.load(str(tmp_path / "with_public_test.csv"), use_cache=False)
+    relabelled = tmp_path / "relabelled.csv"
+    relabelled.write_text((tmp_path / "with_public_test.csv").read_text().replace(",PublicTest", ",Training"))
+    config, data, _ = _run_record(fer_data.load(str(relabelled), use_cache=False), max_train_examples=60,
+                                  max_val_examples=7)
+    ours, our_data, selection = _run_record(student, max_train_examples=50, max_val_examples=5)
+    assert distill.hold_out_risk({"val_split": HOLD_OUT, "run": {"config": config, "init": None}, "data": data},
+                                 "PublicTest", 0.1, 0, our_data, student, selection) == (
+        f"it was selected on {HOLD_OUT}, this run selects on PublicTest")
+
+
+def test_a_run_does_not_warn_of_a_teacher_that_trained_on_another_subset_of_its_splits(trained_run, tmp_path,
+                                                                                       caplog):
+    """train.run gives the check its data: a teacher recorded as trained on this data with other example limits
+    (the shared run, relabelled so; its model does not matter here) is not warned about."""
+    from fer_keras import data as fer_data
+
+    _write_csv(tmp_path / "training_only.csv", {"Training": 20})
+    config, data, _ = _run_record(fer_data.load(str(tmp_path / "training_only.csv"), use_cache=False),
+                                  max_train_examples=60, max_val_examples=7)
+    teacher = tmp_path / "teacher"
+    shutil.copytree(trained_run[1].model_dir, teacher, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+    (teacher / "data.json").write_text(json.dumps(data))
+    (teacher / "config.json").write_text(json.dumps(config))
+    student = train.TrainConfig(model_dir=str(tmp_path / "student"), export=False,
+                                data=str(tmp_path / "training_only.csv"), teachers=(str(teacher),),
+                                teacher_tta="none", **{**SMALL_RUN, "epochs": 1})
+    with caplog.at_level("WARNING"):
+        train.run(student)
+    assert json.loads((tmp_path / "student" / "data.json").read_text())["val"]["images"] == 14  # all, not 7
+    assert not [r.getMessage() for r in caplog.records if "teacher" in r.getMessage()]
 
 
 def test_a_run_warns_of_a_teacher_that_held_out_other_images(trained_run, tmp_path, caplog):
