@@ -863,7 +863,8 @@ def _forget_lost_epochs(model_dir: Path, state: dict) -> None:
 def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val: float, val_split,
                  val_name: str, export_mod, data_record: dict) -> Path:
     """Exports best.keras once per run and export settings: a rerun of a finished run adds no version, unless
-    it asks for another export folder, name, version or TTA."""
+    it asks for another export folder, name, version or TTA. The path returned is spelled as ``--export_dir``
+    is, on a rerun as on the first run (the marker's absolute one made a rerun print another path)."""
     marker = model_dir / "export.json"
     base = Path(os.path.abspath(config.export_dir)) / config.resolved_export_name
     if marker.is_file():
@@ -873,7 +874,7 @@ def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val
             if (path.is_dir() and done.get("best_epoch") == best_epoch and path.parent == base
                     and done.get("export_tta", config.export_tta) == config.export_tta
                     and config.export_version in (0, int(path.name))):
-                return path
+                return Path(config.export_dir) / config.resolved_export_name / path.name
         except (ValueError, KeyError, TypeError):
             pass
     from fer_keras.model import as_float32, load_keras_model

@@ -131,6 +131,20 @@ def test_a_finished_run_is_the_same_run_under_another_spelling_and_exports_again
     assert sorted(p.name for p in (tmp_path / "exports" / "renamed").iterdir()) == ["1"]
 
 
+def test_a_rerun_names_the_export_as_the_first_run_did(trained_run, tmp_path, monkeypatch, capsys):
+    """With a relative --export_dir, a rerun of a finished run printed (and returned) the export's absolute path
+    from export.json, the first run the one under --export_dir as given."""
+    config, _ = trained_run
+    shutil.copytree(config.model_dir, tmp_path / "run")
+    (tmp_path / "run" / "export.json").unlink()
+    monkeypatch.chdir(tmp_path)
+    rerun = train.TrainConfig(**{**config.to_json(), "step_epochs": (), "model_dir": "run", "export_dir": "exports",
+                                 "export_tta": "none"})
+    for attempt in ("first", "rerun"):
+        assert train.run(rerun).export_path == Path("exports", "run", "1"), attempt
+        assert capsys.readouterr().out.rstrip().endswith("; export: exports/run/1"), attempt
+
+
 def test_a_first_attempt_that_finished_no_epoch_may_be_rerun_with_other_settings_and_data(tmp_path, monkeypatch):
     """A NaN loss in epoch 1 (or Ctrl-C, or the wrong --data) before any checkpoint: the error's advice - a lower
     learning rate - works in the same folder, and so does other data; the records describe the rerun."""
