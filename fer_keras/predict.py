@@ -28,6 +28,7 @@ from fer_keras.history import atomic_write_text, check_creatable, check_replacea
 from fer_keras.tta import check_tta, tta_probabilities
 
 PROBABILITY_COLUMNS = tuple(f"prob_{name}" for name in CLASS_NAMES)
+DEFAULT_OUTPUT = "predictions.csv"  # in the working directory; .gitignore keeps the repository's out of git
 
 
 def atomic_write(path: str | os.PathLike, content: str | bytes) -> Path:
@@ -179,7 +180,7 @@ def define_flags() -> None:
                         "images, an image file, or a comma-separated list of image files.")
     flags.DEFINE_string("split", "", "Split to predict when the data has several (train, val/PublicTest, "
                         "test/PrivateTest); default: test if present, else the only split.")
-    flags.DEFINE_string("output", "predictions.csv", "Output CSV (id,label), written atomically.")
+    flags.DEFINE_string("output", DEFAULT_OUTPUT, "Output CSV (id,label), written atomically.")
     flags.DEFINE_boolean("probabilities", False, "Add one probability column per class (prob_angry, ...).")
     tta_lib.define_flags()
     cli.define_skip_bad_rows("CSV files, image folders and lists of images; the rows kept keep their ids.")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_tool
+from conftest import REPO, run_tool
 
 from fer_keras import CLASS_NAMES, IMAGE_SIZE
 from fer_keras.errors import ConfigError, DataError
@@ -229,6 +229,23 @@ def test_write_predictions_with_probabilities(tmp_path):
     np.testing.assert_allclose(np.array(rows[1][2:], float), probs[0])
     with pytest.raises(ConfigError, match="is a directory"):
         atomic_write(tmp_path, "x")
+
+
+def test_the_tools_default_outputs_in_the_repository_are_kept_out_of_git():
+    """Run from the repository, predict writes predictions.csv beside .gitignore (and the other tools their
+    reports); none of them should turn up in git status."""
+    import shutil
+    import subprocess
+
+    from fer_keras import benchmark, evaluate, predict, report, saliency
+
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    folders = (evaluate.DEFAULT_OUTPUT_DIR, report.DEFAULT_OUTPUT_DIR, saliency.DEFAULT_OUTPUT_DIR)
+    outputs = [predict.DEFAULT_OUTPUT, benchmark.DEFAULT_OUTPUT, *(f"{d}/x" for d in folders)]
+    proc = subprocess.run(["git", "check-ignore", "--no-index", "--verbose", "--non-matching", *outputs], cwd=REPO,
+                          capture_output=True, text=True)
+    assert not [line for line in proc.stdout.splitlines() if line.startswith("::")], proc.stdout
 
 
 def test_cli_writes_submission(setup, tmp_path):
