@@ -59,7 +59,8 @@ def num_views(mode: str) -> int:
 
 
 def crop_offsets(crop_size: int, image_size: int = IMAGE_SIZE) -> list[tuple[int, int]]:
-    """(top, left) of the top-left, top-right, bottom-left, bottom-right and centre crops."""
+    """(top, left) of the top-left, top-right, bottom-left, bottom-right and centre crops. An odd margin puts the
+    centre crop's at half of it rounded down (41: 3), where torchvision's CenterCrop rounds half to even (41: 4)."""
     far = image_size - crop_size
     centre = far // 2
     return [(0, 0), (0, far), (far, 0), (far, far), (centre, centre)]

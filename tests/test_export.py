@@ -364,6 +364,36 @@ def test_tencrop_export_serves_the_evaluate_tools_ten_crop(tmp_path):
     assert predictor.metadata["tta"] == "tencrop" and predictor.metadata["crop_size"] == 40
 
 
+@pytest.mark.parametrize("crop", [41, 43])
+def test_an_odd_ten_crop_is_served_as_the_evaluate_tool_computes_it(tmp_path, crop):
+    """48 - crop odd: the centre window cannot sit in the middle. Every path floors its offset, (48 - crop) // 2: the
+    export's served views and the evaluate tool's, on a .keras model and on an export's network alone. (torchvision's
+    CenterCrop rounds half to even instead: 4 for 41, 2 for 43; fer_keras has no twin of TTA to compare with it.)"""
+    import keras
+    import tensorflow as tf
+
+    from fer_keras.inference import Predictor, load_predictor
+    from fer_keras.tta import tta_probabilities
+
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((48, 48, 1))
+    scaled = keras.layers.Rescaling(1 / 255.0)(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(7)(keras.layers.Flatten()(scaled)))  # a weight per pixel
+    x = np.random.default_rng(7).integers(0, 256, (3, 48, 48, 1)).astype("float32")
+    far = 48 - crop
+    windows = [x[:, top:top + crop, left:left + crop] for top, left in
+               [(0, 0), (0, far), (far, 0), (far, far), (far // 2, far // 2)]]
+    seen = [tf.image.resize(w, (48, 48), method="bilinear").numpy() for w in windows]
+    expected = np.mean([tf.nn.softmax(model(v)).numpy() for v in seen + [v[:, :, ::-1] for v in seen]], axis=0)
+    path = export_model(model, tmp_path, "m", tta="tencrop", crop_size=crop)
+    served = load_predictor(path)
+    assert served.metadata["crop_size"] == crop
+    np.testing.assert_allclose(served.probabilities(x), expected, atol=1e-5)
+    for evaluated in (Predictor("keras", tmp_path / "m.keras", keras_model=model),
+                      load_predictor(path, network_only=True)):
+        np.testing.assert_allclose(tta_probabilities(evaluated, x, "tencrop", crop), expected, atol=1e-5)
+
+
 def test_export_cli_from_a_run_dir_and_refusing_an_existing_version(trained_run, tmp_path):
     config, result = trained_run
     args = [sys.executable, "-m", "fer_keras.export", f"--model={config.model_dir}",
