@@ -329,13 +329,19 @@ def test_cli_times_every_float32_signature_of_a_trained_export(tmp_path):
 
 
 def test_an_export_without_metadata_or_pixels_signature(tmp_path):
-    """Without fer_keras' metadata the TTA is unknown, not guessed; a SavedModel that takes no float32 pixels is
-    an error (the CLI makes it an error row and exit 1), not an empty table."""
+    """With fer_keras' metadata the row names the export's own ten-crop size (44, not the default 40); without it
+    the TTA is unknown, not guessed; a SavedModel that takes no float32 pixels is an error (the CLI makes it an
+    error row and exit 1), not an empty table."""
     import tensorflow as tf
 
     from fer_keras import export
 
-    path = export.export_model(resnet18("imagenet"), tmp_path, name="bare", version=1, tta="tencrop")
+    path = export.export_model(resnet18("imagenet"), tmp_path, name="bare", version=1, tta="tencrop", crop_size=44)
+    result = benchmark.measure_serving_export(spec(serving_export=str(path)))
+    assert result["tta"] == "tencrop" and result["crop_size"] == 44
+    assert result["signatures"]["serving_default"]["forward_passes"] == 10
+    assert f"| - | {path} (tta tencrop 44): serving_default | 10 |" in \
+        benchmark.render_markdown(fake_report(serving_export=result))
     (path / export.METADATA_FILE).unlink()
     result = benchmark.measure_serving_export(spec(serving_export=str(path)))
     assert result["tta"] is None and "crop_size" not in result and result["stem"] is None
