@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import run_tool
+from conftest import write_challenge_csv as random_challenge_csv
 
 from fer_keras import CLASS_NAMES, IMAGE_SIZE
 from fer_keras import data as fer_data
@@ -387,6 +388,71 @@ def shifted_level_model(shift: int):
     kernel, bias = dense.get_weights()
     dense.set_weights([np.roll(kernel, shift, axis=1), np.roll(bias, shift)])
     return model
+
+
+def pixel_model(input_crop: int = 0):
+    """Logits from a weight per pixel (of the central ``input_crop`` window, named as resnet18 names it): every
+    shift, crop size and mirror image changes them."""
+    import keras
+
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1))
+    x = keras.layers.Rescaling(1.0 / 255.0)(inputs)
+    if input_crop:
+        x = keras.layers.Cropping2D((IMAGE_SIZE - input_crop) // 2, name="input_crop")(x)
+    return keras.Model(inputs, keras.layers.Dense(7, name="logits")(keras.layers.Flatten()(x)))
+
+
+def test_a_crop_models_ten_crop_is_its_own_size_served_or_not_and_recorded_so(tmp_path):
+    """A model that sees a central 32-pixel window is shown ten windows of 32 whatever --crop_size says, as a .keras
+    model and as an export without TTA built in (whose input crop only its metadata names); the metrics record 32."""
+    from fer_keras.evaluate import evaluate
+    from fer_keras.export import export_model
+    from fer_keras.inference import Predictor, load_predictor
+
+    random_challenge_csv(tmp_path / "fer2013.csv")
+    split = fer_data.load(tmp_path / "fer2013.csv").split("val")
+    model = pixel_model(input_crop=32)
+    keras_side = evaluate(Predictor("keras", tmp_path / "m.keras", keras_model=model), split, "tencrop",
+                          split_name="val", crop_size=40)
+    served = evaluate(load_predictor(export_model(model, tmp_path, "m")), split, "tencrop", split_name="val",
+                      crop_size=40)
+    np.testing.assert_allclose(served.probabilities, keras_side.probabilities, atol=1e-5)
+    for result in (keras_side, served):
+        assert result.crop_size == 32 and result.members[0]["crop_size"] == 32
+        assert result.to_json()["crop_size"] == 32
+
+
+def test_cli_ten_crop_takes_the_crop_size_asked_for(tmp_path):
+    """--crop_size=44 reaches the views of export, predict and evaluate (no test passed it: each tool could have
+    dropped it for the default 40 unnoticed)."""
+    from fer_keras.inference import Predictor, export_metadata
+    from fer_keras.tta import tta_probabilities
+
+    model, keras_file, data = pixel_model(), tmp_path / "pixels.keras", tmp_path / "fer2013.csv"
+    model.save(keras_file)
+    random_challenge_csv(data)  # noise: ten-crop of a level image hardly depends on the crop
+    images = fer_data.load(data).split("val").images
+    expected = tta_probabilities(Predictor("keras", keras_file, keras_model=model), images, "tencrop", 44)
+    default = tta_probabilities(Predictor("keras", keras_file, keras_model=model), images, "tencrop", 40)
+    assert np.abs(expected - default).max() > 1e-3
+    proc = run_tool("export", f"--model={keras_file}", f"--export_dir={tmp_path}", "--tta=tencrop", "--crop_size=44")
+    assert proc.returncode == 0, proc.stderr
+    assert export_metadata(tmp_path / "pixels" / "1")["crop_size"] == 44
+    submission = tmp_path / "p.csv"
+    proc = run_tool("predict", f"--model={keras_file}", f"--data={data}", "--split=val", f"--output={submission}",
+                    "--probabilities", "--tta=tencrop", "--crop_size=44")
+    assert proc.returncode == 0, proc.stderr
+    rows = submission.read_text().splitlines()[1:]
+    np.testing.assert_allclose([[float(v) for v in r.split(",")[2:]] for r in rows], expected, atol=1e-5)
+    out = tmp_path / "eval"
+    proc = run_tool("evaluate", f"--model={tmp_path / 'pixels' / '1'}", "--network_only", f"--data={data}",
+                    f"--output_dir={out}", "--tta=tencrop", "--crop_size=44")
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads((out / "val_tta-tencrop_network-only_metrics.json").read_text())
+    assert payload["crop_size"] == 44 and payload["members"][0]["crop_size"] == 44
+    rows = (out / "val_tta-tencrop_network-only_predictions.csv").read_text().splitlines()[1:]
+    np.testing.assert_allclose([[float(v) for v in r.split(",")[6:]] for r in rows], expected, atol=1e-5)
 
 
 def test_ensemble_averages_the_members_probabilities_each_with_its_own_views(setup, keras_predictor):
