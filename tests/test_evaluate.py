@@ -605,9 +605,15 @@ def test_cli_scores_a_course_runs_own_hold_out(tmp_path):
     other = tmp_path / "other" / "train.csv"  # other images: their hold-out is not the one the run chose on
     other.parent.mkdir()
     other.write_text("label,feature\n" + "\n".join(rows[::-1]) + "\n")
-    with pytest.raises(ConfigError, match=r"other/train.csv: its 10% stratified hold-out differs from the images "
-                                          r".* chose its epoch on \(data.json fingerprints\)"):
-        run_holdout(fer_data.load(str(other), use_cache=False), "val", [str(result.model_dir)])
+    from fer_keras.export import export_from
+
+    export, _ = export_from(result.model_dir, tmp_path / "exports")  # its metadata records the run's data
+    for model in (result.model_dir, export):
+        with pytest.raises(ConfigError, match=r"other/train.csv: its 10% stratified hold-out differs from the images "
+                                              r".* chose its epoch on \(data.json fingerprints\)"):
+            run_holdout(fer_data.load(str(other), use_cache=False), "val", [str(model)])
+    _, val, label = run_holdout(fer_data.load(str(data)), "val", [str(export)])
+    assert label == "val (10% stratified hold-out of train)" and len(val) == 7
 
 
 def test_the_hold_out_is_not_rebuilt_for_a_model_that_chose_on_public_test(tmp_path):
