@@ -405,10 +405,12 @@ def pixel_model(input_crop: int = 0):
 
 def test_a_crop_models_ten_crop_is_its_own_size_served_or_not_and_recorded_so(tmp_path):
     """A model that sees a central 32-pixel window is shown ten windows of 32 whatever --crop_size says, as a .keras
-    model and as an export without TTA built in (whose input crop only its metadata names); the metrics record 32."""
+    model and as an export without TTA built in (whose input crop only its metadata names); the metrics, and the
+    TTA choice an export records, say 32."""
     from fer_keras.evaluate import evaluate
     from fer_keras.export import export_model
     from fer_keras.inference import Predictor, load_predictor
+    from fer_keras.tta import choose_tta
 
     random_challenge_csv(tmp_path / "fer2013.csv")
     split = fer_data.load(tmp_path / "fer2013.csv").split("val")
@@ -421,6 +423,8 @@ def test_a_crop_models_ten_crop_is_its_own_size_served_or_not_and_recorded_so(tm
     for result in (keras_side, served):
         assert result.crop_size == 32 and result.members[0]["crop_size"] == 32
         assert result.to_json()["crop_size"] == 32
+    assert choose_tta(Predictor("keras", tmp_path / "m.keras", keras_model=model), split.images, split.labels, "val",
+                      crop_size=40).to_json()["crop_size"] == 32
 
 
 def test_cli_ten_crop_takes_the_crop_size_asked_for(tmp_path):
