@@ -181,6 +181,18 @@ def test_cli_refuses_a_crop_size_outside_the_image(tmp_path):
     assert "--crop_size must be in 1-48" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_cli_evaluates_ten_crop_with_the_crop_size_asked_for(tool_inputs, tmp_path):
+    """--crop_size reaches the evaluation section's views (no test passed one: 40 passed either way)."""
+    _, model, data = tool_inputs
+    proc = subprocess.run([sys.executable, "-m", "fer_keras.report", f"--model_dir={model}", f"--data={data}",
+                           "--sections=evaluation", "--tta=tencrop", "--crop_size=44", f"--output_dir={tmp_path}"],
+                          cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "evaluation" / "val_tta-tencrop_metrics.json").read_text())
+    assert (metrics["tta"], metrics["crop_size"]) == ("tencrop", 44)
+
+
 def test_cli_missing_model_dir_exits_2_without_traceback(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(
