@@ -235,6 +235,25 @@ def test_served_views_are_the_exports_own(tmp_path):
                                load_predictor(path).probabilities(x), atol=2e-5)
 
 
+def test_cli_on_an_export_reports_its_ten_crop_at_its_own_crop_size(tool_inputs, tmp_path):
+    """An export built with ten-crop of 44 pixels: the tool's probabilities are its served ones, views of 44 (the
+    shipped export's 40 is also the default, so its test could not tell)."""
+    from fer_keras.export import export_model
+    from fer_keras.inference import load_predictor
+
+    _, _, csv = tool_inputs
+    path = export_model(conv_model(), tmp_path, "m", tta="tencrop", crop_size=44)
+    out = tmp_path / "out"
+    result = run_tool("saliency", f"--model={path}", f"--data={csv}", "--indices=0,1,2", "--layer=features",
+                      "--smooth_samples=1", f"--output_dir={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "saliency.json").read_text())
+    got = np.array([[r["probabilities"][name] for name in CLASS_NAMES] for r in report["images"]])
+    expected = load_predictor(path).probabilities(sal.from_split(str(csv), "val", [0, 1, 2]).images)
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    assert "tencrop TTA as served" in result.stdout
+
+
 def test_a_mixed_precision_run_is_explained_in_float32(tmp_path):
     """The best.keras of a --precision=mixed_bfloat16 run: load_keras rebuilds it in float32, with the same
     weights, so tf-keras-vis' float32 scores meet float32 gradients (bfloat16 ones made Grad-CAM++ fail)."""
