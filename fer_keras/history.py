@@ -203,17 +203,19 @@ def dead_writers_tmp(folder: Path, suffix: str = "", tag_prefix: str = "") -> li
 
 def remove_dead_writers_tmp(folder: Path, suffix: str = "", tag_prefix: str = "") -> list[Path]:
     """Deletes :func:`dead_writers_tmp` from ``folder``. Best effort: what cannot be removed stays."""
-    removed = []
-    for tmp in dead_writers_tmp(folder, suffix, tag_prefix):
-        try:
-            if tmp.is_dir():
-                shutil.rmtree(tmp)
-            else:
-                tmp.unlink(missing_ok=True)
-        except OSError:
-            continue
-        removed.append(tmp)
-    return removed
+    return [tmp for tmp in dead_writers_tmp(folder, suffix, tag_prefix) if remove_tmp(tmp)]
+
+
+def remove_tmp(tmp: Path) -> bool:
+    """Deletes a temporary file or folder; False when it cannot be (best effort: it then stays)."""
+    try:
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink(missing_ok=True)
+    except OSError:
+        return False
+    return True
 
 
 def fsync_path(path: Path) -> None:

@@ -43,7 +43,7 @@ from fer_keras.history import (
     atomic_write_text,
     check_replaceable,
     dead_writers_tmp,
-    remove_dead_writers_tmp,
+    remove_tmp,
     tmp_name,
 )
 from fer_keras.tta import DEFAULT_CROP_SIZE, TTA_MODES, check_tta
@@ -760,7 +760,7 @@ def build_report(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a directory")
     if out.is_dir():
-        _restore_killed(out)
+        _clear_dead_runs(out)
     check_outputs(out, chosen)
     kind, resolved = inference.resolve(model_path)
     run_dir = inference.find_run_dir(model_path)
@@ -793,44 +793,52 @@ def _previous_kept(out: Path, sections: Sequence[str]) -> Iterator[None]:
     """Keeps the report already in ``out`` until the new one is complete: its pages are moved into a hidden folder,
     and the chosen sections' folders copied there, while the sections run, and all are put back if the run fails.
     So a failed or interrupted run leaves the earlier report as it was, and a killed one no report.md rather than
-    one describing other figures (:func:`_restore_killed`)."""
-    remove_dead_writers_tmp(out)
+    one describing other figures (:func:`_clear_dead_runs`)."""
     backup = out / tmp_name("report")
     backup.mkdir()
     added = [name for name in sections if not (out / name).exists()]
+    recorded = None  # until the record is written the copies may be partial, and nothing has changed yet
     try:
         for name in sections:
             if (out / name).is_dir():
                 shutil.copytree(out / name, backup / name, symlinks=True)
         atomic_write_text(backup / ADDED_RECORD, json.dumps(added))  # also marks the copies complete
+        recorded = added
         for name in REPORT_PAGES:
             if (out / name).exists():
                 os.replace(out / name, backup / name)
         yield
     except BaseException:
-        _put_back(out, backup)
+        _put_back(out, backup, recorded)
         raise
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def _restore_killed(out: Path) -> None:
-    """Puts back the reports that killed runs of :func:`_previous_kept` set aside in ``out``, before anything
-    checks or changes it."""
-    for killed in dead_writers_tmp(out):
-        if killed.name.startswith(".tmp-report-") and killed.is_dir():
-            _put_back(out, killed)
+def _clear_dead_runs(out: Path) -> None:
+    """Before anything checks or changes ``out``: puts back the reports that killed runs of :func:`_previous_kept`
+    set aside there, and removes the other temporaries of dead writers (a killed section's half-written file)."""
+    for tmp in dead_writers_tmp(out):
+        if tmp.name.startswith(".tmp-report-") and tmp.is_dir():
+            _put_back(out, tmp, _read_added(tmp))
+        else:
+            remove_tmp(tmp)
 
 
-def _put_back(out: Path, backup: Path) -> None:
-    """Restores the report :func:`_previous_kept` set aside in ``backup``: the section folders the run added are
-    removed and the copied ones replace theirs, and the pages come back last, so a report.md is back only beside
-    its own figures. Nothing is restored while ``out`` has a report.md: the run had not begun the sections (or not
-    finished copying, as the missing record of added folders says), or it had written its report."""
+def _read_added(backup: Path) -> list | None:
+    """The section folders a killed run had added, from its record; None when it was killed before writing it."""
     try:
         added = json.loads((backup / ADDED_RECORD).read_text())
     except (OSError, ValueError):
-        added = None
-    if isinstance(added, list) and not (out / "report.md").exists():
+        return None
+    return added if isinstance(added, list) else None
+
+
+def _put_back(out: Path, backup: Path, added: list | None) -> None:
+    """Restores the report :func:`_previous_kept` set aside in ``backup``: the section folders the run ``added``
+    are removed and the copied ones replace theirs, and the pages come back last, so a report.md is back only beside
+    its own figures. Nothing is restored while ``out`` has a report.md (the run had not begun the sections, or it had
+    written its report), or when ``added`` is None (the run had not finished copying, so had changed nothing)."""
+    if added is not None and not (out / "report.md").exists():
         for name in added:
             if name in SECTIONS:
                 shutil.rmtree(out / name, ignore_errors=True)

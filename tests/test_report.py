@@ -306,10 +306,10 @@ def test_a_failed_run_leaves_the_earlier_report_and_its_figures_as_they_were(too
     assert _tree(out) == before
     assert sorted(p.name for p in out.iterdir()) == ["gradcheck", "report.html", "report.md"]
 
-    def killed_run() -> Path:
+    def killed_run(tag: str = "report") -> Path:
         dead = subprocess.Popen([sys.executable, "-c", ""])
         dead.wait()
-        return out / f".tmp-report-{socket.gethostname()}-{dead.pid}"
+        return out / f".tmp-{tag}-{socket.gethostname()}-{dead.pid}"
 
     # Killed in its sections: the earlier pages set aside, gradcheck copied, saliency added, gradcheck rewritten.
     killed = killed_run()
@@ -334,6 +334,7 @@ def test_a_failed_run_leaves_the_earlier_report_and_its_figures_as_they_were(too
     assert sorted(p.name for p in out.iterdir()) == ["gradcheck", "report.html", "report.md"]
     monkeypatch.undo()
     (killed_run() / "gradcheck").mkdir(parents=True)  # killed while copying: no record, nothing changed yet
+    killed_run("history").write_text("half a file")  # a killed writer's temporary, removed as well
     text = report.build_report(model, data, out, sections="saliency,gradcheck", seed=1, **TINY).read_text()
     assert headings(text) == ["Saliency maps", "Gradient checks"]
     assert json.loads((out / "gradcheck" / "gradcheck.json").read_text())["seed"] == 1
