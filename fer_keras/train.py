@@ -55,6 +55,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "step", "constant")
 EXPORT_TTAS = TTA_MODES + (AUTO,)
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+EXPORT_MARKER = "export.json"  # in a run folder: what the run exported, so that a rerun does not export again
 # Fields that may change between an interrupted run and its resumption.
 RESUMABLE_FIELDS = {
     "strategy", "cpu_devices", "num_gpus", "tpu_address", "collective_timeout", "verbose", "export", "export_dir",
@@ -660,7 +661,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
         raise ConfigError(f"steps_per_execution {config.steps_per_execution} does not divide the {steps} steps "
                           f"of an epoch ({len(train_split):,} images / batch {config.batch_size}); use a divisor "
                           f"of {steps}")
-    if export_base is not None and config.export_version and not (model_dir / "export.json").is_file():
+    if export_base is not None and config.export_version and not (model_dir / EXPORT_MARKER).is_file():
         target = export_base / config.resolved_export_name / str(config.export_version)
         if target.exists():  # found now, not after hours of training
             raise ConfigError(f"{target}: export version {config.export_version} exists; it is never overwritten")
@@ -851,13 +852,19 @@ def _forget_lost_epochs(model_dir: Path, state: dict) -> None:
     from fer_keras import checkpoint
 
     checkpoint.set_aside_lost_best(model_dir, state)
-    marker = model_dir / "export.json"
-    try:
-        exported = json.loads(marker.read_text()).get("best_epoch")
-    except (OSError, ValueError, AttributeError):
-        return
+    exported = (_read_export_marker(model_dir) or {}).get("best_epoch")
     if isinstance(exported, int) and exported > state["epoch"]:
-        marker.unlink()
+        (model_dir / EXPORT_MARKER).unlink()
+
+
+def _read_export_marker(model_dir: Path) -> dict | None:
+    """The run's record of its export (path, best epoch, TTA); None when it has none or it is damaged, which only
+    means that the run exports again."""
+    try:
+        done = json.loads((model_dir / EXPORT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) else None
 
 
 def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val: float, val_split,
@@ -865,11 +872,10 @@ def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val
     """Exports best.keras once per run and export settings: a rerun of a finished run adds no version, unless
     it asks for another export folder, name, version or TTA. The path returned is spelled as ``--export_dir``
     is, on a rerun as on the first run (the marker's absolute one made a rerun print another path)."""
-    marker = model_dir / "export.json"
     base = Path(os.path.abspath(config.export_dir)) / config.resolved_export_name
-    if marker.is_file():
+    done = _read_export_marker(model_dir)
+    if done is not None:
         try:
-            done = json.loads(marker.read_text())
             path = Path(os.path.abspath(done["path"]))
             if (path.is_dir() and done.get("best_epoch") == best_epoch and path.parent == base
                     and done.get("export_tta", config.export_tta) == config.export_tta
@@ -896,8 +902,8 @@ def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val
         model, config.export_dir, config.resolved_export_name, config.export_version or None, tta,
         metadata=metadata,
     )
-    atomic_write_text(marker, json.dumps({"path": os.path.abspath(path), "best_epoch": best_epoch,
-                                          "export_tta": config.export_tta}) + "\n")
+    atomic_write_text(model_dir / EXPORT_MARKER, json.dumps({"path": os.path.abspath(path), "best_epoch": best_epoch,
+                                                          "export_tta": config.export_tta}) + "\n")
     return path
 
 

@@ -439,6 +439,18 @@ def test_a_better_best_keras_whose_checkpoint_is_damaged_is_kept_and_the_rerun_a
     assert "at epoch 1; no best.keras: that epoch's model was replaced" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("marker", [b"\xff\xfe", b"{", b"[3]", b'{"best_epoch": "3"}', b'{"best_epoch": 2}'])
+def test_a_resume_keeps_an_export_marker_it_cannot_read_or_that_names_a_kept_epoch(tmp_path, marker):
+    """Only a marker naming an epoch after the checkpoint resumed from is removed; one that is damaged (or names
+    a kept epoch) stays, and the run's own export check then decides whether to export again."""
+    (tmp_path / "export.json").write_bytes(marker)
+    train._forget_lost_epochs(tmp_path, {"epoch": 2, "best_epoch": 2, "best_val_accuracy": 0.5})
+    assert (tmp_path / "export.json").read_bytes() == marker
+    (tmp_path / "export.json").write_text('{"best_epoch": 3}')
+    train._forget_lost_epochs(tmp_path, {"epoch": 2, "best_epoch": 2, "best_val_accuracy": 0.5})
+    assert not (tmp_path / "export.json").exists()
+
+
 def test_a_rerun_leaves_the_best_keras_of_an_earlier_epoch_alone(trained_run, tmp_path):
     """best.keras is older than the latest checkpoint whenever the best epoch came before it: only a best epoch
     equal to the checkpoint's says that the kill fell between the two writes, else its weights would replace the
