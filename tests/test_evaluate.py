@@ -488,6 +488,52 @@ def test_ensemble_averages_the_members_probabilities_each_with_its_own_views(set
     assert _title(served, False).startswith("level.keras + level_flip/1 (flip) on val (PublicTest)\n")
 
 
+def level_probabilities(images: np.ndarray, shift: int = 0) -> np.ndarray:
+    """The softmax of ``shifted_level_model(shift)`` computed in numpy from its formula, not by the model."""
+    m = np.asarray(images, np.float64).mean(axis=(1, 2, 3)) / 255.0
+    centres = LEVELS / 255.0
+    logits = np.roll(2 * centres[None, :] * m[:, None] - centres[None, :] ** 2, shift, axis=1)
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_an_ensemble_of_three_is_the_plain_mean_and_every_output_names_all_members(setup, keras_predictor, tmp_path):
+    """Three members, so the mean is not the median (of two it is); the reference is the level models' softmax
+    computed in numpy. The summary, the figure title, the metrics and report.txt name all three members, the
+    figure title one a line when they do not fit one; an ensemble of one is refused."""
+    import dataclasses
+
+    from fer_keras.errors import ModelError
+    from fer_keras.evaluate import _title, evaluate, summary, write_report
+    from fer_keras.inference import Ensemble, Predictor
+
+    split = fer_data.load(setup["csv"]).split("val")
+    members = [keras_predictor] + [Predictor("keras", Path(f"shifted{s}.keras"), keras_model=shifted_level_model(s))
+                                   for s in (3, 5)]
+    each = np.stack([level_probabilities(split.images, s) for s in (0, 3, 5)])
+    assert np.abs(each.mean(axis=0) - np.median(each, axis=0)).max() > 1e-2
+    for tta in ("none", "flip"):  # the level models are mirror-symmetric: flip leaves each member's answer as is
+        result = evaluate(Ensemble(members), split, tta, split_name="val")
+        np.testing.assert_allclose(result.probabilities, each.mean(axis=0), atol=1e-5)
+        np.testing.assert_array_equal(result.predictions, np.argmax(each.mean(axis=0), axis=1))
+    paths = [str(setup["keras"]), "shifted3.keras", "shifted5.keras"]
+    assert result.model == " + ".join(paths) and [m["model"] for m in result.members] == paths
+    assert summary(result).splitlines()[0] == f"model: ensemble of 3: {' + '.join(paths)}, probabilities averaged"
+    assert _title(result, False).splitlines() == [
+        "level.keras + shifted3.keras + shifted5.keras on val (PublicTest)",
+        f"accuracy {result.accuracy:.2%} of 17 images, tta flip, mean of 3 models (counts)"]
+    long = [dict(m, model=f"/runs/{'a_long_run_name_' * 2}{k}/best.keras") for k, m in enumerate(result.members)]
+    assert _title(dataclasses.replace(result, members=long), False).splitlines()[:3] == [
+        f"{'a_long_run_name_' * 2}0/best.keras +", f"{'a_long_run_name_' * 2}1/best.keras +",
+        f"{'a_long_run_name_' * 2}2/best.keras on val (PublicTest)"]
+    files = write_report(result, tmp_path, source=str(setup["csv"]))
+    payload = json.loads(files["json"].read_text())
+    assert (payload["model"], [m["model"] for m in payload["members"]]) == (" + ".join(paths), paths)
+    assert files["report"].read_text().startswith(f"{' + '.join(paths)} on val (PublicTest), tta flip\n")
+    with pytest.raises(ModelError, match=r"^an ensemble needs at least 2 models, got 1$"):
+        Ensemble(members[:1])
+
+
 def test_cli_evaluates_an_ensemble_of_a_keras_model_and_an_export(setup, tmp_path):
     """--ensemble of two models: the metrics list both members and the accuracy is the averaged models' (here the
     same model twice in two forms, so the ensemble's predictions are the model's own)."""
@@ -555,10 +601,12 @@ def test_cli_network_only_scores_an_export_with_other_views(setup, tmp_path):
     (["--ensemble={keras},"], "--ensemble needs two or more models"),
     (["--ensemble={keras},{export}", "--precise_bn"], "--precise_bn re-estimates one model's statistics"),
     (["--ensemble={keras},{export}", "--model={keras}"], "--model and --ensemble both given"),
+    (["--ensemble={keras},{export_flip}", "--tta=flip"], "{export_flip} already averages flip views (the TTA built "
+                                                          "into the export); --tta=flip would average views of those"),
 ])
 def test_cli_refuses_a_bad_ensemble_in_one_line(setup, tmp_path, args, message):
-    names = {"keras": setup["keras"], "export": setup["export"], "root": setup["root"],
-             "root_name": setup["root"].name}
+    names = {"keras": setup["keras"], "export": setup["export"], "export_flip": setup["export_flip"],
+             "root": setup["root"], "root_name": setup["root"].name}
     proc = run_tool("evaluate", *(a.format(**names) for a in args), f"--data={setup['csv']}",
                     f"--output_dir={tmp_path}")
     assert_one_line_error(proc, message.format(**names))
@@ -620,17 +668,38 @@ def test_cli_scores_a_course_runs_own_hold_out(tmp_path):
     assert label == "val (10% stratified hold-out of train)" and len(val) == 7
 
 
+def sample_as_course_csv(path: Path) -> Path:
+    """The bundled sample's Training rows as a course train.csv (``label,feature``, no PublicTest split)."""
+    train = fer_data.load(None).split("train")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("label,feature\n" + "".join(f"{label},{' '.join(map(str, image.ravel()))}\n"
+                                                for label, image in zip(train.labels, train.images)))
+    return path
+
+
 def test_the_hold_out_is_not_rebuilt_for_a_model_that_chose_on_public_test(tmp_path):
     """The shipped model chose its epoch on PublicTest and trained on every Training image: a hold-out rebuilt
     from its settings out of Training images (here the bundled sample's, as a course train.csv) would be images it
     trained on, scored as unseen. The sample's Training rows scored 90 % that way."""
     from fer_keras.evaluate import run_holdout
 
-    sample = fer_data.load(None)
-    train = sample.split("train")
-    course = tmp_path / "train.csv"
-    course.write_text("label,feature\n" + "".join(f"{label},{' '.join(map(str, image.ravel()))}\n"
-                                                    for label, image in zip(train.labels, train.images)))
+    course = sample_as_course_csv(tmp_path / "train.csv")
     with pytest.raises(ConfigError, match=r"fer_resnet18/\d+: chose its epoch on PublicTest, not on a hold-out of "
                                           r".*train.csv; --split=val there would score images it may have trained on"):
         run_holdout(fer_data.load(str(course), use_cache=False), "val", [None])
+
+
+def test_an_ensemble_is_never_scored_on_a_members_hold_out(setup, tmp_path):
+    """On data without a PublicTest split, --split=val of one model is the hold-out its run chose its epoch on;
+    each member of an ensemble may have trained on another's hold-out, so none is rebuilt (the shipped model's
+    record, first, is not even read: it would refuse) and the tool stops in one line before loading a model."""
+    from fer_keras.evaluate import run_holdout
+    from fer_keras.inference import resolve
+
+    course = sample_as_course_csv(tmp_path / "course" / "train.csv")
+    assert run_holdout(fer_data.load(str(course), use_cache=False), "val", [None, str(setup["keras"])]) is None
+    out = tmp_path / "out"
+    proc = run_tool("evaluate", f"--ensemble={resolve(None)[1]},{setup['keras']}", f"--data={course}", "--split=val",
+                    f"--output_dir={out}")
+    assert_one_line_error(proc, f"{course}: has no 'val' split (it has: train)")
+    assert not out.exists()
