@@ -78,8 +78,10 @@ STEM_DESCRIPTIONS = {
 
 
 def md_escape(value: Any) -> str:
-    """A table cell: pipes escaped and line breaks flattened, so a value cannot break the table."""
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    """A table cell: pipes escaped and line breaks flattened, so a value cannot break the table. Every break
+    :meth:`str.splitlines` knows counts, as :func:`markdown_to_html` splits on them (and Markdown ends lines at
+    ``\\r`` too). Emphasis is kept: cells such as the layer table's ``**total**`` are bold on purpose."""
+    return " ".join(str(value).replace("|", "\\|").splitlines())
 
 
 def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]], right: Sequence[int] = ()) -> str:

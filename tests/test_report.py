@@ -222,6 +222,27 @@ def test_markdown_converter_subset():
     assert "<pre><code>x &lt; 1</code></pre>" in page
 
 
+@pytest.mark.parametrize("value, shown", [
+    ("a|b", "a|b"),
+    ("a\nb", "a b"),
+    ("a\r\nb", "a b"),
+    ("a\rb", "a b"),  # a line break in CommonMark and to str.splitlines, which markdown_to_html splits on
+    ("a\x0cb\u2028c", "a b c"),
+    ("p|q\n|r", "p|q |r"),
+    (3, "3"),
+    (None, "None"),
+    ("<b>&", "&lt;b&gt;&amp;"),
+    ("**total**", "<strong>total</strong>"),  # bold on purpose: the layer table's total row
+])
+def test_md_escape_keeps_any_value_in_its_own_cell(value, shown):
+    """A value with a pipe or a line break of any kind stays one cell of one row, in report.md (three lines) and in
+    report.html (two cells in the row)."""
+    markdown = report.md_table(("value", "next"), [(value, "after")])
+    assert len(markdown.splitlines()) == 3, repr(markdown)
+    rows = re.findall(r"<tr>(.*?)</tr>", report.markdown_to_html(markdown))
+    assert rows == ["<th>value</th><th>next</th>", f"<td>{shown}</td><td>after</td>"]
+
+
 def test_a_run_on_the_course_layout_with_a_bad_row_is_reported_on_its_own_hold_out(tmp_path):
     """train.csv of the course (no PublicTest) with one malformed row, trained with --skip_bad_rows: the report
     reads the data as the run did and evaluates the hold-out that chose the epoch, named as such."""
