@@ -243,6 +243,34 @@ def test_md_escape_keeps_any_value_in_its_own_cell(value, shown):
     assert rows == ["<th>value</th><th>next</th>", f"<td>{shown}</td><td>after</td>"]
 
 
+def test_a_link_to_a_file_whose_path_has_spaces_parentheses_hashes_or_percents_opens_it(tmp_path, monkeypatch):
+    """Links are percent-quoted: a space or ')' left as is would end the Markdown link, a '#' start the URL's
+    fragment, a '%' read as an escape. Relative to the report (whose own folder may have any name), so that
+    report.md and report.html, side by side, both lead to the file, and the folder can be moved."""
+    import html
+    from urllib.parse import urljoin, urlsplit
+    from urllib.request import url2pathname
+
+    out = tmp_path / "report (v2) #1"
+    figure = out / "my figs (a)#1" / "x y) 100%.png"
+    figure.parent.mkdir(parents=True)
+    figure.write_bytes(PNG_MAGIC)
+    ctx = report._Context(kind="keras", model_path=tmp_path / "m.keras", run_dir=None, train_config=None,
+                          data_arg=None, split="val", tta="none", crop_size=40, out=out, seed=0, **TINY)
+    link = ctx.link(figure)
+    assert link == "my%20figs%20%28a%29%231/x%20y%29%20100%25.png"
+    markdown = "\n".join([report.md_image("A figure", link), "", f"Its data: [x.png]({link})."])
+    assert IMAGE_LINK.findall(markdown) == [link] and (out / unquote(link)).is_file()
+    urls = re.findall(r'(?:src|href)="([^"]*)"', report.markdown_to_html(markdown))
+    assert urls == [link, link]
+    for url in urls:  # as a browser resolves it against report.html
+        target = urlsplit(urljoin((out / "report.html").as_uri(), html.unescape(url)))
+        assert not target.fragment and Path(url2pathname(target.path)) == figure
+    monkeypatch.chdir(tmp_path)
+    assert ctx.link(figure.relative_to(tmp_path)) == link  # a path relative to the working directory
+    assert ctx.link(str(tmp_path / "other.png")) == "../other.png"
+
+
 def test_a_run_on_the_course_layout_with_a_bad_row_is_reported_on_its_own_hold_out(tmp_path):
     """train.csv of the course (no PublicTest) with one malformed row, trained with --skip_bad_rows: the report
     reads the data as the run did and evaluates the hold-out that chose the epoch, named as such."""
