@@ -25,7 +25,7 @@ import keras
 import numpy as np
 
 from fer_keras.errors import ConfigError
-from fer_keras.history import NPZ_ERRORS, atomic_write_text
+from fer_keras.history import NPZ_ERRORS, atomic_write_text, open_npz
 
 AVERAGE_FILE = "average.npz"
 
@@ -107,7 +107,7 @@ def load(folder: Path, model: keras.Model) -> tuple[list[np.ndarray], int]:
     file when it is missing, damaged or of another model (a resumed run would otherwise start its mean afresh)."""
     path = folder / AVERAGE_FILE
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with open_npz(path) as f:
             count = int(f["count"])
             names = sorted(k for k in f.files if k.startswith("w"))
             average = [np.asarray(f[k], np.float32) for k in names]

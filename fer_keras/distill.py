@@ -39,7 +39,7 @@ from absl import logging
 
 from fer_keras import NUM_CLASSES
 from fer_keras.errors import ConfigError, FerError, ModelError
-from fer_keras.history import NPZ_ERRORS, atomic_write_text
+from fer_keras.history import NPZ_ERRORS, atomic_write_text, open_npz
 
 if TYPE_CHECKING:
     from fer_keras.data import FerData, Split
@@ -191,7 +191,7 @@ def save(folder: Path, teachers: Teachers) -> None:
 def load(folder: Path) -> Teachers | None:
     """The stored teachers of a run, or None when they are missing or unreadable (then computed afresh)."""
     try:
-        with np.load(folder / TARGETS_FILE, allow_pickle=False) as f:
+        with open_npz(folder / TARGETS_FILE) as f:
             probabilities, fingerprint, tta = f["probabilities"], str(f["fingerprint"]), str(f["tta"])
             sha = [str(s) for s in f["sha256"]]
         records = json.loads((folder / RECORD_FILE).read_text())

@@ -14,9 +14,12 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from fer_keras.errors import ConfigError
+
+if TYPE_CHECKING:
+    from numpy.lib.npyio import NpzFile
 
 # What reading a damaged or foreign .npz raises: cut short, empty or no zip archive, a bad CRC, an array missing.
 NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
@@ -99,16 +102,27 @@ def check_json_replaceable(path: str | os.PathLike, keys: Sequence[str], what: s
     return document
 
 
+def open_npz(path: str | os.PathLike) -> NpzFile:
+    """``np.load`` of an ``.npz`` archive, without pickles. A lone ``.npy`` array saved under the name loads as a
+    plain array, which is no archive to read keys from: it raises ValueError, one of :data:`NPZ_ERRORS`, rather
+    than the TypeError of using it as one."""
+    import numpy as np
+
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError("a single NumPy array (.npy), not an .npz archive")
+    return loaded
+
+
 def check_npz_replaceable(path: str | os.PathLike, keys: Sequence[str], what: str, flag: str = "--output_dir") -> None:
     """:func:`check_json_replaceable` for a NumPy ``.npz`` output: an existing file is replaced only if it is an
     archive holding all of ``keys``."""
-    import numpy as np
 
     path = Path(path)
     if _existing_output(path, 0) is None:
         return
     try:
-        with np.load(path, allow_pickle=False) as existing:
+        with open_npz(path) as existing:
             ours = set(keys) <= set(existing.files)
     except NPZ_ERRORS:
         ours = False

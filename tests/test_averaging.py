@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -249,7 +250,7 @@ def test_averaging_under_a_mirrored_strategy_keeps_the_replicas_in_step(tmp_path
         assert second[prefix + "loss"] == pytest.approx(expected, rel=1e-4), prefix
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "empty"])
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "empty", "npy"])
 def test_a_damaged_average_is_a_one_line_error_naming_it(tmp_path, damage):
     """A resume from a checkpoint written before checkpoints recorded their files' hashes reads average.npz
     unchecked: a damaged one is named, not a BadZipFile or EOFError traceback."""
@@ -263,7 +264,9 @@ def test_a_damaged_average_is_a_one_line_error_naming_it(tmp_path, damage):
     path = tmp_path / averaging.AVERAGE_FILE
     assert averaging.load(tmp_path, model)[1] == 1
     raw = path.read_bytes()
-    damaged = {"truncated": raw[:len(raw) // 2], "empty": b"",
+    npy = io.BytesIO()
+    np.save(npy, np.zeros(3))  # one array under the .npz name: np.load gives no archive
+    damaged = {"truncated": raw[:len(raw) // 2], "empty": b"", "npy": npy.getvalue(),
                "flipped byte": raw[:100] + bytes([raw[100] ^ 0xFF]) + raw[101:]}[damage]
     path.write_bytes(damaged)
     with pytest.raises(ConfigError, match=rf"^{path}: unreadable \(.+\); use a new --model_dir$"):

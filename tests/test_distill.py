@@ -201,7 +201,7 @@ def _stored_teachers(folder) -> distill.Teachers:
     return teachers
 
 
-@pytest.mark.parametrize("damage", ["cut", "flipped_bytes", "not_a_zip", "json"])
+@pytest.mark.parametrize("damage", ["cut", "flipped_bytes", "not_a_zip", "npy", "json"])
 def test_damaged_stored_targets_are_computed_again_not_a_traceback(tmp_path, damage):
     teachers = _stored_teachers(tmp_path)
     np.testing.assert_array_equal(distill.load(tmp_path).probabilities, teachers.probabilities)
@@ -214,6 +214,9 @@ def test_damaged_stored_targets_are_computed_again_not_a_traceback(tmp_path, dam
         npz.write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 64]) + data[middle + 64:])
     elif damage == "not_a_zip":
         npz.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    elif damage == "npy":  # one array under the .npz name: np.load gives no archive
+        with open(npz, "wb") as f:
+            np.save(f, teachers.probabilities)
     else:
         (tmp_path / distill.RECORD_FILE).write_text("[{")
     assert distill.load(tmp_path) is None

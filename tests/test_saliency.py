@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -342,7 +343,9 @@ def test_the_maps_explain_the_target_class_and_are_saved(tmp_path):
 
     other = tmp_path / "other"
     other.mkdir()
-    for mine in (b"my own arrays", b"PK\x03\x04 a damaged zip archive"):
+    npy = io.BytesIO()
+    np.save(npy, np.zeros(3))  # one array saved under an .npz name: np.load gives no archive
+    for mine in (b"my own arrays", b"PK\x03\x04 a damaged zip archive", npy.getvalue()):
         (other / sal.MAPS_FILE).write_bytes(mine)
         with pytest.raises(ConfigError, match=r"maps.npz: exists and is not saliency maps; choose another "):
             sal.explain(model, chosen, other, layer="features", smooth_samples=1)
