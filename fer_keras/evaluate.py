@@ -312,12 +312,16 @@ def run_holdout(data: fer_data.FerData, split_name: str,
     its recorded settings. None when the data has its own val split or no run is known.
 
     Refused when the model's record says it chose its epoch on another split (PublicTest: it may have trained on
-    every image of the rebuilt hold-out) or on other images than those rebuilt (by their fingerprint)."""
+    every image of the rebuilt hold-out) or on other images than those rebuilt (by their fingerprint), and for an
+    ensemble, whose members may each have trained on another's hold-out."""
     from fer_keras import inference
     from fer_keras.history import data_fingerprints, read_data_record
 
-    if fer_data.canonical_split(split_name) != "val" or fer_data.has_labelled_val(data) or len(models) != 1:
+    if fer_data.canonical_split(split_name) != "val" or fer_data.has_labelled_val(data):
         return None
+    if len(models) != 1:
+        raise ConfigError(f"{data.source}: has no labelled val split, and an ensemble is not scored on a hold-out of "
+                          "train (each member may have trained on another's); give data with a PublicTest split")
     kind, path = inference.resolve(models[0])
     run_dir = inference.find_run_dir(models[0])
     if run_dir is not None:

@@ -8,6 +8,7 @@ is symmetric under mirroring, and on a uniform image also under cropping.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -692,14 +693,17 @@ def test_the_hold_out_is_not_rebuilt_for_a_model_that_chose_on_public_test(tmp_p
 def test_an_ensemble_is_never_scored_on_a_members_hold_out(setup, tmp_path):
     """On data without a PublicTest split, --split=val of one model is the hold-out its run chose its epoch on;
     each member of an ensemble may have trained on another's hold-out, so none is rebuilt (the shipped model's
-    record, first, is not even read: it would refuse) and the tool stops in one line before loading a model."""
+    record, first, is not even read: it would refuse): the tool says why in one line before loading a model."""
     from fer_keras.evaluate import run_holdout
     from fer_keras.inference import resolve
 
     course = sample_as_course_csv(tmp_path / "course" / "train.csv")
-    assert run_holdout(fer_data.load(str(course), use_cache=False), "val", [None, str(setup["keras"])]) is None
+    message = (f"{course}: has no labelled val split, and an ensemble is not scored on a hold-out of train (each "
+               "member may have trained on another's); give data with a PublicTest split")
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        run_holdout(fer_data.load(str(course), use_cache=False), "val", [None, str(setup["keras"])])
     out = tmp_path / "out"
     proc = run_tool("evaluate", f"--ensemble={resolve(None)[1]},{setup['keras']}", f"--data={course}", "--split=val",
                     f"--output_dir={out}")
-    assert_one_line_error(proc, f"{course}: has no 'val' split (it has: train)")
+    assert_one_line_error(proc, message)
     assert not out.exists()
