@@ -117,7 +117,6 @@ def open_npz(path: str | os.PathLike) -> NpzFile:
 def check_npz_replaceable(path: str | os.PathLike, keys: Sequence[str], what: str, flag: str = "--output_dir") -> None:
     """:func:`check_json_replaceable` for a NumPy ``.npz`` output: an existing file is replaced only if it is an
     archive holding all of ``keys``."""
-
     path = Path(path)
     if _existing_output(path, 0) is None:
         return
