@@ -428,6 +428,31 @@ def test_a_crop_models_ten_crop_is_its_own_size_served_or_not_and_recorded_so(tm
                       crop_size=40).to_json()["crop_size"] == 32
 
 
+def test_an_ensemble_of_crop_models_shows_each_member_its_own_windows(tmp_path):
+    """Ten-crop of an ensemble whose members see different windows (32 pixels, 36 pixels, the whole image): each
+    member gets ten crops of its own size (the uncropped one --crop_size's), the ensemble averages those, and the
+    metrics record each member's size beside the asked one; members sharing a window make it the ensemble's."""
+    from fer_keras.evaluate import evaluate
+    from fer_keras.inference import Ensemble, Predictor
+    from fer_keras.tta import tta_probabilities
+
+    random_challenge_csv(tmp_path / "fer2013.csv")
+    split = fer_data.load(tmp_path / "fer2013.csv").split("val")
+    members = [Predictor("keras", tmp_path / f"crop{c}.keras", keras_model=pixel_model(c))
+               for c in (32, 36, 0)]
+    own = [tta_probabilities(m, split.images, "tencrop", size) for m, size in zip(members, (32, 36, 40))]
+    asked = tta_probabilities(members[0], split.images, "tencrop", 40)
+    np.testing.assert_allclose(asked, own[0], atol=1e-6)  # --crop_size does not reach a crop model
+    assert min(np.abs(a - b).max() for a, b in [(own[0], own[1]), (own[1], own[2]), (own[0], own[2])]) > 1e-3
+    result = evaluate(Ensemble(members), split, "tencrop", split_name="val", crop_size=40)
+    np.testing.assert_allclose(result.probabilities, np.mean(own, axis=0), atol=1e-5)
+    assert [m["crop_size"] for m in result.to_json()["members"]] == [32, 36, 40]
+    assert result.to_json()["crop_size"] == 40
+    same = evaluate(Ensemble(members[:1] + [Predictor("keras", tmp_path / "b.keras", keras_model=pixel_model(32))]),
+                    split, "tencrop", split_name="val", crop_size=40)
+    assert same.crop_size == 32 and [m["crop_size"] for m in same.members] == [32, 32]
+
+
 def test_cli_ten_crop_takes_the_crop_size_asked_for(tmp_path):
     """--crop_size=44 reaches the views of export, predict and evaluate (no test passed it: each tool could have
     dropped it for the default 40 unnoticed)."""
