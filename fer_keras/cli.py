@@ -62,7 +62,18 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
 
+    _tolerate_undecodable_names()
     app.run(guarded, flags_parser=_parse_flags)
+
+
+def _tolerate_undecodable_names() -> None:
+    """Let stdout and stderr print file names that are not UTF-8. Python decodes such bytes to lone surrogates,
+    which a UTF-8 locale's strict stdout refuses: a tool that had done its work would end in a traceback while
+    naming its output. UTF-8 streams write the original bytes back (as ``ls`` shows them); others escape them."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            utf8 = (stream.encoding or "").lower().replace("-", "").replace("_", "") == "utf8"
+            stream.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
 
 
 def _parse_flags(argv: Sequence[str]) -> list[str]:

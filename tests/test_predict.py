@@ -365,6 +365,29 @@ def test_image_names_that_are_not_utf8_keep_their_bytes(setup, predictor, tmp_pa
     assert out.read_bytes() == b"id,label\ncaf\xe9.png,4\nd.jpg,2\n"
 
 
+@pytest.mark.parametrize("encoding, shown", [("utf-8", b"caf\xe9.png"), ("ascii", b"caf\\udce9.png")])
+def test_cli_names_a_file_that_is_not_utf8_on_a_strict_stdout(setup, tmp_path, encoding, shown):
+    """A UTF-8 locale's stdout is strict: naming an output whose name is not UTF-8 ended a finished run in a
+    traceback. A UTF-8 stdout writes the name's own bytes, another escapes them; the run succeeds."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    out = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png.csv")
+    try:
+        image = shutil.copy(setup["images"] / "b_sad.png", os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png"))
+    except (OSError, UnicodeError):
+        pytest.skip("this file system does not take non-UTF-8 file names")
+    env = dict(os.environ, PYTHONIOENCODING=f"{encoding}:strict", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "fer_keras.predict", f"--model={setup['model']}", f"--data={image}",
+                           f"--output={out}"], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert b"wrote 1 predictions for " in proc.stdout
+    assert f" to {os.fsencode(tmp_path).decode()}/".encode() + shown + b".csv\n" in proc.stdout
+    assert Path(out).read_bytes() == b"id,label\ncaf\xe9.png,4\n"
+
+
 def test_a_model_that_is_not_a_fer_classifier_is_refused_in_one_line(setup, tmp_path):
     """A model of other input or output shape, or a SavedModel that fer_keras did not export, is a one-line error
     naming it, not a traceback or a CSV of misread outputs (exporting one would regroup its outputs into rows of 7)."""
