@@ -605,7 +605,8 @@ def render_markdown(card: dict) -> str:
            f"{num_views(card['served_tta'])}). " if NO_TTA_SIGNATURE in card.get("signatures", []) else "")
         + ("NaN, infinite or out-of-range pixels (a scaled or normalised image) are refused with `INVALID_ARGUMENT`, "
            "and an empty batch gets empty outputs. " if card.get("serving_checks") else "")
-        + "fer_keras' tools (evaluate, predict, saliency, filters, report) use it when no `--model` is given.",
+        + "fer_keras' tools (evaluate, predict, saliency, filters) use it when no `--model` is given, and the report "
+        "when no `--model_dir` is given.",
         "",
         f"Written by `python -m fer_keras.model_card` on {card['date']}; the figures are in `{CARD_JSON}`.",
         "",
