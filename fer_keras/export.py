@@ -32,6 +32,7 @@ from fer_keras import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, __version__, cli
 from fer_keras.errors import ConfigError, FerError, ModelError
 from fer_keras.history import (
     best_row,
+    check_creatable,
     read_config,
     read_data_record,
     read_history_csv,
@@ -330,7 +331,9 @@ def export_from(model_path: str | os.PathLike, export_dir: str | os.PathLike = "
     run_dir = source if source.is_dir() else source.parent if in_run else None
     name = name or (run_dir.name if run_dir else source.stem)
     metadata = {"source": str(source), **(run_metadata(run_dir) if run_dir else {})}
-    if version:  # export_model refuses it too, but only after minutes of --tta=auto measuring
+    # export_model would fail on these too, but only after the model's load and minutes of --tta=auto measuring.
+    check_creatable(Path(export_dir) / name, "--export_dir or --name", folder=True)
+    if version:
         _refuse_existing(Path(export_dir) / name / str(version))
     # Loaded only after the run's records and the version pass: a damaged config.json is refused in milliseconds.
     model = as_float32(load_for_export(keras_file))

@@ -554,6 +554,22 @@ def test_export_cli_refuses_bad_flags_in_one_line(tmp_path, args, message):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("where", ["under_a_file", "name_is_a_file"])
+def test_an_export_folder_that_cannot_be_made_is_refused_before_the_model_loads(tmp_path, where):
+    """An --export_dir under a file, or a file where the name's folder would go, is named in one line before the
+    model is read (the model here is damaged, so reading it first would blame it instead)."""
+    from fer_keras.errors import ConfigError
+    from fer_keras.export import export_from
+
+    (tmp_path / "damaged.keras").write_bytes(b"PK\x03\x04 not a whole zip")
+    (tmp_path / "file").write_text("a file\n")
+    export_dir, obstacle = {"under_a_file": (tmp_path / "file" / "exports", "file is a file"),
+                            "name_is_a_file": (tmp_path, "file: exists and is not a directory")}[where]
+    with pytest.raises(ConfigError, match=rf"{obstacle}.*; choose another --export_dir or --name$"):
+        export_from(tmp_path / "damaged.keras", export_dir, name="file", tta="auto")
+    assert (tmp_path / "file").read_text() == "a file\n"
+
+
 def test_a_missing_model_is_named_as_missing(tmp_path):
     """Not Keras' "File format not supported" (it would send the user looking at the file's format)."""
     from fer_keras.errors import FerError
