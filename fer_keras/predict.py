@@ -83,16 +83,33 @@ def read_images(paths: Sequence[Path], skip_bad: bool = False) -> fer_data.Split
 
 
 def _flat_image_folder(folder: Path) -> list[Path] | None:
-    """The images directly inside ``folder``, or None when it is a labeled layout for data.load."""
+    """The images directly inside ``folder``, or None when it is a labeled layout for data.load. A link to an image
+    that is gone is kept, so that the reader names it; files under other suffixes are named as not read, since a
+    submission would otherwise lack their rows without a word."""
     subdirs = {p.name.lower() for p in folder.iterdir() if p.is_dir()}
     if subdirs & (set(CLASS_NAMES) | {"train", "test", "val"}):
         return None
-    images = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and _is_image(p))
-    nested = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    visible = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    files = [p for p in visible if p.is_file() or (p.is_symlink() and not p.exists())]
+    images = sorted(p for p in files if _is_image(p))
+    others = sorted(p.name for p in files if not _is_image(p))
+    nested = sorted(p.name for p in visible if p.is_dir())
+    if others and not images and not nested:
+        raise DataError(f"{folder}: holds no image under a suffix fer_keras reads ({' '.join(fer_data.IMAGE_SUFFIXES)})"
+                        f", only {_some(others)}")
+    if images and others:
+        logging.warning("%s: %s not read: not an image suffix fer_keras reads (%s)", folder, _some(others),
+                        " ".join(fer_data.IMAGE_SUFFIXES))
     if images and nested:
         logging.warning("%s: predicting the %d image(s) directly inside; sub-folder(s) %s are not read (name them "
                         "in --data to predict theirs)", folder, len(images), ", ".join(nested))
     return images or None
+
+
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    """``3 file(s) a, b, c`` or ``8 file(s) a, b, c, d, e (and 3 more)``: names for a one-line message."""
+    more = f" (and {len(names) - shown} more)" if len(names) > shown else ""
+    return f"{len(names)} file(s) " + ", ".join(names[:shown]) + more
 
 
 def choose_split(data: fer_data.FerData, split: str | None) -> tuple[fer_data.Split, str]:

@@ -7,6 +7,7 @@ pixel value, so every expected label is known from how the image was written.
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,34 @@ def test_a_flat_folder_names_the_sub_folders_it_does_not_read(setup, tmp_path, c
     split, _ = load_inputs(str(folder))
     assert len(split) == 3
     assert "sub-folder(s) scratch are not read" in caplog.text
+
+
+def test_a_flat_folder_names_what_it_leaves_out(setup, tmp_path, caplog):
+    """A link to an image that is gone is an unreadable image, named (left out and reported with --skip_bad_rows);
+    a photo under a suffix fer_keras does not read (.heic) is named as not read. Both were dropped silently, so a
+    submission lacked their rows; a folder of such photos alone was reported as a layout without class folders."""
+    import shutil
+
+    from fer_keras.predict import load_inputs
+
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    shutil.copy(setup["images"] / "b_sad.png", folder / "a.png")
+    (folder / "b.png").symlink_to(tmp_path / "gone.png")
+    (folder / "c.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    with pytest.raises(DataError, match=r"faces/b.png: "):
+        load_inputs(str(folder))
+    split, _ = load_inputs(str(folder), skip_bad_rows=True)
+    assert split.ids.tolist() == ["a.png"]
+    assert re.search(r"skipped 1 unreadable image\(s\): .*faces/b.png", caplog.text)
+    assert "faces: 1 file(s) c.heic not read: not an image suffix fer_keras reads (.jpg " in caplog.text
+    only = tmp_path / "phone"
+    only.mkdir()
+    for k in range(7):
+        (only / f"IMG_{k}.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    with pytest.raises(DataError, match=r"^\S*phone: holds no image under a suffix fer_keras reads \(\.jpg .*\), "
+                       r"only 7 file\(s\) IMG_0.HEIC, IMG_1.HEIC, IMG_2.HEIC, IMG_3.HEIC, IMG_4.HEIC \(and 2 more\)$"):
+        load_inputs(str(only))
 
 
 @pytest.mark.parametrize("name", ["face.jfif", "face.pgm", "face.dat"])
