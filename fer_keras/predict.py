@@ -94,12 +94,11 @@ def _flat_image_folder(folder: Path) -> list[Path] | None:
     images = sorted(p for p in files if _is_image(p))
     others = sorted(p.name for p in files if not _is_image(p))
     nested = sorted(p.name for p in visible if p.is_dir())
+    suffixes = ", ".join(fer_data.IMAGE_SUFFIXES)
     if others and not images and not nested:
-        raise DataError(f"{folder}: holds no image under a suffix fer_keras reads ({' '.join(fer_data.IMAGE_SUFFIXES)})"
-                        f", only {_some(others)}")
+        raise DataError(f"{folder}: holds no image under a suffix fer_keras reads ({suffixes}), only {_some(others)}")
     if images and others:
-        logging.warning("%s: %s not read: not an image suffix fer_keras reads (%s)", folder, _some(others),
-                        " ".join(fer_data.IMAGE_SUFFIXES))
+        logging.warning("%s: %s not read: not an image suffix fer_keras reads (%s)", folder, _some(others), suffixes)
     if images and nested:
         logging.warning("%s: predicting the %d image(s) directly inside; sub-folder(s) %s are not read (name them "
                         "in --data to predict theirs)", folder, len(images), ", ".join(nested))

@@ -200,12 +200,12 @@ def test_a_flat_folder_names_what_it_leaves_out(setup, tmp_path, caplog):
     split, _ = load_inputs(str(folder), skip_bad_rows=True)
     assert split.ids.tolist() == ["a.png"]
     assert re.search(r"skipped 1 unreadable image\(s\): .*faces/b.png", caplog.text)
-    assert "faces: 1 file(s) c.heic not read: not an image suffix fer_keras reads (.jpg " in caplog.text
+    assert "faces: 1 file(s) c.heic not read: not an image suffix fer_keras reads (.jpg, .jpeg, " in caplog.text
     only = tmp_path / "phone"
     only.mkdir()
     for k in range(7):
         (only / f"IMG_{k}.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
-    with pytest.raises(DataError, match=r"^\S*phone: holds no image under a suffix fer_keras reads \(\.jpg .*\), "
+    with pytest.raises(DataError, match=r"^\S*phone: holds no image under a suffix fer_keras reads \(\.jpg, .*\), "
                        r"only 7 file\(s\) IMG_0.HEIC, IMG_1.HEIC, IMG_2.HEIC, IMG_3.HEIC, IMG_4.HEIC \(and 2 more\)$"):
         load_inputs(str(only))
 
