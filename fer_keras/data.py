@@ -533,14 +533,16 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
     try:
         with Image.open(path) as img:
             img.load()
+            # A netpbm file with a maxval above 255 opens as mode I, its values scaled by Pillow to 0-65535.
+            sixteen_bit = img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PPM")
             # A camera's orientation tag: the face as it is shown, not as the sensor stored it.
             rotated = img.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1)
             if rotated:
                 img = ImageOps.exif_transpose(img)
             converted = rotated or img.mode != "L" or img.size != (IMAGE_SIZE, IMAGE_SIZE)
-            if img.mode.startswith("I;16"):
+            if sixteen_bit:
                 # PIL's own I;16 -> L conversion clips at 255, which turns a 16-bit face white.
-                wide = np.asarray(img, np.uint16).astype(np.float32)
+                wide = np.asarray(img).astype(np.float32)
                 img = Image.fromarray(np.rint(wide / 257.0).astype(np.uint8), "L")
             elif img.mode in ("I", "F"):
                 kind = "32-bit integer" if img.mode == "I" else "floating-point"
@@ -658,6 +660,8 @@ def _refuse_unlisted_image(path: Path) -> None:
                 return
         with Image.open(path) as img:
             kind = img.format
+    except Image.DecompressionBombError:  # a header Pillow knows, of an image too large to open
+        kind = "very large"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
         return
     raise DataError(f"{path}: a {kind} image, but {path.suffix or 'no suffix'} is not an image suffix fer_keras "

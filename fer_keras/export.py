@@ -33,6 +33,7 @@ from fer_keras.errors import ConfigError, FerError, ModelError
 from fer_keras.history import (
     best_row,
     check_creatable,
+    is_version_name,
     read_config,
     read_data_record,
     read_history_csv,
@@ -68,7 +69,7 @@ def existing_versions(base: Path) -> list[int]:
     """The version numbers taken in ``base``: by folders, and by files too, which a new version could not replace."""
     if not base.is_dir():
         return []
-    return sorted(int(p.name) for p in base.iterdir() if p.name.isdecimal())
+    return sorted(int(p.name) for p in base.iterdir() if is_version_name(p.name))
 
 
 def next_version(base: Path) -> int:

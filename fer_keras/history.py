@@ -58,10 +58,21 @@ def _existing_output(path: Path, limit: int = -1) -> bytes | None:
         raise ConfigError(f"{path}: cannot read the existing file ({e.strerror or e})") from None
 
 
+def is_version_name(name: str) -> bool:
+    """Whether a folder name is a TF Serving version: ASCII digits only, as TF Serving parses them (``str.isdigit``
+    takes ``²``, which ``int`` refuses, and ``isdecimal`` takes other scripts' digits, which TF Serving passes over)."""
+    return name.isascii() and name.isdecimal()
+
+
 def check_creatable(path: str | os.PathLike, flag: str, folder: bool = False) -> None:
     """Refuses, before any long work, an output ``path`` (a file, or a ``folder``) that could not be written at the
-    end: its nearest existing ancestor is a file or not writable, or the path is the wrong kind of thing."""
+    end: its nearest existing ancestor is a file or not writable, or the path is the wrong kind of thing (a file
+    name ending in ``/``, which ``Path`` would drop, names a folder)."""
+    given = os.fspath(path)
     path = Path(path)
+    if not folder and given.endswith(("/", os.sep)) and not path.is_dir():
+        raise ConfigError(f"{given}: ends in {given[-1]}, so it names a folder, expected an output file name; choose "
+                          f"another {flag}")
     if path.exists():
         if folder and not path.is_dir():
             raise ConfigError(f"{path}: exists and is not a directory; choose another {flag}")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from fer_keras.errors import ModelError
+from fer_keras.history import is_version_name
 
 if TYPE_CHECKING:
     import keras
@@ -57,7 +58,7 @@ def resolve(path: str | os.PathLike | None) -> tuple[str, Path]:
         return "saved_model", p
     if (p / "best.keras").is_file():
         return "keras", p / "best.keras"
-    versions = sorted((int(c.name), c) for c in p.iterdir() if c.is_dir() and c.name.isdigit()
+    versions = sorted((int(c.name), c) for c in p.iterdir() if c.is_dir() and is_version_name(c.name)
                       and (c / "saved_model.pb").is_file())
     if versions:
         return "saved_model", versions[-1][1]

@@ -39,6 +39,7 @@ from fer_keras.history import (
     atomic_write_text,
     best_row,
     history_facts,
+    is_version_name,
     plot_history,
     read_flags_text,
     read_init,
@@ -209,7 +210,7 @@ def export_start_run(export_dir: Path, metadata: dict) -> dict | None:
         return run
     training = card.get("training") if isinstance(card, dict) else None
     # The card of this very export: a copied or renamed folder keeps it, another version's card does not match.
-    if (isinstance(training, dict) and export_dir.name.isdigit() and card.get("version") == int(export_dir.name)
+    if (isinstance(training, dict) and is_version_name(export_dir.name) and card.get("version") == int(export_dir.name)
             and training.get("best_epoch") == run["best_epoch"]
             and (training.get("config") or {}).get("model_dir") == config.get("model_dir")):
         run.update(epochs=training.get("epochs"), wall_seconds=training.get("wall_seconds"), flags=flags_text,
@@ -299,7 +300,7 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     kind, export = inference.resolve(export)
     if kind != "saved_model":
         raise ConfigError(f"{export}: --export must be a SavedModel export, not a .keras file")
-    if not export.name.isdigit():  # the card goes beside the versions, into NAME/
+    if not is_version_name(export.name):  # the card goes beside the versions, into NAME/
         raise ConfigError(f"{export}: not a version folder of TF Serving's NAME/VERSION layout (VERSION a number); "
                           "give --export=NAME or NAME/VERSION")
     config = TrainConfig.recorded(recorded)

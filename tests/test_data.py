@@ -295,6 +295,14 @@ def test_converted_images_keep_their_layout_and_tones(tmp_path):
     array, converted = data.read_image(tmp_path / "deep.png")
     assert converted
     np.testing.assert_array_equal(array[:, :, 0], np.rint(ramp / 257.0).astype(np.uint8))
+    # netpbm with a maxval above 255 (Pillow opens it as mode I, not I;16), binary and plain: 1000 is white.
+    levels = np.arange(48 * 48, dtype=np.int64).reshape(48, 48) % 1001
+    (tmp_path / "deep.pgm").write_bytes(b"P5\n48 48\n1000\n" + levels.astype(">u2").tobytes())
+    (tmp_path / "plain.pgm").write_text("P2\n48 48\n1000\n" + " ".join(map(str, levels.ravel())) + "\n")
+    for name in ("deep.pgm", "plain.pgm"):
+        array, converted = data.read_image(tmp_path / name)
+        assert converted, name
+        assert np.abs(array[:, :, 0].astype(np.int64) - np.rint(levels * 255 / 1000)).max() <= 1, name
 
     Image.fromarray(np.full((48, 48), 0.5, np.float32)).save(tmp_path / "float.tif")
     with pytest.raises(DataError, match=r"float\.tif: floating-point pixels \(mode F\).*8- or 16-bit"):

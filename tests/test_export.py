@@ -148,6 +148,19 @@ def test_a_file_named_like_a_version_is_passed_over_not_a_reason_to_refuse(tmp_p
     assert (tmp_path / "m" / "1").read_text() == "notes"
 
 
+def test_a_model_folder_resolves_to_its_highest_numbered_version_only(tmp_path):
+    """Folders named by other digits (``²``, which int() refuses; ``٣٣``, which int() reads as 33 but TF Serving
+    passes over) are no versions, to the tools as to a new export's number; the highest plain number is used."""
+    from fer_keras.export import existing_versions
+    from fer_keras.inference import resolve
+
+    for version in ("2", "10", "²", "٣٣", "v11"):
+        (tmp_path / "m" / version).mkdir(parents=True)
+        (tmp_path / "m" / version / "saved_model.pb").write_bytes(b"")
+    assert resolve(tmp_path / "m") == ("saved_model", tmp_path / "m" / "10")
+    assert existing_versions(tmp_path / "m") == [2, 10]
+
+
 @pytest.mark.parametrize("automatic", [True, False], ids=["next-free-version", "named-version"])
 def test_a_version_taken_by_another_export_meanwhile(tmp_path, monkeypatch, automatic):
     """Two exports at once: the one that finishes second moves to the next free version, or, for a version the

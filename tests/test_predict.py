@@ -228,6 +228,18 @@ def test_an_image_is_never_parsed_as_a_csv(setup, tmp_path, name):
         assert split.ids.tolist() == [name] and abs(int(split.images.mean()) - LEVELS[4]) <= 1
 
 
+def test_an_image_too_large_to_open_under_another_suffix_is_named_as_one(tmp_path):
+    """Pillow refuses to open a 200-megapixel image (a decompression bomb); under an unlisted suffix that ended in
+    a traceback instead of naming the file as an image."""
+    from fer_keras.predict import load_inputs
+
+    path = tmp_path / "huge.dat"
+    path.write_bytes(b"P5\n20000 10000\n255\n")
+    with pytest.raises(DataError, match=r"^\S*huge.dat: a very large image, but .dat is not an image suffix fer_keras "
+                       r"reads \(\.jpg, "):
+        load_inputs(str(path))
+
+
 def test_split_choice(tmp_path):
     from fer_keras.predict import load_inputs
 
@@ -343,6 +355,18 @@ def test_an_output_that_cannot_be_created_is_refused_before_the_model_runs(setup
     assert proc.stderr.strip() == f"error: {target}: cannot be created, {blocker} is a file; choose another {flag}"
     assert "model:" not in proc.stdout  # refused before loading anything
     assert blocker.read_text() == "a file where a folder would be\n"
+
+
+def test_an_output_file_name_ending_in_a_slash_is_refused(tmp_path):
+    """``--output=newdir/`` wrote a file named newdir (Path drops the slash); an existing folder is named as one."""
+    from fer_keras.predict import check_output
+
+    with pytest.raises(ConfigError, match=r"^\S*/newdir/: ends in /, so it names a folder, expected an output file "
+                       r"name; choose another --output$"):
+        check_output(f"{tmp_path}/newdir/")
+    with pytest.raises(ConfigError, match=r"^\S*: is a directory, expected an output file name; choose another"):
+        check_output(f"{tmp_path}/")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_output_never_replaces_the_input_or_a_model(setup, tmp_path):
