@@ -294,7 +294,7 @@ def _check_header(path: Path, header: list[str]) -> str:
     where = f"{path}: line 1"
     _check_utf8(header, where)
     cols = [c.strip(_WHITESPACE).lower() for c in header]
-    repeated = sorted({c for c in cols if cols.count(c) > 1})
+    repeated = sorted({c for c in cols if c and cols.count(c) > 1})
     if repeated:
         raise DataError(f"{where}: column(s) {', '.join(map(repr, repeated))} appear more than once")
     kind = _header_kind(header)
@@ -308,8 +308,11 @@ def _check_header(path: Path, header: list[str]) -> str:
     if required & present:
         unknown = [h.strip(_WHITESPACE) for h, c in zip(header, cols) if c not in required | optional]
         missing = sorted(required - present)
-        if unknown:
-            parts.append(f"unknown column(s) {', '.join(repr(u[:20]) for u in unknown)}")
+        if any(unknown):
+            parts.append(f"unknown column(s) {', '.join(repr(u[:20]) for u in unknown if u)}")
+        if not all(unknown):
+            parts.append(f"{unknown.count('')} column(s) without a name (a stray comma, as a spreadsheet may end "
+                         "each line with one?)")
         if missing:
             parts.append(f"missing column(s) {', '.join(missing)}")
     detail = f": {'; '.join(parts)}" if parts else ""

@@ -447,6 +447,7 @@ BAD_CSV = {
     "renamed_columns": (challenge_csv(IMAGES9, LABELS9, USAGES9).replace(b"emotion,pixels", b"label,pixel", 1), 1),
     "misspelt_usage_column": (challenge_csv(IMAGES9, LABELS9, USAGES9).replace(b"Usage", b"Usag", 1), 1),
     "repeated_column": (b"emotion,pixels,pixels\n0,1,1\n", 1),
+    "unnamed_columns": (b"id,feature,,\n1,2,,\n", 1),
     "no_header": (challenge_csv(IMAGES9, LABELS9, USAGES9).split(b"\n", 1)[1], 1),
     "empty_file": (b"", 1),
     "header_only": (b"emotion,pixels,Usage\n", 2),
@@ -477,6 +478,16 @@ def test_bad_csv(tmp_path, cache, case, gz):
         data.load(path)
     check_one_line_error(exc, name, f"line {line}")
     assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_a_header_with_unnamed_columns_says_so(tmp_path):
+    """A spreadsheet's trailing commas were reported as "unknown column(s) ''" (or, twice, as a repeated column)."""
+    stray = r"without a name \(a stray comma, as a spreadsheet may end each line with one\?\); expected"
+    for header, detail in ((b"id,feature,", r"1 column\(s\) "), (b"id,feature,,", r"2 column\(s\) "),
+                           (b"id,feature,,notes", r"unknown column\(s\) 'notes'; 1 column\(s\) ")):
+        path = write(tmp_path / "test.csv", header + b"\n1,2\n")
+        with pytest.raises(DataError, match=rf"test.csv: line 1: unrecognised header '[^']*': {detail}{stray}"):
+            data.read_csv(path)
 
 
 def test_truncated_gz(tmp_path):
