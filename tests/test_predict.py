@@ -86,6 +86,24 @@ def test_course_test_csv_keeps_ids_and_order(setup, predictor, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["predictions.csv"]  # no temporary file left
 
 
+def test_a_course_folders_test_csv_is_predicted_without_reading_its_train_csv(setup, tmp_path):
+    """A bad row in train.csv stopped the prediction of test.csv, which never uses it (and every prediction parsed
+    the 28,709 training rows); asked for, the train split still names the row."""
+    import shutil
+
+    from fer_keras.predict import load_inputs
+
+    folder = tmp_path / "course"
+    folder.mkdir()
+    shutil.copy(setup["test_csv"], folder / "test.csv")
+    (folder / "train.csv").write_text(f"label,feature\n3,{pixels(3)}\n9,{pixels(2)}\n")
+    for split in (None, "test", "PrivateTest"):
+        chosen, description = load_inputs(str(folder), split)
+        assert chosen.ids.tolist() == [i for i, _ in TEST_ROWS] and description == f"test of {folder / 'test.csv'}"
+    with pytest.raises(DataError, match=r"course/train.csv: line 3: label 9 is outside 0-6"):
+        load_inputs(str(folder), "train")
+
+
 def test_a_bad_row_is_left_out_with_skip_bad_rows_and_the_others_keep_their_ids(setup, tmp_path):
     from fer_keras.predict import load_inputs
 
