@@ -409,9 +409,16 @@ def load_keras_model(path: str, safe_mode: bool = True) -> keras.Model:
     classifier that outputs logits (:func:`as_logits`)."""
     from fer_keras.errors import ModelError
 
-    if str(path).endswith(".keras") and os.path.isfile(path) and not zipfile.is_zipfile(path):
-        # Keras says "File not found" of a file that is there but is no archive.
-        raise ModelError(f"{path}: cannot load model: not a .keras file (a zip archive); is it truncated or renamed?")
+    if str(path).endswith(".keras") and os.path.isfile(path):
+        try:  # zipfile.is_zipfile answers False for a file it cannot read
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise ModelError(f"{path}: cannot read model: {e.strerror or e}") from None
+        if not zipfile.is_zipfile(path):
+            # Keras says "File not found" of a file that is there but is no archive.
+            raise ModelError(f"{path}: cannot load model: not a .keras file (a zip archive); is it truncated or "
+                             "renamed?")
     try:
         model = keras.models.load_model(path, compile=False, safe_mode=safe_mode)
     except ValueError as e:

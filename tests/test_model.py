@@ -255,6 +255,26 @@ def test_a_keras_file_with_a_damaged_member_is_a_one_line_error(tmp_path):
         load_keras_model(str(path))
 
 
+def test_a_keras_file_that_cannot_be_read_is_named_as_unreadable(tmp_path, monkeypatch):
+    """zipfile.is_zipfile answers False for a file it cannot open, so a permission problem was reported as "not a
+    .keras file; is it truncated or renamed?". The refusal is simulated (this suite runs as root, which reads any
+    file)."""
+    import builtins
+
+    path = tmp_path / "locked.keras"
+    path.write_bytes(b"PK\x03\x04")
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    with pytest.raises(ModelError, match=r"^\S*locked.keras: cannot read model: Permission denied$"):
+        load_keras_model(str(path))
+
+
 @pytest.mark.parametrize("stem", ["imagenet", "cifar"])
 def test_no_two_convolutions_start_with_the_same_kernel(stem):
     model = resnet18(stem)
