@@ -776,6 +776,9 @@ def run_benchmark(settings: Settings, command: str, log: Callable[[str], None] =
     settings.validate()
     # Resolved before any measurement: a bad path fails at once, and the version timed is the one named now.
     export_path = str(resolve_export(settings.serving_export)) if settings.serving_export else ""
+    # Every measurement reads the data in its own process: a bad --data is one line here, not a traceback from
+    # each worker and a report of errors in place of an earlier one. Parsed once; the workers read the cache.
+    _train_split(settings.data, settings.seed)
     torch_missing = importlib.util.find_spec("torch") is None
     run_torch = not settings.skip_torch and not torch_missing
     cpu = cpu_info()
@@ -979,7 +982,9 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {b['stem']} | {_fmt(b['keras_bf16_over_fp32'], '.2f', 'x')} | "
                          f"{_fmt(b['torch_bf16_over_fp32'], '.2f', 'x')} |")
     p = report["pipeline"]
-    if p:
+    if p and "error" in p:
+        lines += ["", "## Input pipeline alone", "", f"failed: {p['error']}"]
+    elif p:
         lines += ["", "## Input pipeline alone", "",
                   f"{_cell(p)} images/s (median; range {_fmt(p.get('min'))}-{_fmt(p.get('max'))}) from the cached "
                   f"images through augmentation ({_describe_augment(p.get('augment'))}) and batching; target >= "
@@ -1124,10 +1129,15 @@ def main(argv: Sequence[str]) -> None:
     json_path, md_path = write_report(report, flags.FLAGS.output)
     print(render_markdown(report))
     print(f"wrote {json_path} and {md_path}")
-    failed = [r for r in report["training"] if "error" in r["keras"]]
-    failed += [r for r in [*report["serving"].values(), report["serving_export"]] if r and "error" in r]
-    if failed:
+    if failures(report):
         raise SystemExit(1)
+
+
+def failures(report: dict) -> list[dict]:
+    """The measurements of ``report`` that failed (exit status 1): fer_keras' training, the pipeline, serving."""
+    failed = [r["keras"] for r in report["training"] if "error" in r["keras"]]
+    return failed + [r for r in [report["pipeline"], *report["serving"].values(), report["serving_export"]]
+                     if r and "error" in r]
 
 
 if __name__ == "__main__":

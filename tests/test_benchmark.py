@@ -264,6 +264,7 @@ def test_cli_refuses_to_replace_a_file_that_is_not_a_report(tmp_path, foreign):
     (["--serving_export={tmp}"], "neither a run directory"),
     (["--serving_export={tmp}/m.keras"], "error: --serving_export: {tmp}/m.keras is a .keras model, not a SavedModel"),
     (["--skip_training", "--skip_pipeline", "--skip_serving"], "error: nothing to measure"),
+    (["--data={tmp}/missing.csv", "--skip_training", "--skip_serving"], "error: {tmp}/missing.csv: no such file"),
 ])
 def test_cli_refuses_bad_flags(tmp_path, args, needle):
     (tmp_path / "m.keras").write_bytes(b"")
@@ -377,5 +378,10 @@ def test_markdown_shows_failed_serving_measurements_as_rows():
     report["settings"]["serving_export"] = "saved_models/x"
     text = benchmark.render_markdown(report)
     assert "| cifar | error: OOM | | | | | |" in text
+    assert benchmark.failures(report) == [{"error": "OOM"}, {"error": "no signature"}]
+    broken = fake_report(pipeline={"error": "MemoryError"})
+    assert "\n## Input pipeline alone\n\nfailed: MemoryError\n" in benchmark.render_markdown(broken)
+    assert benchmark.failures(broken) == [{"error": "MemoryError"}]  # it exited 0
+    assert benchmark.failures(fake_report(pipeline={"median": 1.0})) == []
     assert "| - | saved_models/x: error: no signature | | | | | |" in text
     assert "## Training" not in text and "## Model cost" not in text
