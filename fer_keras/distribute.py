@@ -145,9 +145,13 @@ def create_strategy(
             # NCCL is GPU-only; reduce through the host instead.
             cross = tf.distribute.ReductionToOneDevice()
         return tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=cross)
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address)
-    tf.config.experimental_connect_to_cluster(resolver)
-    tf.tpu.experimental.initialize_tpu_system(resolver)
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError) as e:  # no TPU named, found or reachable
+        where = f"--tpu_address={tpu_address}" if tpu_address else "no --tpu_address (nor TPU_NAME)"
+        raise ConfigError(f"--strategy=tpu: {where}: {' '.join(str(e).split())[:200]}") from None
     return tf.distribute.TPUStrategy(resolver)
 
 

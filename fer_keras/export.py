@@ -363,6 +363,8 @@ def define_flags() -> None:
     flags.register_validator("tta_tolerance", lambda v: v >= 0, "--tta_tolerance must be >= 0")
     flags.mark_flag_as_required("model")
     flags.register_validator("version", lambda v: v >= 0, "--version must be >= 0")
+    flags.register_validator("export_dir", lambda v: bool(v.strip()), "--export_dir must name a folder (empty would "
+                             "export into the current directory)")
     flags.register_validator("crop_size", lambda v: 0 < v <= IMAGE_SIZE, f"--crop_size must be in 1-{IMAGE_SIZE}")
     flags.register_validator("name", lambda v: not v or (v == v.strip() and "/" not in v and not v.startswith(".")),
                              "--name must be a plain folder name (no spaces around it)")

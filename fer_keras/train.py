@@ -213,6 +213,12 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not self.model_dir.strip():
             raise ConfigError("model_dir must name a folder (empty would train into the current directory)")
+        if self.export and not self.export_dir.strip():
+            raise ConfigError("export_dir must name a folder (empty would export into the current directory; "
+                              "--noexport skips the export)")
+        if self.step_epochs and self.schedule != "step":
+            raise ConfigError(f"step_epochs {list(self.step_epochs)} apply to schedule=step only, got "
+                              f"schedule={self.schedule}")
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -558,6 +564,10 @@ def precision_advice(precision: str, cpu: dict) -> str | None:
         return (f"--precision=mixed_bfloat16 on a CPU without bf16 arithmetic ({cpu['model']}, {cpu['simd']}): "
                 "TensorFlow emulates it, 13-17x slower than float32 on AVX2 EPYCs (README, Speed); "
                 "use --precision=float32 on this machine")
+    if precision == "mixed_float16":  # the GPU setting; even AVX512-FP16 did not help TensorFlow on a Xeon here
+        return ("--precision=mixed_float16 without a GPU: TensorFlow emulates float16 on CPUs (a step of 16 images "
+                "took 15-30 s on an AVX512-FP16 Xeon, README, Training); use --precision=float32, or mixed_bfloat16 "
+                "on a CPU with bf16 arithmetic")
     return None
 
 

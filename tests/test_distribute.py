@@ -561,6 +561,17 @@ def test_a_tf_config_that_places_no_worker_in_a_cluster_is_refused_in_one_line(m
         distribute.create_strategy("multi_worker")
 
 
+def test_a_tpu_strategy_without_a_tpu_is_refused_in_one_line(monkeypatch):
+    """--strategy=tpu where no TPU is named (no --tpu_address, no TPU_NAME) ended in TensorFlow's ValueError
+    traceback. (The rest of the TPU path is written to the TF documentation and untested: there is no TPU here.)"""
+    from fer_keras import distribute
+    from fer_keras.errors import ConfigError
+
+    monkeypatch.delenv("TPU_NAME", raising=False)
+    with pytest.raises(ConfigError, match=r"^--strategy=tpu: no --tpu_address \(nor TPU_NAME\): [^\n]+$"):
+        distribute.create_strategy("tpu", tpu_address="")
+
+
 @pytest.mark.parametrize("cluster, task", [
     (WORKERS, {"type": "worker", "index": 1}),
     ({"chief": ["c:1"], **WORKERS}, {"type": "chief", "index": 0}),

@@ -560,6 +560,7 @@ def test_export_cli_auto_tta_defaults_to_the_data_the_run_was_trained_on(trained
 @pytest.mark.parametrize("args, message", [
     (["--tta=auto", "--tta_tolerance=-1"], "--tta_tolerance must be >= 0"),
     (["--name= "], "--name must be a plain folder name"),  # was exported into a folder named " "
+    (["--export_dir="], "--export_dir must name a folder"),  # an unset $EXPORTS: exported into the current directory
 ])
 def test_export_cli_refuses_bad_flags_in_one_line(tmp_path, args, message):
     proc = run_tool("export", "--model=x.keras", *args, env=cli_env(tmp_path))

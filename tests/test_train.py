@@ -525,6 +525,10 @@ def test_unwritable_model_dir_is_reported_before_training(tmp_path):
     ({"learning_rate": float("inf")}, "learning_rate must be a finite number, got inf"),
     ({"distill_temperature": float("nan")}, "distill_temperature must be a finite number, got nan"),
     ({"model_dir": " "}, "model_dir must name a folder"),
+    # An unset shell variable (--export_dir=$EXPORTS) exported into the current directory.
+    ({"export_dir": ""}, r"export_dir must name a folder \(empty would export into the current directory; --noexport"),
+    # Read by the step schedule alone: the run trained another schedule without a word.
+    ({"step_epochs": (1,)}, r"step_epochs \[1\] apply to schedule=step only, got schedule=cosine"),
     ({"export_name": " "}, "export name ' ' must be a plain folder name"),
     # A TrainConfig built in code meets no flag validator: these are its only check.
     ({"learning_rate": 0.0}, "learning_rate must be > 0, got 0"),
@@ -1029,7 +1033,7 @@ def _cpu(flags: str) -> dict:
     return benchmark.cpu_info(cpuinfo(flags, model="Test EPYC"), max_khz=0)
 
 
-def test_precision_advice_warns_of_emulated_bf16_only():
+def test_precision_advice_warns_of_emulated_bf16_and_float16_only():
     avx2, amx = _cpu("avx avx2 fma"), _cpu("avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile")
     advice = train.precision_advice("mixed_bfloat16", avx2)
     assert advice.startswith("--precision=mixed_bfloat16 on a CPU without bf16 arithmetic (Test EPYC, AVX2 FMA)")
@@ -1038,6 +1042,8 @@ def test_precision_advice_warns_of_emulated_bf16_only():
     assert train.precision_advice("mixed_bfloat16", _cpu("avx2 fma avx512f avx512_bf16")) is None
     assert train.precision_advice("float32", avx2) is None
     assert train.precision_advice("mixed_bfloat16", _cpu("")) is None  # flags unknown: no claim about the CPU
+    for cpu in (avx2, amx, _cpu("")):  # the caller asks only when there is no GPU or TPU
+        assert train.precision_advice("mixed_float16", cpu).startswith("--precision=mixed_float16 without a GPU: ")
 
 
 def test_training_in_emulated_bf16_says_so_before_it_starts(tmp_path, monkeypatch, caplog):
