@@ -268,6 +268,8 @@ def define_flags() -> None:
                              f"--tta must be a subset of {', '.join(TTA_MODES)}")
     flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1")
     flags.register_validator("output", lambda v: not v or v.endswith(".md"), "--output must end with .md")
+    flags.register_validator("runs", lambda v: v is None or all(s.strip() for s in v),
+                             "--runs has an empty entry (a stray comma?)")
 
 
 def main(argv: Sequence[str]) -> None:

@@ -256,12 +256,12 @@ h2 {{ border-bottom: 1px solid #ddd; padding-bottom: 0.2rem; margin-top: 2.5rem;
 
 
 def parse_sections(sections: str | Sequence[str] | None) -> list[str]:
-    """Section names in report order; ``None``, empty or ``all`` means every section."""
+    """Section names in report order; ``None``, empty or ``all`` (alone or among others) means every section."""
     if sections is None:
         return list(SECTIONS)
     names = sections.split(",") if isinstance(sections, str) else list(sections)
     names = [n.strip().lower() for n in names if n and n.strip()]
-    if not names or names == ["all"]:
+    if not names or "all" in names:
         return list(SECTIONS)
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import re
 import sys
 from pathlib import Path
@@ -479,7 +478,10 @@ def define_flags() -> None:
     flags.DEFINE_string("output_dir", DEFAULT_OUTPUT_DIR, "Folder for the PNGs and saliency.json.")
     cli.define_seed(0, "Random seed (SmoothGrad noise).")
     flags.register_validator("smooth_samples", lambda v: v >= 1, "--smooth_samples must be >= 1")
-    flags.register_validator("smooth_noise", lambda v: 0 < v < math.inf, "--smooth_noise must be a number > 0")
+    flags.register_validator("smooth_noise", lambda v: 0 < v <= 1, "--smooth_noise must be in (0, 1], a fraction of "
+                             "the value range (0.2 is 20 %)")
+    flags.register_validator("images", lambda v: v is None or all(s.strip() for s in v),
+                             "--images has an empty entry (a stray comma?)")
     flags.register_validator("output_dir", lambda v: bool(v and v.strip()), "--output_dir must not be empty")
     flags.register_validator("split", lambda v: v.strip().lower() in fer_data.SPLIT_ALIASES,
                              "--split must be train, val (PublicTest) or test (PrivateTest)")

@@ -86,6 +86,8 @@ def test_cli_writes_the_table_and_refuses_a_run_without_epochs(two_runs, tmp_pat
         ablation.check_outputs(tmp_path / "base.md")
     bad_name = run_tool("ablation", f"--runs={base}", f"--output={base / 'history.csv'}", cwd=tmp_path)
     assert bad_name.returncode != 0 and "--output must end with .md" in bad_name.stderr
+    stray = run_tool("ablation", f"--runs={base},", cwd=tmp_path)  # the empty entry was named as "." (not a run)
+    assert stray.returncode != 0 and "--runs has an empty entry (a stray comma?)" in stray.stderr
     (tmp_path / "empty").mkdir()
     bad = run_tool("ablation", f"--runs={base},{tmp_path / 'empty'}", cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

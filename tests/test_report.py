@@ -132,6 +132,9 @@ def test_bad_input_is_a_one_line_error(run_dir, tmp_path):
         report.build_report(run_dir, None, tmp_path / "r", sections="architecture", split="dev")
     with pytest.raises(ConfigError, match="unknown section 'bogus'"):
         report.parse_sections("architecture,bogus")
+    # "all" among other names said "unknown section 'all' ... (or all)"
+    assert report.parse_sections("all,history") == report.parse_sections(None) == list(report.SECTIONS)
+    assert report.parse_sections(["gradcheck", "architecture", "gradcheck"]) == ["architecture", "gradcheck"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="not a directory"):
         report.build_report(tmp_path, None, tmp_path / "file", sections="architecture")
