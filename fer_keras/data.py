@@ -855,6 +855,12 @@ def has_labelled_val(data: FerData) -> bool:
     return "val" in data.splits and len(data.splits["val"]) > 0 and data.splits["val"].labeled
 
 
+def hold_out_name(val_fraction: float) -> str:
+    """``10% stratified hold-out``: how runs, exports and reports name a hold-out of Training. A whole percent
+    is written as it always was (runs record the name); others keep their digits (0.125 was "12%", 0.004 "0%")."""
+    percent = f"{val_fraction:.0%}" if round(val_fraction * 100, 9).is_integer() else f"{val_fraction * 100:.3g}%"
+    return f"{percent} stratified hold-out"
+
 def train_val(data: FerData, val_fraction: float = 0.1, seed: int = 0) -> tuple[Split, Split]:
     """The training and model-selection splits: PublicTest when the source has it, else a
     seeded stratified hold-out of the training rows."""

@@ -432,7 +432,7 @@ def _validation_name(ctx: _Context) -> str:
     if has_val:
         name = fer_data.split_label("val")
     else:
-        name = f"a {float(config.get('val_fraction', 0.1)):.0%} stratified hold-out of {fer_data.split_label('train')}"
+        name = f"a {fer_data.hold_out_name(float(config.get('val_fraction', 0.1)))} of {fer_data.split_label('train')}"
     limit = int(config.get("max_val_examples") or 0)
     return name + (f", stratified subset of at most {limit} images" if limit else "")
 

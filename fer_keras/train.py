@@ -350,7 +350,7 @@ def run_splits(dataset: FerData, config: TrainConfig) -> tuple[Split, Split, str
     train_split = _subset(train_split, config.max_train_examples, config.seed)
     val_split = _subset(val_split, config.max_val_examples, config.seed)
     val_name = ("PublicTest" if data_lib.has_labelled_val(dataset)
-                else f"{config.val_fraction:.0%} stratified hold-out")
+                else data_lib.hold_out_name(config.val_fraction))
     return train_split, val_split, val_name
 
 
@@ -931,8 +931,10 @@ def define_flags() -> None:
     f.DEFINE_float("val_fraction", d.val_fraction, "Stratified validation fraction when the data has no PublicTest.")
     f.DEFINE_boolean("skip_bad_rows", d.skip_bad_rows, "Skip malformed rows/images (reported) instead of failing.")
     f.DEFINE_boolean("use_cache", d.use_cache, "Cache parsed data in $FER_KERAS_CACHE (~/.cache/fer_keras).")
-    f.DEFINE_integer("max_train_examples", d.max_train_examples, "Use a stratified subset of this size (0: all).")
-    f.DEFINE_integer("max_val_examples", d.max_val_examples, "Use a stratified validation subset (0: all).")
+    f.DEFINE_integer("max_train_examples", d.max_train_examples, "Use a stratified subset of about this size (0: "
+                     "all): each class keeps its share, rounded, so it may come out an image or two short.")
+    f.DEFINE_integer("max_val_examples", d.max_val_examples, "Use a stratified validation subset of about this size "
+                     "(0: all), drawn as --max_train_examples.")
     f.DEFINE_enum("stem", d.stem, list(STEMS),
                   "imagenet: 7x7/2 conv + 3x3/2 pool (torchvision); cifar_pool: 3x3 conv + 2x2 pool; cifar: 3x3 conv.")
     f.DEFINE_enum("input_channels", str(d.input_channels), ["1", "3"],
@@ -1016,8 +1018,10 @@ def define_flags() -> None:
     f.DEFINE_enum("strategy", d.strategy, ["default", "one_device", "mirrored", "multi_worker", "tpu"],
                   "tf.distribute strategy; multi_worker reads TF_CONFIG; tpu is untested.")
     f.DEFINE_integer("cpu_devices", d.cpu_devices,
-                     "Logical CPU devices (0: 2 for mirrored on a CPU-only machine, else 1).")
-    f.DEFINE_integer("num_gpus", d.num_gpus, "GPUs to use with mirrored (-1: all).")
+                     "Logical CPU devices, for --strategy=mirrored only (0: 2 for mirrored on a CPU-only "
+                     "machine, else 1).")
+    f.DEFINE_integer("num_gpus", d.num_gpus, "GPUs to use with mirrored (-1: all); one_device takes the first "
+                     "GPU, or the CPU with 0; default and multi_worker ignore it.")
     f.DEFINE_string("tpu_address", d.tpu_address, "TPU name or grpc:// address for --strategy=tpu.")
     f.DEFINE_float("collective_timeout", d.collective_timeout, "multi_worker: seconds a collective may wait "
                    "for the other workers before the run fails (0: wait forever). TensorFlow enforces it with a "

@@ -707,6 +707,12 @@ def test_a_single_image_that_had_to_be_converted_says_so(tmp_path, caplog):
         f"{tmp_path / 'photo.jpg'}: 1 image(s) were not 48x48 grayscale and were converted"]
 
 
+def test_a_hold_out_is_named_by_its_fraction_without_rounding_it_away():
+    """Whole percents keep the name runs and exports record; 0.125 was named "12%" and 0.004 "0%"."""
+    assert [data.hold_out_name(f) for f in (0.1, 0.15, 0.07, 0.125, 0.004)] == [
+        f"{p} stratified hold-out" for p in ("10%", "15%", "7%", "12.5%", "0.4%")]
+
+
 def test_a_hold_out_leaves_every_class_in_training_and_is_never_empty(tmp_path):
     labels = np.repeat(np.arange(7), 2)
     split = data.Split(as4d(make_images(14)), labels, np.arange(14).astype(str))
