@@ -603,18 +603,20 @@ def section_filters(ctx: _Context) -> str:
     which = (f"of the first convolution (`{FIRST_CONV_LAYER}`) and of the last residual block (`{LAST_CONV_LAYER}`, "
              "whose channels are its convolution path and shortcut added, after ReLU)" if ours
              else f"of `{layers[0]}` and `{layers[1]}`, the first and the last layer with weights and feature maps")
+    channels = {layer: int(filters.filter_model(model, layer).outputs[0].shape[-1]) for layer in layers}
+    fewer = "; all of a layer that has fewer" if ctx.num_filters > min(channels.values()) else ""
+    top_k = min(ctx.top_k, len(split))  # as filters.analyse_layer draws them
     parts = [
-        f"The first {ctx.num_filters} filters (channels) {which}. Activation "
+        f"The first {ctx.num_filters} filters (channels{fewer}) {which}. Activation "
         f"maximisation optimises an input per filter for {_plural(ctx.filter_steps, 'step', 'steps')} "
         "(from uniform noise, "
         "with total-variation and L2 (RMS) regularisers); the activation reached is the filter's mean over "
         f"positions, next to its mean on random images. Feature maps are those of image #0 of "
-        f"{ctx.split_label}; the top-{ctx.top_k} images are the {ctx.split_label} images with the "
+        f"{ctx.split_label}; the top-{top_k} images are the {ctx.split_label} images with the "
         "highest mean activation.",
     ]
     for layer in layers:
-        channels = int(filters.filter_model(model, layer).outputs[0].shape[-1])
-        chosen = list(range(min(ctx.num_filters, channels)))
+        chosen = list(range(min(ctx.num_filters, channels[layer])))
         keras.utils.set_random_seed(ctx.seed)
         entry, pngs = filters.analyse_layer(
             model, layer, chosen, split, split.images[0], image_title, ctx.out / "filters",
@@ -633,9 +635,9 @@ def section_filters(ctx: _Context) -> str:
             "",
             md_image(f"{layer}: feature maps of {ctx.split_label} image #0", ctx.link(figures["feature_maps"])),
             "",
-            md_image(f"{layer}: top-{ctx.top_k} {ctx.split_label} images per filter", ctx.link(figures["top_k"])),
+            md_image(f"{layer}: top-{top_k} {ctx.split_label} images per filter", ctx.link(figures["top_k"])),
             "",
-            md_table(("filter", "activation reached", "random-input mean", f"top-{ctx.top_k} images (id, true class)"),
+            md_table(("filter", "activation reached", "random-input mean", f"top-{top_k} images (id, true class)"),
                      rows, right=(0, 1, 2)),
         ]
     return "\n".join(parts)

@@ -491,6 +491,10 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     if f.indices and f.images:
         raise ConfigError("give either --indices or --images, not both")
+    ignored = [f"--{name}" for name in ("data", "split") if f.images and f[name].present]
+    if ignored:  # they would be ignored without a word, as filters refuses --image with --image_index
+        raise ConfigError(f"--images names its image files itself; {' and '.join(ignored)} choose split images "
+                          "(with --indices)")
     if f.images:
         selection = from_files(f.images)
         metadata = {}

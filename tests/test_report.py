@@ -412,6 +412,28 @@ def test_the_sections_run_with_the_reports_settings(tool_inputs, tmp_path):
     assert "accuracy" in text and "slightly optimistic" not in text
 
 
+def test_the_filters_section_states_the_filters_and_images_it_shows(tool_inputs, tmp_path):
+    """More filters asked for than a layer has, and a larger top-k than the split holds: the text claimed the
+    numbers asked for (100 filters of a 64-channel stem), the figures showed the capped ones."""
+    import keras
+
+    _, _, data = tool_inputs
+    inputs = keras.Input((48, 48, 1))
+    x = keras.layers.Conv2D(2, 3, name="first")(keras.layers.Rescaling(1 / 255)(inputs))
+    x = keras.layers.Conv2D(3, 3, name="last")(x)
+    model = keras.Model(inputs, keras.layers.Dense(7)(keras.layers.GlobalAveragePooling2D()(x)))
+    ctx = report._Context(kind="keras", model_path=tmp_path / "m.keras", run_dir=None, train_config=None,
+                          data_arg=str(data), split="val", tta="none", crop_size=40, out=tmp_path, seed=0,
+                          _model=model, **{**TINY, "num_filters": 3, "top_k": 50})
+    ctx.load_data()
+    text = report.section_filters(ctx)
+    images = len(ctx.split_data())
+    assert text.startswith("The first 3 filters (channels; all of a layer that has fewer) of `first` and `last`")
+    assert f"the top-{images} images are the val (PublicTest) images" in text and "top-50" not in text
+    assert [len(re.findall(r"^\| (\d+) \|", text.split(f"### `{layer}`")[1].split("###")[0], flags=re.M))
+            for layer in ("first", "last")] == [2, 3]
+
+
 @pytest.mark.parametrize("stem, channels", [("imagenet", 3), ("cifar_pool", 1), ("cifar", 1)])
 def test_the_stem_of_a_model_without_its_training_config_is_read_from_its_layers(tmp_path, stem, channels):
     from fer_keras.model import resnet18

@@ -468,7 +468,8 @@ def test_cli_index_out_of_range_is_a_one_line_error(tool_inputs, tmp_path):
 
 
 @pytest.mark.parametrize("problem", ["output_dir_under_a_file", "negative_seed", "empty_output_dir",
-                                     "infinite_noise", "percent_noise", "empty_image_entry", "foreign_json"])
+                                     "infinite_noise", "percent_noise", "empty_image_entry", "images_and_split",
+                                     "foreign_json"])
 def test_cli_bad_output_dir_or_seed_is_a_one_line_error(tool_inputs, tmp_path, problem):
     root, model, csv = tool_inputs
     (tmp_path / "a_file").write_text("not a folder")
@@ -482,8 +483,10 @@ def test_cli_bad_output_dir_or_seed_is_a_one_line_error(tool_inputs, tmp_path, p
             "percent_noise": [f"--output_dir={tmp_path / 'out'}", "--smooth_noise=20"],
             # The empty entry was named as "." (not an image file).
             "empty_image_entry": [f"--output_dir={tmp_path / 'out'}", f"--images={root / 'face.png'},"],
+            # --data and --split were ignored without a word.
+            "images_and_split": [f"--output_dir={tmp_path / 'out'}", f"--images={root / 'face.png'}", "--split=test"],
             "foreign_json": [f"--output_dir={tmp_path / 'notes'}"]}[problem]
-    where = [] if problem == "empty_image_entry" else ["--indices=0"]
+    where = [] if problem in ("empty_image_entry", "images_and_split") else ["--indices=0"]
     result = run_tool("saliency", f"--model={model}", f"--data={csv}", *where, *args, cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     expected = {"output_dir_under_a_file": "a_file", "negative_seed": "--seed must be in [0, 2147483647]",
@@ -491,6 +494,8 @@ def test_cli_bad_output_dir_or_seed_is_a_one_line_error(tool_inputs, tmp_path, p
                 "infinite_noise": "--smooth_noise must be in (0, 1], a fraction of the value range (0.2 is 20 %)",
                 "percent_noise": "--smooth_noise must be in (0, 1]",
                 "empty_image_entry": "--images has an empty entry (a stray comma?)",
+                "images_and_split": "--images names its image files itself; --data and --split choose split images "
+                                    "(with --indices)",
                 "foreign_json": f"{tmp_path / 'notes' / 'saliency.json'}: exists and is not a saliency report; "
                                 "choose another --output_dir or remove the file"}[problem]
     assert (tmp_path / "notes" / "saliency.json").read_text() == '{"mine": 1}\n'
