@@ -49,10 +49,14 @@ BN_MOMENTUM = 0.9  # PyTorch's momentum=0.1 in Keras' convention.
 CUDNN_MIN_EPSILON = 1.001e-5
 
 
-def _clone(initializer: keras.initializers.Initializer) -> keras.initializers.Initializer:
+def _clone(initializer: keras.initializers.Initializer, offset: int = 0) -> keras.initializers.Initializer:
     """A separate initializer per sublayer, as Keras' own layers do: an unseeded Keras 3 initializer fixes
-    its seed when created, so one object shared by conv1 and conv2 would give both the same kernel."""
-    return initializer.__class__.from_config(initializer.get_config())
+    its seed when created, so one object shared by conv1 and conv2 would give both the same kernel. A seeded
+    one gives each sublayer its own seed, ``seed + offset``, for the same reason."""
+    config = initializer.get_config()
+    if isinstance(config.get("seed"), int):
+        config["seed"] += offset
+    return initializer.__class__.from_config(config)
 
 
 @keras.saving.register_keras_serializable(package="fer_keras")
@@ -152,22 +156,25 @@ class BasicBlock(layers.Layer):
         self.synchronized = synchronized
         self.fused_batchnorm = fused_batchnorm
 
-        def conv(k: int, s: int, name: str, padding: str) -> layers.Conv2D:
+        # Sublayers are made with the block's trainable flag: a block frozen when saved is rebuilt frozen by
+        # from_config, whose trainable=False reaches only the block itself (its sublayers do not exist yet).
+        def conv(k: int, s: int, name: str, padding: str, seed_offset: int) -> layers.Conv2D:
             return layers.Conv2D(
                 filters, k, strides=s, padding=padding, use_bias=False,
-                kernel_initializer=_clone(self.kernel_initializer), dtype=self.dtype_policy, name=name,
+                kernel_initializer=_clone(self.kernel_initializer, seed_offset), dtype=self.dtype_policy,
+                trainable=self.trainable, name=name,
             )
 
         def bn(name: str, gamma: str = "ones") -> layers.BatchNormalization:
             return batchnorm_class(fused_batchnorm)(
                 momentum=bn_momentum, epsilon=bn_epsilon, gamma_initializer=gamma,
-                synchronized=synchronized, dtype=self.dtype_policy, name=name,
+                synchronized=synchronized, dtype=self.dtype_policy, trainable=self.trainable, name=name,
             )
 
         self.pad = layers.ZeroPadding2D(1, dtype=self.dtype_policy, name="pad") if strides > 1 else None
-        self.conv1 = conv(3, strides, "conv1", "valid" if strides > 1 else "same")
+        self.conv1 = conv(3, strides, "conv1", "valid" if strides > 1 else "same", 0)
         self.bn1 = bn("bn1")
-        self.conv2 = conv(3, 1, "conv2", "same")
+        self.conv2 = conv(3, 1, "conv2", "same", 1)
         self.bn2 = bn("bn2")
         self.shortcut_conv = None
         self.shortcut_bn = None
@@ -190,12 +197,12 @@ class BasicBlock(layers.Layer):
         if self._needs_projection:
             self.shortcut_conv = layers.Conv2D(
                 self.filters, 1, strides=self.strides, use_bias=False,
-                kernel_initializer=_clone(self.kernel_initializer), dtype=self.dtype_policy,
-                name="shortcut_conv",
+                kernel_initializer=_clone(self.kernel_initializer, 2), dtype=self.dtype_policy,
+                trainable=self.trainable, name="shortcut_conv",
             )
             self.shortcut_bn = batchnorm_class(self.fused_batchnorm)(
                 momentum=self.bn_momentum, epsilon=self.bn_epsilon, synchronized=self.synchronized,
-                dtype=self.dtype_policy, name="shortcut_bn",
+                dtype=self.dtype_policy, trainable=self.trainable, name="shortcut_bn",
             )
             self.shortcut_conv.build(shape)
             self.shortcut_bn.build(self.shortcut_conv.compute_output_shape(shape))

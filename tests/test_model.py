@@ -285,6 +285,39 @@ def test_no_two_convolutions_start_with_the_same_kernel(stem):
             assert a.shape != b.shape or not np.array_equal(a, b), f"{name_a} and {name_b} start identical"
 
 
+def test_a_seeded_initializer_gives_each_convolution_of_a_block_its_own_kernel():
+    """_clone copied the seed too: conv1 and conv2 of a block given HeNormal(seed=1) started identical. The same
+    seed still gives the same block."""
+    def kernels(seed: int) -> list[np.ndarray]:
+        block = BasicBlock(8, strides=2, kernel_initializer=keras.initializers.HeNormal(seed=seed))
+        block.build((None, 6, 6, 8))
+        return [np.asarray(layer.kernel) for layer in (block.conv1, block.conv2, block.shortcut_conv)]
+
+    first = kernels(1)
+    assert not np.array_equal(first[0], first[1])
+    assert [k.shape for k in first] == [(3, 3, 8, 8), (3, 3, 8, 8), (1, 1, 8, 8)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, kernels(1)))
+    assert not np.array_equal(first[0], kernels(2)[0])
+
+
+def test_a_frozen_block_stays_frozen_through_saving(tmp_path):
+    """from_config's trainable=False reached the block, not the layers inside it: a reloaded model trained its
+    frozen blocks' weights and moved their BatchNorm statistics (15 trainable weights more here)."""
+    model = resnet18("imagenet")
+    for name in ("stage1_block1", "stage2_block1"):  # stage2_block1 has a shortcut, made in build()
+        model.get_layer(name).trainable = False
+    model.save(tmp_path / "m.keras")
+    loaded = load_keras_model(str(tmp_path / "m.keras"))
+    assert len(loaded.trainable_weights) == len(model.trainable_weights)
+    block = loaded.get_layer("stage2_block1")
+    assert not any(layer.trainable for layer in (block.conv1, block.bn1, block.bn2, block.shortcut_bn))
+    before = np.asarray(block.bn1.moving_mean).copy()
+    loaded(np.random.default_rng(0).uniform(0, 255, (4, 48, 48, 1)).astype("float32"), training=True)
+    np.testing.assert_array_equal(np.asarray(block.bn1.moving_mean), before)
+    block.trainable = True  # and thawed again, it trains as a whole
+    assert block.bn1.trainable and block.shortcut_conv.trainable
+
+
 def _bn_pair(dtype: str, **kwargs) -> tuple[keras.layers.Layer, keras.layers.Layer]:
     """Keras' BatchNormalization and the fused one, same non-trivial weights and statistics."""
     rng = np.random.default_rng(3)
