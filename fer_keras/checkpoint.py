@@ -183,6 +183,21 @@ class NonFiniteLoss(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class EpochTensorBoard(keras.callbacks.TensorBoard):
+    """Keras' TensorBoard callback with the epoch's figures only (``epoch_*``, at step epoch - 1, Keras' own).
+
+    Keras also writes ``evaluation_*_vs_iterations`` when validation ends, before the callbacks after it adjust the
+    epoch's figures: with weight averaging its accuracy was the current weights' and not the average's, and its
+    loss missed the padding correction of several replicas, two curves disagreeing with ``epoch_*``. The average's
+    epoch count is bookkeeping for history.csv, not a curve."""
+
+    def on_test_end(self, logs=None):
+        super().on_test_end({})  # switches the writer back, and writes nothing
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, {k: v for k, v in (logs or {}).items() if k != "averaged_epochs"})
+
+
 class MomentumLog(keras.callbacks.Callback):
     """Adds the optimizer's momentum to each epoch's logs (``momentum``), as Keras adds the learning rate, so that
     TensorBoard (``epoch_momentum``) and history.csv show a cycled momentum; callbacks after it see the value."""

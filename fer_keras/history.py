@@ -453,21 +453,28 @@ def read_flags_text(path: Path) -> str:
 
 def plot_history(history: list[dict], path: Path, title: str = "ResNet-18 on FER2013") -> None:
     """Accuracy on the left axis, loss on the right, train and validation per epoch."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+
     from fer_keras.vis import new_figure, save_figure
 
     epochs = [r["epoch"] for r in history]
     fig = new_figure(8, 5, dpi=100)
     ax_acc = fig.add_subplot()
     ax_loss = ax_acc.twinx()
+    # Points marked while there are few: a line through one epoch draws nothing (history.png after epoch 1).
+    style = {"marker": "o", "markersize": 3} if len(history) <= 30 else {}
     lines = []
-    lines += ax_acc.plot(epochs, [100 * r["accuracy"] for r in history], "C0-", label="train accuracy")
-    lines += ax_acc.plot(epochs, [100 * r["val_accuracy"] for r in history], "C1-", label="validation accuracy")
+    lines += ax_acc.plot(epochs, [100 * r["accuracy"] for r in history], "C0-", label="train accuracy", **style)
+    lines += ax_acc.plot(epochs, [100 * r["val_accuracy"] for r in history], "C1-", label="validation accuracy",
+                         **style)
     raw = [r for r in history if "val_raw_accuracy" in r]
     if raw:  # weight averaging: val_accuracy is the average's from its first epoch on
         lines += ax_acc.plot([r["epoch"] for r in raw], [100 * r["val_raw_accuracy"] for r in raw], "C1:",
-                             label="validation accuracy, weights before averaging")
-    lines += ax_loss.plot(epochs, [r["loss"] for r in history], "C0--", label="train loss")
-    lines += ax_loss.plot(epochs, [r["val_loss"] for r in history], "C1--", label="validation loss")
+                             label="validation accuracy, weights before averaging", **style)
+    lines += ax_loss.plot(epochs, [r["loss"] for r in history], "C0--", label="train loss", **style)
+    lines += ax_loss.plot(epochs, [r["val_loss"] for r in history], "C1--", label="validation loss", **style)
+    # Epochs are whole: no tick at epoch 1.25, nor at 0.96 around a single epoch.
+    ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True) if len(set(epochs)) > 1 else FixedLocator(epochs))
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy (%)")
     ax_loss.set_ylabel("loss")

@@ -795,7 +795,9 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
             *([averager] if averager else []),  # before the two that record the average's validation figures
             *([checkpoint.PaddedValidationLoss(len(val_split), pipeline.padded_size(len(val_split), config.batch_size))]
               if padded else []),
-            keras.callbacks.TensorBoard(str(out_dir / "logs"), update_freq="epoch", write_graph=False, profile_batch=0),
+            # The chief's curves are the run's; the other workers' would be copies under workers/<task>/logs.
+            *([checkpoint.EpochTensorBoard(str(out_dir / "logs"), update_freq="epoch", write_graph=False,
+                                           profile_batch=0)] if chief else []),
             recorder,
         ]
         if initial_epoch < config.epochs:

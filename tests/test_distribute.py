@@ -419,6 +419,8 @@ def test_multi_worker_two_processes_on_localhost_match_a_single_process(tmp_path
     chief = weights(model_dir / "checkpoints" / "epoch_0001" / "model.weights.h5")
     other = weights(model_dir / "workers" / "worker_1" / "checkpoints" / "epoch_0001" / "model.weights.h5")
     assert chief.keys() == other.keys() and len(chief) > 100
+    # TensorBoard shows the chief's curves; the other worker's copies showed up as further runs beside them.
+    assert (model_dir / "logs" / "train").is_dir() and not (model_dir / "workers" / "worker_1" / "logs").exists()
     for k in chief:
         np.testing.assert_array_equal(chief[k], other[k], err_msg=k)
     # Against the single process: measured 0.027 after these four steps (float rounding differs between one batch

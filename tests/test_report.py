@@ -111,6 +111,25 @@ def test_history_section_states_the_best_epoch_of_a_tie_and_the_epochs_planned(t
     assert "3 epochs trained. The best epoch" in report.section_history(ctx)
 
 
+@pytest.mark.parametrize("epochs", [1, 3, 31])
+def test_the_history_figure_shows_a_first_epoch_and_whole_epoch_ticks(tmp_path, monkeypatch, epochs):
+    """history.png after epoch 1 was empty axes (a line through one point draws nothing) and a short run's axis read
+    epoch 1.25: points are marked while few, and ticks are whole epochs."""
+    from fer_keras import history as history_lib
+    from fer_keras import vis
+
+    drawn = []
+    monkeypatch.setattr(vis, "save_figure", lambda fig, path: drawn.append(fig))
+    rows = [{"epoch": e, "loss": 2.0 / e, "accuracy": 0.3, "val_loss": 1.9 / e, "val_accuracy": 0.5, "seconds": 1.0}
+            for e in range(1, epochs + 1)]
+    history_lib.plot_history(rows, tmp_path / "history.png")
+    ax_acc, ax_loss = drawn[0].axes
+    lines = ax_acc.get_lines() + ax_loss.get_lines()
+    assert len(lines) == 4 and {line.get_marker() for line in lines} == ({"o"} if epochs <= 30 else {"None"})
+    ticks = [t for t in ax_acc.get_xticks() if ax_acc.get_xlim()[0] <= t <= ax_acc.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
 def test_keras_file_outside_a_run_omits_history_with_a_note(run_dir, tmp_path):
     model = tmp_path / "model.keras"
     shutil.copyfile(run_dir / "best.keras", model)

@@ -60,3 +60,33 @@ def test_tensorboard_server_serves_the_history(trained_run, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def test_tensorboard_logs_each_epochs_figures_once(tmp_path):
+    """Keras' callback also wrote evaluation_*_vs_iterations at the end of validation, before later callbacks had
+    set the epoch's figures (weight averaging's accuracy, the padded loss), and logged the average's epoch count
+    as a curve; fer_keras' writes the epoch_* curves alone."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from fer_keras.checkpoint import EpochTensorBoard
+
+    class Bookkeeping(keras.callbacks.Callback):  # as WeightAverage, which comes before the TensorBoard callback
+        def on_epoch_end(self, epoch, logs=None):
+            logs["averaged_epochs"] = epoch + 1
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    x, y = np.random.default_rng(0).normal(size=(8, 3)).astype("float32"), np.arange(8) % 2
+    model.fit(x, y, validation_data=(x, y), epochs=2, verbose=0, callbacks=[
+        Bookkeeping(), EpochTensorBoard(str(tmp_path), update_freq="epoch", write_graph=False, profile_batch=0)])
+    steps: dict[str, dict[str, list[int]]] = {}
+    for run in ("train", "validation"):
+        for events in sorted((tmp_path / run).glob("events.out.tfevents.*")):
+            for event in tf.compat.v1.train.summary_iterator(str(events)):
+                for value in event.summary.value:
+                    steps.setdefault(run, {}).setdefault(value.tag, []).append(event.step)
+    assert steps["validation"] == {"epoch_loss": [0, 1], "epoch_accuracy": [0, 1]}
+    assert steps["train"] == {"epoch_loss": [0, 1], "epoch_accuracy": [0, 1], "epoch_learning_rate": [0, 1]}
