@@ -6,6 +6,7 @@ import json
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import run_tool
@@ -133,6 +134,29 @@ def test_wrong_batchnorm_formula_fails(backward, failing):
     assert all(results[q].max_rel_err > 1e-4 for q in failing)
 
 
+def test_central_differences_agree_with_the_hand_formulas_and_fail_wrong_ones():
+    """A reference independent of TensorFlow's gradients and forward pass: the losses in numpy, differentiated by
+    central differences. The tests' wrong formulas fail it as they fail GradientTape's."""
+    def names(results):
+        return {r.name for r in results if not r.passed}
+
+    assert not names(gradcheck.check_central_differences())
+    assert names(gradcheck.check_central_differences(backward=no_dmean_term)) == {
+        "batchnorm dL/dx, central differences"}
+    assert names(gradcheck.check_central_differences(backward=unbiased_variance)) == {
+        "batchnorm dL/dx, central differences", "batchnorm dL/dgamma, central differences"}
+
+    def no_one_over_n(logits, y_true, label_smoothing=0.0):
+        return gradcheck.hand_softmax_ce_grad(logits, y_true, label_smoothing) * tf.cast(tf.shape(logits)[0],
+                                                                                          logits.dtype)
+
+    # The (1, 7) shape agrees with any N: the (5, 3) one catches it.
+    assert len(names(gradcheck.check_central_differences(grad=no_one_over_n))) == 3
+    x = np.array([[0.5, -1.0], [2.0, 0.25]])
+    np.testing.assert_allclose(gradcheck.central_differences(lambda v: float(np.sum(v**3)), x), 3 * x**2, atol=1e-8)
+    assert x.tolist() == [[0.5, -1.0], [2.0, 0.25]]  # left as it was
+
+
 @pytest.mark.parametrize("seed", [0, 920, 1506, 3547])
 def test_fused_batchnorm_layer_matches_the_hand_formulas_in_float32(seed):
     # 920, 1506 and 3547 draw a dgamma or dbeta that cancels to near zero: relative to |dgamma| or |dbeta| alone
@@ -224,10 +248,12 @@ def test_cli_writes_json_and_markdown(tmp_path):
     payload = json.loads((out / "gradcheck.json").read_text())
     assert payload["passed"] is True
     names = [c["name"] for c in payload["checks"]]
-    assert len(names) == 15 and all(c["passed"] for c in payload["checks"])
+    assert len(names) == 21 and all(c["passed"] for c in payload["checks"])
     assert any("disagrees" in n for n in names)
     assert payload["tolerances"]["gradient"] == {"abs": 1e-10, "rel": 1e-8}
     assert payload["tolerances"]["float32_gradient"] == {"abs": 1e-4, "rel": 2e-6}
+    assert payload["tolerances"]["central_differences"] == {"abs": 1e-7, "rel": 1e-6}
+    assert sum(n.endswith(", central differences") for n in names) == 6
     assert sum(n.startswith("fused batchnorm") for n in names) == 3
     table = (out / "gradcheck.md").read_text()
     assert "| batchnorm dL/dx " in table and "FAIL" not in table
