@@ -303,8 +303,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:60] or "image"
 
 
-def _caption(label: int, pred: int, prob: float) -> str:
-    return f"true: {class_name(label) if label >= 0 else 'unknown'}, pred: {class_name(pred)} ({prob:.0%})"
+def _caption(label: int, pred: int, prob: float, tta: str = "none", alone: int | None = None) -> str:
+    """The true and predicted class; with served TTA the prediction averages views the maps do not explain, so it
+    says so, and names the network's own class on the image shown when that differs."""
+    served = "" if tta == "none" else f", {tta} as served"
+    own = f"; the image alone: {class_name(alone)}" if alone is not None and alone != pred else ""
+    return f"true: {class_name(label) if label >= 0 else 'unknown'}, pred: {class_name(pred)} ({prob:.0%}{served}{own})"
 
 
 def _panels(axes: Sequence[Axes], fig: Figure, image: np.ndarray, saliency: np.ndarray,
@@ -326,7 +330,8 @@ def _panels(axes: Sequence[Axes], fig: Figure, image: np.ndarray, saliency: np.n
 
 def plot_explanation(path: str | Path, image: np.ndarray, saliency: np.ndarray, smooth: np.ndarray,
                      cam: np.ndarray, label: int, pred: int, prob: float, target: int,
-                     title: str = "", layer: str = LAST_CONV_LAYER, smooth_samples: int = 0) -> Path:
+                     title: str = "", layer: str = LAST_CONV_LAYER, smooth_samples: int = 0, tta: str = "none",
+                     alone: int | None = None) -> Path:
     """One image's figure: input, saliency, SmoothGrad and Grad-CAM++ overlay with colour bars."""
     fig = new_figure(13, 3.6)
     axes = fig.subplots(1, 4)
@@ -335,21 +340,22 @@ def plot_explanation(path: str | Path, image: np.ndarray, saliency: np.ndarray, 
     axes[1].set_title(f"saliency\nscore: {class_name(target)} logit", fontsize=9)
     axes[2].set_title(f"SmoothGrad ({smooth_samples} samples)\npred: {class_name(pred)} ({prob:.0%})", fontsize=9)
     axes[3].set_title(f"Grad-CAM++ on {layer}\nscore: {class_name(target)}", fontsize=9)
-    fig.suptitle(f"{title}  -  {_caption(label, pred, prob)}", fontsize=10)
+    fig.suptitle(f"{title}  -  {_caption(label, pred, prob, tta, alone)}", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path, dpi=100)
 
 
 def plot_grid(path: str | Path, images: np.ndarray, saliency: np.ndarray, smooth: np.ndarray,
               cam: np.ndarray, labels: Sequence[int], preds: Sequence[int], probs: Sequence[float],
-              titles: Sequence[str]) -> Path:
+              titles: Sequence[str], tta: str = "none", alone: Sequence[int] | None = None) -> Path:
     """All images in one figure, one row each, so models or images can be compared at a glance."""
     n = len(images)
     fig = new_figure(9, 2.3 * max(n, 1))
     axes = fig.subplots(max(n, 1), 4, squeeze=False)
     for i in range(n):
         _panels(axes[i], fig, images[i], saliency[i], smooth[i], cam[i], colorbars=False)
-        axes[i][0].set_ylabel(f"{titles[i]}\n{_caption(int(labels[i]), int(preds[i]), float(probs[i]))}",
+        own = None if alone is None else int(alone[i])
+        axes[i][0].set_ylabel(f"{titles[i]}\n{_caption(int(labels[i]), int(preds[i]), float(probs[i]), tta, own)}",
                               fontsize=7)
     for ax, name in zip(axes[0], ("input", "saliency", "SmoothGrad", "Grad-CAM++")):
         ax.set_title(name, fontsize=9)
@@ -390,6 +396,9 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
     probs = served_probabilities(model, selection.images, tta, crop_size)
     model = linearize(model)  # once here, not a clone per map
     preds = probs.argmax(axis=1)
+    # The class of the network alone on the image the maps explain: the served TTA's may differ.
+    alone = (preds if tta == "none"
+             else np.asarray(model.predict(selection.images.astype(np.float32), verbose=0)).argmax(axis=1))
     classes = target_classes(target, selection.labels, preds, selection.ids)
     saliency = vanilla_saliency(model, selection.images, classes)
     smooth = smoothgrad(model, selection.images, classes, smooth_samples, smooth_noise, seed=seed)
@@ -404,7 +413,7 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
         titles.append(title)
         figure = plot_explanation(out / f"{k:03d}_{_slug(selection.ids[k])}.png", selection.images[k],
                                   saliency[k], smooth[k], cam[k], label, pred, float(probs[k, pred]),
-                                  int(classes[k]), title, layer, smooth_samples)
+                                  int(classes[k]), title, layer, smooth_samples, tta, int(alone[k]))
         records.append({
             "source": selection.sources[k],
             "index": selection.indices[k],
@@ -413,13 +422,14 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
             "true_label": class_name(label) if label >= 0 else None,
             "pred": pred,
             "pred_label": class_name(pred),
+            "image_alone_pred_label": class_name(int(alone[k])),  # the network on the explained image, no TTA
             "target": int(classes[k]),
             "target_label": class_name(int(classes[k])),
             "probabilities": {class_name(c): round(float(p), 6) for c, p in enumerate(probs[k])},
             "figure": str(figure),
         })
     grid = plot_grid(out / "grid.png", selection.images, saliency, smooth, cam, selection.labels, preds,
-                     probs[np.arange(len(preds)), preds], titles)
+                     probs[np.arange(len(preds)), preds], titles, tta, alone)
     maps = write_maps(out / MAPS_FILE, ids=np.asarray(selection.ids, str), targets=np.asarray(classes, np.int64),
                       saliency=saliency, smoothgrad=smooth, gradcam_plus_plus=cam)
     report = {

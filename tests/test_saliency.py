@@ -504,21 +504,33 @@ def test_cli_bad_output_dir_or_seed_is_a_one_line_error(tool_inputs, tmp_path, p
     assert result.returncode == 2 and last.startswith("error:") and expected in last, result.stderr[-500:]
 
 
+def test_a_caption_says_when_the_prediction_averages_served_views():
+    """With the export's ten-crop the predicted class is not necessarily the class of the image the maps explain."""
+    assert sal._caption(3, 3, 0.8) == "true: happy, pred: happy (80%)"
+    assert sal._caption(3, 3, 0.8, "tencrop", 3) == "true: happy, pred: happy (80%, tencrop as served)"
+    assert sal._caption(-1, 3, 0.8, "tencrop", 6) == (
+        "true: unknown, pred: happy (80%, tencrop as served; the image alone: neutral)")
+
+
 def test_cli_on_the_shipped_export_reports_what_it_serves(tmp_path):
     """The shipped export averages its built-in TTA's views: the report's probabilities are its served ones, not
     those of the bare network whose gradients the maps show."""
     from fer_keras.inference import SHIPPED_MODEL, load_predictor
 
     out = tmp_path / "out"
-    result = run_tool("saliency", "--indices=0,1,2", f"--output_dir={out}", "--smooth_samples=1", cwd=tmp_path)
+    # Images 0-2, and 13, on which ten-crop's class is not the bare network's (session 48's shipped version 8).
+    result = run_tool("saliency", "--indices=0,1,2,13", f"--output_dir={out}", "--smooth_samples=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "saliency.json").read_text())
     served = load_predictor(SHIPPED_MODEL)
     assert report["model"] == "shipped model" and report["prediction_tta"] == (served.metadata.get("tta") or "none")
-    split = sal.from_split(None, "val", [0, 1, 2])
+    split = sal.from_split(None, "val", [0, 1, 2, 13])
     expected = served.probabilities(split.images)
     got = np.array([[r["probabilities"][name] for name in CLASS_NAMES] for r in report["images"]])
     np.testing.assert_allclose(got, expected, atol=2e-5)
     assert [r["pred"] for r in report["images"]] == list(expected.argmax(axis=1))
+    # The maps explain the image itself: the figures say which class the network alone gives it.
+    alone = load_predictor(SHIPPED_MODEL, network_only=True).probabilities(split.images).argmax(axis=1)
+    assert [r["image_alone_pred_label"] for r in report["images"]] == [sal.class_name(int(c)) for c in alone]
     if report["prediction_tta"] != "none":
         assert f"{report['prediction_tta']} TTA as served" in result.stdout
