@@ -861,6 +861,7 @@ def hold_out_name(val_fraction: float) -> str:
     percent = f"{val_fraction:.0%}" if round(val_fraction * 100, 9).is_integer() else f"{val_fraction * 100:.3g}%"
     return f"{percent} stratified hold-out"
 
+
 def train_val(data: FerData, val_fraction: float = 0.1, seed: int = 0) -> tuple[Split, Split]:
     """The training and model-selection splits: PublicTest when the source has it, else a
     seeded stratified hold-out of the training rows."""
