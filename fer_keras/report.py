@@ -547,6 +547,7 @@ def section_saliency(ctx: _Context) -> str:
         # A hold-out's index is into the hold-out the run rebuilt, not into a split of the file.
         sources=[f"{source}:{'train hold-out' if ctx.holdout_label else ctx.split}[{i}]" for i in chosen],
         indices=list(chosen),
+        split_label=ctx.split_label,
     )
     model = ctx.keras_model()
     layer = LAST_CONV_LAYER if LAST_CONV_LAYER in {lay.name for lay in model.layers} else _feature_layers(model)[1]

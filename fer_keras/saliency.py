@@ -250,6 +250,7 @@ class Selection:
     ids: list[str]
     sources: list[str]
     indices: list[int | None]
+    split_label: str | None = None  # the split the indices are into, named in the figures (val (PublicTest))
 
 
 def one_per_class(split: fer_data.Split) -> list[int]:
@@ -271,6 +272,7 @@ def from_split(data_path: str | None, split_name: str, indices: Sequence[int] | 
         ids=[str(split.ids[i]) for i in chosen],
         sources=[f"{data.source}:{fer_data.canonical_split(split_name)}[{i}]" for i in chosen],
         indices=list(chosen),
+        split_label=fer_data.split_label(split_name),
     )
 
 
@@ -409,7 +411,9 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
     titles = []
     for k in range(len(selection.images)):
         label, pred = int(selection.labels[k]), int(preds[k])
-        title = selection.ids[k] if selection.indices[k] is None else f"#{selection.indices[k]} (id {selection.ids[k]})"
+        where = f"{selection.split_label} " if selection.split_label else ""
+        title = (selection.ids[k] if selection.indices[k] is None
+                 else f"{where}#{selection.indices[k]} (id {selection.ids[k]})")
         titles.append(title)
         figure = plot_explanation(out / f"{k:03d}_{_slug(selection.ids[k])}.png", selection.images[k],
                                   saliency[k], smooth[k], cam[k], label, pred, float(probs[k, pred]),

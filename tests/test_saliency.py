@@ -323,6 +323,23 @@ def test_a_rerun_with_fewer_images_removes_the_earlier_runs_other_figures(tmp_pa
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["000_img0.png", "001_mine.png", "grid.png"]
 
 
+def test_figures_name_the_split_their_indices_are_into(tool_inputs, tmp_path, monkeypatch):
+    """A figure titled "#3 (id 28712)" did not say of which split #3 is; files are named by their file names."""
+    _, _, csv = tool_inputs
+    titles = []
+    monkeypatch.setattr(sal, "plot_explanation", lambda path, *args, **kwargs: titles.append(args[8]) or Path(path))
+    monkeypatch.setattr(sal, "plot_grid", lambda path, *args, **kwargs: Path(path))
+    chosen = sal.from_split(str(csv), "PublicTest", [1, 0])
+    sal.explain(conv_model(), chosen, tmp_path / "split", layer="features", smooth_samples=1)
+    assert titles == [f"val (PublicTest) #1 (id {chosen.ids[0]})", f"val (PublicTest) #0 (id {chosen.ids[1]})"]
+    face = tmp_path / "happy" / "face.png"
+    face.parent.mkdir()
+    Image.fromarray(np.full((48, 48), 128, np.uint8)).save(face)
+    titles.clear()
+    sal.explain(conv_model(), sal.from_files([str(face)]), tmp_path / "files", layer="features", smooth_samples=1)
+    assert titles == ["face.png"]
+
+
 def test_the_maps_explain_the_target_class_and_are_saved(tmp_path):
     """With ``target="true"`` every map is of the true class's logit, also where the model predicts another; the
     maps are saved in maps.npz beside the figures, and a maps.npz the tool did not write is refused first."""
