@@ -6,6 +6,7 @@ tests may import every module without flag clashes) and hand a plain function to
 
 from __future__ import annotations
 
+import codecs
 import os
 import sys
 from typing import Callable, Sequence
@@ -72,7 +73,7 @@ def _tolerate_undecodable_names() -> None:
     naming its output. UTF-8 streams write the original bytes back (as ``ls`` shows them); others escape them."""
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
-            utf8 = (stream.encoding or "").lower().replace("-", "").replace("_", "") == "utf8"
+            utf8 = codecs.lookup(stream.encoding or "ascii").name == "utf-8"
             stream.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
 
 

@@ -798,12 +798,19 @@ def _merge(parts: list[FerData], source: str) -> FerData:
     return FerData(source, parts[0].layout, splits, sum((p.skipped for p in parts), []))
 
 
-def load(path: str | os.PathLike | None = None, skip_bad_rows: bool = False, use_cache: bool = True) -> FerData:
-    """Loads any supported layout (the bundled sample when ``path`` is None), via the cache."""
+def load(path: str | os.PathLike | None = None, skip_bad_rows: bool = False, use_cache: bool = True,
+         test_only: bool = False) -> FerData:
+    """Loads any supported layout (the bundled sample when ``path`` is None), via the cache. ``test_only``: of a
+    course folder, its ``test.csv`` alone (named as the source), so that a prediction of the test split neither
+    parses ``train.csv`` nor stops at a bad row there."""
     if path is None or str(path) == "":
         path = SAMPLE_PATH
     path = Path(path).expanduser()
     layout, files = detect(path)
+    source = str(path)
+    tests = [f for f in files if f.name.lower().startswith("test.")] if layout == "csv" and path.is_dir() else []
+    if test_only and tests:
+        files, source = tests, str(tests[0])
     if layout == "image":
         array, converted = read_image(files[0])
         warn_converted(files[0], converted)
@@ -815,11 +822,10 @@ def load(path: str | os.PathLike | None = None, skip_bad_rows: bool = False, use
     data = _load_cache(target) if use_cache and target.is_file() else None
     if data is not None:
         logging.info("loaded %s from cache %s", path, target)
-        data = dataclasses.replace(data, source=str(path))  # as this caller names it, not as the first one did
+        data = dataclasses.replace(data, source=source)  # as this caller names it, not as the first one did
     else:
         if layout == "csv":
-            data = _merge([read_csv(f, skip_bad_rows, course_test=path.is_dir() and f.name.lower().startswith("test."))
-                           for f in files], str(path))
+            data = _merge([read_csv(f, skip_bad_rows, course_test=f in tests) for f in files], source)
         else:
             data = read_image_folder(files[0], skip_bad_rows)
         if use_cache:

@@ -597,6 +597,12 @@ def _composed_softmax_ce(logits: Any, y_true: Any, label_smoothing: float) -> An
     return -tf.reduce_mean(tf.reduce_sum(target * log_probs, axis=-1))
 
 
+def _softmax_variants(label_smoothing: float) -> tuple[tuple[str, str, float], ...]:
+    """(name, target kind, label smoothing) of each softmax-CE check: one-hot, smoothed one-hot, soft targets."""
+    return (("one-hot", "one-hot", 0.0), (f"one-hot, label_smoothing={label_smoothing:g}", "one-hot", label_smoothing),
+            ("soft targets", "soft", 0.0))
+
+
 def _targets(kind: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     if kind == "soft":
         return rng.dirichlet(np.ones(k), size=n)
@@ -619,10 +625,8 @@ def check_softmax_cross_entropy(
     import keras
     import tensorflow as tf
 
-    variants = (("one-hot", "one-hot", 0.0), (f"one-hot, label_smoothing={label_smoothing:g}", "one-hot",
-                label_smoothing), ("soft targets", "soft", 0.0))
     results = []
-    for v, (label, kind, alpha) in enumerate(variants):
+    for v, (label, kind, alpha) in enumerate(_softmax_variants(label_smoothing)):
         loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=alpha, dtype=DTYPE)
         rows = []
         for i, (n, k) in enumerate(shapes):
@@ -723,9 +727,7 @@ def check_central_differences(
             "reference": f"central differences, step {FD_STEP:g}, of sum(G * y) with BatchNorm in numpy (float64)",
             "epsilon": epsilon,
         }))
-    variants = (("one-hot", "one-hot", 0.0), (f"one-hot, label_smoothing={label_smoothing:g}", "one-hot",
-                label_smoothing), ("soft targets", "soft", 0.0))
-    for v, (label, kind, alpha) in enumerate(variants):
+    for v, (label, kind, alpha) in enumerate(_softmax_variants(label_smoothing)):
         per_shape = []
         for i, (n, k) in enumerate(FD_SOFTMAX_SHAPES):
             rng = np.random.default_rng([seed, v, i, 1])

@@ -86,10 +86,10 @@ def _flat_image_folder(folder: Path) -> list[Path] | None:
     """The images directly inside ``folder``, or None when it is a labeled layout for data.load. A link to an image
     that is gone is kept, so that the reader names it; files under other suffixes are named as not read, since a
     submission would otherwise lack their rows without a word."""
-    subdirs = {p.name.lower() for p in folder.iterdir() if p.is_dir()}
-    if subdirs & (set(CLASS_NAMES) | {"train", "test", "val"}):
+    entries = list(folder.iterdir())
+    if {p.name.lower() for p in entries if p.is_dir()} & (set(CLASS_NAMES) | {"train", "test", "val"}):
         return None
-    visible = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    visible = [p for p in entries if not p.name.startswith(".")]
     files = [p for p in visible if p.is_file() or (p.is_symlink() and not p.exists())]
     images = sorted(p for p in files if _is_image(p))
     others = sorted(p.name for p in files if not _is_image(p))
@@ -150,12 +150,8 @@ def load_inputs(spec: str, split: str | None = None, skip_bad_rows: bool = False
                 raise ConfigError(f"{path}: --split does not apply to a folder of images")
             split = read_images(images, skip_bad_rows)
             return split, f"{len(split)} image(s) in {path}"
-    course_test = _course_test_file(path, split)
-    if course_test is not None:  # the course's own test split, not FER2013's Usage of that name
-        data = fer_data.read_csv(course_test, skip_bad_rows, course_test=True)
-        if split or len(data.splits.get("test", ())):
-            return data.split("test"), f"test of {course_test}"
-    data = fer_data.load(path, skip_bad_rows=skip_bad_rows)
+    test_only = not split or fer_data.canonical_split(split) == "test"
+    data = fer_data.load(path, skip_bad_rows=skip_bad_rows, test_only=test_only)
     if data.layout == "image":
         if split:
             raise ConfigError(f"{path}: --split does not apply to an image file")
@@ -164,16 +160,6 @@ def load_inputs(spec: str, split: str | None = None, skip_bad_rows: bool = False
     if data.layout == "course":  # the course's own split, not FER2013's Usage of that name
         label = label.split(" (")[0]
     return chosen, f"{label} of {data.source}"
-
-
-def _course_test_file(path: Path, split: str | None) -> Path | None:
-    """A course folder's ``test.csv`` when its test split is to be predicted: read alone, so that its ``train.csv``
-    costs no parse and a bad row there does not stop a prediction that never uses it."""
-    if not path.is_dir() or (split and fer_data.canonical_split(split) != "test"):
-        return None
-    layout, files = fer_data.detect(path)
-    tests = [f for f in files if f.name.lower().startswith("test.")]
-    return tests[0] if layout == "csv" and tests else None
 
 
 def check_output(path: str | os.PathLike) -> None:

@@ -604,7 +604,7 @@ def section_filters(ctx: _Context) -> str:
     which = (f"of the first convolution (`{FIRST_CONV_LAYER}`) and of the last residual block (`{LAST_CONV_LAYER}`, "
              "whose channels are its convolution path and shortcut added, after ReLU)" if ours
              else f"of `{layers[0]}` and `{layers[1]}`, the first and the last layer with weights and feature maps")
-    channels = {layer: int(filters.filter_model(model, layer).outputs[0].shape[-1]) for layer in layers}
+    channels = {layer: int(filters.check_layer(model, layer).output.shape[-1]) for layer in layers}
     fewer = "; all of a layer that has fewer" if ctx.num_filters > min(channels.values()) else ""
     top_k = min(ctx.top_k, len(split))  # as filters.analyse_layer draws them
     parts = [

@@ -399,8 +399,7 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
     model = linearize(model)  # once here, not a clone per map
     preds = probs.argmax(axis=1)
     # The class of the network alone on the image the maps explain: the served TTA's may differ.
-    alone = (preds if tta == "none"
-             else np.asarray(model.predict(selection.images.astype(np.float32), verbose=0)).argmax(axis=1))
+    alone = preds if tta == "none" else served_probabilities(model, selection.images).argmax(axis=1)
     classes = target_classes(target, selection.labels, preds, selection.ids)
     saliency = vanilla_saliency(model, selection.images, classes)
     smooth = smoothgrad(model, selection.images, classes, smooth_samples, smooth_noise, seed=seed)
@@ -409,9 +408,9 @@ def explain(model: keras.Model, selection: Selection, output_dir: str | Path, ta
     out.mkdir(parents=True, exist_ok=True)
     records = []
     titles = []
+    where = f"{selection.split_label} " if selection.split_label else ""
     for k in range(len(selection.images)):
         label, pred = int(selection.labels[k]), int(preds[k])
-        where = f"{selection.split_label} " if selection.split_label else ""
         title = (selection.ids[k] if selection.indices[k] is None
                  else f"{where}#{selection.indices[k]} (id {selection.ids[k]})")
         titles.append(title)
