@@ -135,6 +135,9 @@ BLOCKS_PER_STAGE = 2
 # The first convolution and the last residual block (Grad-CAM++'s feature maps), by layer name.
 FIRST_CONV_LAYER = "stem_conv"
 LAST_CONV_LAYER = "stage4_block2"
+# The first convolution's filters after its BatchNorm and ReLU: what the filters tool shows of the stem, as the
+# convolution itself is linear (its mean over positions follows the image's mean brightness).
+STEM_OUTPUT_LAYER = "stem_relu"
 # Mean and standard deviation of FER2013 Training pixels scaled to [0, 1].
 FER2013_MEAN = 0.5136
 FER2013_STD = 0.3067

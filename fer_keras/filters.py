@@ -1,20 +1,23 @@
 """What filters respond to: activation maximisation, feature maps and top-activating images.
 
 ``python -m fer_keras.filters`` looks at chosen filters (channels) of chosen layers, by default the
-first 16 of the first conv layer (``stem_conv``) and of the last residual stage (``stage4_block2``),
-and writes per layer:
+first 16 of the stem after its BatchNorm and ReLU (``stem_relu``: the convolution ``stem_conv``
+itself is linear, so its mean activation follows the image's mean brightness and maximising it draws
+a flat bright or dark image) and of the last residual stage (``stage4_block2``), and writes per layer:
 
 * ``<layer>_maximization.png``: inputs optimised by tf-keras-vis ``ActivationMaximization`` to
   maximise each filter's mean activation;
 * ``<layer>_feature_maps.png``: the filters' feature maps for one image;
 * ``<layer>_top<k>.png``: the k images of a split that activate each filter most;
 
-plus ``filters.json`` with the filter indices, activations reached and top-k image ids.
+plus ``filters.json`` with the filter indices, activations reached, outcomes and top-k image ids.
 
 The model takes raw 0-255 pixels, so the optimisation runs in pixel space: seeds are uniform 0-255
 and a clipping input modifier keeps every step in range (tf-keras-vis itself only clips the result).
 The score is divided by the filter's activation spread on random images, so one learning rate and
-one set of regulariser weights suit both a pre-activation stem conv and a deep ReLU stage.
+one set of regulariser weights suit both a stem and a deep ReLU stage. A ReLU filter that noise never
+switches on gets no gradient from noise; it starts from the split image activating it most instead,
+and one that is constant there too is reported dead (such as a filter whose weights are all zero).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from absl import flags, logging
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from fer_keras import CLASS_NAMES, FIRST_CONV_LAYER, LAST_CONV_LAYER, cli
+from fer_keras import CLASS_NAMES, LAST_CONV_LAYER, STEM_OUTPUT_LAYER, cli
 from fer_keras import data as fer_data
 from fer_keras.errors import ConfigError
 from fer_keras.history import atomic_write_text, check_json_replaceable
@@ -50,6 +53,7 @@ PIXEL_RANGE = (0.0, 255.0)
 # Keys every filters.json has: an existing one is replaced only if it has them.
 REPORT_KEYS = ("layers", "feature_map_image")
 DEFAULT_FILTERS = 16
+DEFAULT_LAYERS = (STEM_OUTPUT_LAYER, LAST_CONV_LAYER)
 DEFAULT_STEPS = 128
 DEFAULT_LEARNING_RATE = 8.0
 # Per unit of score (activation / random-input spread) and of 0-255 pixel: small, because the best
@@ -225,16 +229,31 @@ def _clip_to_pixels(x: tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value(x, *PIXEL_RANGE)
 
 
+# Outcomes of activation maximisation per filter (``Maximization.status``).
+MAXIMISED, NOT_MAXIMISED, DEAD = "maximised", "not maximised", "dead"
+
+
 @dataclasses.dataclass
 class Maximization:
-    """Result per filter: the optimised inputs (0-255), the mean activation they reach, and the
-    mean and per-position spread of the activation on random uniform 0-255 images (the baseline)."""
+    """Result per filter: the optimised inputs (0-255), the mean activation they reach, the mean and
+    per-position spread of the activation on random uniform 0-255 images (the baseline), where each
+    optimisation started (``from_image``: the filter's natural start, else noise) and the activation
+    there, and the outcome: ``maximised``, ``not maximised`` (no gain over the start) or ``dead``
+    (constant on noise and on its natural start: nothing to optimise; its image is the start)."""
 
     filters: list[int]
     images: np.ndarray
     activations: np.ndarray
     random_mean: np.ndarray
     random_std: np.ndarray
+    start_activations: np.ndarray
+    from_image: np.ndarray
+    status: list[str]
+
+
+def _spread(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per filter of ``[N, h, w, F]`` maps: the range and the standard deviation over images and positions."""
+    return np.ptp(maps, axis=(0, 1, 2)), maps.std(axis=(0, 1, 2))
 
 
 def maximize_filters(
@@ -250,9 +269,13 @@ def maximize_filters(
     batch_size: int = 16,
     seed: int | None = None,
     progress: Callable[[str], Callback | None] | None = None,
+    natural_starts: np.ndarray | None = None,
 ) -> Maximization:
     """Optimises one input per filter to maximise its mean activation, ``batch_size`` filters at once.
 
+    Each starts from uniform noise, except a filter whose activation is constant on noise (a ReLU
+    channel that noise never switches on): noise gives it no gradient, so it starts from its row of
+    ``natural_starts`` (e.g. the image of a split activating it most), if that image moves it.
     Adam with a pixel-sized learning rate replaces tf-keras-vis' RMSprop(1.0) default, which barely
     moves 0-255 inputs whose gradients are tiny; it runs without momentum (``beta_1=0``) because
     tf-keras-vis' Jitter shifts the image permanently while momentum stays where it was. Jitter and
@@ -270,15 +293,19 @@ def maximize_filters(
     filter_score = classes["FilterScore"]
     sub = filter_model(model, layer)
     filters = check_filters(sub, layer, filters)
-    rng = np.random.default_rng(seed)
     shape = tuple(int(d) for d in sub.inputs[0].shape[1:])
+    if natural_starts is not None and np.shape(natural_starts) != (len(filters),) + shape:
+        raise ValueError(f"natural_starts has shape {np.shape(natural_starts)}, not {(len(filters),) + shape}")
+    rng = np.random.default_rng(seed)
     probes = rng.uniform(*PIXEL_RANGE, (RANDOM_PROBES,) + shape).astype(np.float32)
     with quiet_keras():
         random_maps = np.asarray(sub(as_batch(probes), training=False), np.float32)[..., filters]
     random_mean = random_maps.mean(axis=(0, 1, 2))
     # Spread of single positions, not of the image means: the latter shrinks with the map size.
-    random_std = random_maps.std(axis=(0, 1, 2))
-    scale = np.maximum(random_std, 1e-6 * np.maximum(np.abs(random_mean), 1.0))
+    random_range, random_std = _spread(random_maps)
+    # Below this a spread is round-off: float32 resolution at the layer's own scale.
+    tolerance = 1e-6 * max(1.0, float(np.abs(random_maps).max()))
+    scale = np.maximum(random_std, tolerance)
 
     modifiers: list = []
     if jitter > 0:
@@ -290,17 +317,36 @@ def maximize_filters(
     modifiers.append(_clip_to_pixels)
     regularizers = [TotalVariation2D(tv_weight), classes["RmsNorm"](norm_weight)]
 
+    starts = rng.uniform(*PIXEL_RANGE, (len(filters),) + shape).astype(np.float32)
+    silent = random_range <= tolerance
+    from_image = np.zeros(len(filters), bool)
+    dead = np.zeros(len(filters), bool)
+    if silent.any() and natural_starts is not None:
+        natural = np.asarray(natural_starts, np.float32)[silent]
+        with quiet_keras():
+            natural_maps = np.asarray(sub(as_batch(natural), training=False), np.float32)
+        picked = natural_maps[np.arange(len(natural)), ..., np.asarray(filters)[silent]]  # [S, h, w]
+        natural_range, natural_std = _spread(np.moveaxis(picked, 0, -1)[None])
+        moves = natural_range > tolerance
+        rows = np.flatnonzero(silent)
+        from_image[rows[moves]] = True
+        dead[rows[~moves]] = True
+        starts[rows[moves]] = natural[moves]
+        scale[rows[moves]] = np.maximum(natural_std[moves], tolerance)
+    elif silent.any():
+        logging.warning("%s: %s constant on noise and given no natural start: they will not move", layer,
+                        _describe([f for f, s in zip(filters, silent) if s]))
+
     images = []
     visualizer = ActivationMaximization(sub, clone=False)
     for start in range(0, len(filters), batch_size):
         chunk = filters[start:start + batch_size]
         label = f"{layer} {_describe(chunk)}"
         callback = progress(label) if progress else None
-        seed_input = tf.constant(rng.uniform(*PIXEL_RANGE, (len(chunk),) + shape).astype(np.float32))
         with quiet_keras():
             result = visualizer(
                 filter_score(chunk, scale[start:start + len(chunk)]),
-                seed_input,
+                tf.constant(starts[start:start + len(chunk)]),
                 input_range=PIXEL_RANGE,
                 input_modifiers=modifiers,
                 regularizers=regularizers,
@@ -310,8 +356,14 @@ def maximize_filters(
             )
         images.append(np.asarray(result, np.float32))
     optimised = np.concatenate(images)
-    reached = channel_means(sub, optimised, filters)[np.arange(len(filters)), np.arange(len(filters))]
-    return Maximization(filters, optimised, reached, random_mean, random_std)
+    optimised[dead] = starts[dead]
+    diagonal = np.arange(len(filters))
+    reached = channel_means(sub, optimised, filters)[diagonal, diagonal]
+    start_activations = channel_means(sub, starts, filters)[diagonal, diagonal]
+    # A gain of a thousandth of the filter's spread is no gain: round-off and the regularisers' drift.
+    gained = reached - start_activations > 1e-3 * scale
+    status = [DEAD if d else MAXIMISED if g else NOT_MAXIMISED for d, g in zip(dead, gained)]
+    return Maximization(filters, optimised, reached, random_mean, random_std, start_activations, from_image, status)
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,7 +378,7 @@ def _grid(n: int, max_cols: int = 8) -> tuple[int, int]:
 def _panels(n: int) -> tuple[Figure, list[Axes]]:
     """A near-square grid of ``n`` tick-less panels (spare cells hidden)."""
     rows, cols = _grid(n)
-    fig = new_figure(1.7 * cols, 1.9 * rows + 0.5)
+    fig = new_figure(1.7 * cols, 2.0 * rows + 0.7)
     axes = list(fig.subplots(rows, cols, squeeze=False).flat)
     for ax in axes[:n]:
         ax.set_xticks([])
@@ -337,19 +389,40 @@ def _panels(n: int) -> tuple[Figure, list[Axes]]:
 
 
 def _png(fig: Figure, title: str) -> bytes:
-    fig.suptitle(title, fontsize=9)
+    # A fixed distance from the top: the default, a fraction of the height, lands on the first row of a tall grid.
+    fig.suptitle(title, fontsize=9, y=1 - 0.08 / fig.get_figheight(), va="top")
     fig.tight_layout()
     return png_bytes(fig, dpi=90)
 
 
+def _maximization_caption(f: int, result: Maximization, j: int) -> tuple[str, str]:
+    """A panel's title and its colour: the activation reached against the baseline, or what went wrong."""
+    act = result.activations[j]
+    if result.status[j] == DEAD:
+        return f"filter {f}\ndead: {act:.3g} everywhere", "tab:red"
+    baseline = (f"from image {result.start_activations[j]:.2g}" if result.from_image[j]
+                else f"random {result.random_mean[j]:.2g}")
+    if result.status[j] == NOT_MAXIMISED:
+        return f"filter {f}: not maximised\n{act:.3g} ({baseline})", "tab:red"
+    return f"filter {f}\n{act:.3g} ({baseline})", "black"
+
+
 def plot_maximization(layer: str, result: Maximization) -> bytes:
-    """Optimised inputs in a grid, each titled with its activation and the random baseline; as PNG."""
+    """Optimised inputs in a grid, each titled with its activation and the random baseline (or the activation on its
+    natural start); a dead filter's panel is left blank, and failures are titled in red; as PNG."""
     fig, axes = _panels(len(result.filters))
-    panels = zip(axes, result.filters, result.images, result.activations, result.random_mean)
-    for ax, f, image, act, base in panels:
-        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"filter {f}\n{act:.3g} (random {base:.2g})", fontsize=7)
-    return _png(fig, f"{layer}: inputs maximising mean activation")
+    for j, (ax, f, image) in enumerate(zip(axes, result.filters, result.images)):
+        if result.status[j] != DEAD:
+            ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
+        title, colour = _maximization_caption(f, result, j)
+        ax.set_title(title, fontsize=7, color=colour)
+    notes = []
+    if result.from_image.any():
+        notes.append('"from image": noise does not move the filter, so it started from its top image')
+    if DEAD in result.status:
+        notes.append("dead: constant on noise and on its top image")
+    title = f"{layer}: inputs maximising mean activation"
+    return _png(fig, title + ("\n" + "; ".join(notes) if notes else ""))
 
 
 def plot_feature_maps(layer: str, image: np.ndarray, filters: Sequence[int], maps: np.ndarray,
@@ -365,20 +438,25 @@ def plot_feature_maps(layer: str, image: np.ndarray, filters: Sequence[int], map
 
 
 def plot_top_k(layer: str, filters: Sequence[int], images: np.ndarray, ids: np.ndarray, indices: np.ndarray,
-               values: np.ndarray) -> bytes:
-    """One row per filter: its top-k images, titled with image id and mean activation; as PNG."""
+               values: np.ndarray, dead: Sequence[bool] | None = None, split_label: str = "") -> bytes:
+    """One row per filter: its top-k images, titled with image id and mean activation; a dead filter's row is left
+    blank, as its "top" images are merely the first of equals; as PNG."""
     rows, cols = len(filters), indices.shape[1]
     fig = new_figure(1.5 * cols + 0.6, 1.6 * rows + 0.5)
     axes = fig.subplots(max(rows, 1), max(cols, 1), squeeze=False)
     for r, f in enumerate(filters):
         for c in range(cols):
             ax = axes[r][c]
-            ax.imshow(images[indices[r, c]][..., 0], cmap="gray", vmin=0, vmax=255)
-            ax.set_title(f"{ids[indices[r, c]]}: {values[r, c]:.3g}", fontsize=6)
+            if dead is not None and dead[r]:
+                ax.set_title(f"dead: {values[r, c]:.3g}" if c == 0 else "", fontsize=6, color="tab:red")
+            else:
+                ax.imshow(images[indices[r, c]][..., 0], cmap="gray", vmin=0, vmax=255)
+                ax.set_title(f"{ids[indices[r, c]]}: {values[r, c]:.3g}", fontsize=6)
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][0].set_ylabel(f"filter {f}", fontsize=7)
-    return _png(fig, f"{layer}: top-{cols} images per filter (mean activation)")
+    where = f"{split_label} " if split_label else ""
+    return _png(fig, f"{layer}: top-{cols} {where}images per filter (mean activation)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,24 +465,28 @@ def plot_top_k(layer: str, filters: Sequence[int], images: np.ndarray, ids: np.n
 
 def analyse_layer(model: keras.Model, layer: str, filters: Sequence[int] | None, split: fer_data.Split,
                   image: np.ndarray, image_title: str, output_dir: Path, top_k: int,
-                  progress: Callable[[str], Callback | None] | None = None,
+                  progress: Callable[[str], Callback | None] | None = None, split_label: str = "",
                   **maximize_kwargs) -> tuple[dict, dict[Path, bytes]]:
     """All three views of one layer: its part of ``filters.json``, and its figures as PNG bytes by the path in
-    ``output_dir`` they are for. Nothing is written: the caller writes them (:func:`analyse_layers`)."""
+    ``output_dir`` they are for. Nothing is written: the caller writes them (:func:`analyse_layers`).
+    ``split_label`` names ``split`` in the top-k figure, e.g. "val (PublicTest)"."""
     sub = filter_model(model, layer)
     channels = int(sub.outputs[0].shape[-1])
     filters = check_filters(sub, layer, filters if filters else range(min(DEFAULT_FILTERS, channels)))
-    result = maximize_filters(model, layer, filters, progress=progress, **maximize_kwargs)
-    maps = feature_maps(model, layer, image, filters)
     print(f"{layer}: scanning {len(split)} images for the top {top_k}", file=sys.stderr, flush=True)
     indices, values = top_k_images(model, layer, split.images, filters, top_k)
+    natural_starts = split.images[indices[:, 0]] if indices.shape[1] else None
+    result = maximize_filters(model, layer, filters, progress=progress, natural_starts=natural_starts,
+                              **maximize_kwargs)
+    maps = feature_maps(model, layer, image, filters)
     paths = {"maximization": output_dir / f"{layer}_maximization.png",
              "feature_maps": output_dir / f"{layer}_feature_maps.png",
              "top_k": output_dir / f"{layer}_top{indices.shape[1]}.png"}
     figures = {
         paths["maximization"]: plot_maximization(layer, result),
         paths["feature_maps"]: plot_feature_maps(layer, image, filters, maps, image_title),
-        paths["top_k"]: plot_top_k(layer, filters, split.images, split.ids, indices, values),
+        paths["top_k"]: plot_top_k(layer, filters, split.images, split.ids, indices, values,
+                                   [status == DEAD for status in result.status], split_label),
     }
     entry = {
         "output_shape": [None] + [int(d) for d in sub.outputs[0].shape[1:]],
@@ -412,6 +494,10 @@ def analyse_layer(model: keras.Model, layer: str, filters: Sequence[int] | None,
         "filters": [
             {
                 "filter": f,
+                "status": result.status[j],
+                "start": ({"index": int(indices[j, 0]), "id": str(split.ids[indices[j, 0]])}
+                          if result.from_image[j] else "noise"),
+                "start_activation": float(result.start_activations[j]),
                 "max_activation": float(result.activations[j]),
                 "random_mean_activation": float(result.random_mean[j]),
                 "random_std_activation": float(result.random_std[j]),
@@ -429,6 +515,20 @@ def analyse_layer(model: keras.Model, layer: str, filters: Sequence[int] | None,
     return entry, figures
 
 
+def summarise_layer(entry: dict) -> str:
+    """One line on a layer's part of ``filters.json``: the range reached, and how many filters did not get there
+    from noise."""
+    rows = entry["filters"]
+    gains = [r["max_activation"] for r in rows if r["status"] != DEAD]
+    text = f"{len(rows)} filters"
+    if gains:
+        text += f", activation reached {min(gains):.3g}-{max(gains):.3g}"
+    counts = [(sum(r["start"] != "noise" for r in rows), "started from their top image, as noise did not move them"),
+              (sum(r["status"] == NOT_MAXIMISED for r in rows), "not maximised"),
+              (sum(r["status"] == DEAD for r in rows), "dead (constant on noise and on their top image)")]
+    return text + "".join(f"; {n} {what}" for n, what in counts if n)
+
+
 def write_figures(figures: dict[Path, bytes]) -> None:
     """Writes PNG bytes to their paths, each atomically."""
     from fer_keras.predict import atomic_write
@@ -439,17 +539,17 @@ def write_figures(figures: dict[Path, bytes]) -> None:
 
 def analyse_layers(model: keras.Model, layers: Sequence[str], filters: Sequence[int] | None, split: fer_data.Split,
                    image: np.ndarray, image_title: str, output_dir: Path, top_k: int,
-                   progress: Callable[[str], Callback | None] | None = None, **maximize_kwargs) -> dict[str, dict]:
+                   progress: Callable[[str], Callback | None] | None = None, split_label: str = "",
+                   **maximize_kwargs) -> dict[str, dict]:
     """:func:`analyse_layer` of each layer; the figures are written only once every layer is done, so a run stopped
     midway leaves the figures of the run before it, which its ``filters.json`` describes."""
     figures: dict[Path, bytes] = {}
     entries = {}
     for layer in layers:
         entries[layer], layer_figures = analyse_layer(model, layer, filters, split, image, image_title, output_dir,
-                                                      top_k, progress, **maximize_kwargs)
+                                                      top_k, progress, split_label, **maximize_kwargs)
         figures.update(layer_figures)
-        gains = [r["max_activation"] for r in entries[layer]["filters"]]
-        print(f"{layer}: {len(gains)} filters, activation reached {min(gains):.3g}-{max(gains):.3g}", flush=True)
+        print(f"{layer}: {summarise_layer(entries[layer])}", flush=True)
     write_figures(figures)
     return entries
 
@@ -460,7 +560,8 @@ def define_flags() -> None:
     flags.DEFINE_string("data", None, "FER2013 in any layout fer_keras.data reads; default: the bundled sample.")
     cli.define_skip_bad_rows()
     flags.DEFINE_string("split", "val", "Split for the top-k images and --image_index: train, val or test.")
-    flags.DEFINE_list("layers", [FIRST_CONV_LAYER, LAST_CONV_LAYER], "Layers with feature maps to look at.")
+    flags.DEFINE_list("layers", list(DEFAULT_LAYERS), "Layers with feature maps to look at; default: the stem after "
+                      "its BatchNorm and ReLU, and the last residual block.")
     flags.DEFINE_list("filters", None, f"Filter indices, e.g. 0,3,8-11; default: the first {DEFAULT_FILTERS}.")
     flags.DEFINE_integer("steps", DEFAULT_STEPS, "Activation maximisation steps.")
     flags.DEFINE_float("learning_rate", DEFAULT_LEARNING_RATE,
@@ -535,6 +636,7 @@ def main(argv: Sequence[str]) -> None:
     report["layers"] = analyse_layers(
         model, f.layers, filters, split, image, image_title, out, f.top_k,
         progress=lambda label: progress(label, every=max(1, f.steps // 8)),
+        split_label=fer_data.split_label(f.split),
         steps=f.steps, learning_rate=f.learning_rate, tv_weight=f.tv_weight, norm_weight=f.norm_weight,
         jitter=f.jitter, rotate=f.rotate, batch_size=f.batch_size, seed=f.seed,
     )

@@ -29,7 +29,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from fer_keras import (  # noqa: F401  FIRST_CONV_LAYER and LAST_CONV_LAYER: the layer names, also from here
+from fer_keras import (  # noqa: F401  FIRST_CONV_LAYER, LAST_CONV_LAYER: the layer names, also from here
     BLOCKS_PER_STAGE,
     BN_EPSILON,
     FER2013_MEAN,
@@ -39,6 +39,7 @@ from fer_keras import (  # noqa: F401  FIRST_CONV_LAYER and LAST_CONV_LAYER: the
     LAST_CONV_LAYER,
     NUM_CLASSES,
     STAGE_WIDTHS,
+    STEM_OUTPUT_LAYER,
     STEMS,
     schedules,  # noqa: F401  registers OneCycle: a run's best.keras names it in its compile config
 )
@@ -330,7 +331,7 @@ def resnet18(
     x = batchnorm_class(fused_batchnorm)(
         momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=sync_batchnorm, name="stem_bn"
     )(x)
-    x = layers.ReLU(name="stem_relu")(x)
+    x = layers.ReLU(name=STEM_OUTPUT_LAYER)(x)
     if stem == "imagenet":
         # Zero padding equals PyTorch's -inf padding here because inputs are >= 0 after ReLU.
         x = layers.ZeroPadding2D(1, name="stem_pool_pad")(x)

@@ -593,16 +593,18 @@ def section_filters(ctx: _Context) -> str:
     import keras
 
     from fer_keras import filters
-    from fer_keras.model import FIRST_CONV_LAYER, LAST_CONV_LAYER
+    from fer_keras.model import LAST_CONV_LAYER, STEM_OUTPUT_LAYER
 
     model = ctx.keras_model()
     names = {layer.name for layer in model.layers}
-    ours = {FIRST_CONV_LAYER, LAST_CONV_LAYER} <= names
-    layers = (FIRST_CONV_LAYER, LAST_CONV_LAYER) if ours else _feature_layers(model)
+    ours = {STEM_OUTPUT_LAYER, LAST_CONV_LAYER} <= names
+    layers = filters.DEFAULT_LAYERS if ours else _feature_layers(model)
     split = ctx.split_data()
     image_title = f"({ctx.split_label} #0, id {split.ids[0]})"
-    which = (f"of the first convolution (`{FIRST_CONV_LAYER}`) and of the last residual block (`{LAST_CONV_LAYER}`, "
-             "whose channels are its convolution path and shortcut added, after ReLU)" if ours
+    which = (f"of the first convolution after its BatchNorm and ReLU (`{STEM_OUTPUT_LAYER}`: the convolution "
+             "itself is linear, so its mean activation follows the image's mean brightness) and of the last "
+             f"residual block (`{LAST_CONV_LAYER}`, whose channels are its convolution path and shortcut added, "
+             "after ReLU)" if ours
              else f"of `{layers[0]}` and `{layers[1]}`, the first and the last layer with weights and feature maps")
     channels = {layer: int(filters.check_layer(model, layer).output.shape[-1]) for layer in layers}
     fewer = "; all of a layer that has fewer" if ctx.num_filters > min(channels.values()) else ""
@@ -612,7 +614,9 @@ def section_filters(ctx: _Context) -> str:
         f"maximisation optimises an input per filter for {_plural(ctx.filter_steps, 'step', 'steps')} "
         "(from uniform noise, "
         "with total-variation and L2 (RMS) regularisers); the activation reached is the filter's mean over "
-        f"positions, next to its mean on random images. Feature maps are those of image #0 of "
+        "positions, next to its mean on random images. A filter that noise never switches on gets no gradient "
+        f"from noise, so it starts from its top {ctx.split_label} image instead; one constant on that image too is "
+        f"dead. Feature maps are those of image #0 of "
         f"{ctx.split_label}; the top-{top_k} images are the {ctx.split_label} images with the "
         "highest mean activation.",
     ]
@@ -621,17 +625,16 @@ def section_filters(ctx: _Context) -> str:
         keras.utils.set_random_seed(ctx.seed)
         entry, pngs = filters.analyse_layer(
             model, layer, chosen, split, split.images[0], image_title, ctx.out / "filters",
-            ctx.top_k, progress=None, steps=ctx.filter_steps, seed=ctx.seed,
+            ctx.top_k, progress=None, split_label=ctx.split_label, steps=ctx.filter_steps, seed=ctx.seed,
         )
         filters.write_figures(pngs)
         shape = " x ".join(str(d) for d in entry["output_shape"][1:])
-        rows = [(r["filter"], f"{r['max_activation']:.3g}", f"{r['random_mean_activation']:.3g}",
-                 ", ".join(f"{t['id']} ({CLASS_NAMES[t['label']] if 0 <= t['label'] < len(CLASS_NAMES) else '?'})"
-                           for t in r["top_k"]))
+        rows = [(r["filter"], _filter_outcome(r), f"{r['random_mean_activation']:.3g}", _top_images(r))
                 for r in entry["filters"]]
         figures = entry["figures"]
         parts += [
             "", f"### `{layer}` (output {shape})", "",
+            f"{filters.summarise_layer(entry)}.", "",
             md_image(f"{layer}: inputs maximising each filter's mean activation", ctx.link(figures["maximization"])),
             "",
             md_image(f"{layer}: feature maps of {ctx.split_label} image #0", ctx.link(figures["feature_maps"])),
@@ -639,9 +642,33 @@ def section_filters(ctx: _Context) -> str:
             md_image(f"{layer}: top-{top_k} {ctx.split_label} images per filter", ctx.link(figures["top_k"])),
             "",
             md_table(("filter", "activation reached", "random-input mean", f"top-{top_k} images (id, true class)"),
-                     rows, right=(0, 1, 2)),
+                     rows, right=(0, 2)),
         ]
     return "\n".join(parts)
+
+
+def _top_images(row: dict) -> str:
+    """A filter's top images (id, true class) for the filters table; none for a dead filter, whose "top" images are
+    merely the first of equals."""
+    from fer_keras import filters
+
+    if row["status"] == filters.DEAD:
+        return f"none above {row['top_k'][0]['activation']:.3g}" if row["top_k"] else "none"
+    return ", ".join(f"{t['id']} ({CLASS_NAMES[t['label']] if 0 <= t['label'] < len(CLASS_NAMES) else '?'})"
+                     for t in row["top_k"])
+
+
+def _filter_outcome(row: dict) -> str:
+    """The activation reached, and how, for the filters table."""
+    from fer_keras import filters
+
+    reached = f"{row['max_activation']:.3g}"
+    if row["status"] == filters.DEAD:
+        return f"{reached} (dead)"
+    start = "" if row["start"] == "noise" else f"from image {row['start']['id']} ({row['start_activation']:.3g})"
+    if row["status"] == filters.NOT_MAXIMISED:
+        return f"{reached} (not maximised{', ' + start if start else ''})"
+    return f"{reached} ({start})" if start else reached
 
 
 def _mkdir(path: Path) -> Path:
@@ -668,7 +695,8 @@ def section_gradcheck(ctx: _Context) -> str:
     parts = [
         "The report's hand derivations against what Keras computes: the output-size formula "
         "floor((W + 2p - k) / s) + 1 against Conv2D and MaxPool2D shapes; the BatchNorm backward pass "
-        "and dL/dz = (softmax(z) - y) / N against GradientTape in float64, and the BatchNorm formulas "
+        "and dL/dz = (softmax(z) - y) / N against GradientTape in float64 and against central differences "
+        "of the losses computed in numpy (float64), and the BatchNorm formulas "
         "against the model's fused BatchNorm layer in float32. A check passes when its max "
         f"absolute and max relative error are both within the tolerance. {verdict}",
     ]

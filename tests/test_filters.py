@@ -45,6 +45,25 @@ def brightness_model() -> keras.Model:
     return model
 
 
+def patch_model() -> keras.Model:
+    """Filter 0 fires where a 9x9 patch is bright (mean pixel above 0.7 x 255), which uniform noise never gives (its
+    patch means have a spread of 0.032 x 255 about 0.5 x 255: p < 1e-9 per position); filter 1 has all-zero weights
+    (dead); filter 2 is brightness after ReLU."""
+    inputs = keras.Input((48, 48, 1))
+    conv = keras.layers.Conv2D(3, 9, activation="relu", name="patch")
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(conv(keras.layers.Rescaling(1 / 255)(inputs))))
+    kernel = np.zeros((9, 9, 1, 3), np.float32)
+    kernel[..., 0] = kernel[..., 2] = 1 / 81
+    conv.set_weights([kernel, np.array([-0.7, 0.0, 0.0], np.float32)])
+    return model
+
+
+def grey_square(size: int = 24, value: int = 200) -> np.ndarray:
+    image = np.zeros((48, 48, 1), np.uint8)
+    image[12:12 + size, 12:12 + size] = value
+    return image
+
+
 def assert_png(path: Path) -> None:
     assert path.read_bytes()[:8] == PNG_MAGIC, path
     with Image.open(path) as img:
@@ -80,6 +99,52 @@ def test_a_filter_that_prefers_black_gets_a_black_image_not_nan():
     assert np.isfinite(result.images).all() and np.isfinite(result.activations).all()
     assert result.images[1].max() == 0.0 and result.activations[1] == 0.0
     assert result.images[0].min() > 200.0 and result.activations[0] > 9 * 200.0
+
+
+def test_a_filter_noise_never_switches_on_starts_from_its_natural_image():
+    """Noise gives a ReLU filter that it never switches on no gradient: from noise it stays at 0, which the figure
+    used to present as its maximising input. From an image that switches it on, it grows; a filter constant on both
+    is dead, and its image is left as it started."""
+    model = patch_model()
+    starts = np.stack([grey_square()] * 3)
+    result = flt.maximize_filters(model, "patch", [0, 1, 2], steps=32, seed=0, natural_starts=starts)
+    assert result.status == ["maximised", "dead", "maximised"]
+    np.testing.assert_array_equal(result.from_image, [True, False, False])
+    sub = flt.filter_model(model, "patch")
+    on_square = flt.channel_means(sub, starts[:1], [0])[0, 0]
+    np.testing.assert_allclose(result.start_activations[0], on_square, rtol=1e-5)
+    assert on_square > 0 and result.activations[0] > 10 * on_square
+    assert result.activations[1] == 0.0 and result.random_mean[0] == 0.0
+    assert 60 < result.images[1].std() < 85  # a dead filter's image is its uniform-noise start (std 73.6), not moved
+    alone = flt.maximize_filters(model, "patch", [0, 1], steps=32, seed=0)
+    assert alone.status == ["not maximised", "not maximised"] and alone.activations[0] == 0.0
+    assert not alone.from_image.any()
+    with pytest.raises(ValueError, match="natural_starts has shape"):
+        flt.maximize_filters(model, "patch", [0], steps=1, natural_starts=starts)
+
+
+def test_the_figure_and_summary_name_dead_and_unmoved_filters():
+    model = patch_model()
+    images = np.stack([grey_square(16), grey_square(24), np.zeros((48, 48, 1), np.uint8)])
+    split = fer_data.Split(images, np.array([3, 4, 5]), np.array(["a", "b", "c"]))
+    entry, figures = flt.analyse_layer(model, "patch", [0, 1, 2], split, images[0], "#0", Path("out"), top_k=2,
+                                       steps=16, seed=0)
+    rows = entry["filters"]
+    assert [r["status"] for r in rows] == ["maximised", "dead", "maximised"]
+    assert rows[0]["start"] == {"index": 1, "id": "b"} and rows[1]["start"] == rows[2]["start"] == "noise"
+    assert rows[0]["start_activation"] == pytest.approx(rows[0]["top_k"][0]["activation"], rel=1e-5)
+    assert flt.summarise_layer(entry) == (
+        f"3 filters, activation reached {min(rows[0]['max_activation'], rows[2]['max_activation']):.3g}-"
+        f"{max(rows[0]['max_activation'], rows[2]['max_activation']):.3g}; 1 started from their top image, as noise "
+        "did not move them; 1 dead (constant on noise and on their top image)")
+    result = flt.maximize_filters(model, "patch", [0, 1, 2], steps=1, seed=0)
+    captions = [flt._maximization_caption(f, result, j) for j, f in enumerate(result.filters)]
+    assert captions[0] == ("filter 0: not maximised\n0 (random 0)", "tab:red")
+    assert captions[2][1] == "black" and captions[2][0].startswith("filter 2\n")
+    result.status[1] = "dead"
+    assert flt._maximization_caption(1, result, 1) == ("filter 1\ndead: 0 everywhere", "tab:red")
+    for png in figures.values():
+        assert png[:8] == PNG_MAGIC
 
 
 @pytest.mark.parametrize("modifier", [{"rotate": 10.0}, {"jitter": 4}])
@@ -196,11 +261,13 @@ def test_cli_writes_grids_and_json(tool_inputs, tmp_path):
                      "--steps=2", "--top_k=2", "--image_index=6", cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "filters.json").read_text())
-    assert list(report["layers"]) == ["stem_conv", "stage4_block2"]
+    assert list(report["layers"]) == ["stem_relu", "stage4_block2"]
     assert report["feature_map_image"]["index"] == 6 and report["split"] == "val"
     for layer, entry in report["layers"].items():
         assert [f["filter"] for f in entry["filters"]] == [0, 3]
         for f in entry["filters"]:
+            assert f["status"] in ("maximised", "not maximised", "dead")
+            assert f["start"] == "noise" or f["start"]["index"] == f["top_k"][0]["index"]
             assert len(f["top_k"]) == 2
             assert all(0 <= t["index"] < 7 and t["id"] == str(t["index"]) for t in f["top_k"])
             assert f["top_k"][0]["activation"] >= f["top_k"][1]["activation"]

@@ -424,7 +424,7 @@ def test_the_sections_run_with_the_reports_settings(tool_inputs, tmp_path):
     assert "slightly optimistic" in text
     saved = json.loads((out / "saliency" / "saliency.json").read_text())
     assert (saved["smooth_samples"], saved["smooth_seed"]) == (1, 3)
-    for layer in ("stem_conv", "stage4_block2"):
+    for layer in ("stem_relu", "stage4_block2"):
         table = text.split(f"### `{layer}`")[1].split("###")[0]
         assert re.findall(r"^\| (\d+) \|", table, flags=re.M) == ["0", "1"], layer
     text = report.build_report(model, data, tmp_path / "t", sections="evaluation", split="train").read_text()
@@ -441,6 +441,9 @@ def test_the_filters_section_states_the_filters_and_images_it_shows(tool_inputs,
     x = keras.layers.Conv2D(2, 3, name="first")(keras.layers.Rescaling(1 / 255)(inputs))
     x = keras.layers.Conv2D(3, 3, name="last")(x)
     model = keras.Model(inputs, keras.layers.Dense(7)(keras.layers.GlobalAveragePooling2D()(x)))
+    kernel, bias = model.get_layer("first").get_weights()
+    kernel[..., 1] = 0.0
+    model.get_layer("first").set_weights([kernel, bias * 0.0])
     ctx = report._Context(kind="keras", model_path=tmp_path / "m.keras", run_dir=None, train_config=None,
                           data_arg=str(data), split="val", tta="none", crop_size=40, out=tmp_path, seed=0,
                           _model=model, **{**TINY, "num_filters": 3, "top_k": 50})
@@ -451,6 +454,9 @@ def test_the_filters_section_states_the_filters_and_images_it_shows(tool_inputs,
     assert f"the top-{images} images are the val (PublicTest) images" in text and "top-50" not in text
     assert [len(re.findall(r"^\| (\d+) \|", text.split(f"### `{layer}`")[1].split("###")[0], flags=re.M))
             for layer in ("first", "last")] == [2, 3]
+    first = text.split("### `first`")[1].split("###")[0]
+    assert "; 1 dead (constant on noise and on their top image)." in first  # filter 1's weights are all zero
+    assert re.search(r"^\| 1 \| 0 \(dead\) \| 0 \| none above 0 \|$", first, flags=re.M)
 
 
 @pytest.mark.parametrize("stem, channels", [("imagenet", 3), ("cifar_pool", 1), ("cifar", 1)])
