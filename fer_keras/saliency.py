@@ -313,6 +313,11 @@ def _caption(label: int, pred: int, prob: float, tta: str = "none", alone: int |
     return f"true: {class_name(label) if label >= 0 else 'unknown'}, pred: {class_name(pred)} ({prob:.0%}{served}{own})"
 
 
+# What each panel's colours measure; every map is scaled to 0-1 per image (tf-keras-vis' normalisation).
+COLORBAR_LABELS = ("pixel value (0-255)", "|d score / d pixel|, 0-1 per image",
+                   "mean |d score / d pixel|, 0-1 per image", "Grad-CAM++ map, 0-1 per image")
+
+
 def _panels(axes: Sequence[Axes], fig: Figure, image: np.ndarray, saliency: np.ndarray,
             smooth: np.ndarray, cam: np.ndarray, colorbars: bool) -> None:
     gray = np.asarray(image, np.float32).reshape(image.shape[0], image.shape[1])
@@ -323,11 +328,11 @@ def _panels(axes: Sequence[Axes], fig: Figure, image: np.ndarray, saliency: np.n
     ]
     axes[3].imshow(gray, cmap="gray", vmin=0, vmax=255)
     shown.append(axes[3].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=max(float(np.max(cam)), 1e-6)))
-    for ax, im in zip(axes, shown):
+    for ax, im, label in zip(axes, shown, COLORBAR_LABELS):
         ax.set_xticks([])
         ax.set_yticks([])
         if colorbars:
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label(label, fontsize=7)
 
 
 def plot_explanation(path: str | Path, image: np.ndarray, saliency: np.ndarray, smooth: np.ndarray,

@@ -551,3 +551,15 @@ def test_cli_on_the_shipped_export_reports_what_it_serves(tmp_path):
     assert [r["image_alone_pred_label"] for r in report["images"]] == [sal.class_name(int(c)) for c in alone]
     if report["prediction_tta"] != "none":
         assert f"{report['prediction_tta']} TTA as served" in result.stdout
+
+
+def test_the_colour_bars_say_what_they_measure(monkeypatch, tmp_path):
+    """Each panel's colour bar names its quantity and scale: unlabelled, a 0-1 bar read as absolute gradients."""
+    figures = []
+    monkeypatch.setattr(sal, "save_figure", lambda fig, path, **kw: figures.append(fig) or Path(path))
+    rng = np.random.default_rng(0)
+    maps = [rng.uniform(0, 1, (48, 48)) for _ in range(3)]
+    sal.plot_explanation(tmp_path / "x.png", rng.uniform(0, 255, (48, 48, 1)), *maps, label=3, pred=3, prob=0.9,
+                         target=3)
+    colorbars = [ax for ax in figures[0].axes if ax.get_label() == "<colorbar>"]
+    assert [ax.get_ylabel() for ax in colorbars] == list(sal.COLORBAR_LABELS)
