@@ -28,6 +28,7 @@ import re
 import struct
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -526,6 +527,16 @@ def _stray_images(folder: Path) -> list[Path]:
 _EXIF_ORIENTATION = 0x0112
 
 
+def _open_image(path: Path):
+    """``PIL.Image.open`` without Pillow's two-line DecompressionBombWarning (images of 89-179 megapixels): a reader
+    names such an image in one line itself."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
     """Reads one image as uint8 48x48x1; returns it and whether it had to be converted."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -534,7 +545,10 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise DataError(f"{path}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
     try:
-        with Image.open(path) as img:
+        with _open_image(path) as img:
+            if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
+                logging.warning("%s: a very large image (%d x %d pixels); reading it as %dx%d grayscale", path,
+                                img.width, img.height, IMAGE_SIZE, IMAGE_SIZE)
             img.load()
             # A netpbm file with a maxval above 255 opens as mode I, its values scaled by Pillow to 0-65535.
             sixteen_bit = img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PPM")
@@ -661,7 +675,7 @@ def _refuse_unlisted_image(path: Path) -> None:
         with open(path, "rb") as f:
             if f.read(2) == b"\x1f\x8b":  # gzip: a compressed CSV
                 return
-        with Image.open(path) as img:
+        with _open_image(path) as img:
             kind = img.format
     except Image.DecompressionBombError:  # a header Pillow knows, of an image too large to open
         kind = "very large"

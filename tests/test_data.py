@@ -1111,3 +1111,23 @@ def test_a_folder_and_its_test_csv_named_alone_have_their_own_cache_entries(tmp_
             expected = {"test"} if path == folder else {"train"}
             assert set(data.load(path).splits) == expected, (first, path)
         shutil.rmtree(tmp_path / "cache")
+
+
+def test_a_very_large_image_is_named_in_one_line_and_read(tmp_path, caplog, monkeypatch):
+    """Pillow warns of images of 89-179 megapixels (a possible decompression bomb) in two lines of Python warning
+    naming its own source; the reader names the file in one line instead and reads it. The limit is lowered here so
+    that a 40x40 image crosses it."""
+    import warnings
+
+    from PIL import Image
+
+    path = tmp_path / "big.png"
+    Image.new("L", (40, 40), 90).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with warnings.catch_warnings(record=True) as raised, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        image, converted = data.read_image(path)
+    assert [str(w.message) for w in raised] == []
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: a very large image (40 x 40 pixels); reading it as 48x48 grayscale"]
+    assert converted and image.shape == (48, 48, 1) and int(image.mean()) == 90
