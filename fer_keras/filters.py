@@ -27,6 +27,7 @@ import functools
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -299,12 +300,14 @@ def maximize_filters(
     rng = np.random.default_rng(seed)
     probes = rng.uniform(*PIXEL_RANGE, (RANDOM_PROBES,) + shape).astype(np.float32)
     with quiet_keras():
-        random_maps = np.asarray(sub(as_batch(probes), training=False), np.float32)[..., filters]
+        layer_maps = np.asarray(sub(as_batch(probes), training=False), np.float32)
+    random_maps = layer_maps[..., filters]
     random_mean = random_maps.mean(axis=(0, 1, 2))
     # Spread of single positions, not of the image means: the latter shrinks with the map size.
     random_range, random_std = _spread(random_maps)
-    # Below this a spread is round-off: float32 resolution at the layer's own scale.
-    tolerance = 1e-6 * max(1.0, float(np.abs(random_maps).max()))
+    # A difference below this is round-off at the layer's scale (of all its channels, so that a filter's verdict
+    # does not depend on which others are chosen). "Constant" thus means exactly so, as a ReLU's zeros are.
+    tolerance = 1e-6 * max(1.0, float(np.abs(layer_maps).max()))
     scale = np.maximum(random_std, tolerance)
 
     modifiers: list = []
@@ -327,14 +330,16 @@ def maximize_filters(
             natural_maps = np.asarray(sub(as_batch(natural), training=False), np.float32)
         picked = natural_maps[np.arange(len(natural)), ..., np.asarray(filters)[silent]]  # [S, h, w]
         natural_range, natural_std = _spread(np.moveaxis(picked, 0, -1)[None])
-        moves = natural_range > tolerance
+        # It moves if it varies over the image, or differs from its constant on noise (on a 1x1 map it cannot vary).
+        off_constant = np.abs(picked - random_mean[silent][:, None, None]).max(axis=(1, 2))
+        moves = (natural_range > tolerance) | (off_constant > tolerance)
         rows = np.flatnonzero(silent)
         from_image[rows[moves]] = True
         dead[rows[~moves]] = True
         starts[rows[moves]] = natural[moves]
         scale[rows[moves]] = np.maximum(natural_std[moves], tolerance)
     elif silent.any():
-        logging.warning("%s: %s constant on noise and given no natural start: they will not move", layer,
+        logging.warning("%s: %s constant on noise and given no natural start: their activation cannot change", layer,
                         _describe([f for f, s in zip(filters, silent) if s]))
 
     images = []
@@ -400,7 +405,7 @@ def _maximization_caption(f: int, result: Maximization, j: int) -> tuple[str, st
     act = result.activations[j]
     if result.status[j] == DEAD:
         return f"filter {f}\ndead: {act:.3g} everywhere", "tab:red"
-    baseline = (f"from image {result.start_activations[j]:.2g}" if result.from_image[j]
+    baseline = (f"start {result.start_activations[j]:.2g}" if result.from_image[j]
                 else f"random {result.random_mean[j]:.2g}")
     if result.status[j] == NOT_MAXIMISED:
         return f"filter {f}: not maximised\n{act:.3g} ({baseline})", "tab:red"
@@ -416,13 +421,14 @@ def plot_maximization(layer: str, result: Maximization) -> bytes:
             ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
         title, colour = _maximization_caption(f, result, j)
         ax.set_title(title, fontsize=7, color=colour)
-    notes = []
+    lines = [f"{layer}: inputs maximising mean activation"]
     if result.from_image.any():
-        notes.append('"from image": noise does not move the filter, so it started from its top image')
+        lines.append('"start": the activation on its top image, where it started, as noise does not move it')
     if DEAD in result.status:
-        notes.append("dead: constant on noise and on its top image")
-    title = f"{layer}: inputs maximising mean activation"
-    return _png(fig, title + ("\n" + "; ".join(notes) if notes else ""))
+        lines.append("dead: constant on noise and on its top image")
+    # About 14 characters of 9-point text per inch: a narrow grid (two filters) must not clip its notes.
+    width = max(20, int(fig.get_figwidth() * 14))
+    return _png(fig, "\n".join(textwrap.fill(line, width) for line in lines))
 
 
 def plot_feature_maps(layer: str, image: np.ndarray, filters: Sequence[int], maps: np.ndarray,
@@ -523,9 +529,11 @@ def summarise_layer(entry: dict) -> str:
     text = f"{len(rows)} filters"
     if gains:
         text += f", activation reached {min(gains):.3g}-{max(gains):.3g}"
-    counts = [(sum(r["start"] != "noise" for r in rows), "started from their top image, as noise did not move them"),
+    started = sum(r["start"] != "noise" for r in rows)
+    counts = [(started, f"started from {'its' if started == 1 else 'their'} top image, as noise did not move "
+                        f"{'it' if started == 1 else 'them'}"),
               (sum(r["status"] == NOT_MAXIMISED for r in rows), "not maximised"),
-              (sum(r["status"] == DEAD for r in rows), "dead (constant on noise and on their top image)")]
+              (sum(r["status"] == DEAD for r in rows), "dead (constant on noise and on the top image)")]
     return text + "".join(f"; {n} {what}" for n, what in counts if n)
 
 

@@ -665,7 +665,7 @@ def _filter_outcome(row: dict) -> str:
     reached = f"{row['max_activation']:.3g}"
     if row["status"] == filters.DEAD:
         return f"{reached} (dead)"
-    start = "" if row["start"] == "noise" else f"from image {row['start']['id']} ({row['start_activation']:.3g})"
+    start = "" if row["start"] == "noise" else f"start: image {row['start']['id']}, {row['start_activation']:.3g}"
     if row["status"] == filters.NOT_MAXIMISED:
         return f"{reached} (not maximised{', ' + start if start else ''})"
     return f"{reached} ({start})" if start else reached

@@ -104,23 +104,37 @@ def test_a_filter_that_prefers_black_gets_a_black_image_not_nan():
 def test_a_filter_noise_never_switches_on_starts_from_its_natural_image():
     """Noise gives a ReLU filter that it never switches on no gradient: from noise it stays at 0, which the figure
     used to present as its maximising input. From an image that switches it on, it grows; a filter constant on both
-    is dead, and its image is left as it started."""
+    is dead, and its image is left as it started. Filters out of order, each row its own start: rows, not filter
+    indices, pick the starts."""
     model = patch_model()
-    starts = np.stack([grey_square()] * 3)
-    result = flt.maximize_filters(model, "patch", [0, 1, 2], steps=32, seed=0, natural_starts=starts)
-    assert result.status == ["maximised", "dead", "maximised"]
-    np.testing.assert_array_equal(result.from_image, [True, False, False])
+    blank = np.zeros((48, 48, 1), np.uint8)
+    starts = np.stack([blank, grey_square(), grey_square(16)])
+    result = flt.maximize_filters(model, "patch", [2, 0, 1], steps=32, seed=0, natural_starts=starts)
+    assert result.status == ["maximised", "maximised", "dead"]
+    np.testing.assert_array_equal(result.from_image, [False, True, False])
     sub = flt.filter_model(model, "patch")
-    on_square = flt.channel_means(sub, starts[:1], [0])[0, 0]
-    np.testing.assert_allclose(result.start_activations[0], on_square, rtol=1e-5)
-    assert on_square > 0 and result.activations[0] > 10 * on_square
-    assert result.activations[1] == 0.0 and result.random_mean[0] == 0.0
-    assert 60 < result.images[1].std() < 85  # a dead filter's image is its uniform-noise start (std 73.6), not moved
+    on_square = flt.channel_means(sub, starts[1:2], [0])[0, 0]
+    np.testing.assert_allclose(result.start_activations[1], on_square, rtol=1e-5)
+    assert on_square > 0 and result.activations[1] > 10 * on_square
+    assert result.activations[2] == 0.0 and result.random_mean[1] == 0.0
+    assert 60 < result.images[2].std() < 85  # a dead filter's image is its uniform-noise start (std 73.6), not moved
     alone = flt.maximize_filters(model, "patch", [0, 1], steps=32, seed=0)
     assert alone.status == ["not maximised", "not maximised"] and alone.activations[0] == 0.0
     assert not alone.from_image.any()
     with pytest.raises(ValueError, match="natural_starts has shape"):
         flt.maximize_filters(model, "patch", [0], steps=1, natural_starts=starts)
+
+
+def test_a_filter_on_a_one_by_one_map_that_its_start_switches_on_is_not_dead():
+    """A 1x1 map cannot vary over the image: a filter is alive when its start moves it off its constant on noise."""
+    inputs = keras.Input((48, 48, 1))
+    conv = keras.layers.Conv2D(1, 48, activation="relu", name="whole")
+    model = keras.Model(inputs, conv(keras.layers.Rescaling(1 / 255)(inputs)))
+    conv.set_weights([np.full((48, 48, 1, 1), 1 / 48**2, np.float32), np.array([-0.7], np.float32)])
+    result = flt.maximize_filters(model, "whole", [0], steps=16, seed=0,
+                                  natural_starts=np.full((1, 48, 48, 1), 200, np.uint8))
+    assert result.status == ["maximised"] and result.from_image[0]
+    assert result.activations[0] > 3 * result.start_activations[0] > 0
 
 
 def test_the_figure_and_summary_name_dead_and_unmoved_filters():
@@ -135,8 +149,8 @@ def test_the_figure_and_summary_name_dead_and_unmoved_filters():
     assert rows[0]["start_activation"] == pytest.approx(rows[0]["top_k"][0]["activation"], rel=1e-5)
     assert flt.summarise_layer(entry) == (
         f"3 filters, activation reached {min(rows[0]['max_activation'], rows[2]['max_activation']):.3g}-"
-        f"{max(rows[0]['max_activation'], rows[2]['max_activation']):.3g}; 1 started from their top image, as noise "
-        "did not move them; 1 dead (constant on noise and on their top image)")
+        f"{max(rows[0]['max_activation'], rows[2]['max_activation']):.3g}; 1 started from its top image, as noise "
+        "did not move it; 1 dead (constant on noise and on the top image)")
     result = flt.maximize_filters(model, "patch", [0, 1, 2], steps=1, seed=0)
     captions = [flt._maximization_caption(f, result, j) for j, f in enumerate(result.filters)]
     assert captions[0] == ("filter 0: not maximised\n0 (random 0)", "tab:red")
@@ -267,7 +281,7 @@ def test_cli_writes_grids_and_json(tool_inputs, tmp_path):
         assert [f["filter"] for f in entry["filters"]] == [0, 3]
         for f in entry["filters"]:
             assert f["status"] in ("maximised", "not maximised", "dead")
-            assert f["start"] == "noise" or f["start"]["index"] == f["top_k"][0]["index"]
+            assert f["start"] == "noise" or set(f["start"]) == {"index", "id"}
             assert len(f["top_k"]) == 2
             assert all(0 <= t["index"] < 7 and t["id"] == str(t["index"]) for t in f["top_k"])
             assert f["top_k"][0]["activation"] >= f["top_k"][1]["activation"]

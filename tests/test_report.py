@@ -455,7 +455,7 @@ def test_the_filters_section_states_the_filters_and_images_it_shows(tool_inputs,
     assert [len(re.findall(r"^\| (\d+) \|", text.split(f"### `{layer}`")[1].split("###")[0], flags=re.M))
             for layer in ("first", "last")] == [2, 3]
     first = text.split("### `first`")[1].split("###")[0]
-    assert "; 1 dead (constant on noise and on their top image)." in first  # filter 1's weights are all zero
+    assert "; 1 dead (constant on noise and on the top image)." in first  # filter 1's weights are all zero
     assert re.search(r"^\| 1 \| 0 \(dead\) \| 0 \| none above 0 \|$", first, flags=re.M)
 
 
