@@ -252,11 +252,6 @@ class Maximization:
     status: list[str]
 
 
-def _spread(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per filter of ``[N, h, w, F]`` maps: the range and the standard deviation over images and positions."""
-    return np.ptp(maps, axis=(0, 1, 2)), maps.std(axis=(0, 1, 2))
-
-
 def maximize_filters(
     model: keras.Model,
     layer: str,
@@ -304,7 +299,7 @@ def maximize_filters(
     random_maps = layer_maps[..., filters]
     random_mean = random_maps.mean(axis=(0, 1, 2))
     # Spread of single positions, not of the image means: the latter shrinks with the map size.
-    random_range, random_std = _spread(random_maps)
+    random_range, random_std = np.ptp(random_maps, axis=(0, 1, 2)), random_maps.std(axis=(0, 1, 2))
     # A difference below this is round-off at the layer's scale (of all its channels, so that a filter's verdict
     # does not depend on which others are chosen). "Constant" thus means exactly so, as a ReLU's zeros are.
     tolerance = 1e-6 * max(1.0, float(np.abs(layer_maps).max()))
@@ -329,7 +324,7 @@ def maximize_filters(
         with quiet_keras():
             natural_maps = np.asarray(sub(as_batch(natural), training=False), np.float32)
         picked = natural_maps[np.arange(len(natural)), ..., np.asarray(filters)[silent]]  # [S, h, w]
-        natural_range, natural_std = _spread(np.moveaxis(picked, 0, -1)[None])
+        natural_range, natural_std = np.ptp(picked, axis=(1, 2)), picked.std(axis=(1, 2))
         # It moves if it varies over the image, or differs from its constant on noise (on a 1x1 map it cannot vary).
         off_constant = np.abs(picked - random_mean[silent][:, None, None]).max(axis=(1, 2))
         moves = (natural_range > tolerance) | (off_constant > tolerance)

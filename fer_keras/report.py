@@ -654,8 +654,7 @@ def _top_images(row: dict) -> str:
 
     if row["status"] == filters.DEAD:
         return f"none above {row['top_k'][0]['activation']:.3g}" if row["top_k"] else "none"
-    return ", ".join(f"{t['id']} ({CLASS_NAMES[t['label']] if 0 <= t['label'] < len(CLASS_NAMES) else '?'})"
-                     for t in row["top_k"])
+    return ", ".join(f"{t['id']} ({t['label_name'] or '?'})" for t in row["top_k"])
 
 
 def _filter_outcome(row: dict) -> str:
