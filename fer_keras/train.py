@@ -684,7 +684,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
         teachers, teachers_fresh = distill.prepare(
             out_dir, specs, train_split.images, train_split.labels, data_record["train"]["sha256"], started,
             val_name, config.teacher_tta, val_fraction=config.val_fraction, seed=config.seed,
-            data=data_record, dataset=dataset, selection=val_split)
+            data=data_record, dataset=dataset, selection=val_split, use_cache=config.use_cache)
         targets = teachers.targets(train_split.labels, config.distill_weight, config.distill_temperature)
 
     initial_epoch = latest[1]["epoch"] if latest else 0
@@ -932,7 +932,8 @@ def define_flags() -> None:
                     "Rerunning with the same directory resumes.")
     f.DEFINE_float("val_fraction", d.val_fraction, "Stratified validation fraction when the data has no PublicTest.")
     f.DEFINE_boolean("skip_bad_rows", d.skip_bad_rows, "Skip malformed rows/images (reported) instead of failing.")
-    f.DEFINE_boolean("use_cache", d.use_cache, "Cache parsed data in $FER_KERAS_CACHE (~/.cache/fer_keras).")
+    f.DEFINE_boolean("use_cache", d.use_cache, "Cache parsed data, and each --teachers model's probabilities of the "
+                     "training images, in $FER_KERAS_CACHE (~/.cache/fer_keras).")
     f.DEFINE_integer("max_train_examples", d.max_train_examples, "Use a stratified subset of about this size (0: "
                      "all): each class keeps its share, rounded, so it may come out an image or two short.")
     f.DEFINE_integer("max_val_examples", d.max_val_examples, "Use a stratified validation subset of about this size "

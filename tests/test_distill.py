@@ -14,6 +14,12 @@ from fer_keras import NUM_CLASSES, distill, train
 from fer_keras.errors import ConfigError
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Each test its own cache: teachers' probabilities one test cached must not spare another test's pass."""
+    monkeypatch.setenv("FER_KERAS_CACHE", str(tmp_path / "cache"))
+
+
 def _probs(k: int, n: int, seed: int = 0) -> np.ndarray:
     z = np.random.default_rng(seed).normal(size=(k, n, NUM_CLASSES)) * 2
     e = np.exp(z - z.max(axis=-1, keepdims=True))
@@ -192,6 +198,17 @@ def test_a_distilled_run_trains_on_its_teachers_targets_and_keeps_them(teacher_f
     train.run(config)
     again = distill.load(result.model_dir)
     np.testing.assert_allclose(again.probabilities, stored.probabilities, atol=1e-5)
+    assert "from the cache" in capsys.readouterr().out  # computed when the run began, kept in the cache
+
+    # Another run distilled from the same teachers, in another folder, takes their probabilities from the cache.
+    other = train.TrainConfig(**{**config.to_json(), "model_dir": str(tmp_path / "other"), "step_epochs": (),
+                                 "teachers": (str(b), str(teacher))})
+    train.run(other)
+    out = capsys.readouterr().out
+    assert "running" not in out and out.count("training images from the cache") == 2
+    cached = distill.load(tmp_path / "other")
+    np.testing.assert_array_equal(cached.probabilities, stored.probabilities[::-1])
+    assert [r["train_accuracy"] for r in cached.records] == [r["train_accuracy"] for r in records[::-1]]
 
 
 def _stored_teachers(folder) -> distill.Teachers:
@@ -230,7 +247,8 @@ def test_stored_targets_are_reused_only_for_the_same_teachers_views_and_training
 
     def compute(teachers, images, labels, fingerprint, tta, batch_size):
         computed.append((fingerprint, tta, [t["sha256"] for t in teachers]))
-        return distill.Teachers(np.zeros_like(stored.probabilities), list(teachers), fingerprint, tta)
+        return distill.Teachers(np.zeros_like(stored.probabilities), [{**t, "train_accuracy": 0.0} for t in teachers],
+                                fingerprint, tta)
 
     monkeypatch.setattr(distill, "compute", compute)
     images, labels = np.zeros((300, 48, 48, 1), np.uint8), np.zeros(300, np.int64)
@@ -246,6 +264,104 @@ def test_stored_targets_are_reused_only_for_the_same_teachers_views_and_training
     other = [stored.records[0], {**stored.records[1], "sha256": "9" * 64}]
     assert prepare(records=other)[1] and computed[-1][2] == ["0" * 64, "9" * 64]
     assert len(computed) == 3
+
+
+def _counting_compute(monkeypatch) -> list:
+    """The real :func:`distill.compute`, recording which teachers (paths) it ran."""
+    ran, real = [], distill.compute
+    monkeypatch.setattr(distill, "compute", lambda teachers, *args: ran.append([t["path"] for t in teachers])
+                        or real(teachers, *args))
+    return ran
+
+
+def test_each_teachers_probabilities_are_cached_for_the_same_model_views_and_training_images(
+        teacher_files, tmp_path, monkeypatch):
+    a, b = (str(p.resolve()) for p in teacher_files)
+    split = _split(16)
+    ran = _counting_compute(monkeypatch)
+
+    def prepare(folder, teachers, tta="flip", fingerprint=split.fingerprint(), use_cache=True):
+        return distill.prepare(tmp_path / folder, teachers, split.images, split.labels, fingerprint, False,
+                               "PublicTest", tta, use_cache=use_cache)
+
+    first, fresh = prepare("one", [a, b])
+    assert fresh and ran == [[a, b]]
+    (tmp_path / "one").mkdir()
+    distill.save(tmp_path / "one", first)  # as train does once the run is under way
+    assert len(list((tmp_path / "cache" / distill.CACHE_FOLDER).glob("*.npz"))) == 2
+    # Another run folder: each teacher's own probabilities, in the new order, none computed.
+    second, fresh = prepare("two", [b, a])
+    assert fresh and ran == [[a, b]]
+    np.testing.assert_array_equal(second.probabilities, first.probabilities[::-1])
+    assert [r["tta"] for r in second.records] == ["flip", "flip"]
+    assert [r["train_accuracy"] for r in second.records] == [r["train_accuracy"] for r in first.records[::-1]]
+    assert all(r["cached"].startswith(str(tmp_path / "cache")) for r in second.records)
+    # Other views, other training images, or no cache: computed.
+    assert prepare("three", [a], tta="none")[1] and ran[-1] == [a]
+    assert prepare("four", [b], fingerprint="e" * 64)[1] and ran[-1] == [b]
+    files = sorted((tmp_path / "cache" / distill.CACHE_FOLDER).glob("*.npz"))
+    assert len(files) == 4
+    assert prepare("five", [a, b], use_cache=False)[1] and ran[-1] == [a, b]
+    assert sorted((tmp_path / "cache" / distill.CACHE_FOLDER).glob("*.npz")) == files
+    # Only the teacher the cache lacks is computed.
+    assert prepare("six", [a, b], tta="none")[1] and ran[-1] == [b]
+    assert len(ran) == 5
+    # A run's own stored probabilities fill a cache that lacks them (a run made before the cache, a cleared cache).
+    shutil.rmtree(tmp_path / "cache" / distill.CACHE_FOLDER)
+    assert not prepare("one", [a, b])[1]
+    assert len(list((tmp_path / "cache" / distill.CACHE_FOLDER).glob("*.npz"))) == 2
+    np.testing.assert_array_equal(prepare("seven", [b, a])[0].probabilities, first.probabilities[::-1])
+    assert len(ran) == 5
+
+
+@pytest.mark.parametrize("damage", ["cut", "other_model", "other_images"])
+def test_a_damaged_or_foreign_cache_entry_is_computed_again_with_a_warning(teacher_files, tmp_path, monkeypatch,
+                                                                          caplog, damage):
+    a = str(teacher_files[0].resolve())
+    split = _split(16)
+    record = distill.describe_teacher(a)
+    distill.prepare(tmp_path / "one", [record], split.images, split.labels, split.fingerprint(), False, "PublicTest")
+    entry = distill.cache_path(record, "flip", split.fingerprint())
+    if damage == "cut":
+        entry.write_bytes(entry.read_bytes()[:100])
+    else:  # a readable entry whose contents are not what its name says: the key is checked, not trusted
+        with np.load(entry) as f:
+            arrays = dict(f)
+        if damage == "other_model":
+            arrays["sha256"] = np.array("9" * 64)
+        else:
+            arrays["probabilities"] = _probs(1, len(split) + 1)[0].astype(np.float32)
+        with open(entry, "wb") as f:
+            np.savez_compressed(f, **arrays)
+    ran = _counting_compute(monkeypatch)
+    with caplog.at_level("WARNING"):
+        teachers, _ = distill.prepare(tmp_path / "two", [record], split.images, split.labels, split.fingerprint(),
+                                      False, "PublicTest")
+    assert ran == [[a]] and teachers.probabilities.shape == (1, len(split), NUM_CLASSES)
+    warned = [m for m in caplog.messages if "teachers' cache" in m]
+    assert len(warned) == 1 and warned[0].startswith(
+        f"ignoring the unreadable teachers' cache {entry} (" if damage == "cut"
+        else f"ignoring the teachers' cache {entry}: it holds other probabilities")
+    assert distill.cache_lookup(record, "flip", split.fingerprint(), len(split)) is not None  # written again
+
+
+def test_a_cache_that_cannot_be_written_is_warned_about_not_an_error(teacher_files, tmp_path, monkeypatch, caplog):
+    (tmp_path / "cache").write_text("a file where the cache folder would be")
+    split = _split(16)
+    with caplog.at_level("WARNING"):
+        teachers, fresh = distill.prepare(tmp_path / "run", [str(teacher_files[0])], split.images, split.labels,
+                                          split.fingerprint(), False, "PublicTest")
+    assert fresh and teachers.probabilities.shape == (1, len(split), NUM_CLASSES)
+    assert any(m.startswith("could not write the teachers' cache") for m in caplog.messages)
+
+
+def test_an_exports_own_ten_crop_side_is_part_of_its_cache_key():
+    record = {"sha256": "1" * 64, "tta": "tencrop", "crop_size": 40}
+    assert distill.cache_path(record, "flip", "f") == distill.cache_path(record, "none", "f")  # its own views
+    assert distill.cache_path(record, "flip", "f") != distill.cache_path({**record, "crop_size": 42}, "flip", "f")
+    plain = {"sha256": "1" * 64, "tta": "none"}
+    assert distill.cache_path(plain, "flip", "f") != distill.cache_path(plain, "tencrop", "f")
+    assert distill.cache_path(plain, "flip", "f") != distill.cache_path(plain, "flip", "e")
 
 
 def test_an_export_teacher_is_run_as_it_serves():
