@@ -48,7 +48,7 @@ from fer_keras.history import (
     run_record,
     unrecorded_start,
 )
-from fer_keras.tta import NO_TTA_SIGNATURE, TTA_MODES, num_views
+from fer_keras.tta import DEFAULT_CROP_SIZE, NO_TTA_SIGNATURE, TTA_MODES, num_views
 
 CARD_JSON = "model_card.json"
 CARD_MD = "README.md"
@@ -344,8 +344,10 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
     label = None if selection_name == "PublicTest" else f"val ({selection_name} of train)"
     served_result = evaluate(served, split, "none", batch_size, split_name=split_name, split_label=label)
     keras_model = inference.load_predictor(run_dir / "best.keras")
+    # best.keras's ten-crop is measured with the served export's crop side, so the two rows compare like with like.
+    crop = (served.metadata.get("tta") == "tencrop" and served.metadata.get("crop_size")) or DEFAULT_CROP_SIZE
     per_tta = {mode: _accuracy_entry(evaluate(keras_model, split, mode, batch_size, split_name=split_name,
-                                              split_label=label))
+                                              split_label=label, crop_size=crop))
                for mode in tta_modes}
     import keras
     import tensorflow as tf
@@ -364,6 +366,7 @@ def build_card(run_dir: Path, export: Path, data: str | None, recipe: Path | Non
         "selection_split": fer_data.split_label(split_name) if selection_name == "PublicTest" else selection_name,
         "served": _accuracy_entry(served_result),
         "best_keras": per_tta,
+        "tencrop_crop_size": crop,
         "per_class_served": served_result.to_json()["per_class"],
         "served_predictions": SERVED_PREDICTIONS,  # written beside the card by write_card
         "training": {
@@ -475,7 +478,13 @@ def _epoch_range(training: dict) -> str:
     return f"{low:,.0f} s" if round(low) == round(high) else f"{low:,.0f}–{high:,.0f} s"
 
 
+def _tta_name(mode: str, crop: int | None) -> str:
+    """A TTA mode as the card names it: ten-crop with its crop side, which a card made before it kept one lacks."""
+    return f"{mode}, {crop}-pixel crops" if mode == "tencrop" and crop else mode
+
+
 def render_markdown(card: dict) -> str:
+    crop = card.get("tencrop_crop_size")
     t = card["training"]
     c = t["config"]
     split = card["selection_split"]
@@ -495,17 +504,19 @@ def render_markdown(card: dict) -> str:
         "",
         f"| model | test-time augmentation | {split} accuracy | macro F1 |",
         "| --- | --- | ---: | ---: |",
-        f"| this export, as TF Serving runs it | {card['served_tta']} (built in) | {_pct(card['served'])} "
-        f"| {card['served']['macro_f1']:.3f} |",
+        f"| this export, as TF Serving runs it | {_tta_name(card['served_tta'], crop)} (built in) "
+        f"| {_pct(card['served'])} | {card['served']['macro_f1']:.3f} |",
     ]
     for mode, entry in card["best_keras"].items():
-        lines.append(f"| the run's best.keras | {mode} (evaluate `--tta={mode}`) | {_pct(entry)} "
+        flags = f"--tta={mode}" + (f" --crop_size={crop}" if mode == "tencrop" and crop else "")
+        lines.append(f"| the run's best.keras | {_tta_name(mode, crop)} (evaluate `{flags}`) | {_pct(entry)} "
                      f"| {entry['macro_f1']:.3f} |")
     chosen = card.get("served_tta_selection")
     if chosen:
         # The figures that choice compared, as the export recorded them (an export made before session 12
         # measured a mixed-precision model as trained, so they may differ from the table's float32 ones).
-        compared = ", ".join(f"{mode} {100 * acc:.2f} %" for mode, acc in (chosen.get("accuracy") or {}).items())
+        compared = ", ".join(f"{_tta_name(mode, crop and chosen.get('crop_size'))} {100 * acc:.2f} %"
+                             for mode, acc in (chosen.get("accuracy") or {}).items())
         lines += ["", f"The built-in TTA was chosen by `--export_tta=auto` on {chosen['split']} "
                       f"({chosen['num_images']:,} images): the cheapest of none, flip and ten-crop within "
                       f"{chosen['tolerance_points']:g} points of the best" + (f" ({compared})." if compared else ".")]

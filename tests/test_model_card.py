@@ -429,6 +429,27 @@ SAMPLE = 240  # of PublicTest's 3,589: all of them took the served ten-crop 319 
 
 
 @pytest.mark.needs_data
+def test_best_keras_ten_crop_is_measured_with_the_served_crop_side(trained_run, tmp_path):
+    # An export serving ten 42-pixel crops: the card's best.keras ten-crop row uses that side too, and says so.
+    from fer_keras.export import export_from
+
+    config, result = trained_run
+    path, tta = export_from(result.model_dir, tmp_path, "m", 1, "tencrop", crop_size=42)
+    assert tta == "tencrop" and inference.export_metadata(path)["crop_size"] == 42
+    readme = model_card.write_card(result.model_dir, path.parent, None, None)
+    card = json.loads((path.parent / model_card.CARD_JSON).read_text())
+    _, val, _ = train.run_splits(fer_data.load(None), config)
+    best = inference.load_predictor(result.model_dir / "best.keras")
+    at = {crop: evaluate(best, val, "tencrop", split_name="val", crop_size=crop).probabilities for crop in (40, 42)}
+    assert np.abs(at[40] - at[42]).max() > 1e-4  # the crop side changes what is measured
+    assert card["tencrop_crop_size"] == 42
+    assert card["best_keras"]["tencrop"]["num_correct"] == int((at[42].argmax(axis=1) == val.labels).sum())
+    assert card["served"]["num_correct"] == card["best_keras"]["tencrop"]["num_correct"]
+    text = readme.read_text()
+    assert "| this export, as TF Serving runs it | tencrop, 42-pixel crops (built in) |" in text
+    assert "| the run's best.keras | tencrop, 42-pixel crops (evaluate `--tta=tencrop --crop_size=42`) |" in text
+
+
 def test_shipped_card_states_what_the_shipped_model_scores(fer2013_path):
     """The card's count is the sum of its per-image record, which is PublicTest image by image, and a fresh run of
     the served export on a random sample of those images reproduces their recorded probabilities."""
