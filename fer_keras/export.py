@@ -277,7 +277,8 @@ def run_metadata(run_dir: Path) -> dict:
 
 
 def choose_served_tta(model: keras.Model, images: np.ndarray, labels: np.ndarray, split: str,
-                      crop_size: int = DEFAULT_CROP_SIZE, tolerance: float = DEFAULT_TOLERANCE) -> TtaChoice:
+                      crop_size: int | Sequence[int] = DEFAULT_CROP_SIZE,
+                      tolerance: float = DEFAULT_TOLERANCE) -> TtaChoice:
     """:func:`fer_keras.tta.choose_tta` for a Keras model about to be exported."""
     from fer_keras.inference import Predictor
 
@@ -285,15 +286,26 @@ def choose_served_tta(model: keras.Model, images: np.ndarray, labels: np.ndarray
                       crop_size=crop_size, tolerance=tolerance)
 
 
+def _one_side(tta: str, crop_size: int | Sequence[int]) -> int:
+    """The crop side of a TTA given, not chosen: several sides are a choice only ``auto`` makes."""
+    sides = [crop_size] if isinstance(crop_size, int) else list(dict.fromkeys(crop_size))
+    if len(sides) != 1:
+        raise ConfigError(f"ten-crop crop sides {', '.join(map(str, sides))}: several are measured only with "
+                          f"--tta=auto; give one with --tta={tta}")
+    return sides[0]
+
+
 def resolve_tta(model: keras.Model, tta: str, split: Split, split_name: str, metadata: dict,
-                crop_size: int = DEFAULT_CROP_SIZE, tolerance: float = DEFAULT_TOLERANCE) -> str:
-    """``tta`` itself, or for ``auto`` the measured choice (printed, and recorded in ``metadata``)."""
+                crop_size: int | Sequence[int] = DEFAULT_CROP_SIZE,
+                tolerance: float = DEFAULT_TOLERANCE) -> tuple[str, int]:
+    """``(tta, crop side)``: ``tta`` itself with the (one) crop side given, or for ``auto`` the measured choice,
+    printed and recorded in ``metadata``, with the most accurate of the ten-crop crop sides given."""
     if tta != AUTO:
-        return tta
+        return tta, _one_side(tta, crop_size)
     choice = choose_served_tta(model, split.images, split.labels, split_name, crop_size, tolerance)
     print(choice.summary(), flush=True)
     metadata["tta_selection"] = choice.to_json()
-    return choice.mode
+    return choice.mode, choice.crop_size
 
 
 def selection_split(data_path: str | None, run_config: dict, run_dir: Path | None = None) -> tuple[Split, str, str]:
@@ -318,11 +330,13 @@ def selection_split(data_path: str | None, run_config: dict, run_dir: Path | Non
 
 
 def export_from(model_path: str | os.PathLike, export_dir: str | os.PathLike = "saved_models", name: str = "",
-                version: int = 0, tta: str = "none", data: str | None = None, crop_size: int = DEFAULT_CROP_SIZE,
+                version: int = 0, tta: str = "none", data: str | None = None,
+                crop_size: int | Sequence[int] = DEFAULT_CROP_SIZE,
                 tolerance: float = DEFAULT_TOLERANCE) -> tuple[Path, str]:
     """Exports a run directory or ``.keras`` file; returns (the version folder, the TTA built in). The name
     defaults to the run's folder (or the file's stem); ``tta="auto"`` chooses on the split that chose the
-    run's epoch, measuring the model in float32 as it will be served."""
+    run's epoch, measuring the model in float32 as it will be served, and ten-crop with each of several crop
+    sides (``crop_size`` a sequence) keeps the most accurate."""
     from fer_keras.model import as_float32
 
     keras_file = model_file(model_path)  # a missing model is named before the run's records are read
@@ -336,11 +350,13 @@ def export_from(model_path: str | os.PathLike, export_dir: str | os.PathLike = "
     check_creatable(Path(export_dir) / name, "--export_dir or --name", folder=True)
     if version:
         _refuse_existing(Path(export_dir) / name / str(version))
+    if tta != AUTO:  # several crop sides are a choice only --tta=auto makes: refused before the model loads
+        crop_size = _one_side(tta, crop_size)
     # Loaded only after the run's records and the version pass: a damaged config.json is refused in milliseconds.
     model = as_float32(load_for_export(keras_file))
     if tta == AUTO:
         split, label, _ = selection_split(data, metadata.get("train_config", {}), run_dir)
-        tta = resolve_tta(model, tta, split, label, metadata, crop_size, tolerance)
+        tta, crop_size = resolve_tta(model, tta, split, label, metadata, crop_size, tolerance)
     path = export_model(model, export_dir, name, version or None, tta, metadata=metadata, crop_size=crop_size)
     return path, tta
 
@@ -354,8 +370,9 @@ def define_flags() -> None:
     flags.DEFINE_enum("tta", "none", TTA_MODES + (AUTO,), "Test-time augmentation built into the export: none, "
                       "flip, tencrop (10 model evaluations per image), or auto: the cheapest of them within "
                       "--tta_tolerance of the best on the run's selection split of --data.")
-    flags.DEFINE_integer("crop_size", DEFAULT_CROP_SIZE, "Crop side in pixels for --tta=tencrop; a model "
-                         "trained with --input_crop is shown crops of its own size instead.")
+    flags.DEFINE_list("crop_size", [str(DEFAULT_CROP_SIZE)], "Crop side in pixels for --tta=tencrop; with "
+                      "--tta=auto, comma-separated sides (e.g. 40,42,44) are each measured and the most accurate "
+                      "built in. A model trained with --input_crop is shown crops of its own size instead.")
     flags.DEFINE_string("data", None, "FER2013 source for --tta=auto (default: the data the run was trained "
                         "on, else the bundled sample); its PublicTest, or the run's hold-out, decides.")
     flags.DEFINE_float("tta_tolerance", DEFAULT_TOLERANCE, "--tta=auto: percentage points by which a costlier "
@@ -365,14 +382,20 @@ def define_flags() -> None:
     flags.register_validator("version", lambda v: v >= 0, "--version must be >= 0")
     flags.register_validator("export_dir", lambda v: bool(v.strip()), "--export_dir must name a folder (empty would "
                              "export into the current directory)")
-    flags.register_validator("crop_size", lambda v: 0 < v <= IMAGE_SIZE, f"--crop_size must be in 1-{IMAGE_SIZE}")
+    flags.register_validator("crop_size", lambda v: bool(v) and all(c.strip().isdigit() and 0 < int(c) <= IMAGE_SIZE
+                                                                     for c in v),
+                             f"--crop_size must be one or more whole numbers in 1-{IMAGE_SIZE}, comma-separated")
+    flags.register_multi_flags_validator(
+        ["tta", "crop_size"], lambda d: d["tta"] == AUTO or len(set(d["crop_size"] or [])) <= 1,
+        "several --crop_size sides are measured only with --tta=auto; give one otherwise")
     flags.register_validator("name", lambda v: not v or (v == v.strip() and "/" not in v and not v.startswith(".")),
                              "--name must be a plain folder name (no spaces around it)")
 
 
 def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
-    path, tta = export_from(f.model, f.export_dir, f.name, f.version, f.tta, f.data, f.crop_size, f.tta_tolerance)
+    path, tta = export_from(f.model, f.export_dir, f.name, f.version, f.tta, f.data, [int(c) for c in f.crop_size],
+                            f.tta_tolerance)
     no_tta = "" if tta == "none" else f", {NO_TTA_SIGNATURE}: float32 pixels without the TTA"
     print(f"exported {f.model} to {path} with TTA {tta} (serving_default: float32 pixels, serving_uint8: "
           f"uint8 pixels{no_tta})")

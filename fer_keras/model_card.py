@@ -517,9 +517,16 @@ def render_markdown(card: dict) -> str:
         # measured a mixed-precision model as trained, so they may differ from the table's float32 ones).
         compared = ", ".join(f"{_tta_name(mode, crop and chosen.get('crop_size'))} {100 * acc:.2f} %"
                              for mode, acc in (chosen.get("accuracy") or {}).items())
+        sides = list((chosen.get("tencrop_by_crop_size") or {}).items())
+        measured = ""
+        if len(sides) > 1:  # --crop_size with several sides: the export kept the most accurate
+            listed = ", ".join(f"{c}-" for c, _ in sides[:-1]) + f" and {sides[-1][0]}-pixel"
+            measured = (f" Ten-crop was measured with {listed} crops ("
+                        f"{' / '.join(f'{100 * a:.2f}' for _, a in sides)} %), and the most accurate side kept.")
         lines += ["", f"The built-in TTA was chosen by `--export_tta=auto` on {chosen['split']} "
                       f"({chosen['num_images']:,} images): the cheapest of none, flip and ten-crop within "
-                      f"{chosen['tolerance_points']:g} points of the best" + (f" ({compared})." if compared else ".")]
+                      f"{chosen['tolerance_points']:g} points of the best" + (f" ({compared})." if compared else ".")
+                  + measured]
     lines += [
         "",
         f"{split} also chose the epoch, so these figures are optimistic by the selection; the PrivateTest rows "

@@ -908,8 +908,8 @@ def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val
         "train_config": config.to_json(),
         "data": data_record,  # the images it trained and selected on, by fingerprint: distill.hold_out_risk
     }
-    tta = export_mod.resolve_tta(model, config.export_tta, val_split, val_name, metadata,
-                                 tolerance=config.export_tta_tolerance)
+    tta, _ = export_mod.resolve_tta(model, config.export_tta, val_split, val_name, metadata,
+                                    tolerance=config.export_tta_tolerance)
     path = export_mod.export_model(
         model, config.export_dir, config.resolved_export_name, config.export_version or None, tta,
         metadata=metadata,

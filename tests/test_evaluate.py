@@ -426,6 +426,9 @@ def test_a_crop_models_ten_crop_is_its_own_size_served_or_not_and_recorded_so(tm
         assert result.to_json()["crop_size"] == 32
     assert choose_tta(Predictor("keras", tmp_path / "m.keras", keras_model=model), split.images, split.labels, "val",
                       crop_size=40).to_json()["crop_size"] == 32
+    several = choose_tta(Predictor("keras", tmp_path / "m.keras", keras_model=model), split.images, split.labels,
+                         "val", crop_size=[40, 44]).to_json()
+    assert several["crop_size"] == 32 and "tencrop_by_crop_size" not in several  # one window, measured once
 
 
 def test_an_ensemble_of_crop_models_shows_each_member_its_own_windows(tmp_path):

@@ -517,6 +517,30 @@ def test_export_from_a_mixed_precision_run_chooses_its_tta_in_float32_on_the_run
     assert seen == {"policies": {"float32"}, "images": 14}  # PublicTest: 2 rows per class
 
 
+def test_auto_tta_keeps_the_most_accurate_crop_side_and_the_first_of_equals(monkeypatch):
+    import fer_keras.tta as tta
+
+    labels = np.arange(10) % 7
+    right = {("none", None): 5, ("flip", None): 6, ("tencrop", 36): 6, ("tencrop", 40): 7, ("tencrop", 44): 9,
+             ("tencrop", 48): 9}  # images each view set gets right
+
+    def probabilities(predictor, images, mode, crop_size, batch_size):
+        predicted = labels.copy()
+        predicted[right[(mode, crop_size if mode == "tencrop" else None)]:] += 1
+        return np.eye(8)[predicted][:, :7]
+
+    monkeypatch.setattr(tta, "tta_probabilities", probabilities)
+    images = np.zeros((10, 48, 48, 1), np.uint8)
+    choice = tta.choose_tta(object(), images, labels, "val", crop_size=[36, 40, 44, 48, 44], tolerance=0)
+    assert (choice.mode, choice.crop_size) == ("tencrop", 44)  # 44 and 48 tie: the first given
+    assert choice.accuracy == {"none": 0.5, "flip": 0.6, "tencrop": 0.9}
+    assert choice.to_json()["tencrop_by_crop_size"] == {"36": 0.6, "40": 0.7, "44": 0.9, "48": 0.9}
+    assert "ten-crop with 36-pixel crops 60.00 %, 40-pixel crops 70.00 %, 44-pixel crops 90.00 %, 48-pixel crops " \
+           "90.00 %, 44 kept)" in choice.summary()
+    one = tta.choose_tta(object(), images, labels, "val", crop_size=40, tolerance=0)
+    assert (one.crop_size, one.accuracy["tencrop"]) == (40, 0.7) and "tencrop_by_crop_size" not in one.to_json()
+
+
 def test_auto_tta_prefers_the_cheaper_mode_within_the_tolerance():
     from fer_keras.tta import cheapest_within
 
@@ -557,7 +581,46 @@ def test_export_cli_auto_tta_defaults_to_the_data_the_run_was_trained_on(trained
     assert "TTA chosen on PublicTest (21 images)" in proc.stdout
 
 
+def test_export_cli_auto_tta_keeps_the_most_accurate_crop_side(trained_run, tmp_path, monkeypatch):
+    """--tta=auto with several --crop_size sides measures ten-crop with each (the evaluate tool's figures), keeps
+    the most accurate, records every side's figure, and builds that side in when ten-crop is chosen."""
+    from fer_keras import inference
+    from fer_keras.evaluate import evaluate
+    from fer_keras.export import export_from, selection_split
+
+    config, result = trained_run
+    (tmp_path / "damaged.keras").write_bytes(b"PK\x03\x04 not a whole zip")  # refused before the model is read
+    with pytest.raises(ConfigError, match=r"^ten-crop crop sides 40, 42: several are measured only with --tta=auto; "
+                                          r"give one with --tta=tencrop$"):
+        export_from(tmp_path / "damaged.keras", tmp_path, tta="tencrop", crop_size=[40, 42])
+    proc = run_tool("export", f"--model={config.model_dir}", f"--export_dir={tmp_path}", "--name=sides",
+                    "--tta=auto", "--crop_size=36,40,44", "--tta_tolerance=100", env=cli_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((tmp_path / "sides" / "1" / "assets.extra" / "fer_keras.json").read_text())
+    chosen = meta["tta_selection"]
+    val, _, _ = selection_split(None, json.loads((Path(config.model_dir) / "config.json").read_text()))
+    best = inference.load_predictor(Path(config.model_dir) / "best.keras")
+    by_side = {c: evaluate(best, val, "tencrop", split_name="val", crop_size=c).accuracy for c in (36, 40, 44)}
+    assert chosen["tencrop_by_crop_size"] == pytest.approx({str(c): a for c, a in by_side.items()}, abs=1e-9)
+    kept = max(by_side, key=by_side.get)
+    assert chosen["crop_size"] == kept and chosen["accuracy"]["tencrop"] == pytest.approx(by_side[kept], abs=1e-9)
+    assert chosen["chosen"] == meta["tta"] == "none"  # a tolerance of 100 points: the cheapest mode
+    assert f"ten-crop with 36-pixel crops {100 * by_side[36]:.2f} %, 40-pixel crops" in proc.stdout
+    assert f", {kept} kept)" in proc.stdout
+    # When ten-crop is chosen, the kept side is the one served.
+    import fer_keras.tta
+
+    monkeypatch.setattr(fer_keras.tta, "cheapest_within", lambda accuracy, tolerance: "tencrop")
+    path, tta = export_from(config.model_dir, tmp_path, "sides", tta="auto", crop_size=[36, 40, 44])
+    assert tta == "tencrop" and inference.export_metadata(path)["crop_size"] == kept
+    served = evaluate(inference.load_predictor(path), val, "none", split_name="val")
+    assert served.accuracy == pytest.approx(by_side[kept], abs=1e-9)
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--tta=tencrop", "--crop_size=40,42"], "several --crop_size sides are measured only with --tta=auto"),
+    (["--crop_size=0"], "--crop_size must be one or more whole numbers in 1-48"),
+    (["--crop_size=40,x"], "--crop_size must be one or more whole numbers in 1-48"),
     (["--tta=auto", "--tta_tolerance=-1"], "--tta_tolerance must be >= 0"),
     (["--name= "], "--name must be a plain folder name"),  # was exported into a folder named " "
     (["--export_dir="], "--export_dir must name a folder"),  # an unset $EXPORTS: exported into the current directory

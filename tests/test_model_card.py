@@ -448,6 +448,12 @@ def test_best_keras_ten_crop_is_measured_with_the_served_crop_side(trained_run, 
     text = readme.read_text()
     assert "| this export, as TF Serving runs it | tencrop, 42-pixel crops (built in) |" in text
     assert "| the run's best.keras | tencrop, 42-pixel crops (evaluate `--tta=tencrop --crop_size=42`) |" in text
+    chosen = {"chosen": "tencrop", "accuracy": {"none": 0.5, "flip": 0.5, "tencrop": 0.625}, "split": "PublicTest",
+              "num_images": 8, "tolerance_points": 0.25, "crop_size": 42,
+              "tencrop_by_crop_size": {"40": 0.5, "42": 0.625}}
+    assert ("(none 50.00 %, flip 50.00 %, tencrop, 42-pixel crops 62.50 %). Ten-crop was measured with 40- and "
+            "42-pixel crops (50.00 / 62.50 %), and the most accurate side kept.") in model_card.render_markdown(
+        {**card, "served_tta_selection": chosen})
 
 
 def test_shipped_card_states_what_the_shipped_model_scores(fer2013_path):
