@@ -45,7 +45,8 @@ EVAL_CACHE = "ablation_eval.json"
 EVAL_METHOD = "float32"
 # Settings that say where a run reads and writes, not how it learns.
 NOT_RECIPE = frozenset({
-    "data", "model_dir", "export", "export_dir", "export_name", "export_version", "export_tta", "verbose",
+    "data", "model_dir", "export", "export_dir", "export_name", "export_version", "export_tta", "export_crop_size",
+    "verbose",
     "use_cache", "skip_bad_rows", "collective_timeout", "tpu_address",
 })
 

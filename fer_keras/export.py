@@ -49,6 +49,7 @@ from fer_keras.tta import (
     TtaChoice,
     check_tta,
     choose_tta,
+    crop_sides_ok,
     effective_crop,
     num_views,
     tf_views,
@@ -382,9 +383,8 @@ def define_flags() -> None:
     flags.register_validator("version", lambda v: v >= 0, "--version must be >= 0")
     flags.register_validator("export_dir", lambda v: bool(v.strip()), "--export_dir must name a folder (empty would "
                              "export into the current directory)")
-    flags.register_validator("crop_size", lambda v: bool(v) and all(c.strip().isdigit() and 0 < int(c) <= IMAGE_SIZE
-                                                                     for c in v),
-                             f"--crop_size must be one or more whole numbers in 1-{IMAGE_SIZE}, comma-separated")
+    flags.register_validator("crop_size", crop_sides_ok,
+                         f"--crop_size must be one or more whole numbers in 1-{IMAGE_SIZE}, comma-separated")
     flags.register_multi_flags_validator(
         ["tta", "crop_size"], lambda d: d["tta"] == AUTO or len(set(d["crop_size"] or [])) <= 1,
         "several --crop_size sides are measured only with --tta=auto; give one otherwise")

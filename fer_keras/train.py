@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from absl import flags, logging
 
-from fer_keras import STEMS, STRATEGIES, __version__, cli, distill
+from fer_keras import IMAGE_SIZE, STEMS, STRATEGIES, __version__, cli, distill
 from fer_keras.augment import ERASING_FILLS, FILL_MODES, AugmentConfig, check_input_crop
 from fer_keras.errors import ConfigError, FerError, ModelError, WorkerLostError
 from fer_keras.history import (
@@ -41,7 +41,7 @@ from fer_keras.history import (
     run_record,
     write_history_csv,
 )
-from fer_keras.tta import AUTO, DEFAULT_TOLERANCE, TTA_MODES
+from fer_keras.tta import AUTO, DEFAULT_CROP_SIZE, DEFAULT_TOLERANCE, TTA_MODES, crop_sides_ok
 
 if TYPE_CHECKING:
     import keras
@@ -59,7 +59,7 @@ EXPORT_MARKER = "export.json"  # in a run folder: what the run exported, so that
 # Fields that may change between an interrupted run and its resumption.
 RESUMABLE_FIELDS = {
     "strategy", "cpu_devices", "num_gpus", "tpu_address", "collective_timeout", "verbose", "export", "export_dir",
-    "export_name", "export_version", "export_tta", "export_tta_tolerance", "use_cache", "data",
+    "export_name", "export_version", "export_tta", "export_tta_tolerance", "export_crop_size", "use_cache", "data",
     "model_dir",  # the folder holding config.json; another spelling of it (runs/a/, ./runs/a) is the same run
     "deterministic", "steps_per_execution",  # how the same steps execute, not which steps
 }
@@ -151,6 +151,8 @@ class TrainConfig:
     # export_tta_tolerance points of the best is built in.
     export_tta: str = "auto"
     export_tta_tolerance: float = DEFAULT_TOLERANCE
+    # Ten-crop's crop side; with export_tta auto, several are each measured and the most accurate built in.
+    export_crop_size: tuple[int, ...] = (DEFAULT_CROP_SIZE,)
     verbose: int = 1
 
     @property
@@ -185,6 +187,10 @@ class TrainConfig:
             (self.export_tta in EXPORT_TTAS,
              f"unknown export_tta {self.export_tta!r}; choose {', '.join(EXPORT_TTAS)}"),
             (self.export_tta_tolerance >= 0, f"export_tta_tolerance must be >= 0, got {self.export_tta_tolerance}"),
+            (bool(self.export_crop_size) and all(0 < c <= IMAGE_SIZE for c in self.export_crop_size),
+             f"export_crop_size must be one or more sides in 1-{IMAGE_SIZE}, got {list(self.export_crop_size)}"),
+            (self.export_tta == AUTO or len(set(self.export_crop_size)) <= 1,
+             f"export_crop_size {list(self.export_crop_size)}: several sides are measured only with export_tta=auto"),
             (self.cpu_devices >= 0, f"cpu_devices must be >= 0, got {self.cpu_devices}"),
             (self.cpu_devices <= 1 or self.strategy == "mirrored",
              f"cpu_devices {self.cpu_devices} splits the CPU for strategy=mirrored only, got strategy={self.strategy}"),
@@ -243,6 +249,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["step_epochs"] = list(self.step_epochs)
         d["teachers"] = list(self.teachers)
+        d["export_crop_size"] = list(self.export_crop_size)
         return d
 
     @staticmethod
@@ -891,6 +898,7 @@ def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val
             path = Path(os.path.abspath(done["path"]))
             if (path.is_dir() and done.get("best_epoch") == best_epoch and path.parent == base
                     and done.get("export_tta", config.export_tta) == config.export_tta
+                    and done.get("export_crop_size", [DEFAULT_CROP_SIZE]) == list(config.export_crop_size)
                     and config.export_version in (0, int(path.name))):
                 return Path(config.export_dir) / config.resolved_export_name / path.name
         except (ValueError, KeyError, TypeError):
@@ -908,14 +916,15 @@ def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val
         "train_config": config.to_json(),
         "data": data_record,  # the images it trained and selected on, by fingerprint: distill.hold_out_risk
     }
-    tta, _ = export_mod.resolve_tta(model, config.export_tta, val_split, val_name, metadata,
-                                    tolerance=config.export_tta_tolerance)
+    tta, crop = export_mod.resolve_tta(model, config.export_tta, val_split, val_name, metadata,
+                                       list(config.export_crop_size), config.export_tta_tolerance)
     path = export_mod.export_model(
         model, config.export_dir, config.resolved_export_name, config.export_version or None, tta,
-        metadata=metadata,
+        metadata=metadata, crop_size=crop,
     )
     atomic_write_text(model_dir / EXPORT_MARKER, json.dumps({"path": os.path.abspath(path), "best_epoch": best_epoch,
-                                                          "export_tta": config.export_tta}) + "\n")
+                                                          "export_tta": config.export_tta,
+                                                          "export_crop_size": list(config.export_crop_size)}) + "\n")
     return path
 
 
@@ -1036,8 +1045,11 @@ def define_flags() -> None:
                     "name; the shipped model is fer_resnet18).")
     f.DEFINE_integer("export_version", d.export_version, "Export version (0: next free; never overwrites).")
     f.DEFINE_enum("export_tta", d.export_tta, EXPORT_TTAS, "Test-time augmentation built into the export "
-                  "(tencrop: 10 model evaluations per image, 40-pixel crops); auto measures the three on the "
-                  "validation split and builds in the cheapest within --export_tta_tolerance of the best.")
+                  "(tencrop: 10 model evaluations per image, --export_crop_size crops); auto measures the three on "
+                  "the validation split and builds in the cheapest within --export_tta_tolerance of the best.")
+    f.DEFINE_list("export_crop_size", [str(c) for c in d.export_crop_size], "Ten-crop's crop side in pixels; with "
+                  "--export_tta=auto, comma-separated sides (e.g. 40,42,44) are each measured and the most accurate "
+                  "built in.")
     f.DEFINE_float("export_tta_tolerance", d.export_tta_tolerance, "--export_tta=auto: percentage points by "
                    "which a costlier TTA must beat a cheaper one to be built in.")
     f.DEFINE_integer("verbose", d.verbose, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.")
@@ -1064,6 +1076,11 @@ def define_flags() -> None:
     f.register_validator("step_gamma", lambda v: 0 < v <= 1, "--step_gamma must be in (0, 1]")
     f.register_validator("num_gpus", lambda v: v >= -1, "--num_gpus must be >= -1 (-1: all)")
     f.register_validator("export_tta_tolerance", lambda v: v >= 0, "--export_tta_tolerance must be >= 0")
+    f.register_validator("export_crop_size", crop_sides_ok,
+                         f"--export_crop_size must be one or more whole numbers in 1-{IMAGE_SIZE}, comma-separated")
+    f.register_multi_flags_validator(
+        ["export_tta", "export_crop_size"], lambda d: d["export_tta"] == AUTO or len(set(d["export_crop_size"])) <= 1,
+        "several --export_crop_size sides are measured only with --export_tta=auto; give one otherwise")
     f.register_validator("shift", lambda v: 0 <= v <= 0.5, "--shift must be in [0, 0.5]")
     f.register_validator("rotation", lambda v: 0 <= v <= 180, "--rotation must be in [0, 180]")
     f.register_validator("zoom", lambda v: 0 <= v < 1, "--zoom must be in [0, 1)")
@@ -1093,6 +1110,8 @@ def config_from_flags(values: Any) -> TrainConfig:
             value = tuple(int(s) for s in value)
         elif field.name == "teachers":
             value = tuple(value)
+        elif field.name == "export_crop_size":
+            value = tuple(int(c) for c in value)
         kwargs[field.name] = value
     return TrainConfig(**kwargs)
 

@@ -54,6 +54,11 @@ def check_tta(mode: str, crop_size: int = DEFAULT_CROP_SIZE) -> None:
         raise ConfigError(f"crop_size must be in 1-{IMAGE_SIZE} for tencrop, got {crop_size}")
 
 
+def crop_sides_ok(values: Sequence[str]) -> bool:
+    """Whether flag values name one or more crop sides in 1-48 (``isdecimal``: ``int`` takes no superscript)."""
+    return bool(values) and all(v.strip().isdecimal() and 0 < int(v) <= IMAGE_SIZE for v in values)
+
+
 def num_views(mode: str) -> int:
     return {"none": 1, "flip": 2, "tencrop": 10}[mode]
 

@@ -621,6 +621,7 @@ def test_export_cli_auto_tta_keeps_the_most_accurate_crop_side(trained_run, tmp_
     (["--tta=tencrop", "--crop_size=40,42"], "several --crop_size sides are measured only with --tta=auto"),
     (["--crop_size=0"], "--crop_size must be one or more whole numbers in 1-48"),
     (["--crop_size=40,x"], "--crop_size must be one or more whole numbers in 1-48"),
+    (["--crop_size=4\u00b2"], "--crop_size must be one or more whole numbers in 1-48"),
     (["--tta=auto", "--tta_tolerance=-1"], "--tta_tolerance must be >= 0"),
     (["--name= "], "--name must be a plain folder name"),  # was exported into a folder named " "
     (["--export_dir="], "--export_dir must name a folder"),  # an unset $EXPORTS: exported into the current directory

@@ -131,6 +131,36 @@ def test_a_finished_run_is_the_same_run_under_another_spelling_and_exports_again
     assert sorted(p.name for p in (tmp_path / "exports" / "renamed").iterdir()) == ["1"]
 
 
+def test_the_end_of_training_export_measures_each_crop_side_given_and_exports_again_for_other_sides(
+        trained_run, tmp_path):
+    config, _ = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(config.model_dir, run)
+    (run / "export.json").unlink()
+    base = {**config.to_json(), "step_epochs": (), "model_dir": str(run), "export_dir": str(tmp_path / "exports")}
+    sides = train.run(train.TrainConfig(**{**base, "export_crop_size": (36, 44)}))
+    chosen = json.loads((sides.export_path / "assets.extra" / "fer_keras.json").read_text())["tta_selection"]
+    assert set(chosen["tencrop_by_crop_size"]) == {"36", "44"}
+    assert chosen["accuracy"]["tencrop"] == chosen["tencrop_by_crop_size"][str(chosen["crop_size"])]
+    assert "--export_crop_size=36,44" in (run / "flags.txt").read_text()
+    # Once per export settings: the same sides export nothing more, other sides a new version.
+    assert train.run(train.TrainConfig(**{**base, "export_crop_size": (36, 44)})).export_path == sides.export_path
+    other = train.run(train.TrainConfig(**{**base, "export_crop_size": (40,)}))
+    assert other.export_path.name == "2" and "tencrop_by_crop_size" not in json.loads(
+        (other.export_path / "assets.extra" / "fer_keras.json").read_text())["tta_selection"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"export_crop_size": (0,)}, r"export_crop_size must be one or more sides in 1-48, got \[0\]"),
+    ({"export_tta": "tencrop", "export_crop_size": (40, 42)},
+     r"export_crop_size \[40, 42\]: several sides are measured only with export_tta=auto"),
+])
+def test_bad_export_crop_sizes_are_refused(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        train.run(train.TrainConfig(model_dir=str(tmp_path / "run"), **{**SMALL_RUN, **change}))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_rerun_names_the_export_as_the_first_run_did(trained_run, tmp_path, monkeypatch, capsys):
     """With a relative --export_dir, a rerun of a finished run printed (and returned) the export's absolute path
     from export.json, the first run the one under --export_dir as given."""
@@ -821,6 +851,8 @@ def cli(args, tmp_path, **kw):
     (["--flagfile=missing.cfg"], "error: Unable to open flagfile"),
     # A digit to str.isdigit but not to int(): the validator itself raised.
     (["--schedule=step", "--step_epochs=1\u00b2"], "--step_epochs must be positive integers"),
+    (["--export_crop_size=4\u00b2"], "--export_crop_size must be one or more whole numbers in 1-48"),
+    (["--export_tta=flip", "--export_crop_size=40,42"], "several --export_crop_size sides are measured only with"),
 ])
 def test_cli_bad_flags_exit_non_zero_with_one_line(tmp_path, args, needle):
     (tmp_path / "latin1.cfg").write_bytes("# \u00e9t\u00e9\n--epochs=1\n".encode("latin-1"))
