@@ -49,6 +49,7 @@ from fer_keras.tta import (
     TtaChoice,
     check_tta,
     choose_tta,
+    crop_sides,
     crop_sides_ok,
     effective_crop,
     num_views,
@@ -289,7 +290,7 @@ def choose_served_tta(model: keras.Model, images: np.ndarray, labels: np.ndarray
 
 def _one_side(tta: str, crop_size: int | Sequence[int]) -> int:
     """The crop side of a TTA given, not chosen: several sides are a choice only ``auto`` makes."""
-    sides = [crop_size] if isinstance(crop_size, int) else list(dict.fromkeys(crop_size))
+    sides = crop_sides(crop_size)
     if len(sides) != 1:
         raise ConfigError(f"ten-crop crop sides {', '.join(map(str, sides))}: several are measured only with "
                           f"--tta=auto; give one with --tta={tta}")

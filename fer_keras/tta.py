@@ -54,6 +54,11 @@ def check_tta(mode: str, crop_size: int = DEFAULT_CROP_SIZE) -> None:
         raise ConfigError(f"crop_size must be in 1-{IMAGE_SIZE} for tencrop, got {crop_size}")
 
 
+def crop_sides(crop_size: int | Sequence[int]) -> list[int]:
+    """One crop side or several, as a list without repeats, in the order given."""
+    return [crop_size] if isinstance(crop_size, int) else list(dict.fromkeys(crop_size))
+
+
 def crop_sides_ok(values: Sequence[str]) -> bool:
     """Whether flag values name one or more crop sides in 1-48 (``isdecimal``: ``int`` takes no superscript)."""
     return bool(values) and all(v.strip().isdecimal() and 0 < int(v) <= IMAGE_SIZE for v in values)
@@ -209,11 +214,10 @@ def choose_tta(
                           f"{int((labels < 0).sum()) if len(labels) else 0} without a label")
     if tolerance < 0:
         raise ConfigError(f"TTA tolerance must be >= 0 points, got {tolerance}")
-    sides = [crop_size] if isinstance(crop_size, int) else list(dict.fromkeys(crop_size))
+    model_crop = model_crop_of(predictor)
+    sides = crop_sides([effective_crop(c, model_crop) for c in crop_sides(crop_size)])
     if not sides:
         raise ConfigError("choosing a TTA needs at least one ten-crop crop side")
-    model_crop = model_crop_of(predictor)
-    sides = list(dict.fromkeys(effective_crop(c, model_crop) for c in sides))
 
     def accuracy_of(mode: str, side: int) -> float:
         probs = tta_probabilities(predictor, images, mode, side, batch_size)

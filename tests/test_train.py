@@ -112,13 +112,18 @@ def test_rerunning_a_finished_run_neither_trains_nor_exports_again(trained_run):
     assert [r["epoch"] for r in again.history] == [1, 2]
 
 
-def test_a_finished_run_is_the_same_run_under_another_spelling_and_exports_again_for_other_export_settings(
-        trained_run, tmp_path):
-    config, first = trained_run
+def _unexported_copy(config: train.TrainConfig, tmp_path: Path) -> tuple[Path, dict]:
+    """A copy of the shared finished run that has not exported, and its settings exporting under ``tmp_path``."""
     run = tmp_path / "run"
     shutil.copytree(config.model_dir, run)
     (run / "export.json").unlink()
-    base = {**config.to_json(), "step_epochs": (), "export_dir": str(tmp_path / "exports")}
+    return run, {**config.to_json(), "step_epochs": (), "export_dir": str(tmp_path / "exports")}
+
+
+def test_a_finished_run_is_the_same_run_under_another_spelling_and_exports_again_for_other_export_settings(
+        trained_run, tmp_path):
+    config, first = trained_run
+    run, base = _unexported_copy(config, tmp_path)
     result = train.run(train.TrainConfig(**{**base, "model_dir": str(run)}))
     assert result.resumed_from == config.epochs and result.export_path == tmp_path / "exports" / "run" / "1"
     for spelling in (str(run) + os.sep, os.path.relpath(run)):  # model_dir as the shell may spell it
@@ -134,10 +139,8 @@ def test_a_finished_run_is_the_same_run_under_another_spelling_and_exports_again
 def test_the_end_of_training_export_measures_each_crop_side_given_and_exports_again_for_other_sides(
         trained_run, tmp_path):
     config, _ = trained_run
-    run = tmp_path / "run"
-    shutil.copytree(config.model_dir, run)
-    (run / "export.json").unlink()
-    base = {**config.to_json(), "step_epochs": (), "model_dir": str(run), "export_dir": str(tmp_path / "exports")}
+    run, base = _unexported_copy(config, tmp_path)
+    base["model_dir"] = str(run)
     sides = train.run(train.TrainConfig(**{**base, "export_crop_size": (36, 44)}))
     chosen = json.loads((sides.export_path / "assets.extra" / "fer_keras.json").read_text())["tta_selection"]
     assert set(chosen["tencrop_by_crop_size"]) == {"36", "44"}
