@@ -28,10 +28,24 @@ def check_seed(seed: int) -> str | None:
     return None if 0 <= seed <= MAX_SEED else f"seed must be in [0, {MAX_SEED}], got {seed}"
 
 
-def define_seed(default: int, help: str) -> None:
+def define_seed(default: int, help: str, flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """``--seed``, checked before the tool imports TensorFlow."""
-    flags.DEFINE_integer("seed", default, help)
-    flags.register_validator("seed", lambda v: check_seed(v) is None, f"--seed must be in [0, {MAX_SEED}]")
+    flags.DEFINE_integer("seed", default, help, flag_values=flag_values)
+    flags.register_validator("seed", lambda v: check_seed(v) is None, f"--seed must be in [0, {MAX_SEED}]",
+                             flag_values=flag_values)
+
+
+class FlagDefiner:
+    """absl's ``DEFINE_*`` and ``register_*validator`` functions bound to one :class:`absl.flags.FlagValues`, so
+    that a tool's flags can also be defined into a fresh set (to read a recipe's flagfile without touching the
+    program's own flags)."""
+
+    def __init__(self, flag_values: flags.FlagValues) -> None:
+        self._flag_values = flag_values
+
+    def __getattr__(self, name: str) -> Callable:
+        function = getattr(flags, name)
+        return lambda *args, **kwargs: function(*args, flag_values=self._flag_values, **kwargs)
 
 
 def run(main: Callable[[Sequence[str]], None]) -> None:
@@ -81,14 +95,22 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
     """absl's parser, with a bad flag value or an unreadable flagfile reported as one ``error:`` line (absl adds
     a usage hint line, and a flagfile that is not text would end in a traceback)."""
     try:
-        return flags.FLAGS(list(argv))
+        return read_flags(flags.FLAGS, argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def read_flags(flag_values: flags.FlagValues, argv: Sequence[str]) -> list[str]:
+    """Parses ``argv`` (program name first) into ``flag_values``; a bad value or an unreadable flagfile is a
+    :class:`ConfigError` of one line."""
+    try:
+        return flag_values(list(argv))
     except flags.Error as e:
-        print(f"error: {str(e).removeprefix('ERROR:: ')}", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError(str(e).removeprefix("ERROR:: ")) from None
     except UnicodeDecodeError as e:
-        print(f"error: {_undecodable_flagfile(argv)}: not UTF-8 text ({e.reason} at byte {e.start}); a --flagfile "
-              "holds one --flag=value per line", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError(f"{_undecodable_flagfile(argv)}: not UTF-8 text ({e.reason} at byte {e.start}); a "
+                          "--flagfile holds one --flag=value per line") from None
 
 
 def _undecodable_flagfile(argv: Sequence[str]) -> str:

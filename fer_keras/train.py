@@ -81,15 +81,16 @@ class TrainConfig:
     max_train_examples: int = 0
     max_val_examples: int = 0
     # Model.
-    # Defaults train the bundled sample in minutes; flags/fer2013.cfg holds the full recipe.
+    # Defaults train the bundled sample in minutes; flags/fer2013.cfg trains the shipped model's chain of runs.
     stem: str = "imagenet"
     input_channels: int = 1
     dropout: float = 0.2
     sync_batchnorm: bool = False
     # The network sees the central input_crop pixels square (0: all 48), trained on random windows of that size.
     input_crop: int = 0
-    # Start from a trained model's weights (a .keras file or a run directory's best.keras) instead of random
-    # ones: fine-tuning, or a further learning-rate cycle after a finished run.
+    # Start from a trained model's weights (a .keras file, a run directory's best.keras, an export, or a recipe's
+    # flagfile for the model it trains: fer_keras.recipe) instead of random ones: fine-tuning, or a further
+    # learning-rate cycle after a finished run.
     init_from: str = ""
     # Knowledge distillation: targets (1 - distill_weight) * one-hot + distill_weight * the teachers' mean
     # probabilities (softened by distill_temperature), computed once on the training images (fer_keras.distill);
@@ -315,7 +316,8 @@ def _same_setting(key: str, old, new) -> bool:
     return old == new
 
 
-def _check_resumable(model_dir: Path, config: TrainConfig, latest: tuple[Path, dict] | None) -> None:
+def check_resumable(model_dir: Path, config: TrainConfig, latest: tuple[Path, dict] | None,
+                    advice: str = "use a new --model_dir or the original flags") -> None:
     """Refuses settings that differ from the run's: those of its config.json or, when that is missing or damaged,
     the copy in its latest checkpoint (before this run rewrites config.json with the new ones)."""
     path = model_dir / "config.json"
@@ -343,8 +345,7 @@ def _check_resumable(model_dir: Path, config: TrainConfig, latest: tuple[Path, d
     if changed:
         diffs = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
         raise ConfigError(
-            f"{model_dir} holds a run made with other settings ({diffs}); "
-            "use a new --model_dir or the original flags"
+            f"{model_dir} holds a run made with other settings ({diffs}); {advice}"
         )
 
 
@@ -591,15 +592,23 @@ def load_checkpoint_weights(model, folder: Path) -> None:
 
 
 def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> TrainResult:
-    """Trains (or resumes) per ``config`` under ``strategy`` (built from the config if None)."""
+    """Trains (or resumes) per ``config`` under ``strategy`` (built from the config if None). The recipes that
+    ``config.init_from`` or ``config.teachers`` name are trained first, unless this run has started
+    (:mod:`fer_keras.recipe`)."""
     config.validate()
     import keras
     import tensorflow as tf
 
-    from fer_keras import averaging, checkpoint, distribute, export, pipeline
+    from fer_keras import averaging, checkpoint, distribute, export, pipeline, recipe
     from fer_keras import data as data_lib
     from fer_keras.model import resnet18
 
+    init_from, teacher_paths = config.init_from, config.teachers
+    if recipe.references(config):  # before the strategy takes the devices that the stages' processes need
+        stages = recipe.plan(config)
+        if checkpoint.latest_checkpoint(Path(config.model_dir) / "checkpoints") is None:
+            recipe.train_stages(config, stages)
+        init_from, teacher_paths = recipe.locate(config, stages)
     if strategy is None:
         on_cpu = not tf.config.list_physical_devices("GPU")
         cpu = config.cpu_devices or (2 if config.strategy == "mirrored" and on_cpu else 1)
@@ -642,7 +651,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
                           f"in {model_dir / 'checkpoints'}: a rerun would train from scratch over them; use a new "
                           "--model_dir")
     if started:
-        _check_resumable(model_dir, config, latest)
+        check_resumable(model_dir, config, latest)
     elif chief:
         _refuse_foreign_files(model_dir)
     if config.average_from_epoch and latest and latest[1]["epoch"] >= config.average_from_epoch:
@@ -663,10 +672,10 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     data_record, data_recorded = _check_same_data(model_dir, dataset.source, train_split, val_split, val_name,
                                                   enforce=started)
     # A resumed run continues from its checkpoint; the initial model matters only at the start.
-    init_source = load_initial_model(config.init_from) if config.init_from and not latest else None
+    init_source = load_initial_model(init_from) if init_from and not latest else None
     if init_source is not None:  # a model of another architecture is refused before any output is written
         copy_weights(init_source[0], resnet18(config.stem, config.input_channels, dropout=config.dropout,
-                                              input_crop=config.input_crop), config.init_from, dry_run=True)
+                                              input_crop=config.input_crop), init_from, dry_run=True)
     steps = pipeline.steps_per_epoch(len(train_split), config.batch_size)
     if steps == 0:
         raise ConfigError(
@@ -684,7 +693,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
             raise ConfigError(f"{target}: export version {config.export_version} exists; it is never overwritten")
     # A new run's teacher paths are checked before any output folder exists; a started run may have its stored
     # probabilities and need no teacher at all.
-    specs = config.teachers if started else [distill.describe_teacher(t) for t in config.teachers]
+    specs = teacher_paths if started else [distill.describe_teacher(t) for t in teacher_paths]
     _preflight(out_dir, export_base)
     teachers, targets = None, None
     if config.teachers:
@@ -747,7 +756,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
                 sync_batchnorm=config.sync_batchnorm, input_crop=config.input_crop,
             )
             if init_source is not None:
-                copy_weights(init_source[0], model, config.init_from)
+                copy_weights(init_source[0], model, init_from)
                 print(f"initial weights from {init_source[1]['path']}")
             optimizer = build_optimizer(config, steps, model)
             model.compile(
@@ -932,9 +941,11 @@ def _export_once(model_dir: Path, config: TrainConfig, best_epoch: int, best_val
 # Entrypoint
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines the flags in ``flag_values``: the program's own, or a fresh set to read a stage's recipe with
+    (fer_keras.recipe)."""
     d = TrainConfig()
-    f = flags
+    f = cli.FlagDefiner(flag_values)
     f.DEFINE_string("data", d.data, "FER2013 source: fer2013.csv[.gz], train.csv/test.csv (or their folder), "
                     "or an image folder. Empty: the sample bundled in the package.")
     f.DEFINE_string("model_dir", d.model_dir, "Run directory: logs, checkpoints, history, best.keras. "
@@ -960,11 +971,14 @@ def define_flags() -> None:
     f.DEFINE_boolean("sync_batchnorm", d.sync_batchnorm, "BatchNorm statistics over the global batch "
                      "(all replicas) rather than per replica.")
     f.DEFINE_string("init_from", d.init_from, "Start from this model's weights instead of random ones: a .keras "
-                    "file, a run directory (its best.keras) or a TF Serving export such as saved_models/fer_resnet18 "
-                    "(its highest version); same --stem and --input_channels. The optimizer "
-                    "and schedule start afresh: fine-tuning, or a further learning-rate cycle after a finished run.")
-    f.DEFINE_list("teachers", [], "Knowledge distillation: trained models (each a .keras file, run directory or TF "
-                  "Serving export, as --init_from takes) whose mean probabilities, computed once on the "
+                    "file, a run directory (its best.keras), a TF Serving export such as saved_models/fer_resnet18 "
+                    "(its highest version), or a recipe's flagfile flags/NAME.cfg: the model it trains, in the folder "
+                    "NAME beside --model_dir, trained (or resumed) first; same --stem and --input_channels. The "
+                    "optimizer and schedule start afresh: fine-tuning, or a further learning-rate cycle after a "
+                    "finished run.")
+    f.DEFINE_list("teachers", [], "Knowledge distillation: trained models (each a .keras file, run directory, TF "
+                  "Serving export or recipe flagfile, as --init_from takes) whose mean probabilities, computed once "
+                  "on the "
                   "un-augmented training images, soften the training targets. Empty: one-hot labels.")
     f.DEFINE_enum("teacher_tta", d.teacher_tta, list(TTA_MODES), "--teachers: the test-time augmentation averaged "
                   "for a teacher without its own (an export with TTA built in is run as it serves).")
@@ -1010,7 +1024,7 @@ def define_flags() -> None:
     f.DEFINE_enum("precision", d.precision, PRECISIONS, "Keras dtype policy; logits stay float32.")
     f.DEFINE_integer("steps_per_execution", d.steps_per_execution, "Training steps per tf.function call; must divide "
                      "the steps of an epoch (checked once the data is read).")
-    cli.define_seed(d.seed, "Seed of weights, data order and augmentation.")
+    cli.define_seed(d.seed, "Seed of weights, data order and augmentation.", flag_values)
     f.DEFINE_boolean("deterministic", d.deterministic, "Enable TF op determinism (bit-identical reruns).")
     f.DEFINE_boolean("flip", d.flip, "Augment: random horizontal flip.")
     f.DEFINE_float("shift", d.shift, "Augment: max shift as a fraction of the side (0 = off).")
@@ -1053,6 +1067,8 @@ def define_flags() -> None:
     f.DEFINE_float("export_tta_tolerance", d.export_tta_tolerance, "--export_tta=auto: percentage points by "
                    "which a costlier TTA must beat a cheaper one to be built in.")
     f.DEFINE_integer("verbose", d.verbose, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.")
+    f.DEFINE_boolean("dry_run", False, "Print the recipe stages this run would train first (the recipes that "
+                     "--init_from and --teachers name, and theirs), each with its folder and state, and exit.")
 
     positive = {"epochs": 1, "batch_size": 1, "steps_per_execution": 1}
     for name, low in positive.items():
@@ -1116,9 +1132,22 @@ def config_from_flags(values: Any) -> TrainConfig:
     return TrainConfig(**kwargs)
 
 
+def dry_run(config: TrainConfig) -> str:
+    """What ``run(config)`` would train, before it: ``--dry_run``'s report. Reads no data and loads no model."""
+    from fer_keras import checkpoint, recipe
+
+    config.validate()
+    stages = recipe.plan(config)
+    started = checkpoint.latest_checkpoint(Path(config.model_dir) / "checkpoints") is not None
+    return recipe.describe(config, stages, started)
+
+
 def main(argv: Sequence[str]) -> None:
-    result = run(config_from_flags(flags.FLAGS))
-    del result
+    config = config_from_flags(flags.FLAGS)
+    if flags.FLAGS.dry_run:
+        print(dry_run(config))
+        return
+    run(config)
 
 
 if __name__ == "__main__":

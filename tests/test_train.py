@@ -606,7 +606,8 @@ def test_every_recipe_in_flags_is_a_valid_configuration(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(proc.stdout.splitlines()) == len(recipes)
-    assert "flags/fer2013.cfg onecycle 200" in proc.stdout
+    assert "flags/fer2013_onecycle.cfg onecycle 200" in proc.stdout
+    assert "flags/fer2013.cfg constant 6" in proc.stdout  # the shipped model's last run; its stages: test_recipe.py
 
 
 def test_checking_a_configuration_loads_neither_keras_nor_tensorflow(tmp_path):
@@ -1040,9 +1041,9 @@ def test_settings_are_checked_against_the_checkpoints_copy_when_config_json_is_d
     recorded = train.TrainConfig(**SMALL_RUN).to_json()
     latest = (run_dir / "checkpoints" / "epoch_0001", {"epoch": 1, "config": recorded})
     (run_dir / "config.json").write_text('{"stem": "imag')
-    train._check_resumable(run_dir, train.TrainConfig(**SMALL_RUN), latest)
+    train.check_resumable(run_dir, train.TrainConfig(**SMALL_RUN), latest)
     with pytest.raises(ConfigError, match=r"holds a run made with other settings \(learning_rate: 0.01 -> 0.5\)"):
-        train._check_resumable(run_dir, train.TrainConfig(**{**SMALL_RUN, "learning_rate": 0.5}), latest)
+        train.check_resumable(run_dir, train.TrainConfig(**{**SMALL_RUN, "learning_rate": 0.5}), latest)
 
 
 def test_a_damaged_data_json_is_reported_for_rewriting(tmp_path):
