@@ -35,6 +35,11 @@ def is_recipe(reference: str) -> bool:
     return reference.endswith(SUFFIX)
 
 
+def stage_dir(recipe: str, config) -> Path:
+    """The folder of ``recipe``'s run as a stage of ``config``'s run: its name beside ``config.model_dir``."""
+    return Path(config.model_dir).parent / Path(recipe).name.removesuffix(SUFFIX)
+
+
 def references(config) -> list[str]:
     """The recipes ``config`` (a :class:`fer_keras.train.TrainConfig`) starts or distils from, init_from first."""
     return [r for r in (config.init_from, *config.teachers) if r and is_recipe(r)]
@@ -71,15 +76,15 @@ def inherited_args(config) -> list[str]:
     return args
 
 
-def read_stage(recipe: str, runs_dir: Path, config) -> Stage:
-    """The stage that trains ``recipe`` into ``runs_dir``, with ``config``'s :data:`INHERITED` settings. Its
+def read_stage(recipe: str, config) -> Stage:
+    """The stage that trains ``recipe`` for ``config``'s run, with its :data:`INHERITED` settings. Its
     checkpoints, when it has any, must be of the recipe's present settings."""
     from fer_keras import checkpoint, train
 
     if not Path(recipe).is_file():
         raise ConfigError(f"{recipe}: no such recipe flagfile (--init_from and --teachers take a model, or the "
                           f"flagfile of the recipe that trains it)")
-    model_dir = runs_dir / Path(recipe).name.removesuffix(SUFFIX)
+    model_dir = stage_dir(recipe, config)
     args = [f"--flagfile={recipe}", f"--model_dir={model_dir}", "--noexport", *inherited_args(config)]
     flag_values = flags.FlagValues()
     train.define_flags(flag_values)
@@ -99,7 +104,6 @@ def read_stage(recipe: str, runs_dir: Path, config) -> Stage:
 def plan(config) -> list[Stage]:
     """The stages ``config`` needs, each after the stages it needs itself (a recipe named twice is one stage).
     A cycle, a missing or invalid recipe, and two recipes that would share a folder are refused."""
-    runs_dir = Path(config.model_dir).parent
     own = Path(os.path.abspath(config.model_dir))
     stages: dict[str, Stage] = {}
     folders: dict[Path, str] = {}
@@ -112,7 +116,7 @@ def plan(config) -> list[Stage]:
                 raise ConfigError(f"recipe cycle: {' -> '.join(names)}")
             if key in stages:
                 continue
-            stage = read_stage(recipe, runs_dir, config)
+            stage = read_stage(recipe, config)
             folder = Path(os.path.abspath(stage.model_dir))
             if folder == own:
                 raise ConfigError(f"recipe {recipe} would train into this run's own folder {config.model_dir}; "
@@ -128,30 +132,32 @@ def plan(config) -> list[Stage]:
     return list(stages.values())
 
 
-def locate(config, stages: list[Stage]) -> tuple[str, tuple[str, ...]]:
+def locate(config) -> tuple[str, tuple[str, ...]]:
     """``config``'s init_from and teachers with each recipe replaced by its stage's folder."""
-    folders = {os.path.abspath(s.recipe): str(s.model_dir) for s in stages}
 
     def where(reference: str) -> str:
-        return folders[os.path.abspath(reference)] if reference and is_recipe(reference) else reference
+        return str(stage_dir(reference, config)) if reference and is_recipe(reference) else reference
 
     return where(config.init_from), tuple(where(t) for t in config.teachers)
 
 
-def describe(config, stages: list[Stage], started: bool) -> str:
-    """The plan as ``--dry_run`` prints it."""
+def describe(config, stages: list[Stage], resumes_after: int) -> str:
+    """The plan as ``--dry_run`` prints it; ``resumes_after``: the epochs ``config``'s run has finished (a run that
+    has started trains no stage, so ``stages`` is then empty)."""
     lines = []
-    if stages:
+    if resumes_after:
+        lines.append(f"{config.model_dir} has started, so it trains no recipe stage: it resumes from its own "
+                     "checkpoint with the teachers' probabilities it keeps")
+    elif stages:
         lines.append(f"{len(stages)} recipe stage(s) before {config.model_dir}, in order, each trained by python -m "
                      "fer_keras.train --flagfile=RECIPE --model_dir=FOLDER --noexport with this run's "
                      f"{', '.join('--' + name for name in INHERITED)}:")
         lines += [f"  {i}. {s.recipe} -> {s.model_dir}: {s.state()}" for i, s in enumerate(stages, 1)]
-        if started:
-            lines.append("  (this run has started: it needs none of them, so none is trained)")
     else:
         lines.append(f"no recipe stages: {config.model_dir} starts from "
                      f"{config.init_from or 'random weights'}" + (" with teachers" if config.teachers else ""))
-    lines.append(f"then {config.model_dir}: {'resumes' if started else 'new'}, {config.epochs} epochs")
+    state = f"resumes after epoch {resumes_after} of" if resumes_after else "new,"
+    lines.append(f"then {config.model_dir}: {state} {config.epochs} epochs")
     return "\n".join(lines)
 
 
@@ -171,7 +177,7 @@ def train_stages(config, stages: list[Stage]) -> None:
         if code:
             raise FerError(f"recipe stage {stage.recipe} ({stage.model_dir}) stopped with exit code {code} (its "
                            "output is above); the same command resumes it")
-        stage.done_epochs = read_stage(stage.recipe, stage.model_dir.parent, config).done_epochs
+        stage.done_epochs = read_stage(stage.recipe, config).done_epochs
         if not stage.finished:
             raise FerError(f"recipe stage {stage.recipe} ended without finishing its {stage.config.epochs} epochs and "
                            f"a best.keras in {stage.model_dir}")

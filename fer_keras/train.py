@@ -605,10 +605,9 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
 
     init_from, teacher_paths = config.init_from, config.teachers
     if recipe.references(config):  # before the strategy takes the devices that the stages' processes need
-        stages = recipe.plan(config)
-        if checkpoint.latest_checkpoint(Path(config.model_dir) / "checkpoints") is None:
-            recipe.train_stages(config, stages)
-        init_from, teacher_paths = recipe.locate(config, stages)
+        if checkpoint.latest_checkpoint(Path(config.model_dir) / "checkpoints") is None:  # else it needs none
+            recipe.train_stages(config, recipe.plan(config))
+        init_from, teacher_paths = recipe.locate(config)
     if strategy is None:
         on_cpu = not tf.config.list_physical_devices("GPU")
         cpu = config.cpu_devices or (2 if config.strategy == "mirrored" and on_cpu else 1)
@@ -1137,9 +1136,10 @@ def dry_run(config: TrainConfig) -> str:
     from fer_keras import checkpoint, recipe
 
     config.validate()
-    stages = recipe.plan(config)
-    started = checkpoint.latest_checkpoint(Path(config.model_dir) / "checkpoints") is not None
-    return recipe.describe(config, stages, started)
+    latest = checkpoint.latest_checkpoint(Path(config.model_dir) / "checkpoints")
+    if latest is not None:
+        return recipe.describe(config, [], latest[1]["epoch"])
+    return recipe.describe(config, recipe.plan(config), 0)
 
 
 def main(argv: Sequence[str]) -> None:

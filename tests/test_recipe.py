@@ -54,7 +54,7 @@ def test_stage_settings_are_the_recipes_with_the_runs_data_and_hardware_flags(tm
     assert (planned.config.data, planned.config.verbose, planned.config.cpu_devices) == ("elsewhere.csv", 1, 3)
     assert planned.config.max_train_examples == 64  # what is trained is the recipe's
     assert not planned.config.export and planned.state() == "new, 1 epochs"
-    assert recipe.locate(config, [planned]) == (str(tmp_path / "runs" / "first"), ())
+    assert recipe.locate(config) == (str(tmp_path / "runs" / "first"), ())
 
 
 @pytest.mark.parametrize("case, message", [
@@ -117,7 +117,10 @@ def test_a_chain_trains_its_stage_once_and_starts_and_distils_from_it(tmp_path, 
     assert teacher["path"] == str((folder / "best.keras").resolve())
 
     # Another run of the chain finds the stage finished and trains only itself.
-    train.run(top_config(tmp_path, init_from=stage, teachers=(stage,), model_dir=str(tmp_path / "runs" / "again")))
+    again = top_config(tmp_path, init_from=stage, teachers=(stage,), model_dir=str(tmp_path / "runs" / "again"))
+    assert f"  1. {stage} -> {folder}: done\n" in train.dry_run(again)
+    assert train.dry_run(config).startswith(f"{top} has started, so it trains no recipe stage")
+    train.run(again)
     out = capfd.readouterr().out
     assert f"recipe stage 1/1 {stage} ({folder}): done" in out and "fer_keras" in out
 
@@ -127,8 +130,9 @@ def test_a_chain_trains_its_stage_once_and_starts_and_distils_from_it(tmp_path, 
         recipe.plan(config)
     write(tmp_path / "first.cfg", STAGE)
 
-    # A run that has started needs no stage: with the stage gone, a rerun neither trains it nor fails.
+    # A run that has started needs no stage: with the stage and its recipe gone, a rerun neither trains it nor fails.
     shutil.move(folder, tmp_path / "moved")
+    Path(stage).unlink()
     train.run(config)
     assert "recipe stage" not in capfd.readouterr().out and not folder.exists()
 
