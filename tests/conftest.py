@@ -27,6 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 FER2013 = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013" / "fer2013.csv.gz"
 
 
+def pytest_collection_modifyitems(items):
+    """The slow tests first (a stable sort): pytest-xdist's two workers then end on short tests, instead of one
+    waiting while the other runs a minute-long test picked up last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     """Parsed-data caches go to a temporary folder, never the user's ~/.cache."""

@@ -208,6 +208,7 @@ def test_each_ratio_divides_the_measurements_it_names(monkeypatch):
     assert "| imagenet | 1.50x | 1.25x |" in text
 
 
+@pytest.mark.slow
 def test_cli_runs_end_to_end_and_writes_json_and_markdown(tmp_path):
     output = tmp_path / "out" / "bench.json"
     proc = subprocess.run(

@@ -442,6 +442,7 @@ def test_the_card_of_a_distilled_model_names_its_teachers(teacher_files, tmp_pat
     assert "`" + str(a) + "` (not recorded beyond its path)" in model_card.render_markdown(card)
 
 
+@pytest.mark.slow
 def test_the_card_keeps_how_its_teachers_were_trained_and_counts_every_run_once(trained_run, tmp_path):
     from fer_keras import model_card
     from fer_keras.history import read_history_csv

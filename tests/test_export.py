@@ -581,6 +581,7 @@ def test_export_cli_auto_tta_defaults_to_the_data_the_run_was_trained_on(trained
     assert "TTA chosen on PublicTest (21 images)" in proc.stdout
 
 
+@pytest.mark.slow
 def test_export_cli_auto_tta_keeps_the_most_accurate_crop_side(trained_run, tmp_path, monkeypatch):
     """--tta=auto with several --crop_size sides measures ten-crop with each (the evaluate tool's figures), keeps
     the most accurate, records every side's figure, and builds that side in when ten-crop is chosen."""

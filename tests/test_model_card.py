@@ -256,12 +256,13 @@ def test_card_of_a_run_started_from_another_states_both_runs(trained_run, tmp_pa
         model_card.build_card(second.model_dir, base, None, None, ("none",))
 
 
+@pytest.mark.slow
 def test_card_of_a_chain_of_restarts_states_every_run(trained_run, tmp_path):
     """first -> second -> third: the card gives three commands, every run's flags and the wall time of all three,
     also from an init.json written before runs kept their own start (then read from the second run's folder)."""
     config, first = trained_run
     small = {**SMALL_RUN, "epochs": 1, "export_tta": "none"}
-    second = train.run(train.TrainConfig(model_dir=str(tmp_path / "second"), export_dir=str(tmp_path / "ex2"),
+    second = train.run(train.TrainConfig(model_dir=str(tmp_path / "second"), export=False,
                                          init_from=str(first.model_dir), **small))
     third = train.run(train.TrainConfig(model_dir=str(tmp_path / "third"), export_dir=str(tmp_path / "ex3"),
                                         init_from=str(second.model_dir), **small))
@@ -302,7 +303,7 @@ def test_card_of_a_chain_of_restarts_states_every_run(trained_run, tmp_path):
     away = tmp_path / "third_away"
     third.model_dir.rename(away)
     try:
-        train.run(train.TrainConfig(model_dir=str(tmp_path / "fourth"), export_dir=str(tmp_path / "ex4"),
+        train.run(train.TrainConfig(model_dir=str(tmp_path / "fourth"), export=False,
                                     init_from=str(base / "1"), **small))
     finally:
         away.rename(third.model_dir)
@@ -321,6 +322,7 @@ def test_card_of_a_chain_of_restarts_states_every_run(trained_run, tmp_path):
     assert json.loads((base / model_card.CARD_JSON).read_text())["training"]["total_wall_seconds"] is None
 
 
+@pytest.mark.slow
 def test_card_of_a_chain_that_began_from_a_bare_keras_file_says_its_origin_is_unrecorded(trained_run, tmp_path):
     _, first = trained_run
     shutil.copy(first.model_dir / "best.keras", tmp_path / "pretrained.keras")
@@ -428,7 +430,7 @@ def test_the_shipped_model_is_the_default_and_has_learned():
 SAMPLE = 240  # of PublicTest's 3,589: all of them took the served ten-crop 319 s in the suite here (AVX2 EPYC)
 
 
-@pytest.mark.needs_data
+@pytest.mark.slow
 def test_best_keras_ten_crop_is_measured_with_the_served_crop_side(trained_run, tmp_path):
     # An export serving ten 42-pixel crops: the card's best.keras ten-crop row uses that side too, and says so.
     from fer_keras.export import export_from

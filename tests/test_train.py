@@ -355,6 +355,7 @@ def test_resuming_or_rerunning_on_other_data_is_refused(trained_run, tmp_path):
     assert train.run(moved).resumed_from == config.epochs
 
 
+@pytest.mark.slow
 def test_a_kill_between_checkpoint_and_best_keras_is_mended_on_rerun(tmp_path):
     import keras
 
@@ -411,6 +412,7 @@ def test_best_keras_of_an_epoch_after_the_resumed_checkpoint_is_set_aside_only_w
     assert checkpoint.set_aside_lost_best(tmp_path, state) is None and best.is_file()
 
 
+@pytest.mark.slow
 def test_a_better_best_keras_whose_checkpoint_is_damaged_is_kept_and_the_rerun_agrees_with_its_history(
         tmp_path, capsys):
     """The newest checkpoint damaged, the run resumes from the one before, whose history lacks the epoch that wrote
@@ -585,29 +587,32 @@ def test_bad_settings_are_refused(tmp_path, kwargs, message):
 
 
 def test_every_recipe_in_flags_is_a_valid_configuration(tmp_path):
-    """A recipe that the validators refuse (e.g. onecycle with warm-up as long as the run) fails here, not
-    hours into a user's session."""
+    """A recipe that the validators refuse (e.g. onecycle with warm-up as long as the run), or whose chain of
+    recipe stages is broken (a missing recipe, a cycle), fails here, not hours into a user's session."""
     recipes = sorted(str(p.relative_to(REPO)) for p in (REPO / "flags").rglob("*.cfg"))
     assert "flags/fer2013.cfg" in recipes and len(recipes) >= 5
     script = (
-        "import sys\n"
-        "import fer_keras\n"
+        "import dataclasses, sys\n"
+        "import fer_keras.recipe\n"
         "from absl import flags\n"
         "from fer_keras import train\n"
         "train.define_flags()\n"
-        "for recipe in sys.argv[1:]:\n"
+        "for recipe in sys.argv[2:]:\n"
         "    flags.FLAGS.unparse_flags()\n"
         "    flags.FLAGS(['train', '--flagfile=' + recipe])\n"
         "    config = train.config_from_flags(flags.FLAGS)\n"
         "    config.validate()\n"
-        "    print(recipe, config.schedule, config.epochs)\n"
+        "    stages = fer_keras.recipe.plan(dataclasses.replace(config, model_dir=sys.argv[1] + '/run'))\n"
+        "    print(recipe, config.schedule, config.epochs, len(stages))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, *recipes], cwd=REPO, env=cli_env(tmp_path),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "runs"), *recipes], cwd=REPO,
+                          env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(proc.stdout.splitlines()) == len(recipes)
-    assert "flags/fer2013_onecycle.cfg onecycle 200" in proc.stdout
-    assert "flags/fer2013.cfg constant 6" in proc.stdout  # the shipped model's last run; its stages: test_recipe.py
+    assert "flags/fer2013_onecycle.cfg onecycle 200 0" in proc.stdout
+    # The shipped model's last run, after the six runs it starts and distils from (tests/test_recipe.py).
+    assert "flags/fer2013.cfg constant 6 6" in proc.stdout
+    assert "flags/fer2013_restart_bf16.cfg onecycle 16 2" in proc.stdout
 
 
 def test_checking_a_configuration_loads_neither_keras_nor_tensorflow(tmp_path):
