@@ -18,11 +18,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from absl import flags
 
 from fer_keras import cli
 from fer_keras.errors import ConfigError, FerError
+
+if TYPE_CHECKING:  # train imports this module when it runs
+    from fer_keras.train import TrainConfig
 
 # How a stage runs, not what it trains: the run's own values apply to its stages.
 INHERITED = ("data", "skip_bad_rows", "use_cache", "strategy", "cpu_devices", "num_gpus", "tpu_address",
@@ -35,13 +39,13 @@ def is_recipe(reference: str) -> bool:
     return reference.endswith(SUFFIX)
 
 
-def stage_dir(recipe: str, config) -> Path:
+def stage_dir(recipe: str, config: TrainConfig) -> Path:
     """The folder of ``recipe``'s run as a stage of ``config``'s run: its name beside ``config.model_dir``."""
     return Path(config.model_dir).parent / Path(recipe).name.removesuffix(SUFFIX)
 
 
-def references(config) -> list[str]:
-    """The recipes ``config`` (a :class:`fer_keras.train.TrainConfig`) starts or distils from, init_from first."""
+def references(config: TrainConfig) -> list[str]:
+    """The recipes ``config`` starts or distils from, init_from first."""
     return [r for r in (config.init_from, *config.teachers) if r and is_recipe(r)]
 
 
@@ -51,7 +55,7 @@ class Stage:
 
     recipe: str
     model_dir: Path
-    config: object  # fer_keras.train.TrainConfig
+    config: TrainConfig
     args: list[str]
     done_epochs: int
 
@@ -67,7 +71,7 @@ class Stage:
         return f"new, {self.config.epochs} epochs"
 
 
-def inherited_args(config) -> list[str]:
+def inherited_args(config: TrainConfig) -> list[str]:
     """``config``'s :data:`INHERITED` settings as command-line flags."""
     args = []
     for name in INHERITED:
@@ -76,7 +80,7 @@ def inherited_args(config) -> list[str]:
     return args
 
 
-def read_stage(recipe: str, config) -> Stage:
+def read_stage(recipe: str, config: TrainConfig) -> Stage:
     """The stage that trains ``recipe`` for ``config``'s run, with its :data:`INHERITED` settings. Its
     checkpoints, when it has any, must be of the recipe's present settings."""
     from fer_keras import checkpoint, train
@@ -101,14 +105,14 @@ def read_stage(recipe: str, config) -> Stage:
     return Stage(recipe, model_dir, stage_config, args, latest[1]["epoch"] if latest else 0)
 
 
-def plan(config) -> list[Stage]:
+def plan(config: TrainConfig) -> list[Stage]:
     """The stages ``config`` needs, each after the stages it needs itself (a recipe named twice is one stage).
     A cycle, a missing or invalid recipe, and two recipes that would share a folder are refused."""
     own = Path(os.path.abspath(config.model_dir))
     stages: dict[str, Stage] = {}
     folders: dict[Path, str] = {}
 
-    def visit(run_config, chain: tuple[str, ...]) -> None:
+    def visit(run_config: TrainConfig, chain: tuple[str, ...]) -> None:
         for recipe in references(run_config):
             key = os.path.abspath(recipe)
             if key in chain:
@@ -132,7 +136,7 @@ def plan(config) -> list[Stage]:
     return list(stages.values())
 
 
-def locate(config) -> tuple[str, tuple[str, ...]]:
+def locate(config: TrainConfig) -> tuple[str, tuple[str, ...]]:
     """``config``'s init_from and teachers with each recipe replaced by its stage's folder."""
 
     def where(reference: str) -> str:
@@ -141,7 +145,7 @@ def locate(config) -> tuple[str, tuple[str, ...]]:
     return where(config.init_from), tuple(where(t) for t in config.teachers)
 
 
-def describe(config, stages: list[Stage], resumes_after: int) -> str:
+def describe(config: TrainConfig, stages: list[Stage], resumes_after: int) -> str:
     """The plan as ``--dry_run`` prints it; ``resumes_after``: the epochs ``config``'s run has finished (a run that
     has started trains no stage, so ``stages`` is then empty)."""
     lines = []
@@ -161,7 +165,7 @@ def describe(config, stages: list[Stage], resumes_after: int) -> str:
     return "\n".join(lines)
 
 
-def train_stages(config, stages: list[Stage]) -> None:
+def train_stages(config: TrainConfig, stages: list[Stage]) -> None:
     """Trains each unfinished stage in order, each in its own ``python -m fer_keras.train`` process whose output
     is this one's. A stage that fails stops the chain with what is kept; the same command resumes it."""
     pending = [s for s in stages if not s.finished]

@@ -977,8 +977,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "finished run.")
     f.DEFINE_list("teachers", [], "Knowledge distillation: trained models (each a .keras file, run directory, TF "
                   "Serving export or recipe flagfile, as --init_from takes) whose mean probabilities, computed once "
-                  "on the "
-                  "un-augmented training images, soften the training targets. Empty: one-hot labels.")
+                  "on the un-augmented training images, soften the training targets. Empty: one-hot labels.")
     f.DEFINE_enum("teacher_tta", d.teacher_tta, list(TTA_MODES), "--teachers: the test-time augmentation averaged "
                   "for a teacher without its own (an export with TTA built in is run as it serves).")
     f.DEFINE_float("distill_weight", d.distill_weight, "--teachers: the teachers' share of each target; "
