@@ -20,9 +20,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from absl import flags
-
-from fer_keras import cli
 from fer_keras.errors import ConfigError, FerError
 
 if TYPE_CHECKING:  # train imports this module when it runs
@@ -73,11 +70,9 @@ class Stage:
 
 def inherited_args(config: TrainConfig) -> list[str]:
     """``config``'s :data:`INHERITED` settings as command-line flags."""
-    args = []
-    for name in INHERITED:
-        value = getattr(config, name)
-        args.append(f"--{'' if value else 'no'}{name}" if isinstance(value, bool) else f"--{name}={value}")
-    return args
+    from fer_keras.train import flag_args
+
+    return flag_args({name: getattr(config, name) for name in INHERITED})
 
 
 def read_stage(recipe: str, config: TrainConfig) -> Stage:
@@ -90,12 +85,8 @@ def read_stage(recipe: str, config: TrainConfig) -> Stage:
                           f"flagfile of the recipe that trains it)")
     model_dir = stage_dir(recipe, config)
     args = [f"--flagfile={recipe}", f"--model_dir={model_dir}", "--noexport", *inherited_args(config)]
-    flag_values = flags.FlagValues()
-    train.define_flags(flag_values)
     try:
-        cli.read_flags(flag_values, ["fer_keras.train", *args])
-        stage_config = train.config_from_flags(flag_values)
-        stage_config.validate()
+        stage_config = train.config_from_args(args)
     except ConfigError as e:
         raise ConfigError(f"recipe {recipe}: {e}") from None
     latest = checkpoint.latest_checkpoint(model_dir / "checkpoints")

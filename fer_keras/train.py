@@ -603,9 +603,11 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     from fer_keras import data as data_lib
     from fer_keras.model import resnet18
 
+    # The chief's newest checkpoint, read (and its files hashed) once: a started run needs no recipe stage.
+    latest = checkpoint.latest_checkpoint(Path(config.model_dir) / "checkpoints")
     init_from, teacher_paths = config.init_from, config.teachers
     if recipe.references(config):  # before the strategy takes the devices that the stages' processes need
-        if checkpoint.latest_checkpoint(Path(config.model_dir) / "checkpoints") is None:  # else it needs none
+        if latest is None:
             recipe.train_stages(config, recipe.plan(config))
         init_from, teacher_paths = recipe.locate(config)
     if strategy is None:
@@ -635,7 +637,6 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
     ckpt_dir = out_dir / "checkpoints"
     # Every worker resumes from the chief's checkpoint where it sees the chief's folder, else from its own (the
     # same weights); all of them must restart at the same epoch, or the replicas would diverge or hang.
-    latest = checkpoint.latest_checkpoint(model_dir / "checkpoints")
     if latest is None and not chief:
         latest = checkpoint.latest_checkpoint(ckpt_dir)
     epochs = distribute.replica_values(strategy, latest[1]["epoch"] if latest else 0)
@@ -710,10 +711,7 @@ def run(config: TrainConfig, strategy: tf.distribute.Strategy | None = None) -> 
         atomic_write_text(model_dir / "config.json", json.dumps(config_json, indent=2) + "\n")
         if not started or not data_recorded:
             atomic_write_text(model_dir / "data.json", json.dumps(data_record, indent=2) + "\n")
-        atomic_write_text(model_dir / "flags.txt", "".join(
-            f"--{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}\n"
-            for k, v in config_json.items()
-        ))
+        atomic_write_text(model_dir / "flags.txt", "".join(f"{arg}\n" for arg in flag_args(config_json)))
         if latest:
             _forget_lost_epochs(model_dir, latest[1])
         if history:
@@ -1112,6 +1110,22 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 FLOAT_FIELDS = tuple(field.name for field in dataclasses.fields(TrainConfig) if field.type == "float")
+
+
+def flag_args(settings: dict) -> list[str]:
+    """Settings as ``--name=value`` flags that this tool parses back to the same values (lists comma-separated)."""
+    return [f"--{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in settings.items()]
+
+
+def config_from_args(args: Sequence[str]) -> TrainConfig:
+    """The validated settings that ``python -m fer_keras.train ARGS`` would run with, read into a fresh set of flags
+    (the program's own are untouched); a bad flag or setting is a one-line ConfigError."""
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    cli.read_flags(flag_values, ["fer_keras.train", *args])
+    config = config_from_flags(flag_values)
+    config.validate()
+    return config
 
 
 def config_from_flags(values: Any) -> TrainConfig:

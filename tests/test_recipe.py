@@ -147,17 +147,10 @@ def test_a_chain_trains_its_stage_once_and_starts_and_distils_from_it(tmp_path, 
 def test_each_stage_of_the_shipped_chain_has_the_settings_its_run_recorded(recipe_file, flags_file, monkeypatch):
     """The runs behind version 11 were made one command at a time, from exports and folders the recipes no longer
     name: their recipes must still train what those runs trained (paths and run-time flags aside)."""
-    from absl import flags
-
-    from fer_keras import cli
-
     monkeypatch.chdir(REPO)
 
     def settings(*args: str) -> dict:
-        flag_values = flags.FlagValues()
-        train.define_flags(flag_values)
-        cli.read_flags(flag_values, ["fer_keras.train", *args])
-        config = train.config_from_flags(flag_values).to_json()
+        config = train.config_from_args(args).to_json()
         return {k: v for k, v in config.items()
                 if k not in {*train.RESUMABLE_FIELDS, "init_from", "teachers"}}
 
